@@ -1,0 +1,287 @@
+//! Node settings, from three sources: flags, `TOLLGATE_*` environment variables and a TOML
+//! file (`--config`). A flag beats its environment variable (clap does that), which beats
+//! the file, which beats the default.
+//!
+//! Two types, as usual: [`NodeArgs`] / [`FileSettings`] say what was written, every field
+//! optional; [`Settings`] is the checked result the node runs with. Documented in
+//! `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The node's settings as flags (each also read from its `TOLLGATE_*` variable).
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// TOML file with any of these settings (flags and environment override it).
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's identity in the cluster [default: 1]
+    #[arg(long, env = "TOLLGATE_ID")]
+    pub id: Option<u64>,
+    /// Where the node keeps its state [default: ./tollgate-data]
+    #[arg(long, env = "TOLLGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Proxy listener, HTTP/1.1 and h2c [default: 127.0.0.1:8080]
+    #[arg(long, env = "TOLLGATE_PROXY_ADDR")]
+    pub proxy_addr: Option<SocketAddr>,
+    /// Node gRPC listener (node admin API; Raft later) [default: 127.0.0.1:7070]
+    #[arg(long, env = "TOLLGATE_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// HTTP admin listener: /healthz, /readyz, /metrics [default: 127.0.0.1:7071]
+    #[arg(long, env = "TOLLGATE_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// The node's region [default: default]
+    #[arg(long, env = "TOLLGATE_REGION")]
+    pub region: Option<String>,
+    /// Spec file (YAML) with routes and upstreams; reloaded on SIGHUP.
+    #[arg(long, env = "TOLLGATE_SPEC")]
+    pub spec: Option<PathBuf>,
+    /// Process log format [default: text]
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Access log: `stdout`, `off` or a file path [default: stdout]
+    #[arg(long, env = "TOLLGATE_ACCESS_LOG")]
+    pub access_log: Option<String>,
+    /// Data-plane threads; 0 means one per CPU [default: 0]
+    #[arg(long, env = "TOLLGATE_WORKERS")]
+    pub workers: Option<usize>,
+    /// Most client connections open at once; more are answered 503 and closed [default: 10000]
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest request body in bytes; larger ones get 413 [default: 10485760]
+    #[arg(long, env = "TOLLGATE_MAX_REQUEST_BODY")]
+    pub max_request_body: Option<u64>,
+    /// Largest request head (request line and headers) in bytes; larger get 431 [default: 32768]
+    #[arg(long, env = "TOLLGATE_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// How long a client may take to send a request head, e.g. `10s` [default: 10s]
+    #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// On SIGTERM, how long in-flight requests may finish, e.g. `30s` [default: 30s]
+    #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Write the bound addresses as JSON to this file once listening (for scripts and tests).
+    #[arg(long, env = "TOLLGATE_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+}
+
+/// The same settings in a TOML file; unknown keys are an error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub proxy_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub region: Option<String>,
+    pub spec: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub access_log: Option<String>,
+    pub workers: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_request_body: Option<u64>,
+    pub max_header_bytes: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    pub header_read_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub drain_timeout: Option<Duration>,
+    pub addr_file: Option<PathBuf>,
+}
+
+/// What the node runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub proxy_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub region: String,
+    pub spec: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub access_log: String,
+    pub workers: usize,
+    pub max_connections: usize,
+    pub max_request_body: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub addr_file: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            id: 1,
+            data_dir: PathBuf::from("./tollgate-data"),
+            proxy_addr: ([127, 0, 0, 1], 8080).into(),
+            grpc_addr: ([127, 0, 0, 1], 7070).into(),
+            admin_addr: ([127, 0, 0, 1], 7071).into(),
+            region: "default".into(),
+            spec: None,
+            log_format: LogFormat::Text,
+            access_log: "stdout".into(),
+            workers: 0,
+            max_connections: 10_000,
+            max_request_body: 10 * 1024 * 1024,
+            max_header_bytes: 32 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            addr_file: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Merges flags/environment over the `--config` file over defaults, and checks the result.
+    pub fn load(args: NodeArgs) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        Settings::merge(args, file)
+    }
+
+    pub fn merge(args: NodeArgs, file: FileSettings) -> anyhow::Result<Settings> {
+        let d = Settings::default();
+        let s = Settings {
+            id: args.id.or(file.id).unwrap_or(d.id),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            proxy_addr: args.proxy_addr.or(file.proxy_addr).unwrap_or(d.proxy_addr),
+            grpc_addr: args.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
+            admin_addr: args.admin_addr.or(file.admin_addr).unwrap_or(d.admin_addr),
+            region: args.region.or(file.region).unwrap_or(d.region),
+            spec: args.spec.or(file.spec),
+            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
+            access_log: args.access_log.or(file.access_log).unwrap_or(d.access_log),
+            workers: args.workers.or(file.workers).unwrap_or(d.workers),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_request_body: args
+                .max_request_body
+                .or(file.max_request_body)
+                .unwrap_or(d.max_request_body),
+            max_header_bytes: args
+                .max_header_bytes
+                .or(file.max_header_bytes)
+                .unwrap_or(d.max_header_bytes),
+            header_read_timeout: args
+                .header_read_timeout
+                .or(file.header_read_timeout)
+                .unwrap_or(d.header_read_timeout),
+            drain_timeout: args
+                .drain_timeout
+                .or(file.drain_timeout)
+                .unwrap_or(d.drain_timeout),
+            addr_file: args.addr_file.or(file.addr_file),
+        };
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        if self.max_connections == 0 {
+            problems.push("max_connections must be at least 1");
+        }
+        if self.max_header_bytes < 1024 {
+            problems.push("max_header_bytes must be at least 1024");
+        }
+        if self.region.is_empty() {
+            problems.push("region must not be empty");
+        }
+        if self.header_read_timeout.is_zero() {
+            problems.push("header_read_timeout must be greater than zero");
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid node settings: {}", problems.join("; "))
+        }
+    }
+
+    /// Data-plane threads to run: the setting, or one per CPU.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; write it like 500ms, 10s or 1m"))
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beat_defaults() {
+        let args = NodeArgs {
+            id: Some(7),
+            ..Default::default()
+        };
+        let file: FileSettings = toml::from_str(
+            "id = 3\nregion = \"eu\"\nheader_read_timeout = \"2s\"\nproxy_addr = \"127.0.0.1:9000\"",
+        )
+        .unwrap();
+        let s = Settings::merge(args, file).unwrap();
+        assert_eq!(s.id, 7);
+        assert_eq!(s.region, "eu");
+        assert_eq!(s.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(s.proxy_addr.port(), 9000);
+        assert_eq!(s.admin_addr.port(), 7071);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let err = toml::from_str::<FileSettings>("proxy_adr = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("proxy_adr"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let args = NodeArgs {
+            max_connections: Some(0),
+            ..Default::default()
+        };
+        let err = Settings::merge(args, FileSettings::default()).unwrap_err();
+        assert!(err.to_string().contains("max_connections"), "{err}");
+    }
+}

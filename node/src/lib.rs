@@ -1,0 +1,282 @@
+//! A Tollgate gateway node.
+//!
+//! Layout (one folder per concern, see DESIGN.md):
+//!
+//! - [`config`]: node settings (file, `TOLLGATE_*` environment, flags).
+//! - [`state`]: the declarative spec and the immutable [`state::snapshot::Snapshot`] the
+//!   data plane serves.
+//! - [`routing`]: the compiled route matcher, upstream clusters, health checks.
+//! - [`proxy`]: the HTTP data plane (thread per core, hyper 1).
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the node admin gRPC service.
+//! - [`telemetry`]: logs, metrics, access log.
+//!
+//! Threads: the data plane runs one current-thread runtime per core ([`proxy::server`]);
+//! everything else (admin endpoints, gRPC, health checks, spec reloads, signals) runs on a
+//! small separate runtime, and hands the data plane new snapshots through an `ArcSwap`.
+//!
+//! [`Node::start`] binds every listener and returns once the node serves; [`Node::wait`]
+//! blocks until it has shut down (SIGTERM / SIGINT, drained) .
+
+pub mod admin;
+pub mod config;
+pub mod proxy;
+pub mod routing;
+pub mod state;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::proxy::{Limits, Shared};
+use crate::routing::upstream::EndpointRegistry;
+use crate::state::snapshot::Snapshot;
+use crate::state::spec::{Spec, SpecErrors};
+use crate::telemetry::access_log::Sink;
+
+/// The addresses a running node listens on (ports resolved when 0 was asked for).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BoundAddrs {
+    pub proxy: SocketAddr,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// A running node.
+pub struct Node {
+    runtime: tokio::runtime::Runtime,
+    workers: Vec<JoinHandle<()>>,
+    shutdown: CancellationToken,
+    control: CancellationToken,
+    addrs: BoundAddrs,
+    specs: Arc<SpecLoader>,
+}
+
+impl Node {
+    /// Loads the spec, binds every listener, starts every thread. Fails (listing every
+    /// spec error) without serving anything if the spec is invalid.
+    pub fn start(settings: Settings, metrics: PrometheusHandle) -> anyhow::Result<Node> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-cluster")
+            .enable_all()
+            .build()?;
+        let shared = Arc::new(Shared::new(Limits {
+            max_connections: settings.max_connections,
+            max_request_body: settings.max_request_body,
+            max_header_bytes: settings.max_header_bytes,
+            header_read_timeout: settings.header_read_timeout,
+            drain_timeout: settings.drain_timeout,
+        }));
+        let specs = Arc::new(SpecLoader {
+            path: settings.spec.clone(),
+            shared: shared.clone(),
+            registry: EndpointRegistry::default(),
+            health_checks: Mutex::new(CancellationToken::new()),
+            runtime: runtime.handle().clone(),
+        });
+        if settings.spec.is_some() {
+            specs.reload().map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+
+        let sink = Sink::open(&settings.access_log)?;
+        let listeners =
+            proxy::server::bind_listeners(settings.proxy_addr, settings.worker_threads())?;
+        let proxy_addr = listeners[0].local_addr()?;
+        let (admin_listener, grpc_listener) = runtime.block_on(async {
+            let admin = tokio::net::TcpListener::bind(settings.admin_addr)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("bind the admin address {}: {e}", settings.admin_addr)
+                })?;
+            let grpc = tokio::net::TcpListener::bind(settings.grpc_addr)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("bind the gRPC address {}: {e}", settings.grpc_addr)
+                })?;
+            anyhow::Ok((admin, grpc))
+        })?;
+        let addrs = BoundAddrs {
+            proxy: proxy_addr,
+            admin: admin_listener.local_addr()?,
+            grpc: grpc_listener.local_addr()?,
+        };
+
+        // `shutdown` stops the data plane; `control` stops the admin side once the data
+        // plane has drained, so /readyz can say "draining" meanwhile.
+        let shutdown = CancellationToken::new();
+        let control = CancellationToken::new();
+        runtime.spawn(admin::http::serve(
+            admin_listener,
+            shared.clone(),
+            metrics.clone(),
+            control.clone(),
+        ));
+        let service = admin::grpc::AdminService {
+            shared: shared.clone(),
+            node_id: settings.id,
+            region: settings.region.clone(),
+            proxy_addr: addrs.proxy.to_string(),
+            admin_addr: addrs.admin.to_string(),
+        };
+        let grpc_shutdown = control.clone();
+        runtime.spawn(async move {
+            if let Err(e) = admin::grpc::serve(grpc_listener, service, grpc_shutdown).await {
+                tracing::error!("node gRPC server failed: {e:#}");
+            }
+        });
+        runtime.spawn(telemetry::metrics::upkeep(metrics));
+        runtime.spawn(signals(specs.clone(), shared.clone(), shutdown.clone()));
+
+        let workers = proxy::server::spawn_workers(listeners, shared, sink, shutdown.clone())?;
+        if let Some(path) = &settings.addr_file {
+            write_addr_file(path, &addrs)?;
+        }
+        tracing::info!(
+            node = settings.id,
+            region = %settings.region,
+            proxy = %addrs.proxy,
+            admin = %addrs.admin,
+            grpc = %addrs.grpc,
+            workers = workers.len(),
+            "tollgate node serving"
+        );
+        Ok(Node {
+            runtime,
+            workers,
+            shutdown,
+            control,
+            addrs,
+            specs,
+        })
+    }
+
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// Reloads the spec file, as SIGHUP does.
+    pub fn reload(&self) -> Result<u64, SpecErrors> {
+        self.specs.reload()
+    }
+
+    /// A token that, when cancelled, starts the same drain as SIGTERM.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Blocks until the node has shut down and its data-plane threads have drained.
+    pub fn wait(self) -> anyhow::Result<()> {
+        for w in self.workers {
+            if w.join().is_err() {
+                anyhow::bail!("a data-plane thread panicked");
+            }
+        }
+        self.specs.health_checks.lock().expect("lock").cancel();
+        self.control.cancel();
+        self.runtime
+            .shutdown_timeout(std::time::Duration::from_secs(2));
+        tracing::info!("tollgate node stopped");
+        Ok(())
+    }
+}
+
+/// Loads the spec file into a new snapshot and swaps it in.
+struct SpecLoader {
+    path: Option<PathBuf>,
+    shared: Arc<Shared>,
+    registry: EndpointRegistry,
+    health_checks: Mutex<CancellationToken>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SpecLoader {
+    fn reload(&self) -> Result<u64, SpecErrors> {
+        let result = self.try_reload();
+        let label = if result.is_ok() { "ok" } else { "invalid" };
+        metrics::counter!("tollgate_spec_reloads_total", "result" => label).increment(1);
+        result
+    }
+
+    fn try_reload(&self) -> Result<u64, SpecErrors> {
+        let Some(path) = &self.path else {
+            let mut e = SpecErrors::default();
+            e.push("spec", "no spec file was given (--spec FILE)");
+            return Err(e);
+        };
+        let spec = read_spec(path)?;
+        let generation = self.shared.snapshot.load().generation + 1;
+        let snapshot = Arc::new(Snapshot::build(&spec, generation, &self.registry)?);
+        let checks = routing::health::spawn_checks(&snapshot.clusters, &self.runtime);
+        self.shared.snapshot.store(snapshot.clone());
+        let old = std::mem::replace(&mut *self.health_checks.lock().expect("lock"), checks);
+        old.cancel();
+        metrics::gauge!("tollgate_spec_generation").set(generation as f64);
+        tracing::info!(
+            generation,
+            routes = snapshot.routes.len(),
+            upstreams = snapshot.clusters.len(),
+            spec = %path.display(),
+            "spec loaded"
+        );
+        Ok(generation)
+    }
+}
+
+/// Reads and checks a spec file.
+pub fn read_spec(path: &Path) -> Result<Spec, SpecErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut errors = SpecErrors::default();
+        errors.push("spec", format!("cannot read {}: {e}", path.display()));
+        errors
+    })?;
+    Spec::from_yaml(&text)
+}
+
+async fn signals(specs: Arc<SpecLoader>, shared: Arc<Shared>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "cannot install signal handlers; SIGHUP reloads and graceful shutdown are off"
+        );
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let specs = specs.clone();
+                // Reading and resolving the spec blocks; keep it off the runtime's threads.
+                let result = tokio::task::spawn_blocking(move || specs.reload()).await;
+                match result {
+                    Ok(Ok(generation)) => tracing::info!(generation, "SIGHUP: spec reloaded"),
+                    Ok(Err(errors)) => tracing::error!("SIGHUP: spec refused, still serving the previous one. {errors}"),
+                    Err(e) => tracing::error!("SIGHUP: reload task failed: {e}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    shared.ready.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+}
+
+fn write_addr_file(path: &Path, addrs: &BoundAddrs) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(addrs)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

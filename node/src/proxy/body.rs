@@ -1,0 +1,212 @@
+//! The two body types of the proxy, both streamed frame by frame, never buffered whole.
+//!
+//! - [`RequestBody`]: the client's body on its way upstream, counted and cut off at the
+//!   size limit (the error it raises becomes a 413 when no response has started).
+//! - [`ResponseBody`]: what the client receives: an upstream body, or a small body the
+//!   gateway made itself. When it finishes (or the client goes away) it hands the
+//!   upstream connection back to the pool if that is safe, and runs the request's last
+//!   stage (metrics and access log) through its [`Tail`].
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::proxy::client::PooledSender;
+use crate::proxy::phases::Tail;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Raised by [`RequestBody`] when the client sends more than the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {0} bytes")]
+pub struct BodyTooLarge(pub u64);
+
+/// Counters shared between a request body and the request that owns it.
+#[derive(Debug, Default)]
+pub struct BodyStats {
+    pub bytes: Cell<u64>,
+    pub too_large: Cell<bool>,
+}
+
+/// The client's request body, streamed upstream with a size limit.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    stats: Rc<BodyStats>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64, stats: Rc<BodyStats>) -> Self {
+        Self {
+            inner: Some(inner),
+            limit,
+            stats,
+        }
+    }
+
+    /// An empty body (for requests that had none, and their retries).
+    pub fn empty(stats: Rc<BodyStats>) -> Self {
+        Self {
+            inner: None,
+            limit: 0,
+            stats,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this.stats.bytes.get() + data.len() as u64;
+                    this.stats.bytes.set(total);
+                    if total > this.limit {
+                        this.stats.too_large.set(true);
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The response body sent to the client.
+pub struct ResponseBody {
+    kind: Kind,
+    tail: Option<Tail>,
+}
+
+enum Kind {
+    /// An upstream body; the sender goes back to the pool once it has been read to the end.
+    Upstream {
+        body: Incoming,
+        conn: Option<PooledSender>,
+    },
+    /// A body the gateway made (JSON errors, admin pages).
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, conn: Option<PooledSender>) -> Self {
+        Self {
+            kind: Kind::Upstream { body, conn },
+            tail: None,
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        Self {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            tail: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            kind: Kind::Full(None),
+            tail: None,
+        }
+    }
+
+    pub fn set_tail(&mut self, tail: Tail) {
+        self.tail = Some(tail);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream { body, conn } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    // Read to the end: the connection can carry the next request.
+                    if let Some(conn) = conn.take() {
+                        conn.release();
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(tail) = &mut this.tail {
+                        tail.upstream_body_failed();
+                    }
+                    Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+                }
+                other => other.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            },
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(tail)) = (&polled, &mut this.tail)
+            && let Some(data) = frame.data_ref()
+        {
+            tail.add_response_bytes(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body that had nothing to read (HEAD, 204, 304) is never polled: its connection is
+        // still reusable. One dropped mid-stream is not, and its sender just closes.
+        if let Kind::Upstream { body, conn } = &mut self.kind
+            && body.is_end_stream()
+            && let Some(conn) = conn.take()
+        {
+            conn.release();
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! The upstream side: a per-thread pool of HTTP/1.1 keep-alive connections and the
+//! forwarding loop with timeouts, retries and outlier bookkeeping.
+//!
+//! Each data-plane thread owns its pool outright (`Rc<RefCell<..>>`, no lock): a
+//! connection is only ever used by the thread that opened it. A connection goes back to
+//! the pool when its response body has been read to the end ([`PooledSender::release`]);
+//! one abandoned mid-body is closed.
+//!
+//! Retries never buffer a body: a request is retried after it was sent only when it had
+//! no body and its method is idempotent; a connect failure (nothing sent) is retried for
+//! any request. Every retry must fit the upstream's retry budget.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::proxy::body::{BodyStats, RequestBody};
+use crate::proxy::respond::ProxyError;
+use crate::routing::upstream::{ActiveGuard, Cluster};
+use crate::state::spec::RetryOn;
+use crate::telemetry::metrics;
+
+type Sender = SendRequest<RequestBody>;
+
+struct Idle {
+    sender: Sender,
+    expires: Instant,
+}
+
+/// One thread's idle upstream connections, by endpoint address.
+#[derive(Default)]
+pub struct Pool {
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+}
+
+impl Pool {
+    fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        // Most recently used first: its peer is least likely to have timed it out.
+        while let Some(conn) = list.pop() {
+            if !conn.sender.is_closed() && conn.expires > now {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, sender: Sender, max_idle: usize, idle_timeout: Duration) {
+        if sender.is_closed() || max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < max_idle {
+            list.push(Idle {
+                sender,
+                expires: Instant::now() + idle_timeout,
+            });
+        }
+    }
+
+    /// Closes connections idle past their upstream's idle timeout (run every second).
+    pub fn sweep(&self) {
+        let mut idle = self.idle.borrow_mut();
+        let now = Instant::now();
+        for list in idle.values_mut() {
+            list.retain(|c| !c.sender.is_closed() && c.expires > now);
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
+    /// Drops every idle connection (on shutdown).
+    pub fn clear(&self) {
+        self.idle.borrow_mut().clear();
+    }
+}
+
+/// An upstream connection lent to one response; see [`PooledSender::release`].
+pub struct PooledSender {
+    pool: Rc<Pool>,
+    addr: SocketAddr,
+    sender: Sender,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+impl PooledSender {
+    /// Gives the connection back to its pool. Call only once the response was read to
+    /// the end.
+    pub fn release(self) {
+        self.pool
+            .put(self.addr, self.sender, self.max_idle, self.idle_timeout);
+    }
+}
+
+/// What a successful forward returns.
+pub struct Forwarded {
+    pub response: Response<Incoming>,
+    pub conn: PooledSender,
+    pub endpoint: usize,
+    pub attempts: u32,
+    pub upstream_time: Duration,
+    /// Held until the response is finished, for the retry budget and least-request.
+    pub guards: Guards,
+}
+
+/// Counts a request as in flight (cluster-wide for the retry budget, per endpoint for
+/// least-request) for as long as it lives.
+pub struct Guards {
+    _active: ActiveGuard,
+    _in_flight: InFlight,
+}
+
+struct InFlight {
+    cluster: Arc<Cluster>,
+    endpoint: usize,
+}
+
+impl InFlight {
+    fn new(cluster: &Arc<Cluster>, endpoint: usize) -> Self {
+        cluster.endpoints[endpoint]
+            .state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            cluster: cluster.clone(),
+            endpoint,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.cluster.endpoints[self.endpoint]
+            .state
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The parts of the upstream request that are rebuilt for each attempt.
+pub struct UpstreamHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Sends a request to one of the cluster's endpoints, retrying as the cluster allows.
+pub async fn forward(
+    pool: &Rc<Pool>,
+    cluster: &Arc<Cluster>,
+    mut head: UpstreamHead,
+    body: RequestBody,
+    stats: &Rc<BodyStats>,
+) -> Result<Forwarded, ProxyError> {
+    let active = cluster.begin_request();
+    let hash_key = cluster
+        .hash_header
+        .as_ref()
+        .and_then(|h| head.headers.get(h))
+        .map(|v| v.as_bytes().to_vec());
+    // A request without a body can be sent again as is; one with a body only while it was
+    // never sent.
+    let replayable = body.is_end_stream_hint() && idempotent(&head.method);
+    let may_retry_sent = replayable
+        && cluster.retry_attempts > 0
+        && cluster
+            .retry_on
+            .iter()
+            .any(|r| *r != RetryOn::ConnectFailure);
+    let mut body = Some(body);
+    let mut avoid: Vec<usize> = Vec::new();
+    let mut attempts = 0u32;
+    let mut _retry: Option<ActiveGuard> = None;
+    let mut stale_conns = 0;
+
+    loop {
+        attempts += 1;
+        let Some(ep) = cluster.select(hash_key.as_deref(), &avoid) else {
+            return Err(ProxyError::NoHealthyUpstream {
+                upstream: cluster.name.to_string(),
+            });
+        };
+        let addr = cluster.endpoints[ep].state.addr;
+        let in_flight = InFlight::new(cluster, ep);
+
+        // 1. A connection: pooled, or new.
+        let mut pooled = None;
+        if stale_conns < 2 {
+            while let Some(mut s) = pool.checkout(addr) {
+                // A connection just released may need its task to run once before it
+                // takes the next request; a closed one errors here and is dropped.
+                if s.ready().await.is_ok() {
+                    pooled = Some(s);
+                    break;
+                }
+            }
+        }
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => match connect(addr, cluster.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    metrics::upstream_error(&cluster.name, e.kind());
+                    eject_if_failing(cluster, ep, true);
+                    avoid.push(ep);
+                    if cluster.retry_on.contains(&RetryOn::ConnectFailure)
+                        && let Some(g) = retry_allowed(cluster, attempts)
+                    {
+                        _retry = Some(g);
+                        continue;
+                    }
+                    return Err(e.into_proxy_error(&cluster.name, addr));
+                }
+            },
+        };
+
+        // 2. Send it, keeping a copy of the head if a sent request may be retried.
+        let copy = may_retry_sent.then(|| UpstreamHead {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            headers: head.headers.clone(),
+        });
+        let req_body = body
+            .take()
+            .unwrap_or_else(|| RequestBody::empty(stats.clone()));
+        let mut req = Request::new(req_body);
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.headers_mut() = head.headers;
+        *req.version_mut() = Version::HTTP_11;
+
+        let started = Instant::now();
+        let sent =
+            tokio::time::timeout(cluster.request_timeout, sender.try_send_request(req)).await;
+        let upstream_time = started.elapsed();
+        let failure = match sent {
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                let retry_status = match status {
+                    502 => cluster.retry_on.contains(&RetryOn::Status502),
+                    503 => cluster.retry_on.contains(&RetryOn::Status503),
+                    _ => false,
+                };
+                eject_if_failing(cluster, ep, status >= 500);
+                if status >= 500 {
+                    metrics::upstream_error(&cluster.name, "status_5xx");
+                }
+                if retry_status && let Some(h) = copy {
+                    if let Some(g) = retry_allowed(cluster, attempts) {
+                        _retry = Some(g);
+                        avoid.push(ep);
+                        head = h;
+                        continue;
+                    }
+                }
+                return Ok(Forwarded {
+                    response,
+                    conn: PooledSender {
+                        pool: pool.clone(),
+                        addr,
+                        sender,
+                        max_idle: cluster.max_idle_per_endpoint,
+                        idle_timeout: cluster.idle_timeout,
+                    },
+                    endpoint: ep,
+                    attempts,
+                    upstream_time,
+                    guards: Guards {
+                        _active: active,
+                        _in_flight: in_flight,
+                    },
+                });
+            }
+            Ok(Err(mut e)) => {
+                if let Some(req) = e.take_message() {
+                    // Never written: a pooled connection the upstream had closed. Try again
+                    // on another connection; this is not a retry.
+                    let (parts, b) = req.into_parts();
+                    head = UpstreamHead {
+                        method: parts.method,
+                        uri: parts.uri,
+                        headers: parts.headers,
+                    };
+                    body = Some(b);
+                    attempts -= 1;
+                    stale_conns += 1;
+                    continue;
+                }
+                if stats.too_large.get() {
+                    return Err(ProxyError::BodyTooLarge);
+                }
+                let err = e.into_error();
+                metrics::upstream_error(&cluster.name, "protocol");
+                (
+                    ProxyError::UpstreamProtocol {
+                        upstream: cluster.name.to_string(),
+                        detail: err.to_string(),
+                    },
+                    false,
+                )
+            }
+            Err(_elapsed) => {
+                metrics::upstream_error(&cluster.name, "timeout");
+                (
+                    ProxyError::UpstreamTimeout {
+                        upstream: cluster.name.to_string(),
+                        after: cluster.request_timeout,
+                    },
+                    cluster.retry_on.contains(&RetryOn::Timeout),
+                )
+            }
+        };
+        let (err, retry_this) = failure;
+        eject_if_failing(cluster, ep, true);
+        avoid.push(ep);
+        if retry_this && let Some(h) = copy {
+            if let Some(g) = retry_allowed(cluster, attempts) {
+                _retry = Some(g);
+                head = h;
+                continue;
+            }
+        }
+        return Err(err);
+    }
+}
+
+/// Whether one more attempt may go out: attempts left and room in the budget.
+fn retry_allowed(cluster: &Arc<Cluster>, attempts: u32) -> Option<ActiveGuard> {
+    if attempts > cluster.retry_attempts {
+        return None;
+    }
+    match cluster.try_begin_retry() {
+        Some(g) => {
+            ::metrics::counter!("tollgate_retries_total", "upstream" => cluster.name.to_string())
+                .increment(1);
+            Some(g)
+        }
+        None => {
+            ::metrics::counter!("tollgate_retry_budget_exhausted_total", "upstream" => cluster.name.to_string())
+                .increment(1);
+            None
+        }
+    }
+}
+
+fn eject_if_failing(cluster: &Cluster, endpoint: usize, failed: bool) {
+    if cluster.record_outcome(endpoint, failed) {
+        tracing::warn!(
+            upstream = %cluster.name,
+            endpoint = %cluster.endpoints[endpoint].state.addr,
+            "endpoint ejected after consecutive failures"
+        );
+        ::metrics::counter!("tollgate_outlier_ejections_total", "upstream" => cluster.name.to_string())
+            .increment(1);
+    }
+}
+
+enum ConnectError {
+    Refused(std::io::Error),
+    TimedOut(Duration),
+    Handshake(hyper::Error),
+}
+
+impl ConnectError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::TimedOut(_) => "connect_timeout",
+            _ => "connect",
+        }
+    }
+
+    fn into_proxy_error(self, upstream: &str, addr: SocketAddr) -> ProxyError {
+        let detail = match self {
+            ConnectError::Refused(e) => e.to_string(),
+            ConnectError::TimedOut(d) => format!("no connection within {d:?}"),
+            ConnectError::Handshake(e) => e.to_string(),
+        };
+        ProxyError::UpstreamConnect {
+            upstream: upstream.to_string(),
+            endpoint: addr,
+            detail,
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ConnectError::Refused(e)),
+        Err(_) => return Err(ConnectError::TimedOut(timeout)),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("upstream connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+impl RequestBody {
+    /// True when the body is known to be empty before it is read.
+    fn is_end_stream_hint(&self) -> bool {
+        http_body::Body::is_end_stream(self)
+    }
+}

@@ -1,0 +1,55 @@
+//! The HTTP data plane: listeners and threads ([`server`]), the request pipeline
+//! ([`phases`]), the upstream pool and forwarding ([`client`]), bodies ([`body`]),
+//! header rules ([`headers`]) and error answers ([`respond`]).
+
+pub mod body;
+pub mod client;
+pub mod headers;
+pub mod phases;
+pub mod respond;
+pub mod server;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::state::snapshot::Snapshot;
+use crate::telemetry::metrics::RouteMetrics;
+
+/// Limits every data-plane thread enforces (from the node settings).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_request_body: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// What the data-plane threads share: the snapshot they serve and a few counters.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub limits: Limits,
+    pub open_connections: AtomicUsize,
+    /// Connections being refused right now (over the cap).
+    pub refusing: AtomicUsize,
+    /// False while draining on shutdown.
+    pub ready: AtomicBool,
+    pub unmatched: RouteMetrics,
+    pub open_gauge: ::metrics::Gauge,
+}
+
+impl Shared {
+    pub fn new(limits: Limits) -> Shared {
+        Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            limits,
+            open_connections: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
+            ready: AtomicBool::new(true),
+            unmatched: RouteMetrics::new("_none"),
+            open_gauge: ::metrics::gauge!("tollgate_open_connections"),
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The request pipeline, as the named stages of DESIGN.md "The request path":
+//!
+//! ```text
+//! accept ─► match route ─► authenticate ─► quota ─► circuit ─► transform ─► forward ─► meter
+//!   │            │              │            │         │           │            │         │
+//!  limits    Snapshot       (pass today: tenants, quotas and      path and    client.rs  Tail, when the
+//!  (431,     matcher        circuits arrive with later issues)   headers                 last byte is out
+//!   413)     (404)
+//! ```
+//!
+//! Each request loads the [`Snapshot`] once and reads nothing else shared. Any stage can
+//! end the request with a [`ProxyError`], which `respond.rs` turns into the JSON error;
+//! the meter stage ([`Tail`]) runs for every request, however it ended. See
+//! `docs/request-lifecycle.md`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::proxy::Shared;
+use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
+use crate::proxy::client::{self, Guards, Pool, UpstreamHead};
+use crate::proxy::headers;
+use crate::proxy::respond::{ProxyError, error_response};
+use crate::routing::matcher::Matched;
+use crate::state::snapshot::{Rewrite, Route, Snapshot};
+use crate::telemetry::access_log::{AccessLog, Entry};
+
+/// What one data-plane thread owns.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub pool: Rc<Pool>,
+    pub access_log: AccessLog,
+}
+
+/// Serves one request through every stage. Never fails: errors become responses.
+pub async fn handle(
+    req: Request<Incoming>,
+    worker: Rc<Worker>,
+    peer: SocketAddr,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let received = Instant::now();
+    let snapshot = worker.shared.snapshot.load_full();
+    let mut tail = Tail::new(worker.clone(), snapshot.clone(), &req, peer, received);
+    let mut resp = match pipeline(req, &snapshot, &worker, peer, &mut tail).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tail.error = Some(err.code());
+            error_response(&err, worker.shared.limits.max_request_body)
+        }
+    };
+    tail.status = resp.status().as_u16();
+    resp.body_mut().set_tail(tail);
+    Ok(resp)
+}
+
+async fn pipeline(
+    mut req: Request<Incoming>,
+    snapshot: &Snapshot,
+    worker: &Rc<Worker>,
+    peer: SocketAddr,
+    tail: &mut Tail,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    // accept: the limits that need no route.
+    let limits = &worker.shared.limits;
+    check_head_size(&req, limits.max_header_bytes)?;
+    if declared_length(&req)?.is_some_and(|len| len > limits.max_request_body) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+
+    // match route
+    let host = request_host(&req)?;
+    let matched = snapshot
+        .matcher
+        .lookup(host, req.method(), req.uri().path(), req.headers())
+        .ok_or_else(|| ProxyError::NoRoute {
+            method: req.method().to_string(),
+            host: host.to_string(),
+            path: req.uri().path().to_string(),
+        })?;
+    let route = &snapshot.routes[matched.route as usize];
+    tail.route = Some(matched.route);
+
+    // authenticate, quota, circuit
+    authenticate(route, &req)?;
+    quota(route, &req)?;
+    circuit(route)?;
+
+    // transform
+    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let head = transform_request(parts, route, matched, peer, upgrade)?;
+    let stats = tail.request_stats.clone();
+    let body = RequestBody::new(body, limits.max_request_body, stats.clone());
+
+    // forward
+    let mut fwd = client::forward(&worker.pool, &route.cluster, head, body, &stats).await?;
+    tail.endpoint = Some(route.cluster.endpoints[fwd.endpoint].state.addr);
+    tail.attempts = fwd.attempts;
+    tail.upstream_time = Some(fwd.upstream_time);
+
+    if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
+        tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade));
+        let (parts, _) = fwd.response.into_parts();
+        tail.guards = Some(fwd.guards);
+        let mut resp = Response::from_parts(parts, ResponseBody::empty());
+        route.response_headers.apply(resp.headers_mut());
+        return Ok(resp);
+    }
+
+    let (mut parts, body) = fwd.response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    route.response_headers.apply(&mut parts.headers);
+    tail.guards = Some(fwd.guards);
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Some(fwd.conn)),
+    ))
+}
+
+/// Tenants and API keys arrive with the control-plane issue; every request passes today.
+fn authenticate(_route: &Route, _req: &Request<Incoming>) -> Result<(), ProxyError> {
+    Ok(())
+}
+
+/// Cluster-wide quotas arrive with the quota issue; every request passes today.
+fn quota(_route: &Route, _req: &Request<Incoming>) -> Result<(), ProxyError> {
+    Ok(())
+}
+
+/// Shared circuit state arrives with the circuit issue. Per-endpoint protection already
+/// works below it: outlier ejection and health checks keep failing endpoints out of
+/// `forward`'s choices.
+fn circuit(_route: &Route) -> Result<(), ProxyError> {
+    Ok(())
+}
+
+/// Splices the client's and the upstream's upgraded connections together.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match futures::future::try_join(client, upstream).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!("upgraded connection ended: {e}");
+    }
+}
+
+fn check_head_size(req: &Request<Incoming>, limit: usize) -> Result<(), ProxyError> {
+    let mut size = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    for (name, value) in req.headers() {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    if size > limit {
+        return Err(ProxyError::HeadersTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ProxyError::BadRequest("Content-Length is not a number".into())),
+    }
+}
+
+/// The host the client asked for, without port: `:authority` (HTTP/2, absolute URIs) or
+/// the `Host` header.
+fn request_host(req: &Request<Incoming>) -> Result<&str, ProxyError> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => h
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("the Host header is not ASCII".into()))?,
+            None if req.version() == Version::HTTP_11 => {
+                return Err(ProxyError::BadRequest(
+                    "HTTP/1.1 requests need a Host header".into(),
+                ));
+            }
+            None => "",
+        },
+    };
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        let end = rest
+            .find(']')
+            .ok_or_else(|| ProxyError::BadRequest(format!("invalid Host {raw:?}")))?;
+        &raw[..end + 2]
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            Some(_) => return Err(ProxyError::BadRequest(format!("invalid Host {raw:?}"))),
+            None => raw,
+        }
+    };
+    let valid = host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'));
+    if !valid {
+        return Err(ProxyError::BadRequest(format!(
+            "invalid Host {raw:?}: use a host name or address, optionally with :port"
+        )));
+    }
+    Ok(host)
+}
+
+fn transform_request(
+    parts: http::request::Parts,
+    route: &Route,
+    matched: Matched,
+    peer: SocketAddr,
+    upgrade: bool,
+) -> Result<UpstreamHead, ProxyError> {
+    let http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
+    let path = uri.path();
+    let rewritten = match &route.rewrite {
+        Some(Rewrite::ReplacePrefix(new)) => {
+            let rest = &path[matched.prefix_len.min(path.len())..];
+            let mut p = String::with_capacity(new.len() + rest.len() + 1);
+            p.push_str(new.trim_end_matches('/'));
+            if !rest.starts_with('/') {
+                p.push('/');
+            }
+            p.push_str(rest);
+            Some(p)
+        }
+        None => None,
+    };
+    // The upstream gets origin-form (`/path?query`), whatever form the client used.
+    let uri = if rewritten.is_none() && uri.authority().is_none() && uri.scheme().is_none() {
+        uri
+    } else {
+        let path = rewritten.as_deref().unwrap_or(path);
+        let pq = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let host = uri.authority().map(|a| a.as_str().to_string());
+        if let Some(host) = host
+            && !headers.contains_key(header::HOST)
+        {
+            let v = HeaderValue::from_str(&host)
+                .map_err(|_| ProxyError::BadRequest("invalid :authority".into()))?;
+            headers.insert(header::HOST, v);
+        }
+        Uri::try_from(pq)
+            .map_err(|e| ProxyError::BadRequest(format!("cannot rewrite the path: {e}")))?
+    };
+    let host = headers.get(header::HOST).cloned();
+    headers::strip_hop_by_hop(&mut headers, upgrade);
+    headers::add_forwarded(&mut headers, peer.ip(), host);
+    route.request_headers.apply(&mut headers);
+    Ok(UpstreamHead {
+        method,
+        uri,
+        headers,
+    })
+}
+
+/// The meter stage: runs when the response body is done (or dropped), records the route's
+/// metrics and writes the access-log line. Carries what the earlier stages learned.
+pub struct Tail {
+    worker: Rc<Worker>,
+    snapshot: Arc<Snapshot>,
+    received: Instant,
+    peer: SocketAddr,
+    version: Version,
+    method: Method,
+    uri: Uri,
+    host: Option<HeaderValue>,
+    pub route: Option<u32>,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub endpoint: Option<SocketAddr>,
+    pub attempts: u32,
+    pub upstream_time: Option<Duration>,
+    pub request_stats: Rc<BodyStats>,
+    response_bytes: u64,
+    upstream_failed: bool,
+    guards: Option<Guards>,
+}
+
+impl Tail {
+    fn new(
+        worker: Rc<Worker>,
+        snapshot: Arc<Snapshot>,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        received: Instant,
+    ) -> Tail {
+        let logging = worker.access_log.enabled();
+        Tail {
+            worker,
+            snapshot,
+            received,
+            peer,
+            version: req.version(),
+            method: req.method().clone(),
+            uri: if logging {
+                req.uri().clone()
+            } else {
+                Uri::default()
+            },
+            host: if logging {
+                req.headers().get(header::HOST).cloned()
+            } else {
+                None
+            },
+            route: None,
+            status: 0,
+            error: None,
+            endpoint: None,
+            attempts: 0,
+            upstream_time: None,
+            request_stats: Rc::new(BodyStats::default()),
+            response_bytes: 0,
+            upstream_failed: false,
+            guards: None,
+        }
+    }
+
+    pub fn add_response_bytes(&mut self, n: u64) {
+        self.response_bytes += n;
+    }
+
+    pub fn upstream_body_failed(&mut self) {
+        self.upstream_failed = true;
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let elapsed = self.received.elapsed();
+        let route = self.route.map(|r| &self.snapshot.routes[r as usize]);
+        match route {
+            Some(r) => r.metrics.record(self.status, elapsed),
+            None => self.worker.shared.unmatched.record(self.status, elapsed),
+        }
+        let log = &self.worker.access_log;
+        if !log.enabled() {
+            return;
+        }
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        log.write(&Entry {
+            time: SystemTime::now(),
+            client: self.peer,
+            protocol: match self.version {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            method: self.method.as_str(),
+            host,
+            path: self.uri.path(),
+            route: route.map(|r| &*r.name),
+            upstream: route.map(|r| &*r.cluster.name),
+            endpoint: self.endpoint,
+            status: self.status,
+            error: self
+                .error
+                .or(self.upstream_failed.then_some("upstream_body_failed")),
+            attempts: self.attempts,
+            request_bytes: self.request_stats.bytes.get(),
+            response_bytes: self.response_bytes,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            upstream_ms: self.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+        });
+    }
+}

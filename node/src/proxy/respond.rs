@@ -1,0 +1,110 @@
+//! The one place that turns a data-plane error into an HTTP response.
+//!
+//! Every answer the gateway makes itself has the body
+//! `{"error": {"code": "...", "message": "..."}}`, a status that says whose fault it is
+//! (4xx: the client's, 502/503/504: the upstream's), and is counted in
+//! `tollgate_errors_total{code}`. Messages say what to change where the client can.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::proxy::body::ResponseBody;
+use crate::telemetry::metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches {method} {host}{path}")]
+    NoRoute {
+        method: String,
+        host: String,
+        path: String,
+    },
+    #[error("the request body is larger than this gateway accepts")]
+    BodyTooLarge,
+    #[error("the request headers total {size} bytes; the limit is {limit} bytes")]
+    HeadersTooLarge { size: usize, limit: usize },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("upstream {upstream:?} has no healthy endpoint")]
+    NoHealthyUpstream { upstream: String },
+    #[error("could not connect to upstream {upstream:?} at {endpoint}: {detail}")]
+    UpstreamConnect {
+        upstream: String,
+        endpoint: SocketAddr,
+        detail: String,
+    },
+    #[error("upstream {upstream:?} did not answer within {after:?}")]
+    UpstreamTimeout { upstream: String, after: Duration },
+    #[error("upstream {upstream:?} failed: {detail}")]
+    UpstreamProtocol { upstream: String, detail: String },
+    #[error("this node is at its limit of {0} open connections; retry shortly")]
+    TooManyConnections(usize),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoHealthyUpstream { .. } | ProxyError::TooManyConnections(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable, machine-readable code of the JSON error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute { .. } => "route_not_found",
+            ProxyError::BodyTooLarge => "payload_too_large",
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoHealthyUpstream { .. } => "no_healthy_upstream",
+            ProxyError::UpstreamConnect { .. } => "upstream_connect_failed",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::UpstreamProtocol { .. } => "upstream_error",
+            ProxyError::TooManyConnections(_) => "too_many_connections",
+        }
+    }
+
+    fn message(&self, body_limit: u64) -> String {
+        match self {
+            ProxyError::BodyTooLarge => {
+                format!("the request body is larger than the limit of {body_limit} bytes")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Builds the JSON error response for `err` and counts it.
+pub fn error_response(err: &ProxyError, body_limit: u64) -> Response<ResponseBody> {
+    metrics::local_error(err.code());
+    json_error(err.status(), err.code(), &err.message(body_limit))
+}
+
+/// A JSON error response with DESIGN.md's shape.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let mut bytes = serde_json::to_vec(&body).expect("a JSON value always serializes");
+    bytes.push(b'\n');
+    let mut resp = Response::new(ResponseBody::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}

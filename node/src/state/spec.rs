@@ -1,0 +1,787 @@
+//! The declarative spec: routes, upstream clusters and their policies, as an operator
+//! writes them (YAML). Documented field by field in `docs/spec.md`.
+//!
+//! Objects are keyed by stable names (`routes.<name>`, `upstreams.<name>`) so that a later
+//! `tollgate apply` can diff two specs object by object. Parsing never stops at the first
+//! problem: every object is decoded on its own and then checked as a whole, and
+//! [`SpecErrors`] lists every error with the path of the offending field.
+//!
+//! This module only reads and checks; compiling a spec into what the data plane runs is
+//! [`crate::state::snapshot`]'s job.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
+use serde_yaml_ng::Value;
+
+/// A whole spec: everything the data plane routes by.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Spec {
+    pub upstreams: BTreeMap<String, UpstreamSpec>,
+    pub routes: BTreeMap<String, RouteSpec>,
+}
+
+// === routes ===
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(rename = "match")]
+    pub matches: MatchSpec,
+    /// The upstream cluster (a key of `upstreams`) this route forwards to.
+    pub upstream: String,
+    /// Breaks ties between equally specific routes: higher wins.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub rewrite: Option<RewriteSpec>,
+    #[serde(default)]
+    pub request_headers: HeaderOpsSpec,
+    #[serde(default)]
+    pub response_headers: HeaderOpsSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// Exact host names or `*.suffix` wildcards; empty means any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub path: PathSpec,
+    /// Empty means any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchSpec>,
+}
+
+/// Exactly one of the three is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSpec {
+    /// The path must equal this string.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// The path is this prefix, or continues it with `/`: `/api` matches `/api` and
+    /// `/api/x`, never `/apix`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Segments in braces match one segment each: `/users/{id}/posts`.
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+/// A path match, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+    Template(&'a str),
+}
+
+impl PathSpec {
+    /// The one kind of match that is set (`None` if zero or several are).
+    pub fn kind(&self) -> Option<PathKind<'_>> {
+        match (&self.exact, &self.prefix, &self.template) {
+            (Some(p), None, None) => Some(PathKind::Exact(p)),
+            (None, Some(p), None) => Some(PathKind::Prefix(p)),
+            (None, None, Some(p)) => Some(PathKind::Template(p)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchSpec {
+    pub name: String,
+    /// The header must have exactly this value.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// The header value must start with this.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// `true`: the header must be present; `false`: it must be absent.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteSpec {
+    /// Remove the matched prefix (`/api/users` on prefix `/api` goes up as `/users`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the matched prefix with this one.
+    #[serde(default)]
+    pub replace_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsSpec {
+    /// Appended, keeping any value already there.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Replace any value already there.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+// === upstreams ===
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub load_balancing: LoadBalancingSpec,
+    #[serde(default)]
+    pub timeouts: TimeoutsSpec,
+    #[serde(default)]
+    pub pool: PoolSpec,
+    #[serde(default)]
+    pub retries: RetrySpec,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierSpec>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// `host:port`; a host name is resolved when the spec is loaded.
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancingSpec {
+    #[serde(default)]
+    pub policy: LbPolicy,
+    /// For `consistent_hash`: the request header whose value picks the endpoint.
+    #[serde(default)]
+    pub hash_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSpec {
+    #[serde(default = "default_connect", deserialize_with = "duration")]
+    pub connect: Duration,
+    /// From sending the request until the response headers arrive.
+    #[serde(default = "default_request", deserialize_with = "duration")]
+    pub request: Duration,
+    /// How long an unused pooled connection is kept.
+    #[serde(default = "default_idle", deserialize_with = "duration")]
+    pub idle: Duration,
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_request() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for TimeoutsSpec {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            request: default_request(),
+            idle: default_idle(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Idle keep-alive connections kept per endpoint, per worker thread.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_endpoint: usize,
+}
+
+fn default_max_idle() -> usize {
+    128
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        Self {
+            max_idle_per_endpoint: default_max_idle(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// The TCP connection could not be made (the request was never sent).
+    ConnectFailure,
+    /// The upstream answered 502.
+    #[serde(rename = "502")]
+    Status502,
+    /// The upstream answered 503.
+    #[serde(rename = "503")]
+    Status503,
+    /// The upstream did not answer within `timeouts.request`.
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Extra attempts after the first (0 turns retries off).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<RetryOn>,
+    #[serde(default)]
+    pub budget: RetryBudgetSpec,
+}
+
+fn default_attempts() -> u32 {
+    1
+}
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::ConnectFailure]
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            attempts: default_attempts(),
+            on: default_retry_on(),
+            budget: RetryBudgetSpec::default(),
+        }
+    }
+}
+
+/// Envoy's retry budget: retries in flight may be at most `percent` of the requests in
+/// flight to the upstream, but `min_concurrency` retries are always allowed.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    #[serde(default = "default_budget_percent")]
+    pub percent: f64,
+    #[serde(default = "default_min_concurrency")]
+    pub min_concurrency: u32,
+}
+
+fn default_budget_percent() -> f64 {
+    20.0
+}
+fn default_min_concurrency() -> u32 {
+    3
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self {
+            percent: default_budget_percent(),
+            min_concurrency: default_min_concurrency(),
+        }
+    }
+}
+
+/// Passive outlier detection: an endpoint that fails `consecutive_failures` times in a row
+/// is left out for `base_ejection_time` × (number of times it was ejected, capped at 10).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSpec {
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_ejection", deserialize_with = "duration")]
+    pub base_ejection_time: Duration,
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_percent: f64,
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejection() -> f64 {
+    50.0
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    pub path: String,
+    #[serde(default = "default_hc_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_hc_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_healthy")]
+    pub healthy_threshold: u32,
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy_threshold: u32,
+    /// Statuses that count as healthy; empty means any 2xx.
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+    /// The Host header of the probe; the endpoint's address when unset.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_healthy() -> u32 {
+    2
+}
+fn default_unhealthy() -> u32 {
+    3
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let parsed = humantime::parse_duration(text.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?} ({e}); write it like 250ms, 5s or 1m"
+        ))
+    })?;
+    if parsed.is_zero() {
+        return Err(serde::de::Error::custom(format!(
+            "duration {text:?} must be greater than zero"
+        )));
+    }
+    Ok(parsed)
+}
+
+// === errors ===
+
+/// One problem in a spec, with the path of the field it is about
+/// (`routes.users.match.path`, or `spec` for the whole document).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a spec. A spec with any error is refused whole.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl SpecErrors {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(SpecError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the spec has {} error(s):", self.0.len())?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecErrors {}
+
+// === parsing ===
+
+impl Spec {
+    /// Parses and checks a YAML spec. On failure, every error found is returned.
+    ///
+    /// Endpoint host names are resolved here (blocking), so call it off the request path.
+    pub fn from_yaml(text: &str) -> Result<Spec, SpecErrors> {
+        let mut errors = SpecErrors::default();
+        let doc: Value = match serde_yaml_ng::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push("spec", format!("not valid YAML: {e}"));
+                return Err(errors);
+            }
+        };
+        let mut spec = Spec::default();
+        let top = match doc {
+            Value::Null => return Ok(spec),
+            Value::Mapping(m) => m,
+            other => {
+                errors.push(
+                    "spec",
+                    format!(
+                        "expected a mapping with `upstreams` and `routes`, found {}",
+                        kind(&other)
+                    ),
+                );
+                return Err(errors);
+            }
+        };
+        for (key, value) in top {
+            match key.as_str() {
+                Some("upstreams") => spec.upstreams = objects(value, "upstreams", &mut errors),
+                Some("routes") => spec.routes = objects(value, "routes", &mut errors),
+                _ => errors.push(
+                    "spec",
+                    format!(
+                        "unknown field {}, expected `upstreams` or `routes`",
+                        key_text(&key)
+                    ),
+                ),
+            }
+        }
+        spec.check(&mut errors);
+        if errors.is_empty() {
+            Ok(spec)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Checks what serde cannot: names, references between objects, value ranges.
+    fn check(&self, errors: &mut SpecErrors) {
+        for (name, up) in &self.upstreams {
+            let at = format!("upstreams.{name}");
+            check_name(name, &at, errors);
+            if up.endpoints.is_empty() {
+                errors.push(format!("{at}.endpoints"), "needs at least one endpoint");
+            }
+            for (i, ep) in up.endpoints.iter().enumerate() {
+                let at = format!("{at}.endpoints[{i}]");
+                if let Err(msg) = resolve(&ep.address) {
+                    errors.push(format!("{at}.address"), msg);
+                }
+                if ep.weight == 0 || ep.weight > 10_000 {
+                    errors.push(format!("{at}.weight"), "must be between 1 and 10000");
+                }
+            }
+            let lb = &up.load_balancing;
+            match (&lb.policy, &lb.hash_header) {
+                (LbPolicy::ConsistentHash, None) => errors.push(
+                    format!("{at}.load_balancing.hash_header"),
+                    "consistent_hash needs the name of the header to hash on",
+                ),
+                (LbPolicy::ConsistentHash, Some(h)) => {
+                    check_header_name(h, &format!("{at}.load_balancing.hash_header"), errors)
+                }
+                (_, Some(_)) => errors.push(
+                    format!("{at}.load_balancing.hash_header"),
+                    "only used by policy consistent_hash; remove it or change the policy",
+                ),
+                (_, None) => {}
+            }
+            if up.retries.attempts > 10 {
+                errors.push(format!("{at}.retries.attempts"), "must be at most 10");
+            }
+            let budget = &up.retries.budget;
+            if !(0.0..=100.0).contains(&budget.percent) {
+                errors.push(
+                    format!("{at}.retries.budget.percent"),
+                    "must be between 0 and 100",
+                );
+            }
+            if let Some(o) = &up.outlier_detection {
+                if o.consecutive_failures == 0 {
+                    errors.push(
+                        format!("{at}.outlier_detection.consecutive_failures"),
+                        "must be at least 1",
+                    );
+                }
+                if !(0.0..=100.0).contains(&o.max_ejection_percent) {
+                    errors.push(
+                        format!("{at}.outlier_detection.max_ejection_percent"),
+                        "must be between 0 and 100",
+                    );
+                }
+            }
+            if let Some(hc) = &up.health_check {
+                let at = format!("{at}.health_check");
+                if !hc.path.starts_with('/') {
+                    errors.push(format!("{at}.path"), "must start with `/`");
+                }
+                if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+                    errors.push(at.clone(), "thresholds must be at least 1");
+                }
+                if hc.timeout > hc.interval {
+                    errors.push(format!("{at}.timeout"), "must not exceed the interval");
+                }
+                for (i, s) in hc.expected_statuses.iter().enumerate() {
+                    if !(100..=599).contains(s) {
+                        errors.push(
+                            format!("{at}.expected_statuses[{i}]"),
+                            "must be an HTTP status (100-599)",
+                        );
+                    }
+                }
+            }
+        }
+        for (name, route) in &self.routes {
+            let at = format!("routes.{name}");
+            check_name(name, &at, errors);
+            if !self.upstreams.contains_key(&route.upstream) {
+                errors.push(
+                    format!("{at}.upstream"),
+                    format!(
+                        "no upstream named {:?}; defined: [{}]",
+                        route.upstream,
+                        self.upstreams
+                            .keys()
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+            let m = &route.matches;
+            for (i, host) in m.hosts.iter().enumerate() {
+                if let Err(msg) = check_host(host) {
+                    errors.push(format!("{at}.match.hosts[{i}]"), msg);
+                }
+            }
+            match m.path.kind() {
+                None => errors.push(
+                    format!("{at}.match.path"),
+                    "set exactly one of `exact`, `prefix` or `template`",
+                ),
+                Some(kind) => {
+                    let (pattern, field) = match kind {
+                        PathKind::Exact(p) => (p, "exact"),
+                        PathKind::Prefix(p) => (p, "prefix"),
+                        PathKind::Template(p) => (p, "template"),
+                    };
+                    if !pattern.starts_with('/') {
+                        errors.push(format!("{at}.match.path.{field}"), "must start with `/`");
+                    } else if let PathKind::Template(t) = kind
+                        && let Err(msg) = crate::routing::matcher::normalize_template(t)
+                    {
+                        errors.push(format!("{at}.match.path.template"), msg);
+                    }
+                }
+            }
+            for (i, method) in m.methods.iter().enumerate() {
+                if http::Method::from_bytes(method.as_bytes()).is_err()
+                    || method.chars().any(|c| c.is_ascii_lowercase())
+                {
+                    errors.push(
+                        format!("{at}.match.methods[{i}]"),
+                        format!("{method:?} is not an HTTP method; write it in capitals, like GET"),
+                    );
+                }
+            }
+            for (i, h) in m.headers.iter().enumerate() {
+                let at = format!("{at}.match.headers[{i}]");
+                check_header_name(&h.name, &format!("{at}.name"), errors);
+                let set = [h.exact.is_some(), h.prefix.is_some(), h.present.is_some()]
+                    .iter()
+                    .filter(|x| **x)
+                    .count();
+                if set != 1 {
+                    errors.push(at, "needs exactly one of `exact`, `prefix` or `present`");
+                }
+            }
+            if let Some(rw) = &route.rewrite {
+                let at = format!("{at}.rewrite");
+                if m.path.prefix.is_none() {
+                    errors.push(at.clone(), "prefix rewrites need a `prefix` path match");
+                }
+                match (&rw.strip_prefix, &rw.replace_prefix) {
+                    (true, Some(_)) => errors.push(
+                        at,
+                        "use either `strip_prefix` or `replace_prefix`, not both",
+                    ),
+                    (false, None) => {
+                        errors.push(at, "set `strip_prefix: true` or `replace_prefix: /new`")
+                    }
+                    (_, Some(p)) if !p.starts_with('/') => {
+                        errors.push(format!("{at}.replace_prefix"), "must start with `/`")
+                    }
+                    _ => {}
+                }
+            }
+            check_header_ops(
+                &route.request_headers,
+                &format!("{at}.request_headers"),
+                errors,
+            );
+            check_header_ops(
+                &route.response_headers,
+                &format!("{at}.response_headers"),
+                errors,
+            );
+        }
+    }
+}
+
+/// Decodes every entry of a `name: object` mapping on its own, so one bad object does not
+/// hide the errors of the others.
+fn objects<T: DeserializeOwned>(
+    value: Value,
+    section: &str,
+    errors: &mut SpecErrors,
+) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
+    let map = match value {
+        Value::Null => return out,
+        Value::Mapping(m) => m,
+        other => {
+            errors.push(
+                section,
+                format!(
+                    "expected a mapping of name -> object, found {}",
+                    kind(&other)
+                ),
+            );
+            return out;
+        }
+    };
+    for (key, value) in map {
+        let Some(name) = key.as_str().map(str::to_string) else {
+            errors.push(
+                section,
+                format!("names must be strings, found {}", key_text(&key)),
+            );
+            continue;
+        };
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(obj) => {
+                out.insert(name, obj);
+            }
+            Err(e) => {
+                let inner = e.path().to_string();
+                let path = if inner == "." || inner.is_empty() {
+                    format!("{section}.{name}")
+                } else {
+                    format!("{section}.{name}.{inner}")
+                };
+                errors.push(path, e.into_inner().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn key_text(v: &Value) -> String {
+    match v.as_str() {
+        Some(s) => format!("`{s}`"),
+        None => kind(v).to_string(),
+    }
+}
+
+fn check_name(name: &str, at: &str, errors: &mut SpecErrors) {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        errors.push(
+            at,
+            "names are 1-128 characters of letters, digits, `-`, `_` and `.`",
+        );
+    }
+}
+
+fn check_header_name(name: &str, at: &str, errors: &mut SpecErrors) {
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        errors.push(at, format!("{name:?} is not a valid header name"));
+    }
+}
+
+fn check_header_ops(ops: &HeaderOpsSpec, at: &str, errors: &mut SpecErrors) {
+    for (section, map) in [("add", &ops.add), ("set", &ops.set)] {
+        for (name, value) in map {
+            let at = format!("{at}.{section}.{name}");
+            check_header_name(name, &at, errors);
+            if http::HeaderValue::from_str(value).is_err() {
+                errors.push(at, "the value has characters not allowed in a header");
+            }
+        }
+    }
+    for (i, name) in ops.remove.iter().enumerate() {
+        check_header_name(name, &format!("{at}.remove[{i}]"), errors);
+    }
+}
+
+fn check_host(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !valid {
+        return Err(format!(
+            "{host:?} is not a host name; use `api.example.com` or `*.example.com` (no port)"
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves an endpoint address (`host:port`) to one socket address.
+pub fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if !address.contains(':') {
+        return Err(format!("{address:?} needs a port, like {address}:8080"));
+    }
+    match address.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{address:?} resolved to no address")),
+        Err(e) => Err(format!("cannot resolve {address:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

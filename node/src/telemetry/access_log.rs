@@ -1,0 +1,125 @@
+//! The access log: one JSON object per line per request, written when the response's last
+//! byte has gone out (so streamed responses log their real size and duration).
+//!
+//! Each data-plane thread appends to its own buffer and writes it out in one call when it
+//! passes 64 KiB or when the thread's flush timer fires (every 200 ms), so logging costs
+//! no system call per request and no lock between threads.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Where access-log lines go.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    Off,
+    Stdout,
+    File(Arc<Mutex<File>>),
+}
+
+impl Sink {
+    /// `off`, `stdout`, or a file path (appended to).
+    pub fn open(target: &str) -> anyhow::Result<Sink> {
+        Ok(match target {
+            "off" => Sink::Off,
+            "stdout" | "-" => Sink::Stdout,
+            path => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(PathBuf::from(path))
+                    .map_err(|e| anyhow::anyhow!("open access log {path}: {e}"))?;
+                Sink::File(Arc::new(Mutex::new(file)))
+            }
+        })
+    }
+}
+
+/// One request, as logged.
+#[derive(Debug, Serialize)]
+pub struct Entry<'a> {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub client: SocketAddr,
+    pub protocol: &'static str,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub route: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    pub endpoint: Option<SocketAddr>,
+    pub status: u16,
+    /// Set when the gateway answered by itself (the JSON error's code).
+    pub error: Option<&'static str>,
+    pub attempts: u32,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Request head received to last response byte sent.
+    pub duration_ms: f64,
+    /// Upstream request sent to response head received (last attempt).
+    pub upstream_ms: Option<f64>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// A data-plane thread's access-log writer.
+#[derive(Debug)]
+pub struct AccessLog {
+    sink: Sink,
+    buf: RefCell<Vec<u8>>,
+}
+
+impl AccessLog {
+    pub fn new(sink: Sink) -> AccessLog {
+        AccessLog {
+            sink,
+            buf: RefCell::new(Vec::with_capacity(FLUSH_AT + 4096)),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !matches!(self.sink, Sink::Off)
+    }
+
+    pub fn write(&self, entry: &Entry<'_>) {
+        if !self.enabled() {
+            return;
+        }
+        let full = {
+            let mut buf = self.buf.borrow_mut();
+            if serde_json::to_writer(&mut *buf, entry).is_ok() {
+                buf.push(b'\n');
+            }
+            buf.len() >= FLUSH_AT
+        };
+        if full {
+            self.flush();
+        }
+    }
+
+    pub fn flush(&self) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            return;
+        }
+        let result = match &self.sink {
+            Sink::Off => Ok(()),
+            Sink::Stdout => std::io::stdout().lock().write_all(&buf),
+            Sink::File(f) => f.lock().expect("access log lock poisoned").write_all(&buf),
+        };
+        if let Err(e) = result {
+            tracing::warn!("failed to write the access log: {e}");
+        }
+        buf.clear();
+    }
+}

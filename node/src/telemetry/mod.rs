@@ -1,0 +1,6 @@
+//! Telemetry: process logs ([`logging`]), Prometheus metrics ([`metrics`]) and the
+//! per-request access log ([`access_log`]). OpenTelemetry trace export joins here.
+
+pub mod access_log;
+pub mod logging;
+pub mod metrics;

@@ -1,5 +1,5 @@
 //! `tollgate`: the command-line tool. `tollgate dev` runs a whole gateway in one process;
-//! `tollgate validate` checks a spec file. Cluster commands (apply, cluster, api, tenant,
+//! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file. Cluster commands (apply, cluster, api, tenant,
 //! ...) arrive with the cluster and control-plane issues.
 
 mod dev;
@@ -28,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run a gateway node with a demo upstream and a sample spec, all in this process.
     Dev(dev::DevArgs),
+    /// Run a gateway node (the same as the `tollgate-node` binary).
+    Node(Box<tollgate_node::config::NodeArgs>),
     /// Check a spec file and list every problem in it (nothing is applied).
     Validate {
         /// The spec file (YAML).
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Node(args) => tollgate_node::run_from_args(*args),
         Command::Validate { file } => match tollgate_node::read_spec(&file) {
             Ok(spec) => {
                 println!(

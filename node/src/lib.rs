@@ -230,6 +230,31 @@ impl SpecLoader {
     }
 }
 
+/// Runs a node from its flags until it has shut down: what `tollgate-node` and
+/// `tollgate node` do. Errors are printed; the exit code says how it ended.
+pub fn run_from_args(args: config::NodeArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let settings = match Settings::load(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tollgate-node: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::logging::init(settings.log_format);
+    let result = telemetry::metrics::install()
+        .and_then(|metrics| Node::start(settings, metrics))
+        .and_then(|node| node.wait());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tollgate-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Reads and checks a spec file.
 pub fn read_spec(path: &Path) -> Result<Spec, SpecErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {

@@ -1,0 +1,472 @@
+//! Shared harness for the end-to-end tests: a real `tollgate node` process started on
+//! port 0, and real upstream HTTP servers started in the test process.
+//!
+//! ```no_run
+//! let up = Upstream::start("a").await;
+//! let node = GatewayProcess::start(&spec_for(&[&up])).await;
+//! let resp = node.get("/anything").await;
+//! ```
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// Bounded wait for a condition, polling every 20 ms.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// === the gateway process ===
+
+/// A `tollgate node` child process, killed when dropped.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub grpc: SocketAddr,
+    pub spec_path: PathBuf,
+    pub access_log: PathBuf,
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+}
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+fn test_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-test-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+impl GatewayProcess {
+    pub async fn start(spec: &str) -> GatewayProcess {
+        Self::start_with(spec, &[]).await
+    }
+
+    /// Starts a node with the spec and extra flags, and waits until it listens.
+    pub async fn start_with(spec: &str, extra: &[&str]) -> GatewayProcess {
+        let dir = test_dir();
+        let spec_path = dir.join("spec.yaml");
+        std::fs::write(&spec_path, spec).expect("write spec");
+        let addr_file = dir.join("addrs.json");
+        let access_log = dir.join("access.log");
+        let stderr = std::fs::File::create(dir.join("node.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("node")
+            .args(["--proxy-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(["--workers", "2"])
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .arg("--access-log")
+            .arg(&access_log)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn tollgate node");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addrs: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file)
+                && let Ok(v) = serde_json::from_str(&text)
+            {
+                break v;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+                panic!("node did not start within 20s; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr = |k: &str| addrs[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        GatewayProcess {
+            child,
+            proxy: addr("proxy"),
+            admin: addr("admin"),
+            grpc: addr("grpc"),
+            dir,
+            spec_path,
+            access_log,
+            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// Sends a request through the gateway and reads the whole response.
+    pub async fn send(&self, req: Request<Body>) -> TestResponse {
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            .await
+            .expect("response within 30s")
+            .expect("request to the gateway");
+        TestResponse::read(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> TestResponse {
+        self.send(Request::get(self.url(path)).body(full("")).unwrap())
+            .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> TestResponse {
+        let req = Request::get(format!("http://{}{}", self.admin, path))
+            .body(full(""))
+            .unwrap();
+        TestResponse::read(self.client.request(req).await.expect("admin request")).await
+    }
+
+    /// The node's peak resident memory (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_kb(self.pid(), "VmHWM:") * 1024
+    }
+
+    pub fn rss(&self) -> u64 {
+        proc_status_kb(self.pid(), "VmRSS:") * 1024
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A whole response, read.
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub async fn read(resp: Response<Incoming>) -> TestResponse {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("read body").to_bytes();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The error code of a gateway JSON error.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without a message: {v}"
+        );
+        v["error"]["code"].as_str().expect("error.code").to_string()
+    }
+}
+
+// === upstreams ===
+
+/// Live knobs and counters of a test upstream.
+pub struct UpstreamState {
+    pub name: String,
+    pub hits: AtomicUsize,
+    /// Non-zero: every request (but /healthz) gets this status.
+    pub fail_with: AtomicU16,
+    /// Every request (but /healthz) waits this long first.
+    pub delay_ms: AtomicU64,
+    pub healthy: AtomicBool,
+    pub health_checks: AtomicUsize,
+    pub last_headers: Mutex<Option<http::HeaderMap>>,
+    pub last_version: Mutex<Option<http::Version>>,
+}
+
+/// An HTTP/1.1 upstream server in the test process.
+///
+/// Paths: `/status/{code}`, `/slow/{ms}`, `/sse/{n}/{ms}` (n events, ms apart),
+/// `/bytes/{n}` (streams n bytes), `/upload` (counts the body), `/ws` (WebSocket echo),
+/// `/healthz`; anything else answers 200 with `{"upstream": name, "path": ...}`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name: name.to_string(),
+            hits: AtomicUsize::new(0),
+            fail_with: AtomicU16::new(0),
+            delay_ms: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            health_checks: AtomicUsize::new(0),
+            last_headers: Mutex::new(None),
+            last_version: Mutex::new(None),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| serve(req, s.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, state, task }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r
+}
+
+async fn serve(req: Request<Incoming>, s: Arc<UpstreamState>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if path == "/healthz" {
+        s.health_checks.fetch_add(1, Ordering::SeqCst);
+        let ok = s.healthy.load(Ordering::SeqCst);
+        return Ok(text(
+            if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE },
+            "",
+        ));
+    }
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    *s.last_headers.lock().unwrap() = Some(req.headers().clone());
+    *s.last_version.lock().unwrap() = Some(req.version());
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let fail = s.fail_with.load(Ordering::SeqCst);
+    if fail != 0 {
+        return Ok(text(StatusCode::from_u16(fail).unwrap(), format!("{} failing", s.name)));
+    }
+    let resp = match parts.as_slice() {
+        ["status", code] => text(
+            StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap(),
+            s.name.clone(),
+        ),
+        ["slow", ms] => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            text(StatusCode::OK, s.name.clone())
+        }
+        ["sse", n, ms] => {
+            let n: usize = n.parse().unwrap_or(1);
+            let ms: u64 = ms.parse().unwrap_or(100);
+            let stream = futures::stream::unfold(0usize, move |i| async move {
+                if i >= n {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
+                Some((Ok::<_, Infallible>(frame), i + 1))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        ["bytes", n] => {
+            let total: usize = n.parse().unwrap_or(0);
+            const CHUNK: usize = 64 * 1024;
+            let chunk = Bytes::from(vec![b'x'; CHUNK]);
+            let stream = futures::stream::unfold(0usize, move |sent| {
+                let chunk = chunk.clone();
+                async move {
+                    if sent >= total {
+                        return None;
+                    }
+                    let n = CHUNK.min(total - sent);
+                    Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n))), sent + n))
+                }
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut()
+                .insert("content-length", total.to_string().parse().unwrap());
+            r
+        }
+        ["upload"] => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => return Ok(text(StatusCode::BAD_REQUEST, "body failed")),
+                }
+            }
+            text(StatusCode::OK, serde_json::json!({ "bytes": n }).to_string())
+        }
+        ["ws"] => return Ok(websocket_echo(req)),
+        _ => {
+            let headers: HashMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            text(
+                StatusCode::OK,
+                serde_json::json!({
+                    "upstream": s.name,
+                    "path": path,
+                    "query": req.uri().query(),
+                    "headers": headers,
+                })
+                .to_string(),
+            )
+        }
+    };
+    Ok(resp)
+}
+
+fn websocket_echo(mut req: Request<Incoming>) -> Response<Body> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return text(StatusCode::BAD_REQUEST, "not a websocket request");
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if ws.send(msg).await.is_err() {
+                    break;
+                }
+            } else if msg.is_close() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(full(""))
+        .unwrap()
+}

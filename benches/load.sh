@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Load comparison: Tollgate vs nginx (reverse proxy) vs direct, same origin, interleaved
+# rounds, using the shared baseline scripts (../shared/baseline). Also measures the RSS of
+# an idle node. Everything listens on 127.0.0.1 only; every wrk run is bounded in time.
+#
+#   benches/load.sh                    # 5 rounds x 10 s, paths / and /4k, 64 and 8 connections
+#   ROUNDS=3 DURATION=5 benches/load.sh
+#   ACCESS_LOG=stdout benches/load.sh  # with Tollgate's access log on (nginx's is off)
+#
+# Output: a summary table (markdown) under $BASELINE_WORK/out/http-<tag>/summary.md, and the
+# idle RSS figure on stdout. Needs: nginx haproxy wrk (installed with apt-get when missing).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$ROOT/../shared}
+BASE=$SHARED/baseline
+export BASELINE_WORK=${BASELINE_WORK:-${TMPDIR:-/tmp}/tollgate-baseline}
+ROUNDS=${ROUNDS:-5}; DURATION=${DURATION:-10}; ACCESS_LOG=${ACCESS_LOG:-off}
+TAG=${TAG:-tollgate-$(date +%Y%m%d-%H%M%S)}
+WORK=$BASELINE_WORK/tollgate; mkdir -p "$WORK"
+
+need=(); for t in nginx haproxy wrk; do command -v $t >/dev/null || need+=($t); done
+if ((${#need[@]})); then
+  echo "installing ${need[*]}"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+(cd "$ROOT" && cargo build --release --bin tollgate)
+BIN=$ROOT/target/release/tollgate
+
+cat > "$WORK/spec.yaml" <<YAML
+upstreams:
+  origin:
+    endpoints:
+      - address: 127.0.0.1:18080
+routes:
+  all:
+    match:
+      path: { prefix: / }
+    upstream: origin
+YAML
+
+cleanup() {
+  [[ -n ${NODE_PID:-} ]] && kill -TERM "$NODE_PID" 2>/dev/null || true
+  "$BASE/http_peers.sh" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+"$BASE/http_peers.sh" start
+
+start_node() {
+  rm -f "$WORK/addrs.json"
+  "$BIN" node --spec "$WORK/spec.yaml" --proxy-addr 127.0.0.1:18083 \
+    --admin-addr 127.0.0.1:17071 --grpc-addr 127.0.0.1:17070 \
+    --access-log "$ACCESS_LOG" --addr-file "$WORK/addrs.json" --log-format json \
+    >"$WORK/access.log" 2>"$WORK/node.log" &
+  NODE_PID=$!
+  for _ in $(seq 100); do [[ -s $WORK/addrs.json ]] && return; sleep 0.1; done
+  echo "node did not start"; cat "$WORK/node.log"; exit 1
+}
+
+# Idle memory: a fresh node after a few requests and a second of rest.
+start_node
+for _ in $(seq 20); do curl -s -o /dev/null http://127.0.0.1:18083/; done
+sleep 1
+IDLE_RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$NODE_PID/status)
+echo "idle node RSS: $((IDLE_RSS_KB / 1024)) MB ($IDLE_RSS_KB kB)"
+
+NGINX_PID=$(cat "$BASELINE_WORK/run/nginx-proxy.pid")
+python3 "$BASE/http_bench.py" --only \
+  --target direct=http://127.0.0.1:18080 \
+  --target nginx=http://127.0.0.1:18081 \
+  --target tollgate=http://127.0.0.1:18083 \
+  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate="$NODE_PID" \
+  --rounds "$ROUNDS" --duration "$DURATION" --tag "$TAG" \
+  --note "tollgate: $(nproc) data-plane threads, access log $ACCESS_LOG; idle RSS $((IDLE_RSS_KB / 1024)) MB"
+echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"

@@ -18,7 +18,10 @@ fn routes(n: usize) -> Vec<RouteMatch> {
             let svc = i / 4;
             let (path, hosts) = match i % 4 {
                 0 => (PathMatch::Prefix(format!("/svc{svc}")), vec![]),
-                1 => (PathMatch::Template(format!("/svc{svc}/items/{{id}}")), vec![]),
+                1 => (
+                    PathMatch::Template(format!("/svc{svc}/items/{{id}}")),
+                    vec![],
+                ),
                 2 => (PathMatch::Exact(format!("/svc{svc}/health")), vec![]),
                 _ => (
                     PathMatch::Prefix(format!("/svc{svc}/admin")),
@@ -30,7 +33,11 @@ fn routes(n: usize) -> Vec<RouteMatch> {
                 name: format!("r{i}"),
                 hosts,
                 path,
-                methods: if i % 3 == 0 { vec![Method::GET] } else { vec![] },
+                methods: if i % 3 == 0 {
+                    vec![Method::GET]
+                } else {
+                    vec![]
+                },
                 headers: vec![],
                 priority: 0,
             }
@@ -57,13 +64,27 @@ fn bench(c: &mut Criterion) {
         let requests: Vec<(String, String)> = vec![
             ("api.example.com".into(), format!("/svc{last}/items/42")),
             ("api.example.com".into(), format!("/svc{last}/health")),
-            ("api.example.com".into(), format!("/svc{last}/orders/7/lines")),
-            (format!("tenant{}.example.com", last % 50), format!("/svc{last}/admin/users")),
+            (
+                "api.example.com".into(),
+                format!("/svc{last}/orders/7/lines"),
+            ),
+            (
+                format!("tenant{}.example.com", last % 50),
+                format!("/svc{last}/admin/users"),
+            ),
             ("api.example.com".into(), "/nowhere/at/all".into()),
         ];
         // Every request above must resolve as intended, or the numbers mean nothing.
-        assert!(matcher.lookup(&requests[0].0, &Method::GET, &requests[0].1, &headers).is_some());
-        assert!(matcher.lookup(&requests[4].0, &Method::GET, &requests[4].1, &headers).is_none());
+        assert!(
+            matcher
+                .lookup(&requests[0].0, &Method::GET, &requests[0].1, &headers)
+                .is_some()
+        );
+        assert!(
+            matcher
+                .lookup(&requests[4].0, &Method::GET, &requests[4].1, &headers)
+                .is_none()
+        );
         let mut i = 0usize;
         group.bench_with_input(BenchmarkId::new("matcher", n), &n, |b, _| {
             b.iter(|| {

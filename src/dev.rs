@@ -58,7 +58,7 @@ routes:
     response_headers:
       set: {{ x-served-by: tollgate-dev }}
 
-  # /api/users/42 -> /v1/users/42 upstream, with a header added.
+  # /api/orders -> /v1/orders upstream, with a header added.
   api:
     match:
       path: {{ prefix: /api }}
@@ -68,7 +68,8 @@ routes:
     request_headers:
       set: {{ x-tollgate-route: api }}
 
-  # A template route: /users/{{id}} (any id), more specific than the prefix above.
+  # A template route: /api/users/{{id}} (any id) is more specific than the /api prefix,
+  # so GET /api/users/42 comes here and goes up unchanged.
   user:
     match:
       path: {{ template: "/api/users/{{id}}" }}
@@ -111,7 +112,8 @@ Tollgate dev is running (pid {pid}).
 
 Try:
   curl -s http://{proxy}/echo/hello
-  curl -s http://{proxy}/api/users/42
+  curl -s http://{proxy}/api/users/42       # the template route: path unchanged
+  curl -s http://{proxy}/api/orders/7       # the /api prefix route: goes up as /v1/orders/7
   curl -s -X POST http://{proxy}/api/orders -H 'content-type: application/json' -d '{{"item": "tea"}}'
   curl -s http://{proxy}/nowhere            # a JSON 404
   curl -s http://{admin}/metrics | grep tollgate_requests_total

@@ -40,11 +40,18 @@ async fn oversized_and_malformed_requests_get_clear_errors() {
     .await;
 
     // 413 from Content-Length, before anything reaches the upstream.
-    let req = Request::post(gw.url("/upload")).body(full(vec![b'x'; 2000])).unwrap();
+    let req = Request::post(gw.url("/upload"))
+        .body(full(vec![b'x'; 2000]))
+        .unwrap();
     let resp = gw.send(req).await;
     assert_eq!(resp.status, 413);
     assert_eq!(resp.error_code(), "payload_too_large");
-    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("1000"));
+    assert!(
+        resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000")
+    );
     assert_eq!(up.hits(), 0);
 
     // 413 for a chunked body that passes the limit mid-stream.
@@ -68,7 +75,11 @@ async fn oversized_and_malformed_requests_get_clear_errors() {
     assert_eq!(resp.error_code(), "headers_too_large");
 
     // 400 with the JSON body for a request the gateway cannot route (bad Host).
-    let answer = raw(gw.proxy, b"GET / HTTP/1.1\r\nHost: bad host!\r\nConnection: close\r\n\r\n").await;
+    let answer = raw(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: bad host!\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"code\":\"bad_request\""), "{answer}");
 
@@ -108,7 +119,9 @@ async fn slow_clients_are_cut_off() {
     // Sends half a request head, then stalls.
     let started = Instant::now();
     let mut slow = TcpStream::connect(gw.proxy).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out))
         .await
@@ -126,7 +139,9 @@ async fn connections_past_the_cap_get_503() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(gw.proxy).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -134,12 +149,18 @@ async fn connections_past_the_cap_get_503() {
     }
     let answer = raw(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(answer.contains("\"code\":\"too_many_connections\""), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"too_many_connections\""),
+        "{answer}"
+    );
     drop(held);
     eventually("a slot frees up", Duration::from_secs(5), async || {
-        raw(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .starts_with("HTTP/1.1 200")
+        raw(
+            gw.proxy,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .starts_with("HTTP/1.1 200")
     })
     .await;
 }
@@ -157,15 +178,21 @@ async fn sighup_applies_a_good_spec_and_keeps_the_old_one_on_a_bad_one() {
     )
     .unwrap();
     gw.signal("HUP");
-    eventually("the refusal is logged", Duration::from_secs(5), async || {
-        gw.log().contains("spec refused")
-    })
+    eventually(
+        "the refusal is logged",
+        Duration::from_secs(5),
+        async || gw.log().contains("spec refused"),
+    )
     .await;
     let log = gw.log();
     assert!(log.contains("upstreams.a.endpoints"), "{log}");
     assert!(log.contains("routes.r.upstream"), "{log}");
     assert!(log.contains("routes.r.match.path.prefix"), "{log}");
-    assert_eq!(gw.get("/x").await.status, 200, "still serving the old routes");
+    assert_eq!(
+        gw.get("/x").await.status,
+        200,
+        "still serving the old routes"
+    );
     let ready = gw.admin_get("/readyz").await;
     assert_eq!(ready.json()["spec_generation"], 1);
 
@@ -195,24 +222,34 @@ async fn sigterm_drains_in_flight_requests() {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<harness::Body>();
     let in_flight = tokio::spawn(async move {
-        let resp = client.request(Request::get(url).body(full("")).unwrap()).await?;
+        let resp = client
+            .request(Request::get(url).body(full("")).unwrap())
+            .await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
     });
-    eventually("the slow request reached the upstream", Duration::from_secs(5), async || {
-        up.hits() == 1
-    })
+    eventually(
+        "the slow request reached the upstream",
+        Duration::from_secs(5),
+        async || up.hits() == 1,
+    )
     .await;
     gw.signal("TERM");
     // No new connections once draining.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(TcpStream::connect(gw.proxy).await.is_err(), "listener still open");
+    assert!(
+        TcpStream::connect(gw.proxy).await.is_err(),
+        "listener still open"
+    );
     // The in-flight request completes.
     let (status, body) = in_flight.await.unwrap().unwrap();
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"a");
-    let exit = gw.wait_exit(Duration::from_secs(10)).await.expect("node exits");
+    let exit = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("node exits");
     assert!(exit.success(), "{exit:?}");
 }
 

@@ -38,7 +38,9 @@ routes:
         e = ep(&up)
     );
     let gw = GatewayProcess::start(&spec).await;
-    let cases: &[(&str, &str, &str, &[(&str, &str)], &str)] = &[
+    // (method, host, path, extra headers, the route that must answer)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("GET", "localhost", "/", &[], "catch_all"),
         ("GET", "localhost", "/apix", &[], "catch_all"),
         ("GET", "localhost", "/api", &[], "api"),
@@ -48,8 +50,20 @@ routes:
         ("GET", "localhost", "/api/users/42/posts", &[], "api_users"),
         ("GET", "localhost", "/api/users/me", &[], "user_me"),
         ("POST", "localhost", "/api/users/7/x", &[], "users_post"),
-        ("GET", "localhost", "/api/orders", &[("x-canary", "1")], "canary"),
-        ("GET", "localhost", "/api/orders", &[("x-canary", "0")], "api"),
+        (
+            "GET",
+            "localhost",
+            "/api/orders",
+            &[("x-canary", "1")],
+            "canary",
+        ),
+        (
+            "GET",
+            "localhost",
+            "/api/orders",
+            &[("x-canary", "0")],
+            "api",
+        ),
         ("GET", "localhost", "/tie/a", &[], "high"),
         ("GET", "api.example.com", "/api/users/42", &[], "host_exact"),
         ("GET", "API.Example.com:8080", "/", &[], "host_exact"),
@@ -92,7 +106,10 @@ async fn no_route_is_a_json_404_and_is_counted() {
     assert_eq!(resp.error_code(), "route_not_found");
     assert_eq!(gw.get("/only").await.status, 200);
     let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
-    assert!(metrics.contains("tollgate_errors_total{code=\"route_not_found\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_errors_total{code=\"route_not_found\"} 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("tollgate_requests_total{route=\"r\",status_class=\"2xx\"} 1"),
         "{metrics}"
@@ -244,7 +261,10 @@ async fn retries_are_bounded_by_attempts_and_budget() {
     assert_eq!(gw.send(req).await.status, 503);
     assert_eq!(up.hits(), 4);
     let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
-    assert!(metrics.contains("tollgate_retries_total{upstream=\"a\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_retries_total{upstream=\"a\"} 2"),
+        "{metrics}"
+    );
     drop(gw);
 
     // An empty budget: no retry at all.
@@ -317,9 +337,16 @@ routes:
     for _ in 0..10 {
         assert_eq!(gw.get("/").await.status, 200);
     }
-    assert_eq!(bad.hits(), 8, "the recovered endpoint takes its share again");
+    assert_eq!(
+        bad.hits(),
+        8,
+        "the recovered endpoint takes its share again"
+    );
     let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
-    assert!(metrics.contains("tollgate_outlier_ejections_total{upstream=\"a\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_outlier_ejections_total{upstream=\"a\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +426,27 @@ routes:
     let resp = gw.get("/down").await;
     assert_eq!(resp.status, 502);
     assert_eq!(resp.error_code(), "upstream_connect_failed");
+    // A failed request is logged with the attempt it made and where.
+    let mut line = serde_json::Value::Null;
+    eventually(
+        "the failure is logged",
+        Duration::from_secs(3),
+        async || {
+            let log = std::fs::read_to_string(&gw.access_log).unwrap_or_default();
+            match log.lines().find(|l| l.contains("upstream_connect_failed")) {
+                Some(l) => {
+                    line = serde_json::from_str(l).unwrap();
+                    true
+                }
+                None => false,
+            }
+        },
+    )
+    .await;
+    assert_eq!(line["status"], 502);
+    assert_eq!(line["attempts"], 1);
+    assert_eq!(line["endpoint"], dead.to_string());
+    assert_eq!(line["route"], "down");
 
     // The upstream's own 503 passes through untouched (it is not the gateway's error).
     let resp = gw.get("/status/503").await;
@@ -445,14 +493,18 @@ routes:
     assert_eq!(h["x-added"], "1");
     assert_eq!(h["x-set"], "new");
     assert!(h.get("x-secret").is_none());
-    assert!(h.get("x-hop").is_none(), "headers named by Connection are hop-by-hop");
+    assert!(
+        h.get("x-hop").is_none(),
+        "headers named by Connection are hop-by-hop"
+    );
     assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], format!("{}", gw.proxy));
 
     assert_eq!(gw.get("/svc").await.json()["path"], "/");
     assert_eq!(gw.get("/old/api/users").await.json()["path"], "/v2/users");
-    assert_eq!(gw.get("/old/api").await.json()["path"], "/v2/");
+    assert_eq!(gw.get("/old/api").await.json()["path"], "/v2");
+    assert_eq!(gw.get("/old/api/").await.json()["path"], "/v2/");
 
     // One JSON access-log line per request, with route, endpoint, status and sizes.
     eventually("access log flushed", Duration::from_secs(3), async || {

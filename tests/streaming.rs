@@ -60,7 +60,11 @@ async fn hundred_megabytes_each_way_with_bounded_memory() {
     assert_eq!(got, 100 * MB);
 
     let peak = gw.peak_rss();
-    eprintln!("node RSS idle {} MB, peak {} MB", idle / MB as u64, peak / MB as u64);
+    eprintln!(
+        "node RSS idle {} MB, peak {} MB",
+        idle / MB as u64,
+        peak / MB as u64
+    );
     assert!(
         peak < idle + 40 * MB as u64,
         "memory grew with the body: idle {idle} B, peak {peak} B"
@@ -91,7 +95,11 @@ async fn server_sent_events_arrive_one_by_one() {
         text,
         "data: event 0\n\ndata: event 1\n\ndata: event 2\n\ndata: event 3\n\n"
     );
-    assert_eq!(arrivals.len(), 4, "each event is its own chunk: {arrivals:?}");
+    assert_eq!(
+        arrivals.len(),
+        4,
+        "each event is its own chunk: {arrivals:?}"
+    );
     // The first event is there long before the last one is even sent.
     assert!(arrivals[0] < Duration::from_millis(250), "{arrivals:?}");
     assert!(arrivals[3] >= Duration::from_millis(850), "{arrivals:?}");
@@ -125,9 +133,10 @@ async fn h2c_with_prior_knowledge_on_the_same_port() {
     let up = Upstream::start("a").await;
     let gw = GatewayProcess::start_with(&spec(&up, ""), &["--max-request-body", "1000"]).await;
     let stream = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .expect("h2c handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
     tokio::spawn(conn);
     // Several concurrent streams on one connection.
     let mut tasks = Vec::new();
@@ -150,7 +159,10 @@ async fn h2c_with_prior_knowledge_on_the_same_port() {
         t.await.unwrap();
     }
     // The upstream got HTTP/1.1 with a Host header made from :authority.
-    assert_eq!(*up.state.last_version.lock().unwrap(), Some(http::Version::HTTP_11));
+    assert_eq!(
+        *up.state.last_version.lock().unwrap(),
+        Some(http::Version::HTTP_11)
+    );
     let headers = up.state.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(headers["host"], gw.proxy.to_string());
 

@@ -55,7 +55,10 @@ pub struct GatewayProcess {
     pub grpc: SocketAddr,
     pub spec_path: PathBuf,
     pub access_log: PathBuf,
-    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
 }
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
@@ -125,8 +128,7 @@ impl GatewayProcess {
             dir,
             spec_path,
             access_log,
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .build_http(),
+            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
         }
     }
 
@@ -248,7 +250,9 @@ impl TestResponse {
     pub fn error_code(&self) -> String {
         let v = self.json();
         assert!(
-            v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
             "error without a message: {v}"
         );
         v["error"]["code"].as_str().expect("error.code").to_string()
@@ -336,14 +340,21 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-async fn serve(req: Request<Incoming>, s: Arc<UpstreamState>) -> Result<Response<Body>, Infallible> {
+async fn serve(
+    req: Request<Incoming>,
+    s: Arc<UpstreamState>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if path == "/healthz" {
         s.health_checks.fetch_add(1, Ordering::SeqCst);
         let ok = s.healthy.load(Ordering::SeqCst);
         return Ok(text(
-            if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE },
+            if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
             "",
         ));
     }
@@ -356,7 +367,10 @@ async fn serve(req: Request<Incoming>, s: Arc<UpstreamState>) -> Result<Response
     }
     let fail = s.fail_with.load(Ordering::SeqCst);
     if fail != 0 {
-        return Ok(text(StatusCode::from_u16(fail).unwrap(), format!("{} failing", s.name)));
+        return Ok(text(
+            StatusCode::from_u16(fail).unwrap(),
+            format!("{} failing", s.name),
+        ));
     }
     let resp = match parts.as_slice() {
         ["status", code] => text(
@@ -413,7 +427,10 @@ async fn serve(req: Request<Incoming>, s: Arc<UpstreamState>) -> Result<Response
                     Err(_) => return Ok(text(StatusCode::BAD_REQUEST, "body failed")),
                 }
             }
-            text(StatusCode::OK, serde_json::json!({ "bytes": n }).to_string())
+            text(
+                StatusCode::OK,
+                serde_json::json!({ "bytes": n }).to_string(),
+            )
         }
         ["ws"] => return Ok(websocket_echo(req)),
         _ => {
@@ -445,7 +462,9 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<Body> {
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
         let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
             TokioIo::new(upgraded),
             Role::Server,

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::proxy::body::{BodyStats, RequestBody};
 use crate::proxy::respond::ProxyError;
 use crate::routing::upstream::{ActiveGuard, Cluster};
-use crate::state::spec::RetryOn;
+use crate::state::spec::{LbPolicy, RetryOn};
 use crate::telemetry::metrics;
 
 type Sender = SendRequest<RequestBody>;
@@ -108,18 +108,30 @@ impl PooledSender {
 pub struct Forwarded {
     pub response: Response<Incoming>,
     pub conn: PooledSender,
-    pub endpoint: usize,
-    pub attempts: u32,
-    pub upstream_time: Duration,
     /// Held until the response is finished, for the retry budget and least-request.
     pub guards: Guards,
 }
+
+/// What `forward` did, kept up to date as it goes so that failed requests are logged
+/// with their attempts too.
+#[derive(Debug, Default)]
+pub struct AttemptLog {
+    pub attempts: u32,
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<SocketAddr>,
+    /// Request sent to response head received, on the last attempt that sent one.
+    pub upstream_time: Option<Duration>,
+}
+
+/// Connections found closed when a request was about to go out on them, before
+/// `forward` gives up on the upstream (a peer that accepts and hangs up at once).
+const MAX_STALE_CONNECTIONS: u32 = 4;
 
 /// Counts a request as in flight (cluster-wide for the retry budget, per endpoint for
 /// least-request) for as long as it lives.
 pub struct Guards {
     _active: ActiveGuard,
-    _in_flight: InFlight,
+    _in_flight: Option<InFlight>,
 }
 
 struct InFlight {
@@ -170,6 +182,7 @@ pub async fn forward(
     mut head: UpstreamHead,
     body: RequestBody,
     stats: &Rc<BodyStats>,
+    log: &mut AttemptLog,
 ) -> Result<Forwarded, ProxyError> {
     let active = cluster.begin_request();
     let hash_key = cluster
@@ -190,7 +203,7 @@ pub async fn forward(
     let mut avoid: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
     let mut _retry: Option<ActiveGuard> = None;
-    let mut stale_conns = 0;
+    let mut stale_conns = 0u32;
 
     loop {
         attempts += 1;
@@ -200,7 +213,11 @@ pub async fn forward(
             });
         };
         let addr = cluster.endpoints[ep].state.addr;
-        let in_flight = InFlight::new(cluster, ep);
+        log.attempts = attempts;
+        log.endpoint = Some(addr);
+        // Only least-request reads per-endpoint counts; others skip the shared atomics.
+        let in_flight =
+            (cluster.policy == LbPolicy::LeastRequest).then(|| InFlight::new(cluster, ep));
 
         // 1. A connection: pooled, or new.
         let mut pooled = None;
@@ -251,7 +268,7 @@ pub async fn forward(
         let started = Instant::now();
         let sent =
             tokio::time::timeout(cluster.request_timeout, sender.try_send_request(req)).await;
-        let upstream_time = started.elapsed();
+        log.upstream_time = Some(started.elapsed());
         let failure = match sent {
             Ok(Ok(response)) => {
                 let status = response.status().as_u16();
@@ -264,13 +281,14 @@ pub async fn forward(
                 if status >= 500 {
                     metrics::upstream_error(&cluster.name, "status_5xx");
                 }
-                if retry_status && let Some(h) = copy {
-                    if let Some(g) = retry_allowed(cluster, attempts) {
-                        _retry = Some(g);
-                        avoid.push(ep);
-                        head = h;
-                        continue;
-                    }
+                if retry_status
+                    && let Some(h) = copy
+                    && let Some(g) = retry_allowed(cluster, attempts)
+                {
+                    _retry = Some(g);
+                    avoid.push(ep);
+                    head = h;
+                    continue;
                 }
                 return Ok(Forwarded {
                     response,
@@ -281,9 +299,6 @@ pub async fn forward(
                         max_idle: cluster.max_idle_per_endpoint,
                         idle_timeout: cluster.idle_timeout,
                     },
-                    endpoint: ep,
-                    attempts,
-                    upstream_time,
                     guards: Guards {
                         _active: active,
                         _in_flight: in_flight,
@@ -303,6 +318,15 @@ pub async fn forward(
                     body = Some(b);
                     attempts -= 1;
                     stale_conns += 1;
+                    if stale_conns > MAX_STALE_CONNECTIONS {
+                        metrics::upstream_error(&cluster.name, "protocol");
+                        return Err(ProxyError::UpstreamProtocol {
+                            upstream: cluster.name.to_string(),
+                            detail: format!(
+                                "{stale_conns} connections closed before the request could be sent"
+                            ),
+                        });
+                    }
                     continue;
                 }
                 if stats.too_large.get() {
@@ -332,12 +356,13 @@ pub async fn forward(
         let (err, retry_this) = failure;
         eject_if_failing(cluster, ep, true);
         avoid.push(ep);
-        if retry_this && let Some(h) = copy {
-            if let Some(g) = retry_allowed(cluster, attempts) {
-                _retry = Some(g);
-                head = h;
-                continue;
-            }
+        if retry_this
+            && let Some(h) = copy
+            && let Some(g) = retry_allowed(cluster, attempts)
+        {
+            _retry = Some(g);
+            head = h;
+            continue;
         }
         return Err(err);
     }

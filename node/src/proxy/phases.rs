@@ -13,11 +13,12 @@
 //! the meter stage ([`Tail`]) runs for every request, however it ended. See
 //! `docs/request-lifecycle.md`.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -25,30 +26,79 @@ use hyper_util::rt::TokioIo;
 
 use crate::proxy::Shared;
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
-use crate::proxy::client::{self, Guards, Pool, UpstreamHead};
+use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
 use crate::proxy::headers;
 use crate::proxy::respond::{ProxyError, error_response};
 use crate::routing::matcher::Matched;
 use crate::state::snapshot::{Rewrite, Route, Snapshot};
 use crate::telemetry::access_log::{AccessLog, Entry};
 
+/// A thread's handle on the shared snapshot: requests clone the non-atomic `Rc`, so they
+/// do not bounce the `Arc`'s counter between cores on every request.
+#[allow(clippy::redundant_allocation)]
+pub type LocalSnapshot = Rc<Arc<Snapshot>>;
+
 /// What one data-plane thread owns.
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub pool: Rc<Pool>,
     pub access_log: AccessLog,
+    /// The snapshot this thread last saw, shared by its requests through a non-atomic
+    /// `Rc`, so requests do not bounce the `Arc`'s counter between cores.
+    #[allow(clippy::redundant_allocation)]
+    // the point: an Rc, local to this thread, of the shared Arc
+    current: RefCell<Rc<Arc<Snapshot>>>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, access_log: AccessLog) -> Worker {
+        let current = RefCell::new(Rc::new(shared.snapshot.load_full()));
+        Worker {
+            shared,
+            pool: Rc::new(Pool::default()),
+            access_log,
+            current,
+        }
+    }
+
+    /// The snapshot to serve a request with: the live one, reusing this thread's handle
+    /// while it has not changed.
+    fn snapshot(&self) -> LocalSnapshot {
+        let live = self.shared.snapshot.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&current, &live) {
+            *current = Rc::new(arc_swap::Guard::into_inner(live));
+        }
+        current.clone()
+    }
+}
+
+/// The client end of a connection, worked out once per connection.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client IP as a header value, for `X-Forwarded-For`.
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Peer { addr, ip }
+    }
 }
 
 /// Serves one request through every stage. Never fails: errors become responses.
 pub async fn handle(
     req: Request<Incoming>,
     worker: Rc<Worker>,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let received = Instant::now();
-    let snapshot = worker.shared.snapshot.load_full();
-    let mut tail = Tail::new(worker.clone(), snapshot.clone(), &req, peer, received);
-    let mut resp = match pipeline(req, &snapshot, &worker, peer, &mut tail).await {
+    let snapshot = worker.snapshot();
+    let mut tail = Tail::new(worker.clone(), snapshot.clone(), &req, peer.addr, received);
+    let mut resp = match pipeline(req, &snapshot, &worker, &peer, &mut tail).await {
         Ok(resp) => resp,
         Err(err) => {
             tail.error = Some(err.code());
@@ -64,7 +114,7 @@ async fn pipeline(
     mut req: Request<Incoming>,
     snapshot: &Snapshot,
     worker: &Rc<Worker>,
-    peer: SocketAddr,
+    peer: &Peer,
     tail: &mut Tail,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     // accept: the limits that need no route.
@@ -101,10 +151,16 @@ async fn pipeline(
     let body = RequestBody::new(body, limits.max_request_body, stats.clone());
 
     // forward
-    let mut fwd = client::forward(&worker.pool, &route.cluster, head, body, &stats).await?;
-    tail.endpoint = Some(route.cluster.endpoints[fwd.endpoint].state.addr);
-    tail.attempts = fwd.attempts;
-    tail.upstream_time = Some(fwd.upstream_time);
+    let forwarded = client::forward(
+        &worker.pool,
+        &route.cluster,
+        head,
+        body,
+        &stats,
+        &mut tail.attempts,
+    )
+    .await;
+    let mut fwd = forwarded?;
 
     if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -229,7 +285,7 @@ fn transform_request(
     parts: http::request::Parts,
     route: &Route,
     matched: Matched,
-    peer: SocketAddr,
+    peer: &Peer,
     upgrade: bool,
 ) -> Result<UpstreamHead, ProxyError> {
     let http::request::Parts {
@@ -241,13 +297,22 @@ fn transform_request(
     let path = uri.path();
     let rewritten = match &route.rewrite {
         Some(Rewrite::ReplacePrefix(new)) => {
+            // `/api` -> `/v2`: `/api/x` becomes `/v2/x`, `/api` becomes `/v2`, and with an
+            // empty replacement (strip_prefix) `/api` becomes `/`.
             let rest = &path[matched.prefix_len.min(path.len())..];
-            let mut p = String::with_capacity(new.len() + rest.len() + 1);
-            p.push_str(new.trim_end_matches('/'));
-            if !rest.starts_with('/') {
-                p.push('/');
+            let base = new.trim_end_matches('/');
+            let mut p = String::with_capacity(base.len() + rest.len() + 1);
+            p.push_str(base);
+            if rest.is_empty() {
+                if p.is_empty() {
+                    p.push('/');
+                }
+            } else {
+                if !rest.starts_with('/') {
+                    p.push('/');
+                }
+                p.push_str(rest);
             }
-            p.push_str(rest);
             Some(p)
         }
         None => None,
@@ -274,7 +339,7 @@ fn transform_request(
     };
     let host = headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut headers, upgrade);
-    headers::add_forwarded(&mut headers, peer.ip(), host);
+    headers::add_forwarded(&mut headers, &peer.ip, host);
     route.request_headers.apply(&mut headers);
     Ok(UpstreamHead {
         method,
@@ -287,7 +352,7 @@ fn transform_request(
 /// metrics and writes the access-log line. Carries what the earlier stages learned.
 pub struct Tail {
     worker: Rc<Worker>,
-    snapshot: Arc<Snapshot>,
+    snapshot: LocalSnapshot,
     received: Instant,
     peer: SocketAddr,
     version: Version,
@@ -297,9 +362,7 @@ pub struct Tail {
     pub route: Option<u32>,
     pub status: u16,
     pub error: Option<&'static str>,
-    pub endpoint: Option<SocketAddr>,
-    pub attempts: u32,
-    pub upstream_time: Option<Duration>,
+    pub attempts: AttemptLog,
     pub request_stats: Rc<BodyStats>,
     response_bytes: u64,
     upstream_failed: bool,
@@ -309,7 +372,7 @@ pub struct Tail {
 impl Tail {
     fn new(
         worker: Rc<Worker>,
-        snapshot: Arc<Snapshot>,
+        snapshot: LocalSnapshot,
         req: &Request<Incoming>,
         peer: SocketAddr,
         received: Instant,
@@ -335,9 +398,7 @@ impl Tail {
             route: None,
             status: 0,
             error: None,
-            endpoint: None,
-            attempts: 0,
-            upstream_time: None,
+            attempts: AttemptLog::default(),
             request_stats: Rc::new(BodyStats::default()),
             response_bytes: 0,
             upstream_failed: false,
@@ -385,16 +446,19 @@ impl Drop for Tail {
             path: self.uri.path(),
             route: route.map(|r| &*r.name),
             upstream: route.map(|r| &*r.cluster.name),
-            endpoint: self.endpoint,
+            endpoint: self.attempts.endpoint,
             status: self.status,
             error: self
                 .error
                 .or(self.upstream_failed.then_some("upstream_body_failed")),
-            attempts: self.attempts,
+            attempts: self.attempts.attempts,
             request_bytes: self.request_stats.bytes.get(),
             response_bytes: self.response_bytes,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
-            upstream_ms: self.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+            upstream_ms: self
+                .attempts
+                .upstream_time
+                .map(|d| d.as_secs_f64() * 1000.0),
         });
     }
 }

@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Shared;
 use crate::proxy::body::ResponseBody;
-use crate::proxy::client::Pool;
 use crate::proxy::phases::{self, Worker};
 use crate::proxy::respond::{ProxyError, error_response};
 use crate::telemetry::access_log::{AccessLog, Sink};
@@ -115,11 +114,7 @@ async fn run_worker(
             return;
         }
     };
-    let worker = Rc::new(Worker {
-        shared: shared.clone(),
-        pool: Rc::new(Pool::default()),
-        access_log: AccessLog::new(sink),
-    });
+    let worker = Rc::new(Worker::new(shared.clone(), AccessLog::new(sink)));
     let limits = shared.limits.clone();
 
     let mut builder = auto::Builder::new(LocalExec);
@@ -166,7 +161,8 @@ async fn run_worker(
         let guard = OpenConnection(shared.clone());
 
         let w = worker.clone();
-        let service = service_fn(move |req| phases::handle(req, w.clone(), peer));
+        let peer = phases::Peer::new(peer);
+        let service = service_fn(move |req| phases::handle(req, w.clone(), peer.clone()));
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let first_byte_timeout = limits.header_read_timeout;

@@ -120,9 +120,14 @@ impl Cluster {
             .map(|e| {
                 let addr = crate::state::spec::resolve(&e.address)
                     .expect("addresses are resolved when the spec is checked");
+                let state = registry.get(name, addr);
+                if spec.health_check.is_none() {
+                    // No checks any more: a verdict from an earlier spec must not linger.
+                    state.healthy.store(true, Ordering::Relaxed);
+                }
                 Endpoint {
                     weight: e.weight,
-                    state: registry.get(name, addr),
+                    state,
                 }
             })
             .collect();
@@ -198,10 +203,15 @@ impl Cluster {
                 best.map(|(i, _)| i)
             }
             _ => {
+                // Each skipped slot is taken from the shared cursor, so an unavailable
+                // endpoint's turns are spread over the others instead of all going to
+                // the one after it in the schedule.
                 let len = self.schedule.len();
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
                 (0..len)
-                    .map(|k| self.schedule[(start + k) % len] as usize)
+                    .map(|_| {
+                        let slot = self.cursor.fetch_add(1, Ordering::Relaxed);
+                        self.schedule[slot % len] as usize
+                    })
                     .find(|&i| ok(i))
             }
         }
@@ -293,15 +303,23 @@ fn hash64(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Nginx's smooth weighted round-robin, unrolled into one period (capped in length).
+/// Nginx's smooth weighted round-robin, unrolled into one period. Weights whose sum
+/// passes 10,000 are scaled down first (each keeps at least 1), so the period stays
+/// short and every endpoint keeps a place in it.
 fn smooth_wrr(weights: &[u32]) -> Vec<u32> {
-    let gcd = weights.iter().copied().fold(0, gcd);
-    let reduced: Vec<i64> = weights.iter().map(|w| (*w / gcd.max(1)) as i64).collect();
+    const MAX_PERIOD: u64 = 10_000;
+    let gcd = weights.iter().copied().fold(0, gcd).max(1);
+    let mut reduced: Vec<i64> = weights.iter().map(|w| (*w / gcd) as i64).collect();
+    let sum: u64 = reduced.iter().map(|w| *w as u64).sum();
+    if sum > MAX_PERIOD {
+        for w in &mut reduced {
+            *w = ((*w as u64 * MAX_PERIOD / sum) as i64).max(1);
+        }
+    }
     let total: i64 = reduced.iter().sum();
-    let period = total.clamp(1, 10_000) as usize;
     let mut current = vec![0i64; weights.len()];
-    let mut out = Vec::with_capacity(period);
-    for _ in 0..period {
+    let mut out = Vec::with_capacity(total.max(1) as usize);
+    for _ in 0..total.max(1) {
         let mut best = 0;
         for i in 0..current.len() {
             current[i] += reduced[i];

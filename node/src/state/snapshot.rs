@@ -136,8 +136,7 @@ impl Snapshot {
                             .expect("checked by the spec"),
                         test: match (&h.exact, &h.prefix, h.present) {
                             (Some(v), _, _) => HeaderTest::Exact(
-                                HeaderValue::from_str(v)
-                                    .unwrap_or_else(|_| HeaderValue::from_static("")),
+                                HeaderValue::from_str(v).expect("checked by the spec"),
                             ),
                             (_, Some(p), _) => HeaderTest::Prefix(p.clone()),
                             (_, _, present) => HeaderTest::Present(present.unwrap_or(true)),

@@ -238,19 +238,45 @@ impl Default for PoolSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// When a failed attempt is tried again. Written `connect_failure`, `timeout`, `502` or
+/// `503` (the statuses quoted or not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryOn {
     /// The TCP connection could not be made (the request was never sent).
     ConnectFailure,
     /// The upstream answered 502.
-    #[serde(rename = "502")]
     Status502,
     /// The upstream answered 503.
-    #[serde(rename = "503")]
     Status503,
     /// The upstream did not answer within `timeouts.request`.
     Timeout,
+}
+
+impl<'de> Deserialize<'de> for RetryOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Code(u64),
+            Name(String),
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected connect_failure, timeout, 502 or 503")
+        })?;
+        let name = match raw {
+            Raw::Code(c) => c.to_string(),
+            Raw::Name(n) => n,
+        };
+        match name.as_str() {
+            "connect_failure" => Ok(RetryOn::ConnectFailure),
+            "timeout" => Ok(RetryOn::Timeout),
+            "502" => Ok(RetryOn::Status502),
+            "503" => Ok(RetryOn::Status503),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown retry condition {other:?}; use connect_failure, timeout, 502 or 503"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -441,6 +467,9 @@ impl Spec {
             }
         };
         let mut spec = Spec::default();
+        // Names declared, even where the object itself failed to decode: a route that
+        // names a broken upstream has one error (the upstream's), not two.
+        let mut declared_upstreams = Vec::new();
         let top = match doc {
             Value::Null => return Ok(spec),
             Value::Mapping(m) => m,
@@ -457,8 +486,13 @@ impl Spec {
         };
         for (key, value) in top {
             match key.as_str() {
-                Some("upstreams") => spec.upstreams = objects(value, "upstreams", &mut errors),
-                Some("routes") => spec.routes = objects(value, "routes", &mut errors),
+                Some("upstreams") => {
+                    spec.upstreams =
+                        objects(value, "upstreams", &mut declared_upstreams, &mut errors)
+                }
+                Some("routes") => {
+                    spec.routes = objects(value, "routes", &mut Vec::new(), &mut errors)
+                }
                 _ => errors.push(
                     "spec",
                     format!(
@@ -468,7 +502,8 @@ impl Spec {
                 ),
             }
         }
-        spec.check(&mut errors);
+        declared_upstreams.sort();
+        spec.check(&declared_upstreams, &mut errors);
         if errors.is_empty() {
             Ok(spec)
         } else {
@@ -477,7 +512,7 @@ impl Spec {
     }
 
     /// Checks what serde cannot: names, references between objects, value ranges.
-    fn check(&self, errors: &mut SpecErrors) {
+    fn check(&self, declared_upstreams: &[String], errors: &mut SpecErrors) {
         for (name, up) in &self.upstreams {
             let at = format!("upstreams.{name}");
             check_name(name, &at, errors);
@@ -556,17 +591,13 @@ impl Spec {
         for (name, route) in &self.routes {
             let at = format!("routes.{name}");
             check_name(name, &at, errors);
-            if !self.upstreams.contains_key(&route.upstream) {
+            if !declared_upstreams.contains(&route.upstream) {
                 errors.push(
                     format!("{at}.upstream"),
                     format!(
                         "no upstream named {:?}; defined: [{}]",
                         route.upstream,
-                        self.upstreams
-                            .keys()
-                            .map(String::as_str)
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        declared_upstreams.join(", ")
                     ),
                 );
             }
@@ -614,7 +645,18 @@ impl Spec {
                     .filter(|x| **x)
                     .count();
                 if set != 1 {
-                    errors.push(at, "needs exactly one of `exact`, `prefix` or `present`");
+                    errors.push(
+                        at.clone(),
+                        "needs exactly one of `exact`, `prefix` or `present`",
+                    );
+                }
+                if let Some(v) = &h.exact
+                    && http::HeaderValue::from_str(v).is_err()
+                {
+                    errors.push(
+                        format!("{at}.exact"),
+                        "the value has characters not allowed in a header",
+                    );
                 }
             }
             if let Some(rw) = &route.rewrite {
@@ -655,6 +697,7 @@ impl Spec {
 fn objects<T: DeserializeOwned>(
     value: Value,
     section: &str,
+    declared: &mut Vec<String>,
     errors: &mut SpecErrors,
 ) -> BTreeMap<String, T> {
     let mut out = BTreeMap::new();
@@ -680,6 +723,7 @@ fn objects<T: DeserializeOwned>(
             );
             continue;
         };
+        declared.push(name.clone());
         match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(obj) => {
                 out.insert(name, obj);

@@ -21,6 +21,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the kernel schedules the data-plane threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuScheduling {
+    /// SCHED_OTHER, like every other process.
+    #[default]
+    Normal,
+    /// SCHED_BATCH: the threads are not preempted as soon as they wake a peer (the client,
+    /// the upstream), so they do more work per time slice. More requests per second on a
+    /// busy host, at some cost in tail latency; see docs/benchmarks.md.
+    Batch,
+}
+
 /// The node's settings as flags (each also read from its `TOLLGATE_*` variable).
 #[derive(Debug, Clone, Default, Args)]
 pub struct NodeArgs {
@@ -57,6 +70,9 @@ pub struct NodeArgs {
     /// Data-plane threads; 0 means one per CPU [default: 0]
     #[arg(long, env = "TOLLGATE_WORKERS")]
     pub workers: Option<usize>,
+    /// Kernel scheduling policy of the data-plane threads [default: normal]
+    #[arg(long, env = "TOLLGATE_CPU_SCHEDULING", value_enum)]
+    pub cpu_scheduling: Option<CpuScheduling>,
     /// Most client connections open at once; more are answered 503 and closed [default: 10000]
     #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -91,6 +107,7 @@ pub struct FileSettings {
     pub log_format: Option<LogFormat>,
     pub access_log: Option<String>,
     pub workers: Option<usize>,
+    pub cpu_scheduling: Option<CpuScheduling>,
     pub max_connections: Option<usize>,
     pub max_request_body: Option<u64>,
     pub max_header_bytes: Option<usize>,
@@ -114,6 +131,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub access_log: String,
     pub workers: usize,
+    pub cpu_scheduling: CpuScheduling,
     pub max_connections: usize,
     pub max_request_body: u64,
     pub max_header_bytes: usize,
@@ -135,6 +153,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             access_log: "stdout".into(),
             workers: 0,
+            cpu_scheduling: CpuScheduling::Normal,
             max_connections: 10_000,
             max_request_body: 10 * 1024 * 1024,
             max_header_bytes: 32 * 1024,
@@ -168,6 +187,10 @@ impl Settings {
             log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
             access_log: args.access_log.or(file.access_log).unwrap_or(d.access_log),
             workers: args.workers.or(file.workers).unwrap_or(d.workers),
+            cpu_scheduling: args
+                .cpu_scheduling
+                .or(file.cpu_scheduling)
+                .unwrap_or(d.cpu_scheduling),
             max_connections: args
                 .max_connections
                 .or(file.max_connections)

@@ -135,7 +135,13 @@ impl Node {
         runtime.spawn(telemetry::metrics::upkeep(metrics));
         runtime.spawn(signals(specs.clone(), shared.clone(), shutdown.clone()));
 
-        let workers = proxy::server::spawn_workers(listeners, shared, sink, shutdown.clone())?;
+        let workers = proxy::server::spawn_workers(
+            listeners,
+            shared,
+            sink,
+            settings.cpu_scheduling,
+            shutdown.clone(),
+        )?;
         if let Some(path) = &settings.addr_file {
             write_addr_file(path, &addrs)?;
         }

@@ -27,6 +27,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::CpuScheduling;
 use crate::proxy::Shared;
 use crate::proxy::body::ResponseBody;
 use crate::proxy::phases::{self, Worker};
@@ -66,6 +67,7 @@ pub fn spawn_workers(
     listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
     sink: Sink,
+    scheduling: CpuScheduling,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
@@ -76,6 +78,7 @@ pub fn spawn_workers(
         let handle = std::thread::Builder::new()
             .name(format!("tollgate-proxy-{i}"))
             .spawn(move || {
+                set_scheduling(scheduling);
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -86,6 +89,25 @@ pub fn spawn_workers(
         threads.push(handle);
     }
     Ok(threads)
+}
+
+/// Applies the configured scheduling policy to the calling thread (nice value 0).
+fn set_scheduling(scheduling: CpuScheduling) {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    let policy = match scheduling {
+        CpuScheduling::Normal => return,
+        CpuScheduling::Batch => NormalThreadSchedulePolicy::Batch,
+    };
+    if let Err(e) = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Os(ThreadPriorityOsValue::default()),
+        ThreadSchedulePolicy::Normal(policy),
+    ) {
+        tracing::warn!("could not set the data-plane thread's scheduling policy to {scheduling:?}: {e:?}");
+    }
 }
 
 /// Spawns `!Send` futures (our services hold `Rc`s) on the thread's `LocalSet`.

@@ -7,6 +7,9 @@
 #   ROUNDS=3 DURATION=5 benches/load.sh
 #   ACCESS_LOG=stdout benches/load.sh  # with Tollgate's access log on (nginx's is off)
 #
+# Contenders: direct (the origin itself), nginx (reverse proxy, keepalive upstream),
+# tollgate (default settings) and tollgate-batch (--cpu-scheduling batch).
+#
 # Output: a summary table (markdown) under $BASELINE_WORK/out/http-<tag>/summary.md, and the
 # idle RSS figure on stdout. Needs: nginx haproxy wrk (installed with apt-get when missing).
 set -euo pipefail
@@ -39,26 +42,31 @@ routes:
 YAML
 
 cleanup() {
-  [[ -n ${NODE_PID:-} ]] && kill -TERM "$NODE_PID" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   "$BASE/http_peers.sh" stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
+PIDS=()
 "$BASE/http_peers.sh" start
 
-start_node() {
-  rm -f "$WORK/addrs.json"
-  "$BIN" node --spec "$WORK/spec.yaml" --proxy-addr 127.0.0.1:18083 \
-    --admin-addr 127.0.0.1:17071 --grpc-addr 127.0.0.1:17070 \
-    --access-log "$ACCESS_LOG" --addr-file "$WORK/addrs.json" --log-format json \
-    >"$WORK/access.log" 2>"$WORK/node.log" &
-  NODE_PID=$!
-  for _ in $(seq 100); do [[ -s $WORK/addrs.json ]] && return; sleep 0.1; done
-  echo "node did not start"; cat "$WORK/node.log"; exit 1
+start_node() { # NAME PORT ADMIN GRPC EXTRA...
+  local name=$1 port=$2 admin=$3 grpc=$4; shift 4
+  rm -f "$WORK/$name.addrs.json"
+  "$BIN" node --spec "$WORK/spec.yaml" --proxy-addr 127.0.0.1:$port \
+    --admin-addr 127.0.0.1:$admin --grpc-addr 127.0.0.1:$grpc \
+    --access-log "$ACCESS_LOG" --addr-file "$WORK/$name.addrs.json" --log-format json "$@" \
+    >"$WORK/$name.access.log" 2>"$WORK/$name.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do [[ -s $WORK/$name.addrs.json ]] && return; sleep 0.1; done
+  echo "node $name did not start"; cat "$WORK/$name.log"; exit 1
 }
+start_node tollgate 18083 17071 17070
+NODE_PID=${PIDS[0]}
+start_node tollgate-batch 18084 17073 17072 --cpu-scheduling batch
+BATCH_PID=${PIDS[1]}
 
-# Idle memory: a fresh node after a few requests and a second of rest.
-start_node
+# Idle memory: the first node after a few requests and a second of rest.
 for _ in $(seq 20); do curl -s -o /dev/null http://127.0.0.1:18083/; done
 sleep 1
 IDLE_RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$NODE_PID/status)
@@ -69,7 +77,8 @@ python3 "$BASE/http_bench.py" --only \
   --target direct=http://127.0.0.1:18080 \
   --target nginx=http://127.0.0.1:18081 \
   --target tollgate=http://127.0.0.1:18083 \
-  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate="$NODE_PID" \
+  --target tollgate-batch=http://127.0.0.1:18084 \
+  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate="$NODE_PID" --cpu tollgate-batch="$BATCH_PID" \
   --rounds "$ROUNDS" --duration "$DURATION" --tag "$TAG" \
   --note "tollgate: $(nproc) data-plane threads, access log $ACCESS_LOG; idle RSS $((IDLE_RSS_KB / 1024)) MB"
 echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"

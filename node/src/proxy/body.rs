@@ -106,7 +106,8 @@ impl Body for RequestBody {
 /// The response body sent to the client.
 pub struct ResponseBody {
     kind: Kind,
-    tail: Option<Tail>,
+    /// Boxed: the response is moved several times on its way out, and the tail is large.
+    tail: Option<Box<Tail>>,
 }
 
 enum Kind {
@@ -142,7 +143,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn set_tail(&mut self, tail: Tail) {
+    pub fn set_tail(&mut self, tail: Box<Tail>) {
         self.tail = Some(tail);
     }
 }

@@ -10,8 +10,8 @@
 //! no body and its method is idempotent; a connect failure (nothing sent) is retried for
 //! any request. Every retry must fit the upstream's retry budget.
 
+use rustc_hash::FxHashMap as HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;

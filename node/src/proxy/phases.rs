@@ -97,7 +97,13 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let received = Instant::now();
     let snapshot = worker.snapshot();
-    let mut tail = Tail::new(worker.clone(), snapshot.clone(), &req, peer.addr, received);
+    let mut tail = Box::new(Tail::new(
+        worker.clone(),
+        snapshot.clone(),
+        &req,
+        peer.addr,
+        received,
+    ));
     let mut resp = match pipeline(req, &snapshot, &worker, &peer, &mut tail).await {
         Ok(resp) => resp,
         Err(err) => {

@@ -106,7 +106,9 @@ fn set_scheduling(scheduling: CpuScheduling) {
         ThreadPriority::Os(ThreadPriorityOsValue::default()),
         ThreadSchedulePolicy::Normal(policy),
     ) {
-        tracing::warn!("could not set the data-plane thread's scheduling policy to {scheduling:?}: {e:?}");
+        tracing::warn!(
+            "could not set the data-plane thread's scheduling policy to {scheduling:?}: {e:?}"
+        );
     }
 }
 

@@ -15,10 +15,13 @@
 //! ask for (header conditions, then a method list), then by `priority` (higher first),
 //! then by name, so every lookup is deterministic.
 //!
+//! Tables hash with FxHash: keys come from the spec, so an attacker cannot choose them
+//! to collide, and SipHash's cost would show on every request.
+//!
 //! Pure: no I/O, no clock. The matcher only knows route ids; what a route does lives in
 //! [`crate::state::snapshot`].
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
@@ -213,8 +216,8 @@ impl Matcher {
                 },
             }
         }
-        let mut exact_hosts: HashMap<String, Building> = HashMap::new();
-        let mut wildcard_hosts: HashMap<String, Building> = HashMap::new();
+        let mut exact_hosts: HashMap<String, Building> = HashMap::default();
+        let mut wildcard_hosts: HashMap<String, Building> = HashMap::default();
         let mut any_host = Building::default();
 
         for r in &order {
@@ -226,7 +229,7 @@ impl Matcher {
             if r.hosts.is_empty() {
                 place(&mut any_host, r, &cand, &mut errors);
             } else {
-                let mut seen = std::collections::HashSet::new();
+                let mut seen = rustc_hash::FxHashSet::default();
                 for h in &r.hosts {
                     let h = h.to_ascii_lowercase();
                     if !seen.insert(h.clone()) {

@@ -55,7 +55,7 @@ fn describe() {
     );
     describe_counter!(
         "tollgate_upstream_errors_total",
-        "Failed upstream attempts, by upstream and kind (connect, timeout, protocol, status_5xx)"
+        "Failed upstream attempts, by upstream and kind (connect, connect_timeout, timeout, protocol, status_5xx)"
     );
     describe_counter!(
         "tollgate_retries_total",
@@ -87,7 +87,7 @@ fn describe() {
     );
     describe_counter!(
         "tollgate_http_protocol_errors_total",
-        "Client connections closed on an HTTP protocol error before a request was read, by kind"
+        "Client connections closed by the HTTP layer, by kind: malformed (answered 400), head_too_large (431), header_read_timeout (no request head in time, including the next one on an idle keep-alive connection)"
     );
     describe_gauge!(
         "tollgate_spec_generation",

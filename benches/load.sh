@@ -8,7 +8,8 @@
 #   ACCESS_LOG=stdout benches/load.sh  # with Tollgate's access log on (nginx's is off)
 #
 # Contenders: direct (the origin itself), nginx (reverse proxy, keepalive upstream),
-# tollgate (default settings) and tollgate-batch (--cpu-scheduling batch).
+# tollgate-normal (--cpu-scheduling normal) and tollgate-batch (--cpu-scheduling batch, the
+# default).
 #
 # Output: a summary table (markdown) under $BASELINE_WORK/out/http-<tag>/summary.md, and the
 # idle RSS figure on stdout. Needs: nginx haproxy wrk (installed with apt-get when missing).
@@ -61,7 +62,7 @@ start_node() { # NAME PORT ADMIN GRPC EXTRA...
   for _ in $(seq 100); do [[ -s $WORK/$name.addrs.json ]] && return; sleep 0.1; done
   echo "node $name did not start"; cat "$WORK/$name.log"; exit 1
 }
-start_node tollgate 18083 17071 17070
+start_node tollgate-normal 18083 17071 17070 --cpu-scheduling normal
 NODE_PID=${PIDS[0]}
 start_node tollgate-batch 18084 17073 17072 --cpu-scheduling batch
 BATCH_PID=${PIDS[1]}
@@ -76,9 +77,9 @@ NGINX_PID=$(cat "$BASELINE_WORK/run/nginx-proxy.pid")
 python3 "$BASE/http_bench.py" --only \
   --target direct=http://127.0.0.1:18080 \
   --target nginx=http://127.0.0.1:18081 \
-  --target tollgate=http://127.0.0.1:18083 \
+  --target tollgate-normal=http://127.0.0.1:18083 \
   --target tollgate-batch=http://127.0.0.1:18084 \
-  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate="$NODE_PID" --cpu tollgate-batch="$BATCH_PID" \
+  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate-normal="$NODE_PID" --cpu tollgate-batch="$BATCH_PID" \
   --rounds "$ROUNDS" --duration "$DURATION" --tag "$TAG" \
   --note "tollgate: $(nproc) data-plane threads, access log $ACCESS_LOG; idle RSS $((IDLE_RSS_KB / 1024)) MB"
 echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"

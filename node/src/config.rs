@@ -26,11 +26,11 @@ pub enum LogFormat {
 #[serde(rename_all = "lowercase")]
 pub enum CpuScheduling {
     /// SCHED_OTHER, like every other process.
-    #[default]
     Normal,
     /// SCHED_BATCH: the threads are not preempted as soon as they wake a peer (the client,
-    /// the upstream), so they do more work per time slice. More requests per second on a
-    /// busy host, at some cost in tail latency; see docs/benchmarks.md.
+    /// the upstream), so they do more work per time slice: more requests per second and
+    /// less CPU per request on a busy host (docs/benchmarks.md). Needs no privilege.
+    #[default]
     Batch,
 }
 
@@ -70,7 +70,7 @@ pub struct NodeArgs {
     /// Data-plane threads; 0 means one per CPU [default: 0]
     #[arg(long, env = "TOLLGATE_WORKERS")]
     pub workers: Option<usize>,
-    /// Kernel scheduling policy of the data-plane threads [default: normal]
+    /// Kernel scheduling policy of the data-plane threads [default: batch]
     #[arg(long, env = "TOLLGATE_CPU_SCHEDULING", value_enum)]
     pub cpu_scheduling: Option<CpuScheduling>,
     /// Most client connections open at once; more are answered 503 and closed [default: 10000]
@@ -153,7 +153,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             access_log: "stdout".into(),
             workers: 0,
-            cpu_scheduling: CpuScheduling::Normal,
+            cpu_scheduling: CpuScheduling::Batch,
             max_connections: 10_000,
             max_request_body: 10 * 1024 * 1024,
             max_header_bytes: 32 * 1024,

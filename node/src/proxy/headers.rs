@@ -33,28 +33,43 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+/// The fixed hop-by-hop headers, in the order of the bits [`present`] reports.
+fn fixed() -> [&'static HeaderName; 6] {
+    [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// Which of [`fixed`]'s headers are present, as bits: one pass over the names, no hashing.
+fn present(headers: &HeaderMap) -> u8 {
+    let fixed = fixed();
+    let mut bits = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == name) {
+            bits |= 1 << i;
+        }
+    }
+    bits
 }
 
 /// Removes hop-by-hop headers; with `upgrade`, keeps what an upgrade needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the names, no hashing.
-    if !upgrade && !headers.keys().any(is_hop_by_hop) {
-        return;
+    let bits = present(headers);
+    if bits == 0 && !upgrade {
+        return; // the common request: nothing to do
     }
-    if headers.contains_key(header::CONNECTION) {
+    if bits & 1 != 0 {
+        // Headers named by Connection. `close` and `keep-alive` (the usual tokens) name
+        // nothing else that could be present; other tokens are looked up.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(tokens)
-            // `close` and `keep-alive` are the usual tokens; only other ones name headers
-            // that may be present.
             .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
@@ -63,20 +78,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                 headers.remove(&name);
             }
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &PROXY_CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
+    for (i, name) in fixed().into_iter().enumerate() {
+        let keep = upgrade && *name == header::UPGRADE;
+        if bits & (1 << i) != 0 && !keep {
+            headers.remove(name);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 

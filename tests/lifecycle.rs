@@ -237,11 +237,10 @@ async fn sigterm_drains_in_flight_requests() {
     .await;
     gw.signal("TERM");
     // No new connections once draining.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        TcpStream::connect(gw.proxy).await.is_err(),
-        "listener still open"
-    );
+    eventually("the listener closes", Duration::from_secs(3), async || {
+        TcpStream::connect(gw.proxy).await.is_err()
+    })
+    .await;
     // The in-flight request completes.
     let (status, body) = in_flight.await.unwrap().unwrap();
     assert_eq!(status, 200);

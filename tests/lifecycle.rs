@@ -280,3 +280,17 @@ async fn a_bad_spec_at_startup_is_refused_with_every_error() {
     }
     let _ = Instant::now();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_right_after_start_reloads_instead_of_killing() {
+    let up = Upstream::start("a").await;
+    let mut gw = GatewayProcess::start(&spec(&up)).await;
+    // The node has just written its address file; its handlers must already be in place.
+    gw.signal("HUP");
+    eventually("generation 2", Duration::from_secs(5), async || {
+        gw.admin_get("/readyz").await.json()["spec_generation"] == 2
+    })
+    .await;
+    assert!(gw.wait_exit(Duration::from_millis(100)).await.is_none());
+    assert_eq!(gw.get("/x").await.status, 200);
+}

@@ -133,7 +133,16 @@ impl Node {
             }
         });
         runtime.spawn(telemetry::metrics::upkeep(metrics));
-        runtime.spawn(signals(specs.clone(), shared.clone(), shutdown.clone()));
+        let handlers = {
+            let _context = runtime.enter();
+            Signals::register()?
+        };
+        runtime.spawn(signals(
+            handlers,
+            specs.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        ));
 
         let workers = proxy::server::spawn_workers(
             listeners,
@@ -271,18 +280,40 @@ pub fn read_spec(path: &Path) -> Result<Spec, SpecErrors> {
     Spec::from_yaml(&text)
 }
 
-async fn signals(specs: Arc<SpecLoader>, shared: Arc<Shared>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!(
-            "cannot install signal handlers; SIGHUP reloads and graceful shutdown are off"
-        );
-        return;
-    };
+/// The signals a node handles, registered before the node reports itself started: until
+/// then SIGHUP or SIGTERM would still kill the process outright.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must run inside the runtime's context.
+    fn register() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let register = |kind: SignalKind| {
+            signal(kind).map_err(|e| anyhow::anyhow!("install a signal handler: {e}"))
+        };
+        Ok(Signals {
+            hup: register(SignalKind::hangup())?,
+            term: register(SignalKind::terminate())?,
+            int: register(SignalKind::interrupt())?,
+        })
+    }
+}
+
+async fn signals(
+    signals: Signals,
+    specs: Arc<SpecLoader>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     loop {
         tokio::select! {
             _ = hup.recv() => {

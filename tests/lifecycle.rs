@@ -87,7 +87,7 @@ async fn oversized_and_malformed_requests_get_clear_errors() {
     let answer = raw(gw.proxy, b"THIS IS NOT HTTP\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
-    let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     for line in [
         "tollgate_errors_total{code=\"payload_too_large\"} 2",
         "tollgate_errors_total{code=\"headers_too_large\"} 1",

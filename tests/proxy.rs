@@ -105,7 +105,7 @@ async fn no_route_is_a_json_404_and_is_counted() {
     assert_eq!(resp.header("content-type"), Some("application/json"));
     assert_eq!(resp.error_code(), "route_not_found");
     assert_eq!(gw.get("/only").await.status, 200);
-    let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_errors_total{code=\"route_not_found\"} 1"),
         "{metrics}"
@@ -260,7 +260,7 @@ async fn retries_are_bounded_by_attempts_and_budget() {
     let req = Request::post(gw.url("/")).body(full("payload")).unwrap();
     assert_eq!(gw.send(req).await.status, 503);
     assert_eq!(up.hits(), 4);
-    let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_retries_total{upstream=\"a\"} 2"),
         "{metrics}"
@@ -273,7 +273,7 @@ async fn retries_are_bounded_by_attempts_and_budget() {
     let gw = GatewayProcess::start(&retry_spec(&up, 2, 0, 0)).await;
     assert_eq!(gw.get("/").await.status, 503);
     assert_eq!(up.hits(), 1);
-    let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_retry_budget_exhausted_total{upstream=\"a\"} 1"),
         "{metrics}"
@@ -342,7 +342,7 @@ routes:
         8,
         "the recovered endpoint takes its share again"
     );
-    let metrics = String::from_utf8(gw.admin_get("/metrics").await.body.to_vec()).unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_outlier_ejections_total{upstream=\"a\"} 1"),
         "{metrics}"

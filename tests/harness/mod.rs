@@ -174,6 +174,11 @@ impl GatewayProcess {
         TestResponse::read(self.client.request(req).await.expect("admin request")).await
     }
 
+    /// The node's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).expect("metrics are text")
+    }
+
     /// The node's peak resident memory (VmHWM) in bytes.
     pub fn peak_rss(&self) -> u64 {
         proc_status_kb(self.pid(), "VmHWM:") * 1024

@@ -502,6 +502,21 @@ routes:
     assert_eq!(h["x-forwarded-host"], format!("{}", gw.proxy));
 
     assert_eq!(gw.get("/svc").await.json()["path"], "/");
+
+    // An absolute-form target names the host; it replaces the Host header upstream.
+    let mut conn = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(
+        b"GET http://api.example.com/svc/abs HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    let body = &answer[answer.find("\r\n\r\n").expect("a response head") + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["path"], "/abs");
+    assert_eq!(v["headers"]["host"], "api.example.com");
     assert_eq!(gw.get("/old/api/users").await.json()["path"], "/v2/users");
     assert_eq!(gw.get("/old/api").await.json()["path"], "/v2");
     assert_eq!(gw.get("/old/api/").await.json()["path"], "/v2/");

@@ -332,11 +332,10 @@ fn transform_request(
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
-        let host = uri.authority().map(|a| a.as_str().to_string());
-        if let Some(host) = host
-            && !headers.contains_key(header::HOST)
-        {
-            let v = HeaderValue::from_str(&host)
+        // The authority of an absolute-form target (or HTTP/2's :authority) is the host
+        // that was routed on; it replaces any Host header (RFC 9112 §3.2.2).
+        if let Some(authority) = uri.authority() {
+            let v = HeaderValue::from_str(authority.as_str())
                 .map_err(|_| ProxyError::BadRequest("invalid :authority".into()))?;
             headers.insert(header::HOST, v);
         }

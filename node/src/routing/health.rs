@@ -1,5 +1,5 @@
-//! Active HTTP health checks: one task per upstream cluster that has `health_check` set,
-//! probing every endpoint each interval and flipping [`EndpointState::healthy`] after
+//! Active HTTP health checks: one task per endpoint of every upstream that has
+//! `health_check` set, probing it each interval and flipping [`EndpointState::healthy`] after
 //! `unhealthy_threshold` failures or `healthy_threshold` successes in a row.
 //!
 //! Endpoints start healthy, so a new spec takes traffic at once; a failing endpoint
@@ -88,14 +88,24 @@ async fn probe(state: &EndpointState, spec: &HealthCheckSpec) -> anyhow::Result<
     let stream = TcpStream::connect(state.addr).await?;
     stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(conn);
     let host = spec.host.clone().unwrap_or_else(|| state.addr.to_string());
     let req = http::Request::get(spec.path.as_str())
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "tollgate-health-check")
         .header(http::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    driver.abort();
+    // The connection is driven here, not in a task of its own, so a probe that times out
+    // (and is dropped) takes its connection with it.
+    let send = sender.send_request(req);
+    tokio::pin!(conn, send);
+    let resp = tokio::select! {
+        resp = &mut send => resp?,
+        // With `Connection: close` the connection may finish in the same poll that
+        // delivered the response; the response is then ready (or the error says why not).
+        closed = &mut conn => {
+            closed?;
+            send.await?
+        }
+    };
     Ok(resp.status().as_u16())
 }

@@ -762,6 +762,11 @@ fn key_text(v: &Value) -> String {
 }
 
 fn check_name(name: &str, at: &str, errors: &mut SpecErrors) {
+    if name.starts_with('_') {
+        // `_none` labels unmatched requests in the metrics.
+        errors.push(at, "names starting with `_` are reserved");
+        return;
+    }
     let ok = !name.is_empty()
         && name.len() <= 128
         && name

@@ -803,3 +803,20 @@ fn retry_statuses_may_be_written_as_numbers() {
         "{errors}"
     );
 }
+
+#[test]
+fn names_starting_with_an_underscore_are_reserved() {
+    let errors = Spec::from_yaml(
+        "upstreams:\n  _u: { endpoints: [{ address: \"127.0.0.1:1\" }] }\n  u: { endpoints: [{ address: \"127.0.0.1:1\" }] }\nroutes:\n  _none: { match: { path: { prefix: / } }, upstream: u }\n",
+    )
+    .expect_err("reserved names");
+    let text = errors.to_string();
+    assert!(
+        text.contains("upstreams._u: names starting with `_` are reserved"),
+        "{text}"
+    );
+    assert!(
+        text.contains("routes._none: names starting with `_` are reserved"),
+        "{text}"
+    );
+}

@@ -294,3 +294,29 @@ async fn a_sighup_right_after_start_reloads_instead_of_killing() {
     assert!(gw.wait_exit(Duration::from_millis(100)).await.is_none());
     assert_eq!(gw.get("/x").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_reads_node_status_over_grpc() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start_with(&spec(&up), &["--id", "7", "--region", "eu-west"]).await;
+    let mut node = tollgate_sdk::NodeClient::connect(&gw.grpc.to_string())
+        .await
+        .expect("connect to the node's gRPC address");
+    let status = node.status().await.expect("status");
+    assert_eq!(status.node_id, 7);
+    assert_eq!(status.region, "eu-west");
+    assert_eq!(status.spec_generation, 1);
+    assert_eq!((status.routes, status.upstreams), (1, 1));
+    assert!(status.ready);
+    assert_eq!(status.proxy_addr, gw.proxy.to_string());
+
+    // A node that is not there: an error that says where it looked.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = tollgate_sdk::NodeClient::connect(&dead.to_string())
+        .await
+        .expect_err("nothing listens there");
+    assert!(err.to_string().contains(&dead.to_string()), "{err}");
+}

@@ -128,6 +128,16 @@ async fn slow_clients_are_cut_off() {
         .expect("closed within 5s")
         .ok();
     assert!(started.elapsed() < Duration::from_secs(3));
+    // Sends the first byte of the HTTP/2 preface, then nothing.
+    let started = Instant::now();
+    let mut half_h2 = TcpStream::connect(gw.proxy).await.unwrap();
+    half_h2.write_all(b"P").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), half_h2.read_to_end(&mut out))
+        .await
+        .expect("closed within 5s")
+        .ok();
+    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(up.hits(), 0);
 }
 
@@ -319,4 +329,106 @@ async fn the_sdk_reads_node_status_over_grpc() {
         .await
         .expect_err("nothing listens there");
     assert!(err.to_string().contains(&dead.to_string()), "{err}");
+}
+
+fn spec_with(up: &Upstream, upstream_extra: &str) -> String {
+    format!(
+        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] {upstream_extra} }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }} }}\n",
+        up.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_abandons_its_upload_does_not_count_against_the_upstream() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&spec_with(
+        &up,
+        ", outlier_detection: { consecutive_failures: 1, base_ejection_time: 30s }",
+    ))
+    .await;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gw.get("/after").await.status,
+        200,
+        "the endpoint was not ejected"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        !metrics.contains("tollgate_outlier_ejections_total"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("kind=\"protocol\""), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_gets_408_and_a_closed_client_is_logged_499() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&spec_with(&up, ", timeouts: { request: 300ms }")).await;
+    // Starts a body, then sends nothing more while keeping the connection open.
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer within 5s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+
+    // Asks for something slow, then hangs up before the answer.
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(b"GET /slow/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    eventually(
+        "the abandoned request is logged",
+        Duration::from_secs(5),
+        async || {
+            std::fs::read_to_string(&gw.access_log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("\"status\":499") && l.contains("client_closed"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_uploading_is_not_reused() {
+    let up = Upstream::start("a").await;
+    // One data-plane thread: both requests share one pool.
+    let gw = GatewayProcess::start_with(&spec(&up), &["--workers", "1"]).await;
+    // The upstream answers 401 at once, without reading the upload that is still coming.
+    let mut uploader = TcpStream::connect(gw.proxy).await.unwrap();
+    uploader
+        .write_all(
+            b"POST /early/401 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst-bytes",
+        )
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), uploader.read(&mut buf))
+        .await
+        .expect("the early answer")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 401"));
+    // The next request must not wait for that upload to finish.
+    let resp = tokio::time::timeout(Duration::from_secs(3), gw.get("/next"))
+        .await
+        .expect("the next request is not stuck behind the upload");
+    assert_eq!(resp.status, 200);
+    drop(uploader);
 }

@@ -80,6 +80,7 @@ impl Node {
             shared: shared.clone(),
             registry: EndpointRegistry::default(),
             health_checks: Mutex::new(CancellationToken::new()),
+            reloading: Mutex::new(()),
             runtime: runtime.handle().clone(),
         });
         if settings.spec.is_some() {
@@ -209,6 +210,7 @@ struct SpecLoader {
     shared: Arc<Shared>,
     registry: EndpointRegistry,
     health_checks: Mutex<CancellationToken>,
+    reloading: Mutex<()>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -221,6 +223,8 @@ impl SpecLoader {
     }
 
     fn try_reload(&self) -> Result<u64, SpecErrors> {
+        // One reload at a time: each takes the generation after the one it replaces.
+        let _one_at_a_time = self.reloading.lock().expect("reload lock poisoned");
         let Some(path) = &self.path else {
             let mut e = SpecErrors::default();
             e.push("spec", "no spec file was given (--spec FILE)");
@@ -317,14 +321,13 @@ async fn signals(
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                // Reading and resolving the spec blocks (DNS): off the runtime's threads, and
+                // not awaited here, so a SIGTERM during a slow reload is handled at once.
                 let specs = specs.clone();
-                // Reading and resolving the spec blocks; keep it off the runtime's threads.
-                let result = tokio::task::spawn_blocking(move || specs.reload()).await;
-                match result {
-                    Ok(Ok(generation)) => tracing::info!(generation, "SIGHUP: spec reloaded"),
-                    Ok(Err(errors)) => tracing::error!("SIGHUP: spec refused, still serving the previous one. {errors}"),
-                    Err(e) => tracing::error!("SIGHUP: reload task failed: {e}"),
-                }
+                tokio::task::spawn_blocking(move || match specs.reload() {
+                    Ok(generation) => tracing::info!(generation, "SIGHUP: spec reloaded"),
+                    Err(errors) => tracing::error!("SIGHUP: spec refused, still serving the previous one. {errors}"),
+                });
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -92,7 +92,11 @@ impl GatewayProcess {
             .args(["--proxy-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(["--grpc-addr", "127.0.0.1:0"])
-            .args(["--workers", "2"])
+            .args(if extra.contains(&"--workers") {
+                &[][..]
+            } else {
+                &["--workers", "2"][..]
+            })
             .arg("--spec")
             .arg(&spec_path)
             .arg("--addr-file")
@@ -282,7 +286,7 @@ pub struct UpstreamState {
 
 /// An HTTP/1.1 upstream server in the test process.
 ///
-/// Paths: `/status/{code}`, `/slow/{ms}`, `/sse/{n}/{ms}` (n events, ms apart),
+/// Paths: `/status/{code}`, `/early/{code}` (answers before reading the body), `/slow/{ms}`, `/sse/{n}/{ms}` (n events, ms apart),
 /// `/bytes/{n}` (streams n bytes), `/upload` (counts the body), `/ws` (WebSocket echo),
 /// `/healthz`; anything else answers 200 with `{"upstream": name, "path": ...}`.
 pub struct Upstream {
@@ -382,6 +386,16 @@ async fn serve(
             StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap(),
             s.name.clone(),
         ),
+        ["early", code] => {
+            // Answers at once and reads the body afterwards, keeping the connection (as
+            // nginx does with an early 401 or 413).
+            let mut body = req.into_body();
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+            text(
+                StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap(),
+                s.name.clone(),
+            )
+        }
         ["slow", ms] => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             text(StatusCode::OK, s.name.clone())

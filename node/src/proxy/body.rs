@@ -26,11 +26,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds the limit of {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
-/// Counters shared between a request body and the request that owns it.
+/// What a request body did, shared between it and the request that owns it.
 #[derive(Debug, Default)]
 pub struct BodyStats {
     pub bytes: Cell<u64>,
     pub too_large: Cell<bool>,
+    /// Read to its end (an upstream connection is reusable only after that).
+    pub finished: Cell<bool>,
+    /// The client's side of the body failed (it went away mid-upload, or sent a bad chunk).
+    pub client_error: Cell<bool>,
 }
 
 /// The client's request body, streamed upstream with a size limit.
@@ -43,6 +47,9 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, stats: Rc<BodyStats>) -> Self {
+        if inner.is_end_stream() {
+            stats.finished.set(true);
+        }
         Self {
             inner: Some(inner),
             limit,
@@ -52,6 +59,7 @@ impl RequestBody {
 
     /// An empty body (for requests that had none, and their retries).
     pub fn empty(stats: Rc<BodyStats>) -> Self {
+        stats.finished.set(true);
         Self {
             inner: None,
             limit: 0,
@@ -72,7 +80,7 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let total = this.stats.bytes.get() + data.len() as u64;
@@ -83,10 +91,19 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
                     }
                 }
+                if inner.is_end_stream() {
+                    this.stats.finished.set(true);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                this.stats.client_error.set(true);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.stats.finished.set(true);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -93,14 +93,19 @@ pub struct PooledSender {
     sender: Sender,
     max_idle: usize,
     idle_timeout: Duration,
+    /// The request sent on it: the connection is reusable only once its body was sent
+    /// whole (an upstream may answer before it has read an upload).
+    request: Rc<BodyStats>,
 }
 
 impl PooledSender {
-    /// Gives the connection back to its pool. Call only once the response was read to
-    /// the end.
+    /// Gives the connection back to its pool, if it can carry another request. Call once
+    /// the response was read to the end.
     pub fn release(self) {
-        self.pool
-            .put(self.addr, self.sender, self.max_idle, self.idle_timeout);
+        if self.request.finished.get() {
+            self.pool
+                .put(self.addr, self.sender, self.max_idle, self.idle_timeout);
+        }
     }
 }
 
@@ -266,8 +271,24 @@ pub async fn forward(
         *req.version_mut() = Version::HTTP_11;
 
         let started = Instant::now();
-        let sent =
-            tokio::time::timeout(cluster.request_timeout, sender.try_send_request(req)).await;
+        let send = sender.try_send_request(req);
+        tokio::pin!(send);
+        // `timeouts.request` runs from the end of the upload: while the client is still
+        // sending (and making progress), the upstream is not late.
+        let mut uploaded = stats.bytes.get();
+        let sent = loop {
+            match tokio::time::timeout(cluster.request_timeout, &mut send).await {
+                Err(_) if !stats.finished.get() && stats.bytes.get() > uploaded => {
+                    uploaded = stats.bytes.get();
+                }
+                Err(_) if !stats.finished.get() => {
+                    return Err(ProxyError::RequestBodyStalled {
+                        after: cluster.request_timeout,
+                    });
+                }
+                other => break other,
+            }
+        };
         log.upstream_time = Some(started.elapsed());
         let failure = match sent {
             Ok(Ok(response)) => {
@@ -298,6 +319,7 @@ pub async fn forward(
                         sender,
                         max_idle: cluster.max_idle_per_endpoint,
                         idle_timeout: cluster.idle_timeout,
+                        request: stats.clone(),
                     },
                     guards: Guards {
                         _active: active,
@@ -332,7 +354,14 @@ pub async fn forward(
                 if stats.too_large.get() {
                     return Err(ProxyError::BodyTooLarge);
                 }
+                if stats.client_error.get() {
+                    // The client's upload failed, not the upstream: no ejection, no retry.
+                    return Err(ProxyError::BadRequest(
+                        "the request body could not be read to its end".into(),
+                    ));
+                }
                 let err = e.into_error();
+                tracing::debug!(upstream = %cluster.name, endpoint = %addr, "upstream request failed: {err:?}");
                 metrics::upstream_error(&cluster.name, "protocol");
                 (
                     ProxyError::UpstreamProtocol {

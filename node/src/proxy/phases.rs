@@ -50,6 +50,13 @@ pub struct Worker {
     current: RefCell<Rc<Arc<Snapshot>>>,
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // The last requests' tails hold the worker: this runs after every one has logged.
+        self.access_log.flush();
+    }
+}
+
 impl Worker {
     pub fn new(shared: Arc<Shared>, access_log: AccessLog) -> Worker {
         let current = RefCell::new(Rc::new(shared.snapshot.load_full()));
@@ -422,6 +429,11 @@ impl Tail {
 
 impl Drop for Tail {
     fn drop(&mut self) {
+        if self.status == 0 {
+            // The client went away before it got an answer (nginx's 499).
+            self.status = 499;
+            self.error = Some("client_closed");
+        }
         let elapsed = self.received.elapsed();
         let route = self.route.map(|r| &self.snapshot.routes[r as usize]);
         match route {

@@ -41,6 +41,8 @@ pub enum ProxyError {
     UpstreamProtocol { upstream: String, detail: String },
     #[error("this node is at its limit of {0} open connections; retry shortly")]
     TooManyConnections(usize),
+    #[error("the request body stopped arriving for {after:?}")]
+    RequestBodyStalled { after: Duration },
 }
 
 impl ProxyError {
@@ -57,6 +59,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestBodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -72,6 +75,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream_error",
             ProxyError::TooManyConnections(_) => "too_many_connections",
+            ProxyError::RequestBodyStalled { .. } => "request_timeout",
         }
     }
 

@@ -4,14 +4,16 @@
 //! snapshot load and a few atomics.
 //!
 //! Each connection speaks HTTP/1.1 or h2c (prior knowledge), chosen from its first bytes.
-//! A client that sends nothing within `header_read_timeout` is dropped, and hyper's own
-//! header read timeout covers a request head that trickles in. Connections past
+//! A connection that has not delivered a first request within `header_read_timeout` is
+//! dropped (this covers protocol detection and HTTP/2), and hyper's own header read timeout
+//! covers every HTTP/1.1 request head after that. Connections past
 //! `max_connections` are answered 503 (JSON) and closed.
 //!
 //! On shutdown a thread stops accepting, asks its connections to finish (HTTP/1.1 closes
 //! after the response in flight, HTTP/2 sends GOAWAY), and waits for them until the drain
 //! deadline.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -152,6 +154,9 @@ async fn run_worker(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Find dead HTTP/2 peers (an HTTP/1.1 idle connection ends at the header timeout).
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
         .max_header_list_size((limits.max_header_bytes * 2).min(u32::MAX as usize) as u32);
 
     let builder = Rc::new(builder);
@@ -186,26 +191,36 @@ async fn run_worker(
 
         let w = worker.clone();
         let peer = phases::Peer::new(peer);
-        let service = service_fn(move |req| phases::handle(req, w.clone(), peer.clone()));
+        // Set by the first request: until then the connection is on a deadline.
+        let first_request = Rc::new(Cell::new(false));
+        let seen = first_request.clone();
+        let service = service_fn(move |req| {
+            seen.set(true);
+            phases::handle(req, w.clone(), peer.clone())
+        });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let first_byte_timeout = limits.header_read_timeout;
+        let first_request_timeout = limits.header_read_timeout;
         tokio::task::spawn_local(async move {
             let _guard = guard;
-            // hyper's header read timeout starts once it reads a request; a client that
-            // connects and says nothing is dropped here.
-            let mut byte = [0u8; 1];
-            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut byte)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return,
-                Err(_) => {
-                    ::metrics::counter!("tollgate_http_protocol_errors_total", "kind" => "header_read_timeout")
-                        .increment(1);
-                    return;
-                }
-            }
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
+            let conn = watcher.watch(conn);
+            tokio::pin!(conn);
+            // hyper's header read timeout only starts once HTTP/1 is chosen. A client that
+            // sends nothing, part of the HTTP/2 preface, or no first request is dropped here.
+            let result = tokio::select! {
+                result = &mut conn => result,
+                _ = tokio::time::sleep(first_request_timeout) => {
+                    if first_request.get() {
+                        conn.await
+                    } else {
+                        ::metrics::counter!("tollgate_http_protocol_errors_total", "kind" => "header_read_timeout")
+                            .increment(1);
+                        return;
+                    }
+                }
+            };
+            if let Err(e) = result {
                 count_protocol_error(&*e);
             }
         });

@@ -118,8 +118,9 @@ impl Cluster {
             .endpoints
             .iter()
             .map(|e| {
-                let addr = crate::state::spec::resolve(&e.address)
-                    .expect("addresses are resolved when the spec is checked");
+                let addr = e
+                    .resolved
+                    .expect("Spec::from_yaml resolves every endpoint it accepts");
                 let state = registry.get(name, addr);
                 if spec.health_check.is_none() {
                     // No checks any more: a verdict from an earlier spec must not linger.

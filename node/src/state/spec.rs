@@ -160,6 +160,9 @@ pub struct EndpointSpec {
     pub address: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// `address`, resolved once by [`Spec::from_yaml`] (never written in a spec).
+    #[serde(skip)]
+    pub resolved: Option<SocketAddr>,
 }
 
 fn one() -> u32 {
@@ -503,11 +506,26 @@ impl Spec {
             }
         }
         declared_upstreams.sort();
+        spec.resolve_endpoints(&mut errors);
         spec.check(&declared_upstreams, &mut errors);
         if errors.is_empty() {
             Ok(spec)
         } else {
             Err(errors)
+        }
+    }
+
+    /// Resolves every endpoint address once, so that what was checked is what runs.
+    fn resolve_endpoints(&mut self, errors: &mut SpecErrors) {
+        for (name, up) in &mut self.upstreams {
+            for (i, ep) in up.endpoints.iter_mut().enumerate() {
+                match resolve(&ep.address) {
+                    Ok(addr) => ep.resolved = Some(addr),
+                    Err(msg) => {
+                        errors.push(format!("upstreams.{name}.endpoints[{i}].address"), msg)
+                    }
+                }
+            }
         }
     }
 
@@ -521,9 +539,6 @@ impl Spec {
             }
             for (i, ep) in up.endpoints.iter().enumerate() {
                 let at = format!("{at}.endpoints[{i}]");
-                if let Err(msg) = resolve(&ep.address) {
-                    errors.push(format!("{at}.address"), msg);
-                }
                 if ep.weight == 0 || ep.weight > 10_000 {
                     errors.push(format!("{at}.weight"), "must be between 1 and 10000");
                 }

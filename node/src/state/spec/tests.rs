@@ -168,11 +168,13 @@ fn a_full_spec_parses_every_field() {
         [
             EndpointSpec {
                 address: "127.0.0.1:9001".into(),
-                weight: 3
+                weight: 3,
+                resolved: Some("127.0.0.1:9001".parse().expect("an address")),
             },
             EndpointSpec {
                 address: "127.0.0.1:9002".into(),
-                weight: 1
+                weight: 1,
+                resolved: Some("127.0.0.1:9002".parse().expect("an address")),
             },
         ]
     );

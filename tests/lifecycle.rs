@@ -83,6 +83,29 @@ async fn oversized_and_malformed_requests_get_clear_errors() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"code\":\"bad_request\""), "{answer}");
 
+    // 400 for dot segments, which the upstream would resolve past the route's prefix.
+    let hits = up.hits();
+    for path in ["/public/../admin", "/public/%2E%2e/admin", "/./x"] {
+        let answer = raw(
+            gw.proxy,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("normalised"), "{path}: {answer}");
+    }
+    assert_eq!(
+        up.hits(),
+        hits,
+        "no dot-segment request reached the upstream"
+    );
+
+    // An HTTP/1.0 request without Host reaches the upstream with one.
+    let answer = raw(gw.proxy, b"GET /old-client HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["host"], up.addr.to_string());
+
     // 400 from the HTTP parser for bytes that are not HTTP at all (counted in a metric).
     let answer = raw(gw.proxy, b"THIS IS NOT HTTP\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
@@ -91,7 +114,7 @@ async fn oversized_and_malformed_requests_get_clear_errors() {
     for line in [
         "tollgate_errors_total{code=\"payload_too_large\"} 2",
         "tollgate_errors_total{code=\"headers_too_large\"} 1",
-        "tollgate_errors_total{code=\"bad_request\"} 1",
+        "tollgate_errors_total{code=\"bad_request\"} 4",
         "tollgate_http_protocol_errors_total{kind=\"malformed\"} 1",
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");

@@ -163,6 +163,21 @@ async fn h2c_with_prior_knowledge_on_the_same_port() {
     for t in tasks {
         t.await.unwrap();
     }
+    // HTTP/2 cookie fields are joined into one for the HTTP/1.1 upstream.
+    let resp = sender
+        .send_request(
+            Request::get(format!("http://{}/cookies", gw.proxy))
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["headers"]["cookie"], "a=1; b=2");
+
     // The upstream got HTTP/1.1 with a Host header made from :authority.
     assert_eq!(
         *up.state.last_version.lock().unwrap(),

@@ -269,6 +269,12 @@ pub async fn forward(
         *req.uri_mut() = head.uri;
         *req.headers_mut() = head.headers;
         *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(http::header::HOST) {
+            // An HTTP/1.0 client may send none; HTTP/1.1 upstreams require one.
+            if let Ok(v) = http::HeaderValue::from_str(&addr.to_string()) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+        }
 
         let started = Instant::now();
         let send = sender.try_send_request(req);

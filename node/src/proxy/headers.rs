@@ -109,9 +109,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        // Never pass on a client's own claim.
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
 }
 
 #[cfg(test)]

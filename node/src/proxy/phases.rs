@@ -138,6 +138,7 @@ async fn pipeline(
     }
 
     // match route
+    check_path(req.uri().path())?;
     let host = request_host(&req)?;
     let matched = snapshot
         .matcher
@@ -241,6 +242,24 @@ fn check_head_size(req: &Request<Incoming>, limit: usize) -> Result<(), ProxyErr
     Ok(())
 }
 
+/// Refuses `.` and `..` segments (also written `%2e`): routes match the path as sent, and
+/// an upstream that resolved `/public/../admin` would be reached on a path no route allowed.
+fn check_path(path: &str) -> Result<(), ProxyError> {
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return Ok(());
+    }
+    let dot_segment = path.split('/').any(|seg| {
+        let lowered = seg.to_ascii_lowercase().replace("%2e", ".");
+        lowered == "." || lowered == ".."
+    });
+    if dot_segment {
+        return Err(ProxyError::BadRequest(
+            "the path has `.` or `..` segments; send it normalised".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
     match req.headers().get(header::CONTENT_LENGTH) {
         None => Ok(None),
@@ -304,9 +323,13 @@ fn transform_request(
     let http::request::Parts {
         method,
         uri,
+        version,
         mut headers,
         ..
     } = parts;
+    if version == Version::HTTP_2 {
+        merge_cookies(&mut headers);
+    }
     let path = uri.path();
     let rewritten = match &route.rewrite {
         Some(Rewrite::ReplacePrefix(new)) => {
@@ -358,6 +381,24 @@ fn transform_request(
         uri,
         headers,
     })
+}
+
+/// HTTP/2 may split `cookie` into several fields; an HTTP/1.1 upstream must get one,
+/// joined with `; ` (RFC 9113 §8.2.3).
+fn merge_cookies(headers: &mut http::HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// The meter stage: runs when the response body is done (or dropped), records the route's

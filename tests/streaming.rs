@@ -200,3 +200,34 @@ async fn h2c_with_prior_knowledge_on_the_same_port() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], "payload_too_large");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_body_is_cut_off() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&spec(&up, ", timeouts: { request: 300ms }")).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let started = Instant::now();
+    let resp = client
+        .request(Request::get(gw.url("/stall/5/10")).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let result = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the body ends within 5s");
+    assert!(
+        result.is_err(),
+        "the client sees the body fail, not a short success"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    harness::eventually(
+        "counted as an upstream failure",
+        Duration::from_secs(3),
+        async || {
+            gw.metrics()
+                .await
+                .contains("tollgate_upstream_errors_total{upstream=\"a\",kind=\"body\"} 1")
+        },
+    )
+    .await;
+}

@@ -287,7 +287,7 @@ pub struct UpstreamState {
 /// An HTTP/1.1 upstream server in the test process.
 ///
 /// Paths: `/status/{code}`, `/early/{code}` (answers before reading the body), `/slow/{ms}`, `/sse/{n}/{ms}` (n events, ms apart),
-/// `/bytes/{n}` (streams n bytes), `/upload` (counts the body), `/ws` (WebSocket echo),
+/// `/bytes/{n}` (streams n bytes), `/stall/{sent}/{total}` (stops mid-body), `/upload` (counts the body), `/ws` (WebSocket echo),
 /// `/healthz`; anything else answers 200 with `{"upstream": name, "path": ...}`.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -416,6 +416,21 @@ async fn serve(
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
             r.headers_mut()
                 .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        ["stall", sent, total] => {
+            // Promises `total` bytes, sends `sent`, then nothing more (for a while).
+            let sent: usize = sent.parse().unwrap_or(0);
+            let first = futures::stream::once(async move {
+                Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b's'; sent])))
+            });
+            let stall = futures::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, Infallible>(Frame::data(Bytes::new()))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(first.chain(stall))));
+            r.headers_mut()
+                .insert("content-length", total.parse().unwrap());
             r
         }
         ["bytes", n] => {

@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -132,15 +133,56 @@ enum Kind {
     Upstream {
         body: Incoming,
         conn: Option<PooledSender>,
+        idle: IdleTimer,
     },
     /// A body the gateway made (JSON errors, admin pages).
     Full(Option<Bytes>),
 }
 
+/// The longest wait for the next piece of an upstream body (nginx's `proxy_read_timeout`).
+/// The timer exists only while a read is pending, so bodies that arrive with their head
+/// cost nothing.
+struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleTimer {
+    /// Called when the body has nothing to give: Ready when it waited too long.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let limit = self.limit;
+        self.sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
+            .as_mut()
+            .poll(cx)
+    }
+
+    fn progressed(&mut self) {
+        if let Some(sleep) = &mut self.sleep {
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limit);
+        }
+    }
+}
+
+/// Raised when an upstream stops sending in the middle of a body.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} in the middle of the response body")]
+pub struct UpstreamBodyStalled(pub Duration);
+
 impl ResponseBody {
-    pub fn upstream(body: Incoming, conn: Option<PooledSender>) -> Self {
+    /// An upstream body; `idle_limit` bounds the wait for each piece of it.
+    pub fn upstream(body: Incoming, conn: Option<PooledSender>, idle_limit: Duration) -> Self {
         Self {
-            kind: Kind::Upstream { body, conn },
+            kind: Kind::Upstream {
+                body,
+                conn,
+                idle: IdleTimer {
+                    limit: idle_limit,
+                    sleep: None,
+                },
+            },
             tail: None,
         }
     }
@@ -176,7 +218,22 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, conn } => match Pin::new(&mut *body).poll_frame(cx) {
+            Kind::Upstream { body, conn, idle } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => {
+                    if idle.poll_expired(cx).is_ready() {
+                        // Give up on it: the connection closes with the dropped sender.
+                        conn.take();
+                        if let Some(tail) = &mut this.tail {
+                            tail.upstream_body_failed();
+                        }
+                        return Poll::Ready(Some(Err(Box::new(UpstreamBodyStalled(idle.limit)))));
+                    }
+                    Poll::Pending
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle.progressed();
+                    Poll::Ready(Some(Ok(frame)))
+                }
                 Poll::Ready(None) => {
                     // Read to the end: the connection can carry the next request.
                     if let Some(conn) = conn.take() {
@@ -190,7 +247,6 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(Some(Err(Box::new(e) as BoxError)))
                 }
-                other => other.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
             },
         };
         if let (Poll::Ready(Some(Ok(frame))), Some(tail)) = (&polled, &mut this.tail)
@@ -220,7 +276,7 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // A body that had nothing to read (HEAD, 204, 304) is never polled: its connection is
         // still reusable. One dropped mid-stream is not, and its sender just closes.
-        if let Kind::Upstream { body, conn } = &mut self.kind
+        if let Kind::Upstream { body, conn, .. } = &mut self.kind
             && body.is_end_stream()
             && let Some(conn) = conn.take()
         {

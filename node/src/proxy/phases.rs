@@ -194,7 +194,7 @@ async fn pipeline(
     tail.guards = Some(fwd.guards);
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body, Some(fwd.conn)),
+        ResponseBody::upstream(body, Some(fwd.conn), route.cluster.request_timeout),
     ))
 }
 
@@ -477,6 +477,11 @@ impl Drop for Tail {
         }
         let elapsed = self.received.elapsed();
         let route = self.route.map(|r| &self.snapshot.routes[r as usize]);
+        if self.upstream_failed
+            && let Some(r) = route
+        {
+            crate::telemetry::metrics::upstream_error(&r.cluster.name, "body");
+        }
         match route {
             Some(r) => r.metrics.record(self.status, elapsed),
             None => self.worker.shared.unmatched.record(self.status, elapsed),

@@ -130,7 +130,18 @@ async fn websocket_upgrade_passes_through() {
             .unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), msg);
     }
+    // The tunnel still counts as an open connection after hyper let go of it.
+    assert!(
+        gw.metrics().await.contains("tollgate_open_connections 1\n"),
+        "{}",
+        gw.metrics().await
+    );
     ws.close(None).await.unwrap();
+    drop(ws);
+    harness::eventually("the tunnel is closed", Duration::from_secs(5), async || {
+        gw.metrics().await.contains("tollgate_open_connections 0\n")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

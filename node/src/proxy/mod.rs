@@ -9,6 +9,7 @@ pub mod phases;
 pub mod respond;
 pub mod server;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
@@ -51,5 +52,35 @@ impl Shared {
             unmatched: RouteMetrics::new("_none"),
             open_gauge: ::metrics::gauge!("tollgate_open_connections"),
         }
+    }
+}
+
+/// One open client connection in the counts (`open_connections`, the gauge), for as long
+/// as it lives. An upgraded connection (WebSocket) takes a new one when hyper lets go of it.
+pub struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    /// Counts a connection whose slot was already taken in `open_connections` (the accept
+    /// loop takes it first, to compare with the cap).
+    pub fn counted(shared: Arc<Shared>) -> OpenConnection {
+        shared.open_gauge.increment(1.0);
+        OpenConnection(shared)
+    }
+
+    /// Takes a slot and counts it.
+    pub fn open(shared: Arc<Shared>) -> OpenConnection {
+        shared
+            .open_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection::counted(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.open_gauge.decrement(1.0);
     }
 }

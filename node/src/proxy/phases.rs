@@ -24,11 +24,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::proxy::Shared;
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
 use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
 use crate::proxy::headers;
 use crate::proxy::respond::{ProxyError, error_response};
+use crate::proxy::{OpenConnection, Shared};
 use crate::routing::matcher::Matched;
 use crate::state::snapshot::{Rewrite, Route, Snapshot};
 use crate::telemetry::access_log::{AccessLog, Entry};
@@ -180,7 +180,9 @@ async fn pipeline(
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
-        tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade));
+        // hyper lets go of the client connection now; the tunnel keeps it in the counts.
+        let slot = OpenConnection::open(worker.shared.clone());
+        tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade, slot));
         let (parts, _) = fwd.response.into_parts();
         tail.guards = Some(fwd.guards);
         let mut resp = Response::from_parts(parts, ResponseBody::empty());
@@ -216,7 +218,11 @@ fn circuit(_route: &Route) -> Result<(), ProxyError> {
 }
 
 /// Splices the client's and the upstream's upgraded connections together.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _slot: OpenConnection,
+) {
     let (client, upstream) = match futures::future::try_join(client, upstream).await {
         Ok(pair) => pair,
         Err(e) => {

@@ -30,10 +30,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CpuScheduling;
-use crate::proxy::Shared;
 use crate::proxy::body::ResponseBody;
 use crate::proxy::phases::{self, Worker};
 use crate::proxy::respond::{ProxyError, error_response};
+use crate::proxy::{OpenConnection, Shared};
 use crate::telemetry::access_log::{AccessLog, Sink};
 
 /// Most connections answered "too many connections" at once; past this they are just
@@ -186,8 +186,7 @@ async fn run_worker(
             continue;
         }
         ::metrics::counter!("tollgate_connections_total").increment(1);
-        shared.open_gauge.increment(1.0);
-        let guard = OpenConnection(shared.clone());
+        let guard = OpenConnection::counted(shared.clone());
 
         let w = worker.clone();
         let peer = phases::Peer::new(peer);
@@ -249,15 +248,6 @@ async fn housekeeping(worker: Rc<Worker>) {
         if n.is_multiple_of(5) {
             worker.pool.sweep();
         }
-    }
-}
-
-struct OpenConnection(Arc<Shared>);
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
-        self.0.open_gauge.decrement(1.0);
     }
 }
 

@@ -15,10 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn spec(up: &Upstream) -> String {
-    format!(
-        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }} }}\n",
-        up.addr
-    )
+    harness::one_route_spec(up, "")
 }
 
 /// Sends raw bytes on a new connection and reads until the server closes (or 5 s).
@@ -354,17 +351,10 @@ async fn the_sdk_reads_node_status_over_grpc() {
     assert!(err.to_string().contains(&dead.to_string()), "{err}");
 }
 
-fn spec_with(up: &Upstream, upstream_extra: &str) -> String {
-    format!(
-        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] {upstream_extra} }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }} }}\n",
-        up.addr
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_abandons_its_upload_does_not_count_against_the_upstream() {
     let up = Upstream::start("a").await;
-    let gw = GatewayProcess::start(&spec_with(
+    let gw = GatewayProcess::start(&harness::one_route_spec(
         &up,
         ", outlier_detection: { consecutive_failures: 1, base_ejection_time: 30s }",
     ))
@@ -394,7 +384,11 @@ async fn a_client_that_abandons_its_upload_does_not_count_against_the_upstream()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_gets_408_and_a_closed_client_is_logged_499() {
     let up = Upstream::start("a").await;
-    let gw = GatewayProcess::start(&spec_with(&up, ", timeouts: { request: 300ms }")).await;
+    let gw = GatewayProcess::start(&harness::one_route_spec(
+        &up,
+        ", timeouts: { request: 300ms }",
+    ))
+    .await;
     // Starts a body, then sends nothing more while keeping the connection open.
     let mut s = TcpStream::connect(gw.proxy).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")

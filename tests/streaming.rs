@@ -17,10 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 const MB: usize = 1024 * 1024;
 
 fn spec(up: &Upstream, extra: &str) -> String {
-    format!(
-        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] {extra} }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }} }}\n",
-        up.addr
-    )
+    harness::one_route_spec(up, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,15 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl AsyncFnMut
     }
 }
 
+/// A spec with one upstream `a` (the given server; `upstream_extra` is spliced into its
+/// object, e.g. `", timeouts: { request: 300ms }"`) and one route `r` for every path.
+pub fn one_route_spec(up: &Upstream, upstream_extra: &str) -> String {
+    format!(
+        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] {upstream_extra} }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }} }}\n",
+        up.addr
+    )
+}
+
 // === the gateway process ===
 
 /// A `tollgate node` child process, killed when dropped.

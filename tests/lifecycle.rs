@@ -449,3 +449,33 @@ async fn a_connection_still_uploading_is_not_reused() {
     assert_eq!(resp.status, 200);
     drop(uploader);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_access_log_after_rotation() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&spec(&up)).await;
+    assert_eq!(gw.get("/before").await.status, 200);
+    eventually(
+        "the first line is written",
+        Duration::from_secs(3),
+        async || std::fs::read_to_string(&gw.access_log).is_ok_and(|l| l.contains("/before")),
+    )
+    .await;
+    // What logrotate does: move the file away, then signal.
+    let rotated = gw.access_log.with_extension("log.1");
+    std::fs::rename(&gw.access_log, &rotated).unwrap();
+    gw.signal("HUP");
+    eventually("the reload is done", Duration::from_secs(5), async || {
+        gw.admin_get("/readyz").await.json()["spec_generation"] == 2
+    })
+    .await;
+    assert_eq!(gw.get("/after").await.status, 200);
+    eventually(
+        "the new line goes to a new file",
+        Duration::from_secs(3),
+        async || std::fs::read_to_string(&gw.access_log).is_ok_and(|l| l.contains("/after")),
+    )
+    .await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+}

@@ -140,6 +140,7 @@ impl Node {
         };
         runtime.spawn(signals(
             handlers,
+            sink.clone(),
             specs.clone(),
             shared.clone(),
             shutdown.clone(),
@@ -309,6 +310,7 @@ impl Signals {
 
 async fn signals(
     signals: Signals,
+    access_log: Sink,
     specs: Arc<SpecLoader>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -321,6 +323,10 @@ async fn signals(
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                // After log rotation: new lines go to a new file under the same path.
+                if let Err(e) = access_log.reopen() {
+                    tracing::error!("SIGHUP: could not reopen the access log: {e:#}");
+                }
                 // Reading and resolving the spec blocks (DNS): off the runtime's threads, and
                 // not awaited here, so a SIGTERM during a slow reload is handled at once.
                 let specs = specs.clone();

@@ -22,7 +22,31 @@ const FLUSH_AT: usize = 64 * 1024;
 pub enum Sink {
     Off,
     Stdout,
-    File(Arc<Mutex<File>>),
+    File(Arc<LogFile>),
+}
+
+/// An access-log file that can be reopened under its path (after logrotate moved it).
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl LogFile {
+    fn open(path: &PathBuf) -> anyhow::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("open access log {}: {e}", path.display()))
+    }
+
+    fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file
+            .lock()
+            .expect("access log lock poisoned")
+            .write_all(bytes)
+    }
 }
 
 impl Sink {
@@ -32,14 +56,21 @@ impl Sink {
             "off" => Sink::Off,
             "stdout" | "-" => Sink::Stdout,
             path => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(PathBuf::from(path))
-                    .map_err(|e| anyhow::anyhow!("open access log {path}: {e}"))?;
-                Sink::File(Arc::new(Mutex::new(file)))
+                let path = PathBuf::from(path);
+                let file = Mutex::new(LogFile::open(&path)?);
+                Sink::File(Arc::new(LogFile { path, file }))
             }
         })
+    }
+
+    /// Reopens a file sink under its path (SIGHUP, after log rotation). Lines buffered by
+    /// the data-plane threads go to the new file.
+    pub fn reopen(&self) -> anyhow::Result<()> {
+        if let Sink::File(log) = self {
+            let fresh = LogFile::open(&log.path)?;
+            *log.file.lock().expect("access log lock poisoned") = fresh;
+        }
+        Ok(())
     }
 }
 
@@ -115,7 +146,7 @@ impl AccessLog {
         let result = match &self.sink {
             Sink::Off => Ok(()),
             Sink::Stdout => std::io::stdout().lock().write_all(&buf),
-            Sink::File(f) => f.lock().expect("access log lock poisoned").write_all(&buf),
+            Sink::File(f) => f.write_all(&buf),
         };
         if let Err(e) = result {
             tracing::warn!("failed to write the access log: {e}");

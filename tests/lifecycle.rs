@@ -479,3 +479,28 @@ async fn sighup_reopens_the_access_log_after_rotation() {
     let old = std::fs::read_to_string(&rotated).unwrap();
     assert!(old.contains("/before") && !old.contains("/after"), "{old}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_delay_reports_draining_while_still_serving() {
+    let up = Upstream::start("a").await;
+    let mut gw = GatewayProcess::start_with(&spec(&up), &["--shutdown-delay", "1s"]).await;
+    gw.signal("TERM");
+    eventually("readyz says draining", Duration::from_secs(3), async || {
+        gw.admin_get("/readyz").await.status == 503
+    })
+    .await;
+    assert_eq!(gw.admin_get("/readyz").await.json()["status"], "draining");
+    // Load balancers have not caught up yet: requests are still served.
+    assert_eq!(gw.get("/still-here").await.status, 200);
+    eventually(
+        "the listener closes after the delay",
+        Duration::from_secs(5),
+        async || TcpStream::connect(gw.proxy).await.is_err(),
+    )
+    .await;
+    let exit = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("node exits");
+    assert!(exit.success(), "{exit:?}");
+}

@@ -88,6 +88,10 @@ pub struct NodeArgs {
     /// On SIGTERM, how long in-flight requests may finish, e.g. `30s` [default: 30s]
     #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// On SIGTERM, how long to keep accepting while /readyz already says "draining", so
+    /// load balancers stop sending first, e.g. `5s` [default: 0s]
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_DELAY", value_parser = parse_duration)]
+    pub shutdown_delay: Option<Duration>,
     /// Write the bound addresses as JSON to this file once listening (for scripts and tests).
     #[arg(long, env = "TOLLGATE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
@@ -115,6 +119,8 @@ pub struct FileSettings {
     pub header_read_timeout: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     pub drain_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub shutdown_delay: Option<Duration>,
     pub addr_file: Option<PathBuf>,
 }
 
@@ -137,6 +143,7 @@ pub struct Settings {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    pub shutdown_delay: Duration,
     pub addr_file: Option<PathBuf>,
 }
 
@@ -159,6 +166,7 @@ impl Default for Settings {
             max_header_bytes: 32 * 1024,
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
             addr_file: None,
         }
     }
@@ -211,6 +219,10 @@ impl Settings {
                 .drain_timeout
                 .or(file.drain_timeout)
                 .unwrap_or(d.drain_timeout),
+            shutdown_delay: args
+                .shutdown_delay
+                .or(file.shutdown_delay)
+                .unwrap_or(d.shutdown_delay),
             addr_file: args.addr_file.or(file.addr_file),
         };
         s.check()?;

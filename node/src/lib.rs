@@ -140,6 +140,7 @@ impl Node {
         };
         runtime.spawn(signals(
             handlers,
+            settings.shutdown_delay,
             sink.clone(),
             specs.clone(),
             shared.clone(),
@@ -310,6 +311,7 @@ impl Signals {
 
 async fn signals(
     signals: Signals,
+    shutdown_delay: std::time::Duration,
     access_log: Sink,
     specs: Arc<SpecLoader>,
     shared: Arc<Shared>,
@@ -340,8 +342,21 @@ async fn signals(
             _ = shutdown.cancelled() => break,
         }
     }
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
     shared.ready.store(false, Ordering::Relaxed);
+    if !shutdown_delay.is_zero() && !shutdown.is_cancelled() {
+        // Load balancers see /readyz fail and stop sending; until then, keep serving. A
+        // second SIGTERM or Ctrl-C skips the wait.
+        tracing::info!(
+            ?shutdown_delay,
+            "shutting down: /readyz reports draining, still accepting"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(shutdown_delay) => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
     shutdown.cancel();
 }
 

@@ -121,11 +121,7 @@ async fn no_route_is_a_json_404_and_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_follows_weights() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let ups = Upstream::start_many(&["a", "b", "c"]).await;
     let spec = format!(
         r#"
 upstreams:
@@ -190,11 +186,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_pins_a_header_value_to_one_endpoint() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
+    let ups = Upstream::start_many(&["a", "b", "c"]).await;
     let spec = format!(
         r#"
 upstreams:

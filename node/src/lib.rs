@@ -53,7 +53,6 @@ pub struct BoundAddrs {
 pub struct Node {
     runtime: tokio::runtime::Runtime,
     workers: Vec<JoinHandle<()>>,
-    shutdown: CancellationToken,
     control: CancellationToken,
     addrs: BoundAddrs,
     specs: Arc<SpecLoader>,
@@ -152,7 +151,7 @@ impl Node {
             shared,
             sink,
             settings.cpu_scheduling,
-            shutdown.clone(),
+            shutdown,
         )?;
         if let Some(path) = &settings.addr_file {
             write_addr_file(path, &addrs)?;
@@ -169,7 +168,6 @@ impl Node {
         Ok(Node {
             runtime,
             workers,
-            shutdown,
             control,
             addrs,
             specs,
@@ -178,16 +176,6 @@ impl Node {
 
     pub fn addrs(&self) -> BoundAddrs {
         self.addrs
-    }
-
-    /// Reloads the spec file, as SIGHUP does.
-    pub fn reload(&self) -> Result<u64, SpecErrors> {
-        self.specs.reload()
-    }
-
-    /// A token that, when cancelled, starts the same drain as SIGTERM.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
     }
 
     /// Blocks until the node has shut down and its data-plane threads have drained.

@@ -337,6 +337,15 @@ impl Upstream {
         Upstream { addr, state, task }
     }
 
+    /// One upstream per name.
+    pub async fn start_many(names: &[&str]) -> Vec<Upstream> {
+        let mut ups = Vec::with_capacity(names.len());
+        for name in names {
+            ups.push(Upstream::start(name).await);
+        }
+        ups
+    }
+
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
     }

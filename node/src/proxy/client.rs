@@ -197,7 +197,7 @@ pub async fn forward(
         .map(|v| v.as_bytes().to_vec());
     // A request without a body can be sent again as is; one with a body only while it was
     // never sent.
-    let replayable = body.is_end_stream_hint() && idempotent(&head.method);
+    let replayable = http_body::Body::is_end_stream(&body) && idempotent(&head.method);
     let may_retry_sent = replayable
         && cluster.retry_attempts > 0
         && cluster
@@ -479,11 +479,4 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectE
         }
     });
     Ok(sender)
-}
-
-impl RequestBody {
-    /// True when the body is known to be empty before it is read.
-    fn is_end_stream_hint(&self) -> bool {
-        http_body::Body::is_end_stream(self)
-    }
 }

@@ -832,7 +832,7 @@ fn check_host(host: &str) -> Result<(), String> {
 }
 
 /// Resolves an endpoint address (`host:port`) to one socket address.
-pub fn resolve(address: &str) -> Result<SocketAddr, String> {
+fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = address.parse::<SocketAddr>() {
         return Ok(addr);
     }

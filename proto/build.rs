@@ -2,7 +2,11 @@
 //! produces the FileDescriptorSet, tonic-prost-build generates the code from it.
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["tollgate/node/v1/node_admin.proto"];
+const PROTOS: &[&str] = &[
+    "tollgate/node/v1/node_admin.proto",
+    "tollgate/raft/v1/raft.proto",
+    "tollgate/state/v1/state.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);

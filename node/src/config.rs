@@ -13,6 +13,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+use crate::raft::RaftSettings;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -49,7 +51,7 @@ pub struct NodeArgs {
     /// Proxy listener, HTTP/1.1 and h2c [default: 127.0.0.1:8080]
     #[arg(long, env = "TOLLGATE_PROXY_ADDR")]
     pub proxy_addr: Option<SocketAddr>,
-    /// Node gRPC listener (node admin API; Raft later) [default: 127.0.0.1:7070]
+    /// Node gRPC listener (node admin API and Raft) [default: 127.0.0.1:7070]
     #[arg(long, env = "TOLLGATE_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
     /// HTTP admin listener: /healthz, /readyz, /metrics [default: 127.0.0.1:7071]
@@ -58,7 +60,7 @@ pub struct NodeArgs {
     /// The node's region [default: default]
     #[arg(long, env = "TOLLGATE_REGION")]
     pub region: Option<String>,
-    /// Spec file (YAML) with routes and upstreams; reloaded on SIGHUP.
+    /// Spec file (YAML) applied when this node bootstraps a new cluster, and again on SIGHUP.
     #[arg(long, env = "TOLLGATE_SPEC")]
     pub spec: Option<PathBuf>,
     /// Process log format [default: text]
@@ -95,6 +97,38 @@ pub struct NodeArgs {
     /// Write the bound addresses as JSON to this file once listening (for scripts and tests).
     #[arg(long, env = "TOLLGATE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Start a new cluster with this node as its first voter (ignored once the data
+    /// directory holds a cluster's state).
+    #[arg(long, env = "TOLLGATE_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// Join the cluster through this member's gRPC address (HOST:PORT).
+    #[arg(long, env = "TOLLGATE_JOIN")]
+    pub join: Option<String>,
+    /// When joining: become a voter while the cluster has fewer voters than this, else
+    /// stay a learner [default: 3]
+    #[arg(long, env = "TOLLGATE_VOTERS")]
+    pub voters: Option<u32>,
+    /// The gRPC address peers dial to reach this node [default: the bound --grpc-addr]
+    #[arg(long, env = "TOLLGATE_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
+    /// Raft heartbeat interval, e.g. `75ms` [default: 75ms]
+    #[arg(long, env = "TOLLGATE_RAFT_HEARTBEAT", value_parser = parse_duration)]
+    pub raft_heartbeat: Option<Duration>,
+    /// Raft election timeout (the lower bound; the upper is twice it), e.g. `300ms` [default: 300ms]
+    #[arg(long, env = "TOLLGATE_RAFT_ELECTION_TIMEOUT", value_parser = parse_duration)]
+    pub raft_election_timeout: Option<Duration>,
+    /// Snapshot the state and compact the log every N entries [default: 5000]
+    #[arg(long, env = "TOLLGATE_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot for slow followers [default: 1000]
+    #[arg(long, env = "TOLLGATE_KEEP_LOGS")]
+    pub keep_logs: Option<u64>,
+    /// Largest spec a write may carry, in bytes [default: 1048576]
+    #[arg(long, env = "TOLLGATE_MAX_SPEC_BYTES")]
+    pub max_spec_bytes: Option<usize>,
+    /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
+    #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
+    pub enable_fault_injection: bool,
 }
 
 /// The same settings in a TOML file; unknown keys are an error.
@@ -122,6 +156,17 @@ pub struct FileSettings {
     #[serde(default, with = "opt_duration")]
     pub shutdown_delay: Option<Duration>,
     pub addr_file: Option<PathBuf>,
+    pub bootstrap: Option<bool>,
+    pub join: Option<String>,
+    pub voters: Option<u32>,
+    pub advertise_addr: Option<SocketAddr>,
+    #[serde(default, with = "opt_duration")]
+    pub raft_heartbeat: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub raft_election_timeout: Option<Duration>,
+    pub snapshot_every: Option<u64>,
+    pub keep_logs: Option<u64>,
+    pub max_spec_bytes: Option<usize>,
 }
 
 /// What the node runs with.
@@ -145,6 +190,13 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub shutdown_delay: Duration,
     pub addr_file: Option<PathBuf>,
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    pub voters: u32,
+    pub advertise_addr: Option<SocketAddr>,
+    pub raft: RaftSettings,
+    pub max_spec_bytes: usize,
+    pub enable_fault_injection: bool,
 }
 
 impl Default for Settings {
@@ -168,6 +220,13 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
             addr_file: None,
+            bootstrap: false,
+            join: None,
+            voters: 3,
+            advertise_addr: None,
+            raft: RaftSettings::default(),
+            max_spec_bytes: 1024 * 1024,
+            enable_fault_injection: false,
         }
     }
 }
@@ -224,6 +283,33 @@ impl Settings {
                 .or(file.shutdown_delay)
                 .unwrap_or(d.shutdown_delay),
             addr_file: args.addr_file.or(file.addr_file),
+            bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
+            join: args.join.or(file.join),
+            voters: args.voters.or(file.voters).unwrap_or(d.voters),
+            advertise_addr: args.advertise_addr.or(file.advertise_addr),
+            raft: RaftSettings {
+                heartbeat_interval: args
+                    .raft_heartbeat
+                    .or(file.raft_heartbeat)
+                    .unwrap_or(d.raft.heartbeat_interval),
+                election_timeout: args
+                    .raft_election_timeout
+                    .or(file.raft_election_timeout)
+                    .unwrap_or(d.raft.election_timeout),
+                snapshot_every: args
+                    .snapshot_every
+                    .or(file.snapshot_every)
+                    .unwrap_or(d.raft.snapshot_every),
+                keep_logs: args
+                    .keep_logs
+                    .or(file.keep_logs)
+                    .unwrap_or(d.raft.keep_logs),
+            },
+            max_spec_bytes: args
+                .max_spec_bytes
+                .or(file.max_spec_bytes)
+                .unwrap_or(d.max_spec_bytes),
+            enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;
         Ok(s)
@@ -242,6 +328,28 @@ impl Settings {
         }
         if self.header_read_timeout.is_zero() {
             problems.push("header_read_timeout must be greater than zero");
+        }
+        if self.id == 0 {
+            problems.push("id must be at least 1");
+        }
+        if self.bootstrap && self.join.is_some() {
+            problems.push("--bootstrap and --join exclude each other: bootstrap the first node, join the others to it");
+        }
+        if self.voters == 0 {
+            problems.push("voters must be at least 1");
+        }
+        if self.raft.heartbeat_interval.is_zero()
+            || self.raft.election_timeout <= self.raft.heartbeat_interval * 2
+        {
+            problems.push(
+                "raft_election_timeout must be more than twice raft_heartbeat (and neither zero)",
+            );
+        }
+        if self.raft.snapshot_every == 0 {
+            problems.push("snapshot_every must be at least 1");
+        }
+        if self.max_spec_bytes < 1024 {
+            problems.push("max_spec_bytes must be at least 1024");
         }
         if problems.is_empty() {
             Ok(())

@@ -7,12 +7,13 @@
 //!   data plane serves.
 //! - [`routing`]: the compiled route matcher, upstream clusters, health checks.
 //! - [`proxy`]: the HTTP data plane (thread per core, hyper 1).
+//! - [`raft`]: the Raft cluster (openraft + sled + gRPC) that replicates the state.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the node admin gRPC service.
 //! - [`telemetry`]: logs, metrics, access log.
 //!
 //! Threads: the data plane runs one current-thread runtime per core ([`proxy::server`]);
-//! everything else (admin endpoints, gRPC, health checks, spec reloads, signals) runs on a
-//! small separate runtime, and hands the data plane new snapshots through an `ArcSwap`.
+//! everything else (Raft, admin endpoints, gRPC, health checks, signals) runs on a small
+//! separate runtime, and hands the data plane new snapshots through an `ArcSwap`.
 //!
 //! [`Node::start`] binds every listener and returns once the node serves; [`Node::wait`]
 //! blocks until it has shut down (SIGTERM / SIGINT, drained) .
@@ -20,6 +21,7 @@
 pub mod admin;
 pub mod config;
 pub mod proxy;
+pub mod raft;
 pub mod routing;
 pub mod state;
 pub mod telemetry;
@@ -36,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::proxy::{Limits, Shared};
+use crate::raft::NodeInfo;
+use crate::raft::cluster::Cluster;
+use crate::raft::state_machine::Published;
 use crate::routing::upstream::EndpointRegistry;
 use crate::state::snapshot::Snapshot;
 use crate::state::spec::{Spec, SpecErrors};
@@ -55,12 +60,13 @@ pub struct Node {
     workers: Vec<JoinHandle<()>>,
     control: CancellationToken,
     addrs: BoundAddrs,
-    specs: Arc<SpecLoader>,
+    compiler: Arc<Compiler>,
+    cluster: Arc<Cluster>,
 }
 
 impl Node {
-    /// Loads the spec, binds every listener, starts every thread. Fails (listing every
-    /// spec error) without serving anything if the spec is invalid.
+    /// Opens the node's store, binds every listener, starts Raft and every thread. Fails
+    /// (listing every spec error) without serving anything if the `--spec` file is invalid.
     pub fn start(settings: Settings, metrics: PrometheusHandle) -> anyhow::Result<Node> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -74,17 +80,15 @@ impl Node {
             header_read_timeout: settings.header_read_timeout,
             drain_timeout: settings.drain_timeout,
         }));
-        let specs = Arc::new(SpecLoader {
-            path: settings.spec.clone(),
-            shared: shared.clone(),
-            registry: EndpointRegistry::default(),
-            health_checks: Mutex::new(CancellationToken::new()),
-            reloading: Mutex::new(()),
-            runtime: runtime.handle().clone(),
-        });
-        if settings.spec.is_some() {
-            specs.reload().map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+        // A bad bootstrap spec stops the node before it serves anything.
+        let bootstrap_spec = match &settings.spec {
+            Some(path) => Some(
+                read_spec_file(path, settings.max_spec_bytes)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+            None => None,
+        };
+        let db = raft::open_db(&settings.data_dir)?;
 
         let sink = Sink::open(&settings.access_log)?;
         let listeners =
@@ -108,20 +112,53 @@ impl Node {
             admin: admin_listener.local_addr()?,
             grpc: grpc_listener.local_addr()?,
         };
+        let advertise = settings.advertise_addr.unwrap_or(addrs.grpc);
+        if advertise.ip().is_unspecified() {
+            anyhow::bail!(
+                "the gRPC address {} is not one peers can dial; set --advertise-addr",
+                advertise
+            );
+        }
+        let info = NodeInfo {
+            grpc_addr: advertise.to_string(),
+            region: settings.region.clone(),
+            proxy_addr: addrs.proxy.to_string(),
+            admin_addr: addrs.admin.to_string(),
+        };
+        let cluster = runtime.block_on(Cluster::start(
+            settings.id,
+            info,
+            &db,
+            settings.raft,
+            settings.enable_fault_injection,
+            settings.max_spec_bytes,
+        ))?;
 
         // `shutdown` stops the data plane; `control` stops the admin side once the data
         // plane has drained, so /readyz can say "draining" meanwhile.
         let shutdown = CancellationToken::new();
         let control = CancellationToken::new();
+        let compiler = Arc::new(Compiler {
+            shared: shared.clone(),
+            registry: EndpointRegistry::default(),
+            health_checks: Mutex::new(CancellationToken::new()),
+            runtime: runtime.handle().clone(),
+        });
+        runtime.spawn(
+            compiler
+                .clone()
+                .follow(cluster.state_machine.subscribe(), control.clone()),
+        );
         runtime.spawn(admin::http::serve(
             admin_listener,
             shared.clone(),
+            Some(cluster.clone()),
             metrics.clone(),
             control.clone(),
         ));
         let service = admin::grpc::AdminService {
             shared: shared.clone(),
-            node_id: settings.id,
+            cluster: cluster.clone(),
             region: settings.region.clone(),
             proxy_addr: addrs.proxy.to_string(),
             admin_addr: addrs.admin.to_string(),
@@ -133,6 +170,23 @@ impl Node {
             }
         });
         runtime.spawn(telemetry::metrics::upkeep(metrics));
+        runtime.spawn(telemetry::metrics::raft_metrics(
+            cluster.clone(),
+            control.clone(),
+        ));
+
+        if settings.bootstrap {
+            runtime.block_on(bootstrap(&cluster, bootstrap_spec.as_deref()))?;
+        } else if bootstrap_spec.is_some() && settings.join.is_some() {
+            tracing::warn!(
+                "--spec is applied only by the node that bootstraps the cluster; this node joins, so it is ignored"
+            );
+        }
+        if let Some(peer) = &settings.join {
+            let _context = runtime.enter();
+            cluster.spawn_join(peer.clone(), settings.voters, control.clone());
+        }
+
         let handlers = {
             let _context = runtime.enter();
             Signals::register()?
@@ -141,7 +195,8 @@ impl Node {
             handlers,
             settings.shutdown_delay,
             sink.clone(),
-            specs.clone(),
+            settings.spec.clone(),
+            cluster.clone(),
             shared.clone(),
             shutdown.clone(),
         ));
@@ -162,6 +217,7 @@ impl Node {
             proxy = %addrs.proxy,
             admin = %addrs.admin,
             grpc = %addrs.grpc,
+            advertise = %advertise,
             workers = workers.len(),
             "tollgate node serving"
         );
@@ -170,7 +226,8 @@ impl Node {
             workers,
             control,
             addrs,
-            specs,
+            compiler,
+            cluster,
         })
     }
 
@@ -185,8 +242,12 @@ impl Node {
                 anyhow::bail!("a data-plane thread panicked");
             }
         }
-        self.specs.health_checks.lock().expect("lock").cancel();
+        self.compiler.health_checks.lock().expect("lock").cancel();
         self.control.cancel();
+        let raft = self.cluster.raft.clone();
+        let _ = self.runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(2), raft.shutdown()).await
+        });
         self.runtime
             .shutdown_timeout(std::time::Duration::from_secs(2));
         tracing::info!("tollgate node stopped");
@@ -194,48 +255,90 @@ impl Node {
     }
 }
 
-/// Loads the spec file into a new snapshot and swaps it in.
-struct SpecLoader {
-    path: Option<PathBuf>,
+/// Starts a new cluster with this node (once: a restart finds it initialized) and, on a
+/// fresh cluster, applies the bootstrap spec.
+async fn bootstrap(cluster: &Cluster, spec: Option<&str>) -> anyhow::Result<()> {
+    if cluster.bootstrap().await? {
+        tracing::info!(node = cluster.id, "bootstrapped a new cluster");
+    }
+    let Some(spec) = spec else { return Ok(()) };
+    let fresh = cluster.state_machine.read(|a| a.state.generation == 0);
+    if !fresh {
+        tracing::info!(
+            "the cluster already has a spec; --spec is not applied again (use `tollgate apply`)"
+        );
+        return Ok(());
+    }
+    let req = tollgate_proto::node::v1::ApplySpecRequest {
+        spec_yaml: spec.to_string(),
+        dry_run: false,
+        request_id: String::new(),
+    };
+    let resp = cluster
+        .apply_spec(req, false)
+        .await
+        .map_err(|s| anyhow::anyhow!("apply the bootstrap spec: {}", s.message()))?;
+    tracing::info!(generation = resp.generation, "bootstrap spec applied");
+    Ok(())
+}
+
+/// Compiles each newly applied spec into the data plane's Snapshot, off the Raft task and
+/// off the data-plane threads, and swaps it in.
+struct Compiler {
     shared: Arc<Shared>,
     registry: EndpointRegistry,
     health_checks: Mutex<CancellationToken>,
-    reloading: Mutex<()>,
     runtime: tokio::runtime::Handle,
 }
 
-impl SpecLoader {
-    fn reload(&self) -> Result<u64, SpecErrors> {
-        let result = self.try_reload();
-        let label = if result.is_ok() { "ok" } else { "invalid" };
-        metrics::counter!("tollgate_spec_reloads_total", "result" => label).increment(1);
-        result
+impl Compiler {
+    async fn follow(
+        self: Arc<Self>,
+        mut applied: tokio::sync::watch::Receiver<Published>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let next = applied.borrow_and_update().clone();
+            if next.generation != self.shared.snapshot.load().generation {
+                let this = self.clone();
+                // Building resolves endpoint names (blocking) and compiles the matcher.
+                let _ = tokio::task::spawn_blocking(move || this.swap_in(&next)).await;
+            }
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
     }
 
-    fn try_reload(&self) -> Result<u64, SpecErrors> {
-        // One reload at a time: each takes the generation after the one it replaces.
-        let _one_at_a_time = self.reloading.lock().expect("reload lock poisoned");
-        let Some(path) = &self.path else {
-            let mut e = SpecErrors::default();
-            e.push("spec", "no spec file was given (--spec FILE)");
-            return Err(e);
+    fn swap_in(&self, next: &Published) {
+        let result = Spec::from_yaml(&next.spec_yaml)
+            .and_then(|spec| Snapshot::build(&spec, next.generation, &self.registry));
+        let snapshot = match result {
+            Ok(s) => Arc::new(s),
+            Err(errors) => {
+                // Checked on the leader, so this is local (a name that does not resolve
+                // here): keep serving the previous snapshot and say so.
+                metrics::counter!("tollgate_snapshot_build_failures_total").increment(1);
+                tracing::error!(
+                    generation = next.generation,
+                    "cannot compile the applied spec on this node; still serving generation {}. {errors}",
+                    self.shared.snapshot.load().generation
+                );
+                return;
+            }
         };
-        let spec = read_spec(path)?;
-        let generation = self.shared.snapshot.load().generation + 1;
-        let snapshot = Arc::new(Snapshot::build(&spec, generation, &self.registry)?);
         let checks = routing::health::spawn_checks(&snapshot.clusters, &self.runtime);
         self.shared.snapshot.store(snapshot.clone());
         let old = std::mem::replace(&mut *self.health_checks.lock().expect("lock"), checks);
         old.cancel();
-        metrics::gauge!("tollgate_spec_generation").set(generation as f64);
+        metrics::gauge!("tollgate_spec_generation").set(next.generation as f64);
         tracing::info!(
-            generation,
+            generation = next.generation,
             routes = snapshot.routes.len(),
             upstreams = snapshot.clusters.len(),
-            spec = %path.display(),
-            "spec loaded"
+            "serving a new spec generation"
         );
-        Ok(generation)
     }
 }
 
@@ -262,6 +365,16 @@ pub fn run_from_args(args: config::NodeArgs) -> std::process::ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads a spec file and checks it the way a write would.
+fn read_spec_file(path: &Path, max_bytes: usize) -> Result<String, SpecErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut errors = SpecErrors::default();
+        errors.push("spec", format!("cannot read {}: {e}", path.display()));
+        errors
+    })?;
+    state::machine::check_spec(&text, max_bytes).map(|c| c.yaml)
 }
 
 /// Reads and checks a spec file.
@@ -301,7 +414,8 @@ async fn signals(
     signals: Signals,
     shutdown_delay: std::time::Duration,
     access_log: Sink,
-    specs: Arc<SpecLoader>,
+    spec: Option<PathBuf>,
+    cluster: Arc<Cluster>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
@@ -317,13 +431,12 @@ async fn signals(
                 if let Err(e) = access_log.reopen() {
                     tracing::error!("SIGHUP: could not reopen the access log: {e:#}");
                 }
-                // Reading and resolving the spec blocks (DNS): off the runtime's threads, and
-                // not awaited here, so a SIGTERM during a slow reload is handled at once.
-                let specs = specs.clone();
-                tokio::task::spawn_blocking(move || match specs.reload() {
-                    Ok(generation) => tracing::info!(generation, "SIGHUP: spec reloaded"),
-                    Err(errors) => tracing::error!("SIGHUP: spec refused, still serving the previous one. {errors}"),
-                });
+                // Re-apply the --spec file through the cluster (forwarded to the leader), not
+                // awaited here, so a SIGTERM during a slow apply is handled at once.
+                if let Some(path) = spec.clone() {
+                    let cluster = cluster.clone();
+                    tokio::spawn(async move { reapply(&cluster, &path).await });
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -346,6 +459,34 @@ async fn signals(
     }
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     shutdown.cancel();
+}
+
+async fn reapply(cluster: &Cluster, path: &Path) {
+    let text = match tokio::fs::read_to_string(path).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("SIGHUP: cannot read {}: {e}", path.display());
+            return;
+        }
+    };
+    let req = tollgate_proto::node::v1::ApplySpecRequest {
+        spec_yaml: text,
+        dry_run: false,
+        request_id: String::new(),
+    };
+    match cluster.apply_spec(req, false).await {
+        Ok(r) => {
+            metrics::counter!("tollgate_spec_reloads_total", "result" => "ok").increment(1);
+            tracing::info!(generation = r.generation, added = ?r.added, changed = ?r.changed, removed = ?r.removed, "SIGHUP: spec applied");
+        }
+        Err(s) => {
+            metrics::counter!("tollgate_spec_reloads_total", "result" => "invalid").increment(1);
+            tracing::error!(
+                "SIGHUP: spec refused, the cluster keeps the previous one. {}",
+                s.message()
+            );
+        }
+    }
 }
 
 fn write_addr_file(path: &Path, addrs: &BoundAddrs) -> anyhow::Result<()> {

@@ -10,6 +10,18 @@ pub mod node {
     }
 }
 
+pub mod raft {
+    pub mod v1 {
+        tonic::include_proto!("tollgate.raft.v1");
+    }
+}
+
+pub mod state {
+    pub mod v1 {
+        tonic::include_proto!("tollgate.state.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every proto in this crate, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tollgate_descriptor.bin"));

@@ -1,24 +1,36 @@
-//! The node admin gRPC service (`tollgate.node.v1.NodeAdmin`, default 127.0.0.1:7070),
-//! with `grpc.health.v1` and server reflection beside it. Raft's peer RPCs and cluster
-//! membership join this server when the cluster lands.
+//! The node's gRPC server (default 127.0.0.1:7070): the node admin API
+//! (`tollgate.node.v1.NodeAdmin`), node-to-node Raft (`tollgate.raft.v1.Raft`),
+//! `grpc.health.v1` and server reflection.
+//!
+//! Admin calls that change the cluster run on the leader; any node accepts them and
+//! forwards (see [`crate::raft::cluster`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_proto::node::v1::node_admin_server::{NodeAdmin, NodeAdminServer};
-use tollgate_proto::node::v1::{StatusRequest, StatusResponse};
+use tollgate_proto::node::v1::*;
+use tollgate_proto::raft::v1::raft_server::RaftServer;
 use tonic::{Request, Response, Status};
 
 use crate::proxy::Shared;
+use crate::raft::cluster::{Cluster, FORWARDED_METADATA};
+use crate::raft::network::MAX_MESSAGE_BYTES;
 
 pub struct AdminService {
     pub shared: Arc<Shared>,
-    pub node_id: u64,
+    pub cluster: Arc<Cluster>,
     pub region: String,
     pub proxy_addr: String,
     pub admin_addr: String,
+}
+
+fn forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_METADATA)
 }
 
 #[tonic::async_trait]
@@ -29,7 +41,7 @@ impl NodeAdmin for AdminService {
     ) -> Result<Response<StatusResponse>, Status> {
         let snapshot = self.shared.snapshot.load();
         Ok(Response::new(StatusResponse {
-            node_id: self.node_id,
+            node_id: self.cluster.id,
             region: self.region.clone(),
             spec_generation: snapshot.generation,
             routes: snapshot.routes.len() as u32,
@@ -39,7 +51,80 @@ impl NodeAdmin for AdminService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             proxy_addr: self.proxy_addr.clone(),
             admin_addr: self.admin_addr.clone(),
+            applied_generation: self.cluster.state_machine.read(|a| a.state.generation),
         }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.cluster.status()))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let fwd = forwarded(&req);
+        Ok(Response::new(
+            self.cluster.join(req.into_inner(), fwd).await?,
+        ))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
+        let fwd = forwarded(&req);
+        Ok(Response::new(
+            self.cluster.remove(req.into_inner(), fwd).await?,
+        ))
+    }
+
+    async fn apply_spec(
+        &self,
+        req: Request<ApplySpecRequest>,
+    ) -> Result<Response<ApplySpecResponse>, Status> {
+        let fwd = forwarded(&req);
+        Ok(Response::new(
+            self.cluster.apply_spec(req.into_inner(), fwd).await?,
+        ))
+    }
+
+    async fn read_spec(
+        &self,
+        req: Request<ReadSpecRequest>,
+    ) -> Result<Response<ReadSpecResponse>, Status> {
+        let fwd = forwarded(&req);
+        Ok(Response::new(
+            self.cluster.read_spec(req.into_inner(), fwd).await?,
+        ))
+    }
+
+    async fn history(
+        &self,
+        _req: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        Ok(Response::new(HistoryResponse {
+            changes: self.cluster.history(),
+        }))
+    }
+
+    async fn set_faults(
+        &self,
+        req: Request<SetFaultsRequest>,
+    ) -> Result<Response<SetFaultsResponse>, Status> {
+        let faults = &self.cluster.peers.faults;
+        if !faults.enabled {
+            return Err(Status::failed_precondition(
+                "fault injection is off; start the node with --enable-fault-injection (tests only)",
+            ));
+        }
+        let peers = req.into_inner().isolate_from;
+        tracing::warn!(
+            ?peers,
+            "fault injection: dropping Raft traffic to and from these nodes"
+        );
+        faults.set_isolated(peers);
+        Ok(Response::new(SetFaultsResponse {}))
     }
 }
 
@@ -48,19 +133,67 @@ pub async fn serve(
     service: AdminService,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let raft = service.cluster.raft_service();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeAdminServer<AdminService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(DecodeErrorsAreInvalidArgument))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(NodeAdminServer::new(service))
+        .add_service(
+            NodeAdminServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RaftServer::new(raft)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown.cancelled_owned(),
         )
         .await?;
     Ok(())
+}
+
+/// A request body that is not the protobuf message the method takes is the caller's
+/// mistake: INVALID_ARGUMENT, not the INTERNAL that tonic's codec answers with.
+#[derive(Clone)]
+struct DecodeErrorsAreInvalidArgument<S>(S);
+
+impl<S, B, R> tower::Service<http::Request<B>> for DecodeErrorsAreInvalidArgument<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            let headers = resp.headers_mut();
+            let decode_error = headers.get("grpc-status").is_some_and(|s| s == "13")
+                && headers.get("grpc-message").is_some_and(|m| {
+                    let m = m.as_bytes();
+                    m.starts_with(b"failed to decode Protobuf message")
+                        || m.starts_with(b"failed%20to%20decode%20Protobuf%20message")
+                });
+            if decode_error {
+                headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+            }
+            Ok(resp)
+        })
+    }
 }

@@ -1,8 +1,10 @@
 //! The node's HTTP admin endpoints (default 127.0.0.1:7071):
 //!
 //! - `GET /healthz`: 200 while the process runs.
-//! - `GET /readyz`: 200 while the data plane accepts traffic, 503 while draining; the body
-//!   says which spec generation is served.
+//! - `GET /readyz`: 200 while the data plane accepts traffic, 503 while draining. The body
+//!   says which spec generation is served and whether the cluster side is `ok` or
+//!   `degraded` (and why): a node cut off from its leader stays ready, because it keeps
+//!   serving its last Snapshot (DESIGN.md decision 5).
 //! - `GET /metrics`: Prometheus text.
 //!
 //! Served on the cluster-side runtime, never on the data-plane threads.
@@ -22,10 +24,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Shared;
+use crate::raft::cluster::Cluster;
 
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    cluster: Option<Arc<Cluster>>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) {
@@ -43,9 +47,10 @@ pub async fn serve(
         };
         let shared = shared.clone();
         let metrics = metrics.clone();
+        let cluster = cluster.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&req, &shared, &metrics);
+                let resp = route(&req, &shared, cluster.as_deref(), &metrics);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -58,6 +63,7 @@ pub async fn serve(
 fn route(
     req: &Request<Incoming>,
     shared: &Shared,
+    cluster: Option<&Cluster>,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -70,16 +76,20 @@ fn route(
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         "/readyz" => {
             let generation = shared.snapshot.load().generation;
+            let degraded = cluster.and_then(|c| c.degraded());
+            let mut body = serde_json::json!({
+                "spec_generation": generation,
+                "cluster": if degraded.is_some() { "degraded" } else { "ok" },
+            });
+            if let Some(reason) = degraded {
+                body["reason"] = reason.into();
+            }
             if shared.ready.load(Ordering::Relaxed) {
-                json(
-                    StatusCode::OK,
-                    serde_json::json!({"status": "ready", "spec_generation": generation}),
-                )
+                body["status"] = "ready".into();
+                json(StatusCode::OK, body)
             } else {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"status": "draining", "spec_generation": generation}),
-                )
+                body["status"] = "draining".into();
+                json(StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }
         "/metrics" => {

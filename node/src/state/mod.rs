@@ -1,6 +1,7 @@
-//! The state the data plane serves: the declarative spec ([`spec`]) and the immutable
-//! [`snapshot::Snapshot`] compiled from it. The replicated state machine (Raft) joins
-//! here when the cluster lands; it will produce the same snapshots.
+//! The cluster's state and what the data plane serves from it: the declarative spec
+//! ([`spec`]), the replicated state machine it lives in ([`machine`], applied by Raft), and
+//! the immutable [`snapshot::Snapshot`] every node compiles from it.
 
+pub mod machine;
 pub mod snapshot;
 pub mod spec;

@@ -40,7 +40,120 @@ pub async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// Exports Raft's state as gauges whenever it changes: term, leader, log indexes,
+/// replication lag per peer, members by role.
+pub async fn raft_metrics(
+    cluster: std::sync::Arc<crate::raft::cluster::Cluster>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut rx = cluster.raft.metrics();
+    let mut known_peers: Vec<u64> = Vec::new();
+    loop {
+        let m = rx.borrow_and_update().clone();
+        metrics::gauge!("tollgate_raft_term").set(m.current_term as f64);
+        metrics::gauge!("tollgate_raft_leader").set(m.current_leader.unwrap_or(0) as f64);
+        metrics::gauge!("tollgate_raft_is_leader").set(if m.current_leader == Some(cluster.id) {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("tollgate_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("tollgate_raft_applied_index")
+            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+        metrics::gauge!("tollgate_raft_committed_index")
+            .set(cluster.log.committed_index().unwrap_or(0) as f64);
+        metrics::gauge!("tollgate_raft_snapshot_index")
+            .set(m.snapshot.map(|l| l.index).unwrap_or(0) as f64);
+        metrics::gauge!("tollgate_raft_purged_index")
+            .set(m.purged.map(|l| l.index).unwrap_or(0) as f64);
+        metrics::gauge!("tollgate_state_generation")
+            .set(cluster.state_machine.read(|a| a.state.generation) as f64);
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().count();
+        let members = membership.nodes().count();
+        metrics::gauge!("tollgate_raft_members", "role" => "voter").set(voters as f64);
+        metrics::gauge!("tollgate_raft_members", "role" => "learner")
+            .set((members - voters) as f64);
+        // Lag per peer, known only on the leader; zeroed for peers no longer replicated to.
+        let last = m.last_log_index.unwrap_or(0);
+        let mut peers = Vec::new();
+        if let Some(replication) = &m.replication {
+            for (peer, matched) in replication {
+                if *peer == cluster.id {
+                    continue;
+                }
+                let lag = last.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                metrics::gauge!("tollgate_raft_replication_lag", "peer" => peer.to_string())
+                    .set(lag as f64);
+                peers.push(*peer);
+            }
+        }
+        for gone in known_peers.iter().filter(|p| !peers.contains(p)) {
+            metrics::gauge!("tollgate_raft_replication_lag", "peer" => gone.to_string()).set(0.0);
+        }
+        known_peers = peers;
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 fn describe() {
+    describe_gauge!("tollgate_raft_term", "Current Raft term");
+    describe_gauge!(
+        "tollgate_raft_leader",
+        "Id of the leader this node knows (0: none)"
+    );
+    describe_gauge!("tollgate_raft_is_leader", "1 when this node is the leader");
+    describe_gauge!(
+        "tollgate_raft_last_log_index",
+        "Last index in this node's Raft log"
+    );
+    describe_gauge!(
+        "tollgate_raft_committed_index",
+        "Last committed index this node knows"
+    );
+    describe_gauge!(
+        "tollgate_raft_applied_index",
+        "Last index applied to this node's state machine"
+    );
+    describe_gauge!(
+        "tollgate_raft_snapshot_index",
+        "Last index in this node's latest snapshot"
+    );
+    describe_gauge!(
+        "tollgate_raft_purged_index",
+        "Last index compacted out of the log"
+    );
+    describe_gauge!(
+        "tollgate_raft_replication_lag",
+        "Entries a peer is behind the leader's log, by peer (leader only)"
+    );
+    describe_gauge!(
+        "tollgate_raft_members",
+        "Cluster members by role (voter, learner)"
+    );
+    describe_gauge!(
+        "tollgate_state_generation",
+        "Spec generation applied by this node's state machine"
+    );
+    describe_counter!(
+        "tollgate_raft_snapshots_built_total",
+        "Snapshots this node built (log compactions)"
+    );
+    describe_counter!(
+        "tollgate_raft_snapshots_installed_total",
+        "Snapshots received from a leader and installed"
+    );
+    describe_histogram!(
+        "tollgate_raft_write_seconds",
+        "Time for a write to be committed and applied on the leader"
+    );
+    describe_counter!(
+        "tollgate_snapshot_build_failures_total",
+        "Applied specs this node could not compile into its data plane"
+    );
     describe_counter!(
         "tollgate_requests_total",
         "Requests answered, by route and status class (route `_none` when nothing matched)"

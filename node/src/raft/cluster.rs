@@ -1,0 +1,573 @@
+//! What a node does as a cluster member, for the node admin API, startup and signals:
+//! bootstrap and join, writes (forwarded to the leader), linearizable reads, removal,
+//! status and health.
+//!
+//! Errors are gRPC statuses phrased for the caller: INVALID_ARGUMENT lists every problem in
+//! a spec; UNAVAILABLE says there is no leader (with the leader's address in the
+//! `x-tollgate-leader` metadata when it is known) or that a write was not committed in time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tokio_util::sync::CancellationToken;
+use tollgate_proto::node::v1 as api;
+use tollgate_proto::node::v1::node_admin_client::NodeAdminClient;
+use tollgate_proto::state::v1::Change;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use super::log_store::LogStore;
+use super::network::{Faults, MAX_MESSAGE_BYTES, Network, Peers};
+use super::service::{RaftService, now_ms};
+use super::state_machine::StateMachineStore;
+use super::{NodeId, NodeInfo, Raft, RaftSettings};
+use crate::state::machine::{Applied, check_spec, put_spec_command};
+
+/// Metadata key naming the leader's gRPC address on UNAVAILABLE answers.
+pub const LEADER_METADATA: &str = "x-tollgate-leader";
+/// Metadata key marking a request one node forwarded to another (never forwarded twice).
+pub const FORWARDED_METADATA: &str = "x-tollgate-forwarded-by";
+
+/// How long a write may wait for a leader to be elected before UNAVAILABLE.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How long a write may wait to be committed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a join may take to add and catch up a learner.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Cluster {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub raft: Raft,
+    pub state_machine: StateMachineStore,
+    pub log: LogStore,
+    pub peers: Arc<Peers>,
+    pub settings: RaftSettings,
+    pub max_spec_bytes: usize,
+    /// When this node last heard from a leader (ms since the epoch); start time until then.
+    pub last_leader_contact_ms: Arc<AtomicU64>,
+}
+
+/// Where a request that must run on the leader goes.
+enum Target {
+    Local,
+    Leader(NodeAdminClient<Channel>),
+}
+
+impl Cluster {
+    pub async fn start(
+        id: NodeId,
+        info: NodeInfo,
+        db: &sled::Db,
+        settings: RaftSettings,
+        fault_injection: bool,
+        max_spec_bytes: usize,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let log = LogStore::open(db)?;
+        let state_machine = StateMachineStore::open(db)?;
+        let peers = Arc::new(Peers::new(Faults::new(fault_injection)));
+        let config = Arc::new(settings.openraft_config()?);
+        let raft = Raft::new(
+            id,
+            config,
+            Network {
+                peers: peers.clone(),
+            },
+            log.clone(),
+            state_machine.clone(),
+        )
+        .await?;
+        Ok(Arc::new(Cluster {
+            id,
+            info,
+            raft,
+            state_machine,
+            log,
+            peers,
+            settings,
+            max_spec_bytes,
+            last_leader_contact_ms: Arc::new(AtomicU64::new(now_ms())),
+        }))
+    }
+
+    pub fn raft_service(&self) -> RaftService {
+        RaftService {
+            raft: self.raft.clone(),
+            peers: self.peers.clone(),
+            last_leader_contact_ms: self.last_leader_contact_ms.clone(),
+        }
+    }
+
+    /// Starts a new single-voter cluster with this node, unless this node's store already
+    /// belongs to one (a restart must never initialize again: STACK.md pitfall 5).
+    pub async fn bootstrap(&self) -> anyhow::Result<bool> {
+        if self.raft.is_initialized().await? {
+            return Ok(false);
+        }
+        let members = BTreeMap::from([(self.id, self.info.clone())]);
+        self.raft.initialize(members).await?;
+        Ok(true)
+    }
+
+    /// Keeps asking `peer` to let this node join until it has (a restarted member asks
+    /// too: joining is idempotent and may promote it).
+    pub fn spawn_join(self: &Arc<Self>, peer: String, max_voters: u32, stop: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match this.join_via(&peer, max_voters).await {
+                    Ok(resp) => {
+                        tracing::info!(peer, role = %resp.role, leader = resp.leader, "joined the cluster");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(peer, "join failed, retrying in {delay:?}: {e}"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    async fn join_via(&self, peer: &str, max_voters: u32) -> Result<api::JoinResponse, String> {
+        let channel = self.peers.channel(peer)?;
+        let mut client = NodeAdminClient::new(channel);
+        let mut req = tonic::Request::new(api::JoinRequest {
+            node_id: self.id,
+            grpc_addr: self.info.grpc_addr.clone(),
+            region: self.info.region.clone(),
+            proxy_addr: self.info.proxy_addr.clone(),
+            admin_addr: self.info.admin_addr.clone(),
+            max_voters,
+        });
+        req.set_timeout(JOIN_TIMEOUT + Duration::from_secs(5));
+        client
+            .join(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+
+    /// Waits (briefly) for a leader and says where a leader-only request must go.
+    async fn target(&self, forwarded: bool) -> Result<Target, Status> {
+        let metrics = self
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "no leader: node {} has not seen an elected leader within {LEADER_WAIT:?}; \
+                     the cluster may have lost its quorum. Retry, or check `tollgate cluster status`",
+                    self.id
+                ))
+            })?;
+        let leader = metrics.current_leader.expect("waited for a leader");
+        if leader == self.id {
+            return Ok(Target::Local);
+        }
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.grpc_addr.clone())
+            .unwrap_or_default();
+        if forwarded {
+            return Err(not_leader(self.id, leader, &addr));
+        }
+        if self.peers.faults.is_isolated(leader) {
+            return Err(with_leader(
+                Status::unavailable(format!(
+                    "node {} cannot reach the leader (node {leader})",
+                    self.id
+                )),
+                &addr,
+            ));
+        }
+        let channel = self
+            .peers
+            .channel(&addr)
+            .map_err(|e| with_leader(Status::unavailable(e), &addr))?;
+        Ok(Target::Leader(
+            NodeAdminClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ))
+    }
+
+    fn forward<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert(FORWARDED_METADATA, MetadataValue::from(self.id));
+        req.set_timeout(COMMIT_TIMEOUT + LEADER_WAIT + Duration::from_secs(2));
+        req
+    }
+
+    /// Validates a spec and replaces the cluster's spec with it (or only plans, on a dry
+    /// run). Runs on the leader; elsewhere it is forwarded there.
+    pub async fn apply_spec(
+        &self,
+        req: api::ApplySpecRequest,
+        forwarded: bool,
+    ) -> Result<api::ApplySpecResponse, Status> {
+        // Check here first: a bad spec is refused by whichever node got it.
+        let yaml = req.spec_yaml.clone();
+        let max = self.max_spec_bytes;
+        let checked = tokio::task::spawn_blocking(move || check_spec(&yaml, max))
+            .await
+            .map_err(|e| Status::internal(format!("spec check failed: {e}")))?
+            .map_err(|errors| {
+                Status::invalid_argument(format!(
+                    "the spec was refused, nothing was applied. {errors}"
+                ))
+            })?;
+        if req.dry_run {
+            let plan = self
+                .state_machine
+                .read(|a| (a.state.plan(&checked.objects), a.state.generation));
+            return Ok(api::ApplySpecResponse {
+                added: plan.0.added,
+                changed: plan.0.changed,
+                removed: plan.0.removed,
+                generation: plan.1,
+                log_index: 0,
+                dry_run: true,
+            });
+        }
+        match self.target(forwarded).await? {
+            Target::Leader(mut client) => {
+                Ok(client.apply_spec(self.forward(req)).await?.into_inner())
+            }
+            Target::Local => {
+                let cmd = put_spec_command(&checked, &req.request_id);
+                let applied = self.write(cmd).await?;
+                Ok(api::ApplySpecResponse {
+                    added: applied.added,
+                    changed: applied.changed,
+                    removed: applied.removed,
+                    generation: applied.generation,
+                    log_index: applied.log_index,
+                    dry_run: false,
+                })
+            }
+        }
+    }
+
+    async fn write(&self, cmd: tollgate_proto::state::v1::Command) -> Result<Applied, Status> {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await;
+        metrics::histogram!("tollgate_raft_write_seconds").record(started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => Err(Status::unavailable(format!(
+                "the write was not committed within {COMMIT_TIMEOUT:?}: this leader may have lost \
+                 its quorum. It may still be applied; check the generation before retrying \
+                 (a retry with the same request id is applied once)"
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Status {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
+                Some(l) => not_leader(
+                    self.id,
+                    l,
+                    &f.leader_node.map(|n| n.grpc_addr).unwrap_or_default(),
+                ),
+                None => Status::unavailable(
+                    "no leader right now (an election is under way); retry shortly",
+                ),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                Status::failed_precondition(format!("membership change refused: {e}"))
+            }
+            RaftError::Fatal(e) => {
+                Status::unavailable(format!("raft on node {} stopped: {e}", self.id))
+            }
+        }
+    }
+
+    /// Adds a node as a learner (waiting for it to catch up) and promotes it to voter while
+    /// the cluster has fewer voters than `max_voters`.
+    pub async fn join(
+        &self,
+        req: api::JoinRequest,
+        forwarded: bool,
+    ) -> Result<api::JoinResponse, Status> {
+        if req.node_id == 0 {
+            return Err(Status::invalid_argument(
+                "node_id must be at least 1 (set --id)",
+            ));
+        }
+        if req.grpc_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "grpc_addr {:?} is not HOST:PORT with an IP address; set --advertise-addr",
+                req.grpc_addr
+            )));
+        }
+        if let Target::Leader(mut client) = self.target(forwarded).await? {
+            return Ok(client.join(self.forward(req)).await?.into_inner());
+        }
+        let node = NodeInfo {
+            grpc_addr: req.grpc_addr.clone(),
+            region: req.region.clone(),
+            proxy_addr: req.proxy_addr.clone(),
+            admin_addr: req.admin_addr.clone(),
+        };
+        let id = req.node_id;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let known = membership.membership().get_node(&id).cloned();
+        let change = match known {
+            None => Some(ChangeMembers::AddNodes(BTreeMap::from([(id, node)]))),
+            // Same id, new address (a restart on another port or host): update it.
+            Some(existing) if existing != node => {
+                Some(ChangeMembers::SetNodes(BTreeMap::from([(id, node)])))
+            }
+            Some(_) => None,
+        };
+        if let Some(change) = change {
+            self.membership_change(change).await?;
+            // Wait until the learner has caught up with the log as it is now.
+            let target = self.raft.metrics().borrow().last_log_index;
+            let caught_up = self
+                .raft
+                .wait(Some(JOIN_TIMEOUT))
+                .metrics(
+                    |m| {
+                        m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(&id))
+                            .and_then(|l| l.as_ref())
+                            .map(|l| Some(l.index) >= target)
+                            .unwrap_or(false)
+                    },
+                    "the learner to catch up",
+                )
+                .await;
+            if caught_up.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "node {id} was added as a learner but has not caught up within {JOIN_TIMEOUT:?}; \
+                     is {} reachable from the leader?",
+                    req.grpc_addr
+                )));
+            }
+        }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        let mut role = if voters.contains(&id) {
+            "voter"
+        } else {
+            "learner"
+        };
+        if role == "learner" && (voters.len() as u32) < req.max_voters.max(1) {
+            self.membership_change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+                .await?;
+            role = "voter";
+        }
+        Ok(api::JoinResponse {
+            role: role.into(),
+            leader: self.id,
+        })
+    }
+
+    async fn membership_change(
+        &self,
+        change: ChangeMembers<NodeId, NodeInfo>,
+    ) -> Result<(), Status> {
+        match tokio::time::timeout(JOIN_TIMEOUT, self.raft.change_membership(change, false)).await {
+            Err(_) => Err(Status::unavailable(format!(
+                "the membership change was not committed within {JOIN_TIMEOUT:?}"
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Takes a node out of the cluster (voter or learner).
+    pub async fn remove(
+        &self,
+        req: api::RemoveRequest,
+        forwarded: bool,
+    ) -> Result<api::RemoveResponse, Status> {
+        if let Target::Leader(mut client) = self.target(forwarded).await? {
+            return Ok(client.remove(self.forward(req)).await?.into_inner());
+        }
+        let id = req.node_id;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let m = membership.membership();
+        let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+        if m.get_node(&id).is_none() {
+            let ids: Vec<String> = m.nodes().map(|(id, _)| id.to_string()).collect();
+            return Err(Status::not_found(format!(
+                "node {id} is not a member; members are {}",
+                ids.join(", ")
+            )));
+        }
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is the only voter; add another voter before removing it"
+                )));
+            }
+            self.membership_change(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+                .await?;
+        }
+        let still_there = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        if still_there {
+            self.membership_change(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
+                .await?;
+        }
+        Ok(api::RemoveResponse {})
+    }
+
+    /// The spec and generation; linearizable (read-index on the leader) unless `local`.
+    pub async fn read_spec(
+        &self,
+        req: api::ReadSpecRequest,
+        forwarded: bool,
+    ) -> Result<api::ReadSpecResponse, Status> {
+        if !req.local {
+            match self.target(forwarded).await? {
+                Target::Leader(mut client) => {
+                    return Ok(client.read_spec(self.forward(req)).await?.into_inner());
+                }
+                Target::Local => {
+                    self.raft.ensure_linearizable().await.map_err(|e| {
+                        Status::unavailable(format!("linearizable read failed: {e}"))
+                    })?;
+                }
+            }
+        }
+        Ok(self.state_machine.read(|a| api::ReadSpecResponse {
+            generation: a.state.generation,
+            spec_yaml: a.state.spec_yaml.clone(),
+            applied_index: a.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    pub fn history(&self) -> Vec<Change> {
+        self.state_machine
+            .read(|a| a.state.history.iter().cloned().collect())
+    }
+
+    pub fn status(&self) -> api::ClusterStatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| api::Member {
+                id: *id,
+                addr: n.grpc_addr.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                region: n.region.clone(),
+                applied_index: if *id == self.id {
+                    m.last_applied.map(|l| l.index)
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id))
+                        .and_then(|l| l.map(|l| l.index))
+                },
+                proxy_addr: n.proxy_addr.clone(),
+                admin_addr: n.admin_addr.clone(),
+            })
+            .collect();
+        api::ClusterStatusResponse {
+            leader: m.current_leader,
+            term: m.current_term,
+            members,
+            node_id: self.id,
+            state: state_name(m.state).into(),
+            committed_index: self.log.committed_index(),
+            applied_index: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            generation: self.state_machine.read(|a| a.state.generation),
+            degraded: self.degraded().unwrap_or_default(),
+        }
+    }
+
+    /// Why the cluster side of this node is degraded, or None when it hears from a
+    /// leader that has a quorum. The data plane serves either way (DESIGN.md decision 5).
+    pub fn degraded(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let limit = self.settings.election_timeout.as_millis() as u64 * 3;
+        if m.membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_none()
+        {
+            return Some("not a member of a cluster yet (bootstrapping or joining)".into());
+        }
+        match m.state {
+            ServerState::Leader => match m.millis_since_quorum_ack {
+                Some(ms) if ms > limit => Some(format!(
+                    "leader without a quorum: no acknowledgement from a majority for {ms} ms"
+                )),
+                _ => None,
+            },
+            ServerState::Shutdown => Some("raft has stopped".into()),
+            _ => {
+                let silent =
+                    now_ms().saturating_sub(self.last_leader_contact_ms.load(Ordering::Relaxed));
+                match m.current_leader {
+                    None => Some(format!(
+                        "no leader: an election is under way or this node is cut off (last contact {silent} ms ago)"
+                    )),
+                    Some(l) if silent > limit => Some(format!(
+                        "no contact with the leader (node {l}) for {silent} ms"
+                    )),
+                    Some(_) => None,
+                }
+            }
+        }
+    }
+}
+
+fn state_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn with_leader(mut status: Status, addr: &str) -> Status {
+    if let Ok(v) = addr.parse() {
+        status.metadata_mut().insert(LEADER_METADATA, v);
+    }
+    status
+}
+
+fn not_leader(me: NodeId, leader: NodeId, addr: &str) -> Status {
+    with_leader(
+        Status::unavailable(format!(
+            "node {me} is not the leader; the leader is node {leader} at {addr}"
+        )),
+        addr,
+    )
+}

@@ -1,0 +1,244 @@
+//! The replicated state machine: what every node holds once a Raft entry is applied.
+//!
+//! Apply is deterministic and never fails: a command that cannot take effect (a request id
+//! already seen) is recorded as a no-op with the same result as the first time. What the
+//! data plane serves is compiled from this state by [`crate::state::snapshot`], off the
+//! Raft task (see `raft::state_machine`).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use tollgate_proto::state::v1::{Change, Command, PutSpec, StateSnapshot, command};
+
+use crate::state::spec::{Spec, SpecErrors};
+
+/// How many applied changes the state keeps (oldest dropped first). Deduplication of a
+/// retried write works within this window.
+pub const HISTORY_LIMIT: usize = 10_000;
+
+/// The cluster's state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    /// +1 for every command that changed the spec.
+    pub generation: u64,
+    pub spec_yaml: String,
+    /// `kind/name` -> digest of the object, for plans.
+    pub objects: BTreeMap<String, String>,
+    pub history: VecDeque<Change>,
+}
+
+/// What applying one command did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Applied {
+    pub generation: u64,
+    pub log_index: u64,
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Objects added, changed and removed by a new spec.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl ClusterState {
+    /// Applies one command taken from log entry `log_index`.
+    pub fn apply(&mut self, log_index: u64, cmd: &Command) -> Applied {
+        if !cmd.request_id.is_empty()
+            && let Some(earlier) = self
+                .history
+                .iter()
+                .rev()
+                .find(|c| c.request_id == cmd.request_id)
+        {
+            return Applied {
+                generation: earlier.generation,
+                log_index: earlier.log_index,
+                added: earlier.added.clone(),
+                changed: earlier.changed.clone(),
+                removed: earlier.removed.clone(),
+            };
+        }
+        match &cmd.kind {
+            Some(command::Kind::PutSpec(put)) => self.put_spec(log_index, &cmd.request_id, put),
+            // A command from a newer node that this one does not know: nothing to do here,
+            // and never fatal (DESIGN.md decision 2).
+            None => Applied {
+                generation: self.generation,
+                log_index,
+                ..Applied::default()
+            },
+        }
+    }
+
+    fn put_spec(&mut self, log_index: u64, request_id: &str, put: &PutSpec) -> Applied {
+        let plan = self.plan(&put.objects);
+        if plan.is_empty() && put.spec_yaml == self.spec_yaml {
+            return Applied {
+                generation: self.generation,
+                log_index,
+                ..Applied::default()
+            };
+        }
+        self.generation += 1;
+        self.spec_yaml = put.spec_yaml.clone();
+        self.objects = put
+            .objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.history.push_back(Change {
+            generation: self.generation,
+            log_index,
+            request_id: request_id.to_string(),
+            added: plan.added.clone(),
+            changed: plan.changed.clone(),
+            removed: plan.removed.clone(),
+        });
+        while self.history.len() > HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        Applied {
+            generation: self.generation,
+            log_index,
+            added: plan.added,
+            changed: plan.changed,
+            removed: plan.removed,
+        }
+    }
+
+    /// What replacing the current objects with `objects` would change.
+    pub fn plan<'a>(&self, objects: impl IntoIterator<Item = (&'a String, &'a String)>) -> Plan {
+        let new: BTreeMap<&String, &String> = objects.into_iter().collect();
+        let mut plan = Plan::default();
+        for (name, digest) in &new {
+            match self.objects.get(*name) {
+                None => plan.added.push((*name).clone()),
+                Some(old) if old != *digest => plan.changed.push((*name).clone()),
+                Some(_) => {}
+            }
+        }
+        for name in self.objects.keys() {
+            if !new.contains_key(name) {
+                plan.removed.push(name.clone());
+            }
+        }
+        plan
+    }
+
+    pub fn to_proto(&self) -> StateSnapshot {
+        StateSnapshot {
+            generation: self.generation,
+            spec_yaml: self.spec_yaml.clone(),
+            objects: self
+                .objects
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            history: self.history.iter().cloned().collect(),
+        }
+    }
+
+    pub fn from_proto(p: StateSnapshot) -> ClusterState {
+        ClusterState {
+            generation: p.generation,
+            spec_yaml: p.spec_yaml,
+            objects: p.objects.into_iter().collect(),
+            history: p.history.into(),
+        }
+    }
+}
+
+/// A checked spec, ready to be proposed: its text and the digest of each object.
+#[derive(Debug, Clone)]
+pub struct CheckedSpec {
+    pub yaml: String,
+    pub objects: BTreeMap<String, String>,
+    pub spec: Spec,
+}
+
+/// Checks a spec the way a write does before it is proposed: parsed, validated (every
+/// error listed), endpoint names resolved, and each object digested for the plan.
+pub fn check_spec(yaml: &str, max_bytes: usize) -> Result<CheckedSpec, SpecErrors> {
+    if yaml.len() > max_bytes {
+        let mut e = SpecErrors::default();
+        e.push(
+            "spec",
+            format!(
+                "the spec is {} bytes, over the limit of {max_bytes} bytes; split it or raise --max-spec-bytes",
+                yaml.len()
+            ),
+        );
+        return Err(e);
+    }
+    let spec = Spec::from_yaml(yaml)?;
+    let objects = object_digests(yaml)?;
+    Ok(CheckedSpec {
+        yaml: yaml.to_string(),
+        objects,
+        spec,
+    })
+}
+
+/// `kind/name` -> a digest of the object's content, independent of key order and
+/// formatting (the object as canonical JSON, hashed with FNV-1a 64: this detects changes
+/// for plans; it is not a security boundary).
+fn object_digests(yaml: &str) -> Result<BTreeMap<String, String>, SpecErrors> {
+    let doc: serde_json::Value = serde_yaml_ng::from_str(yaml).map_err(|e| {
+        let mut errors = SpecErrors::default();
+        errors.push("spec", format!("not valid YAML: {e}"));
+        errors
+    })?;
+    let mut out = BTreeMap::new();
+    let serde_json::Value::Object(top) = doc else {
+        return Ok(out);
+    };
+    for (kind, objects) in top {
+        let kind = kind.trim_end_matches('s');
+        if let serde_json::Value::Object(objects) = objects {
+            for (name, value) in objects {
+                out.insert(
+                    format!("{kind}/{name}"),
+                    fnv64_hex(value.to_string().as_bytes()),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn fnv64_hex(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The command that puts a checked spec.
+pub fn put_spec_command(checked: &CheckedSpec, request_id: &str) -> Command {
+    Command {
+        request_id: request_id.to_string(),
+        kind: Some(command::Kind::PutSpec(PutSpec {
+            spec_yaml: checked.yaml.clone(),
+            objects: checked
+                .objects
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
-//! `tollgate dev`: one process with a gateway node, a demo upstream (the echo server) and
-//! a sample spec written to the data directory. Prints what to try.
+//! `tollgate dev`: one process with a gateway node bootstrapped as a single-node cluster
+//! (state in `./tollgate-data`, kept across restarts), a demo upstream (the echo server)
+//! and a sample spec applied on first start. Prints what to try.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +20,9 @@ pub struct DevArgs {
     /// HTTP admin listener (/healthz, /readyz, /metrics).
     #[arg(long, default_value = "127.0.0.1:7071")]
     admin_addr: SocketAddr,
-    /// Demo upstream listener (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// Demo upstream listener. A fixed port, so the applied spec still points at it after
+    /// a restart.
+    #[arg(long, default_value = "127.0.0.1:7090")]
     echo_addr: SocketAddr,
     /// Where the node keeps its state and the sample spec.
     #[arg(long, default_value = "./tollgate-data")]
@@ -34,8 +36,9 @@ pub struct DevArgs {
 /// header transforms.
 fn sample_spec(echo: SocketAddr) -> String {
     format!(
-        r#"# Tollgate sample spec, written by `tollgate dev`. Edit it, then reload with
-#   kill -HUP <pid of tollgate dev>
+        r#"# Tollgate sample spec, written by `tollgate dev` and applied on its first start.
+# Edit it, then apply it with
+#   tollgate apply -f tollgate-data/dev-spec.yaml
 # Every field is described in docs/spec.md.
 upstreams:
   echo:
@@ -87,7 +90,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let echo = crate::echo::spawn(args.echo_addr)?;
     let spec_path = args.data_dir.join("dev-spec.yaml");
-    std::fs::write(&spec_path, sample_spec(echo))?;
+    if !spec_path.exists() {
+        std::fs::write(&spec_path, sample_spec(echo))?;
+    }
 
     let settings = Settings {
         data_dir: args.data_dir.clone(),
@@ -96,13 +101,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         spec: Some(spec_path.clone()),
         access_log: args.access_log,
+        bootstrap: true,
         ..Settings::default()
     };
     let node = Node::start(settings, metrics)?;
     let a = node.addrs();
     eprintln!(
         r#"
-Tollgate dev is running (pid {pid}).
+Tollgate dev is running (pid {pid}): a single-node cluster with its state in {data}.
 
   proxy        http://{proxy}   (HTTP/1.1 and h2c)
   admin        http://{admin}/healthz  /readyz  /metrics
@@ -118,7 +124,8 @@ Try:
   curl -s http://{proxy}/nowhere            # a JSON 404
   curl -s http://{admin}/metrics | grep tollgate_requests_total
 
-Edit the spec and reload it with: kill -HUP {pid}
+  tollgate cluster status --node {grpc}
+Edit the spec and apply it: tollgate apply -f {spec} --node {grpc}   (add --dry-run to see the plan)
 Docs: README.md, docs/spec.md (every spec field), docs/configuration.md. Ctrl-C stops (after draining).
 "#,
         pid = std::process::id(),
@@ -127,6 +134,7 @@ Docs: README.md, docs/spec.md (every spec field), docs/configuration.md. Ctrl-C 
         grpc = a.grpc,
         echo = echo,
         spec = spec_path.display(),
+        data = args.data_dir.display(),
     );
     node.wait()
 }

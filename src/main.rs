@@ -1,7 +1,9 @@
 //! `tollgate`: the command-line tool. `tollgate dev` runs a whole gateway in one process;
-//! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file. Cluster commands (apply, cluster, api, tenant,
-//! ...) arrive with the cluster and control-plane issues.
+//! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file;
+//! `tollgate apply` and `tollgate cluster` talk to a running cluster. The control-plane
+//! commands (api, tenant, key, ...) arrive with the control-plane issue.
 
+mod cluster;
 mod dev;
 mod echo;
 
@@ -30,6 +32,11 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run a gateway node (the same as the `tollgate-node` binary).
     Node(Box<tollgate_node::config::NodeArgs>),
+    /// Apply a spec to the cluster: prints the plan and the generation committed.
+    Apply(cluster::ApplyArgs),
+    /// Cluster membership: status, remove.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Check a spec file and list every problem in it (nothing is applied).
     Validate {
         /// The spec file (YAML).
@@ -49,6 +56,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Node(args) => tollgate_node::run_from_args(*args),
+        Command::Apply(args) => run_client(cluster::apply(args)),
+        Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
         Command::Validate { file } => match tollgate_node::read_spec(&file) {
             Ok(spec) => {
                 println!(
@@ -64,5 +73,26 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// Runs a client command; errors go to stderr with exit code 1.
+fn run_client(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

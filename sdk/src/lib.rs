@@ -1,7 +1,8 @@
 //! Typed async client for Tollgate's gRPC APIs.
 //!
-//! Today it speaks the node admin API (`tollgate.node.v1.NodeAdmin`); the control-plane
-//! client joins it when that service exists.
+//! Today it speaks the node admin API (`tollgate.node.v1.NodeAdmin`): status, cluster
+//! membership, spec writes and reads. Any node accepts writes and forwards them to the
+//! leader. The control-plane client joins it when that service exists.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tollgate_sdk::Error> {
@@ -13,10 +14,19 @@
 
 use std::time::Duration;
 
-use tollgate_proto::node::v1::{StatusRequest, node_admin_client::NodeAdminClient};
+use tollgate_proto::node::v1::{
+    ApplySpecRequest, ClusterStatusRequest, HistoryRequest, ReadSpecRequest, RemoveRequest,
+    SetFaultsRequest, StatusRequest, node_admin_client::NodeAdminClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
-pub use tollgate_proto::node::v1::StatusResponse;
+pub use tollgate_proto::node::v1::{
+    ApplySpecResponse, ClusterStatusResponse, Member, ReadSpecResponse, StatusResponse,
+};
+pub use tollgate_proto::state::v1::Change;
+
+/// Response metadata naming the leader's gRPC address on UNAVAILABLE answers.
+pub const LEADER_METADATA: &str = "x-tollgate-leader";
 
 /// What went wrong talking to a Tollgate API, phrased so the caller knows what to change.
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +42,36 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("node answered {}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("node answered {:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Status(s)
+    }
+}
+
+impl Error {
+    /// The gRPC status code, when the node answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+
+    /// The leader's gRPC address, when a node answered that it is not the leader.
+    pub fn leader_hint(&self) -> Option<String> {
+        match self {
+            Error::Status(s) => s
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            _ => None,
+        }
+    }
 }
 
 /// A client for one node's admin API.
@@ -71,5 +109,66 @@ impl NodeClient {
     /// What the node is and what it serves right now.
     pub async fn status(&mut self) -> Result<StatusResponse, Error> {
         Ok(self.inner.status(StatusRequest {}).await?.into_inner())
+    }
+
+    /// Members, roles, leader and term as this node sees them.
+    pub async fn cluster_status(&mut self) -> Result<ClusterStatusResponse, Error> {
+        Ok(self
+            .inner
+            .cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Replaces the cluster's spec (or, with `dry_run`, only plans it). `request_id` makes
+    /// a retry safe: a write whose id was already applied is not applied again.
+    pub async fn apply_spec(
+        &mut self,
+        spec_yaml: impl Into<String>,
+        dry_run: bool,
+        request_id: impl Into<String>,
+    ) -> Result<ApplySpecResponse, Error> {
+        let req = ApplySpecRequest {
+            spec_yaml: spec_yaml.into(),
+            dry_run,
+            request_id: request_id.into(),
+        };
+        Ok(self.inner.apply_spec(req).await?.into_inner())
+    }
+
+    /// The cluster's spec: linearizable (through the leader) unless `local`.
+    pub async fn read_spec(&mut self, local: bool) -> Result<ReadSpecResponse, Error> {
+        Ok(self
+            .inner
+            .read_spec(ReadSpecRequest { local })
+            .await?
+            .into_inner())
+    }
+
+    /// Takes a node out of the cluster.
+    pub async fn remove(&mut self, node_id: u64) -> Result<(), Error> {
+        self.inner.remove(RemoveRequest { node_id }).await?;
+        Ok(())
+    }
+
+    /// The recent applied changes on this node, oldest first.
+    pub async fn history(&mut self) -> Result<Vec<Change>, Error> {
+        Ok(self
+            .inner
+            .history(HistoryRequest {})
+            .await?
+            .into_inner()
+            .changes)
+    }
+
+    /// Tests only (the node must run with `--enable-fault-injection`): drop Raft traffic
+    /// between this node and `peers`; an empty list heals.
+    pub async fn set_faults(&mut self, peers: Vec<u64>) -> Result<(), Error> {
+        self.inner
+            .set_faults(SetFaultsRequest {
+                isolate_from: peers,
+            })
+            .await?;
+        Ok(())
     }
 }

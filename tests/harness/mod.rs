@@ -8,6 +8,8 @@
 //! ```
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -64,6 +66,8 @@ pub struct GatewayProcess {
     pub grpc: SocketAddr,
     pub spec_path: PathBuf,
     pub access_log: PathBuf,
+    pub opts: NodeOpts,
+    keep_dir: bool,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Body,
@@ -83,42 +87,90 @@ fn test_dir() -> PathBuf {
     dir
 }
 
+/// How to start a node process.
+#[derive(Debug, Clone)]
+pub struct NodeOpts {
+    pub id: u64,
+    /// The node's directory (data, logs, spec); a fresh one when None.
+    pub dir: Option<PathBuf>,
+    /// 0: any free port. A restart passes the port it had, so peers still reach it.
+    pub grpc_port: u16,
+    pub bootstrap: bool,
+    pub join: Option<SocketAddr>,
+    pub spec: Option<String>,
+    pub extra: Vec<String>,
+}
+
+impl NodeOpts {
+    pub fn single(spec: &str, extra: &[&str]) -> NodeOpts {
+        NodeOpts {
+            id: 1,
+            dir: None,
+            grpc_port: 0,
+            bootstrap: true,
+            join: None,
+            spec: Some(spec.to_string()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 impl GatewayProcess {
+    /// A single-node cluster serving `spec`.
     pub async fn start(spec: &str) -> GatewayProcess {
         Self::start_with(spec, &[]).await
     }
 
-    /// Starts a node with the spec and extra flags, and waits until it listens.
+    /// A single-node cluster serving `spec`, with extra flags; waits until it listens.
     pub async fn start_with(spec: &str, extra: &[&str]) -> GatewayProcess {
-        let dir = test_dir();
+        Self::launch(NodeOpts::single(spec, extra)).await
+    }
+
+    /// Starts a node process and waits until it listens.
+    pub async fn launch(opts: NodeOpts) -> GatewayProcess {
+        let dir = opts.dir.clone().unwrap_or_else(test_dir);
         let spec_path = dir.join("spec.yaml");
-        std::fs::write(&spec_path, spec).expect("write spec");
+        if let Some(spec) = &opts.spec {
+            std::fs::write(&spec_path, spec).expect("write spec");
+        }
         let addr_file = dir.join("addrs.json");
+        let _ = std::fs::remove_file(&addr_file);
         let access_log = dir.join("access.log");
-        let stderr = std::fs::File::create(dir.join("node.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("node")
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("node")
+            .args(["--id", &opts.id.to_string()])
             .args(["--proxy-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
-            .args(["--grpc-addr", "127.0.0.1:0"])
-            .args(if extra.contains(&"--workers") {
+            .args(["--grpc-addr", &format!("127.0.0.1:{}", opts.grpc_port)])
+            .args(if opts.extra.iter().any(|a| a == "--workers") {
                 &[][..]
             } else {
                 &["--workers", "2"][..]
             })
-            .arg("--spec")
-            .arg(&spec_path)
             .arg("--addr-file")
             .arg(&addr_file)
             .arg("--access-log")
             .arg(&access_log)
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(extra)
+            .args(&opts.extra)
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn tollgate node");
+            .stderr(stderr);
+        if opts.spec.is_some() {
+            cmd.arg("--spec").arg(&spec_path);
+        }
+        if opts.bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        if let Some(peer) = opts.join {
+            cmd.args(["--join", &peer.to_string()]);
+        }
+        let child = cmd.spawn().expect("spawn tollgate node");
         let deadline = Instant::now() + Duration::from_secs(20);
         let addrs: serde_json::Value = loop {
             if let Ok(text) = std::fs::read_to_string(&addr_file)
@@ -133,16 +185,41 @@ impl GatewayProcess {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let addr = |k: &str| addrs[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        let grpc = addr("grpc");
         GatewayProcess {
             child,
             proxy: addr("proxy"),
             admin: addr("admin"),
-            grpc: addr("grpc"),
-            dir,
+            grpc,
+            dir: dir.clone(),
             spec_path,
             access_log,
+            opts: NodeOpts {
+                dir: Some(dir),
+                grpc_port: grpc.port(),
+                ..opts
+            },
+            keep_dir: false,
             client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
         }
+    }
+
+    /// kill -9, keeping the node's directory; returns how to start it again.
+    pub fn kill9(mut self) -> NodeOpts {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.keep_dir = true;
+        let mut opts = self.opts.clone();
+        // A restart never bootstraps (the store already holds the cluster) nor re-applies.
+        opts.spec = None;
+        opts
+    }
+
+    /// A client for this node's admin gRPC API.
+    pub async fn sdk(&self) -> tollgate_sdk::NodeClient {
+        tollgate_sdk::NodeClient::connect(&self.grpc.to_string())
+            .await
+            .expect("connect to the node's gRPC address")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -220,7 +297,7 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -1,0 +1,217 @@
+//! `tollgate apply` and `tollgate cluster ...`: the cluster commands, over the sdk.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use tollgate_sdk::{ClusterStatusResponse, Error, NodeClient};
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArg {
+    /// A node's gRPC address (any member: writes are forwarded to the leader).
+    #[arg(long, env = "TOLLGATE_NODE", default_value = "127.0.0.1:7070")]
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The spec file (YAML); `-` reads standard input.
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub node: NodeArg,
+    /// Show the plan without applying it.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, roles, the leader, the term and each member's applied index.
+    Status {
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Take a node out of the cluster (stop its process afterwards).
+    Remove {
+        /// The node's id.
+        id: u64,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+}
+
+pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?
+    };
+    // One id for every attempt: a retry after an ambiguous failure is applied once.
+    let request_id = format!(
+        "cli-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let mut client = NodeClient::connect(&args.node.node).await?;
+    let mut attempt = 0;
+    let resp = loop {
+        match client
+            .apply_spec(text.clone(), args.dry_run, request_id.clone())
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) if e.code() == Some(tonic::Code::Unavailable) && attempt < 4 => {
+                attempt += 1;
+                eprintln!("{e}; retrying ({attempt}/4)");
+                tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "dry_run": resp.dry_run,
+                "generation": resp.generation,
+                "log_index": resp.log_index,
+                "added": resp.added,
+                "changed": resp.changed,
+                "removed": resp.removed,
+            })
+        ),
+        Output::Table => {
+            println!(
+                "Plan: {} to add, {} to change, {} to remove.",
+                resp.added.len(),
+                resp.changed.len(),
+                resp.removed.len()
+            );
+            for (mark, list) in [("+", &resp.added), ("~", &resp.changed), ("-", &resp.removed)] {
+                for name in list {
+                    println!("  {mark} {name}");
+                }
+            }
+            if resp.dry_run {
+                println!("Dry run: nothing applied (the cluster is at generation {}).", resp.generation);
+            } else if resp.added.is_empty() && resp.changed.is_empty() && resp.removed.is_empty() {
+                println!("No changes: the cluster is at generation {}.", resp.generation);
+            } else {
+                println!(
+                    "Applied: generation {} (log index {}).",
+                    resp.generation, resp.log_index
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Status { node, output } => {
+            let mut client = NodeClient::connect(&node.node).await?;
+            let status = client.cluster_status().await?;
+            let applied = members_applied(&status).await;
+            print_status(&status, &applied, output);
+        }
+        ClusterCommand::Remove { id, node } => {
+            let mut client = NodeClient::connect(&node.node).await?;
+            client.remove(id).await?;
+            println!("Node {id} removed from the cluster; stop its process now.");
+        }
+    }
+    Ok(())
+}
+
+/// Each member's applied index, asked of the member itself (null when it does not answer
+/// within a second; then the leader's replication progress, if this view has it).
+async fn members_applied(status: &ClusterStatusResponse) -> Vec<(Option<u64>, String)> {
+    let mut out = Vec::new();
+    for m in &status.members {
+        let own = async {
+            let mut c = NodeClient::connect(&m.addr).await?;
+            Ok::<_, Error>(c.cluster_status().await?)
+        };
+        match tokio::time::timeout(Duration::from_secs(1), own).await {
+            Ok(Ok(s)) => out.push((s.applied_index, s.state)),
+            _ => out.push((m.applied_index, "unreachable".into())),
+        }
+    }
+    out
+}
+
+fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)], output: Output) {
+    match output {
+        Output::Json => {
+            let members: Vec<_> = status
+                .members
+                .iter()
+                .zip(applied)
+                .map(|(m, (index, state))| {
+                    json!({
+                        "id": m.id,
+                        "addr": m.addr,
+                        "role": m.role,
+                        "region": m.region,
+                        "applied_index": index,
+                        "state": state,
+                        "proxy_addr": m.proxy_addr,
+                        "admin_addr": m.admin_addr,
+                    })
+                })
+                .collect();
+            let v = json!({
+                "leader": status.leader,
+                "term": status.term,
+                "members": members,
+                "asked_node": status.node_id,
+                "generation": status.generation,
+                "committed_index": status.committed_index,
+                "degraded": if status.degraded.is_empty() { None } else { Some(&status.degraded) },
+            });
+            println!("{v}");
+        }
+        Output::Table => {
+            match status.leader {
+                Some(l) => println!("leader: node {l}   term: {}   generation: {}", status.term, status.generation),
+                None => println!("leader: none   term: {}   generation: {}", status.term, status.generation),
+            }
+            if !status.degraded.is_empty() {
+                println!("degraded (as seen by node {}): {}", status.node_id, status.degraded);
+            }
+            println!(
+                "{:<6} {:<22} {:<8} {:<10} {:<9} {}",
+                "ID", "ADDR", "ROLE", "REGION", "APPLIED", "STATE"
+            );
+            for (m, (index, state)) in status.members.iter().zip(applied) {
+                println!(
+                    "{:<6} {:<22} {:<8} {:<10} {:<9} {}",
+                    m.id,
+                    m.addr,
+                    m.role,
+                    m.region,
+                    index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                    state
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The Raft cluster with real node processes on loopback: replication, forwarding,
+//! failover, restarts, snapshots, membership, partitions and bad input.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::cluster::{TestCluster, tagged_spec};
+use harness::{GatewayProcess, NodeOpts, Upstream, eventually};
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "first"), &[]).await;
+    let leader = c.leader(T).await;
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
+
+    let mut client = c.client(follower).await;
+    let resp = client
+        .apply_spec(tagged_spec(up.addr, "second"), false, "t-1")
+        .await
+        .expect("apply through a follower");
+    assert_eq!(resp.generation, 2);
+    assert_eq!(resp.changed, vec!["route/r"]);
+    c.wait_serving(2, T).await;
+    for id in c.ids() {
+        let r = c.node(id).get("/x").await;
+        assert_eq!(r.status, 200, "node {id}");
+        assert_eq!(r.header("x-tag"), Some("second"), "node {id}");
+    }
+
+    // `tollgate cluster status --output json` has the documented shape.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["cluster", "status", "--output", "json", "--node"])
+        .arg(c.node(follower).grpc.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["leader"].as_u64(), Some(leader));
+    assert!(v["term"].as_u64().unwrap() >= 1);
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert_eq!(m["role"], "voter");
+        assert_eq!(m["region"], "default");
+        assert!(m["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert!(m["applied_index"].as_u64().is_some(), "{m}");
+        assert!(m["id"].as_u64().is_some());
+    }
+
+    // Linearizable read through a follower sees the write; history is in order everywhere.
+    let read = client.read_spec(false).await.unwrap();
+    assert_eq!(read.generation, 2);
+    for id in c.ids() {
+        let h = c.client(id).await.history().await.unwrap();
+        let gens: Vec<u64> = h.iter().map(|c| c.generation).collect();
+        assert_eq!(gens, vec![1, 2], "node {id}");
+        assert_eq!(h[1].request_id, "t-1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
+    let up = Upstream::start("a").await;
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let old = c.leader(T).await;
+    c.kill9(old);
+    let killed_at = Instant::now();
+    let survivor = c.up_ids()[0];
+    let mut client = c.client(survivor).await;
+    // The first acknowledged apply after the kill, through a survivor.
+    let mut n = 0;
+    let generation = loop {
+        n += 1;
+        match client.apply_spec(tagged_spec(up.addr, &format!("after-{n}")), false, format!("k-{n}")).await {
+            Ok(r) => break r.generation,
+            Err(e) => {
+                assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+                assert!(killed_at.elapsed() < T, "no acknowledged apply within {T:?}: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let failover = killed_at.elapsed();
+    eprintln!("failover: new leader and an acknowledged apply {failover:?} after kill -9");
+    let new = c.leader(T).await;
+    assert_ne!(new, old);
+
+    c.restart(old).await;
+    c.wait_serving(generation, T).await;
+    assert_eq!(c.node(old).get("/").await.header("x-tag"), Some(format!("after-{n}").as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiners_get_a_snapshot_and_voters_flag_decides_their_role() {
+    let up = Upstream::start("a").await;
+    let compaction = ["--snapshot-every", "10", "--keep-logs", "0"];
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &compaction).await;
+    let mut client = c.client(c.leader(T).await).await;
+    let mut last = 0;
+    for i in 1..=30 {
+        last = client
+            .apply_spec(tagged_spec(up.addr, &i.to_string()), false, "")
+            .await
+            .unwrap()
+            .generation;
+    }
+    // The log has been compacted past its start on the leader.
+    let leader = c.leader(T).await;
+    let m = c.node(leader).metrics().await;
+    assert!(metric(&m, "tollgate_raft_purged_index") > 10.0, "{m}");
+
+    let seed = c.node(1).grpc;
+    let mut flags: Vec<String> = harness::cluster::CLUSTER_FLAGS.iter().map(|s| s.to_string()).collect();
+    flags.extend(compaction.iter().map(|s| s.to_string()));
+    let mut voters5 = flags.clone();
+    voters5.extend(["--voters".into(), "5".into()]);
+    c.add(4, seed, &voters5).await;
+    c.wait_all("node 4 to be a voter", T, |s| {
+        s.members.iter().any(|m| m.id == 4 && m.role == "voter")
+    })
+    .await;
+    let mut voters3 = flags.clone();
+    voters3.extend(["--voters".into(), "3".into()]);
+    c.add(5, seed, &voters3).await;
+    c.wait_all("node 5 to be a learner", T, |s| {
+        s.members.iter().any(|m| m.id == 5 && m.role == "learner")
+    })
+    .await;
+    c.wait_serving(last, T).await;
+    for id in [4, 5] {
+        let m = c.node(id).metrics().await;
+        assert!(metric(&m, "tollgate_raft_snapshots_installed_total") >= 1.0, "node {id} got no snapshot:\n{m}");
+        assert_eq!(c.node(id).get("/").await.header("x-tag"), Some("30"), "node {id}");
+    }
+
+    // Removing the learner takes it out of the membership.
+    let mut client = c.client(1).await;
+    client.remove(5).await.unwrap();
+    // A removed node is no longer told anything; stop it, as `tollgate cluster remove` says.
+    c.kill9(5);
+    c.wait_all("node 5 to be gone", T, |s| !s.members.iter().any(|m| m.id == 5)).await;
+    let err = client.remove(42).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_cannot_commit_but_keeps_serving() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "before"), &[]).await;
+    let leader = c.leader(T).await;
+    let cut = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    c.isolate(cut, true).await;
+
+    // The minority side refuses writes with a clear UNAVAILABLE...
+    let mut minority = c.client(cut).await;
+    let err = minority
+        .apply_spec(tagged_spec(up.addr, "minority"), false, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    // ...the majority commits...
+    let mut majority = c.client(leader).await;
+    let g = majority
+        .apply_spec(tagged_spec(up.addr, "during"), false, "")
+        .await
+        .unwrap()
+        .generation;
+    // ...and the cut-off node keeps serving its last Snapshot, saying it is degraded.
+    let node = c.node(cut);
+    assert_eq!(node.get("/").await.header("x-tag"), Some("before"));
+    eventually("the cut-off node to report degraded", T, async || {
+        let r = node.admin_get("/readyz").await;
+        r.status == 200 && r.json()["cluster"] == "degraded"
+    })
+    .await;
+    assert_eq!(node.get("/").await.status, 200);
+
+    c.isolate(cut, false).await;
+    c.wait_serving(g, T).await;
+    assert_eq!(node.get("/").await.header("x-tag"), Some("during"));
+    eventually("the healed node to report ok", T, async || {
+        node.admin_get("/readyz").await.json()["cluster"] == "ok"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_writes_are_refused_with_invalid_argument_and_change_nothing() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start_with(&tagged_spec(up.addr, "ok"), &["--max-spec-bytes", "4096"]).await;
+    let mut client = gw.sdk().await;
+    let cases = [
+        ("routes: [unclosed", "not valid YAML"),
+        ("routes:\n  r:\n    match: {path: {prefix: /}}\n    upstream: a\n    colour: red\n", "colour"),
+        ("routes:\n  r:\n    match: {path: {prefix: /}}\n    upstream: nowhere\n", "nowhere"),
+    ];
+    for (spec, needle) in cases {
+        let err = client.apply_spec(spec, false, "").await.unwrap_err();
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    let big = format!("{}\n# {}\n", tagged_spec(up.addr, "big"), "x".repeat(5000));
+    let err = client.apply_spec(big, false, "").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("over the limit"), "{err}");
+
+    // Bytes that are not the request message at all.
+    let (status, message) = raw_grpc(gw.grpc, "/tollgate.node.v1.NodeAdmin/ApplySpec", &[0xff; 16]).await;
+    assert_eq!(status, "3", "{message}");
+    assert!(message.to_lowercase().contains("decode"), "{message}");
+
+    // Nothing changed.
+    let s = client.status().await.unwrap();
+    assert_eq!((s.spec_generation, s.applied_generation), (1, 1));
+    assert_eq!(gw.get("/").await.header("x-tag"), Some("ok"));
+    assert_eq!(client.history().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_single_node_keeps_what_was_applied() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "boot")).await;
+    let mut client = gw.sdk().await;
+    let r = client.apply_spec(tagged_spec(up.addr, "applied"), false, "").await.unwrap();
+    assert_eq!(r.generation, 2);
+    // Same again: no change, no new generation.
+    let again = client.apply_spec(tagged_spec(up.addr, "applied"), false, "").await.unwrap();
+    assert_eq!(again.generation, 2);
+    assert!(again.added.is_empty() && again.changed.is_empty() && again.removed.is_empty());
+
+    let mut opts: NodeOpts = gw.kill9();
+    // Even if told to bootstrap with a spec again, the node keeps its state.
+    opts.spec = Some(tagged_spec(up.addr, "boot"));
+    let gw = GatewayProcess::launch(opts).await;
+    let addr = gw.grpc.to_string();
+    eventually("the restarted node to serve generation 2", T, async || {
+        match tollgate_sdk::NodeClient::connect(&addr).await {
+            Ok(mut c) => c.status().await.is_ok_and(|s| s.spec_generation == 2),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert_eq!(gw.get("/").await.header("x-tag"), Some("applied"));
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends `body` as one gRPC message frame; returns grpc-status and grpc-message.
+async fn raw_grpc(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (String, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let get = |k: &str| {
+        parts
+            .headers
+            .get(k)
+            .or_else(|| trailers.get(k))
+            .map(|v| v.to_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}

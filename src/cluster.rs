@@ -104,15 +104,25 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
                 resp.changed.len(),
                 resp.removed.len()
             );
-            for (mark, list) in [("+", &resp.added), ("~", &resp.changed), ("-", &resp.removed)] {
+            for (mark, list) in [
+                ("+", &resp.added),
+                ("~", &resp.changed),
+                ("-", &resp.removed),
+            ] {
                 for name in list {
                     println!("  {mark} {name}");
                 }
             }
             if resp.dry_run {
-                println!("Dry run: nothing applied (the cluster is at generation {}).", resp.generation);
+                println!(
+                    "Dry run: nothing applied (the cluster is at generation {}).",
+                    resp.generation
+                );
             } else if resp.added.is_empty() && resp.changed.is_empty() && resp.removed.is_empty() {
-                println!("No changes: the cluster is at generation {}.", resp.generation);
+                println!(
+                    "No changes: the cluster is at generation {}.",
+                    resp.generation
+                );
             } else {
                 println!(
                     "Applied: generation {} (log index {}).",
@@ -191,11 +201,20 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
         }
         Output::Table => {
             match status.leader {
-                Some(l) => println!("leader: node {l}   term: {}   generation: {}", status.term, status.generation),
-                None => println!("leader: none   term: {}   generation: {}", status.term, status.generation),
+                Some(l) => println!(
+                    "leader: node {l}   term: {}   generation: {}",
+                    status.term, status.generation
+                ),
+                None => println!(
+                    "leader: none   term: {}   generation: {}",
+                    status.term, status.generation
+                ),
             }
             if !status.degraded.is_empty() {
-                println!("degraded (as seen by node {}): {}", status.node_id, status.degraded);
+                println!(
+                    "degraded (as seen by node {}): {}",
+                    status.node_id, status.degraded
+                );
             }
             println!(
                 "{:<6} {:<22} {:<8} {:<10} {:<9} {}",

@@ -37,7 +37,11 @@ async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
         .arg(c.node(follower).grpc.to_string())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["leader"].as_u64(), Some(leader));
     assert!(v["term"].as_u64().unwrap() >= 1);
@@ -75,11 +79,21 @@ async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
     let mut n = 0;
     let generation = loop {
         n += 1;
-        match client.apply_spec(tagged_spec(up.addr, &format!("after-{n}")), false, format!("k-{n}")).await {
+        match client
+            .apply_spec(
+                tagged_spec(up.addr, &format!("after-{n}")),
+                false,
+                format!("k-{n}"),
+            )
+            .await
+        {
             Ok(r) => break r.generation,
             Err(e) => {
                 assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
-                assert!(killed_at.elapsed() < T, "no acknowledged apply within {T:?}: {e}");
+                assert!(
+                    killed_at.elapsed() < T,
+                    "no acknowledged apply within {T:?}: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -91,7 +105,10 @@ async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
 
     c.restart(old).await;
     c.wait_serving(generation, T).await;
-    assert_eq!(c.node(old).get("/").await.header("x-tag"), Some(format!("after-{n}").as_str()));
+    assert_eq!(
+        c.node(old).get("/").await.header("x-tag"),
+        Some(format!("after-{n}").as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +131,10 @@ async fn late_joiners_get_a_snapshot_and_voters_flag_decides_their_role() {
     assert!(metric(&m, "tollgate_raft_purged_index") > 10.0, "{m}");
 
     let seed = c.node(1).grpc;
-    let mut flags: Vec<String> = harness::cluster::CLUSTER_FLAGS.iter().map(|s| s.to_string()).collect();
+    let mut flags: Vec<String> = harness::cluster::CLUSTER_FLAGS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     flags.extend(compaction.iter().map(|s| s.to_string()));
     let mut voters5 = flags.clone();
     voters5.extend(["--voters".into(), "5".into()]);
@@ -133,8 +153,15 @@ async fn late_joiners_get_a_snapshot_and_voters_flag_decides_their_role() {
     c.wait_serving(last, T).await;
     for id in [4, 5] {
         let m = c.node(id).metrics().await;
-        assert!(metric(&m, "tollgate_raft_snapshots_installed_total") >= 1.0, "node {id} got no snapshot:\n{m}");
-        assert_eq!(c.node(id).get("/").await.header("x-tag"), Some("30"), "node {id}");
+        assert!(
+            metric(&m, "tollgate_raft_snapshots_installed_total") >= 1.0,
+            "node {id} got no snapshot:\n{m}"
+        );
+        assert_eq!(
+            c.node(id).get("/").await.header("x-tag"),
+            Some("30"),
+            "node {id}"
+        );
     }
 
     // Removing the learner takes it out of the membership.
@@ -142,7 +169,10 @@ async fn late_joiners_get_a_snapshot_and_voters_flag_decides_their_role() {
     client.remove(5).await.unwrap();
     // A removed node is no longer told anything; stop it, as `tollgate cluster remove` says.
     c.kill9(5);
-    c.wait_all("node 5 to be gone", T, |s| !s.members.iter().any(|m| m.id == 5)).await;
+    c.wait_all("node 5 to be gone", T, |s| {
+        !s.members.iter().any(|m| m.id == 5)
+    })
+    .await;
     let err = client.remove(42).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
 }
@@ -191,12 +221,19 @@ async fn a_partitioned_minority_cannot_commit_but_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_writes_are_refused_with_invalid_argument_and_change_nothing() {
     let up = Upstream::start("a").await;
-    let gw = GatewayProcess::start_with(&tagged_spec(up.addr, "ok"), &["--max-spec-bytes", "4096"]).await;
+    let gw = GatewayProcess::start_with(&tagged_spec(up.addr, "ok"), &["--max-spec-bytes", "4096"])
+        .await;
     let mut client = gw.sdk().await;
     let cases = [
         ("routes: [unclosed", "not valid YAML"),
-        ("routes:\n  r:\n    match: {path: {prefix: /}}\n    upstream: a\n    colour: red\n", "colour"),
-        ("routes:\n  r:\n    match: {path: {prefix: /}}\n    upstream: nowhere\n", "nowhere"),
+        (
+            "routes:\n  r:\n    match: {path: {prefix: /}}\n    upstream: a\n    colour: red\n",
+            "colour",
+        ),
+        (
+            "routes:\n  r:\n    match: {path: {prefix: /}}\n    upstream: nowhere\n",
+            "nowhere",
+        ),
     ];
     for (spec, needle) in cases {
         let err = client.apply_spec(spec, false, "").await.unwrap_err();
@@ -209,7 +246,12 @@ async fn bad_writes_are_refused_with_invalid_argument_and_change_nothing() {
     assert!(err.to_string().contains("over the limit"), "{err}");
 
     // Bytes that are not the request message at all.
-    let (status, message) = raw_grpc(gw.grpc, "/tollgate.node.v1.NodeAdmin/ApplySpec", &[0xff; 16]).await;
+    let (status, message) = raw_grpc(
+        gw.grpc,
+        "/tollgate.node.v1.NodeAdmin/ApplySpec",
+        &[0xff; 16],
+    )
+    .await;
     assert_eq!(status, "3", "{message}");
     assert!(message.to_lowercase().contains("decode"), "{message}");
 
@@ -225,10 +267,16 @@ async fn a_restarted_single_node_keeps_what_was_applied() {
     let up = Upstream::start("a").await;
     let gw = GatewayProcess::start(&tagged_spec(up.addr, "boot")).await;
     let mut client = gw.sdk().await;
-    let r = client.apply_spec(tagged_spec(up.addr, "applied"), false, "").await.unwrap();
+    let r = client
+        .apply_spec(tagged_spec(up.addr, "applied"), false, "")
+        .await
+        .unwrap();
     assert_eq!(r.generation, 2);
     // Same again: no change, no new generation.
-    let again = client.apply_spec(tagged_spec(up.addr, "applied"), false, "").await.unwrap();
+    let again = client
+        .apply_spec(tagged_spec(up.addr, "applied"), false, "")
+        .await
+        .unwrap();
     assert_eq!(again.generation, 2);
     assert!(again.added.is_empty() && again.changed.is_empty() && again.removed.is_empty());
 

@@ -18,6 +18,14 @@ fn spec(up: &Upstream) -> String {
     harness::one_route_spec(up, "")
 }
 
+/// `spec` with one more response header: a real change, so applying it takes a generation.
+fn changed_spec(up: &Upstream) -> String {
+    spec(up).replace(
+        "upstream: a",
+        "upstream: a, response_headers: { set: { x-changed: \"1\" } }",
+    )
+}
+
 /// Sends raw bytes on a new connection and reads until the server closes (or 5 s).
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -316,6 +324,7 @@ async fn a_sighup_right_after_start_reloads_instead_of_killing() {
     let up = Upstream::start("a").await;
     let mut gw = GatewayProcess::start(&spec(&up)).await;
     // The node has just written its address file; its handlers must already be in place.
+    std::fs::write(&gw.spec_path, changed_spec(&up)).unwrap();
     gw.signal("HUP");
     eventually("generation 2", Duration::from_secs(5), async || {
         gw.admin_get("/readyz").await.json()["spec_generation"] == 2
@@ -464,6 +473,8 @@ async fn sighup_reopens_the_access_log_after_rotation() {
     // What logrotate does: move the file away, then signal.
     let rotated = gw.access_log.with_extension("log.1");
     std::fs::rename(&gw.access_log, &rotated).unwrap();
+    // A changed spec, so the reload shows as a new generation once the handler has run.
+    std::fs::write(&gw.spec_path, changed_spec(&up)).unwrap();
     gw.signal("HUP");
     eventually("the reload is done", Duration::from_secs(5), async || {
         gw.admin_get("/readyz").await.json()["spec_generation"] == 2

@@ -182,6 +182,25 @@ impl Node {
                 "--spec is applied only by the node that bootstraps the cluster; this node joins, so it is ignored"
             );
         }
+        // Report started only once the data plane serves what this node had applied (its
+        // bootstrap spec, or its state from before a restart).
+        let applied = cluster.state_machine.read(|a| a.state.generation);
+        if applied > 0 {
+            let served = runtime.block_on(async {
+                let wait = async {
+                    while shared.snapshot.load().generation < applied {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                };
+                tokio::time::timeout(std::time::Duration::from_secs(10), wait).await
+            });
+            if served.is_err() {
+                tracing::warn!(
+                    applied,
+                    "the data plane has not compiled the applied spec within 10s; serving what it has"
+                );
+            }
+        }
         if let Some(peer) = &settings.join {
             let _context = runtime.enter();
             cluster.spawn_join(peer.clone(), settings.voters, control.clone());
@@ -330,6 +349,7 @@ impl Compiler {
         };
         let checks = routing::health::spawn_checks(&snapshot.clusters, &self.runtime);
         self.shared.snapshot.store(snapshot.clone());
+        self.shared.synced.store(true, Ordering::Relaxed);
         let old = std::mem::replace(&mut *self.health_checks.lock().expect("lock"), checks);
         old.cancel();
         metrics::gauge!("tollgate_spec_generation").set(next.generation as f64);

@@ -15,7 +15,7 @@ pub struct TestCluster {
 }
 
 pub enum Slot {
-    Up(GatewayProcess),
+    Up(Box<GatewayProcess>),
     Down(NodeOpts),
 }
 
@@ -37,7 +37,7 @@ impl TestCluster {
         .await;
         let seed = first.grpc;
         let mut cluster = TestCluster {
-            nodes: vec![Slot::Up(first)],
+            nodes: vec![Slot::Up(Box::new(first))],
         };
         for id in 2..=n {
             cluster.add(id, seed, &flags).await;
@@ -63,7 +63,7 @@ impl TestCluster {
             extra: flags.to_vec(),
         })
         .await;
-        self.nodes.push(Slot::Up(node));
+        self.nodes.push(Slot::Up(Box::new(node)));
     }
 
     pub fn node(&self, id: u64) -> &GatewayProcess {
@@ -82,7 +82,10 @@ impl TestCluster {
     }
 
     pub fn up_ids(&self) -> Vec<u64> {
-        self.ids().into_iter().filter(|id| self.is_up(*id)).collect()
+        self.ids()
+            .into_iter()
+            .filter(|id| self.is_up(*id))
+            .collect()
     }
 
     pub async fn client(&self, id: u64) -> NodeClient {
@@ -142,7 +145,10 @@ impl TestCluster {
                 &format!("node {id} to serve generation {generation}"),
                 timeout,
                 async || match NodeClient::connect(&addr).await {
-                    Ok(mut c) => c.status().await.is_ok_and(|s| s.spec_generation >= generation),
+                    Ok(mut c) => c
+                        .status()
+                        .await
+                        .is_ok_and(|s| s.spec_generation >= generation),
                     Err(_) => false,
                 },
             )
@@ -153,8 +159,7 @@ impl TestCluster {
     pub fn kill9(&mut self, id: u64) {
         let slot = &mut self.nodes[(id - 1) as usize];
         let Slot::Up(_) = slot else { return };
-        let Slot::Up(node) = std::mem::replace(slot, Slot::Down(NodeOpts::single("", &[])))
-        else {
+        let Slot::Up(node) = std::mem::replace(slot, Slot::Down(NodeOpts::single("", &[]))) else {
             unreachable!()
         };
         *slot = Slot::Down(node.kill9());
@@ -164,14 +169,18 @@ impl TestCluster {
         let slot = &mut self.nodes[(id - 1) as usize];
         let Slot::Down(opts) = slot else { return };
         let node = GatewayProcess::launch(opts.clone()).await;
-        *slot = Slot::Up(node);
+        *slot = Slot::Up(Box::new(node));
     }
 
     /// Cuts node `id` off from every other node (both directions), or heals it.
     pub async fn isolate(&self, id: u64, cut: bool) {
         for other in self.up_ids() {
             let peers = if other == id {
-                if cut { self.ids().into_iter().filter(|p| *p != id).collect() } else { vec![] }
+                if cut {
+                    self.ids().into_iter().filter(|p| *p != id).collect()
+                } else {
+                    vec![]
+                }
             } else if cut {
                 vec![id]
             } else {

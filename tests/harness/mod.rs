@@ -142,9 +142,11 @@ impl GatewayProcess {
             .open(dir.join("node.log"))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        cmd.arg("node")
-            .args(["--id", &opts.id.to_string()])
-            .args(["--proxy-addr", "127.0.0.1:0"])
+        cmd.arg("node");
+        if !opts.extra.iter().any(|a| a == "--id") {
+            cmd.args(["--id", &opts.id.to_string()]);
+        }
+        cmd.args(["--proxy-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(["--grpc-addr", &format!("127.0.0.1:{}", opts.grpc_port)])
             .args(if opts.extra.iter().any(|a| a == "--workers") {

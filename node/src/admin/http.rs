@@ -1,7 +1,8 @@
 //! The node's HTTP admin endpoints (default 127.0.0.1:7071):
 //!
 //! - `GET /healthz`: 200 while the process runs.
-//! - `GET /readyz`: 200 while the data plane accepts traffic, 503 while draining. The body
+//! - `GET /readyz`: 200 while the data plane accepts traffic; 503 while draining, and while
+//!   starting (until it serves what the cluster had applied, or there is nothing yet). The body
 //!   says which spec generation is served and whether the cluster side is `ok` or
 //!   `degraded` (and why): a node cut off from its leader stays ready, because it keeps
 //!   serving its last Snapshot (DESIGN.md decision 5).
@@ -84,7 +85,15 @@ fn route(
             if let Some(reason) = degraded {
                 body["reason"] = reason.into();
             }
-            if shared.ready.load(Ordering::Relaxed) {
+            let synced = shared.synced.load(Ordering::Relaxed)
+                || cluster.is_none_or(|c| {
+                    c.is_member() && c.state_machine.read(|a| a.state.generation) == 0
+                });
+            if !synced {
+                body["status"] = "starting".into();
+                body["reason"] = "catching up with the cluster: no spec served yet".into();
+                json(StatusCode::SERVICE_UNAVAILABLE, body)
+            } else if shared.ready.load(Ordering::Relaxed) {
                 body["status"] = "ready".into();
                 json(StatusCode::OK, body)
             } else {

@@ -37,6 +37,9 @@ pub struct Shared {
     pub refusing: AtomicUsize,
     /// False while draining on shutdown.
     pub ready: AtomicBool,
+    /// Set once the data plane serves what the cluster had applied (or there is nothing to
+    /// serve yet): until then /readyz says "starting".
+    pub synced: AtomicBool,
     pub unmatched: RouteMetrics,
     pub open_gauge: ::metrics::Gauge,
 }
@@ -49,6 +52,7 @@ impl Shared {
             open_connections: AtomicUsize::new(0),
             refusing: AtomicUsize::new(0),
             ready: AtomicBool::new(true),
+            synced: AtomicBool::new(false),
             unmatched: RouteMetrics::new("_none"),
             open_gauge: ::metrics::gauge!("tollgate_open_connections"),
         }

@@ -509,6 +509,17 @@ impl Cluster {
         }
     }
 
+    /// Whether this node's membership config (as it knows it) includes itself.
+    pub fn is_member(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_some()
+    }
+
     /// Why the cluster side of this node is degraded, or None when it hears from a
     /// leader that has a quorum. The data plane serves either way (DESIGN.md decision 5).
     pub fn degraded(&self) -> Option<String> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use tollgate_sdk::{ClusterStatusResponse, Error, NodeClient};
+use tollgate_sdk::{ClusterStatusResponse, NodeClient};
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
 pub enum Output {
@@ -158,7 +158,7 @@ async fn members_applied(status: &ClusterStatusResponse) -> Vec<(Option<u64>, St
     for m in &status.members {
         let own = async {
             let mut c = NodeClient::connect(&m.addr).await?;
-            Ok::<_, Error>(c.cluster_status().await?)
+            c.cluster_status().await
         };
         match tokio::time::timeout(Duration::from_secs(1), own).await {
             Ok(Ok(s)) => out.push((s.applied_index, s.state)),
@@ -217,8 +217,8 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
                 );
             }
             println!(
-                "{:<6} {:<22} {:<8} {:<10} {:<9} {}",
-                "ID", "ADDR", "ROLE", "REGION", "APPLIED", "STATE"
+                "{:<6} {:<22} {:<8} {:<10} {:<9} STATE",
+                "ID", "ADDR", "ROLE", "REGION", "APPLIED"
             );
             for (m, (index, state)) in status.members.iter().zip(applied) {
                 println!(

@@ -274,19 +274,32 @@ impl Node {
     }
 }
 
-/// Starts a new cluster with this node (once: a restart finds it initialized) and, on a
-/// fresh cluster, applies the bootstrap spec.
+/// Starts a new cluster with this node (once: a restart finds it initialized) and applies
+/// the bootstrap spec if the cluster has none, as a linearizable read on the leader says.
+/// (The local state alone cannot say: after a restart it may not have re-applied its log
+/// yet.)
 async fn bootstrap(cluster: &Cluster, spec: Option<&str>) -> anyhow::Result<()> {
     if cluster.bootstrap().await? {
         tracing::info!(node = cluster.id, "bootstrapped a new cluster");
     }
     let Some(spec) = spec else { return Ok(()) };
-    let fresh = cluster.state_machine.read(|a| a.state.generation == 0);
-    if !fresh {
-        tracing::info!(
-            "the cluster already has a spec; --spec is not applied again (use `tollgate apply`)"
-        );
-        return Ok(());
+    let read = tollgate_proto::node::v1::ReadSpecRequest { local: false };
+    match cluster.read_spec(read, false).await {
+        Ok(current) if current.generation > 0 => {
+            tracing::info!(
+                generation = current.generation,
+                "the cluster already has a spec; --spec is not applied again (use `tollgate apply`)"
+            );
+            return Ok(());
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(
+                "cannot tell whether the cluster already has a spec, so --spec is not applied: {}",
+                e.message()
+            );
+            return Ok(());
+        }
     }
     let req = tollgate_proto::node::v1::ApplySpecRequest {
         spec_yaml: spec.to_string(),
@@ -320,8 +333,13 @@ impl Compiler {
             let next = applied.borrow_and_update().clone();
             if next.generation != self.shared.snapshot.load().generation {
                 let this = self.clone();
-                // Building resolves endpoint names (blocking) and compiles the matcher.
-                let _ = tokio::task::spawn_blocking(move || this.swap_in(&next)).await;
+                let doc = state::spec::parse_yaml(&next.spec_yaml);
+                // Building may resolve endpoint names (blocking): then off this thread.
+                if doc.as_ref().is_ok_and(state::spec::needs_dns) {
+                    let _ = tokio::task::spawn_blocking(move || this.swap_in(&next, doc)).await;
+                } else {
+                    this.swap_in(&next, doc);
+                }
             }
             tokio::select! {
                 changed = applied.changed() => if changed.is_err() { return },
@@ -330,8 +348,9 @@ impl Compiler {
         }
     }
 
-    fn swap_in(&self, next: &Published) {
-        let result = Spec::from_yaml(&next.spec_yaml)
+    fn swap_in(&self, next: &Published, doc: Result<serde_yaml_ng::Value, SpecErrors>) {
+        let result = doc
+            .and_then(Spec::from_value)
             .and_then(|spec| Snapshot::build(&spec, next.generation, &self.registry));
         let snapshot = match result {
             Ok(s) => Arc::new(s),

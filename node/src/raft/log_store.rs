@@ -2,7 +2,10 @@
 //!
 //! Durability: an append, a vote, a truncation and a purge are flushed (fsync) before they
 //! are reported done; openraft counts an entry towards a quorum only after the flush
-//! callback fires (STACK.md pitfall 1). Entries are `tollgate.raft.v1.Entry` messages keyed
+//! callback fires (STACK.md pitfall 1). Appends return as soon as the entries are readable
+//! and a flusher thread fires their callbacks once flushed: openraft can then replicate
+//! while the leader's own flush is in progress (as etcd does), and appends that arrive
+//! during a flush share the next one (group commit). Entries are `tollgate.raft.v1.Entry` messages keyed
 //! by their index, big-endian, so sled's key order is log order.
 
 // openraft's StorageError is large; it is the storage traits' error type, not ours to shrink.
@@ -22,8 +25,8 @@ use super::codec;
 use super::{Entry, LogId, NodeId, TypeConfig, Vote};
 
 const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
+const COMMITTED: &[u8] = b"committed";
 
 /// The log store. Cheap to clone: sled trees are shared handles.
 #[derive(Clone)]
@@ -33,6 +36,11 @@ pub struct LogStore {
     meta: sled::Tree,
     /// The committed index + 1 (0: none), for status and metrics.
     committed: Arc<AtomicU64>,
+    /// The committed log id, and the last one written to disk.
+    committed_id: Arc<std::sync::Mutex<Option<LogId>>>,
+    committed_written: Arc<std::sync::Mutex<Option<LogId>>>,
+    /// Callbacks of appends waiting for the flusher thread.
+    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
 fn io(e: impl std::error::Error + 'static) -> AnyError {
@@ -47,6 +55,31 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write_logs(io(e)).into()
 }
 
+/// The thread that flushes appended entries and then reports them durable, in order. It
+/// ends when the last `LogStore` handle is dropped.
+fn spawn_flusher(db: sled::Db) -> std::io::Result<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>> {
+    let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+    std::thread::Builder::new()
+        .name("tollgate-log-flush".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                // Everything queued so far was written before this flush starts.
+                let mut waiting = vec![first];
+                waiting.extend(rx.try_iter());
+                let result = db.flush().map(|_| ());
+                for callback in waiting {
+                    callback.log_io_completed(
+                        result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| std::io::Error::other(e.to_string())),
+                    );
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
 fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -58,11 +91,26 @@ impl LogStore {
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
             committed: Arc::default(),
+            committed_id: Arc::default(),
+            committed_written: Arc::default(),
+            flusher: spawn_flusher(db.clone())?,
         };
-        if let Some(id) = store.get_log_id(COMMITTED)? {
-            store.committed.store(id.index + 1, Ordering::Relaxed);
-        }
         Ok(store)
+    }
+
+    /// Writes the committed log id if it moved since the last call (not flushed: the next
+    /// log flush carries it). Called every 100 ms by the node.
+    pub fn persist_committed(&self) -> anyhow::Result<()> {
+        let current = *self.committed_id.lock().expect("committed lock");
+        let mut written = self.committed_written.lock().expect("committed lock");
+        if let Some(id) = current
+            && current != *written
+        {
+            self.meta
+                .insert(COMMITTED, codec::log_id_to_pb(&id).encode_to_vec())?;
+            *written = current;
+        }
+        Ok(())
     }
 
     /// The last committed log index this node knows of.
@@ -159,16 +207,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId>,
     ) -> Result<(), StorageError<NodeId>> {
-        // Not flushed on its own: losing it only means re-deriving it from the quorum.
+        // Kept in memory here and written by `persist_committed` every 100 ms: it only tells
+        // a restarting node how far it may re-apply its own log before it hears from a
+        // leader (the state machine lives in memory, see state_machine.rs). Writing it on
+        // every commit cost a sled write, with its thread wake-ups, on every node.
         let index = committed.map(|id| id.index + 1).unwrap_or(0);
         self.committed.store(index, Ordering::Relaxed);
-        match committed {
-            Some(id) => self
-                .meta
-                .insert(COMMITTED, codec::log_id_to_pb(&id).encode_to_vec())
-                .map_err(write_err)?,
-            None => self.meta.remove(COMMITTED).map_err(write_err)?,
-        };
+        *self.committed_id.lock().expect("committed lock") = committed;
         Ok(())
     }
 
@@ -193,19 +238,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             );
         }
         self.log.apply_batch(batch).map_err(write_err)?;
-        // Readable now; durable (and so reported done) only once flushed.
-        let result = self
-            .db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(std::io::Error::other);
-        let failed = result.as_ref().err().map(|e| e.to_string());
-        callback.log_io_completed(result);
-        match failed {
-            Some(e) => Err(StorageIOError::write_logs(AnyError::error(e)).into()),
-            None => Ok(()),
-        }
+        // Readable now; durable (and so reported done) only once the flusher has flushed.
+        self.flusher
+            .send(callback)
+            .map_err(|_| write_err(std::io::Error::other("the log flusher thread has stopped")))?;
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {

@@ -1,14 +1,17 @@
-//! The state machine's storage in sled, and its snapshots (openraft storage v2).
+//! The state machine and its snapshots (openraft storage v2), in memory and in sled.
 //!
-//! One apply batch is one atomic sled batch: the state's changes, `last_applied` and the
-//! last membership are written together (STACK.md pitfall 3) and flushed before apply
-//! returns. The state is also held in memory ([`ClusterState`]); every applied change of
-//! the spec is published on a watch channel, from which the node compiles the data plane's
-//! next Snapshot off this task.
+//! The applied state lives in memory ([`ClusterState`]) and is made durable by snapshots:
+//! the `snapshot` key of the `state_machine` tree holds one `tollgate.raft.v1.StoredSnapshot`
+//! (state, `last_applied` and membership in one record, so they can never disagree: STACK.md
+//! pitfall 3), written and flushed when a snapshot is built or installed. Between snapshots
+//! the log is the record: at startup openraft re-applies the committed entries after the
+//! snapshot (apply is deterministic), and the log behind a snapshot is purged only after
+//! the snapshot is flushed. Applying therefore writes nothing to disk: measured, writing
+//! each apply to sled cost about 0.1–0.2 ms per write on the leader's commit path and CPU
+//! on every node (sled wakes its I/O threads for every batch).
 //!
-//! Layout of the `state_machine` tree: `applied`, `membership`, `generation`, `spec`,
-//! `objects`, `snapshot` (the current Raft snapshot), and `history/<generation, BE>` for
-//! each recent change.
+//! Every applied change of the spec is published on a watch channel, from which the node
+//! compiles the data plane's next Snapshot off this task.
 
 // openraft's StorageError is large; it is the storage traits' error type, not ours to shrink.
 #![allow(clippy::result_large_err)]
@@ -23,25 +26,13 @@ use openraft::{
 use prost::Message;
 use tokio::sync::watch;
 use tollgate_proto::raft::v1 as pb;
-use tollgate_proto::state::v1::{Change, StateSnapshot};
+use tollgate_proto::state::v1::StateSnapshot;
 
 use super::codec;
 use super::{Entry, LogId, NodeId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::state::machine::{Applied, ClusterState};
 
-const APPLIED: &[u8] = b"applied";
-const MEMBERSHIP: &[u8] = b"membership";
-const GENERATION: &[u8] = b"generation";
-const SPEC: &[u8] = b"spec";
-const OBJECTS: &[u8] = b"objects";
 const SNAPSHOT: &[u8] = b"snapshot";
-const HISTORY: &[u8] = b"history/";
-
-fn history_key(generation: u64) -> Vec<u8> {
-    let mut k = HISTORY.to_vec();
-    k.extend_from_slice(&generation.to_be_bytes());
-    k
-}
 
 /// What the data plane is told after a change: the generation and the spec to compile.
 #[derive(Debug, Clone, Default)]
@@ -72,69 +63,35 @@ fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::read_state_machine(AnyError::error(e.to_string())).into()
 }
 
-fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
-}
-
 fn snapshot_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
 }
 
 impl StateMachineStore {
-    /// Opens the state machine and loads it into memory.
+    /// Opens the state machine: the state of the last snapshot (openraft re-applies the
+    /// committed log after it).
     pub fn open(db: &sled::Db) -> Result<StateMachineStore, StorageError<NodeId>> {
         let tree = db.open_tree("state_machine").map_err(read_err)?;
-        let get = |k: &[u8]| tree.get(k).map_err(read_err);
-        let last_applied = match get(APPLIED)? {
-            Some(b) => Some(
-                codec::log_id_from_pb(pb::LogId::decode(b.as_ref()).map_err(read_err)?)
-                    .map_err(read_err)?,
-            ),
-            None => None,
-        };
-        let membership = match get(MEMBERSHIP)? {
-            Some(b) => codec::stored_membership_from_pb(Some(
-                pb::StoredMembership::decode(b.as_ref()).map_err(read_err)?,
-            ))
-            .map_err(read_err)?,
-            None => StoredMembership::default(),
-        };
-        let mut state = ClusterState::default();
-        if let Some(b) = get(GENERATION)? {
-            state.generation = u64::from_be_bytes(
-                b.as_ref()
-                    .try_into()
-                    .map_err(|_| read_err("generation is not 8 bytes"))?,
-            );
-        }
-        if let Some(b) = get(SPEC)? {
-            state.spec_yaml = String::from_utf8(b.to_vec()).map_err(read_err)?;
-        }
-        if let Some(b) = get(OBJECTS)? {
-            state.objects = StateSnapshot::decode(b.as_ref())
-                .map_err(read_err)?
-                .objects
-                .into_iter()
-                .collect();
-        }
-        for item in tree.scan_prefix(HISTORY) {
-            let (_, v) = item.map_err(read_err)?;
-            state
-                .history
-                .push_back(Change::decode(v.as_ref()).map_err(read_err)?);
+        let mut applied = AppliedState::default();
+        if let Some(bytes) = tree.get(SNAPSHOT).map_err(read_err)? {
+            let stored = pb::StoredSnapshot::decode(bytes.as_ref()).map_err(read_err)?;
+            let meta = codec::snapshot_meta_from_pb(stored.meta).map_err(read_err)?;
+            applied = AppliedState {
+                last_applied: meta.last_log_id,
+                membership: meta.last_membership,
+                state: ClusterState::from_proto(
+                    StateSnapshot::decode(stored.data.as_slice()).map_err(read_err)?,
+                ),
+            };
         }
         let published = Published {
-            generation: state.generation,
-            spec_yaml: Arc::from(state.spec_yaml.as_str()),
+            generation: applied.state.generation,
+            spec_yaml: Arc::from(applied.state.spec_yaml.as_str()),
         };
         Ok(StateMachineStore {
             db: db.clone(),
             tree,
-            inner: Arc::new(RwLock::new(AppliedState {
-                last_applied,
-                membership,
-                state,
-            })),
+            inner: Arc::new(RwLock::new(applied)),
             publish: Arc::new(watch::channel(published).0),
             snapshots_built: Arc::new(AtomicU64::new(0)),
         })
@@ -154,26 +111,21 @@ impl StateMachineStore {
         self.snapshots_built.load(Ordering::Relaxed)
     }
 
-    fn objects_bytes(state: &ClusterState) -> Vec<u8> {
-        StateSnapshot {
-            objects: state
-                .objects
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ..StateSnapshot::default()
-        }
-        .encode_to_vec()
-    }
-
-    /// Writes the whole state into `batch` (after the keys it replaces were removed).
-    fn write_state(batch: &mut sled::Batch, state: &ClusterState) {
-        batch.insert(GENERATION, &state.generation.to_be_bytes());
-        batch.insert(SPEC, state.spec_yaml.as_bytes());
-        batch.insert(OBJECTS, Self::objects_bytes(state));
-        for c in &state.history {
-            batch.insert(history_key(c.generation), c.encode_to_vec());
-        }
+    /// Writes and flushes the current snapshot record.
+    async fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StorageError<NodeId>> {
+        let stored = pb::StoredSnapshot {
+            meta: Some(codec::snapshot_meta_to_pb(meta)),
+            data: data.to_vec(),
+        };
+        self.tree
+            .insert(SNAPSHOT, stored.encode_to_vec())
+            .map_err(snapshot_err)?;
+        self.db.flush_async().await.map_err(snapshot_err)?;
+        Ok(())
     }
 
     fn publish_if_changed(&self, generation: u64, spec_yaml: &str) {
@@ -205,15 +157,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut results = Vec::new();
-        let mut batch = sled::Batch::default();
-        let (generation, spec) = {
+        let published = {
             let mut guard = self.inner.write().expect("state machine lock poisoned");
             let a = &mut *guard;
-            let first_kept_before = a.state.history.front().map(|c| c.generation);
-            let generation_before = a.state.generation;
-            let mut last = None;
             for entry in entries {
-                last = Some(entry.log_id);
                 let result = match &entry.payload {
                     EntryPayload::Blank => Applied {
                         generation: a.state.generation,
@@ -230,42 +177,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         }
                     }
                 };
+                a.last_applied = Some(entry.log_id);
                 results.push(result);
-            }
-            let Some(last) = last else {
-                return Ok(results);
-            };
-            a.last_applied = Some(last);
-            batch.insert(APPLIED, codec::log_id_to_pb(&last).encode_to_vec());
-            batch.insert(
-                MEMBERSHIP,
-                codec::stored_membership_to_pb(&a.membership).encode_to_vec(),
-            );
-            if a.state.generation != generation_before {
-                batch.insert(GENERATION, &a.state.generation.to_be_bytes());
-                batch.insert(SPEC, a.state.spec_yaml.as_bytes());
-                batch.insert(OBJECTS, Self::objects_bytes(&a.state));
-                for c in a
-                    .state
-                    .history
-                    .iter()
-                    .filter(|c| c.generation > generation_before)
-                {
-                    batch.insert(history_key(c.generation), c.encode_to_vec());
-                }
-                // Changes that fell out of the bounded history.
-                let first_kept = a.state.history.front().map(|c| c.generation);
-                if let (Some(from), Some(to)) = (first_kept_before, first_kept) {
-                    for g in from..to {
-                        batch.remove(history_key(g));
-                    }
-                }
             }
             (a.state.generation, a.state.spec_yaml.clone())
         };
-        self.tree.apply_batch(batch).map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
-        self.publish_if_changed(generation, &spec);
+        self.publish_if_changed(published.0, &published.1);
         Ok(results)
     }
 
@@ -285,29 +202,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let state = ClusterState::from_proto(
             StateSnapshot::decode(snapshot.as_slice()).map_err(snapshot_err)?,
         );
-        let mut batch = sled::Batch::default();
-        for item in self.tree.iter() {
-            let (k, _) = item.map_err(read_err)?;
-            batch.remove(k);
-        }
-        Self::write_state(&mut batch, &state);
-        if let Some(id) = &meta.last_log_id {
-            batch.insert(APPLIED, codec::log_id_to_pb(id).encode_to_vec());
-        }
-        batch.insert(
-            MEMBERSHIP,
-            codec::stored_membership_to_pb(&meta.last_membership).encode_to_vec(),
-        );
-        batch.insert(
-            SNAPSHOT,
-            pb::StoredSnapshot {
-                meta: Some(codec::snapshot_meta_to_pb(meta)),
-                data: snapshot.to_vec(),
-            }
-            .encode_to_vec(),
-        );
-        self.tree.apply_batch(batch).map_err(snapshot_err)?;
-        self.db.flush_async().await.map_err(snapshot_err)?;
+        // Durable first: once installed, openraft may purge the log it replaces.
+        self.store_snapshot(meta, &snapshot).await?;
         let (generation, spec) = (state.generation, state.spec_yaml.clone());
         {
             let mut a = self.inner.write().expect("state machine lock poisoned");
@@ -348,14 +244,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 a.state.to_proto().encode_to_vec(),
             )
         });
-        let stored = pb::StoredSnapshot {
-            meta: Some(codec::snapshot_meta_to_pb(&meta)),
-            data: data.clone(),
-        };
-        self.tree
-            .insert(SNAPSHOT, stored.encode_to_vec())
-            .map_err(snapshot_err)?;
-        self.db.flush_async().await.map_err(snapshot_err)?;
+        self.store_snapshot(&meta, &data).await?;
         metrics::counter!("tollgate_raft_snapshots_built_total").increment(1);
         Ok(Snapshot {
             meta,

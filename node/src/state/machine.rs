@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use tollgate_proto::state::v1::{Change, Command, PutSpec, StateSnapshot, command};
 
-use crate::state::spec::{Spec, SpecErrors};
+use crate::state::spec::{Spec, SpecErrors, parse_yaml};
 
 /// How many applied changes the state keeps (oldest dropped first). Deduplication of a
 /// retried write works within this window.
@@ -169,6 +169,11 @@ pub struct CheckedSpec {
 /// Checks a spec the way a write does before it is proposed: parsed, validated (every
 /// error listed), endpoint names resolved, and each object digested for the plan.
 pub fn check_spec(yaml: &str, max_bytes: usize) -> Result<CheckedSpec, SpecErrors> {
+    check_parsed(yaml, parse_checked(yaml, max_bytes)?)
+}
+
+/// The first half of [`check_spec`]: size limit and YAML syntax (never blocks).
+pub fn parse_checked(yaml: &str, max_bytes: usize) -> Result<serde_yaml_ng::Value, SpecErrors> {
     if yaml.len() > max_bytes {
         let mut e = SpecErrors::default();
         e.push(
@@ -180,8 +185,14 @@ pub fn check_spec(yaml: &str, max_bytes: usize) -> Result<CheckedSpec, SpecError
         );
         return Err(e);
     }
-    let spec = Spec::from_yaml(yaml)?;
-    let objects = object_digests(yaml)?;
+    parse_yaml(yaml)
+}
+
+/// The second half of [`check_spec`]: validation and name resolution (blocks on DNS when
+/// [`crate::state::spec::needs_dns`] says so).
+pub fn check_parsed(yaml: &str, doc: serde_yaml_ng::Value) -> Result<CheckedSpec, SpecErrors> {
+    let objects = object_digests(&doc);
+    let spec = Spec::from_value(doc)?;
     Ok(CheckedSpec {
         yaml: yaml.to_string(),
         objects,
@@ -192,28 +203,27 @@ pub fn check_spec(yaml: &str, max_bytes: usize) -> Result<CheckedSpec, SpecError
 /// `kind/name` -> a digest of the object's content, independent of key order and
 /// formatting (the object as canonical JSON, hashed with FNV-1a 64: this detects changes
 /// for plans; it is not a security boundary).
-fn object_digests(yaml: &str) -> Result<BTreeMap<String, String>, SpecErrors> {
-    let doc: serde_json::Value = serde_yaml_ng::from_str(yaml).map_err(|e| {
-        let mut errors = SpecErrors::default();
-        errors.push("spec", format!("not valid YAML: {e}"));
-        errors
-    })?;
+fn object_digests(doc: &serde_yaml_ng::Value) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let serde_json::Value::Object(top) = doc else {
-        return Ok(out);
+    let serde_yaml_ng::Value::Mapping(top) = doc else {
+        return out;
     };
     for (kind, objects) in top {
+        let (Some(kind), serde_yaml_ng::Value::Mapping(objects)) = (kind.as_str(), objects) else {
+            continue;
+        };
         let kind = kind.trim_end_matches('s');
-        if let serde_json::Value::Object(objects) = objects {
-            for (name, value) in objects {
-                out.insert(
-                    format!("{kind}/{name}"),
-                    fnv64_hex(value.to_string().as_bytes()),
-                );
-            }
+        for (name, value) in objects {
+            let Some(name) = name.as_str() else { continue };
+            // serde_json's maps are sorted: the same object written in another key order
+            // or style gives the same text.
+            let canonical = serde_json::to_value(value)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| format!("{value:?}"));
+            out.insert(format!("{kind}/{name}"), fnv64_hex(canonical.as_bytes()));
         }
     }
-    Ok(out)
+    out
 }
 
 fn fnv64_hex(bytes: &[u8]) -> String {

@@ -456,19 +456,46 @@ impl std::error::Error for SpecErrors {}
 
 // === parsing ===
 
+/// Whether checking this document would resolve host names (blocking on DNS): true when an
+/// endpoint address is not an `ip:port` literal. Callers run the check off the async
+/// threads only then.
+pub fn needs_dns(doc: &Value) -> bool {
+    let Some(upstreams) = doc.get("upstreams").and_then(Value::as_mapping) else {
+        return false;
+    };
+    upstreams.values().any(|up| {
+        up.get("endpoints")
+            .and_then(Value::as_sequence)
+            .is_some_and(|eps| {
+                eps.iter().any(|ep| {
+                    ep.get("address")
+                        .and_then(Value::as_str)
+                        .is_some_and(|a| a.parse::<SocketAddr>().is_err() && a.contains(':'))
+                })
+            })
+    })
+}
+
+/// Parses YAML text into a document, or says why it is not YAML.
+pub fn parse_yaml(text: &str) -> Result<Value, SpecErrors> {
+    serde_yaml_ng::from_str(text).map_err(|e| {
+        let mut errors = SpecErrors::default();
+        errors.push("spec", format!("not valid YAML: {e}"));
+        errors
+    })
+}
+
 impl Spec {
     /// Parses and checks a YAML spec. On failure, every error found is returned.
     ///
     /// Endpoint host names are resolved here (blocking), so call it off the request path.
     pub fn from_yaml(text: &str) -> Result<Spec, SpecErrors> {
+        Spec::from_value(parse_yaml(text)?)
+    }
+
+    /// The same, from an already parsed YAML document.
+    pub fn from_value(doc: Value) -> Result<Spec, SpecErrors> {
         let mut errors = SpecErrors::default();
-        let doc: Value = match serde_yaml_ng::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push("spec", format!("not valid YAML: {e}"));
-                return Err(errors);
-            }
-        };
         let mut spec = Spec::default();
         // Names declared, even where the object itself failed to decode: a route that
         // names a broken upstream has one error (the upstream's), not two.

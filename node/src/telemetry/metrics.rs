@@ -40,8 +40,9 @@ pub async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// Exports Raft's state as gauges whenever it changes: term, leader, log indexes,
-/// replication lag per peer, members by role.
+/// Exports Raft's state as gauges: term, leader, log indexes, replication lag per peer,
+/// members by role. Raft's metrics change several times per write; they are exported at
+/// most every 100 ms (and at once after a quiet period), which is plenty for a scrape.
 pub async fn raft_metrics(
     cluster: std::sync::Arc<crate::raft::cluster::Cluster>,
     stop: tokio_util::sync::CancellationToken,
@@ -94,6 +95,10 @@ pub async fn raft_metrics(
         known_peers = peers;
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = stop.cancelled() => return,
         }
     }

@@ -1,0 +1,345 @@
+//! Raft cluster benchmarks against real node processes (release build) on loopback.
+//!
+//! ```text
+//! cargo bench --bench raft_cluster -- propagation [--n 200]
+//! cargo bench --bench raft_cluster -- latency [--n 500] [--blocks 10]
+//! cargo bench --bench raft_cluster -- failover [--iterations 5]
+//! ```
+//!
+//! - propagation: for each of N sequential applies, the time from its acknowledgement to
+//!   every node's data plane serving the new generation (each node polled over gRPC in a
+//!   tight loop by its own task).
+//! - latency: N sequential applies (one in flight) through the leader and through a
+//!   follower, interleaved in blocks; the payload is a spec of a fixed size (printed, so
+//!   the etcd comparison can use the same value size).
+//! - failover: kill -9 of the leader, then an apply fired at a survivor every 20 ms (each
+//!   with a 2 s deadline); the time to the first acknowledged one, and to a new leader.
+//!
+//! `benches/raft_vs_etcd.sh` runs these beside the 3-member etcd in ../shared/baseline.
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use harness::Upstream;
+use harness::cluster::{TestCluster, tagged_spec};
+use tollgate_sdk::NodeClient;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut xs: Vec<f64>) -> String {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mean = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    format!(
+        "| {name} | {} | {mean:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms |",
+        xs.len(),
+        pct(&xs, 50.0),
+        pct(&xs, 90.0),
+        pct(&xs, 99.0),
+        xs.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
+/// user + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+const HEADER: &str =
+    "| measure | n | mean | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|";
+
+/// A spec of exactly `size` bytes (padded with a YAML comment), tagged `tag`.
+fn sized_spec(up: std::net::SocketAddr, tag: &str, size: usize) -> String {
+    let mut s = tagged_spec(up, tag);
+    if s.len() + 3 < size {
+        s.push_str("# ");
+        s.push_str(&"x".repeat(size - s.len() - 1));
+        s.push('\n');
+    }
+    s
+}
+
+/// What one node's watcher saw: the latest generation served, and when each appeared.
+type Watched = (AtomicU64, std::sync::Mutex<Vec<(u64, Instant)>>);
+
+async fn propagation(n: usize) {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let mut client = c.client(leader).await;
+    // One watcher per node: the latest generation it has seen served, and when.
+    let seen: Vec<Arc<Watched>> = c
+        .ids()
+        .iter()
+        .map(|_| Arc::new((AtomicU64::new(0), std::sync::Mutex::new(Vec::new()))))
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut watchers = Vec::new();
+    for (i, id) in c.ids().into_iter().enumerate() {
+        let addr = c.node(id).grpc.to_string();
+        let (seen, stop) = (seen[i].clone(), stop.clone());
+        watchers.push(tokio::spawn(async move {
+            let mut nc = NodeClient::connect(&addr).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = nc.status().await {
+                    let g = s.spec_generation;
+                    if g > seen.0.load(Ordering::Relaxed) {
+                        seen.0.store(g, Ordering::Relaxed);
+                        seen.1.lock().unwrap().push((g, Instant::now()));
+                    }
+                }
+            }
+        }));
+    }
+    let mut acks = Vec::new();
+    for i in 1..=n {
+        let r = client
+            .apply_spec(tagged_spec(up.addr, &i.to_string()), false, "")
+            .await
+            .unwrap();
+        acks.push((r.generation, Instant::now()));
+        // Wait until every node serves it before the next apply (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen
+            .iter()
+            .any(|s| s.0.load(Ordering::Relaxed) < r.generation)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "generation {} not served everywhere within 10s",
+                r.generation
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in watchers {
+        let _ = w.await;
+    }
+    let mut all = Vec::new();
+    let mut slowest_follower = Vec::new();
+    for (g, acked) in &acks {
+        let times: Vec<Instant> = seen
+            .iter()
+            .map(|s| {
+                s.1.lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(sg, _)| sg >= g)
+                    .map(|(_, t)| *t)
+                    .unwrap()
+            })
+            .collect();
+        let last = times.iter().max().unwrap();
+        all.push(last.saturating_duration_since(*acked).as_secs_f64() * 1000.0);
+        slowest_follower.push(last.saturating_duration_since(*acked).as_secs_f64() * 1000.0);
+    }
+    println!("## propagation: acknowledgement -> every node serving the new generation\n");
+    println!("3 nodes, {n} sequential applies through the leader; each node polled over gRPC.\n");
+    println!("{HEADER}");
+    println!("{}", summary("ack -> served on all 3 nodes", all));
+}
+
+async fn latency(n: usize, blocks: usize, nodes: u64) {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(nodes, &tagged_spec(up.addr, "0"), &[]).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap_or(leader);
+    let size = sized_spec(up.addr, "00000000", 256).len();
+    let mut clients = [
+        ("leader", c.client(leader).await),
+        ("follower", c.client(follower).await),
+    ];
+    let mut seq = 0u64;
+    for (_, cl) in clients.iter_mut() {
+        for _ in 0..20 {
+            seq += 1;
+            cl.apply_spec(sized_spec(up.addr, &format!("{seq:08}"), 256), false, "")
+                .await
+                .unwrap();
+        }
+    }
+    let mut lat: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let per_block = (n / blocks).max(1);
+    let pids: Vec<u32> = c.ids().iter().map(|id| c.node(*id).pid()).collect();
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    for b in 0..blocks {
+        for k in 0..2 {
+            let k = (k + b) % 2;
+            for _ in 0..per_block {
+                seq += 1;
+                let spec = sized_spec(up.addr, &format!("{seq:08}"), 256);
+                let t0 = Instant::now();
+                clients[k].1.apply_spec(spec, false, "").await.unwrap();
+                lat[k].push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let writes = (lat[0].len() + lat[1].len()) as f64;
+    println!("## write latency: sequential applies, one in flight\n");
+    println!(
+        "CPU (user+sys) of all {nodes} node processes per write: {:.2} ms",
+        cpu * 1000.0 / writes
+    );
+    println!(
+        "{nodes} nodes; spec payload {size} bytes; {} applies per path, interleaved in {blocks} blocks.\n",
+        per_block * blocks
+    );
+    println!("{HEADER}");
+    println!(
+        "{}",
+        summary("apply via leader", std::mem::take(&mut lat[0]))
+    );
+    println!(
+        "{}",
+        summary(
+            "apply via follower (forwarded)",
+            std::mem::take(&mut lat[1])
+        )
+    );
+}
+
+async fn failover(iterations: usize) {
+    let up = Upstream::start("a").await;
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let mut first_ok = Vec::new();
+    let mut new_leader = Vec::new();
+    let mut seq = 0u64;
+    for it in 0..iterations {
+        let old = c.leader(Duration::from_secs(20)).await;
+        let survivor = c.ids().into_iter().find(|id| *id != old).unwrap();
+        let addr = c.node(survivor).grpc.to_string();
+        let mut probe = NodeClient::connect(&addr).await.unwrap();
+        probe
+            .apply_spec(tagged_spec(up.addr, &format!("warm-{it}")), false, "")
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        c.kill9(old);
+        let done = Arc::new(std::sync::Mutex::new(None::<Duration>));
+        let mut probes = Vec::new();
+        while done.lock().unwrap().is_none() && t0.elapsed() < Duration::from_secs(30) {
+            seq += 1;
+            let (mut p, done, spec) = (
+                probe.clone(),
+                done.clone(),
+                tagged_spec(up.addr, &format!("fo-{seq}")),
+            );
+            probes.push(tokio::spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(2), p.apply_spec(spec, false, ""))
+                    .await;
+                if let Ok(Ok(_)) = r {
+                    let mut d = done.lock().unwrap();
+                    let t = t0.elapsed();
+                    if d.is_none_or(|x| t < x) {
+                        *d = Some(t);
+                    }
+                }
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ok = done
+            .lock()
+            .unwrap()
+            .expect("an acknowledged apply within 30s");
+        let mut poll = NodeClient::connect(&addr).await.unwrap();
+        let leader_at = loop {
+            if let Ok(s) = poll.cluster_status().await
+                && s.leader.is_some_and(|l| l != old)
+            {
+                break t0.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        for p in probes {
+            p.abort();
+        }
+        first_ok.push(ok.as_secs_f64() * 1000.0);
+        new_leader.push(leader_at.as_secs_f64() * 1000.0);
+        eprintln!("failover {it}: first acknowledged apply after {ok:?}");
+        c.restart(old).await;
+        // Settle: every node serves the latest generation again.
+        let g = probe
+            .read_spec(false)
+            .await
+            .map(|r| r.generation)
+            .unwrap_or(0);
+        c.wait_serving(g, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!("## failover: kill -9 of the leader\n");
+    println!(
+        "3 nodes, {iterations} iterations; applies fired at a survivor every 20 ms, 2 s deadline each.\n"
+    );
+    println!("{HEADER}");
+    println!(
+        "{}",
+        summary("first acknowledged apply after the kill", first_ok)
+    );
+    println!(
+        "{}",
+        summary(
+            "(new leader known by the survivor, polled after)",
+            new_leader
+        )
+    );
+}
+
+fn main() {
+    let mode = std::env::args()
+        .skip(1)
+        .find(|a| ["propagation", "latency", "failover"].contains(&a.as_str()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match mode.as_deref() {
+            Some("propagation") => propagation(arg("--n", 200)).await,
+            Some("latency") => {
+                latency(
+                    arg("--n", 500),
+                    arg("--blocks", 10),
+                    arg("--nodes", 3) as u64,
+                )
+                .await
+            }
+            Some("failover") => failover(arg("--iterations", 5)).await,
+            // `cargo bench` with no mode (e.g. all benches): a short propagation run.
+            _ => propagation(50).await,
+        }
+    });
+}

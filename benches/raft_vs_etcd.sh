@@ -30,6 +30,15 @@ say() { echo "$@" | tee -a "$OUT"; }
 etcd_up() { (cd "$BASE" && ./etcd_cluster.sh wipe >/dev/null 2>&1 || true; ./etcd_cluster.sh start >/dev/null); }
 etcd_down() { (cd "$BASE" && ./etcd_cluster.sh wipe >/dev/null 2>&1 || true); }
 trap etcd_down EXIT
+ETCD_ROOT=${ETCD_ROOT:-${TMPDIR:-/tmp}/tollgate-baseline/etcd}
+etcd_cpu_ticks() {
+  local t=0 i p
+  for i in 1 2 3; do
+    p=$(cat "$ETCD_ROOT/e$i.pid")
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
 
 say "# Tollgate Raft vs etcd, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
 say ""
@@ -37,10 +46,14 @@ say "Command: \`benches/raft_vs_etcd.sh\` (ROUNDS=$ROUNDS N=$N ITER=$ITER)"
 for r in $(seq 1 "$ROUNDS"); do
   say ""; say "## latency round $r"
   etcd_up
+  before=$(etcd_cpu_ticks)
   (cd "$BASE" && "$PY" raft_bench.py latency --n "$N" --transport grpc --value-size 256 --via leader follower) \
     | grep '^|' | sed 's/^/etcd /' | tee -a "$OUT"
+  after=$(etcd_cpu_ticks)
+  # 2N puts plus 40 warm-up puts; ticks are 10 ms.
+  say "etcd CPU (user+sys) of all 3 members per put: $(awk -v t=$((after - before)) -v n=$((2 * N + 40)) 'BEGIN { printf "%.2f ms", t * 10 / n }')"
   etcd_down
-  "$BIN" latency --n "$N" | grep '^| apply' | sed 's/^/tollgate /' | tee -a "$OUT"
+  "$BIN" latency --n "$N" | grep -E '^\| apply|^CPU' | sed 's/^/tollgate /' | tee -a "$OUT"
 done
 
 say ""; say "## failover (kill -9 of the leader)"

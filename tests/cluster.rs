@@ -55,6 +55,46 @@ async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
         assert!(m["id"].as_u64().is_some());
     }
 
+    // The leader exports Raft's state, replication lag per peer included.
+    let m = c.node(leader).metrics().await;
+    for series in [
+        "tollgate_raft_term",
+        "tollgate_raft_committed_index",
+        "tollgate_raft_applied_index",
+        "tollgate_raft_replication_lag{peer=",
+        "tollgate_raft_members{role=\"voter\"} 3",
+    ] {
+        assert!(m.contains(series), "{series} missing from:\n{m}");
+    }
+
+    // A request another node already forwarded is not forwarded again: UNAVAILABLE, with
+    // the leader's address in the metadata.
+    let mut raw = tollgate_proto::node::v1::node_admin_client::NodeAdminClient::connect(format!(
+        "http://{}",
+        c.node(follower).grpc
+    ))
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tollgate_proto::node::v1::ApplySpecRequest {
+        spec_yaml: tagged_spec(up.addr, "third"),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-tollgate-forwarded-by", "9".parse().unwrap());
+    let err = raw.apply_spec(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.metadata()
+            .get("x-tollgate-leader")
+            .and_then(|v| v.to_str().ok()),
+        Some(c.node(leader).grpc.to_string().as_str())
+    );
+    assert!(
+        err.message().contains("not the leader"),
+        "{}",
+        err.message()
+    );
+
     // Linearizable read through a follower sees the write; history is in order everywhere.
     let read = client.read_spec(false).await.unwrap();
     assert_eq!(read.generation, 2);
@@ -334,4 +374,218 @@ async fn raw_grpc(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (Strin
             .unwrap_or_default()
     };
     (get("grpc-status"), get("grpc-message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
+    let up = Upstream::start("a").await;
+    // Compaction after every few entries, and specs up to 8 MB.
+    let flags = [
+        "--snapshot-every",
+        "3",
+        "--keep-logs",
+        "0",
+        "--max-spec-bytes",
+        "8000000",
+    ];
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &flags).await;
+    let mut client = c.client(c.leader(T).await).await;
+    // A 5 MB spec: more than tonic's default 4 MiB message, five 1 MiB chunks.
+    let big = format!(
+        "{}# {}\n",
+        tagged_spec(up.addr, "big"),
+        "x".repeat(5_000_000)
+    );
+    let mut last = client.apply_spec(big, false, "").await.unwrap().generation;
+    for i in 0..4 {
+        // Small changes that keep the big spec's padding out of the plan but trigger snapshots.
+        let spec = format!(
+            "{}# {}\n",
+            tagged_spec(up.addr, &format!("big-{i}")),
+            "x".repeat(5_000_000)
+        );
+        last = client.apply_spec(spec, false, "").await.unwrap().generation;
+    }
+    let leader = c.leader(T).await;
+    let m = c.node(leader).metrics().await;
+    assert!(metric(&m, "tollgate_raft_snapshot_index") > 0.0, "{m}");
+
+    let seed = c.node(1).grpc;
+    let mut joiner: Vec<String> = harness::cluster::CLUSTER_FLAGS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    joiner.extend(flags.iter().map(|s| s.to_string()));
+    c.add(4, seed, &joiner).await;
+    c.wait_all("node 4 to be a member", T, |s| {
+        s.members.iter().any(|m| m.id == 4)
+    })
+    .await;
+    c.wait_serving(last, Duration::from_secs(60)).await;
+    let m = c.node(4).metrics().await;
+    assert!(
+        metric(&m, "tollgate_raft_snapshots_installed_total") >= 1.0,
+        "no snapshot:\n{m}"
+    );
+    assert_eq!(c.node(4).get("/").await.header("x-tag"), Some("big-3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_apply_prints_the_plan_and_refuses_a_bad_spec_whole() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "one")).await;
+    let file = gw.dir.join("next.yaml");
+    // The same upstream, route `r` changed (its tag), route `extra` added.
+    let next = format!(
+        "upstreams:\n  a: {{ endpoints: [{{ address: \"{}\" }}] }}\nroutes:\n  r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a, response_headers: {{ set: {{ x-tag: two }} }} }}\n  extra: {{ match: {{ path: {{ prefix: /extra }} }}, upstream: a }}\n",
+        up.addr
+    );
+    std::fs::write(&file, next).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .args(["--node", &gw.grpc.to_string()])
+            .output()
+            .unwrap()
+    };
+    let path = file.to_str().unwrap();
+    let dry = cli(&["apply", "-f", path, "--dry-run"]);
+    let out = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(
+        out.contains("Plan: 1 to add, 1 to change, 0 to remove."),
+        "{out}"
+    );
+    assert!(
+        out.contains("+ route/extra") && out.contains("~ route/r"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Dry run: nothing applied (the cluster is at generation 1)"),
+        "{out}"
+    );
+
+    let applied = cli(&["apply", "-f", path]);
+    let out = String::from_utf8_lossy(&applied.stdout);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(out.contains("Applied: generation 2"), "{out}");
+    let again = cli(&["apply", "-f", path]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout)
+            .contains("No changes: the cluster is at generation 2.")
+    );
+
+    std::fs::write(
+        &file,
+        "routes:\n  r: { match: { path: { prefix: nope } }, upstream: missing }\n",
+    )
+    .unwrap();
+    let bad = cli(&["apply", "-f", path]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("InvalidArgument")
+            && err.contains("routes.r.upstream")
+            && err.contains("routes.r.match.path.prefix"),
+        "{err}"
+    );
+    assert_eq!(
+        gw.get("/extra/x").await.status,
+        200,
+        "the good spec still serves"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("tollgate-dev-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ports: Vec<String> = (0..4)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("dev")
+            .args([
+                "--proxy-addr",
+                &ports[0],
+                "--grpc-addr",
+                &ports[1],
+                "--admin-addr",
+                &ports[2],
+            ])
+            .args(["--echo-addr", &ports[3], "--access-log", "off"])
+            .arg("--data-dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let generation = async |want: u64| {
+        let grpc = ports[1].clone();
+        eventually(
+            &format!("tollgate dev serving generation {want}"),
+            T,
+            async || match tollgate_sdk::NodeClient::connect(&grpc).await {
+                Ok(mut c) => c.status().await.is_ok_and(|s| s.spec_generation == want),
+                Err(_) => false,
+            },
+        )
+        .await;
+    };
+    let mut dev = start();
+    generation(1).await;
+    let mut client = tollgate_sdk::NodeClient::connect(&ports[1]).await.unwrap();
+    let spec = format!(
+        "upstreams: {{ echo: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ only: {{ match: {{ path: {{ prefix: /only }} }}, upstream: echo }} }}\n",
+        ports[3]
+    );
+    assert_eq!(
+        client.apply_spec(spec, false, "").await.unwrap().generation,
+        2
+    );
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+
+    let mut dev = start();
+    generation(2).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<harness::Body>();
+    let get = |path: &str| {
+        client.request(
+            http::Request::get(format!("http://{}{path}", ports[0]))
+                .body(harness::full(""))
+                .unwrap(),
+        )
+    };
+    assert_eq!(
+        get("/only/x").await.unwrap().status(),
+        200,
+        "the applied route survives"
+    );
+    assert_eq!(
+        get("/echo/x").await.unwrap().status(),
+        404,
+        "the sample spec is not re-applied"
+    );
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -201,6 +201,16 @@ impl Node {
                 );
             }
         }
+        if !settings.bootstrap
+            && settings.join.is_none()
+            && !runtime.block_on(cluster.raft.is_initialized())?
+        {
+            tracing::warn!(
+                "this node belongs to no cluster and was told neither to start one nor to join one: \
+                 it serves nothing until a member adds it. Start the first node with --bootstrap, \
+                 the others with --join ADDR"
+            );
+        }
         if let Some(peer) = &settings.join {
             let _context = runtime.enter();
             cluster.spawn_join(peer.clone(), settings.voters, control.clone());

@@ -589,3 +589,196 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
     dev.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
+    use tollgate_sdk::state::{self as pb, api_command::Op, version_transition::To};
+    let cmd = |api: &str, op: Op| pb::Command {
+        request_id: String::new(),
+        kind: Some(pb::command::Kind::Api(pb::ApiCommand {
+            api: api.into(),
+            op: Some(op),
+        })),
+    };
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let leader = c.leader(T).await;
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    let mut client = c.client(follower).await;
+    let steps = [
+        cmd(
+            "orders",
+            Op::CreateApi(pb::CreateApi {
+                tenant: "acme".into(),
+            }),
+        ),
+        cmd(
+            "orders",
+            Op::CreateVersion(pb::CreateVersion {
+                version: "1.0.0".into(),
+                content: "routes: {}".into(),
+            }),
+        ),
+        cmd(
+            "orders",
+            Op::Transition(pb::VersionTransition {
+                version: "1.0.0".into(),
+                to: Some(To::Publish(pb::Empty {})),
+            }),
+        ),
+        cmd(
+            "orders",
+            Op::CreateVersion(pb::CreateVersion {
+                version: "2.0.0".into(),
+                content: "routes: {}".into(),
+            }),
+        ),
+        cmd(
+            "orders",
+            Op::Transition(pb::VersionTransition {
+                version: "2.0.0".into(),
+                to: Some(To::Publish(pb::Empty {})),
+            }),
+        ),
+        cmd(
+            "orders",
+            Op::SetSplit(pb::SetSplit {
+                weights: vec![
+                    pb::SplitEntry {
+                        version: "1.0.0".into(),
+                        weight: 90,
+                    },
+                    pb::SplitEntry {
+                        version: "2.0.0".into(),
+                        weight: 10,
+                    },
+                ],
+            }),
+        ),
+        cmd(
+            "orders",
+            Op::Promote(pb::Promote {
+                version: "2.0.0".into(),
+            }),
+        ),
+        cmd("orders", Op::Rollback(pb::Rollback {})),
+    ];
+    let mut last = 0;
+    for step in steps {
+        last = client
+            .write(step)
+            .await
+            .expect("write through a follower")
+            .generation;
+    }
+    c.wait_all("every node to apply the API commands", T, |s| {
+        s.generation >= last
+    })
+    .await;
+    for id in c.ids() {
+        let apis = c
+            .client(id)
+            .await
+            .list_apis(true, "acme")
+            .await
+            .unwrap()
+            .apis;
+        assert_eq!(apis.len(), 1, "node {id}");
+        let split: Vec<(String, u32)> = apis[0]
+            .split
+            .iter()
+            .map(|e| (e.version.clone(), e.weight))
+            .collect();
+        assert_eq!(
+            split,
+            vec![("1.0.0".into(), 90), ("2.0.0".into(), 10)],
+            "node {id}: rollback restored the canary"
+        );
+        assert!(
+            apis[0].versions.iter().all(|v| v.stage == "published"),
+            "node {id}"
+        );
+    }
+    assert!(
+        client
+            .list_apis(false, "other")
+            .await
+            .unwrap()
+            .apis
+            .is_empty()
+    );
+
+    // Refusals: the right code, a message that says what to do, and no change.
+    let cases = [
+        (
+            cmd(
+                "orders",
+                Op::Transition(pb::VersionTransition {
+                    version: "1.0.0".into(),
+                    to: Some(To::Retire(pb::Empty {})),
+                }),
+            ),
+            tonic::Code::FailedPrecondition,
+            "allowed: deprecate",
+        ),
+        (
+            cmd(
+                "orders",
+                Op::CreateVersion(pb::CreateVersion {
+                    version: "2.x".into(),
+                    content: String::new(),
+                }),
+            ),
+            tonic::Code::InvalidArgument,
+            "semantic versioning",
+        ),
+        (
+            cmd(
+                "nope",
+                Op::Promote(pb::Promote {
+                    version: "1.0.0".into(),
+                }),
+            ),
+            tonic::Code::NotFound,
+            "no API nope",
+        ),
+        (
+            cmd(
+                "",
+                Op::CreateApi(pb::CreateApi {
+                    tenant: "acme".into(),
+                }),
+            ),
+            tonic::Code::InvalidArgument,
+            "API name",
+        ),
+        (
+            cmd(
+                &"x".repeat(64),
+                Op::CreateApi(pb::CreateApi {
+                    tenant: "acme".into(),
+                }),
+            ),
+            tonic::Code::InvalidArgument,
+            "1-63",
+        ),
+    ];
+    for (step, code, needle) in cases {
+        let err = client.write(step).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    let spec_via_write = pb::Command {
+        request_id: String::new(),
+        kind: Some(pb::command::Kind::PutSpec(pb::PutSpec::default())),
+    };
+    assert_eq!(
+        client.write(spec_via_write).await.unwrap_err().code(),
+        Some(tonic::Code::InvalidArgument)
+    );
+    assert_eq!(
+        client.list_apis(false, "").await.unwrap().generation,
+        last,
+        "state unchanged"
+    );
+}

@@ -15,14 +15,17 @@
 use std::time::Duration;
 
 use tollgate_proto::node::v1::{
-    ApplySpecRequest, ClusterStatusRequest, HistoryRequest, ReadSpecRequest, RemoveRequest,
-    SetFaultsRequest, StatusRequest, node_admin_client::NodeAdminClient,
+    ApplySpecRequest, ClusterStatusRequest, HistoryRequest, ListApisRequest, ReadSpecRequest,
+    RemoveRequest, SetFaultsRequest, StatusRequest, WriteRequest,
+    node_admin_client::NodeAdminClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
 pub use tollgate_proto::node::v1::{
     ApplySpecResponse, ClusterStatusResponse, Member, ReadSpecResponse, StatusResponse,
 };
+pub use tollgate_proto::node::v1::{ListApisResponse, WriteResponse};
+pub use tollgate_proto::state::v1 as state;
 pub use tollgate_proto::state::v1::Change;
 
 /// Response metadata naming the leader's gRPC address on UNAVAILABLE answers.
@@ -141,6 +144,34 @@ impl NodeClient {
         Ok(self
             .inner
             .read_spec(ReadSpecRequest { local })
+            .await?
+            .into_inner())
+    }
+
+    /// Proposes a state-machine command (the API lifecycle commands); any node forwards it
+    /// to the leader. A refused command answers with the status that says why.
+    pub async fn write(&mut self, command: state::Command) -> Result<WriteResponse, Error> {
+        Ok(self
+            .inner
+            .write(WriteRequest {
+                command: Some(command),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// APIs and their versions; linearizable unless `local`; one tenant's when given.
+    pub async fn list_apis(
+        &mut self,
+        local: bool,
+        tenant: &str,
+    ) -> Result<ListApisResponse, Error> {
+        Ok(self
+            .inner
+            .list_apis(ListApisRequest {
+                local,
+                tenant: tenant.to_string(),
+            })
             .await?
             .into_inner())
     }

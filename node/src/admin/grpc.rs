@@ -99,6 +99,23 @@ impl NodeAdmin for AdminService {
         ))
     }
 
+    async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let fwd = forwarded(&req);
+        Ok(Response::new(
+            self.cluster.write_command(req.into_inner(), fwd).await?,
+        ))
+    }
+
+    async fn list_apis(
+        &self,
+        req: Request<ListApisRequest>,
+    ) -> Result<Response<ListApisResponse>, Status> {
+        let fwd = forwarded(&req);
+        Ok(Response::new(
+            self.cluster.list_apis(req.into_inner(), fwd).await?,
+        ))
+    }
+
     async fn history(
         &self,
         _req: Request<HistoryRequest>,

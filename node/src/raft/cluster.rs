@@ -283,6 +283,90 @@ impl Cluster {
         }
     }
 
+    /// Proposes a state-machine command (not a spec: those are validated by `apply_spec`).
+    pub async fn write_command(
+        &self,
+        req: api::WriteRequest,
+        forwarded: bool,
+    ) -> Result<api::WriteResponse, Status> {
+        use tollgate_proto::state::v1::command::Kind;
+        let Some(cmd) = req.command.clone() else {
+            return Err(Status::invalid_argument("the write has no command"));
+        };
+        match &cmd.kind {
+            None => return Err(Status::invalid_argument("the command has no kind")),
+            Some(Kind::PutSpec(_)) => {
+                return Err(Status::invalid_argument(
+                    "a spec is written with ApplySpec, which checks it first",
+                ));
+            }
+            Some(Kind::Api(_)) => {}
+        }
+        let size = prost::Message::encoded_len(&cmd);
+        if size > self.max_spec_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the command is {size} bytes, over the limit of {} bytes (--max-spec-bytes)",
+                self.max_spec_bytes
+            )));
+        }
+        if let Target::Leader(mut client) = self.target(forwarded).await? {
+            return Ok(client
+                .write(self.forward(req))
+                .await
+                .map_err(in_transit)?
+                .into_inner());
+        }
+        let applied = self.write(cmd).await?;
+        if let Some(refusal) = applied.refusal {
+            use crate::state::lifecycle::Refusal;
+            return Err(match refusal {
+                Refusal::Invalid(m) => Status::invalid_argument(m),
+                Refusal::NotFound(m) => Status::not_found(m),
+                Refusal::Precondition(m) => Status::failed_precondition(m),
+            });
+        }
+        Ok(api::WriteResponse {
+            generation: applied.generation,
+            log_index: applied.log_index,
+            added: applied.added,
+            changed: applied.changed,
+        })
+    }
+
+    /// The APIs, linearizable (through the leader) unless `local`; one tenant's if asked.
+    pub async fn list_apis(
+        &self,
+        req: api::ListApisRequest,
+        forwarded: bool,
+    ) -> Result<api::ListApisResponse, Status> {
+        if !req.local {
+            match self.target(forwarded).await? {
+                Target::Leader(mut client) => {
+                    return Ok(client
+                        .list_apis(self.forward(req))
+                        .await
+                        .map_err(in_transit)?
+                        .into_inner());
+                }
+                Target::Local => {
+                    self.raft.ensure_linearizable().await.map_err(|e| {
+                        Status::unavailable(format!("linearizable read failed: {e}"))
+                    })?;
+                }
+            }
+        }
+        Ok(self.state_machine.read(|a| api::ListApisResponse {
+            apis: a
+                .state
+                .apis
+                .values()
+                .filter(|x| req.tenant.is_empty() || x.tenant == req.tenant)
+                .map(|x| x.to_proto())
+                .collect(),
+            generation: a.state.generation,
+        }))
+    }
+
     async fn write(&self, cmd: tollgate_proto::state::v1::Command) -> Result<Applied, Status> {
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await;

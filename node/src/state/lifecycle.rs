@@ -20,6 +20,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use semver::Version;
+use tollgate_proto::state::v1 as pb;
 
 /// Where a version is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -350,3 +351,201 @@ impl Api {
 
 #[cfg(test)]
 mod tests;
+
+// === the protobuf form (commands and snapshots) ===
+
+fn split_to_pb(split: &Split) -> Vec<pb::SplitEntry> {
+    split
+        .iter()
+        .map(|(v, w)| pb::SplitEntry {
+            version: v.to_string(),
+            weight: *w,
+        })
+        .collect()
+}
+
+fn split_from_pb(entries: &[pb::SplitEntry]) -> Split {
+    entries
+        .iter()
+        .filter_map(|e| Version::parse(&e.version).ok().map(|v| (v, e.weight)))
+        .collect()
+}
+
+fn stage_from_name(name: &str) -> Stage {
+    match name {
+        "published" => Stage::Published,
+        "deprecated" => Stage::Deprecated,
+        "retired" => Stage::Retired,
+        _ => Stage::Draft,
+    }
+}
+
+impl Api {
+    pub fn to_proto(&self) -> pb::ApiState {
+        pb::ApiState {
+            name: self.name.clone(),
+            tenant: self.tenant.clone(),
+            versions: self
+                .versions
+                .values()
+                .map(|v| pb::VersionState {
+                    version: v.version.to_string(),
+                    stage: v.stage.name().into(),
+                    content: v.content.clone(),
+                    sunset: v.sunset.map(|s| s.to_rfc3339()).unwrap_or_default(),
+                    successor: v
+                        .successor
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            split: split_to_pb(&self.split),
+            previous_splits: self
+                .previous_splits
+                .iter()
+                .map(|s| pb::Split {
+                    weights: split_to_pb(s),
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads an API back from a snapshot. Entries this node cannot read (written by a
+    /// newer node) are left out rather than failing the whole state.
+    pub fn from_proto(p: &pb::ApiState) -> Api {
+        let versions = p
+            .versions
+            .iter()
+            .filter_map(|v| {
+                let version = Version::parse(&v.version).ok()?;
+                Some((
+                    version.clone(),
+                    ApiVersion {
+                        version,
+                        stage: stage_from_name(&v.stage),
+                        content: v.content.clone(),
+                        sunset: DateTime::parse_from_rfc3339(&v.sunset)
+                            .ok()
+                            .map(|d| d.with_timezone(&Utc)),
+                        successor: Version::parse(&v.successor).ok(),
+                    },
+                ))
+            })
+            .collect();
+        Api {
+            name: p.name.clone(),
+            tenant: p.tenant.clone(),
+            versions,
+            split: split_from_pb(&p.split),
+            previous_splits: p
+                .previous_splits
+                .iter()
+                .map(|s| split_from_pb(&s.weights))
+                .collect(),
+        }
+    }
+}
+
+/// Longest API, tenant or version name.
+pub const MAX_NAME: usize = 63;
+
+/// Checks an API or tenant name: 1–63 of `a-z 0-9 - _`, starting with a letter or digit.
+pub fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(format!(
+            "{what} name {name:?} must be 1-{MAX_NAME} characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Applies one API command to the set of APIs. Deterministic; a refusal changes nothing.
+/// Returns the names of what changed (for the history).
+pub fn apply_command(
+    apis: &mut BTreeMap<String, Api>,
+    cmd: &pb::ApiCommand,
+) -> Result<Vec<String>, Refusal> {
+    use pb::api_command::Op;
+    check_name("API", &cmd.api)?;
+    let Some(op) = &cmd.op else {
+        return Err(Refusal::Invalid(
+            "the API command has no operation (a newer node's command?)".into(),
+        ));
+    };
+    if let Op::CreateApi(create) = op {
+        check_name("tenant", &create.tenant)?;
+        if apis.contains_key(&cmd.api) {
+            return Err(Refusal::Precondition(format!(
+                "API {} already exists",
+                cmd.api
+            )));
+        }
+        apis.insert(cmd.api.clone(), Api::new(&cmd.api, &create.tenant));
+        return Ok(vec![format!("api/{}", cmd.api)]);
+    }
+    let Some(existing) = apis.get(&cmd.api) else {
+        return Err(Refusal::NotFound(format!("there is no API {}", cmd.api)));
+    };
+    // Work on a copy: a refusal leaves the state exactly as it was.
+    let mut api = existing.clone();
+    let changed = match op {
+        Op::CreateApi(_) => unreachable!("handled above"),
+        Op::CreateVersion(c) => {
+            api.create_version(&c.version, c.content.clone())?;
+            format!("api/{}@{}", cmd.api, parse_version(&c.version)?)
+        }
+        Op::Transition(t) => {
+            use pb::version_transition::To;
+            let transition = match &t.to {
+                Some(To::Edit(content)) => Transition::Edit {
+                    content: content.clone(),
+                },
+                Some(To::Publish(_)) => Transition::Publish,
+                Some(To::Deprecate(d)) => Transition::Deprecate {
+                    sunset: (!d.sunset.is_empty()).then(|| d.sunset.clone()),
+                    successor: (!d.successor.is_empty()).then(|| d.successor.clone()),
+                },
+                Some(To::Retire(_)) => Transition::Retire,
+                Some(To::Discard(_)) => Transition::Discard,
+                None => {
+                    return Err(Refusal::Invalid(format!(
+                        "say what to do with version {}: edit, publish, deprecate, retire or discard",
+                        t.version
+                    )));
+                }
+            };
+            api.transition(&t.version, transition)?;
+            format!("api/{}@{}", cmd.api, parse_version(&t.version)?)
+        }
+        Op::SetSplit(s) => {
+            let weights: Vec<(&str, u32)> = s
+                .weights
+                .iter()
+                .map(|e| (e.version.as_str(), e.weight))
+                .collect();
+            api.set_split(&weights)?;
+            format!("api/{}", cmd.api)
+        }
+        Op::Promote(p) => {
+            api.promote(&p.version)?;
+            format!("api/{}", cmd.api)
+        }
+        Op::Rollback(_) => {
+            api.rollback()?;
+            format!("api/{}", cmd.api)
+        }
+    };
+    if &api == existing {
+        return Ok(Vec::new());
+    }
+    apis.insert(cmd.api.clone(), api);
+    Ok(vec![changed])
+}

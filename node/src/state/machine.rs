@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use tollgate_proto::state::v1::{Change, Command, PutSpec, StateSnapshot, command};
+use tollgate_proto::state::v1::{ApiCommand, Change, Command, PutSpec, StateSnapshot, command};
+
+use crate::state::lifecycle::{self, Api, Refusal};
 
 use crate::state::spec::{Spec, SpecErrors, parse_yaml};
 
@@ -24,6 +26,8 @@ pub struct ClusterState {
     /// `kind/name` -> digest of the object, for plans.
     pub objects: BTreeMap<String, String>,
     pub history: VecDeque<Change>,
+    /// APIs and their versions, by name.
+    pub apis: BTreeMap<String, Api>,
 }
 
 /// What applying one command did.
@@ -34,6 +38,8 @@ pub struct Applied {
     pub added: Vec<String>,
     pub changed: Vec<String>,
     pub removed: Vec<String>,
+    /// Set when the command was refused (it changed nothing).
+    pub refusal: Option<Refusal>,
 }
 
 /// Objects added, changed and removed by a new spec.
@@ -66,10 +72,12 @@ impl ClusterState {
                 added: earlier.added.clone(),
                 changed: earlier.changed.clone(),
                 removed: earlier.removed.clone(),
+                refusal: None,
             };
         }
         match &cmd.kind {
             Some(command::Kind::PutSpec(put)) => self.put_spec(log_index, &cmd.request_id, put),
+            Some(command::Kind::Api(api)) => self.api_command(log_index, &cmd.request_id, api),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (DESIGN.md decision 2).
             None => Applied {
@@ -77,6 +85,65 @@ impl ClusterState {
                 log_index,
                 ..Applied::default()
             },
+        }
+    }
+
+    fn api_command(&mut self, log_index: u64, request_id: &str, cmd: &ApiCommand) -> Applied {
+        match lifecycle::apply_command(&mut self.apis, cmd) {
+            Err(refusal) => Applied {
+                generation: self.generation,
+                log_index,
+                refusal: Some(refusal),
+                ..Applied::default()
+            },
+            Ok(changed) if changed.is_empty() => Applied {
+                generation: self.generation,
+                log_index,
+                ..Applied::default()
+            },
+            Ok(changed) => {
+                let added = matches!(
+                    cmd.op,
+                    Some(tollgate_proto::state::v1::api_command::Op::CreateApi(_))
+                );
+                let (added, changed) = if added {
+                    (changed, Vec::new())
+                } else {
+                    (Vec::new(), changed)
+                };
+                self.record(log_index, request_id, added, changed, Vec::new())
+            }
+        }
+    }
+
+    /// Takes the next generation and records the change in the bounded history.
+    fn record(
+        &mut self,
+        log_index: u64,
+        request_id: &str,
+        added: Vec<String>,
+        changed: Vec<String>,
+        removed: Vec<String>,
+    ) -> Applied {
+        self.generation += 1;
+        self.history.push_back(Change {
+            generation: self.generation,
+            log_index,
+            request_id: request_id.to_string(),
+            added: added.clone(),
+            changed: changed.clone(),
+            removed: removed.clone(),
+        });
+        while self.history.len() > HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        Applied {
+            generation: self.generation,
+            log_index,
+            added,
+            changed,
+            removed,
+            refusal: None,
         }
     }
 
@@ -89,31 +156,19 @@ impl ClusterState {
                 ..Applied::default()
             };
         }
-        self.generation += 1;
         self.spec_yaml = put.spec_yaml.clone();
         self.objects = put
             .objects
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        self.history.push_back(Change {
-            generation: self.generation,
+        self.record(
             log_index,
-            request_id: request_id.to_string(),
-            added: plan.added.clone(),
-            changed: plan.changed.clone(),
-            removed: plan.removed.clone(),
-        });
-        while self.history.len() > HISTORY_LIMIT {
-            self.history.pop_front();
-        }
-        Applied {
-            generation: self.generation,
-            log_index,
-            added: plan.added,
-            changed: plan.changed,
-            removed: plan.removed,
-        }
+            request_id,
+            plan.added,
+            plan.changed,
+            plan.removed,
+        )
     }
 
     /// What replacing the current objects with `objects` would change.
@@ -145,6 +200,7 @@ impl ClusterState {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             history: self.history.iter().cloned().collect(),
+            apis: self.apis.values().map(Api::to_proto).collect(),
         }
     }
 
@@ -154,6 +210,11 @@ impl ClusterState {
             spec_yaml: p.spec_yaml,
             objects: p.objects.into_iter().collect(),
             history: p.history.into(),
+            apis: p
+                .apis
+                .iter()
+                .map(|a| (a.name.clone(), Api::from_proto(a)))
+                .collect(),
         }
     }
 }

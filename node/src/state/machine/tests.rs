@@ -65,3 +65,118 @@ fn the_state_round_trips_through_its_snapshot_encoding() {
     s.apply(2, &put(TWO, "b"));
     assert_eq!(ClusterState::from_proto(s.to_proto()), s);
 }
+
+fn api_cmd(api: &str, op: tollgate_proto::state::v1::api_command::Op) -> Command {
+    Command {
+        request_id: String::new(),
+        kind: Some(command::Kind::Api(ApiCommand {
+            api: api.into(),
+            op: Some(op),
+        })),
+    }
+}
+
+#[test]
+fn api_commands_take_generations_and_refusals_change_nothing() {
+    use tollgate_proto::state::v1::{self as pb, api_command::Op, version_transition::To};
+    let mut s = ClusterState::default();
+    let a = s.apply(
+        1,
+        &api_cmd(
+            "orders",
+            Op::CreateApi(pb::CreateApi {
+                tenant: "acme".into(),
+            }),
+        ),
+    );
+    assert_eq!(
+        (a.generation, a.added.clone()),
+        (1, vec!["api/orders".to_string()])
+    );
+    let v = s.apply(
+        2,
+        &api_cmd(
+            "orders",
+            Op::CreateVersion(pb::CreateVersion {
+                version: "1.0.0".into(),
+                content: String::new(),
+            }),
+        ),
+    );
+    assert_eq!(
+        (v.generation, v.changed.clone()),
+        (2, vec!["api/orders@1.0.0".to_string()])
+    );
+
+    let before = s.clone();
+    let refused = s.apply(
+        3,
+        &api_cmd(
+            "orders",
+            Op::Transition(pb::VersionTransition {
+                version: "1.0.0".into(),
+                to: Some(To::Retire(pb::Empty {})),
+            }),
+        ),
+    );
+    assert!(
+        matches!(refused.refusal, Some(Refusal::Precondition(ref m)) if m.contains("allowed: edit, publish, discard")),
+        "{refused:?}"
+    );
+    let unknown = s.apply(4, &api_cmd("nope", Op::Rollback(pb::Rollback {})));
+    assert!(
+        matches!(unknown.refusal, Some(Refusal::NotFound(_))),
+        "{unknown:?}"
+    );
+    let bad_name = s.apply(
+        5,
+        &api_cmd(
+            "Bad Name",
+            Op::CreateApi(pb::CreateApi {
+                tenant: "acme".into(),
+            }),
+        ),
+    );
+    assert!(
+        matches!(bad_name.refusal, Some(Refusal::Invalid(_))),
+        "{bad_name:?}"
+    );
+    assert_eq!(s, before, "refused commands change nothing");
+
+    s.apply(
+        6,
+        &api_cmd(
+            "orders",
+            Op::Transition(pb::VersionTransition {
+                version: "1.0.0".into(),
+                to: Some(To::Publish(pb::Empty {})),
+            }),
+        ),
+    );
+    let p = s.apply(
+        7,
+        &api_cmd(
+            "orders",
+            Op::Promote(pb::Promote {
+                version: "1.0.0".into(),
+            }),
+        ),
+    );
+    assert_eq!(p.generation, 4);
+    // The same promotion again changes nothing and takes no generation.
+    let again = s.apply(
+        8,
+        &api_cmd(
+            "orders",
+            Op::Promote(pb::Promote {
+                version: "1.0.0".into(),
+            }),
+        ),
+    );
+    assert_eq!((again.generation, again.refusal.clone()), (4, None));
+    assert_eq!(
+        ClusterState::from_proto(s.to_proto()),
+        s,
+        "APIs survive the snapshot encoding"
+    );
+}

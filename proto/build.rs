@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "tollgate/node/v1/node_admin.proto",
     "tollgate/raft/v1/raft.proto",
     "tollgate/state/v1/state.proto",
+    "tollgate/cp/v1/control_plane.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

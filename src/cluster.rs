@@ -195,6 +195,7 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
                 "asked_node": status.node_id,
                 "generation": status.generation,
                 "committed_index": status.committed_index,
+                "joint": status.joint,
                 "degraded": if status.degraded.is_empty() { None } else { Some(&status.degraded) },
             });
             println!("{v}");
@@ -209,6 +210,11 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
                     "leader: none   term: {}   generation: {}",
                     status.term, status.generation
                 ),
+            }
+            if status.joint {
+                println!(
+                    "a membership change is in progress (joint consensus): writes need a majority of the old and the new voters"
+                );
             }
             if !status.degraded.is_empty() {
                 println!(

@@ -20,6 +20,9 @@ pub struct DevArgs {
     /// HTTP admin listener (/healthz, /readyz, /metrics).
     #[arg(long, default_value = "127.0.0.1:7071")]
     admin_addr: SocketAddr,
+    /// Control-plane gRPC listener (run in this process).
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    cp_addr: SocketAddr,
     /// Demo upstream listener. A fixed port, so the applied spec still points at it after
     /// a restart.
     #[arg(long, default_value = "127.0.0.1:7090")]
@@ -106,6 +109,19 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let node = Node::start(settings, metrics)?;
     let a = node.addrs();
+    // The control plane, in this process, talking to this node.
+    let cp_args = tollgate_control_plane::CpArgs {
+        listen: args.cp_addr,
+        nodes: vec![a.grpc.to_string()],
+        addr_file: None,
+    };
+    std::thread::Builder::new()
+        .name("tollgate-cp".into())
+        .spawn(move || {
+            if let Err(e) = tollgate_control_plane::run(cp_args) {
+                tracing::error!("the control plane stopped: {e:#}");
+            }
+        })?;
     eprintln!(
         r#"
 Tollgate dev is running (pid {pid}): a single-node cluster with its state in {data}.
@@ -113,6 +129,7 @@ Tollgate dev is running (pid {pid}): a single-node cluster with its state in {da
   proxy        http://{proxy}   (HTTP/1.1 and h2c)
   admin        http://{admin}/healthz  /readyz  /metrics
   node gRPC    {grpc}
+  control plane {cp}   (gRPC: tollgate.cp.v1.ApiLifecycle, health, reflection)
   demo echo    http://{echo}   (answers with what it received, as JSON)
   spec         {spec}
 
@@ -135,6 +152,7 @@ Docs: README.md, docs/spec.md (every spec field), docs/configuration.md. Ctrl-C 
         echo = echo,
         spec = spec_path.display(),
         data = args.data_dir.display(),
+        cp = args.cp_addr,
     );
     node.wait()
 }

@@ -1,7 +1,7 @@
 //! `tollgate`: the command-line tool. `tollgate dev` runs a whole gateway in one process;
 //! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file;
-//! `tollgate apply` and `tollgate cluster` talk to a running cluster. The control-plane
-//! commands (api, tenant, key, ...) arrive with the control-plane issue.
+//! `tollgate apply` and `tollgate cluster` talk to a running cluster; `tollgate cp` runs
+//! the control plane. The control-plane commands (api, tenant, key, ...) come next.
 
 mod cluster;
 mod dev;
@@ -32,6 +32,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run a gateway node (the same as the `tollgate-node` binary).
     Node(Box<tollgate_node::config::NodeArgs>),
+    /// Run the control plane (the same as the `tollgate-cp` binary).
+    Cp(tollgate_control_plane::CpArgs),
     /// Apply a spec to the cluster: prints the plan and the generation committed.
     Apply(cluster::ApplyArgs),
     /// Cluster membership: status, remove.
@@ -56,6 +58,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Node(args) => tollgate_node::run_from_args(*args),
+        Command::Cp(args) => {
+            tollgate_node::telemetry::logging::init(tollgate_node::config::LogFormat::Text);
+            match tollgate_control_plane::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate cp: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Apply(args) => run_client(cluster::apply(args)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
         Command::Validate { file } => match tollgate_node::read_spec(&file) {

@@ -516,7 +516,7 @@ fn free_port() -> u16 {
 async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
     let dir = std::env::temp_dir().join(format!("tollgate-dev-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let ports: Vec<String> = (0..4)
+    let ports: Vec<String> = (0..5)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
     let start = || {
@@ -530,7 +530,14 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
                 "--admin-addr",
                 &ports[2],
             ])
-            .args(["--echo-addr", &ports[3], "--access-log", "off"])
+            .args([
+                "--echo-addr",
+                &ports[3],
+                "--cp-addr",
+                &ports[4],
+                "--access-log",
+                "off",
+            ])
             .arg("--data-dir")
             .arg(&dir)
             .stdout(std::process::Stdio::null())

@@ -1,9 +1,28 @@
-//! `tollgate-cp`: the control-plane service. Refuses to start until it exists, rather than
-//! pretending to serve.
+//! `tollgate-cp`: the control-plane service (see the library's docs).
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate-cp",
+    version,
+    about = "Tollgate's control plane (API lifecycle)"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: tollgate_control_plane::CpArgs,
+}
+
 fn main() -> ExitCode {
-    eprintln!("{}", tollgate_control_plane::NOT_AVAILABLE);
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    tollgate_node::telemetry::logging::init(tollgate_node::config::LogFormat::Text);
+    match tollgate_control_plane::run(cli.args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-cp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

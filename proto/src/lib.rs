@@ -16,6 +16,12 @@ pub mod raft {
     }
 }
 
+pub mod cp {
+    pub mod v1 {
+        tonic::include_proto!("tollgate.cp.v1");
+    }
+}
+
 pub mod state {
     pub mod v1 {
         tonic::include_proto!("tollgate.state.v1");

@@ -109,6 +109,28 @@ impl NodeClient {
         })
     }
 
+    /// A client that connects on first use (and reconnects after failures), for callers
+    /// that keep a client per node and must not block on a node that is down.
+    pub fn lazy(addr: &str) -> Result<Self, Error> {
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(15))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            inner: NodeAdminClient::new(channel),
+        })
+    }
+
     /// What the node is and what it serves right now.
     pub async fn status(&mut self) -> Result<StatusResponse, Error> {
         Ok(self.inner.status(StatusRequest {}).await?.into_inner())

@@ -624,6 +624,7 @@ impl Cluster {
             last_log_index: m.last_log_index,
             generation: self.state_machine.read(|a| a.state.generation),
             degraded: self.degraded().unwrap_or_default(),
+            joint: membership.get_joint_config().len() > 1,
         }
     }
 

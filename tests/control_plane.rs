@@ -1,0 +1,280 @@
+//! The control plane (`tollgate cp`) against a real 3-node cluster: API lifecycle calls,
+//! two replicas at once with a leader kill in between, health, refusals.
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::Upstream;
+use harness::cluster::{TestCluster, tagged_spec};
+use tollgate_proto::cp::v1 as cp;
+use tollgate_proto::cp::v1::api_lifecycle_client::ApiLifecycleClient;
+use tollgate_proto::state::v1 as state;
+use tonic::transport::Channel;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A `tollgate cp` process, killed when dropped.
+struct CpProcess {
+    child: Child,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl CpProcess {
+    async fn start(nodes: &[SocketAddr]) -> CpProcess {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-cp-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr_file = dir.join("addr");
+        let nodes: Vec<String> = nodes.iter().map(|a| a.to_string()).collect();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["cp", "--listen", "127.0.0.1:0", "--nodes", &nodes.join(",")])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("cp.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + T;
+        let addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file)
+                && let Ok(a) = text.trim().parse()
+            {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "tollgate cp did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        CpProcess { child, addr, dir }
+    }
+
+    async fn client(&self) -> ApiLifecycleClient<Channel> {
+        ApiLifecycleClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for CpProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn transition(
+    api: &str,
+    version: &str,
+    to: state::version_transition::To,
+) -> cp::TransitionVersionRequest {
+    cp::TransitionVersionRequest {
+        api: api.into(),
+        transition: Some(state::VersionTransition {
+            version: version.into(),
+            to: Some(to),
+        }),
+    }
+}
+
+fn split(api: &cp::ApiReply) -> Vec<(String, u32)> {
+    api.api
+        .as_ref()
+        .unwrap()
+        .split
+        .iter()
+        .map(|e| (e.version.clone(), e.weight))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing() {
+    use state::version_transition::To;
+    let up = Upstream::start("a").await;
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let nodes: Vec<SocketAddr> = c.ids().iter().map(|id| c.node(*id).grpc).collect();
+    let (one, two) = (
+        CpProcess::start(&nodes).await,
+        CpProcess::start(&nodes).await,
+    );
+    let (mut a, mut b) = (one.client().await, two.client().await);
+
+    // grpc.health.v1 says SERVING.
+    let channel = Channel::from_shared(format!("http://{}", one.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    a.create_api(cp::CreateApiRequest {
+        name: "orders".into(),
+        tenant: "acme".into(),
+    })
+    .await
+    .unwrap();
+    b.create_version(cp::CreateVersionRequest {
+        api: "orders".into(),
+        version: "1.0.0".into(),
+        content: "routes: {}".into(),
+    })
+    .await
+    .unwrap();
+    a.transition_version(transition("orders", "1.0.0", To::Publish(state::Empty {})))
+        .await
+        .unwrap();
+    b.promote(cp::PromoteRequest {
+        api: "orders".into(),
+        version: "1.0.0".into(),
+    })
+    .await
+    .unwrap();
+    a.create_version(cp::CreateVersionRequest {
+        api: "orders".into(),
+        version: "2.0.0".into(),
+        content: "routes: {}".into(),
+    })
+    .await
+    .unwrap();
+
+    // The leader dies; both replicas carry on (their node pools move to the survivors).
+    let leader = c.leader(T).await;
+    c.kill9(leader);
+    b.transition_version(transition("orders", "2.0.0", To::Publish(state::Empty {})))
+        .await
+        .unwrap();
+    let canary = a
+        .set_split(cp::SetSplitRequest {
+            api: "orders".into(),
+            weights: vec![
+                state::SplitEntry {
+                    version: "1.0.0".into(),
+                    weight: 90,
+                },
+                state::SplitEntry {
+                    version: "2.0.0".into(),
+                    weight: 10,
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&canary),
+        vec![("1.0.0".into(), 90), ("2.0.0".into(), 10)]
+    );
+    b.promote(cp::PromoteRequest {
+        api: "orders".into(),
+        version: "2.0.0".into(),
+    })
+    .await
+    .unwrap();
+    let rolled = a
+        .rollback(cp::RollbackRequest {
+            api: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        split(&rolled),
+        vec![("1.0.0".into(), 90), ("2.0.0".into(), 10)],
+        "rollback in one call"
+    );
+
+    // Every acknowledged change is there, seen through either replica.
+    c.restart(leader).await;
+    for client in [&mut a, &mut b] {
+        let got = client
+            .get_api(cp::GetApiRequest {
+                name: "orders".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let api = got.api.clone().unwrap();
+        assert_eq!(api.tenant, "acme");
+        let stages: Vec<(String, String)> = api
+            .versions
+            .iter()
+            .map(|v| (v.version.clone(), v.stage.clone()))
+            .collect();
+        assert_eq!(
+            stages,
+            vec![
+                ("1.0.0".into(), "published".into()),
+                ("2.0.0".into(), "published".into())
+            ]
+        );
+        assert_eq!(
+            split(&got),
+            vec![("1.0.0".into(), 90), ("2.0.0".into(), 10)]
+        );
+    }
+
+    // A move the lifecycle forbids: FAILED_PRECONDITION naming what is allowed.
+    let err = b
+        .transition_version(transition("orders", "1.0.0", To::Retire(state::Empty {})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("allowed: deprecate"),
+        "{}",
+        err.message()
+    );
+    let err = a
+        .get_api(cp::GetApiRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = a
+        .create_version(cp::CreateVersionRequest {
+            api: "orders".into(),
+            version: "not-semver".into(),
+            content: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = a
+        .create_api(cp::CreateApiRequest {
+            name: "x".repeat(300),
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let listed = a
+        .list_apis(cp::ListApisRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.apis.len(), 1);
+}

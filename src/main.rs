@@ -3,6 +3,7 @@
 //! `tollgate apply` and `tollgate cluster` talk to a running cluster; `tollgate cp` runs
 //! the control plane. The control-plane commands (api, tenant, key, ...) come next.
 
+mod api;
 mod cluster;
 mod dev;
 mod echo;
@@ -32,6 +33,12 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run a gateway node (the same as the `tollgate-node` binary).
     Node(Box<tollgate_node::config::NodeArgs>),
+    /// APIs: create, list, get, split, promote, rollback (through the control plane).
+    #[command(subcommand)]
+    Api(api::ApiCommand),
+    /// API versions: create, edit, publish, deprecate, retire, discard.
+    #[command(subcommand)]
+    Version(api::VersionCommand),
     /// Run the control plane (the same as the `tollgate-cp` binary).
     Cp(tollgate_control_plane::CpArgs),
     /// Apply a spec to the cluster: prints the plan and the generation committed.
@@ -69,6 +76,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Apply(args) => run_client(cluster::apply(args)),
+        Command::Api(cmd) => run_client(api::api(cmd)),
+        Command::Version(cmd) => run_client(api::version(cmd)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
         Command::Validate { file } => match tollgate_node::read_spec(&file) {
             Ok(spec) => {

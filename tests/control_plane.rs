@@ -278,3 +278,74 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
         .into_inner();
     assert_eq!(listed.apis.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_the_lifecycle_and_says_what_is_allowed() {
+    let up = Upstream::start("a").await;
+    let gw = harness::GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    let cpp = CpProcess::start(&[gw.grpc]).await;
+    let file = cpp.dir.join("v.yaml");
+    std::fs::write(&file, "routes: {}\n").unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .args(["--cp", &cpp.addr.to_string()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for args in [
+        vec!["api", "create", "orders", "--tenant", "acme"],
+        vec!["version", "create", "orders", "1.0.0", "-f", &file],
+        vec!["version", "publish", "orders", "1.0.0"],
+        vec!["version", "create", "orders", "2.0.0", "-f", &file],
+        vec!["version", "publish", "orders", "2.0.0"],
+        vec!["api", "split", "orders", "1.0.0=90", "2.0.0=10"],
+        vec!["api", "promote", "orders", "2.0.0"],
+    ] {
+        let (code, _, err) = cli(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+    }
+    let (code, out, _) = cli(&["api", "rollback", "orders", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["split"],
+        serde_json::json!([{"version": "1.0.0", "weight": 90}, {"version": "2.0.0", "weight": 10}])
+    );
+    let (code, out, _) = cli(&[
+        "version",
+        "deprecate",
+        "orders",
+        "1.0.0",
+        "--sunset",
+        "2027-06-30T00:00:00Z",
+        "--successor",
+        "2.0.0",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("deprecated") && out.contains("2027-06-30"),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["version", "retire", "orders", "1.0.0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("still takes traffic"), "{err}");
+    let (code, _, err) = cli(&["version", "publish", "orders", "1.0.0"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("allowed: retire"),
+        "{err}"
+    );
+    let (code, out, _) = cli(&["api", "list", "--tenant", "acme"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("orders") && out.contains("1.0.0=90 2.0.0=10"),
+        "{out}"
+    );
+}

@@ -225,3 +225,193 @@ impl NodeClient {
         Ok(())
     }
 }
+
+pub use tollgate_proto::cp::v1 as cp;
+
+/// A client for the control plane (`tollgate-cp`): any number of replica addresses; a call
+/// that gets UNAVAILABLE or a transport failure moves on to the next replica, backing off,
+/// for up to 10 s. Every other answer (INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND,
+/// ...) is returned at once: it says what to change.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneClient {
+    replicas: Vec<(
+        String,
+        cp::api_lifecycle_client::ApiLifecycleClient<Channel>,
+    )>,
+}
+
+impl ControlPlaneClient {
+    /// `addrs`: `HOST:PORT` of one or more replicas. Connects on first use.
+    pub fn new(addrs: &[&str]) -> Result<Self, Error> {
+        if addrs.is_empty() {
+            return Err(Error::InvalidAddress {
+                addr: String::new(),
+                reason: "no control-plane address given".into(),
+            });
+        }
+        let mut replicas = Vec::new();
+        for addr in addrs {
+            let uri = if addr.contains("://") {
+                addr.to_string()
+            } else {
+                format!("http://{addr}")
+            };
+            let channel = Endpoint::from_shared(uri)
+                .map_err(|e| Error::InvalidAddress {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(20))
+                .connect_lazy();
+            replicas.push((
+                addr.to_string(),
+                cp::api_lifecycle_client::ApiLifecycleClient::new(channel),
+            ));
+        }
+        Ok(Self { replicas })
+    }
+
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Error>
+    where
+        F: FnMut(cp::api_lifecycle_client::ApiLifecycleClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let mut i = 0;
+        loop {
+            let client = self.replicas[i % self.replicas.len()].1.clone();
+            match f(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s)
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                        && started.elapsed() + delay < Duration::from_secs(10) =>
+                {
+                    i += 1;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => return Err(Error::Status(s)),
+            }
+        }
+    }
+
+    pub async fn create_api(&self, name: &str, tenant: &str) -> Result<cp::ApiReply, Error> {
+        let req = cp::CreateApiRequest {
+            name: name.into(),
+            tenant: tenant.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.create_api(req).await }
+        })
+        .await
+    }
+
+    pub async fn get_api(&self, name: &str) -> Result<cp::ApiReply, Error> {
+        let req = cp::GetApiRequest { name: name.into() };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_api(req).await }
+        })
+        .await
+    }
+
+    /// Every API, or one tenant's (`tenant` non-empty).
+    pub async fn list_apis(&self, tenant: &str) -> Result<Vec<state::ApiState>, Error> {
+        let req = cp::ListApisRequest {
+            tenant: tenant.into(),
+        };
+        Ok(self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.list_apis(req).await }
+            })
+            .await?
+            .apis)
+    }
+
+    pub async fn create_version(
+        &self,
+        api: &str,
+        version: &str,
+        content: &str,
+    ) -> Result<cp::ApiReply, Error> {
+        let req = cp::CreateVersionRequest {
+            api: api.into(),
+            version: version.into(),
+            content: content.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.create_version(req).await }
+        })
+        .await
+    }
+
+    /// Moves a version: `to` is edit, publish, deprecate, retire or discard.
+    pub async fn transition(
+        &self,
+        api: &str,
+        version: &str,
+        to: state::version_transition::To,
+    ) -> Result<cp::ApiReply, Error> {
+        let req = cp::TransitionVersionRequest {
+            api: api.into(),
+            transition: Some(state::VersionTransition {
+                version: version.into(),
+                to: Some(to),
+            }),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.transition_version(req).await }
+        })
+        .await
+    }
+
+    /// Splits traffic by weight, e.g. `[("1.0.0", 90), ("2.0.0", 10)]`.
+    pub async fn set_split(
+        &self,
+        api: &str,
+        weights: &[(&str, u32)],
+    ) -> Result<cp::ApiReply, Error> {
+        let req = cp::SetSplitRequest {
+            api: api.into(),
+            weights: weights
+                .iter()
+                .map(|(v, w)| state::SplitEntry {
+                    version: v.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.set_split(req).await }
+        })
+        .await
+    }
+
+    pub async fn promote(&self, api: &str, version: &str) -> Result<cp::ApiReply, Error> {
+        let req = cp::PromoteRequest {
+            api: api.into(),
+            version: version.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.promote(req).await }
+        })
+        .await
+    }
+
+    pub async fn rollback(&self, api: &str) -> Result<cp::ApiReply, Error> {
+        let req = cp::RollbackRequest { api: api.into() };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.rollback(req).await }
+        })
+        .await
+    }
+}

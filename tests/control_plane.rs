@@ -349,3 +349,87 @@ async fn the_cli_runs_the_lifecycle_and_says_what_is_allowed() {
         "{out}"
     );
 }
+
+/// A Python with grpcio, grpcio-reflection and grpcio-health-checking: `TOLLGATE_PYTHON`
+/// if set, else a venv this test makes under the target directory (pip from PyPI).
+fn python_with_grpcio() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("TOLLGATE_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcio-venv");
+    let python = venv.join("bin/python");
+    let ready = |py: &std::path::Path| {
+        Command::new(py)
+            .args(["-c", "import grpc, grpc_reflection, grpc_health"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 -m venv failed: install python3-venv"
+        );
+        let pip = Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "-q",
+                "grpcio",
+                "grpcio-reflection",
+                "grpcio-health-checking",
+            ])
+            .status();
+        assert!(
+            pip.is_ok_and(|s| s.success()),
+            "pip could not install grpcio from PyPI"
+        );
+    }
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_grpc_client_lists_the_services_and_sees_serving() {
+    let python = tokio::task::spawn_blocking(python_with_grpcio)
+        .await
+        .unwrap();
+    let up = Upstream::start("a").await;
+    let gw = harness::GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    let cpp = CpProcess::start(&[gw.grpc]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/generic_client.py");
+    for (addr, service) in [
+        (cpp.addr, "tollgate.cp.v1.ApiLifecycle"),
+        (gw.grpc, "tollgate.node.v1.NodeAdmin"),
+    ] {
+        let out = Command::new(&python)
+            .arg(script)
+            .arg(addr.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let services: Vec<&str> = v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.as_str())
+            .collect();
+        assert!(services.contains(&service), "{service} not in {services:?}");
+        let others = ["tollgate.cp.v1.ApiLifecycle", "tollgate.node.v1.NodeAdmin"];
+        assert!(
+            others
+                .iter()
+                .all(|o| *o == service || !services.contains(o)),
+            "a server lists only what it serves: {services:?}"
+        );
+        assert!(services.contains(&"grpc.health.v1.Health"), "{services:?}");
+        assert_eq!(v["health"], "SERVING");
+    }
+}

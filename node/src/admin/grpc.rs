@@ -153,13 +153,31 @@ pub async fn serve(
     let raft = service.cluster.raft_service();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeAdminServer<AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
+    // Python's grpcio-reflection still ask for it.
+    let reflection = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in ["tollgate.node.v1.NodeAdmin", "tollgate.raft.v1.Raft"]
+            .into_iter()
+            .chain([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ])
+        {
+            b = b.with_service_name(name);
+        }
+        b
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
     tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(DecodeErrorsAreInvalidArgument))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             NodeAdminServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -390,21 +390,51 @@ async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
     ];
     let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &flags).await;
     let mut client = c.client(c.leader(T).await).await;
-    // A 5 MB spec: more than tonic's default 4 MiB message, five 1 MiB chunks.
+    // A 5 MB spec: more than tonic's default 4 MiB message, five 1 MiB chunks. Retried
+    // with the same request id if a loaded machine makes the commit slow.
     let big = format!(
         "{}# {}\n",
         tagged_spec(up.addr, "big"),
         "x".repeat(5_000_000)
     );
-    let mut last = client.apply_spec(big, false, "").await.unwrap().generation;
-    for i in 0..4 {
-        // Small changes that keep the big spec's padding out of the plan but trigger snapshots.
-        let spec = format!(
-            "{}# {}\n",
-            tagged_spec(up.addr, &format!("big-{i}")),
-            "x".repeat(5_000_000)
-        );
-        last = client.apply_spec(spec, false, "").await.unwrap().generation;
+    let mut attempts = 0;
+    let mut last = loop {
+        match client.apply_spec(big.clone(), false, "big-spec").await {
+            Ok(r) => break r.generation,
+            Err(e) if e.code() == Some(tonic::Code::Unavailable) && attempts < 3 => attempts += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // Small commands after it, so a snapshot is built while the big spec is the state.
+    use tollgate_sdk::state::{self as pb, api_command::Op};
+    for (i, op) in [
+        Op::CreateApi(pb::CreateApi {
+            tenant: "acme".into(),
+        }),
+        Op::CreateVersion(pb::CreateVersion {
+            version: "1.0.0".into(),
+            content: String::new(),
+        }),
+        Op::CreateVersion(pb::CreateVersion {
+            version: "2.0.0".into(),
+            content: String::new(),
+        }),
+        Op::CreateVersion(pb::CreateVersion {
+            version: "3.0.0".into(),
+            content: String::new(),
+        }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cmd = pb::Command {
+            request_id: format!("small-{i}"),
+            kind: Some(pb::command::Kind::Api(pb::ApiCommand {
+                api: "orders".into(),
+                op: Some(op),
+            })),
+        };
+        last = client.write(cmd).await.unwrap().generation;
     }
     let leader = c.leader(T).await;
     let m = c.node(leader).metrics().await;
@@ -427,7 +457,13 @@ async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
         metric(&m, "tollgate_raft_snapshots_installed_total") >= 1.0,
         "no snapshot:\n{m}"
     );
-    assert_eq!(c.node(4).get("/").await.header("x-tag"), Some("big-3"));
+    assert_eq!(c.node(4).get("/").await.header("x-tag"), Some("big"));
+    let apis = c.client(4).await.list_apis(true, "").await.unwrap().apis;
+    assert_eq!(
+        apis[0].versions.len(),
+        3,
+        "the snapshot carried the APIs too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -514,16 +514,19 @@ routes:
     assert_eq!(gw.get("/old/api/").await.json()["path"], "/v2/");
 
     // One JSON access-log line per request, with route, endpoint, status and sizes.
-    eventually("access log flushed", Duration::from_secs(3), async || {
-        std::fs::read_to_string(&gw.access_log)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 4
-    })
+    // Threads buffer and log separately (flushed every 200 ms), so wait for the line itself,
+    // not for a count of lines that another thread may have reached first.
+    eventually(
+        "the first request's line is flushed",
+        Duration::from_secs(3),
+        async || {
+            std::fs::read_to_string(&gw.access_log)
+                .unwrap_or_default()
+                .contains("\"/svc/items/1\"")
+        },
+    )
     .await;
     let log = std::fs::read_to_string(&gw.access_log).unwrap();
-    // Threads log separately, so lines are in order per connection only: find the request.
     let first: serde_json::Value = log
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())

@@ -433,3 +433,237 @@ async fn a_generic_grpc_client_lists_the_services_and_sees_serving() {
         assert_eq!(v["health"], "SERVING");
     }
 }
+
+type CallResult = Result<tonic::Response<cp::ApiReply>, tonic::Status>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
+    use state::version_transition::To;
+    use tonic::Code::{FailedPrecondition, InvalidArgument, NotFound};
+    let up = Upstream::start("a").await;
+    let gw = harness::GatewayProcess::start_with(
+        &tagged_spec(up.addr, "0"),
+        &["--max-spec-bytes", "65536"],
+    )
+    .await;
+    let cpp = CpProcess::start(&[gw.grpc]).await;
+    let mut c = cpp.client().await;
+    c.create_api(cp::CreateApiRequest {
+        name: "orders".into(),
+        tenant: "acme".into(),
+    })
+    .await
+    .unwrap();
+    c.create_version(cp::CreateVersionRequest {
+        api: "orders".into(),
+        version: "1.0.0".into(),
+        content: String::new(),
+    })
+    .await
+    .unwrap();
+    let before = c
+        .get_api(cp::GetApiRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let long = "x".repeat(300);
+    let huge = "#".repeat(70_000);
+    let split = |weights: Vec<(&str, u32)>| cp::SetSplitRequest {
+        api: "orders".into(),
+        weights: weights
+            .into_iter()
+            .map(|(v, w)| state::SplitEntry {
+                version: v.into(),
+                weight: w,
+            })
+            .collect(),
+    };
+    let results: Vec<(&str, CallResult, tonic::Code)> = vec![
+        (
+            "create_api: empty name",
+            c.create_api(cp::CreateApiRequest {
+                name: String::new(),
+                tenant: "acme".into(),
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "create_api: empty tenant",
+            c.create_api(cp::CreateApiRequest {
+                name: "x".into(),
+                tenant: String::new(),
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "create_api: oversized name",
+            c.create_api(cp::CreateApiRequest {
+                name: long.clone(),
+                tenant: "acme".into(),
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "create_api: exists",
+            c.create_api(cp::CreateApiRequest {
+                name: "orders".into(),
+                tenant: "acme".into(),
+            })
+            .await,
+            FailedPrecondition,
+        ),
+        (
+            "get_api: unknown",
+            c.get_api(cp::GetApiRequest {
+                name: "nope".into(),
+            })
+            .await,
+            NotFound,
+        ),
+        (
+            "get_api: oversized",
+            c.get_api(cp::GetApiRequest { name: long.clone() }).await,
+            InvalidArgument,
+        ),
+        (
+            "create_version: malformed semver",
+            c.create_version(cp::CreateVersionRequest {
+                api: "orders".into(),
+                version: "1.0".into(),
+                content: String::new(),
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "create_version: unknown api",
+            c.create_version(cp::CreateVersionRequest {
+                api: "nope".into(),
+                version: "1.0.0".into(),
+                content: String::new(),
+            })
+            .await,
+            NotFound,
+        ),
+        (
+            "create_version: oversized content",
+            c.create_version(cp::CreateVersionRequest {
+                api: "orders".into(),
+                version: "9.0.0".into(),
+                content: huge,
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "transition: none",
+            c.transition_version(cp::TransitionVersionRequest {
+                api: "orders".into(),
+                transition: None,
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "transition: no target",
+            c.transition_version(cp::TransitionVersionRequest {
+                api: "orders".into(),
+                transition: Some(state::VersionTransition {
+                    version: "1.0.0".into(),
+                    to: None,
+                }),
+            })
+            .await,
+            InvalidArgument,
+        ),
+        (
+            "transition: unknown version",
+            c.transition_version(transition("orders", "7.0.0", To::Publish(state::Empty {})))
+                .await,
+            NotFound,
+        ),
+        (
+            "transition: retire a draft",
+            c.transition_version(transition("orders", "1.0.0", To::Retire(state::Empty {})))
+                .await,
+            FailedPrecondition,
+        ),
+        (
+            "split: empty",
+            c.set_split(split(vec![])).await,
+            InvalidArgument,
+        ),
+        (
+            "split: draft",
+            c.set_split(split(vec![("1.0.0", 1)])).await,
+            FailedPrecondition,
+        ),
+        (
+            "split: unknown version",
+            c.set_split(split(vec![("5.0.0", 1)])).await,
+            NotFound,
+        ),
+        (
+            "split: malformed",
+            c.set_split(split(vec![("five", 1)])).await,
+            InvalidArgument,
+        ),
+        (
+            "promote: unknown api",
+            c.promote(cp::PromoteRequest {
+                api: "nope".into(),
+                version: "1.0.0".into(),
+            })
+            .await,
+            NotFound,
+        ),
+        (
+            "rollback: nothing to roll back",
+            c.rollback(cp::RollbackRequest {
+                api: "orders".into(),
+            })
+            .await,
+            FailedPrecondition,
+        ),
+        (
+            "list: oversized tenant",
+            c.list_apis(cp::ListApisRequest { tenant: long })
+                .await
+                .map(|_| tonic::Response::new(cp::ApiReply::default())),
+            InvalidArgument,
+        ),
+    ];
+    for (what, result, code) in results {
+        let err = result.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert!(
+            err.message().len() > 10,
+            "{what}: the message says what to change: {:?}",
+            err.message()
+        );
+    }
+    let after = c
+        .get_api(cp::GetApiRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.api, before.api, "nothing changed");
+    assert_eq!(after.generation, before.generation);
+    assert_eq!(
+        c.list_apis(cp::ListApisRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .apis
+            .len(),
+        1
+    );
+}

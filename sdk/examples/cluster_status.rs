@@ -1,0 +1,29 @@
+//! Prints the cluster as one node sees it, and the spec generation it serves.
+//!
+//! ```sh
+//! cargo run -p tollgate-sdk --example cluster_status -- 127.0.0.1:7070
+//! ```
+
+#[tokio::main]
+async fn main() -> Result<(), tollgate_sdk::Error> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7070".into());
+    let mut node = tollgate_sdk::NodeClient::connect(&addr).await?;
+    let status = node.status().await?;
+    let cluster = node.cluster_status().await?;
+    println!(
+        "node {} serves spec generation {}; leader: {:?}, term {}",
+        status.node_id, status.spec_generation, cluster.leader, cluster.term
+    );
+    for m in &cluster.members {
+        println!(
+            "  node {} at {} is a {} in {}",
+            m.id, m.addr, m.role, m.region
+        );
+    }
+    if !cluster.degraded.is_empty() {
+        println!("degraded: {}", cluster.degraded);
+    }
+    Ok(())
+}

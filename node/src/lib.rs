@@ -418,22 +418,20 @@ pub fn run_from_args(args: config::NodeArgs) -> std::process::ExitCode {
 
 /// Reads a spec file and checks it the way a write would.
 fn read_spec_file(path: &Path, max_bytes: usize) -> Result<String, SpecErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let mut errors = SpecErrors::default();
-        errors.push("spec", format!("cannot read {}: {e}", path.display()));
-        errors
-    })?;
-    state::machine::check_spec(&text, max_bytes).map(|c| c.yaml)
+    state::machine::check_spec(&read_spec_text(path)?, max_bytes).map(|c| c.yaml)
 }
 
 /// Reads and checks a spec file.
 pub fn read_spec(path: &Path) -> Result<Spec, SpecErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    Spec::from_yaml(&read_spec_text(path)?)
+}
+
+fn read_spec_text(path: &Path) -> Result<String, SpecErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         let mut errors = SpecErrors::default();
         errors.push("spec", format!("cannot read {}: {e}", path.display()));
         errors
-    })?;
-    Spec::from_yaml(&text)
+    })
 }
 
 /// The signals a node handles, registered before the node reports itself started: until

@@ -77,6 +77,19 @@ impl Error {
     }
 }
 
+/// An endpoint for `addr` (`HOST:PORT`, or a full `http://` URI).
+fn endpoint(addr: &str) -> Result<Endpoint, Error> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// A client for one node's admin API.
 #[derive(Debug, Clone)]
 pub struct NodeClient {
@@ -86,16 +99,7 @@ pub struct NodeClient {
 impl NodeClient {
     /// Connects to a node's gRPC address (`HOST:PORT`, or a full `http://` URI).
     pub async fn connect(addr: &str) -> Result<Self, Error> {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-        let channel = endpoint
+        let channel = endpoint(addr)?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .connect()
@@ -112,16 +116,7 @@ impl NodeClient {
     /// A client that connects on first use (and reconnects after failures), for callers
     /// that keep a client per node and must not block on a node that is down.
     pub fn lazy(addr: &str) -> Result<Self, Error> {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-        let channel = endpoint
+        let channel = endpoint(addr)?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
@@ -251,16 +246,7 @@ impl ControlPlaneClient {
         }
         let mut replicas = Vec::new();
         for addr in addrs {
-            let uri = if addr.contains("://") {
-                addr.to_string()
-            } else {
-                format!("http://{addr}")
-            };
-            let channel = Endpoint::from_shared(uri)
-                .map_err(|e| Error::InvalidAddress {
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                })?
+            let channel = endpoint(addr)?
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(20))
                 .connect_lazy();
@@ -272,9 +258,11 @@ impl ControlPlaneClient {
         Ok(Self { replicas })
     }
 
-    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Error>
+    /// Sends `req` with `f`, to the next replica after each UNAVAILABLE.
+    async fn call<Req, T, F, Fut>(&self, req: Req, f: F) -> Result<T, Error>
     where
-        F: FnMut(cp::api_lifecycle_client::ApiLifecycleClient<Channel>) -> Fut,
+        Req: Clone,
+        F: Fn(cp::api_lifecycle_client::ApiLifecycleClient<Channel>, Req) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = std::time::Instant::now();
@@ -282,7 +270,7 @@ impl ControlPlaneClient {
         let mut i = 0;
         loop {
             let client = self.replicas[i % self.replicas.len()].1.clone();
-            match f(client).await {
+            match f(client, req.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s)
                     if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
@@ -302,20 +290,14 @@ impl ControlPlaneClient {
             name: name.into(),
             tenant: tenant.into(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.create_api(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.create_api(r).await })
+            .await
     }
 
     pub async fn get_api(&self, name: &str) -> Result<cp::ApiReply, Error> {
         let req = cp::GetApiRequest { name: name.into() };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.get_api(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.get_api(r).await })
+            .await
     }
 
     /// Every API, or one tenant's (`tenant` non-empty).
@@ -324,10 +306,7 @@ impl ControlPlaneClient {
             tenant: tenant.into(),
         };
         Ok(self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.list_apis(req).await }
-            })
+            .call(req, |mut c, r| async move { c.list_apis(r).await })
             .await?
             .apis)
     }
@@ -343,11 +322,8 @@ impl ControlPlaneClient {
             version: version.into(),
             content: content.into(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.create_version(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.create_version(r).await })
+            .await
     }
 
     /// Moves a version: `to` is edit, publish, deprecate, retire or discard.
@@ -364,11 +340,8 @@ impl ControlPlaneClient {
                 to: Some(to),
             }),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.transition_version(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.transition_version(r).await })
+            .await
     }
 
     /// Splits traffic by weight, e.g. `[("1.0.0", 90), ("2.0.0", 10)]`.
@@ -387,11 +360,8 @@ impl ControlPlaneClient {
                 })
                 .collect(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.set_split(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.set_split(r).await })
+            .await
     }
 
     pub async fn promote(&self, api: &str, version: &str) -> Result<cp::ApiReply, Error> {
@@ -399,19 +369,13 @@ impl ControlPlaneClient {
             api: api.into(),
             version: version.into(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.promote(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.promote(r).await })
+            .await
     }
 
     pub async fn rollback(&self, api: &str) -> Result<cp::ApiReply, Error> {
         let req = cp::RollbackRequest { api: api.into() };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.rollback(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.rollback(r).await })
+            .await
     }
 }

@@ -214,6 +214,51 @@ impl Cluster {
         ))
     }
 
+    /// Runs `call` on the leader when this node is not it and returns the leader's answer;
+    /// `None` when this node leads and does the work itself.
+    async fn on_leader<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        forwarded: bool,
+        call: F,
+    ) -> Result<Option<Resp>, Status>
+    where
+        Req: Clone,
+        F: FnOnce(NodeAdminClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let Target::Leader(client) = self.target(forwarded).await? else {
+            return Ok(None);
+        };
+        let resp = call(client, self.forward(req.clone()))
+            .await
+            .map_err(in_transit)?;
+        Ok(Some(resp.into_inner()))
+    }
+
+    /// A read that must see every acknowledged write: the leader's answer when this node
+    /// is not the leader; `None` once this node, the leader, has confirmed its read index.
+    async fn read_on_leader<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        forwarded: bool,
+        call: F,
+    ) -> Result<Option<Resp>, Status>
+    where
+        Req: Clone,
+        F: FnOnce(NodeAdminClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        if let Some(resp) = self.on_leader(req, forwarded, call).await? {
+            return Ok(Some(resp));
+        }
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))?;
+        Ok(None)
+    }
+
     fn forward<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut()
@@ -260,27 +305,22 @@ impl Cluster {
                 dry_run: true,
             });
         }
-        match self.target(forwarded).await? {
-            // The leader checks it: checking here too would only add latency.
-            Target::Leader(mut client) => Ok(client
-                .apply_spec(self.forward(req))
-                .await
-                .map_err(in_transit)?
-                .into_inner()),
-            Target::Local => {
-                let checked = check(req.spec_yaml, self.max_spec_bytes).await?;
-                let cmd = put_spec_command(&checked, &req.request_id);
-                let applied = self.write(cmd).await?;
-                Ok(api::ApplySpecResponse {
-                    added: applied.added,
-                    changed: applied.changed,
-                    removed: applied.removed,
-                    generation: applied.generation,
-                    log_index: applied.log_index,
-                    dry_run: false,
-                })
-            }
+        // Forwarded unchecked: the leader checks it, checking here too would only add latency.
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.apply_spec(r).await };
+        if let Some(resp) = self.on_leader(&req, forwarded, forward).await? {
+            return Ok(resp);
         }
+        let checked = check(req.spec_yaml, self.max_spec_bytes).await?;
+        let cmd = put_spec_command(&checked, &req.request_id);
+        let applied = self.write(cmd).await?;
+        Ok(api::ApplySpecResponse {
+            added: applied.added,
+            changed: applied.changed,
+            removed: applied.removed,
+            generation: applied.generation,
+            log_index: applied.log_index,
+            dry_run: false,
+        })
     }
 
     /// Proposes a state-machine command (not a spec: those are validated by `apply_spec`).
@@ -309,12 +349,9 @@ impl Cluster {
                 self.max_spec_bytes
             )));
         }
-        if let Target::Leader(mut client) = self.target(forwarded).await? {
-            return Ok(client
-                .write(self.forward(req))
-                .await
-                .map_err(in_transit)?
-                .into_inner());
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.write(r).await };
+        if let Some(resp) = self.on_leader(&req, forwarded, forward).await? {
+            return Ok(resp);
         }
         let applied = self.write(cmd).await?;
         if let Some(refusal) = applied.refusal {
@@ -339,21 +376,11 @@ impl Cluster {
         req: api::ListApisRequest,
         forwarded: bool,
     ) -> Result<api::ListApisResponse, Status> {
-        if !req.local {
-            match self.target(forwarded).await? {
-                Target::Leader(mut client) => {
-                    return Ok(client
-                        .list_apis(self.forward(req))
-                        .await
-                        .map_err(in_transit)?
-                        .into_inner());
-                }
-                Target::Local => {
-                    self.raft.ensure_linearizable().await.map_err(|e| {
-                        Status::unavailable(format!("linearizable read failed: {e}"))
-                    })?;
-                }
-            }
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.list_apis(r).await };
+        if !req.local
+            && let Some(resp) = self.read_on_leader(&req, forwarded, forward).await?
+        {
+            return Ok(resp);
         }
         Ok(self.state_machine.read(|a| api::ListApisResponse {
             apis: a
@@ -421,12 +448,9 @@ impl Cluster {
                 req.grpc_addr
             )));
         }
-        if let Target::Leader(mut client) = self.target(forwarded).await? {
-            return Ok(client
-                .join(self.forward(req))
-                .await
-                .map_err(in_transit)?
-                .into_inner());
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.join(r).await };
+        if let Some(resp) = self.on_leader(&req, forwarded, forward).await? {
+            return Ok(resp);
         }
         let node = NodeInfo {
             grpc_addr: req.grpc_addr.clone(),
@@ -509,12 +533,9 @@ impl Cluster {
         req: api::RemoveRequest,
         forwarded: bool,
     ) -> Result<api::RemoveResponse, Status> {
-        if let Target::Leader(mut client) = self.target(forwarded).await? {
-            return Ok(client
-                .remove(self.forward(req))
-                .await
-                .map_err(in_transit)?
-                .into_inner());
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.remove(r).await };
+        if let Some(resp) = self.on_leader(&req, forwarded, forward).await? {
+            return Ok(resp);
         }
         let id = req.node_id;
         let membership = self.raft.metrics().borrow().membership_config.clone();
@@ -557,25 +578,15 @@ impl Cluster {
         req: api::ReadSpecRequest,
         forwarded: bool,
     ) -> Result<api::ReadSpecResponse, Status> {
-        if !req.local {
-            match self.target(forwarded).await? {
-                Target::Leader(mut client) => {
-                    return Ok(client
-                        .read_spec(self.forward(req))
-                        .await
-                        .map_err(in_transit)?
-                        .into_inner());
-                }
-                Target::Local => {
-                    self.raft.ensure_linearizable().await.map_err(|e| {
-                        Status::unavailable(format!("linearizable read failed: {e}"))
-                    })?;
-                }
-            }
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.read_spec(r).await };
+        if !req.local
+            && let Some(resp) = self.read_on_leader(&req, forwarded, forward).await?
+        {
+            return Ok(resp);
         }
         Ok(self.state_machine.read(|a| api::ReadSpecResponse {
             generation: a.state.generation,
-            spec_yaml: a.state.spec_yaml.clone(),
+            spec_yaml: a.state.spec_yaml.to_string(),
             applied_index: a.last_applied.map(|l| l.index).unwrap_or(0),
         }))
     }

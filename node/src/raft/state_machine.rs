@@ -86,7 +86,7 @@ impl StateMachineStore {
         }
         let published = Published {
             generation: applied.state.generation,
-            spec_yaml: Arc::from(applied.state.spec_yaml.as_str()),
+            spec_yaml: applied.state.spec_yaml.clone(),
         };
         Ok(StateMachineStore {
             db: db.clone(),
@@ -107,10 +107,6 @@ impl StateMachineStore {
         f(&self.inner.read().expect("state machine lock poisoned"))
     }
 
-    pub fn snapshots_built(&self) -> u64 {
-        self.snapshots_built.load(Ordering::Relaxed)
-    }
-
     /// Writes and flushes the current snapshot record.
     async fn store_snapshot(
         &self,
@@ -128,14 +124,14 @@ impl StateMachineStore {
         Ok(())
     }
 
-    fn publish_if_changed(&self, generation: u64, spec_yaml: &str) {
+    fn publish_if_changed(&self, generation: u64, spec_yaml: &Arc<str>) {
         self.publish.send_if_modified(|p| {
             if p.generation == generation {
                 return false;
             }
             *p = Published {
                 generation,
-                spec_yaml: Arc::from(spec_yaml),
+                spec_yaml: spec_yaml.clone(),
             };
             true
         });

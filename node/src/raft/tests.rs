@@ -58,7 +58,7 @@ async fn the_state_survives_a_reopen_through_its_snapshot() {
     assert_eq!(applied.map(|l| l.index), Some(7));
     sm.read(|a| {
         assert_eq!(a.state.generation, 1);
-        assert_eq!(a.state.spec_yaml, spec);
+        assert_eq!(&*a.state.spec_yaml, spec);
         assert_eq!(a.state.history.len(), 1);
         assert_eq!(a.state.history[0].request_id, "r1");
     });

@@ -6,6 +6,7 @@
 //! Raft task (see `raft::state_machine`).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use tollgate_proto::state::v1::{ApiCommand, Change, Command, PutSpec, StateSnapshot, command};
 
@@ -22,7 +23,8 @@ pub const HISTORY_LIMIT: usize = 10_000;
 pub struct ClusterState {
     /// +1 for every command that changed the spec.
     pub generation: u64,
-    pub spec_yaml: String,
+    /// Shared, not copied: every apply publishes it to the data plane.
+    pub spec_yaml: Arc<str>,
     /// `kind/name` -> digest of the object, for plans.
     pub objects: BTreeMap<String, String>,
     pub history: VecDeque<Change>,
@@ -149,14 +151,14 @@ impl ClusterState {
 
     fn put_spec(&mut self, log_index: u64, request_id: &str, put: &PutSpec) -> Applied {
         let plan = self.plan(&put.objects);
-        if plan.is_empty() && put.spec_yaml == self.spec_yaml {
+        if plan.is_empty() && put.spec_yaml == *self.spec_yaml {
             return Applied {
                 generation: self.generation,
                 log_index,
                 ..Applied::default()
             };
         }
-        self.spec_yaml = put.spec_yaml.clone();
+        self.spec_yaml = Arc::from(put.spec_yaml.as_str());
         self.objects = put
             .objects
             .iter()
@@ -193,7 +195,7 @@ impl ClusterState {
     pub fn to_proto(&self) -> StateSnapshot {
         StateSnapshot {
             generation: self.generation,
-            spec_yaml: self.spec_yaml.clone(),
+            spec_yaml: self.spec_yaml.to_string(),
             objects: self
                 .objects
                 .iter()
@@ -207,7 +209,7 @@ impl ClusterState {
     pub fn from_proto(p: StateSnapshot) -> ClusterState {
         ClusterState {
             generation: p.generation,
-            spec_yaml: p.spec_yaml,
+            spec_yaml: Arc::from(p.spec_yaml),
             objects: p.objects.into_iter().collect(),
             history: p.history.into(),
             apis: p

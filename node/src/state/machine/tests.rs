@@ -40,7 +40,7 @@ fn a_retried_request_id_is_applied_once() {
     let retried = s.apply(3, &put(ONE, "req-1"));
     assert_eq!(retried.generation, 1, "the first result is returned");
     assert_eq!(s.generation, 2, "and the state is unchanged");
-    assert_eq!(s.spec_yaml, TWO);
+    assert_eq!(&*s.spec_yaml, TWO);
 }
 
 #[test]

@@ -19,6 +19,7 @@
 //! blocks until it has shut down (SIGTERM / SIGINT, drained) .
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod proxy;
 pub mod raft;
@@ -26,6 +27,7 @@ pub mod routing;
 pub mod state;
 pub mod telemetry;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -36,13 +38,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::AuthTable;
+use crate::auth::principal::Caller;
 use crate::config::Settings;
 use crate::proxy::{Limits, Shared};
 use crate::raft::NodeInfo;
 use crate::raft::cluster::Cluster;
 use crate::raft::state_machine::Published;
 use crate::routing::upstream::EndpointRegistry;
-use crate::state::snapshot::Snapshot;
+use crate::state::access::Access;
+use crate::state::lifecycle::Api;
+use crate::state::snapshot::{Routing, Snapshot};
 use crate::state::spec::{Spec, SpecErrors};
 use crate::telemetry::access_log::Sink;
 
@@ -143,6 +149,7 @@ impl Node {
             registry: EndpointRegistry::default(),
             health_checks: Mutex::new(CancellationToken::new()),
             runtime: runtime.handle().clone(),
+            built: Mutex::new(None),
         });
         runtime.spawn(
             compiler
@@ -176,7 +183,11 @@ impl Node {
         ));
 
         if settings.bootstrap {
-            runtime.block_on(bootstrap(&cluster, bootstrap_spec.as_deref()))?;
+            runtime.block_on(bootstrap(
+                &cluster,
+                bootstrap_spec.as_deref(),
+                &settings.data_dir,
+            ))?;
         } else if bootstrap_spec.is_some() && settings.join.is_some() {
             tracing::warn!(
                 "--spec is applied only by the node that bootstraps the cluster; this node joins, so it is ignored"
@@ -288,13 +299,27 @@ impl Node {
 /// the bootstrap spec if the cluster has none, as a linearizable read on the leader says.
 /// (The local state alone cannot say: after a restart it may not have re-applied its log
 /// yet.)
-async fn bootstrap(cluster: &Cluster, spec: Option<&str>) -> anyhow::Result<()> {
+async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> anyhow::Result<()> {
     if cluster.bootstrap().await? {
         tracing::info!(node = cluster.id, "bootstrapped a new cluster");
     }
+    match cluster.bootstrap_access().await {
+        Ok(Some(token)) => {
+            let path = data_dir.join(OPERATOR_TOKEN_FILE);
+            write_secret_file(&path, &token)?;
+            tracing::warn!(
+                "made the operator token and wrote it to {} (readable by this user only). It is \
+                 shown there once and stored in the cluster only as a keyed hash: keep it, then \
+                 delete the file",
+                path.display()
+            );
+        }
+        Ok(None) => {}
+        Err(e) => anyhow::bail!("make the operator token: {}", e.message()),
+    }
     let Some(spec) = spec else { return Ok(()) };
     let read = tollgate_proto::node::v1::ReadSpecRequest { local: false };
-    match cluster.read_spec(read, false).await {
+    match cluster.read_spec(read, false, &Caller::Node).await {
         Ok(current) if current.generation > 0 => {
             tracing::info!(
                 generation = current.generation,
@@ -317,20 +342,69 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>) -> anyhow::Result<()> 
         request_id: String::new(),
     };
     let resp = cluster
-        .apply_spec(req, false)
+        .apply_spec(req, false, &Caller::Node)
         .await
         .map_err(|s| anyhow::anyhow!("apply the bootstrap spec: {}", s.message()))?;
     tracing::info!(generation = resp.generation, "bootstrap spec applied");
     Ok(())
 }
 
-/// Compiles each newly applied spec into the data plane's Snapshot, off the Raft task and
-/// off the data-plane threads, and swaps it in.
+/// Compiles each newly applied state into the data plane's Snapshot, off the Raft task
+/// and off the data-plane threads, and swaps it in. Routing is rebuilt only when the spec
+/// or the APIs changed; keys and subscriptions alone rebuild only the auth table.
 struct Compiler {
     shared: Arc<Shared>,
     registry: EndpointRegistry,
     health_checks: Mutex<CancellationToken>,
     runtime: tokio::runtime::Handle,
+    /// What the current routing was built from, compared by pointer.
+    built: Mutex<Option<Built>>,
+}
+
+struct Built {
+    spec_yaml: Arc<str>,
+    apis: Arc<BTreeMap<String, Api>>,
+    routing: Arc<Routing>,
+    access: Arc<Access>,
+    auth: Arc<AuthTable>,
+}
+
+/// The documents of a state, parsed (the spec, then each mounted version's content).
+struct Parsed {
+    spec: Result<serde_yaml_ng::Value, SpecErrors>,
+    versions: Vec<(
+        String,
+        semver::Version,
+        Option<Result<serde_yaml_ng::Value, SpecErrors>>,
+    )>,
+}
+
+impl Parsed {
+    fn of(next: &Published) -> Parsed {
+        let mut versions = Vec::new();
+        for api in next.apis.values() {
+            for v in api.versions.values() {
+                let doc = match v.stage {
+                    state::lifecycle::Stage::Draft => continue,
+                    state::lifecycle::Stage::Retired => None,
+                    _ => Some(state::spec::parse_yaml(&v.compiled)),
+                };
+                versions.push((api.name.clone(), v.version.clone(), doc));
+            }
+        }
+        Parsed {
+            spec: state::spec::parse_yaml(&next.spec_yaml),
+            versions,
+        }
+    }
+
+    fn needs_dns(&self) -> bool {
+        self.spec.as_ref().is_ok_and(state::spec::needs_dns)
+            || self.versions.iter().any(|(_, _, d)| {
+                d.as_ref()
+                    .is_some_and(|d| d.as_ref().is_ok_and(state::spec::needs_dns))
+            })
+    }
 }
 
 impl Compiler {
@@ -343,12 +417,13 @@ impl Compiler {
             let next = applied.borrow_and_update().clone();
             if next.generation != self.shared.snapshot.load().generation {
                 let this = self.clone();
-                let doc = state::spec::parse_yaml(&next.spec_yaml);
+                let reuse = self.reusable(&next);
+                let parsed = (!reuse).then(|| Parsed::of(&next));
                 // Building may resolve endpoint names (blocking): then off this thread.
-                if doc.as_ref().is_ok_and(state::spec::needs_dns) {
-                    let _ = tokio::task::spawn_blocking(move || this.swap_in(&next, doc)).await;
+                if parsed.as_ref().is_some_and(Parsed::needs_dns) {
+                    let _ = tokio::task::spawn_blocking(move || this.swap_in(&next, parsed)).await;
                 } else {
-                    this.swap_in(&next, doc);
+                    this.swap_in(&next, parsed);
                 }
             }
             tokio::select! {
@@ -358,35 +433,107 @@ impl Compiler {
         }
     }
 
-    fn swap_in(&self, next: &Published, doc: Result<serde_yaml_ng::Value, SpecErrors>) {
-        let result = doc
-            .and_then(Spec::from_value)
-            .and_then(|spec| Snapshot::build(&spec, next.generation, &self.registry));
-        let snapshot = match result {
-            Ok(s) => Arc::new(s),
-            Err(errors) => {
-                // Checked on the leader, so this is local (a name that does not resolve
-                // here): keep serving the previous snapshot and say so.
-                metrics::counter!("tollgate_snapshot_build_failures_total").increment(1);
-                tracing::error!(
-                    generation = next.generation,
-                    "cannot compile the applied spec on this node; still serving generation {}. {errors}",
-                    self.shared.snapshot.load().generation
-                );
-                return;
+    /// Whether the routing built last still fits `next` (same spec, same APIs).
+    fn reusable(&self, next: &Published) -> bool {
+        self.built.lock().expect("lock").as_ref().is_some_and(|b| {
+            Arc::ptr_eq(&b.spec_yaml, &next.spec_yaml) && Arc::ptr_eq(&b.apis, &next.apis)
+        })
+    }
+
+    fn build_routing(&self, next: &Published, parsed: Parsed) -> Result<Routing, SpecErrors> {
+        let spec = parsed.spec.and_then(Spec::from_value)?;
+        let mut errors = SpecErrors::default();
+        let mut versions = Vec::with_capacity(parsed.versions.len());
+        for (name, version, doc) in parsed.versions {
+            let api = &next.apis[&name];
+            let v = &api.versions[&version];
+            let spec = match doc.map(|d| d.and_then(Spec::from_value)) {
+                None => None,
+                Some(Ok(spec)) => Some(spec),
+                Some(Err(e)) => {
+                    for err in e.0 {
+                        errors.push(
+                            format!("apis.{name}.versions.{version}.{}", err.path),
+                            err.message,
+                        );
+                    }
+                    continue;
+                }
+            };
+            versions.push(state::snapshot::VersionSpec {
+                api,
+                version: v,
+                spec,
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Routing::build(&spec, &versions, &self.registry)
+    }
+
+    fn swap_in(&self, next: &Published, parsed: Option<Parsed>) {
+        let (routing, auth) = {
+            let built = self.built.lock().expect("lock");
+            let auth = built
+                .as_ref()
+                .filter(|b| Arc::ptr_eq(&b.access, &next.access))
+                .map(|b| b.auth.clone());
+            let routing = match (&parsed, built.as_ref()) {
+                (None, Some(b)) => Some(b.routing.clone()),
+                _ => None,
+            };
+            (routing, auth)
+        };
+        let new_routing = routing.is_none();
+        let routing = match (routing, parsed) {
+            (Some(r), _) => r,
+            (None, parsed) => {
+                let parsed = parsed.unwrap_or_else(|| Parsed::of(next));
+                match self.build_routing(next, parsed) {
+                    Ok(r) => Arc::new(r),
+                    Err(errors) => {
+                        // Checked on the leader, so this is local (a name that does not
+                        // resolve here): keep serving the previous snapshot and say so.
+                        metrics::counter!("tollgate_snapshot_build_failures_total").increment(1);
+                        tracing::error!(
+                            generation = next.generation,
+                            "cannot compile the applied state on this node; still serving generation {}. {errors}",
+                            self.shared.snapshot.load().generation
+                        );
+                        return;
+                    }
+                }
             }
         };
-        let checks = routing::health::spawn_checks(&snapshot.clusters, &self.runtime);
-        self.shared.snapshot.store(snapshot.clone());
+        let auth = auth.unwrap_or_else(|| Arc::new(AuthTable::build(&next.access)));
+        let snapshot = Arc::new(Snapshot {
+            generation: next.generation,
+            routing: routing.clone(),
+            auth: auth.clone(),
+        });
+        if new_routing {
+            let checks = routing::health::spawn_checks(&routing.clusters, &self.runtime);
+            let old = std::mem::replace(&mut *self.health_checks.lock().expect("lock"), checks);
+            old.cancel();
+        }
+        self.shared.snapshot.store(snapshot);
         self.shared.synced.store(true, Ordering::Relaxed);
-        let old = std::mem::replace(&mut *self.health_checks.lock().expect("lock"), checks);
-        old.cancel();
+        *self.built.lock().expect("lock") = Some(Built {
+            spec_yaml: next.spec_yaml.clone(),
+            apis: next.apis.clone(),
+            routing: routing.clone(),
+            access: next.access.clone(),
+            auth,
+        });
         metrics::gauge!("tollgate_spec_generation").set(next.generation as f64);
         tracing::info!(
             generation = next.generation,
-            routes = snapshot.routes.len(),
-            upstreams = snapshot.clusters.len(),
-            "serving a new spec generation"
+            routes = routing.routes.len(),
+            apis = routing.mounts.len(),
+            upstreams = routing.clusters.len(),
+            rebuilt_routes = new_routing,
+            "serving a new generation"
         );
     }
 }
@@ -521,7 +668,7 @@ async fn reapply(cluster: &Cluster, path: &Path) {
         dry_run: false,
         request_id: String::new(),
     };
-    match cluster.apply_spec(req, false).await {
+    match cluster.apply_spec(req, false, &Caller::Node).await {
         Ok(r) => {
             metrics::counter!("tollgate_spec_reloads_total", "result" => "ok").increment(1);
             tracing::info!(generation = r.generation, added = ?r.added, changed = ?r.changed, removed = ?r.removed, "SIGHUP: spec applied");
@@ -534,6 +681,25 @@ async fn reapply(cluster: &Cluster, path: &Path) {
             );
         }
     }
+}
+
+/// The file in the data dir where the bootstrapping node writes the operator token.
+pub const OPERATOR_TOKEN_FILE: &str = "operator-token";
+
+/// Writes a secret to a new file only its owner can read.
+fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut f = options.open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    Ok(())
 }
 
 fn write_addr_file(path: &Path, addrs: &BoundAddrs) -> anyhow::Result<()> {

@@ -17,6 +17,7 @@ use tollgate_proto::node::v1::*;
 use tollgate_proto::raft::v1::raft_server::RaftServer;
 use tonic::{Request, Response, Status};
 
+use crate::auth::principal::Caller;
 use crate::proxy::Shared;
 use crate::raft::cluster::{Cluster, FORWARDED_METADATA};
 use crate::raft::network::MAX_MESSAGE_BYTES;
@@ -44,8 +45,8 @@ impl NodeAdmin for AdminService {
             node_id: self.cluster.id,
             region: self.region.clone(),
             spec_generation: snapshot.generation,
-            routes: snapshot.routes.len() as u32,
-            upstreams: snapshot.clusters.len() as u32,
+            routes: snapshot.routing.routes.len() as u32,
+            upstreams: snapshot.routing.clusters.len() as u32,
             open_connections: self.shared.open_connections.load(Ordering::Relaxed) as u64,
             ready: self.shared.ready.load(Ordering::Relaxed),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -73,9 +74,9 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
-        let fwd = forwarded(&req);
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
         Ok(Response::new(
-            self.cluster.remove(req.into_inner(), fwd).await?,
+            self.cluster.remove(req.into_inner(), fwd, &caller).await?,
         ))
     }
 
@@ -83,9 +84,11 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ApplySpecRequest>,
     ) -> Result<Response<ApplySpecResponse>, Status> {
-        let fwd = forwarded(&req);
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
         Ok(Response::new(
-            self.cluster.apply_spec(req.into_inner(), fwd).await?,
+            self.cluster
+                .apply_spec(req.into_inner(), fwd, &caller)
+                .await?,
         ))
     }
 
@@ -93,16 +96,51 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ReadSpecRequest>,
     ) -> Result<Response<ReadSpecResponse>, Status> {
-        let fwd = forwarded(&req);
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
         Ok(Response::new(
-            self.cluster.read_spec(req.into_inner(), fwd).await?,
+            self.cluster
+                .read_spec(req.into_inner(), fwd, &caller)
+                .await?,
         ))
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
-        let fwd = forwarded(&req);
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
         Ok(Response::new(
-            self.cluster.write_command(req.into_inner(), fwd).await?,
+            self.cluster
+                .write_command(req.into_inner(), fwd, &caller)
+                .await?,
+        ))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<ListTenantsRequest>,
+    ) -> Result<Response<ListTenantsResponse>, Status> {
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        Ok(Response::new(
+            self.cluster
+                .list_tenants(req.into_inner(), fwd, &caller)
+                .await?,
+        ))
+    }
+
+    async fn list_credentials(
+        &self,
+        req: Request<ListCredentialsRequest>,
+    ) -> Result<Response<ListCredentialsResponse>, Status> {
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        Ok(Response::new(
+            self.cluster
+                .list_credentials(req.into_inner(), fwd, &caller)
+                .await?,
+        ))
+    }
+
+    async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        Ok(Response::new(
+            self.cluster.audit(req.into_inner(), fwd, &caller).await?,
         ))
     }
 
@@ -110,16 +148,21 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ListApisRequest>,
     ) -> Result<Response<ListApisResponse>, Status> {
-        let fwd = forwarded(&req);
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
         Ok(Response::new(
-            self.cluster.list_apis(req.into_inner(), fwd).await?,
+            self.cluster
+                .list_apis(req.into_inner(), fwd, &caller)
+                .await?,
         ))
     }
 
     async fn history(
         &self,
-        _req: Request<HistoryRequest>,
+        req: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
+        self.cluster
+            .principal(&Caller::from_metadata(req.metadata()))?
+            .require_operator("the change history")?;
         Ok(Response::new(HistoryResponse {
             changes: self.cluster.history(),
         }))

@@ -1,11 +1,12 @@
 //! The request pipeline, as the named stages of DESIGN.md "The request path":
 //!
 //! ```text
-//! accept ─► match route ─► authenticate ─► quota ─► circuit ─► transform ─► forward ─► meter
-//!   │            │              │            │         │           │            │         │
-//!  limits    Snapshot       (pass today: tenants, quotas and      path and    client.rs  Tail, when the
-//!  (431,     matcher        circuits arrive with later issues)   headers                 last byte is out
-//!   413)     (404)
+//! accept ─► match route ─► authenticate ─► version ─► quota ─► circuit ─► transform ─► forward ─► meter
+//!   │            │              │              │          │         │           │            │         │
+//!  limits    Snapshot      APIs only: key   /vN, Api-   (pass today: quotas    path and    client.rs  Tail, when the
+//!  (431,     matcher       or JWT (401),    Version or   and circuits arrive   headers                 last byte is out
+//!   413)     (404)         subscription     split; 410   with a later issue)
+//!                          (403)            if retired
 //! ```
 //!
 //! Each request loads the [`Snapshot`] once and reads nothing else shared. Any stage can
@@ -24,13 +25,15 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::auth::{AuthError, AuthTable};
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
 use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
 use crate::proxy::headers;
 use crate::proxy::respond::{ProxyError, error_response};
 use crate::proxy::{OpenConnection, Shared};
 use crate::routing::matcher::Matched;
-use crate::state::snapshot::{Rewrite, Route, Snapshot};
+use crate::state::lifecycle::{Stage, version_segment};
+use crate::state::snapshot::{MOUNT_BIT, Mount, MountAuth, Rewrite, Route, Snapshot};
 use crate::telemetry::access_log::{AccessLog, Entry};
 
 /// A thread's handle on the shared snapshot: requests clone the non-atomic `Rc`, so they
@@ -140,7 +143,8 @@ async fn pipeline(
     // match route
     check_path(req.uri().path())?;
     let host = request_host(&req)?;
-    let matched = snapshot
+    let routing = &*snapshot.routing;
+    let found = routing
         .matcher
         .lookup(host, req.method(), req.uri().path(), req.headers())
         .ok_or_else(|| ProxyError::NoRoute {
@@ -148,19 +152,26 @@ async fn pipeline(
             host: host.to_string(),
             path: req.uri().path().to_string(),
         })?;
-    let route = &snapshot.routes[matched.route as usize];
+    // A route of the spec, or an API: then its version's route, below the base path.
+    let (matched, api) = if found.route & MOUNT_BIT == 0 {
+        (found, None)
+    } else {
+        let mount = &routing.mounts[(found.route & !MOUNT_BIT) as usize];
+        let (matched, api) = api_route(mount, &req, host, found, snapshot)?;
+        (matched, Some(api))
+    };
+    let route = &routing.routes[matched.route as usize];
     tail.route = Some(matched.route);
 
-    // authenticate, quota, circuit
-    authenticate(route, &req)?;
+    // quota, circuit
     quota(route, &req)?;
     circuit(route)?;
-
     // transform
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let head = transform_request(parts, route, matched, peer, upgrade)?;
+    let below = api.as_ref().map(|a| a.path.as_str());
+    let head = transform_request(parts, route, matched, below, peer, upgrade)?;
     let stats = tail.request_stats.clone();
     let body = RequestBody::new(body, limits.max_request_body, stats.clone());
 
@@ -193,6 +204,11 @@ async fn pipeline(
     let (mut parts, body) = fwd.response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
     route.response_headers.apply(&mut parts.headers);
+    if let Some(api) = &api {
+        for (name, value) in api.deprecation {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+    }
     tail.guards = Some(fwd.guards);
     Ok(Response::from_parts(
         parts,
@@ -200,9 +216,149 @@ async fn pipeline(
     ))
 }
 
-/// Tenants and API keys arrive with the control-plane issue; every request passes today.
-fn authenticate(_route: &Route, _req: &Request<Incoming>) -> Result<(), ProxyError> {
-    Ok(())
+/// What the API stages learned about a request to an API.
+struct ApiRequest<'s> {
+    /// The path below the base path and version prefix (what the version's routes see and
+    /// the upstream gets).
+    path: String,
+    /// Headers a deprecated version adds to its answers.
+    deprecation: &'s [(http::HeaderName, HeaderValue)],
+}
+
+/// The API stages: authenticate the caller, pick the version (path prefix, `Api-Version`,
+/// or the split), check the caller's subscription, answer 410 for a retired version, and
+/// match the version's own routes.
+fn api_route<'s>(
+    mount: &'s Mount,
+    req: &Request<Incoming>,
+    host: &str,
+    found: Matched,
+    snapshot: &'s Snapshot,
+) -> Result<(Matched, ApiRequest<'s>), ProxyError> {
+    let full = req.uri().path();
+    let mut below = &full[found.prefix_len.min(full.len())..];
+    let mut major = None;
+    if let Some(rest) = below.strip_prefix('/') {
+        let (seg, after) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if let Some(m) = version_segment(seg) {
+            major = Some(m);
+            below = after;
+        }
+    }
+    let caller = authenticate(mount, req, &snapshot.auth)?;
+    let header =
+        match req.headers().get("api-version") {
+            Some(v) if major.is_none() => Some(v.to_str().map_err(|_| {
+                ProxyError::BadRequest("the Api-Version header is not ASCII".into())
+            })?),
+            _ => None,
+        };
+    let sticky = caller.as_ref().and_then(|c| c.key.as_deref());
+    let version = mount
+        .select(major, header, sticky)
+        .map_err(ProxyError::VersionNotFound)?;
+    if let Some(c) = &caller
+        && !snapshot
+            .auth
+            .may_call(&c.tenant, &mount.api, &mount.owner, &version.version)
+    {
+        return Err(ProxyError::Forbidden(format!(
+            "tenant {} is not subscribed to version {} of API {}; ask the API's owner for a subscription",
+            c.tenant, version.version, mount.api
+        )));
+    }
+    if version.stage == Stage::Retired {
+        return Err(ProxyError::VersionRetired(format!(
+            "version {} of API {} is retired; use a newer version",
+            version.version, mount.api
+        )));
+    }
+    let path = if below.is_empty() { "/" } else { below };
+    let matched = version
+        .matcher
+        .lookup(host, req.method(), path, req.headers())
+        .ok_or_else(|| ProxyError::NoRoute {
+            method: req.method().to_string(),
+            host: host.to_string(),
+            path: format!(
+                "{} (version {} of API {})",
+                path, version.version, mount.api
+            ),
+        })?;
+    Ok((
+        matched,
+        ApiRequest {
+            path: path.to_string(),
+            deprecation: &version.deprecation,
+        },
+    ))
+}
+
+/// Who called an API: the tenant, and the key id when an API key was used.
+struct ApiCaller {
+    tenant: String,
+    key: Option<String>,
+}
+
+/// Checks the caller's API key (`x-api-key` or `Authorization: Bearer`) or JWT against
+/// this node's snapshot: no cluster call. `None` for an API open to anyone.
+fn authenticate(
+    mount: &Mount,
+    req: &Request<Incoming>,
+    auth: &AuthTable,
+) -> Result<Option<ApiCaller>, ProxyError> {
+    let bearer = || {
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+    };
+    match &mount.auth {
+        MountAuth::None => Ok(None),
+        MountAuth::Key => {
+            let presented = req
+                .headers()
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .or_else(bearer)
+                .ok_or_else(|| {
+                    ProxyError::Unauthorized(format!(
+                        "API {} needs an API key: send it in x-api-key or Authorization: Bearer",
+                        mount.api
+                    ))
+                })?;
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            match auth.key(presented, now) {
+                Ok((id, tenant)) => Ok(Some(ApiCaller {
+                    tenant: tenant.to_string(),
+                    key: Some(id.to_string()),
+                })),
+                Err(AuthError::Expired) => Err(ProxyError::Unauthorized(
+                    "the API key has expired; ask for a new one".into(),
+                )),
+                Err(_) => Err(ProxyError::Unauthorized(
+                    "the API key is not known or was revoked".into(),
+                )),
+            }
+        }
+        MountAuth::Jwt(validator) => {
+            let token = bearer().ok_or_else(|| {
+                ProxyError::Unauthorized(format!(
+                    "API {} needs a JWT: send it in Authorization: Bearer",
+                    mount.api
+                ))
+            })?;
+            let tenant = validator.verify(token).map_err(ProxyError::Unauthorized)?;
+            Ok(Some(ApiCaller { tenant, key: None }))
+        }
+    }
 }
 
 /// Cluster-wide quotas arrive with the quota issue; every request passes today.
@@ -319,10 +475,13 @@ fn request_host(req: &Request<Incoming>) -> Result<&str, ProxyError> {
     Ok(host)
 }
 
+/// `below`: for an API, the path below its base path and version prefix, which replaces
+/// the request's path.
 fn transform_request(
     parts: http::request::Parts,
     route: &Route,
     matched: Matched,
+    below: Option<&str>,
     peer: &Peer,
     upgrade: bool,
 ) -> Result<UpstreamHead, ProxyError> {
@@ -336,7 +495,7 @@ fn transform_request(
     if version == Version::HTTP_2 {
         merge_cookies(&mut headers);
     }
-    let path = uri.path();
+    let path = below.unwrap_or(uri.path());
     let rewritten = match &route.rewrite {
         Some(Rewrite::ReplacePrefix(new)) => {
             // `/api` -> `/v2`: `/api/x` becomes `/v2/x`, `/api` becomes `/v2`, and with an
@@ -357,7 +516,7 @@ fn transform_request(
             }
             Some(p)
         }
-        None => None,
+        None => below.map(str::to_string),
     };
     // The upstream gets origin-form (`/path?query`), whatever form the client used.
     let uri = if rewritten.is_none() && uri.authority().is_none() && uri.scheme().is_none() {
@@ -482,7 +641,9 @@ impl Drop for Tail {
             self.error = Some("client_closed");
         }
         let elapsed = self.received.elapsed();
-        let route = self.route.map(|r| &self.snapshot.routes[r as usize]);
+        let route = self
+            .route
+            .map(|r| &self.snapshot.routing.routes[r as usize]);
         if self.upstream_failed
             && let Some(r) = route
         {

@@ -43,6 +43,14 @@ pub enum ProxyError {
     TooManyConnections(usize),
     #[error("the request body stopped arriving for {after:?}")]
     RequestBodyStalled { after: Duration },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    VersionNotFound(String),
+    #[error("{0}")]
+    VersionRetired(String),
 }
 
 impl ProxyError {
@@ -60,6 +68,10 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::VersionNotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::VersionRetired(_) => StatusCode::GONE,
         }
     }
 
@@ -76,6 +88,10 @@ impl ProxyError {
             ProxyError::UpstreamProtocol { .. } => "upstream_error",
             ProxyError::TooManyConnections(_) => "too_many_connections",
             ProxyError::RequestBodyStalled { .. } => "request_timeout",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::VersionNotFound(_) => "version_not_found",
+            ProxyError::VersionRetired(_) => "version_retired",
         }
     }
 
@@ -109,6 +125,12 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Res
     if status == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tollgate\""),
+        );
     }
     resp
 }

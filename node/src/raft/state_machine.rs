@@ -16,6 +16,7 @@
 // openraft's StorageError is large; it is the storage traits' error type, not ours to shrink.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -30,15 +31,31 @@ use tollgate_proto::state::v1::StateSnapshot;
 
 use super::codec;
 use super::{Entry, LogId, NodeId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::state::access::Access;
+use crate::state::lifecycle::Api;
 use crate::state::machine::{Applied, ClusterState};
 
 const SNAPSHOT: &[u8] = b"snapshot";
 
-/// What the data plane is told after a change: the generation and the spec to compile.
+/// What the data plane is told after a change: the generation and what to compile (all
+/// shared, nothing copied).
 #[derive(Debug, Clone, Default)]
 pub struct Published {
     pub generation: u64,
     pub spec_yaml: Arc<str>,
+    pub apis: Arc<BTreeMap<String, Api>>,
+    pub access: Arc<Access>,
+}
+
+impl Published {
+    fn of(state: &ClusterState) -> Published {
+        Published {
+            generation: state.generation,
+            spec_yaml: state.spec_yaml.clone(),
+            apis: state.apis.clone(),
+            access: state.access.clone(),
+        }
+    }
 }
 
 /// Applied state shared with readers (admin RPCs): the in-memory state and where it is.
@@ -84,10 +101,7 @@ impl StateMachineStore {
                 ),
             };
         }
-        let published = Published {
-            generation: applied.state.generation,
-            spec_yaml: applied.state.spec_yaml.clone(),
-        };
+        let published = Published::of(&applied.state);
         Ok(StateMachineStore {
             db: db.clone(),
             tree,
@@ -124,15 +138,12 @@ impl StateMachineStore {
         Ok(())
     }
 
-    fn publish_if_changed(&self, generation: u64, spec_yaml: &Arc<str>) {
+    fn publish_if_changed(&self, next: Published) {
         self.publish.send_if_modified(|p| {
-            if p.generation == generation {
+            if p.generation == next.generation {
                 return false;
             }
-            *p = Published {
-                generation,
-                spec_yaml: spec_yaml.clone(),
-            };
+            *p = next;
             true
         });
     }
@@ -176,9 +187,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 a.last_applied = Some(entry.log_id);
                 results.push(result);
             }
-            (a.state.generation, a.state.spec_yaml.clone())
+            Published::of(&a.state)
         };
-        self.publish_if_changed(published.0, &published.1);
+        self.publish_if_changed(published);
         Ok(results)
     }
 
@@ -200,14 +211,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         );
         // Durable first: once installed, openraft may purge the log it replaces.
         self.store_snapshot(meta, &snapshot).await?;
-        let (generation, spec) = (state.generation, state.spec_yaml.clone());
+        let published = Published::of(&state);
         {
             let mut a = self.inner.write().expect("state machine lock poisoned");
             a.last_applied = meta.last_log_id;
             a.membership = meta.last_membership.clone();
             a.state = state;
         }
-        self.publish_if_changed(generation, &spec);
+        self.publish_if_changed(published);
         Ok(())
     }
 

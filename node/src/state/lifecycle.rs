@@ -12,11 +12,13 @@
 //! deprecated). `promote` sends all traffic to one version; `rollback` restores the split
 //! before the last change, in one step. Every refusal says what is allowed instead.
 //!
-//! This is the first part of the control-plane issue: the model and its rules. Commands,
-//! the control-plane service and the data plane's use of versions build on it.
+//! Each API is mounted on the data plane at its hosts and base path
+//! ([`ApiSettings`]); `crate::state::snapshot` compiles what is published here into
+//! routes.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use semver::Version;
@@ -68,7 +70,10 @@ pub enum Transition {
     Edit {
         content: String,
     },
-    Publish,
+    /// `compiled`: the content as checked and compiled by the proposing node.
+    Publish {
+        compiled: String,
+    },
     /// Sunset date (RFC 3339) and, optionally, the version that replaces it.
     Deprecate {
         sunset: Option<String>,
@@ -83,7 +88,7 @@ impl Transition {
     pub fn name(&self) -> &'static str {
         match self {
             Transition::Edit { .. } => "edit",
-            Transition::Publish => "publish",
+            Transition::Publish { .. } => "publish",
             Transition::Deprecate { .. } => "deprecate",
             Transition::Retire => "retire",
             Transition::Discard => "discard",
@@ -120,6 +125,202 @@ pub struct ApiVersion {
     /// Set when deprecated.
     pub sunset: Option<DateTime<Utc>>,
     pub successor: Option<Version>,
+    /// What the data plane serves (see [`Transition::Publish`]); empty while a draft.
+    pub compiled: Arc<str>,
+    /// Ms since the Unix epoch; 0 until it happens.
+    pub published_at_ms: u64,
+    pub deprecated_at_ms: u64,
+}
+
+/// How callers of an API are let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    /// An API key of a tenant that owns or subscribes to the API.
+    #[default]
+    Key,
+    /// A JWT from the API's issuer; a claim names the tenant.
+    Jwt,
+    /// Anyone.
+    None,
+}
+
+impl AuthMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::Key => "key",
+            AuthMode::Jwt => "jwt",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// JWT validation settings (static key set).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JwtSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks: String,
+    pub tenant_claim: String,
+}
+
+/// Where an API is mounted and who may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Empty: any host.
+    pub hosts: Vec<String>,
+    /// `/` or `/a/b` (no trailing slash).
+    pub base_path: String,
+    pub auth: AuthMode,
+    pub sticky: bool,
+    pub jwt: Option<JwtSettings>,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            hosts: Vec::new(),
+            base_path: "/".into(),
+            auth: AuthMode::Key,
+            sticky: false,
+            jwt: None,
+        }
+    }
+}
+
+impl ApiSettings {
+    /// Checks settings as a client sent them.
+    pub fn from_proto(p: Option<&pb::ApiSettings>) -> Result<ApiSettings, Refusal> {
+        let Some(p) = p else {
+            return Ok(ApiSettings::default());
+        };
+        let mut hosts = Vec::with_capacity(p.hosts.len());
+        for h in &p.hosts {
+            let h = h.to_ascii_lowercase();
+            crate::state::spec::check_host(&h).map_err(Refusal::Invalid)?;
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+        hosts.sort();
+        if hosts.len() > 64 {
+            return Err(Refusal::Invalid("an API has at most 64 hosts".into()));
+        }
+        let base_path = normalize_base_path(&p.base_path)?;
+        let auth = match p.auth.as_str() {
+            "" | "key" => AuthMode::Key,
+            "jwt" => AuthMode::Jwt,
+            "none" => AuthMode::None,
+            other => {
+                return Err(Refusal::Invalid(format!(
+                    "auth {other:?} is not known; use key, jwt or none"
+                )));
+            }
+        };
+        let jwt = match (&p.jwt, auth) {
+            (Some(j), AuthMode::Jwt) => {
+                if j.issuer.is_empty() || j.audience.is_empty() {
+                    return Err(Refusal::Invalid(
+                        "jwt needs an issuer and an audience".into(),
+                    ));
+                }
+                crate::auth::jwt::parse_jwks(&j.jwks).map_err(Refusal::Invalid)?;
+                Some(JwtSettings {
+                    issuer: j.issuer.clone(),
+                    audience: j.audience.clone(),
+                    jwks: j.jwks.clone(),
+                    tenant_claim: if j.tenant_claim.is_empty() {
+                        "tenant".into()
+                    } else {
+                        j.tenant_claim.clone()
+                    },
+                })
+            }
+            (None, AuthMode::Jwt) => {
+                return Err(Refusal::Invalid(
+                    "auth jwt needs jwt settings: issuer, audience and jwks".into(),
+                ));
+            }
+            (Some(_), _) => {
+                return Err(Refusal::Invalid(
+                    "jwt settings are only used with auth: jwt; remove them or set auth".into(),
+                ));
+            }
+            (None, _) => None,
+        };
+        Ok(ApiSettings {
+            hosts,
+            base_path,
+            auth,
+            sticky: p.sticky,
+            jwt,
+        })
+    }
+
+    pub fn to_proto(&self) -> pb::ApiSettings {
+        pb::ApiSettings {
+            hosts: self.hosts.clone(),
+            base_path: self.base_path.clone(),
+            auth: self.auth.name().into(),
+            sticky: self.sticky,
+            jwt: self.jwt.as_ref().map(|j| pb::JwtSettings {
+                issuer: j.issuer.clone(),
+                audience: j.audience.clone(),
+                jwks: j.jwks.clone(),
+                tenant_claim: j.tenant_claim.clone(),
+            }),
+        }
+    }
+
+    /// Whether two APIs would answer the same requests: the same base path on a common
+    /// host (or both on any host).
+    fn collides(&self, other: &ApiSettings) -> bool {
+        self.base_path == other.base_path
+            && ((self.hosts.is_empty() && other.hosts.is_empty())
+                || self.hosts.iter().any(|h| other.hosts.contains(h)))
+    }
+}
+
+/// `""` and `/` are the root; otherwise `/seg/seg` of URL-safe characters, with no segment
+/// that looks like a version prefix (`v2`), which selects versions below the base path.
+fn normalize_base_path(text: &str) -> Result<String, Refusal> {
+    let trimmed = text.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok("/".into());
+    }
+    let bad = || {
+        Refusal::Invalid(format!(
+            "base path {text:?} must look like /orders or /shop/orders: segments of letters, digits, '-', '_' and '.'"
+        ))
+    };
+    if !trimmed.starts_with('/') || trimmed.len() > 256 {
+        return Err(bad());
+    }
+    for seg in trimmed[1..].split('/') {
+        if seg.is_empty()
+            || seg == "."
+            || seg == ".."
+            || !seg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(bad());
+        }
+        if version_segment(seg).is_some() {
+            return Err(Refusal::Invalid(format!(
+                "base path {text:?} has a segment {seg:?} that reads as a version; versions are chosen below the base path (/orders/v2)"
+            )));
+        }
+    }
+    Ok(trimmed.to_string())
+}
+
+/// `v2` -> 2: a path segment that selects a major version.
+pub fn version_segment(seg: &str) -> Option<u64> {
+    let digits = seg.strip_prefix('v')?;
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// Traffic weights by version; weights are relative (90/10 and 9/1 are the same split).
@@ -130,6 +331,7 @@ pub type Split = BTreeMap<Version, u32>;
 pub struct Api {
     pub name: String,
     pub tenant: String,
+    pub settings: ApiSettings,
     pub versions: BTreeMap<Version, ApiVersion>,
     pub split: Split,
     /// Earlier splits, newest last, for rollback (bounded).
@@ -158,6 +360,40 @@ impl Api {
         }
     }
 
+    /// The API as JSON for the audit log: settings, versions (content by size and digest,
+    /// not text) and split.
+    pub fn audit_json(&self) -> String {
+        let versions: Vec<serde_json::Value> = self
+            .versions
+            .values()
+            .map(|v| {
+                serde_json::json!({
+                    "version": v.version.to_string(),
+                    "stage": v.stage.name(),
+                    "content_bytes": v.content.len(),
+                    "sunset": v.sunset.map(|s| s.to_rfc3339()),
+                    "successor": v.successor.as_ref().map(|s| s.to_string()),
+                })
+            })
+            .collect();
+        let split: BTreeMap<String, u32> = self
+            .split
+            .iter()
+            .map(|(v, w)| (v.to_string(), *w))
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "tenant": self.tenant,
+            "hosts": self.settings.hosts,
+            "base_path": self.settings.base_path,
+            "auth": self.settings.auth.name(),
+            "sticky": self.settings.sticky,
+            "versions": versions,
+            "split": split,
+        })
+        .to_string()
+    }
+
     /// Adds a new draft version.
     pub fn create_version(&mut self, version: &str, content: String) -> Result<(), Refusal> {
         let v = parse_version(version)?;
@@ -175,6 +411,9 @@ impl Api {
                 content,
                 sunset: None,
                 successor: None,
+                compiled: Arc::from(""),
+                published_at_ms: 0,
+                deprecated_at_ms: 0,
             },
         );
         Ok(())
@@ -193,7 +432,7 @@ impl Api {
     }
 
     /// Moves a version through its lifecycle, or says which moves are allowed.
-    pub fn transition(&mut self, version: &str, t: Transition) -> Result<(), Refusal> {
+    pub fn transition(&mut self, version: &str, t: Transition, at_ms: u64) -> Result<(), Refusal> {
         let api = self.name.clone();
         let in_split = {
             let v = parse_version(version)?;
@@ -238,7 +477,16 @@ impl Api {
         }
         match t {
             Transition::Edit { content } => v.content = content,
-            Transition::Publish => v.stage = Stage::Published,
+            Transition::Publish { compiled } => {
+                if compiled.is_empty() {
+                    return Err(Refusal::Invalid(
+                        "a publish carries the compiled routes, which the node fills in; send it through a node".into(),
+                    ));
+                }
+                v.stage = Stage::Published;
+                v.compiled = Arc::from(compiled);
+                v.published_at_ms = at_ms;
+            }
             Transition::Deprecate { sunset, .. } => {
                 let sunset = sunset
                     .map(|s| {
@@ -260,6 +508,7 @@ impl Api {
                 v.stage = Stage::Deprecated;
                 v.sunset = sunset;
                 v.successor = successor;
+                v.deprecated_at_ms = at_ms;
             }
             Transition::Retire => {
                 if in_split {
@@ -385,6 +634,7 @@ impl Api {
         pb::ApiState {
             name: self.name.clone(),
             tenant: self.tenant.clone(),
+            settings: Some(self.settings.to_proto()),
             versions: self
                 .versions
                 .values()
@@ -398,6 +648,9 @@ impl Api {
                         .as_ref()
                         .map(|s| s.to_string())
                         .unwrap_or_default(),
+                    compiled: v.compiled.to_string(),
+                    published_at_ms: v.published_at_ms,
+                    deprecated_at_ms: v.deprecated_at_ms,
                 })
                 .collect(),
             split: split_to_pb(&self.split),
@@ -429,6 +682,9 @@ impl Api {
                             .ok()
                             .map(|d| d.with_timezone(&Utc)),
                         successor: Version::parse(&v.successor).ok(),
+                        compiled: Arc::from(v.compiled.as_str()),
+                        published_at_ms: v.published_at_ms,
+                        deprecated_at_ms: v.deprecated_at_ms,
                     },
                 ))
             })
@@ -436,6 +692,9 @@ impl Api {
         Api {
             name: p.name.clone(),
             tenant: p.tenant.clone(),
+            // Stored settings were checked when written; a newer node's that this one
+            // cannot read fall back to the defaults.
+            settings: ApiSettings::from_proto(p.settings.as_ref()).unwrap_or_default(),
             versions,
             split: split_from_pb(&p.split),
             previous_splits: p
@@ -472,6 +731,8 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
 pub fn apply_command(
     apis: &mut BTreeMap<String, Api>,
     cmd: &pb::ApiCommand,
+    at_ms: u64,
+    tenant_exists: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<String>, Refusal> {
     use pb::api_command::Op;
     check_name("API", &cmd.api)?;
@@ -482,13 +743,23 @@ pub fn apply_command(
     };
     if let Op::CreateApi(create) = op {
         check_name("tenant", &create.tenant)?;
+        let settings = ApiSettings::from_proto(create.settings.as_ref())?;
         if apis.contains_key(&cmd.api) {
             return Err(Refusal::Precondition(format!(
                 "API {} already exists",
                 cmd.api
             )));
         }
-        apis.insert(cmd.api.clone(), Api::new(&cmd.api, &create.tenant));
+        if !tenant_exists(&create.tenant) {
+            return Err(Refusal::NotFound(format!(
+                "there is no tenant {}; create it first",
+                create.tenant
+            )));
+        }
+        check_mount(apis, &cmd.api, &settings)?;
+        let mut api = Api::new(&cmd.api, &create.tenant);
+        api.settings = settings;
+        apis.insert(cmd.api.clone(), api);
         return Ok(vec![format!("api/{}", cmd.api)]);
     }
     let Some(existing) = apis.get(&cmd.api) else {
@@ -498,6 +769,12 @@ pub fn apply_command(
     let mut api = existing.clone();
     let changed = match op {
         Op::CreateApi(_) => unreachable!("handled above"),
+        Op::UpdateApi(u) => {
+            let settings = ApiSettings::from_proto(u.settings.as_ref())?;
+            check_mount(apis, &cmd.api, &settings)?;
+            api.settings = settings;
+            format!("api/{}", cmd.api)
+        }
         Op::CreateVersion(c) => {
             api.create_version(&c.version, c.content.clone())?;
             format!("api/{}@{}", cmd.api, parse_version(&c.version)?)
@@ -508,7 +785,9 @@ pub fn apply_command(
                 Some(To::Edit(content)) => Transition::Edit {
                     content: content.clone(),
                 },
-                Some(To::Publish(_)) => Transition::Publish,
+                Some(To::Publish(p)) => Transition::Publish {
+                    compiled: p.compiled.clone(),
+                },
                 Some(To::Deprecate(d)) => Transition::Deprecate {
                     sunset: (!d.sunset.is_empty()).then(|| d.sunset.clone()),
                     successor: (!d.successor.is_empty()).then(|| d.successor.clone()),
@@ -522,7 +801,7 @@ pub fn apply_command(
                     )));
                 }
             };
-            api.transition(&t.version, transition)?;
+            api.transition(&t.version, transition, at_ms)?;
             format!("api/{}@{}", cmd.api, parse_version(&t.version)?)
         }
         Op::SetSplit(s) => {
@@ -548,4 +827,29 @@ pub fn apply_command(
     }
     apis.insert(cmd.api.clone(), api);
     Ok(vec![changed])
+}
+
+/// Refuses settings that would mount an API where another one already answers.
+fn check_mount(
+    apis: &BTreeMap<String, Api>,
+    name: &str,
+    settings: &ApiSettings,
+) -> Result<(), Refusal> {
+    if let Some(other) = apis
+        .values()
+        .find(|a| a.name != name && a.settings.collides(settings))
+    {
+        let hosts = if settings.hosts.is_empty() {
+            "any host".to_string()
+        } else {
+            settings.hosts.join(", ")
+        };
+        // Names the path, not the other API: it may belong to another tenant.
+        let _ = other;
+        return Err(Refusal::Precondition(format!(
+            "another API is already mounted at {} on {hosts}; choose another base path or host",
+            settings.base_path
+        )));
+    }
+    Ok(())
 }

@@ -8,8 +8,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use tollgate_proto::state::v1::{ApiCommand, Change, Command, PutSpec, StateSnapshot, command};
+use tollgate_proto::state::v1::{
+    AccessCommand, ApiCommand, AuditEntry, Change, Command, PutSpec, StateSnapshot, command,
+};
 
+use crate::state::access::{self, Access, AccessChange};
 use crate::state::lifecycle::{self, Api, Refusal};
 
 use crate::state::spec::{Spec, SpecErrors, parse_yaml};
@@ -17,6 +20,9 @@ use crate::state::spec::{Spec, SpecErrors, parse_yaml};
 /// How many applied changes the state keeps (oldest dropped first). Deduplication of a
 /// retried write works within this window.
 pub const HISTORY_LIMIT: usize = 10_000;
+
+/// How many audit entries the state keeps (oldest dropped first).
+pub const AUDIT_LIMIT: usize = 10_000;
 
 /// The cluster's state.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -28,8 +34,14 @@ pub struct ClusterState {
     /// `kind/name` -> digest of the object, for plans.
     pub objects: BTreeMap<String, String>,
     pub history: VecDeque<Change>,
-    /// APIs and their versions, by name.
-    pub apis: BTreeMap<String, Api>,
+    /// APIs and their versions, by name. Shared with the data plane's compiler, which
+    /// reuses what it built while this `Arc` is unchanged.
+    pub apis: Arc<BTreeMap<String, Api>>,
+    /// Tenants, keys, tokens and subscriptions (shared the same way).
+    pub access: Arc<Access>,
+    /// Who changed what, newest last (bounded by [`AUDIT_LIMIT`]).
+    pub audit: VecDeque<AuditEntry>,
+    pub audit_seq: u64,
 }
 
 /// What applying one command did.
@@ -78,8 +90,17 @@ impl ClusterState {
             };
         }
         match &cmd.kind {
-            Some(command::Kind::PutSpec(put)) => self.put_spec(log_index, &cmd.request_id, put),
-            Some(command::Kind::Api(api)) => self.api_command(log_index, &cmd.request_id, api),
+            Some(command::Kind::PutSpec(put)) => self.put_spec(log_index, cmd, put),
+            Some(command::Kind::Api(api)) => self.api_command(log_index, cmd, api),
+            Some(command::Kind::Access(a)) => self.access_command(log_index, cmd, a),
+            Some(command::Kind::Bootstrap(b)) => {
+                let mut next = (*self.access).clone();
+                let result = access::bootstrap(&mut next, b, cmd.at_ms);
+                if matches!(result, Ok(Some(_))) {
+                    self.access = Arc::new(next);
+                }
+                self.access_result(log_index, cmd, result)
+            }
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (DESIGN.md decision 2).
             None => Applied {
@@ -90,8 +111,103 @@ impl ClusterState {
         }
     }
 
-    fn api_command(&mut self, log_index: u64, request_id: &str, cmd: &ApiCommand) -> Applied {
-        match lifecycle::apply_command(&mut self.apis, cmd) {
+    fn access_command(&mut self, log_index: u64, cmd: &Command, a: &AccessCommand) -> Applied {
+        let mut next = (*self.access).clone();
+        let apis = &self.apis;
+        let result = access::apply_command(
+            &mut next,
+            a,
+            cmd.at_ms,
+            &|name| apis.contains_key(name),
+            &|tenant| apis.values().any(|x| x.tenant == tenant),
+        );
+        if matches!(result, Ok(Some(_))) {
+            self.access = Arc::new(next);
+        }
+        self.access_result(log_index, cmd, result)
+    }
+
+    fn access_result(
+        &mut self,
+        log_index: u64,
+        cmd: &Command,
+        result: Result<Option<AccessChange>, Refusal>,
+    ) -> Applied {
+        match result {
+            Err(refusal) => Applied {
+                generation: self.generation,
+                log_index,
+                refusal: Some(refusal),
+                ..Applied::default()
+            },
+            Ok(None) => Applied {
+                generation: self.generation,
+                log_index,
+                ..Applied::default()
+            },
+            Ok(Some(change)) => {
+                let tenant = match &cmd.kind {
+                    Some(command::Kind::Access(a)) => a.tenant.clone(),
+                    _ => String::new(),
+                };
+                let (added, changed) = if change.added {
+                    (vec![change.object.clone()], Vec::new())
+                } else {
+                    (Vec::new(), vec![change.object.clone()])
+                };
+                let applied = self.record(log_index, &cmd.request_id, added, changed, Vec::new());
+                self.audit(
+                    cmd,
+                    change.action,
+                    change.object,
+                    tenant,
+                    change.before,
+                    change.after,
+                );
+                applied
+            }
+        }
+    }
+
+    /// Appends to the audit log (called after `record`, so it carries the new generation).
+    fn audit(
+        &mut self,
+        cmd: &Command,
+        action: &str,
+        object: String,
+        tenant: String,
+        before: String,
+        after: String,
+    ) {
+        self.audit_seq += 1;
+        self.audit.push_back(AuditEntry {
+            seq: self.audit_seq,
+            at_ms: cmd.at_ms,
+            actor: cmd.actor.clone(),
+            action: action.to_string(),
+            object,
+            tenant,
+            before,
+            after,
+            generation: self.generation,
+        });
+        while self.audit.len() > AUDIT_LIMIT {
+            self.audit.pop_front();
+        }
+    }
+
+    fn api_command(&mut self, log_index: u64, cmd: &Command, api: &ApiCommand) -> Applied {
+        let before = self.apis.get(&api.api).map(Api::audit_json);
+        let access = &self.access;
+        let mut next = (*self.apis).clone();
+        let result = lifecycle::apply_command(&mut next, api, cmd.at_ms, &|t| {
+            access.tenants.contains_key(t)
+        });
+        if matches!(&result, Ok(c) if !c.is_empty()) {
+            self.apis = Arc::new(next);
+        }
+        let request_id = cmd.request_id.as_str();
+        match result {
             Err(refusal) => Applied {
                 generation: self.generation,
                 log_index,
@@ -105,7 +221,7 @@ impl ClusterState {
             },
             Ok(changed) => {
                 let added = matches!(
-                    cmd.op,
+                    api.op,
                     Some(tollgate_proto::state::v1::api_command::Op::CreateApi(_))
                 );
                 let (added, changed) = if added {
@@ -113,7 +229,24 @@ impl ClusterState {
                 } else {
                     (Vec::new(), changed)
                 };
-                self.record(log_index, request_id, added, changed, Vec::new())
+                let object = added
+                    .first()
+                    .or(changed.first())
+                    .cloned()
+                    .unwrap_or_default();
+                let applied = self.record(log_index, request_id, added, changed, Vec::new());
+                let after = self.apis.get(&api.api);
+                let tenant = after.map(|a| a.tenant.clone()).unwrap_or_default();
+                let after = after.map(Api::audit_json).unwrap_or_default();
+                self.audit(
+                    cmd,
+                    api_action(api),
+                    object,
+                    tenant,
+                    before.unwrap_or_default(),
+                    after,
+                );
+                applied
             }
         }
     }
@@ -149,7 +282,8 @@ impl ClusterState {
         }
     }
 
-    fn put_spec(&mut self, log_index: u64, request_id: &str, put: &PutSpec) -> Applied {
+    fn put_spec(&mut self, log_index: u64, cmd: &Command, put: &PutSpec) -> Applied {
+        let request_id = cmd.request_id.as_str();
         let plan = self.plan(&put.objects);
         if plan.is_empty() && put.spec_yaml == *self.spec_yaml {
             return Applied {
@@ -164,13 +298,27 @@ impl ClusterState {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        self.record(
+        let summary = |p: &Plan| {
+            serde_json::json!({"added": p.added, "changed": p.changed, "removed": p.removed})
+                .to_string()
+        };
+        let after = summary(&plan);
+        let applied = self.record(
             log_index,
             request_id,
             plan.added,
             plan.changed,
             plan.removed,
-        )
+        );
+        self.audit(
+            cmd,
+            "spec.apply",
+            "spec".into(),
+            String::new(),
+            String::new(),
+            after,
+        );
+        applied
     }
 
     /// What replacing the current objects with `objects` would change.
@@ -193,7 +341,7 @@ impl ClusterState {
     }
 
     pub fn to_proto(&self) -> StateSnapshot {
-        StateSnapshot {
+        let mut out = StateSnapshot {
             generation: self.generation,
             spec_yaml: self.spec_yaml.to_string(),
             objects: self
@@ -203,21 +351,54 @@ impl ClusterState {
                 .collect(),
             history: self.history.iter().cloned().collect(),
             apis: self.apis.values().map(Api::to_proto).collect(),
-        }
+            audit: self.audit.iter().cloned().collect(),
+            audit_seq: self.audit_seq,
+            ..StateSnapshot::default()
+        };
+        self.access.to_proto(&mut out);
+        out
     }
 
     pub fn from_proto(p: StateSnapshot) -> ClusterState {
+        let access = Arc::new(Access::from_proto(&p));
         ClusterState {
+            access,
+            audit: p.audit.into(),
+            audit_seq: p.audit_seq,
             generation: p.generation,
             spec_yaml: Arc::from(p.spec_yaml),
             objects: p.objects.into_iter().collect(),
             history: p.history.into(),
-            apis: p
-                .apis
-                .iter()
-                .map(|a| (a.name.clone(), Api::from_proto(a)))
-                .collect(),
+            apis: Arc::new(
+                p.apis
+                    .iter()
+                    .map(|a| (a.name.clone(), Api::from_proto(a)))
+                    .collect(),
+            ),
         }
+    }
+}
+
+/// The audit action of an API command.
+fn api_action(cmd: &ApiCommand) -> &'static str {
+    use tollgate_proto::state::v1::api_command::Op;
+    use tollgate_proto::state::v1::version_transition::To;
+    match &cmd.op {
+        Some(Op::CreateApi(_)) => "api.create",
+        Some(Op::UpdateApi(_)) => "api.update",
+        Some(Op::CreateVersion(_)) => "version.create",
+        Some(Op::Transition(t)) => match t.to {
+            Some(To::Edit(_)) => "version.edit",
+            Some(To::Publish(_)) => "version.publish",
+            Some(To::Deprecate(_)) => "version.deprecate",
+            Some(To::Retire(_)) => "version.retire",
+            Some(To::Discard(_)) => "version.discard",
+            None => "version.unknown",
+        },
+        Some(Op::SetSplit(_)) => "api.split",
+        Some(Op::Promote(_)) => "api.promote",
+        Some(Op::Rollback(_)) => "api.rollback",
+        None => "api.unknown",
     }
 }
 
@@ -310,6 +491,7 @@ pub fn put_spec_command(checked: &CheckedSpec, request_id: &str) -> Command {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         })),
+        ..Command::default()
     }
 }
 

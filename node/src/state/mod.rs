@@ -2,6 +2,7 @@
 //! ([`spec`]), the replicated state machine it lives in ([`machine`], applied by Raft), and
 //! the immutable [`snapshot::Snapshot`] every node compiles from it.
 
+pub mod access;
 pub mod lifecycle;
 pub mod machine;
 pub mod snapshot;

@@ -1,29 +1,166 @@
 //! The immutable view of the cluster state that the data plane reads: compiled routes,
 //! upstream clusters and their policies, plus the generation they came from.
 //!
-//! A snapshot is built off the request path (from a spec today, from the Raft state
-//! machine later) and published through an `ArcSwap`; a request loads it once and reads
+//! A snapshot is built off the request path from the Raft state machine's state (the spec,
+//! the APIs' published versions, the keys) and published through an `ArcSwap`; a request loads it once and reads
 //! nothing else. Building one never fails halfway: either the whole spec compiles or the
 //! errors are returned and the running snapshot stays.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method, header};
 
+use crate::auth::AuthTable;
+use crate::auth::jwt::JwtValidator;
 use crate::routing::matcher::{HeaderCondition, HeaderTest, Matcher, PathMatch, RouteMatch};
 use crate::routing::upstream::{Cluster, EndpointRegistry};
+use crate::state::lifecycle::{Api, ApiVersion, AuthMode, Stage};
 use crate::state::spec::{HeaderOpsSpec, PathKind, Spec, SpecErrors};
 use crate::telemetry::metrics::RouteMetrics;
 
 /// What the data plane serves. Cheap to share, never mutated.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// 0 for the empty snapshot a node starts with, then +1 per accepted spec.
+    /// 0 for the empty snapshot a node starts with, then the cluster state's generation.
     pub generation: u64,
+    /// Routes, API mounts and upstream clusters: rebuilt only when the spec or the APIs
+    /// change, shared otherwise.
+    pub routing: Arc<Routing>,
+    /// API keys and subscriptions.
+    pub auth: Arc<AuthTable>,
+}
+
+/// The compiled route table.
+#[derive(Debug)]
+pub struct Routing {
+    /// The spec's routes and one prefix entry per API mount (ids with [`MOUNT_BIT`]).
     pub matcher: Matcher,
+    /// The spec's routes, then every mounted version's routes.
     pub routes: Vec<Route>,
+    pub mounts: Vec<Mount>,
     pub clusters: Vec<Arc<Cluster>>,
+}
+
+/// Set in a matcher id that names a [`Mount`] rather than a route.
+pub const MOUNT_BIT: u32 = 1 << 31;
+
+/// An API, mounted at its hosts and base path.
+#[derive(Debug)]
+pub struct Mount {
+    pub api: Arc<str>,
+    /// The owning tenant.
+    pub owner: Arc<str>,
+    pub auth: MountAuth,
+    pub sticky: bool,
+    /// `/orders`, or empty for the root.
+    pub base_path: String,
+    /// Published, deprecated and retired versions, oldest first.
+    pub versions: Vec<MountedVersion>,
+    /// Cumulative weights and the version each range picks.
+    pub split: Vec<(u32, usize)>,
+}
+
+#[derive(Debug)]
+pub enum MountAuth {
+    Key,
+    Jwt(Box<JwtValidator>),
+    None,
+}
+
+/// One version of a mounted API.
+#[derive(Debug)]
+pub struct MountedVersion {
+    pub version: semver::Version,
+    pub stage: Stage,
+    /// The version's own routes (ids index [`Routing::routes`]), matched against the path
+    /// below the base path and version prefix. Empty for a retired version.
+    pub matcher: Matcher,
+    /// `Deprecation`, `Sunset` and `Link` for a deprecated version.
+    pub deprecation: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Mount {
+    /// The version for a request: the `/vN` prefix, else the `Api-Version` header, else the
+    /// split (by `sticky_key` when the API is sticky). `Err` says why none fits.
+    pub fn select(
+        &self,
+        path_major: Option<u64>,
+        header: Option<&str>,
+        sticky_key: Option<&str>,
+    ) -> Result<&MountedVersion, String> {
+        let newest = |pick: &dyn Fn(&semver::Version) -> bool| {
+            // Prefer a version that takes traffic; a retired one answers 410.
+            self.versions
+                .iter()
+                .rev()
+                .filter(|v| pick(&v.version))
+                .max_by_key(|v| (v.stage.takes_traffic(), v.version.clone()))
+        };
+        if let Some(major) = path_major {
+            return newest(&|v| v.major == major).ok_or_else(|| {
+                format!(
+                    "API {} has no version {major}; it has {}",
+                    self.api,
+                    self.majors()
+                )
+            });
+        }
+        if let Some(h) = header {
+            let text = h.trim().trim_start_matches('v');
+            let req = semver::VersionReq::parse(&format!("={text}")).map_err(|_| {
+                format!("Api-Version {h:?} is not a version; send it like 2, 2.1 or 2.1.0")
+            })?;
+            return newest(&|v| req.matches(v)).ok_or_else(|| {
+                format!(
+                    "API {} has no version matching Api-Version {h:?}; it has {}",
+                    self.api,
+                    self.majors()
+                )
+            });
+        }
+        let total = self.split.last().map(|(w, _)| *w).unwrap_or(0);
+        if total == 0 {
+            return Err(format!(
+                "API {} has no published version taking traffic yet",
+                self.api
+            ));
+        }
+        let ticket = match sticky_key {
+            Some(key) if self.sticky => (fnv1a(key.as_bytes()) % u64::from(total)) as u32,
+            _ => fastrand::u32(..total),
+        };
+        let idx = self
+            .split
+            .iter()
+            .find(|(upto, _)| ticket < *upto)
+            .map(|(_, i)| *i)
+            .expect("the ticket is below the total");
+        Ok(&self.versions[idx])
+    }
+
+    fn majors(&self) -> String {
+        let mut majors: Vec<String> = self
+            .versions
+            .iter()
+            .map(|v| format!("v{}", v.version.major))
+            .collect();
+        majors.dedup();
+        if majors.is_empty() {
+            "none published".into()
+        } else {
+            majors.join(", ")
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// What a matched route does.
@@ -88,90 +225,259 @@ impl Snapshot {
     pub fn empty() -> Snapshot {
         Snapshot {
             generation: 0,
-            matcher: Matcher::default(),
-            routes: Vec::new(),
-            clusters: Vec::new(),
+            routing: Arc::new(Routing {
+                matcher: Matcher::default(),
+                routes: Vec::new(),
+                mounts: Vec::new(),
+                clusters: Vec::new(),
+            }),
+            auth: Arc::new(AuthTable::default()),
         }
     }
+}
 
-    /// Compiles a checked spec. Fails only on what needs the whole table to see (two
-    /// templates that conflict); such errors name the routes.
-    pub fn build(
+/// A published API version's routes, parsed from its compiled content.
+pub struct VersionSpec<'a> {
+    pub api: &'a Api,
+    pub version: &'a ApiVersion,
+    /// `None` for a retired version (it only answers 410).
+    pub spec: Option<Spec>,
+}
+
+/// Checks that a spec's routes can be placed in one table (templates that conflict are
+/// refused), for a version's content before it is published.
+pub fn check_routes(spec: &Spec) -> Result<(), SpecErrors> {
+    let matches: Vec<RouteMatch> = spec
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, r))| route_match(i as u32, name, r))
+        .collect();
+    Builder::default().matcher_errors(Matcher::build(&matches).err())
+}
+
+#[derive(Default)]
+struct Builder {
+    matches: Vec<RouteMatch>,
+    routes: Vec<Route>,
+    clusters: Vec<Arc<Cluster>>,
+}
+
+impl Builder {
+    /// Adds a spec's upstreams and routes; names are prefixed with `prefix` (`orders@2.0.0/`
+    /// for a version). Returns the routes' matches, ids indexing `self.routes`.
+    fn add_spec(
+        &mut self,
         spec: &Spec,
-        generation: u64,
+        prefix: &str,
         registry: &EndpointRegistry,
-    ) -> Result<Snapshot, SpecErrors> {
+    ) -> Vec<RouteMatch> {
         let clusters: HashMap<&str, Arc<Cluster>> = spec
             .upstreams
             .iter()
-            .map(|(name, up)| (name.as_str(), Arc::new(Cluster::build(name, up, registry))))
+            .map(|(name, up)| {
+                let full = format!("{prefix}{name}");
+                (name.as_str(), Arc::new(Cluster::build(&full, up, registry)))
+            })
             .collect();
         let mut matches = Vec::with_capacity(spec.routes.len());
-        let mut routes = Vec::with_capacity(spec.routes.len());
-        for (id, (name, r)) in spec.routes.iter().enumerate() {
-            let m = &r.matches;
-            matches.push(RouteMatch {
-                id: id as u32,
-                name: name.clone(),
-                hosts: m.hosts.clone(),
-                path: match m.path.kind().expect("checked by the spec") {
-                    PathKind::Exact(p) => PathMatch::Exact(p.to_string()),
-                    PathKind::Prefix(p) => PathMatch::Prefix(p.to_string()),
-                    PathKind::Template(p) => PathMatch::Template(p.to_string()),
-                },
-                methods: m
-                    .methods
-                    .iter()
-                    .map(|x| Method::from_bytes(x.as_bytes()).expect("checked by the spec"))
-                    .collect(),
-                headers: m
-                    .headers
-                    .iter()
-                    .map(|h| HeaderCondition {
-                        name: HeaderName::from_bytes(h.name.as_bytes())
-                            .expect("checked by the spec"),
-                        test: match (&h.exact, &h.prefix, h.present) {
-                            (Some(v), _, _) => HeaderTest::Exact(
-                                HeaderValue::from_str(v).expect("checked by the spec"),
-                            ),
-                            (_, Some(p), _) => HeaderTest::Prefix(p.clone()),
-                            (_, _, present) => HeaderTest::Present(present.unwrap_or(true)),
-                        },
-                    })
-                    .collect(),
-                priority: r.priority,
-            });
+        for (name, r) in &spec.routes {
+            let id = self.routes.len() as u32;
+            let full = format!("{prefix}{name}");
+            matches.push(route_match(id, &full, r));
             let rewrite = r
                 .rewrite
                 .as_ref()
                 .map(|rw| Rewrite::ReplacePrefix(rw.replace_prefix.clone().unwrap_or_default()));
-            routes.push(Route {
-                name: Arc::from(name.as_str()),
+            self.routes.push(Route {
+                name: Arc::from(full.as_str()),
                 cluster: clusters[r.upstream.as_str()].clone(),
                 rewrite,
                 request_headers: HeaderOps::compile(&r.request_headers),
                 response_headers: HeaderOps::compile(&r.response_headers),
-                metrics: RouteMetrics::new(name),
+                metrics: RouteMetrics::new(&full),
             });
         }
-        let matcher = Matcher::build(&matches).map_err(|errs| {
-            let mut out = SpecErrors::default();
-            for (route, msg) in errs {
-                out.push(format!("routes.{route}.match.path"), msg);
+        self.clusters.extend(clusters.into_values());
+        if prefix.is_empty() {
+            self.matches.extend(matches.iter().cloned());
+        }
+        matches
+    }
+
+    fn matcher_errors(&self, errs: Option<Vec<(String, String)>>) -> Result<(), SpecErrors> {
+        let Some(errs) = errs else { return Ok(()) };
+        let mut out = SpecErrors::default();
+        for (route, msg) in errs {
+            out.push(format!("routes.{route}.match.path"), msg);
+        }
+        Err(out)
+    }
+}
+
+fn route_match(id: u32, name: &str, r: &crate::state::spec::RouteSpec) -> RouteMatch {
+    let m = &r.matches;
+    RouteMatch {
+        id,
+        name: name.to_string(),
+        hosts: m.hosts.clone(),
+        path: match m.path.kind().expect("checked by the spec") {
+            PathKind::Exact(p) => PathMatch::Exact(p.to_string()),
+            PathKind::Prefix(p) => PathMatch::Prefix(p.to_string()),
+            PathKind::Template(p) => PathMatch::Template(p.to_string()),
+        },
+        methods: m
+            .methods
+            .iter()
+            .map(|x| Method::from_bytes(x.as_bytes()).expect("checked by the spec"))
+            .collect(),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| HeaderCondition {
+                name: HeaderName::from_bytes(h.name.as_bytes()).expect("checked by the spec"),
+                test: match (&h.exact, &h.prefix, h.present) {
+                    (Some(v), _, _) => {
+                        HeaderTest::Exact(HeaderValue::from_str(v).expect("checked by the spec"))
+                    }
+                    (_, Some(p), _) => HeaderTest::Prefix(p.clone()),
+                    (_, _, present) => HeaderTest::Present(present.unwrap_or(true)),
+                },
+            })
+            .collect(),
+        priority: r.priority,
+    }
+}
+
+/// `Deprecation` (RFC 9745), `Sunset` (RFC 8594) and the successor `Link` of a
+/// deprecated version.
+fn deprecation_headers(api: &Api, v: &ApiVersion) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    if v.stage != Stage::Deprecated {
+        return out;
+    }
+    let at = (v.deprecated_at_ms / 1000).to_string();
+    out.push((
+        HeaderName::from_static("deprecation"),
+        HeaderValue::from_str(&format!("@{at}")).expect("digits"),
+    ));
+    if let Some(sunset) = v.sunset {
+        let date = sunset.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        out.push((
+            HeaderName::from_static("sunset"),
+            HeaderValue::from_str(&date).expect("an HTTP date"),
+        ));
+    }
+    if let Some(successor) = &v.successor {
+        let base = api.settings.base_path.trim_end_matches('/');
+        let link = format!("<{base}/v{}>; rel=\"successor-version\"", successor.major);
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            out.push((header::LINK, value));
+        }
+    }
+    out
+}
+
+impl Routing {
+    /// Compiles the spec and the mounted API versions. Fails only on what needs the whole
+    /// table to see (two templates that conflict); such errors name the routes.
+    pub fn build(
+        spec: &Spec,
+        versions: &[VersionSpec<'_>],
+        registry: &EndpointRegistry,
+    ) -> Result<Routing, SpecErrors> {
+        let mut b = Builder::default();
+        b.add_spec(spec, "", registry);
+        let mut mounts: Vec<Mount> = Vec::new();
+        let mut errors = SpecErrors::default();
+        for vs in versions {
+            let api = vs.api;
+            if mounts.last().is_none_or(|m| *m.api != *api.name) {
+                let id = MOUNT_BIT | mounts.len() as u32;
+                b.matches.push(RouteMatch {
+                    id,
+                    name: format!("api/{}", api.name),
+                    hosts: api.settings.hosts.clone(),
+                    path: PathMatch::Prefix(api.settings.base_path.clone()),
+                    methods: Vec::new(),
+                    headers: Vec::new(),
+                    priority: 0,
+                });
+                let auth = match (&api.settings.auth, &api.settings.jwt) {
+                    (AuthMode::None, _) => MountAuth::None,
+                    (AuthMode::Jwt, Some(j)) => {
+                        match JwtValidator::new(&j.jwks, &j.issuer, &j.audience, &j.tenant_claim) {
+                            Ok(v) => MountAuth::Jwt(Box::new(v)),
+                            Err(e) => {
+                                errors.push(format!("apis.{}.jwt", api.name), e);
+                                MountAuth::Key
+                            }
+                        }
+                    }
+                    _ => MountAuth::Key,
+                };
+                mounts.push(Mount {
+                    api: Arc::from(api.name.as_str()),
+                    owner: Arc::from(api.tenant.as_str()),
+                    auth,
+                    sticky: api.settings.sticky,
+                    base_path: api.settings.base_path.trim_end_matches('/').to_string(),
+                    versions: Vec::new(),
+                    split: Vec::new(),
+                });
             }
-            out
-        })?;
-        let mut clusters: Vec<Arc<Cluster>> = clusters.into_values().collect();
+            let mount = mounts.last_mut().expect("pushed above");
+            let v = vs.version;
+            let matcher = match &vs.spec {
+                Some(spec) => {
+                    let prefix = format!("{}@{}/", api.name, v.version);
+                    let matches = b.add_spec(spec, &prefix, registry);
+                    match Matcher::build(&matches) {
+                        Ok(m) => m,
+                        Err(errs) => {
+                            for (route, msg) in errs {
+                                errors.push(
+                                    format!(
+                                        "apis.{}.versions.{}.routes.{route}",
+                                        api.name, v.version
+                                    ),
+                                    msg,
+                                );
+                            }
+                            Matcher::default()
+                        }
+                    }
+                }
+                None => Matcher::default(),
+            };
+            if let Some(weight) = api.split.get(&v.version) {
+                let upto = mount.split.last().map(|(w, _)| *w).unwrap_or(0) + weight;
+                mount.split.push((upto, mount.versions.len()));
+            }
+            mount.versions.push(MountedVersion {
+                version: v.version.clone(),
+                stage: v.stage,
+                matcher,
+                deprecation: deprecation_headers(api, v),
+            });
+        }
+        let matcher = Matcher::build(&b.matches);
+        b.matcher_errors(matcher.as_ref().err().cloned())?;
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let matcher = matcher.expect("errors returned above");
+        let mut clusters = b.clusters;
         clusters.sort_by(|a, b| a.name.cmp(&b.name));
         registry.retain(&|cluster, addr| {
             clusters
                 .iter()
                 .any(|c| &*c.name == cluster && c.endpoints.iter().any(|e| e.state.addr == addr))
         });
-        Ok(Snapshot {
-            generation,
+        Ok(Routing {
             matcher,
-            routes,
+            routes: b.routes,
+            mounts,
             clusters,
         })
     }

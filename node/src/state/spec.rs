@@ -843,7 +843,7 @@ fn check_header_ops(ops: &HeaderOpsSpec, at: &str, errors: &mut SpecErrors) {
     }
 }
 
-fn check_host(host: &str) -> Result<(), String> {
+pub(crate) fn check_host(host: &str) -> Result<(), String> {
     let name = host.strip_prefix("*.").unwrap_or(host);
     let valid = !name.is_empty()
         && name.len() <= 253

@@ -1,5 +1,11 @@
 use super::*;
 
+fn publish() -> Transition {
+    Transition::Publish {
+        compiled: "{}".into(),
+    }
+}
+
 fn stage_of(api: &Api, v: &str) -> Option<Stage> {
     api.versions
         .get(&parse_version(v).unwrap())
@@ -10,20 +16,20 @@ fn stage_of(api: &Api, v: &str) -> Option<Stage> {
 fn api_at(stage: Stage) -> Api {
     let mut api = Api::new("orders", "acme");
     api.create_version("2.0.0", "routes: {}".into()).unwrap();
-    api.transition("2.0.0", Transition::Publish).unwrap();
+    api.transition("2.0.0", publish(), 1).unwrap();
     api.create_version("1.0.0", "routes: {}".into()).unwrap();
     let path: &[Transition] = match stage {
         Stage::Draft => &[],
-        Stage::Published => &[Transition::Publish],
+        Stage::Published => &[publish()],
         Stage::Deprecated => &[
-            Transition::Publish,
+            publish(),
             Transition::Deprecate {
                 sunset: None,
                 successor: None,
             },
         ],
         Stage::Retired => &[
-            Transition::Publish,
+            publish(),
             Transition::Deprecate {
                 sunset: None,
                 successor: None,
@@ -32,7 +38,7 @@ fn api_at(stage: Stage) -> Api {
         ],
     };
     for t in path {
-        api.transition("1.0.0", t.clone()).unwrap();
+        api.transition("1.0.0", t.clone(), 1).unwrap();
     }
     assert_eq!(stage_of(&api, "1.0.0"), Some(stage));
     api
@@ -43,7 +49,7 @@ fn all_transitions() -> Vec<Transition> {
         Transition::Edit {
             content: "routes: {changed: {}}".into(),
         },
-        Transition::Publish,
+        publish(),
         Transition::Deprecate {
             sunset: Some("2027-06-30T00:00:00Z".into()),
             successor: Some("2.0.0".into()),
@@ -73,7 +79,7 @@ fn every_transition_from_every_stage() {
             let mut api = api_at(from);
             let before = api.clone();
             let name = t.name();
-            let result = api.transition("1.0.0", t);
+            let result = api.transition("1.0.0", t, 1);
             match expected(from, name) {
                 Ok(after) => {
                     assert!(result.is_ok(), "{} -> {name}: {result:?}", from.name());
@@ -111,19 +117,21 @@ fn an_edit_changes_a_draft_and_publishing_freezes_it() {
         Transition::Edit {
             content: "v2 content".into(),
         },
+        1,
     )
     .unwrap();
     assert_eq!(
         api.versions[&parse_version("1.0.0").unwrap()].content,
         "v2 content"
     );
-    api.transition("1.0.0", Transition::Publish).unwrap();
+    api.transition("1.0.0", publish(), 1).unwrap();
     let err = api
         .transition(
             "1.0.0",
             Transition::Edit {
                 content: "x".into(),
             },
+            1,
         )
         .unwrap_err();
     assert!(err.to_string().contains("allowed: deprecate"), "{err}");
@@ -138,6 +146,7 @@ fn deprecation_records_sunset_and_successor_and_checks_them() {
             sunset: Some("next tuesday".into()),
             successor: None,
         },
+        1,
     );
     assert!(
         matches!(bad_date, Err(Refusal::Invalid(ref m)) if m.contains("RFC 3339")),
@@ -149,6 +158,7 @@ fn deprecation_records_sunset_and_successor_and_checks_them() {
             sunset: None,
             successor: Some("9.0.0".into()),
         },
+        1,
     );
     assert!(matches!(unknown, Err(Refusal::NotFound(_))), "{unknown:?}");
     api.create_version("3.0.0-beta.1", String::new()).unwrap();
@@ -158,6 +168,7 @@ fn deprecation_records_sunset_and_successor_and_checks_them() {
             sunset: None,
             successor: Some("3.0.0-beta.1".into()),
         },
+        1,
     );
     assert!(
         matches!(draft_successor, Err(Refusal::Precondition(ref m)) if m.contains("draft")),
@@ -175,6 +186,7 @@ fn deprecation_records_sunset_and_successor_and_checks_them() {
             sunset: Some("2027-06-30T00:00:00Z".into()),
             successor: Some("v2.0.0".into()),
         },
+        1,
     )
     .unwrap();
     let v = &api.versions[&parse_version("1.0.0").unwrap()];
@@ -195,7 +207,7 @@ fn versions_are_semver_and_unique() {
     api.create_version("v1.2.3", String::new()).unwrap();
     let again = api.create_version("1.2.3", String::new()).unwrap_err();
     assert!(matches!(again, Refusal::Precondition(_)), "{again:?}");
-    let missing = api.transition("4.0.0", Transition::Publish).unwrap_err();
+    let missing = api.transition("4.0.0", publish(), 1).unwrap_err();
     assert!(
         matches!(missing, Refusal::NotFound(ref m) if m.contains("1.2.3")),
         "{missing:?}"
@@ -251,15 +263,16 @@ fn a_version_with_traffic_cannot_be_retired_and_rollback_will_not_revive_one() {
             sunset: None,
             successor: Some("2.0.0".into()),
         },
+        1,
     )
     .unwrap();
-    let err = api.transition("1.0.0", Transition::Retire).unwrap_err();
+    let err = api.transition("1.0.0", Transition::Retire, 1).unwrap_err();
     assert!(
         matches!(err, Refusal::Precondition(ref m) if m.contains("still takes traffic")),
         "{err:?}"
     );
     api.promote("2.0.0").unwrap();
-    api.transition("1.0.0", Transition::Retire).unwrap();
+    api.transition("1.0.0", Transition::Retire, 1).unwrap();
     let err = api.rollback().unwrap_err();
     assert!(
         matches!(err, Refusal::Precondition(ref m) if m.contains("retired")),

@@ -73,6 +73,20 @@ fn api_cmd(api: &str, op: tollgate_proto::state::v1::api_command::Op) -> Command
             api: api.into(),
             op: Some(op),
         })),
+        ..Command::default()
+    }
+}
+
+fn create_tenant(name: &str) -> Command {
+    use tollgate_proto::state::v1::{self as pb, access_command::Op};
+    Command {
+        kind: Some(command::Kind::Access(pb::AccessCommand {
+            tenant: name.into(),
+            op: Some(Op::CreateTenant(pb::CreateTenant {})),
+        })),
+        actor: "operator/test".into(),
+        at_ms: 1_000,
+        ..Command::default()
     }
 }
 
@@ -80,18 +94,34 @@ fn api_cmd(api: &str, op: tollgate_proto::state::v1::api_command::Op) -> Command
 fn api_commands_take_generations_and_refusals_change_nothing() {
     use tollgate_proto::state::v1::{self as pb, api_command::Op, version_transition::To};
     let mut s = ClusterState::default();
+    let missing_tenant = s.apply(
+        1,
+        &api_cmd(
+            "orders",
+            Op::CreateApi(pb::CreateApi {
+                tenant: "acme".into(),
+                settings: None,
+            }),
+        ),
+    );
+    assert!(
+        matches!(missing_tenant.refusal, Some(Refusal::NotFound(ref m)) if m.contains("no tenant acme")),
+        "{missing_tenant:?}"
+    );
+    assert_eq!(s.apply(1, &create_tenant("acme")).generation, 1);
     let a = s.apply(
         1,
         &api_cmd(
             "orders",
             Op::CreateApi(pb::CreateApi {
                 tenant: "acme".into(),
+                settings: None,
             }),
         ),
     );
     assert_eq!(
         (a.generation, a.added.clone()),
-        (1, vec!["api/orders".to_string()])
+        (2, vec!["api/orders".to_string()])
     );
     let v = s.apply(
         2,
@@ -105,7 +135,7 @@ fn api_commands_take_generations_and_refusals_change_nothing() {
     );
     assert_eq!(
         (v.generation, v.changed.clone()),
-        (2, vec!["api/orders@1.0.0".to_string()])
+        (3, vec!["api/orders@1.0.0".to_string()])
     );
 
     let before = s.clone();
@@ -134,6 +164,7 @@ fn api_commands_take_generations_and_refusals_change_nothing() {
             "Bad Name",
             Op::CreateApi(pb::CreateApi {
                 tenant: "acme".into(),
+                settings: None,
             }),
         ),
     );
@@ -149,7 +180,9 @@ fn api_commands_take_generations_and_refusals_change_nothing() {
             "orders",
             Op::Transition(pb::VersionTransition {
                 version: "1.0.0".into(),
-                to: Some(To::Publish(pb::Empty {})),
+                to: Some(To::Publish(pb::Publish {
+                    compiled: "{}".into(),
+                })),
             }),
         ),
     );
@@ -162,7 +195,7 @@ fn api_commands_take_generations_and_refusals_change_nothing() {
             }),
         ),
     );
-    assert_eq!(p.generation, 4);
+    assert_eq!(p.generation, 5);
     // The same promotion again changes nothing and takes no generation.
     let again = s.apply(
         8,
@@ -173,7 +206,20 @@ fn api_commands_take_generations_and_refusals_change_nothing() {
             }),
         ),
     );
-    assert_eq!((again.generation, again.refusal.clone()), (4, None));
+    assert_eq!((again.generation, again.refusal.clone()), (5, None));
+    let audit: Vec<&str> = s.audit.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        audit,
+        [
+            "tenant.create",
+            "api.create",
+            "version.create",
+            "version.publish",
+            "api.promote"
+        ],
+        "every change is audited, refusals and no-ops are not"
+    );
+    assert_eq!(s.audit[0].actor, "operator/test");
     assert_eq!(
         ClusterState::from_proto(s.to_proto()),
         s,

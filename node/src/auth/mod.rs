@@ -1,0 +1,104 @@
+//! Who is calling, on the data plane: API keys and JWTs checked against the node's
+//! [`AuthTable`], compiled from the replicated state with the rest of the snapshot. No
+//! cluster call is made on a request.
+
+pub mod jwt;
+pub mod principal;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::state::access::{Access, KEY_PREFIX, split_credential, verify_secret};
+
+/// The keys and subscriptions a node checks callers against.
+#[derive(Debug, Default)]
+pub struct AuthTable {
+    hash_key: Vec<u8>,
+    /// Keys that are not revoked, by id. Expiry is checked per request.
+    keys: HashMap<String, KeyEntry>,
+    /// Tenant -> API -> which versions its keys may call.
+    subscriptions: HashMap<String, HashMap<String, semver::VersionReq>>,
+}
+
+#[derive(Debug)]
+struct KeyEntry {
+    tenant: Arc<str>,
+    hash: Vec<u8>,
+    expires_at_ms: u64,
+}
+
+/// Why a caller was not let in (401).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Unknown,
+    Expired,
+}
+
+impl AuthTable {
+    pub fn build(access: &Access) -> AuthTable {
+        AuthTable {
+            hash_key: access.hash_key.clone(),
+            keys: access
+                .keys
+                .values()
+                .filter(|k| k.revoked_at_ms == 0)
+                .map(|k| {
+                    (
+                        k.id.clone(),
+                        KeyEntry {
+                            tenant: Arc::from(k.tenant.as_str()),
+                            hash: k.hash.clone(),
+                            expires_at_ms: k.expires_at_ms,
+                        },
+                    )
+                })
+                .collect(),
+            subscriptions: access
+                .tenants
+                .values()
+                .map(|t| {
+                    let subs = t
+                        .subscriptions
+                        .iter()
+                        .filter_map(|(api, req)| {
+                            crate::state::access::parse_requirement(req)
+                                .ok()
+                                .map(|r| (api.clone(), r))
+                        })
+                        .collect();
+                    (t.name.clone(), subs)
+                })
+                .collect(),
+        }
+    }
+
+    /// The tenant of a presented API key, and the key's id.
+    pub fn key(&self, presented: &str, now_ms: u64) -> Result<(&str, &Arc<str>), AuthError> {
+        let (id, secret) = split_credential(KEY_PREFIX, presented).ok_or(AuthError::Unknown)?;
+        let (id, entry) = self.keys.get_key_value(id).ok_or(AuthError::Unknown)?;
+        if !verify_secret(&self.hash_key, secret, &entry.hash) {
+            return Err(AuthError::Unknown);
+        }
+        if entry.expires_at_ms != 0 && now_ms >= entry.expires_at_ms {
+            return Err(AuthError::Expired);
+        }
+        Ok((id, &entry.tenant))
+    }
+
+    /// Whether `tenant` may call `version` of `api` (owned by `owner`).
+    pub fn may_call(
+        &self,
+        tenant: &str,
+        api: &str,
+        owner: &str,
+        version: &semver::Version,
+    ) -> bool {
+        tenant == owner
+            || self
+                .subscriptions
+                .get(tenant)
+                .and_then(|s| s.get(api))
+                .is_some_and(|req| req.matches(version))
+    }
+}

@@ -1,0 +1,165 @@
+//! Who is calling the node admin API, and what they may do: the operator token (made at
+//! bootstrap) may do everything; a tenant token sees and changes only its tenant's APIs,
+//! keys, tokens and audit entries. Decided on the leader, against its applied state.
+//!
+//! A tenant asking about another tenant's object gets the same NOT_FOUND as for an object
+//! that does not exist, so it learns no names and no counts. Asking for something only the
+//! operator may do is PERMISSION_DENIED.
+
+use tollgate_proto::state::v1::{Command, access_command, api_command, command};
+use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+
+use crate::state::access::{self, TOKEN_PREFIX};
+use crate::state::machine::ClusterState;
+
+/// How a request reached the cluster code: from the node itself (bootstrap spec, SIGHUP),
+/// or over gRPC with whatever `authorization` metadata it carried.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Node,
+    Remote(Option<MetadataValue<Ascii>>),
+}
+
+impl Caller {
+    pub fn from_metadata(m: &tonic::metadata::MetadataMap) -> Caller {
+        Caller::Remote(m.get("authorization").cloned())
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Node(u64),
+    Operator { token: String },
+    Tenant { tenant: String, token: String },
+}
+
+impl Principal {
+    /// The tenant a tenant token is scoped to; `None` for the operator and the node.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Principal::Tenant { tenant, .. } => Some(tenant),
+            _ => None,
+        }
+    }
+
+    /// How the audit log names it.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Node(id) => format!("node/{id}"),
+            Principal::Operator { token } => format!("operator/{token}"),
+            Principal::Tenant { tenant, token } => format!("tenant/{tenant}/{token}"),
+        }
+    }
+
+    /// Refuses a tenant token for an operator-level call.
+    pub fn require_operator(&self, what: &str) -> Result<(), Status> {
+        match self {
+            Principal::Tenant { tenant, .. } => Err(Status::permission_denied(format!(
+                "{what} needs the operator token; this is a token of tenant {tenant}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this caller may see objects of `owner` (a tenant; empty: operator-level).
+    pub fn sees(&self, owner: &str) -> bool {
+        self.tenant().is_none_or(|t| t == owner)
+    }
+}
+
+/// Checks the bearer token against the state at `now_ms`.
+pub fn authenticate(
+    caller: &Caller,
+    state: &ClusterState,
+    node_id: u64,
+    now_ms: u64,
+) -> Result<Principal, Status> {
+    let value = match caller {
+        Caller::Node => return Ok(Principal::Node(node_id)),
+        Caller::Remote(None) => {
+            return Err(Status::unauthenticated(
+                "this call needs a token: send `authorization: Bearer <token>` (the operator token \
+                 printed at bootstrap, or a tenant token from `tollgate token create`)",
+            ));
+        }
+        Caller::Remote(Some(v)) => v,
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .unwrap_or(text)
+        .trim();
+    let a = &state.access;
+    let Some(cred) = access::check(&a.tokens, &a.hash_key, TOKEN_PREFIX, token, now_ms) else {
+        return Err(Status::unauthenticated(
+            "the token is not known, or it was revoked or has expired",
+        ));
+    };
+    Ok(if cred.tenant.is_empty() {
+        Principal::Operator {
+            token: cred.id.clone(),
+        }
+    } else {
+        Principal::Tenant {
+            tenant: cred.tenant.clone(),
+            token: cred.id.clone(),
+        }
+    })
+}
+
+fn no_api(name: &str) -> Status {
+    Status::not_found(format!("there is no API {name}"))
+}
+
+/// Whether `p` may propose `cmd` (before it is proposed; the state machine then checks
+/// the command itself).
+pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(), Status> {
+    if let Some(command::Kind::Bootstrap(_)) = &cmd.kind
+        && !matches!(p, Principal::Node(_))
+    {
+        return Err(Status::invalid_argument(
+            "a bootstrap is made by the node that starts the cluster, not sent",
+        ));
+    }
+    let Some(tenant) = p.tenant() else {
+        return Ok(());
+    };
+    let api_owned = |name: &str| {
+        state
+            .apis
+            .get(name)
+            .is_some_and(|a| a.tenant == tenant)
+            .then_some(())
+            .ok_or_else(|| no_api(name))
+    };
+    match &cmd.kind {
+        Some(command::Kind::Api(a)) => match &a.op {
+            Some(api_command::Op::CreateApi(c)) if c.tenant != tenant => {
+                Err(Status::permission_denied(format!(
+                    "a token of tenant {tenant} creates APIs owned by {tenant} only; set tenant to {tenant}"
+                )))
+            }
+            Some(api_command::Op::CreateApi(_)) => Ok(()),
+            _ => api_owned(&a.api),
+        },
+        Some(command::Kind::Access(a)) => match &a.op {
+            Some(access_command::Op::CreateTenant(_) | access_command::Op::DeleteTenant(_)) => {
+                Err(Status::permission_denied(
+                    "tenants are created and deleted with the operator token",
+                ))
+            }
+            // The API's owner grants (or takes back) access to its API.
+            Some(access_command::Op::Subscribe(s)) => api_owned(&s.api),
+            Some(access_command::Op::Unsubscribe(u)) => api_owned(&u.api),
+            _ if a.tenant != tenant => Err(Status::not_found(format!(
+                "there is no tenant {}",
+                a.tenant
+            ))),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}

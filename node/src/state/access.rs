@@ -1,0 +1,563 @@
+//! Who may call what: tenants, their API keys (data plane) and control-plane tokens, and
+//! the subscriptions that let a tenant's keys call another tenant's API.
+//!
+//! Secrets are never stored. A credential is `<prefix>_<id>_<secret>`: the id is public
+//! and indexes the credential; the state keeps HMAC-SHA256(hash key, secret), where the
+//! hash key is 32 random bytes made once at bootstrap and replicated with the state. A
+//! leaked state therefore holds no usable key, and checking a presented key is one
+//! lookup by id and one constant-time comparison of hashes (`Mac::verify_slice`).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tollgate_proto::state::v1 as pb;
+
+use crate::state::lifecycle::{Refusal, check_name};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Prefix of an API key (data plane).
+pub const KEY_PREFIX: &str = "tgk";
+/// Prefix of a control-plane token (operator or tenant).
+pub const TOKEN_PREFIX: &str = "tgt";
+
+/// Longest credential label.
+pub const MAX_LABEL: usize = 128;
+
+/// Tenants, credentials and subscriptions, as the replicated state holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Access {
+    /// Credentials are hashed under this; empty until the cluster is bootstrapped.
+    pub hash_key: Vec<u8>,
+    pub tenants: BTreeMap<String, Tenant>,
+    /// API keys by id.
+    pub keys: BTreeMap<String, Credential>,
+    /// Control-plane tokens by id (the operator's has no tenant).
+    pub tokens: BTreeMap<String, Credential>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tenant {
+    pub name: String,
+    pub created_at_ms: u64,
+    /// API name -> semver requirement of the versions its keys may call.
+    pub subscriptions: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Credential {
+    pub id: String,
+    /// Empty for the operator token.
+    pub tenant: String,
+    pub name: String,
+    pub hash: Vec<u8>,
+    pub created_at_ms: u64,
+    /// 0: never.
+    pub expires_at_ms: u64,
+    /// 0: not revoked.
+    pub revoked_at_ms: u64,
+}
+
+impl Credential {
+    /// Whether it lets its holder in at `now_ms`.
+    pub fn valid_at(&self, now_ms: u64) -> bool {
+        self.revoked_at_ms == 0 && (self.expires_at_ms == 0 || now_ms < self.expires_at_ms)
+    }
+
+    /// The stored form without its hash (for listings and the audit log).
+    pub fn to_public_proto(&self) -> pb::CredentialState {
+        pb::CredentialState {
+            hash: Vec::new(),
+            ..self.to_proto()
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::CredentialState {
+        pb::CredentialState {
+            id: self.id.clone(),
+            tenant: self.tenant.clone(),
+            name: self.name.clone(),
+            hash: self.hash.clone(),
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            revoked_at_ms: self.revoked_at_ms,
+        }
+    }
+
+    pub fn from_proto(p: &pb::CredentialState) -> Credential {
+        Credential {
+            id: p.id.clone(),
+            tenant: p.tenant.clone(),
+            name: p.name.clone(),
+            hash: p.hash.clone(),
+            created_at_ms: p.created_at_ms,
+            expires_at_ms: p.expires_at_ms,
+            revoked_at_ms: p.revoked_at_ms,
+        }
+    }
+}
+
+/// A new credential: its id, the whole secret to hand to the caller once, and what the
+/// state stores.
+pub struct Minted {
+    pub id: String,
+    pub secret: String,
+    pub hash: Vec<u8>,
+}
+
+/// Makes a credential: 8 random bytes of id (hex) and 32 of secret (base64url).
+pub fn mint(prefix: &str, hash_key: &[u8]) -> Result<Minted, String> {
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut id).map_err(|e| format!("no randomness: {e}"))?;
+    getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    Ok(Minted {
+        hash: hash_secret(hash_key, &secret),
+        secret: format!("{prefix}_{id}_{secret}"),
+        id,
+    })
+}
+
+/// 32 random bytes for the cluster's hash key.
+pub fn new_hash_key() -> Result<Vec<u8>, String> {
+    let mut key = vec![0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(key)
+}
+
+fn hash_secret(hash_key: &[u8], secret: &str) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(hash_key).expect("HMAC takes any key length");
+    mac.update(secret.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Splits a presented credential into (id, secret) if it has the expected prefix.
+pub fn split_credential<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = presented.strip_prefix(prefix)?.strip_prefix('_')?;
+    let (id, secret) = rest.split_once('_')?;
+    (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
+}
+
+/// Whether `secret` hashes to `hash` under `hash_key`, compared in constant time.
+pub fn verify_secret(hash_key: &[u8], secret: &str, hash: &[u8]) -> bool {
+    let Ok(mut mac) = HmacSha256::new_from_slice(hash_key) else {
+        return false;
+    };
+    mac.update(secret.as_bytes());
+    mac.verify_slice(hash).is_ok()
+}
+
+/// Checks a presented credential against a table: the credential if it is known, its
+/// secret matches and it is valid at `now_ms`.
+pub fn check<'a>(
+    table: &'a BTreeMap<String, Credential>,
+    hash_key: &[u8],
+    prefix: &str,
+    presented: &str,
+    now_ms: u64,
+) -> Option<&'a Credential> {
+    let (id, secret) = split_credential(prefix, presented)?;
+    let cred = table.get(id)?;
+    (verify_secret(hash_key, secret, &cred.hash) && cred.valid_at(now_ms)).then_some(cred)
+}
+
+/// Checks a subscription's version requirement ("2", "^2.1", "*", or empty for all).
+pub fn parse_requirement(text: &str) -> Result<semver::VersionReq, Refusal> {
+    if text.is_empty() {
+        return Ok(semver::VersionReq::STAR);
+    }
+    semver::VersionReq::parse(text).map_err(|e| {
+        Refusal::Invalid(format!(
+            "versions {text:?} is not a semver requirement ({e}); write it like 2, ^2.1 or *"
+        ))
+    })
+}
+
+/// What an applied access command did, for the history and the audit log.
+pub struct AccessChange {
+    pub object: String,
+    pub action: &'static str,
+    pub before: String,
+    pub after: String,
+    pub added: bool,
+}
+
+fn tenant_json(t: Option<&Tenant>) -> String {
+    t.map(|t| {
+        serde_json::json!({
+            "name": t.name,
+            "subscriptions": t.subscriptions,
+        })
+        .to_string()
+    })
+    .unwrap_or_default()
+}
+
+fn credential_json(c: Option<&Credential>) -> String {
+    c.map(|c| {
+        serde_json::json!({
+            "id": c.id,
+            "tenant": c.tenant,
+            "name": c.name,
+            "expires_at_ms": c.expires_at_ms,
+            "revoked_at_ms": c.revoked_at_ms,
+        })
+        .to_string()
+    })
+    .unwrap_or_default()
+}
+
+/// Applies one access command. Deterministic; a refusal changes nothing. `api_exists`
+/// says whether an API name exists (subscriptions must name one); `owns_apis` whether a
+/// tenant still owns any (it cannot be deleted then).
+pub fn apply_command(
+    access: &mut Access,
+    cmd: &pb::AccessCommand,
+    at_ms: u64,
+    api_exists: &dyn Fn(&str) -> bool,
+    owns_apis: &dyn Fn(&str) -> bool,
+) -> Result<Option<AccessChange>, Refusal> {
+    use pb::access_command::Op;
+    check_name("tenant", &cmd.tenant)?;
+    let Some(op) = &cmd.op else {
+        return Err(Refusal::Invalid(
+            "the access command has no operation (a newer node's command?)".into(),
+        ));
+    };
+    let tenant = cmd.tenant.as_str();
+    if let Op::CreateTenant(_) = op {
+        if access.tenants.contains_key(tenant) {
+            return Err(Refusal::Precondition(format!(
+                "tenant {tenant} already exists"
+            )));
+        }
+        let t = Tenant {
+            name: tenant.to_string(),
+            created_at_ms: at_ms,
+            subscriptions: BTreeMap::new(),
+        };
+        let after = tenant_json(Some(&t));
+        access.tenants.insert(tenant.to_string(), t);
+        return Ok(Some(AccessChange {
+            object: format!("tenant/{tenant}"),
+            action: "tenant.create",
+            before: String::new(),
+            after,
+            added: true,
+        }));
+    }
+    let Some(existing) = access.tenants.get(tenant) else {
+        return Err(Refusal::NotFound(format!(
+            "there is no tenant {tenant}; create it first"
+        )));
+    };
+    let before_tenant = tenant_json(Some(existing));
+    match op {
+        Op::CreateTenant(_) => unreachable!("handled above"),
+        Op::DeleteTenant(_) => {
+            if owns_apis(tenant) {
+                return Err(Refusal::Precondition(format!(
+                    "tenant {tenant} still owns APIs; they must go first"
+                )));
+            }
+            access.tenants.remove(tenant);
+            let now = at_ms.max(1);
+            for table in [&mut access.keys, &mut access.tokens] {
+                for c in table.values_mut().filter(|c| c.tenant == tenant) {
+                    if c.revoked_at_ms == 0 {
+                        c.revoked_at_ms = now;
+                    }
+                }
+            }
+            Ok(Some(AccessChange {
+                object: format!("tenant/{tenant}"),
+                action: "tenant.delete",
+                before: before_tenant,
+                after: String::new(),
+                added: false,
+            }))
+        }
+        Op::Subscribe(s) => {
+            check_name("API", &s.api)?;
+            parse_requirement(&s.versions)?;
+            if !api_exists(&s.api) {
+                return Err(Refusal::NotFound(format!("there is no API {}", s.api)));
+            }
+            let t = access.tenants.get_mut(tenant).expect("checked above");
+            let versions = if s.versions.is_empty() {
+                "*".to_string()
+            } else {
+                s.versions.clone()
+            };
+            if t.subscriptions.get(&s.api) == Some(&versions) {
+                return Ok(None);
+            }
+            t.subscriptions.insert(s.api.clone(), versions);
+            Ok(Some(AccessChange {
+                object: format!("tenant/{tenant}"),
+                action: "tenant.subscribe",
+                before: before_tenant,
+                after: tenant_json(Some(t)),
+                added: false,
+            }))
+        }
+        Op::Unsubscribe(u) => {
+            let t = access.tenants.get_mut(tenant).expect("checked above");
+            if t.subscriptions.remove(&u.api).is_none() {
+                return Err(Refusal::NotFound(format!(
+                    "tenant {tenant} is not subscribed to API {}",
+                    u.api
+                )));
+            }
+            Ok(Some(AccessChange {
+                object: format!("tenant/{tenant}"),
+                action: "tenant.unsubscribe",
+                before: before_tenant,
+                after: tenant_json(Some(t)),
+                added: false,
+            }))
+        }
+        Op::CreateKey(c) | Op::CreateToken(c) => {
+            let (table, kind) = match op {
+                Op::CreateKey(_) => (&mut access.keys, "key"),
+                _ => (&mut access.tokens, "token"),
+            };
+            check_credential(c)?;
+            if table.contains_key(&c.id) {
+                return Err(Refusal::Precondition(format!(
+                    "a {kind} with id {} already exists",
+                    c.id
+                )));
+            }
+            if c.expires_at_ms != 0 && c.expires_at_ms <= at_ms {
+                return Err(Refusal::Invalid(format!(
+                    "the {kind} would expire before it is made; give an expiry in the future"
+                )));
+            }
+            let cred = Credential {
+                id: c.id.clone(),
+                tenant: tenant.to_string(),
+                name: c.name.clone(),
+                hash: c.hash.clone(),
+                created_at_ms: at_ms,
+                expires_at_ms: c.expires_at_ms,
+                revoked_at_ms: 0,
+            };
+            let after = credential_json(Some(&cred));
+            table.insert(c.id.clone(), cred);
+            Ok(Some(AccessChange {
+                object: format!("{kind}/{}", c.id),
+                action: if kind == "key" {
+                    "key.create"
+                } else {
+                    "token.create"
+                },
+                before: String::new(),
+                after,
+                added: true,
+            }))
+        }
+        Op::RevokeKey(r) | Op::RevokeToken(r) => {
+            let (table, kind) = match op {
+                Op::RevokeKey(_) => (&mut access.keys, "key"),
+                _ => (&mut access.tokens, "token"),
+            };
+            let Some(cred) = table.get_mut(&r.id).filter(|c| c.tenant == tenant) else {
+                return Err(Refusal::NotFound(format!(
+                    "tenant {tenant} has no {kind} {}",
+                    r.id
+                )));
+            };
+            if cred.revoked_at_ms != 0 {
+                return Ok(None);
+            }
+            let before = credential_json(Some(cred));
+            cred.revoked_at_ms = at_ms.max(1);
+            Ok(Some(AccessChange {
+                object: format!("{kind}/{}", r.id),
+                action: if kind == "key" {
+                    "key.revoke"
+                } else {
+                    "token.revoke"
+                },
+                before,
+                after: credential_json(Some(cred)),
+                added: false,
+            }))
+        }
+    }
+}
+
+fn check_credential(c: &pb::CreateCredential) -> Result<(), Refusal> {
+    if c.id.is_empty() || c.hash.len() != 32 {
+        return Err(Refusal::Invalid(
+            "a credential is made by the node (id and hash are filled in there)".into(),
+        ));
+    }
+    if c.name.len() > MAX_LABEL || c.name.chars().any(char::is_control) {
+        return Err(Refusal::Invalid(format!(
+            "the label must be at most {MAX_LABEL} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Applies the bootstrap command: the hash key and the operator token, once.
+pub fn bootstrap(
+    access: &mut Access,
+    b: &pb::Bootstrap,
+    at_ms: u64,
+) -> Result<Option<AccessChange>, Refusal> {
+    if !access.hash_key.is_empty() {
+        return Ok(None);
+    }
+    let Some(t) = &b.operator_token else {
+        return Err(Refusal::Invalid(
+            "the bootstrap has no operator token".into(),
+        ));
+    };
+    if b.hash_key.len() != 32 {
+        return Err(Refusal::Invalid("the hash key must be 32 bytes".into()));
+    }
+    check_credential(t)?;
+    access.hash_key = b.hash_key.clone();
+    let cred = Credential {
+        id: t.id.clone(),
+        tenant: String::new(),
+        name: if t.name.is_empty() {
+            "operator".into()
+        } else {
+            t.name.clone()
+        },
+        hash: t.hash.clone(),
+        created_at_ms: at_ms,
+        expires_at_ms: 0,
+        revoked_at_ms: 0,
+    };
+    let after = credential_json(Some(&cred));
+    access.tokens.insert(t.id.clone(), cred);
+    Ok(Some(AccessChange {
+        object: format!("token/{}", t.id),
+        action: "cluster.bootstrap",
+        before: String::new(),
+        after,
+        added: true,
+    }))
+}
+
+impl Access {
+    pub fn to_proto(&self, out: &mut pb::StateSnapshot) {
+        out.hash_key = self.hash_key.clone();
+        out.tenants = self
+            .tenants
+            .values()
+            .map(|t| pb::TenantState {
+                name: t.name.clone(),
+                created_at_ms: t.created_at_ms,
+                subscriptions: t
+                    .subscriptions
+                    .iter()
+                    .map(|(api, versions)| pb::Subscription {
+                        api: api.clone(),
+                        versions: versions.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.keys = self.keys.values().map(Credential::to_proto).collect();
+        out.tokens = self.tokens.values().map(Credential::to_proto).collect();
+    }
+
+    pub fn from_proto(p: &pb::StateSnapshot) -> Access {
+        Access {
+            hash_key: p.hash_key.clone(),
+            tenants: p
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), tenant_from_proto(t)))
+                .collect(),
+            keys: p
+                .keys
+                .iter()
+                .map(|c| (c.id.clone(), Credential::from_proto(c)))
+                .collect(),
+            tokens: p
+                .tokens
+                .iter()
+                .map(|c| (c.id.clone(), Credential::from_proto(c)))
+                .collect(),
+        }
+    }
+}
+
+pub fn tenant_to_proto(t: &Tenant) -> pb::TenantState {
+    pb::TenantState {
+        name: t.name.clone(),
+        created_at_ms: t.created_at_ms,
+        subscriptions: t
+            .subscriptions
+            .iter()
+            .map(|(api, versions)| pb::Subscription {
+                api: api.clone(),
+                versions: versions.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn tenant_from_proto(t: &pb::TenantState) -> Tenant {
+    Tenant {
+        name: t.name.clone(),
+        created_at_ms: t.created_at_ms,
+        subscriptions: t
+            .subscriptions
+            .iter()
+            .map(|s| (s.api.clone(), s.versions.clone()))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minted_credential_verifies_and_a_changed_one_does_not() {
+        let key = new_hash_key().unwrap();
+        let m = mint(KEY_PREFIX, &key).unwrap();
+        let mut table = BTreeMap::new();
+        table.insert(
+            m.id.clone(),
+            Credential {
+                id: m.id.clone(),
+                tenant: "acme".into(),
+                hash: m.hash.clone(),
+                ..Credential::default()
+            },
+        );
+        assert!(check(&table, &key, KEY_PREFIX, &m.secret, 1).is_some());
+        let mut wrong = m.secret.clone();
+        wrong.pop();
+        wrong.push('x');
+        assert!(check(&table, &key, KEY_PREFIX, &wrong, 1).is_none());
+        assert!(check(&table, &key, TOKEN_PREFIX, &m.secret, 1).is_none());
+        // The stored hash is not the secret, and the secret appears nowhere in it.
+        assert!(!String::from_utf8_lossy(&m.hash).contains(&m.secret));
+        table.get_mut(&m.id).unwrap().revoked_at_ms = 5;
+        assert!(check(&table, &key, KEY_PREFIX, &m.secret, 6).is_none());
+    }
+
+    #[test]
+    fn expiry_is_checked_against_the_time_given() {
+        let c = Credential {
+            expires_at_ms: 100,
+            ..Credential::default()
+        };
+        assert!(c.valid_at(99));
+        assert!(!c.valid_at(100));
+    }
+}

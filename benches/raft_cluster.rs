@@ -241,7 +241,11 @@ async fn failover(iterations: usize) {
         let old = c.leader(Duration::from_secs(20)).await;
         let survivor = c.ids().into_iter().find(|id| *id != old).unwrap();
         let addr = c.node(survivor).grpc.to_string();
-        let mut probe = NodeClient::connect(&addr).await.unwrap();
+        let mut probe = NodeClient::connect(&addr)
+            .await
+            .unwrap()
+            .with_token(Some(&c.token))
+            .unwrap();
         probe
             .apply_spec(tagged_spec(up.addr, &format!("warm-{it}")), false, "")
             .await

@@ -8,7 +8,7 @@ use serde_json::json;
 use tollgate_sdk::ControlPlaneClient;
 use tollgate_sdk::state::{self, version_transition::To};
 
-use crate::cluster::Output;
+use crate::cluster::{Output, print_value};
 
 #[derive(Debug, Args)]
 pub struct CpArg {
@@ -20,17 +20,30 @@ pub struct CpArg {
         default_value = "127.0.0.1:7080"
     )]
     pub cp: Vec<String>,
+    /// The operator token (printed at bootstrap) or a tenant token.
+    #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ApiCommand {
-    /// Create an API owned by a tenant.
+    /// Create an API owned by a tenant, mounted at hosts and a base path.
     Create {
         name: String,
         #[arg(long)]
         tenant: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Change where an API is mounted and how callers are let in.
+    Update {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
         #[command(flatten)]
         cp: CpArg,
     },
@@ -69,6 +82,53 @@ pub enum ApiCommand {
         #[command(flatten)]
         cp: CpArg,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SettingsArgs {
+    /// A host the API answers on (repeat for more; none: any host).
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// The path the API is mounted at, e.g. /orders (default: /).
+    #[arg(long, default_value = "/")]
+    pub base_path: String,
+    /// How callers are let in: key (API keys), jwt or none.
+    #[arg(long, default_value = "key")]
+    pub auth: String,
+    /// Keep each API key on one version of a split.
+    #[arg(long)]
+    pub sticky: bool,
+    /// For --auth jwt: the issuer, audience and a file with the JWKS.
+    #[arg(long, default_value = "")]
+    pub jwt_issuer: String,
+    #[arg(long, default_value = "")]
+    pub jwt_audience: String,
+    #[arg(long)]
+    pub jwt_jwks: Option<PathBuf>,
+    /// For --auth jwt: the claim that names the tenant.
+    #[arg(long, default_value = "tenant")]
+    pub jwt_tenant_claim: String,
+}
+
+impl SettingsArgs {
+    fn to_proto(&self) -> anyhow::Result<state::ApiSettings> {
+        let jwt = match &self.jwt_jwks {
+            Some(path) => Some(state::JwtSettings {
+                issuer: self.jwt_issuer.clone(),
+                audience: self.jwt_audience.clone(),
+                jwks: read(path)?,
+                tenant_claim: self.jwt_tenant_claim.clone(),
+            }),
+            None => None,
+        };
+        Ok(state::ApiSettings {
+            hosts: self.hosts.clone(),
+            base_path: self.base_path.clone(),
+            auth: self.auth.clone(),
+            sticky: self.sticky,
+            jwt,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,46 +187,67 @@ pub enum VersionCommand {
     },
 }
 
-fn client(cp: &CpArg) -> anyhow::Result<ControlPlaneClient> {
+pub fn client(cp: &CpArg) -> anyhow::Result<ControlPlaneClient> {
     let addrs: Vec<&str> = cp.cp.iter().map(String::as_str).collect();
-    Ok(ControlPlaneClient::new(&addrs)?)
+    let client = ControlPlaneClient::new(&addrs)?;
+    Ok(match &cp.token {
+        Some(t) => client.with_token(t)?,
+        None => client,
+    })
 }
 
-fn read(file: &PathBuf) -> anyhow::Result<String> {
+pub fn read(file: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))
 }
 
 pub async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
     match cmd {
-        ApiCommand::Create { name, tenant, cp } => show(
-            &client(&cp)?.create_api(&name, &tenant).await?.api,
+        ApiCommand::Create {
+            name,
+            tenant,
+            settings,
+            cp,
+        } => show(
+            &client(&cp)?
+                .create_api(&name, &tenant, Some(settings.to_proto()?))
+                .await?
+                .api,
+            cp.output,
+        ),
+        ApiCommand::Update { name, settings, cp } => show(
+            &client(&cp)?
+                .update_api(&name, settings.to_proto()?)
+                .await?
+                .api,
             cp.output,
         ),
         ApiCommand::Get { name, cp } => show(&client(&cp)?.get_api(&name).await?.api, cp.output),
         ApiCommand::List { tenant, cp } => {
             let apis = client(&cp)?.list_apis(&tenant).await?;
             match cp.output {
-                Output::Json => {
-                    println!(
-                        "{}",
-                        serde_json::Value::Array(apis.iter().map(api_json).collect())
-                    )
-                }
                 Output::Table => {
-                    println!("{:<24} {:<16} {:<9} SPLIT", "API", "TENANT", "VERSIONS");
+                    println!(
+                        "{:<24} {:<16} {:<24} {:<9} SPLIT",
+                        "API", "TENANT", "MOUNT", "VERSIONS"
+                    );
                     for a in &apis {
                         println!(
-                            "{:<24} {:<16} {:<9} {}",
+                            "{:<24} {:<16} {:<24} {:<9} {}",
                             a.name,
                             a.tenant,
+                            mount_text(a),
                             a.versions.len(),
                             split_text(&a.split)
                         );
                     }
+                    Ok(())
                 }
+                other => print_value(
+                    &serde_json::Value::Array(apis.iter().map(api_json).collect()),
+                    other,
+                ),
             }
-            Ok(())
         }
         ApiCommand::Split { name, weights, cp } => {
             let mut pairs = Vec::new();
@@ -211,7 +292,7 @@ pub async fn version(cmd: VersionCommand) -> anyhow::Result<()> {
             cp,
         } => (api, version, To::Edit(read(&file)?), cp),
         VersionCommand::Publish { api, version, cp } => {
-            (api, version, To::Publish(state::Empty {}), cp)
+            (api, version, To::Publish(state::Publish::default()), cp)
         }
         VersionCommand::Deprecate {
             api,
@@ -247,10 +328,27 @@ fn split_text(split: &[state::SplitEntry]) -> String {
         .join(" ")
 }
 
+fn mount_text(a: &state::ApiState) -> String {
+    let Some(s) = &a.settings else {
+        return "-".into();
+    };
+    let hosts = if s.hosts.is_empty() {
+        "*".to_string()
+    } else {
+        s.hosts.join(",")
+    };
+    format!("{hosts}{} ({})", s.base_path, s.auth)
+}
+
 fn api_json(a: &state::ApiState) -> serde_json::Value {
+    let s = a.settings.clone().unwrap_or_default();
     json!({
         "name": a.name,
         "tenant": a.tenant,
+        "hosts": s.hosts,
+        "base_path": s.base_path,
+        "auth": s.auth,
+        "sticky": s.sticky,
         "versions": a.versions.iter().map(|v| json!({
             "version": v.version,
             "stage": v.stage,
@@ -266,12 +364,13 @@ fn show(api: &Option<state::ApiState>, output: Output) -> anyhow::Result<()> {
         anyhow::bail!("the control plane answered without the API");
     };
     match output {
-        Output::Json => println!("{}", api_json(a)),
+        Output::Json | Output::Yaml => print_value(&api_json(a), output)?,
         Output::Table => {
             println!(
-                "API {} (tenant {})   split: {}",
+                "API {} (tenant {}, {})   split: {}",
                 a.name,
                 a.tenant,
+                mount_text(a),
                 split_text(&a.split)
             );
             println!(

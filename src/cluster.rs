@@ -7,11 +7,21 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use tollgate_sdk::{ClusterStatusResponse, NodeClient};
 
-#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
     #[default]
     Table,
     Json,
+    Yaml,
+}
+
+/// Prints a value as JSON or YAML (`Table` is the caller's to print).
+pub fn print_value(value: &serde_json::Value, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
+        _ => println!("{value}"),
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -19,6 +29,17 @@ pub struct NodeArg {
     /// A node's gRPC address (any member: writes are forwarded to the leader).
     #[arg(long, env = "TOLLGATE_NODE", default_value = "127.0.0.1:7070")]
     pub node: String,
+    /// The operator token (printed at bootstrap) for calls that change the cluster.
+    #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl NodeArg {
+    pub async fn connect(&self) -> anyhow::Result<NodeClient> {
+        Ok(NodeClient::connect(&self.node)
+            .await?
+            .with_token(self.token.as_deref())?)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -69,7 +90,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     );
-    let mut client = NodeClient::connect(&args.node.node).await?;
+    let mut client = args.node.connect().await?;
     let mut attempt = 0;
     let resp = loop {
         match client
@@ -86,17 +107,17 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         }
     };
     match args.output {
-        Output::Json => println!(
-            "{}",
-            json!({
+        Output::Json | Output::Yaml => print_value(
+            &json!({
                 "dry_run": resp.dry_run,
                 "generation": resp.generation,
                 "log_index": resp.log_index,
                 "added": resp.added,
                 "changed": resp.changed,
                 "removed": resp.removed,
-            })
-        ),
+            }),
+            args.output,
+        )?,
         Output::Table => {
             println!(
                 "Plan: {} to add, {} to change, {} to remove.",
@@ -137,13 +158,13 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
 pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Status { node, output } => {
-            let mut client = NodeClient::connect(&node.node).await?;
+            let mut client = node.connect().await?;
             let status = client.cluster_status().await?;
             let applied = members_applied(&status).await;
             print_status(&status, &applied, output);
         }
         ClusterCommand::Remove { id, node } => {
-            let mut client = NodeClient::connect(&node.node).await?;
+            let mut client = node.connect().await?;
             client.remove(id).await?;
             println!("Node {id} removed from the cluster; stop its process now.");
         }
@@ -170,7 +191,7 @@ async fn members_applied(status: &ClusterStatusResponse) -> Vec<(Option<u64>, St
 
 fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)], output: Output) {
     match output {
-        Output::Json => {
+        Output::Json | Output::Yaml => {
             let members: Vec<_> = status
                 .members
                 .iter()
@@ -198,7 +219,9 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
                 "joint": status.joint,
                 "degraded": if status.degraded.is_empty() { None } else { Some(&status.degraded) },
             });
-            println!("{v}");
+            if let Err(e) = print_value(&v, output) {
+                eprintln!("tollgate: {e}");
+            }
         }
         Output::Table => {
             match status.leader {

@@ -107,8 +107,21 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         bootstrap: true,
         ..Settings::default()
     };
+    let token_file = args.data_dir.join(tollgate_node::OPERATOR_TOKEN_FILE);
+    let had_token = token_file.exists();
     let node = Node::start(settings, metrics)?;
     let a = node.addrs();
+    let token = match (had_token, std::fs::read_to_string(&token_file)) {
+        (false, Ok(t)) => format!(
+            "{}\n               shown this once; also in {} (delete it when you have kept it)",
+            t.trim(),
+            token_file.display()
+        ),
+        _ => format!(
+            "made on the first start (it was written to {}); the cluster keeps only its hash",
+            token_file.display()
+        ),
+    };
     // The control plane, in this process, talking to this node.
     let cp_args = tollgate_control_plane::CpArgs {
         listen: args.cp_addr,
@@ -129,7 +142,8 @@ Tollgate dev is running (pid {pid}): a single-node cluster with its state in {da
   proxy        http://{proxy}   (HTTP/1.1 and h2c)
   admin        http://{admin}/healthz  /readyz  /metrics
   node gRPC    {grpc}
-  control plane {cp}   (gRPC: tollgate.cp.v1.ApiLifecycle, health, reflection)
+  control plane {cp}   (gRPC: tollgate.cp.v1 ApiLifecycle, Access, Audit; health, reflection)
+  operator token {token}
   demo echo    http://{echo}   (answers with what it received, as JSON)
   spec         {spec}
 
@@ -142,6 +156,9 @@ Try:
   curl -s http://{admin}/metrics | grep tollgate_requests_total
 
   tollgate cluster status --node {grpc}
+  export TOLLGATE_TOKEN=<the operator token>
+  tollgate tenant create acme && tollgate api create orders --tenant acme --base-path /orders
+  tollgate key create --tenant acme         # an API key for the data plane, shown once
 Edit the spec and apply it: tollgate apply -f {spec} --node {grpc}   (add --dry-run to see the plan)
 Docs: README.md, docs/spec.md (every spec field), docs/configuration.md. Ctrl-C stops (after draining).
 "#,
@@ -153,6 +170,7 @@ Docs: README.md, docs/spec.md (every spec field), docs/configuration.md. Ctrl-C 
         spec = spec_path.display(),
         data = args.data_dir.display(),
         cp = args.cp_addr,
+        token = token,
     );
     node.wait()
 }

@@ -1,8 +1,9 @@
 //! `tollgate`: the command-line tool. `tollgate dev` runs a whole gateway in one process;
 //! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file;
 //! `tollgate apply` and `tollgate cluster` talk to a running cluster; `tollgate cp` runs
-//! the control plane. The control-plane commands (api, tenant, key, ...) come next.
+//! the control plane; `tollgate api|version|tenant|key|token|audit` talk to it.
 
+mod access;
 mod api;
 mod cluster;
 mod dev;
@@ -39,6 +40,17 @@ enum Command {
     /// API versions: create, edit, publish, deprecate, retire, discard.
     #[command(subcommand)]
     Version(api::VersionCommand),
+    /// Tenants and subscriptions: create, delete, list, subscribe, unsubscribe.
+    #[command(subcommand)]
+    Tenant(access::TenantCommand),
+    /// Data-plane API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Key(access::CredentialCommand),
+    /// Control-plane tokens scoped to a tenant: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(access::CredentialCommand),
+    /// Who changed what and when (with --diff: the object before and after).
+    Audit(access::AuditArgs),
     /// Run the control plane (the same as the `tollgate-cp` binary).
     Cp(tollgate_control_plane::CpArgs),
     /// Apply a spec to the cluster: prints the plan and the generation committed.
@@ -79,6 +91,10 @@ fn main() -> ExitCode {
         Command::Api(cmd) => run_client(api::api(cmd)),
         Command::Version(cmd) => run_client(api::version(cmd)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
+        Command::Tenant(cmd) => run_client(access::tenant(cmd)),
+        Command::Key(cmd) => run_client(access::credential("key", cmd)),
+        Command::Token(cmd) => run_client(access::credential("token", cmd)),
+        Command::Audit(args) => run_client(access::audit(args)),
         Command::Validate { file } => match tollgate_node::read_spec(&file) {
             Ok(spec) => {
                 println!(

@@ -407,9 +407,11 @@ async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
     };
     // Small commands after it, so a snapshot is built while the big spec is the state.
     use tollgate_sdk::state::{self as pb, api_command::Op};
+    client.write(harness::create_tenant("acme")).await.unwrap();
     for (i, op) in [
         Op::CreateApi(pb::CreateApi {
             tenant: "acme".into(),
+            settings: None,
         }),
         Op::CreateVersion(pb::CreateVersion {
             version: "1.0.0".into(),
@@ -433,6 +435,7 @@ async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
                 api: "orders".into(),
                 op: Some(op),
             })),
+            ..Default::default()
         };
         last = client.write(cmd).await.unwrap().generation;
     }
@@ -481,6 +484,7 @@ async fn tollgate_apply_prints_the_plan_and_refuses_a_bad_spec_whole() {
         std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
             .args(["--node", &gw.grpc.to_string()])
+            .args(["--token", gw.operator_token()])
             .output()
             .unwrap()
     };
@@ -595,7 +599,12 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
     };
     let mut dev = start();
     generation(1).await;
-    let mut client = tollgate_sdk::NodeClient::connect(&ports[1]).await.unwrap();
+    let token = std::fs::read_to_string(dir.join("operator-token")).unwrap();
+    let mut client = tollgate_sdk::NodeClient::connect(&ports[1])
+        .await
+        .unwrap()
+        .with_token(Some(token.trim()))
+        .unwrap();
     let spec = format!(
         "upstreams: {{ echo: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ only: {{ match: {{ path: {{ prefix: /only }} }}, upstream: echo }} }}\n",
         ports[3]
@@ -642,17 +651,20 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
             api: api.into(),
             op: Some(op),
         })),
+        ..Default::default()
     };
     let up = Upstream::start("a").await;
     let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
     let leader = c.leader(T).await;
     let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
     let mut client = c.client(follower).await;
+    client.write(harness::create_tenant("acme")).await.unwrap();
     let steps = [
         cmd(
             "orders",
             Op::CreateApi(pb::CreateApi {
                 tenant: "acme".into(),
+                settings: None,
             }),
         ),
         cmd(
@@ -666,7 +678,7 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
             "orders",
             Op::Transition(pb::VersionTransition {
                 version: "1.0.0".into(),
-                to: Some(To::Publish(pb::Empty {})),
+                to: Some(To::Publish(pb::Publish::default())),
             }),
         ),
         cmd(
@@ -680,7 +692,7 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
             "orders",
             Op::Transition(pb::VersionTransition {
                 version: "2.0.0".into(),
-                to: Some(To::Publish(pb::Empty {})),
+                to: Some(To::Publish(pb::Publish::default())),
             }),
         ),
         cmd(
@@ -790,6 +802,7 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
                 "",
                 Op::CreateApi(pb::CreateApi {
                     tenant: "acme".into(),
+                    settings: None,
                 }),
             ),
             tonic::Code::InvalidArgument,
@@ -800,6 +813,7 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
                 &"x".repeat(64),
                 Op::CreateApi(pb::CreateApi {
                     tenant: "acme".into(),
+                    settings: None,
                 }),
             ),
             tonic::Code::InvalidArgument,
@@ -814,6 +828,7 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
     let spec_via_write = pb::Command {
         request_id: String::new(),
         kind: Some(pb::command::Kind::PutSpec(pb::PutSpec::default())),
+        ..Default::default()
     };
     assert_eq!(
         client.write(spec_via_write).await.unwrap_err().code(),

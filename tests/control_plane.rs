@@ -4,74 +4,17 @@
 mod harness;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use harness::Upstream;
 use harness::cluster::{TestCluster, tagged_spec};
+use harness::cp::CpProcess;
 use tollgate_proto::cp::v1 as cp;
-use tollgate_proto::cp::v1::api_lifecycle_client::ApiLifecycleClient;
 use tollgate_proto::state::v1 as state;
 use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(20);
-
-/// A `tollgate cp` process, killed when dropped.
-struct CpProcess {
-    child: Child,
-    addr: SocketAddr,
-    dir: std::path::PathBuf,
-}
-
-impl CpProcess {
-    async fn start(nodes: &[SocketAddr]) -> CpProcess {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-cp-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let addr_file = dir.join("addr");
-        let nodes: Vec<String> = nodes.iter().map(|a| a.to_string()).collect();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["cp", "--listen", "127.0.0.1:0", "--nodes", &nodes.join(",")])
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("cp.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + T;
-        let addr = loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file)
-                && let Ok(a) = text.trim().parse()
-            {
-                break a;
-            }
-            assert!(Instant::now() < deadline, "tollgate cp did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        CpProcess { child, addr, dir }
-    }
-
-    async fn client(&self) -> ApiLifecycleClient<Channel> {
-        ApiLifecycleClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for CpProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
 
 fn transition(
     api: &str,
@@ -107,7 +50,8 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
         CpProcess::start(&nodes).await,
         CpProcess::start(&nodes).await,
     );
-    let (mut a, mut b) = (one.client().await, two.client().await);
+    let (mut a, mut b) = (one.client(&c.token).await, two.client(&c.token).await);
+    one.sdk(&c.token).create_tenant("acme").await.unwrap();
 
     // grpc.health.v1 says SERVING.
     let channel = Channel::from_shared(format!("http://{}", one.addr))
@@ -131,6 +75,7 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
     a.create_api(cp::CreateApiRequest {
         name: "orders".into(),
         tenant: "acme".into(),
+        settings: None,
     })
     .await
     .unwrap();
@@ -141,9 +86,13 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
     })
     .await
     .unwrap();
-    a.transition_version(transition("orders", "1.0.0", To::Publish(state::Empty {})))
-        .await
-        .unwrap();
+    a.transition_version(transition(
+        "orders",
+        "1.0.0",
+        To::Publish(state::Publish::default()),
+    ))
+    .await
+    .unwrap();
     b.promote(cp::PromoteRequest {
         api: "orders".into(),
         version: "1.0.0".into(),
@@ -161,9 +110,13 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
     // The leader dies; both replicas carry on (their node pools move to the survivors).
     let leader = c.leader(T).await;
     c.kill9(leader);
-    b.transition_version(transition("orders", "2.0.0", To::Publish(state::Empty {})))
-        .await
-        .unwrap();
+    b.transition_version(transition(
+        "orders",
+        "2.0.0",
+        To::Publish(state::Publish::default()),
+    ))
+    .await
+    .unwrap();
     let canary = a
         .set_split(cp::SetSplitRequest {
             api: "orders".into(),
@@ -265,6 +218,7 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
         .create_api(cp::CreateApiRequest {
             name: "x".repeat(300),
             tenant: "acme".into(),
+            settings: None,
         })
         .await
         .unwrap_err();
@@ -291,6 +245,7 @@ async fn the_cli_runs_the_lifecycle_and_says_what_is_allowed() {
         let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
             .args(["--cp", &cpp.addr.to_string()])
+            .env("TOLLGATE_TOKEN", gw.operator_token())
             .output()
             .unwrap();
         (
@@ -300,6 +255,7 @@ async fn the_cli_runs_the_lifecycle_and_says_what_is_allowed() {
         )
     };
     for args in [
+        vec!["tenant", "create", "acme"],
         vec!["api", "create", "orders", "--tenant", "acme"],
         vec!["version", "create", "orders", "1.0.0", "-f", &file],
         vec!["version", "publish", "orders", "1.0.0"],
@@ -447,10 +403,15 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
     )
     .await;
     let cpp = CpProcess::start(&[gw.grpc]).await;
-    let mut c = cpp.client().await;
+    let mut c = cpp.client(gw.operator_token()).await;
+    cpp.sdk(gw.operator_token())
+        .create_tenant("acme")
+        .await
+        .unwrap();
     c.create_api(cp::CreateApiRequest {
         name: "orders".into(),
         tenant: "acme".into(),
+        settings: None,
     })
     .await
     .unwrap();
@@ -487,6 +448,7 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
             c.create_api(cp::CreateApiRequest {
                 name: String::new(),
                 tenant: "acme".into(),
+                settings: None,
             })
             .await,
             InvalidArgument,
@@ -496,6 +458,7 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
             c.create_api(cp::CreateApiRequest {
                 name: "x".into(),
                 tenant: String::new(),
+                settings: None,
             })
             .await,
             InvalidArgument,
@@ -505,6 +468,7 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
             c.create_api(cp::CreateApiRequest {
                 name: long.clone(),
                 tenant: "acme".into(),
+                settings: None,
             })
             .await,
             InvalidArgument,
@@ -514,6 +478,7 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
             c.create_api(cp::CreateApiRequest {
                 name: "orders".into(),
                 tenant: "acme".into(),
+                settings: None,
             })
             .await,
             FailedPrecondition,
@@ -584,8 +549,12 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
         ),
         (
             "transition: unknown version",
-            c.transition_version(transition("orders", "7.0.0", To::Publish(state::Empty {})))
-                .await,
+            c.transition_version(transition(
+                "orders",
+                "7.0.0",
+                To::Publish(state::Publish::default()),
+            ))
+            .await,
             NotFound,
         ),
         (

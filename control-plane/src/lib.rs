@@ -6,22 +6,26 @@
 //! moves on to the next address on UNAVAILABLE, and backs off, within a deadline. A retried
 //! write keeps its request id, so the cluster applies it once. Several replicas may run.
 //!
-//! Today it serves the API lifecycle (`tollgate.cp.v1.ApiLifecycle`), with
-//! `grpc.health.v1` and server reflection. Tenants, keys, tokens and costs come next
-//! (the control-plane and metering issues); until tokens exist it has no authentication,
-//! so keep it on a private network.
+//! It serves the API lifecycle (`tollgate.cp.v1.ApiLifecycle`), tenants, keys, tokens and
+//! subscriptions (`Access`) and the audit log (`Audit`), with `grpc.health.v1` and server
+//! reflection. It passes each caller's `authorization` metadata on to the node, which
+//! authenticates it and scopes what the caller sees (docs/security.md): the control plane
+//! holds no secret and makes no access decision of its own.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_proto::cp::v1 as cp;
+use tollgate_proto::cp::v1::access_server::{Access, AccessServer};
 use tollgate_proto::cp::v1::api_lifecycle_server::{ApiLifecycle, ApiLifecycleServer};
+use tollgate_proto::cp::v1::audit_server::{Audit, AuditServer};
 use tollgate_proto::state::v1 as state;
 use tollgate_sdk::NodeClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
 
 /// How long one control-plane call may spend finding a node that can take it.
@@ -124,12 +128,24 @@ impl Nodes {
     }
 }
 
-/// The `ApiLifecycle` service.
+/// The control plane's services (`ApiLifecycle`, `Access`, `Audit`), sharing one node pool.
+#[derive(Clone)]
 pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     nodes: Nodes,
     /// Distinguishes this replica's request ids from another's.
     replica: String,
     counter: AtomicU64,
+}
+
+/// The caller's `authorization` metadata, passed on to the node, which decides.
+type Token = Option<MetadataValue<Ascii>>;
+
+fn token<T>(req: &Request<T>) -> Token {
+    req.metadata().get("authorization").cloned()
 }
 
 impl Service {
@@ -139,49 +155,73 @@ impl Service {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         Service {
-            nodes,
-            replica: format!("cp-{}-{nanos}", std::process::id()),
-            counter: AtomicU64::new(0),
+            inner: Arc::new(Inner {
+                nodes,
+                replica: format!("cp-{}-{nanos}", std::process::id()),
+                counter: AtomicU64::new(0),
+            }),
         }
     }
 
-    /// Writes one API command (retried with the same request id) and returns the API as
-    /// it is afterwards.
-    async fn write(&self, api: &str, op: state::api_command::Op) -> Result<cp::ApiReply, Status> {
+    /// Writes one command (retried with the same request id) as the caller.
+    async fn command(
+        &self,
+        token: &Token,
+        kind: state::command::Kind,
+    ) -> Result<tollgate_sdk::WriteResponse, Status> {
         let command = state::Command {
             request_id: format!(
                 "{}-{}",
-                self.replica,
-                self.counter.fetch_add(1, Ordering::Relaxed)
+                self.inner.replica,
+                self.inner.counter.fetch_add(1, Ordering::Relaxed)
             ),
-            kind: Some(state::command::Kind::Api(state::ApiCommand {
-                api: api.to_string(),
-                op: Some(op),
-            })),
+            kind: Some(kind),
+            ..Default::default()
         };
-        let written = self
+        self.inner
             .nodes
-            .call(|mut c| {
+            .call(|c| {
                 let command = command.clone();
-                async move { c.write(command).await }
+                let c = c.with_authorization(token.clone());
+                async move { c.clone().write(command).await }
             })
-            .await?;
-        let mut reply = self.get(api).await?;
+            .await
+    }
+
+    /// Writes one API command and returns the API as it is afterwards.
+    async fn write(
+        &self,
+        token: &Token,
+        api: &str,
+        op: state::api_command::Op,
+    ) -> Result<cp::ApiReply, Status> {
+        let kind = state::command::Kind::Api(state::ApiCommand {
+            api: api.to_string(),
+            op: Some(op),
+        });
+        let written = self.command(token, kind).await?;
+        let mut reply = self.get(token, api).await?;
         reply.generation = reply.generation.max(written.generation);
         Ok(reply)
     }
 
-    async fn list(&self, tenant: &str) -> Result<tollgate_sdk::ListApisResponse, Status> {
-        self.nodes
-            .call(|mut c| {
+    async fn list(
+        &self,
+        token: &Token,
+        tenant: &str,
+    ) -> Result<tollgate_sdk::ListApisResponse, Status> {
+        self.inner
+            .nodes
+            .call(|c| {
                 let tenant = tenant.to_string();
+                let mut c = c.with_authorization(token.clone());
                 async move { c.list_apis(false, &tenant).await }
             })
             .await
     }
 
-    async fn get(&self, name: &str) -> Result<cp::ApiReply, Status> {
-        let list = self.list("").await?;
+    async fn get(&self, token: &Token, name: &str) -> Result<cp::ApiReply, Status> {
+        let list = self.list(token, "").await?;
         let api = list
             .apis
             .into_iter()
@@ -191,6 +231,138 @@ impl Service {
             api: Some(api),
             generation: list.generation,
         })
+    }
+
+    /// Writes one access command for `tenant`.
+    async fn access(
+        &self,
+        token: &Token,
+        tenant: &str,
+        op: state::access_command::Op,
+    ) -> Result<tollgate_sdk::WriteResponse, Status> {
+        check_size("the tenant name", tenant, 256)?;
+        let kind = state::command::Kind::Access(state::AccessCommand {
+            tenant: tenant.to_string(),
+            op: Some(op),
+        });
+        self.command(token, kind).await
+    }
+
+    async fn tenant(
+        &self,
+        token: &Token,
+        name: &str,
+        generation: u64,
+    ) -> Result<cp::TenantReply, Status> {
+        let list = self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(token.clone());
+                async move { c.list_tenants(false).await }
+            })
+            .await?;
+        Ok(cp::TenantReply {
+            tenant: list.tenants.into_iter().find(|t| t.name == name),
+            generation: generation.max(list.generation),
+        })
+    }
+
+    async fn credentials(
+        &self,
+        token: &Token,
+        kind: &str,
+        tenant: &str,
+        all: bool,
+    ) -> Result<Vec<state::CredentialState>, Status> {
+        check_size("the tenant name", tenant, 256)?;
+        let req = tollgate_sdk::NodeListCredentialsRequest {
+            local: false,
+            tenant: tenant.to_string(),
+            kind: kind.to_string(),
+            all,
+        };
+        Ok(self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(token.clone());
+                let req = req.clone();
+                async move { c.list_credentials(req).await }
+            })
+            .await?
+            .credentials)
+    }
+
+    async fn credential(
+        &self,
+        token: &Token,
+        kind: &str,
+        tenant: &str,
+        id: &str,
+        written: tollgate_sdk::WriteResponse,
+    ) -> Result<cp::CredentialReply, Status> {
+        let credential = self
+            .credentials(token, kind, tenant, true)
+            .await?
+            .into_iter()
+            .find(|c| c.id == id);
+        Ok(cp::CredentialReply {
+            credential,
+            secret: written.secret,
+            generation: written.generation,
+        })
+    }
+
+    async fn create_credential(
+        &self,
+        token: &Token,
+        kind: &str,
+        r: cp::CreateCredentialRequest,
+    ) -> Result<cp::CredentialReply, Status> {
+        check_size("the label", &r.name, 128)?;
+        let expires_at_ms = match r.expires_at.as_str() {
+            "" => 0,
+            text => chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "expires_at {text:?} is not an RFC 3339 time ({e}); write it like 2027-06-30T00:00:00Z"
+                    ))
+                })?
+                .timestamp_millis()
+                .max(1) as u64,
+        };
+        let cred = state::CreateCredential {
+            name: r.name,
+            expires_at_ms,
+            ..Default::default()
+        };
+        let op = if kind == "key" {
+            state::access_command::Op::CreateKey(cred)
+        } else {
+            state::access_command::Op::CreateToken(cred)
+        };
+        let written = self.access(token, &r.tenant, op).await?;
+        let id = written.credential_id.clone();
+        self.credential(token, kind, &r.tenant, &id, written).await
+    }
+
+    async fn revoke(
+        &self,
+        token: &Token,
+        kind: &str,
+        r: cp::RevokeRequest,
+    ) -> Result<cp::CredentialReply, Status> {
+        check_size("the id", &r.id, 64)?;
+        let revoke = state::Revoke { id: r.id.clone() };
+        let op = if kind == "key" {
+            state::access_command::Op::RevokeKey(revoke)
+        } else {
+            state::access_command::Op::RevokeToken(revoke)
+        };
+        let written = self.access(token, &r.tenant, op).await?;
+        self.credential(token, kind, &r.tenant, &r.id, written)
+            .await
     }
 }
 
@@ -210,29 +382,53 @@ impl ApiLifecycle for Service {
         &self,
         req: Request<cp::CreateApiRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         check_size("the API name", &r.name, 256)?;
         check_size("the tenant name", &r.tenant, 256)?;
-        let op = state::api_command::Op::CreateApi(state::CreateApi { tenant: r.tenant });
-        Ok(Response::new(self.write(&r.name, op).await?))
+        let op = state::api_command::Op::CreateApi(state::CreateApi {
+            tenant: r.tenant,
+            settings: r.settings,
+        });
+        Ok(Response::new(self.write(&t, &r.name, op).await?))
+    }
+
+    async fn update_api(
+        &self,
+        req: Request<cp::UpdateApiRequest>,
+    ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        check_size("the API name", &r.name, 256)?;
+        let Some(settings) = r.settings else {
+            return Err(Status::invalid_argument(
+                "give the settings: hosts, base_path, auth, sticky",
+            ));
+        };
+        let op = state::api_command::Op::UpdateApi(state::UpdateApi {
+            settings: Some(settings),
+        });
+        Ok(Response::new(self.write(&t, &r.name, op).await?))
     }
 
     async fn get_api(
         &self,
         req: Request<cp::GetApiRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         check_size("the API name", &r.name, 256)?;
-        Ok(Response::new(self.get(&r.name).await?))
+        Ok(Response::new(self.get(&t, &r.name).await?))
     }
 
     async fn list_apis(
         &self,
         req: Request<cp::ListApisRequest>,
     ) -> Result<Response<cp::ListApisReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         check_size("the tenant name", &r.tenant, 256)?;
-        let list = self.list(&r.tenant).await?;
+        let list = self.list(&t, &r.tenant).await?;
         Ok(Response::new(cp::ListApisReply { apis: list.apis }))
     }
 
@@ -240,54 +436,249 @@ impl ApiLifecycle for Service {
         &self,
         req: Request<cp::CreateVersionRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         check_size("the version", &r.version, 256)?;
         let op = state::api_command::Op::CreateVersion(state::CreateVersion {
             version: r.version,
             content: r.content,
         });
-        Ok(Response::new(self.write(&r.api, op).await?))
+        Ok(Response::new(self.write(&t, &r.api, op).await?))
     }
 
     async fn transition_version(
         &self,
         req: Request<cp::TransitionVersionRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
-        let Some(t) = r.transition else {
+        let Some(transition) = r.transition else {
             return Err(Status::invalid_argument(
                 "say which transition: edit, publish, deprecate, retire or discard",
             ));
         };
-        let op = state::api_command::Op::Transition(t);
-        Ok(Response::new(self.write(&r.api, op).await?))
+        let op = state::api_command::Op::Transition(transition);
+        Ok(Response::new(self.write(&t, &r.api, op).await?))
     }
 
     async fn set_split(
         &self,
         req: Request<cp::SetSplitRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         let op = state::api_command::Op::SetSplit(state::SetSplit { weights: r.weights });
-        Ok(Response::new(self.write(&r.api, op).await?))
+        Ok(Response::new(self.write(&t, &r.api, op).await?))
     }
 
     async fn promote(
         &self,
         req: Request<cp::PromoteRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         let op = state::api_command::Op::Promote(state::Promote { version: r.version });
-        Ok(Response::new(self.write(&r.api, op).await?))
+        Ok(Response::new(self.write(&t, &r.api, op).await?))
     }
 
     async fn rollback(
         &self,
         req: Request<cp::RollbackRequest>,
     ) -> Result<Response<cp::ApiReply>, Status> {
+        let t = token(&req);
         let r = req.into_inner();
         let op = state::api_command::Op::Rollback(state::Rollback {});
-        Ok(Response::new(self.write(&r.api, op).await?))
+        Ok(Response::new(self.write(&t, &r.api, op).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl Access for Service {
+    async fn create_tenant(
+        &self,
+        req: Request<cp::CreateTenantRequest>,
+    ) -> Result<Response<cp::TenantReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        let op = state::access_command::Op::CreateTenant(state::CreateTenant {});
+        let written = self.access(&t, &r.name, op).await?;
+        Ok(Response::new(
+            self.tenant(&t, &r.name, written.generation).await?,
+        ))
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<cp::DeleteTenantRequest>,
+    ) -> Result<Response<cp::TenantReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        let op = state::access_command::Op::DeleteTenant(state::DeleteTenant {});
+        let written = self.access(&t, &r.name, op).await?;
+        Ok(Response::new(cp::TenantReply {
+            tenant: None,
+            generation: written.generation,
+        }))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<cp::ListTenantsRequest>,
+    ) -> Result<Response<cp::ListTenantsReply>, Status> {
+        let t = token(&req);
+        let list = self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(t.clone());
+                async move { c.list_tenants(false).await }
+            })
+            .await?;
+        Ok(Response::new(cp::ListTenantsReply {
+            tenants: list.tenants,
+        }))
+    }
+
+    async fn create_key(
+        &self,
+        req: Request<cp::CreateCredentialRequest>,
+    ) -> Result<Response<cp::CredentialReply>, Status> {
+        let t = token(&req);
+        Ok(Response::new(
+            self.create_credential(&t, "key", req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<cp::ListCredentialsRequest>,
+    ) -> Result<Response<cp::ListCredentialsReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        Ok(Response::new(cp::ListCredentialsReply {
+            credentials: self.credentials(&t, "key", &r.tenant, r.all).await?,
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<cp::RevokeRequest>,
+    ) -> Result<Response<cp::CredentialReply>, Status> {
+        let t = token(&req);
+        Ok(Response::new(
+            self.revoke(&t, "key", req.into_inner()).await?,
+        ))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<cp::CreateCredentialRequest>,
+    ) -> Result<Response<cp::CredentialReply>, Status> {
+        let t = token(&req);
+        Ok(Response::new(
+            self.create_credential(&t, "token", req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<cp::ListCredentialsRequest>,
+    ) -> Result<Response<cp::ListCredentialsReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        Ok(Response::new(cp::ListCredentialsReply {
+            credentials: self.credentials(&t, "token", &r.tenant, r.all).await?,
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<cp::RevokeRequest>,
+    ) -> Result<Response<cp::CredentialReply>, Status> {
+        let t = token(&req);
+        Ok(Response::new(
+            self.revoke(&t, "token", req.into_inner()).await?,
+        ))
+    }
+
+    async fn subscribe(
+        &self,
+        req: Request<cp::SubscribeRequest>,
+    ) -> Result<Response<cp::TenantReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        check_size("the API name", &r.api, 256)?;
+        check_size("the versions", &r.versions, 256)?;
+        let op = state::access_command::Op::Subscribe(state::Subscribe {
+            api: r.api,
+            versions: r.versions,
+        });
+        let written = self.access(&t, &r.tenant, op).await?;
+        Ok(Response::new(cp::TenantReply {
+            // The API's owner may not see the subscribing tenant itself.
+            tenant: None,
+            generation: written.generation,
+        }))
+    }
+
+    async fn unsubscribe(
+        &self,
+        req: Request<cp::UnsubscribeRequest>,
+    ) -> Result<Response<cp::TenantReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        check_size("the API name", &r.api, 256)?;
+        let op = state::access_command::Op::Unsubscribe(state::Unsubscribe { api: r.api });
+        let written = self.access(&t, &r.tenant, op).await?;
+        Ok(Response::new(cp::TenantReply {
+            tenant: None,
+            generation: written.generation,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for Service {
+    async fn query(
+        &self,
+        req: Request<cp::AuditQuery>,
+    ) -> Result<Response<cp::AuditReply>, Status> {
+        let t = token(&req);
+        let q = req.into_inner();
+        check_size("the object prefix", &q.object_prefix, 512)?;
+        check_size("the actor", &q.actor, 512)?;
+        let since_ms = match q.since.as_str() {
+            "" => 0,
+            text => chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "since {text:?} is not an RFC 3339 time ({e}); write it like 2026-11-29T00:00:00Z"
+                    ))
+                })?
+                .timestamp_millis()
+                .max(0) as u64,
+        };
+        let node_req = tollgate_sdk::NodeAuditRequest {
+            local: false,
+            after_seq: q.after_seq,
+            limit: q.limit,
+            object_prefix: q.object_prefix,
+            actor: q.actor,
+            since_ms,
+        };
+        let resp = self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(t.clone());
+                let r = node_req.clone();
+                async move { c.audit(r).await }
+            })
+            .await?;
+        Ok(Response::new(cp::AuditReply {
+            entries: resp.entries,
+        }))
     }
 }
 
@@ -297,15 +688,24 @@ pub async fn serve(
     nodes: Nodes,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let service = Service::new(nodes);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ApiLifecycleServer<Service>>().await;
+    health.set_serving::<AccessServer<Service>>().await;
+    health.set_serving::<AuditServer<Service>>().await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
     // Python's grpcio-reflection still ask for it.
     let reflection = || {
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for name in ["tollgate.cp.v1.ApiLifecycle"].into_iter().chain([
+        for name in [
+            "tollgate.cp.v1.ApiLifecycle",
+            "tollgate.cp.v1.Access",
+            "tollgate.cp.v1.Audit",
+        ]
+        .into_iter()
+        .chain([
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
@@ -320,7 +720,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(ApiLifecycleServer::new(Service::new(nodes)))
+        .add_service(ApiLifecycleServer::new(service.clone()))
+        .add_service(AccessServer::new(service.clone()))
+        .add_service(AuditServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),

@@ -315,7 +315,10 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
             );
         }
         Ok(None) => {}
-        Err(e) => anyhow::bail!("make the operator token: {}", e.message()),
+        Err(e) => tracing::error!(
+            "could not make the operator token (a restart retries): {}",
+            e.message()
+        ),
     }
     let Some(spec) = spec else { return Ok(()) };
     let read = tollgate_proto::node::v1::ReadSpecRequest { local: false };
@@ -369,14 +372,13 @@ struct Built {
     auth: Arc<AuthTable>,
 }
 
+type ParsedDoc = Result<serde_yaml_ng::Value, SpecErrors>;
+
 /// The documents of a state, parsed (the spec, then each mounted version's content).
 struct Parsed {
     spec: Result<serde_yaml_ng::Value, SpecErrors>,
-    versions: Vec<(
-        String,
-        semver::Version,
-        Option<Result<serde_yaml_ng::Value, SpecErrors>>,
-    )>,
+    /// (API, version, its content; `None` for a retired version).
+    versions: Vec<(String, semver::Version, Option<ParsedDoc>)>,
 }
 
 impl Parsed {

@@ -2,27 +2,27 @@
 //! to the new one, then a one-step rollback. Run it against `tollgate dev`:
 //!
 //! ```sh
-//! cargo run --release -- dev            # in another terminal
-//! cargo run -p tollgate-sdk --example canary -- 127.0.0.1:7080
+//! cargo run --release -- dev            # in another terminal; it prints the operator token
+//! TOLLGATE_TOKEN=tgt_... cargo run -p tollgate-sdk --example canary -- 127.0.0.1:7080
 //! ```
 //!
 //! Errors say what to change; for example, running it twice answers FAILED_PRECONDITION
 //! because the API already exists.
 
 use tollgate_sdk::ControlPlaneClient;
-use tollgate_sdk::state::{Empty, version_transition::To};
 
 #[tokio::main]
 async fn main() -> Result<(), tollgate_sdk::Error> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7080".into());
-    let cp = ControlPlaneClient::new(&[&addr])?;
-    cp.create_api("orders", "acme").await?;
+    let token = std::env::var("TOLLGATE_TOKEN").unwrap_or_default();
+    let cp = ControlPlaneClient::new(&[&addr])?.with_token(&token)?;
+    cp.create_tenant("acme").await?;
+    cp.create_api("orders", "acme", None).await?;
     for version in ["1.0.0", "2.0.0"] {
         cp.create_version("orders", version, "routes: {}\n").await?;
-        cp.transition("orders", version, To::Publish(Empty {}))
-            .await?;
+        cp.publish("orders", version).await?;
     }
     cp.promote("orders", "1.0.0").await?;
     let canary = cp

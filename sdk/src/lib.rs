@@ -1,8 +1,13 @@
 //! Typed async client for Tollgate's gRPC APIs.
 //!
-//! Today it speaks the node admin API (`tollgate.node.v1.NodeAdmin`): status, cluster
+//! [`NodeClient`] speaks the node admin API (`tollgate.node.v1.NodeAdmin`): status, cluster
 //! membership, spec writes and reads. Any node accepts writes and forwards them to the
-//! leader. The control-plane client joins it when that service exists.
+//! leader. [`ControlPlaneClient`] speaks the control plane (`tollgate.cp.v1`): API
+//! lifecycle, tenants, keys, tokens and the audit log, over any number of replicas.
+//!
+//! Calls that read or change the cluster's state need a token ([`NodeClient::with_token`],
+//! [`ControlPlaneClient::with_token`]): the operator token made at bootstrap, or a tenant
+//! token.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tollgate_sdk::Error> {
@@ -15,16 +20,19 @@
 use std::time::Duration;
 
 use tollgate_proto::node::v1::{
-    ApplySpecRequest, ClusterStatusRequest, HistoryRequest, ListApisRequest, ReadSpecRequest,
-    RemoveRequest, SetFaultsRequest, StatusRequest, WriteRequest,
-    node_admin_client::NodeAdminClient,
+    ApplySpecRequest, AuditRequest, ClusterStatusRequest, HistoryRequest, ListApisRequest,
+    ListCredentialsRequest, ListTenantsRequest, ReadSpecRequest, RemoveRequest, SetFaultsRequest,
+    StatusRequest, WriteRequest, node_admin_client::NodeAdminClient,
 };
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 pub use tollgate_proto::node::v1::{
     ApplySpecResponse, ClusterStatusResponse, Member, ReadSpecResponse, StatusResponse,
 };
-pub use tollgate_proto::node::v1::{ListApisResponse, WriteResponse};
+pub use tollgate_proto::node::v1::{
+    AuditResponse, ListApisResponse, ListCredentialsResponse, ListTenantsResponse, WriteResponse,
+};
 pub use tollgate_proto::state::v1 as state;
 pub use tollgate_proto::state::v1::Change;
 
@@ -45,8 +53,30 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("node answered {:?}: {}", .0.code(), .0.message())]
+    #[error("the token is not usable as a header value; pass it as printed (tgt_...)")]
+    InvalidToken,
+    #[error("{}", describe(.0))]
     Status(tonic::Status),
+}
+
+/// A status as a person reads it: the code, the server's message, and for the codes that
+/// mean "fix your credentials" what to do.
+fn describe(s: &tonic::Status) -> String {
+    let hint = match s.code() {
+        tonic::Code::Unauthenticated => {
+            " (pass a token: --token or TOLLGATE_TOKEN, the operator token printed at bootstrap or a tenant token)"
+        }
+        tonic::Code::PermissionDenied => " (use a token allowed to do this: the operator's)",
+        _ => "",
+    };
+    format!("{:?}: {}{hint}", s.code(), s.message())
+}
+
+/// Parses a token into the `authorization` header value.
+fn bearer(token: &str) -> Result<MetadataValue<Ascii>, Error> {
+    format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| Error::InvalidToken)
 }
 
 impl From<tonic::Status> for Error {
@@ -94,6 +124,7 @@ fn endpoint(addr: &str) -> Result<Endpoint, Error> {
 #[derive(Debug, Clone)]
 pub struct NodeClient {
     inner: NodeAdminClient<Channel>,
+    token: Option<MetadataValue<Ascii>>,
 }
 
 impl NodeClient {
@@ -110,7 +141,29 @@ impl NodeClient {
             })?;
         Ok(Self {
             inner: NodeAdminClient::new(channel),
+            token: None,
         })
+    }
+
+    /// The same client, sending `token` (`None`: no token) with every call.
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, Error> {
+        self.token = token.map(bearer).transpose()?;
+        Ok(self)
+    }
+
+    /// The same client, sending an already-parsed `authorization` value (for services that
+    /// pass their caller's credentials on).
+    pub fn with_authorization(mut self, value: Option<MetadataValue<Ascii>>) -> Self {
+        self.token = value;
+        self
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        req
     }
 
     /// A client that connects on first use (and reconnects after failures), for callers
@@ -123,6 +176,7 @@ impl NodeClient {
             .connect_lazy();
         Ok(Self {
             inner: NodeAdminClient::new(channel),
+            token: None,
         })
     }
 
@@ -153,14 +207,14 @@ impl NodeClient {
             dry_run,
             request_id: request_id.into(),
         };
-        Ok(self.inner.apply_spec(req).await?.into_inner())
+        Ok(self.inner.apply_spec(self.req(req)).await?.into_inner())
     }
 
     /// The cluster's spec: linearizable (through the leader) unless `local`.
     pub async fn read_spec(&mut self, local: bool) -> Result<ReadSpecResponse, Error> {
         Ok(self
             .inner
-            .read_spec(ReadSpecRequest { local })
+            .read_spec(self.req(ReadSpecRequest { local }))
             .await?
             .into_inner())
     }
@@ -170,9 +224,9 @@ impl NodeClient {
     pub async fn write(&mut self, command: state::Command) -> Result<WriteResponse, Error> {
         Ok(self
             .inner
-            .write(WriteRequest {
+            .write(self.req(WriteRequest {
                 command: Some(command),
-            })
+            }))
             .await?
             .into_inner())
     }
@@ -185,17 +239,45 @@ impl NodeClient {
     ) -> Result<ListApisResponse, Error> {
         Ok(self
             .inner
-            .list_apis(ListApisRequest {
+            .list_apis(self.req(ListApisRequest {
                 local,
                 tenant: tenant.to_string(),
-            })
+            }))
             .await?
             .into_inner())
     }
 
+    /// Tenants and their subscriptions (a tenant token sees its own only).
+    pub async fn list_tenants(&mut self, local: bool) -> Result<ListTenantsResponse, Error> {
+        Ok(self
+            .inner
+            .list_tenants(self.req(ListTenantsRequest { local }))
+            .await?
+            .into_inner())
+    }
+
+    /// API keys (`kind` "key") or tokens ("token") of one tenant or all, without hashes.
+    pub async fn list_credentials(
+        &mut self,
+        req: ListCredentialsRequest,
+    ) -> Result<ListCredentialsResponse, Error> {
+        Ok(self
+            .inner
+            .list_credentials(self.req(req))
+            .await?
+            .into_inner())
+    }
+
+    /// The audit log, filtered.
+    pub async fn audit(&mut self, req: AuditRequest) -> Result<AuditResponse, Error> {
+        Ok(self.inner.audit(self.req(req)).await?.into_inner())
+    }
+
     /// Takes a node out of the cluster.
     pub async fn remove(&mut self, node_id: u64) -> Result<(), Error> {
-        self.inner.remove(RemoveRequest { node_id }).await?;
+        self.inner
+            .remove(self.req(RemoveRequest { node_id }))
+            .await?;
         Ok(())
     }
 
@@ -203,7 +285,7 @@ impl NodeClient {
     pub async fn history(&mut self) -> Result<Vec<Change>, Error> {
         Ok(self
             .inner
-            .history(HistoryRequest {})
+            .history(self.req(HistoryRequest {}))
             .await?
             .into_inner()
             .changes)
@@ -222,6 +304,9 @@ impl NodeClient {
 }
 
 pub use tollgate_proto::cp::v1 as cp;
+pub use tollgate_proto::node::v1::{
+    AuditRequest as NodeAuditRequest, ListCredentialsRequest as NodeListCredentialsRequest,
+};
 
 /// A client for the control plane (`tollgate-cp`): any number of replica addresses; a call
 /// that gets UNAVAILABLE or a transport failure moves on to the next replica, backing off,
@@ -229,11 +314,13 @@ pub use tollgate_proto::cp::v1 as cp;
 /// ...) is returned at once: it says what to change.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneClient {
-    replicas: Vec<(
-        String,
-        cp::api_lifecycle_client::ApiLifecycleClient<Channel>,
-    )>,
+    replicas: Vec<(String, Channel)>,
+    token: Option<MetadataValue<Ascii>>,
 }
+
+type Lifecycle = cp::api_lifecycle_client::ApiLifecycleClient<Channel>;
+type AccessClient = cp::access_client::AccessClient<Channel>;
+type AuditClient = cp::audit_client::AuditClient<Channel>;
 
 impl ControlPlaneClient {
     /// `addrs`: `HOST:PORT` of one or more replicas. Connects on first use.
@@ -250,27 +337,37 @@ impl ControlPlaneClient {
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(20))
                 .connect_lazy();
-            replicas.push((
-                addr.to_string(),
-                cp::api_lifecycle_client::ApiLifecycleClient::new(channel),
-            ));
+            replicas.push((addr.to_string(), channel));
         }
-        Ok(Self { replicas })
+        Ok(Self {
+            replicas,
+            token: None,
+        })
+    }
+
+    /// The same client, sending `token` with every call.
+    pub fn with_token(mut self, token: &str) -> Result<Self, Error> {
+        self.token = Some(bearer(token)?);
+        Ok(self)
     }
 
     /// Sends `req` with `f`, to the next replica after each UNAVAILABLE.
     async fn call<Req, T, F, Fut>(&self, req: Req, f: F) -> Result<T, Error>
     where
         Req: Clone,
-        F: Fn(cp::api_lifecycle_client::ApiLifecycleClient<Channel>, Req) -> Fut,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(50);
         let mut i = 0;
         loop {
-            let client = self.replicas[i % self.replicas.len()].1.clone();
-            match f(client, req.clone()).await {
+            let channel = self.replicas[i % self.replicas.len()].1.clone();
+            let mut request = tonic::Request::new(req.clone());
+            if let Some(t) = &self.token {
+                request.metadata_mut().insert("authorization", t.clone());
+            }
+            match f(channel, request).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s)
                     if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
@@ -285,28 +382,59 @@ impl ControlPlaneClient {
         }
     }
 
-    pub async fn create_api(&self, name: &str, tenant: &str) -> Result<cp::ApiReply, Error> {
+    /// A new API owned by `tenant`, mounted as `settings` say (`None`: any host, at `/`,
+    /// API keys).
+    pub async fn create_api(
+        &self,
+        name: &str,
+        tenant: &str,
+        settings: Option<state::ApiSettings>,
+    ) -> Result<cp::ApiReply, Error> {
         let req = cp::CreateApiRequest {
             name: name.into(),
             tenant: tenant.into(),
+            settings,
         };
-        self.call(req, |mut c, r| async move { c.create_api(r).await })
-            .await
+        self.call(req, |ch, r| async move {
+            Lifecycle::new(ch).create_api(r).await
+        })
+        .await
+    }
+
+    pub async fn update_api(
+        &self,
+        name: &str,
+        settings: state::ApiSettings,
+    ) -> Result<cp::ApiReply, Error> {
+        let req = cp::UpdateApiRequest {
+            name: name.into(),
+            settings: Some(settings),
+        };
+        self.call(req, |ch, r| async move {
+            Lifecycle::new(ch).update_api(r).await
+        })
+        .await
     }
 
     pub async fn get_api(&self, name: &str) -> Result<cp::ApiReply, Error> {
         let req = cp::GetApiRequest { name: name.into() };
-        self.call(req, |mut c, r| async move { c.get_api(r).await })
-            .await
+        self.call(
+            req,
+            |ch, r| async move { Lifecycle::new(ch).get_api(r).await },
+        )
+        .await
     }
 
-    /// Every API, or one tenant's (`tenant` non-empty).
+    /// Every API the token may see, or one tenant's (`tenant` non-empty).
     pub async fn list_apis(&self, tenant: &str) -> Result<Vec<state::ApiState>, Error> {
         let req = cp::ListApisRequest {
             tenant: tenant.into(),
         };
         Ok(self
-            .call(req, |mut c, r| async move { c.list_apis(r).await })
+            .call(
+                req,
+                |ch, r| async move { Lifecycle::new(ch).list_apis(r).await },
+            )
             .await?
             .apis)
     }
@@ -322,8 +450,10 @@ impl ControlPlaneClient {
             version: version.into(),
             content: content.into(),
         };
-        self.call(req, |mut c, r| async move { c.create_version(r).await })
-            .await
+        self.call(req, |ch, r| async move {
+            Lifecycle::new(ch).create_version(r).await
+        })
+        .await
     }
 
     /// Moves a version: `to` is edit, publish, deprecate, retire or discard.
@@ -340,8 +470,20 @@ impl ControlPlaneClient {
                 to: Some(to),
             }),
         };
-        self.call(req, |mut c, r| async move { c.transition_version(r).await })
-            .await
+        self.call(req, |ch, r| async move {
+            Lifecycle::new(ch).transition_version(r).await
+        })
+        .await
+    }
+
+    /// Publishes a draft (the cluster compiles its routes in the same change).
+    pub async fn publish(&self, api: &str, version: &str) -> Result<cp::ApiReply, Error> {
+        self.transition(
+            api,
+            version,
+            state::version_transition::To::Publish(state::Publish::default()),
+        )
+        .await
     }
 
     /// Splits traffic by weight, e.g. `[("1.0.0", 90), ("2.0.0", 10)]`.
@@ -360,8 +502,11 @@ impl ControlPlaneClient {
                 })
                 .collect(),
         };
-        self.call(req, |mut c, r| async move { c.set_split(r).await })
-            .await
+        self.call(
+            req,
+            |ch, r| async move { Lifecycle::new(ch).set_split(r).await },
+        )
+        .await
     }
 
     pub async fn promote(&self, api: &str, version: &str) -> Result<cp::ApiReply, Error> {
@@ -369,13 +514,178 @@ impl ControlPlaneClient {
             api: api.into(),
             version: version.into(),
         };
-        self.call(req, |mut c, r| async move { c.promote(r).await })
-            .await
+        self.call(
+            req,
+            |ch, r| async move { Lifecycle::new(ch).promote(r).await },
+        )
+        .await
     }
 
     pub async fn rollback(&self, api: &str) -> Result<cp::ApiReply, Error> {
         let req = cp::RollbackRequest { api: api.into() };
-        self.call(req, |mut c, r| async move { c.rollback(r).await })
-            .await
+        self.call(
+            req,
+            |ch, r| async move { Lifecycle::new(ch).rollback(r).await },
+        )
+        .await
+    }
+
+    pub async fn create_tenant(&self, name: &str) -> Result<cp::TenantReply, Error> {
+        let req = cp::CreateTenantRequest { name: name.into() };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).create_tenant(r).await
+        })
+        .await
+    }
+
+    pub async fn delete_tenant(&self, name: &str) -> Result<cp::TenantReply, Error> {
+        let req = cp::DeleteTenantRequest { name: name.into() };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).delete_tenant(r).await
+        })
+        .await
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<state::TenantState>, Error> {
+        Ok(self
+            .call(cp::ListTenantsRequest {}, |ch, r| async move {
+                AccessClient::new(ch).list_tenants(r).await
+            })
+            .await?
+            .tenants)
+    }
+
+    /// A new API key; `expires_at` is RFC 3339 or empty. The reply's `secret` is the key,
+    /// shown this once.
+    pub async fn create_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        expires_at: &str,
+    ) -> Result<cp::CredentialReply, Error> {
+        let req = cp::CreateCredentialRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            expires_at: expires_at.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).create_key(r).await
+        })
+        .await
+    }
+
+    pub async fn list_keys(
+        &self,
+        tenant: &str,
+        all: bool,
+    ) -> Result<Vec<state::CredentialState>, Error> {
+        let req = cp::ListCredentialsRequest {
+            tenant: tenant.into(),
+            all,
+        };
+        Ok(self
+            .call(req, |ch, r| async move {
+                AccessClient::new(ch).list_keys(r).await
+            })
+            .await?
+            .credentials)
+    }
+
+    pub async fn revoke_key(&self, tenant: &str, id: &str) -> Result<cp::CredentialReply, Error> {
+        let req = cp::RevokeRequest {
+            tenant: tenant.into(),
+            id: id.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).revoke_key(r).await
+        })
+        .await
+    }
+
+    /// A new control-plane token scoped to `tenant`; the reply's `secret` is the token.
+    pub async fn create_token(
+        &self,
+        tenant: &str,
+        name: &str,
+        expires_at: &str,
+    ) -> Result<cp::CredentialReply, Error> {
+        let req = cp::CreateCredentialRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            expires_at: expires_at.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).create_token(r).await
+        })
+        .await
+    }
+
+    pub async fn list_tokens(
+        &self,
+        tenant: &str,
+        all: bool,
+    ) -> Result<Vec<state::CredentialState>, Error> {
+        let req = cp::ListCredentialsRequest {
+            tenant: tenant.into(),
+            all,
+        };
+        Ok(self
+            .call(req, |ch, r| async move {
+                AccessClient::new(ch).list_tokens(r).await
+            })
+            .await?
+            .credentials)
+    }
+
+    pub async fn revoke_token(&self, tenant: &str, id: &str) -> Result<cp::CredentialReply, Error> {
+        let req = cp::RevokeRequest {
+            tenant: tenant.into(),
+            id: id.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).revoke_token(r).await
+        })
+        .await
+    }
+
+    /// Lets `tenant`'s keys call the versions of `api` that match `versions` ("2", "^2.1",
+    /// "*"; empty: all).
+    pub async fn subscribe(
+        &self,
+        tenant: &str,
+        api: &str,
+        versions: &str,
+    ) -> Result<cp::TenantReply, Error> {
+        let req = cp::SubscribeRequest {
+            tenant: tenant.into(),
+            api: api.into(),
+            versions: versions.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).subscribe(r).await
+        })
+        .await
+    }
+
+    pub async fn unsubscribe(&self, tenant: &str, api: &str) -> Result<cp::TenantReply, Error> {
+        let req = cp::UnsubscribeRequest {
+            tenant: tenant.into(),
+            api: api.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).unsubscribe(r).await
+        })
+        .await
+    }
+
+    /// The audit log, filtered.
+    pub async fn audit(&self, query: cp::AuditQuery) -> Result<Vec<state::AuditEntry>, Error> {
+        Ok(self
+            .call(
+                query,
+                |ch, r| async move { AuditClient::new(ch).query(r).await },
+            )
+            .await?
+            .entries)
     }
 }

@@ -12,6 +12,8 @@ pub const CLUSTER_FLAGS: &[&str] = &["--enable-fault-injection"];
 /// Nodes by id (index id - 1); a killed node's slot keeps how to restart it.
 pub struct TestCluster {
     pub nodes: Vec<Slot>,
+    /// The operator token node 1 made when it bootstrapped the cluster.
+    pub token: String,
 }
 
 pub enum Slot {
@@ -36,8 +38,10 @@ impl TestCluster {
         })
         .await;
         let seed = first.grpc;
+        let token = first.operator_token().to_string();
         let mut cluster = TestCluster {
             nodes: vec![Slot::Up(Box::new(first))],
+            token,
         };
         for id in 2..=n {
             cluster.add(id, seed, &flags).await;
@@ -94,8 +98,13 @@ impl TestCluster {
             .collect()
     }
 
+    /// A client for node `id` with the operator token.
     pub async fn client(&self, id: u64) -> NodeClient {
-        self.node(id).sdk().await
+        self.node(id)
+            .sdk()
+            .await
+            .with_token(Some(&self.token))
+            .expect("a usable token")
     }
 
     /// The leader as a majority of the running nodes report it, once there is one.

@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod cluster;
+pub mod cp;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -61,6 +62,8 @@ pub fn one_route_spec(up: &Upstream, upstream_extra: &str) -> String {
 pub struct GatewayProcess {
     pub child: Child,
     pub dir: PathBuf,
+    /// The operator token, when this node bootstrapped the cluster.
+    pub token: Option<String>,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub grpc: SocketAddr,
@@ -188,7 +191,12 @@ impl GatewayProcess {
         };
         let addr = |k: &str| addrs[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
         let grpc = addr("grpc");
+        // The bootstrapping node writes the operator token before it reports started.
+        let token = std::fs::read_to_string(dir.join("data/operator-token"))
+            .ok()
+            .map(|t| t.trim().to_string());
         GatewayProcess {
+            token,
             child,
             proxy: addr("proxy"),
             admin: addr("admin"),
@@ -217,11 +225,21 @@ impl GatewayProcess {
         opts
     }
 
-    /// A client for this node's admin gRPC API.
+    /// A client for this node's admin gRPC API, with the operator token when this node
+    /// made it (it bootstrapped the cluster).
     pub async fn sdk(&self) -> tollgate_sdk::NodeClient {
         tollgate_sdk::NodeClient::connect(&self.grpc.to_string())
             .await
             .expect("connect to the node's gRPC address")
+            .with_token(self.token.as_deref())
+            .expect("a usable token")
+    }
+
+    /// The operator token this node made at bootstrap.
+    pub fn operator_token(&self) -> &str {
+        self.token
+            .as_deref()
+            .expect("this node did not bootstrap a cluster, so it made no operator token")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -619,4 +637,17 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<Body> {
         .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
         .body(full(""))
         .unwrap()
+}
+
+/// The node admin command that creates a tenant.
+#[allow(dead_code)] // not every test binary uses it
+pub fn create_tenant(name: &str) -> tollgate_sdk::state::Command {
+    use tollgate_sdk::state as pb;
+    pb::Command {
+        kind: Some(pb::command::Kind::Access(pb::AccessCommand {
+            tenant: name.into(),
+            op: Some(pb::access_command::Op::CreateTenant(pb::CreateTenant {})),
+        })),
+        ..Default::default()
+    }
 }

@@ -457,6 +457,17 @@ impl Cluster {
     /// first start of the bootstrapping node, or a retry after it crashed in between).
     /// Returns the operator token when this call made it: it is shown once.
     pub async fn bootstrap_access(&self) -> Result<Option<String>, Status> {
+        let metrics = self
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|_| Status::unavailable("no leader elected"))?;
+        // A restarted bootstrap node that is not the leader belongs to a cluster that grew
+        // past it, so its first start got as far as this (it was then the only voter).
+        if metrics.current_leader != Some(self.id) {
+            return Ok(None);
+        }
         self.raft
             .ensure_linearizable()
             .await

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use tollgate_proto::state::v1::{
-    AccessCommand, ApiCommand, AuditEntry, Change, Command, PutSpec, StateSnapshot, command,
+    AccessCommand, ApiCommand, AuditEntry, Bootstrap, Change, Command, PutSpec, StateSnapshot,
+    command,
 };
 
 use crate::state::access::{self, Access, AccessChange};
@@ -93,14 +94,7 @@ impl ClusterState {
             Some(command::Kind::PutSpec(put)) => self.put_spec(log_index, cmd, put),
             Some(command::Kind::Api(api)) => self.api_command(log_index, cmd, api),
             Some(command::Kind::Access(a)) => self.access_command(log_index, cmd, a),
-            Some(command::Kind::Bootstrap(b)) => {
-                let mut next = (*self.access).clone();
-                let result = access::bootstrap(&mut next, b, cmd.at_ms);
-                if matches!(result, Ok(Some(_))) {
-                    self.access = Arc::new(next);
-                }
-                self.access_result(log_index, cmd, result)
-            }
+            Some(command::Kind::Bootstrap(b)) => self.bootstrap(log_index, cmd, b),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (DESIGN.md decision 2).
             None => Applied {
@@ -108,6 +102,43 @@ impl ClusterState {
                 log_index,
                 ..Applied::default()
             },
+        }
+    }
+
+    /// The hash key and operator token: audited and recorded in the history, but it takes
+    /// no generation, since nothing the data plane serves changes (generations count what
+    /// operators change).
+    fn bootstrap(&mut self, log_index: u64, cmd: &Command, b: &Bootstrap) -> Applied {
+        let mut next = (*self.access).clone();
+        match access::bootstrap(&mut next, b, cmd.at_ms) {
+            Err(refusal) => Applied {
+                generation: self.generation,
+                log_index,
+                refusal: Some(refusal),
+                ..Applied::default()
+            },
+            Ok(None) => Applied {
+                generation: self.generation,
+                log_index,
+                ..Applied::default()
+            },
+            Ok(Some(change)) => {
+                self.access = Arc::new(next);
+                self.audit(
+                    cmd,
+                    change.action,
+                    change.object.clone(),
+                    String::new(),
+                    change.before,
+                    change.after,
+                );
+                Applied {
+                    generation: self.generation,
+                    log_index,
+                    added: vec![change.object],
+                    ..Applied::default()
+                }
+            }
         }
     }
 

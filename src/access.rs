@@ -1,0 +1,359 @@
+//! `tollgate tenant|key|token|audit ...`: tenants, their API keys and control-plane tokens,
+//! subscriptions, and the audit log, through the control plane over the sdk.
+
+use clap::Subcommand;
+use serde_json::json;
+use tollgate_sdk::{cp, state};
+
+use crate::api::{CpArg, client};
+use crate::cluster::{Output, print_value};
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant (operator token).
+    Create {
+        name: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Delete a tenant that owns no API; its keys and tokens are revoked (operator token).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// List tenants and their subscriptions.
+    List {
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Let a tenant's keys call versions of an API (operator or the API's owner).
+    Subscribe {
+        tenant: String,
+        api: String,
+        /// Which versions, as a semver requirement: 2, ^2.1, * (default: all).
+        #[arg(long, default_value = "")]
+        versions: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Take a subscription away.
+    Unsubscribe {
+        tenant: String,
+        api: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+}
+
+/// `key` and `token` take the same subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Make one; the secret is printed this once and stored nowhere.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// A label, e.g. ci or mobile-app.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// RFC 3339 time it stops working, e.g. 2027-06-30T00:00:00Z (default: never).
+        #[arg(long, default_value = "")]
+        expires: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// List them (never their secrets or hashes).
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Include revoked and expired ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Revoke one: every node refuses it once the change is applied there.
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        id: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Only objects starting with this, e.g. api/orders or key/.
+    #[arg(long, default_value = "")]
+    object: String,
+    /// Only actors starting with this, e.g. tenant/acme or operator/.
+    #[arg(long, default_value = "")]
+    actor: String,
+    /// Only entries at or after this RFC 3339 time.
+    #[arg(long, default_value = "")]
+    since: String,
+    /// At most this many (the newest).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Show each entry's object before and after.
+    #[arg(long)]
+    diff: bool,
+    #[command(flatten)]
+    cp: CpArg,
+}
+
+fn ms_text(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn tenant_json(t: &state::TenantState) -> serde_json::Value {
+    json!({
+        "name": t.name,
+        "created_at": ms_text(t.created_at_ms),
+        "subscriptions": t.subscriptions.iter().map(|s| json!({"api": s.api, "versions": s.versions})).collect::<Vec<_>>(),
+    })
+}
+
+fn credential_json(c: &state::CredentialState) -> serde_json::Value {
+    json!({
+        "id": c.id,
+        "tenant": c.tenant,
+        "name": c.name,
+        "created_at": ms_text(c.created_at_ms),
+        "expires_at": if c.expires_at_ms == 0 { None } else { Some(ms_text(c.expires_at_ms)) },
+        "revoked_at": if c.revoked_at_ms == 0 { None } else { Some(ms_text(c.revoked_at_ms)) },
+    })
+}
+
+pub async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
+    let (reply, cp) = match cmd {
+        TenantCommand::Create { name, cp } => (client(&cp)?.create_tenant(&name).await?, cp),
+        TenantCommand::Delete { name, cp } => {
+            let r = client(&cp)?.delete_tenant(&name).await?;
+            println!("tenant {name} deleted (generation {})", r.generation);
+            return Ok(());
+        }
+        TenantCommand::Subscribe {
+            tenant,
+            api,
+            versions,
+            cp,
+        } => {
+            let r = client(&cp)?.subscribe(&tenant, &api, &versions).await?;
+            let v = if versions.is_empty() { "*" } else { &versions };
+            println!(
+                "tenant {tenant} may call versions {v} of API {api} (generation {})",
+                r.generation
+            );
+            return Ok(());
+        }
+        TenantCommand::Unsubscribe { tenant, api, cp } => {
+            let r = client(&cp)?.unsubscribe(&tenant, &api).await?;
+            println!(
+                "tenant {tenant} is no longer subscribed to API {api} (generation {})",
+                r.generation
+            );
+            return Ok(());
+        }
+        TenantCommand::List { cp } => {
+            let tenants = client(&cp)?.list_tenants().await?;
+            if cp.output == Output::Table {
+                println!("{:<24} {:<22} SUBSCRIPTIONS", "TENANT", "CREATED");
+                for t in &tenants {
+                    let subs: Vec<String> = t
+                        .subscriptions
+                        .iter()
+                        .map(|s| format!("{}@{}", s.api, s.versions))
+                        .collect();
+                    println!(
+                        "{:<24} {:<22} {}",
+                        t.name,
+                        ms_text(t.created_at_ms),
+                        if subs.is_empty() {
+                            "-".into()
+                        } else {
+                            subs.join(" ")
+                        }
+                    );
+                }
+                return Ok(());
+            }
+            return print_value(
+                &serde_json::Value::Array(tenants.iter().map(tenant_json).collect()),
+                cp.output,
+            );
+        }
+    };
+    let Some(t) = reply.tenant else {
+        anyhow::bail!("the control plane answered without the tenant");
+    };
+    match cp.output {
+        Output::Table => println!(
+            "tenant {} created (generation {})",
+            t.name, reply.generation
+        ),
+        other => print_value(&tenant_json(&t), other)?,
+    }
+    Ok(())
+}
+
+/// `kind`: "key" or "token".
+pub async fn credential(kind: &str, cmd: CredentialCommand) -> anyhow::Result<()> {
+    match cmd {
+        CredentialCommand::Create {
+            tenant,
+            name,
+            expires,
+            cp,
+        } => {
+            let c = client(&cp)?;
+            let reply = if kind == "key" {
+                c.create_key(&tenant, &name, &expires).await?
+            } else {
+                c.create_token(&tenant, &name, &expires).await?
+            };
+            show_created(kind, &reply, cp.output)
+        }
+        CredentialCommand::List { tenant, all, cp } => {
+            let c = client(&cp)?;
+            let list = if kind == "key" {
+                c.list_keys(&tenant, all).await?
+            } else {
+                c.list_tokens(&tenant, all).await?
+            };
+            if cp.output != Output::Table {
+                return print_value(
+                    &serde_json::Value::Array(list.iter().map(credential_json).collect()),
+                    cp.output,
+                );
+            }
+            println!(
+                "{:<18} {:<16} {:<16} {:<22} {:<22} REVOKED",
+                "ID", "TENANT", "NAME", "CREATED", "EXPIRES"
+            );
+            for k in &list {
+                println!(
+                    "{:<18} {:<16} {:<16} {:<22} {:<22} {}",
+                    k.id,
+                    if k.tenant.is_empty() {
+                        "(operator)"
+                    } else {
+                        &k.tenant
+                    },
+                    if k.name.is_empty() { "-" } else { &k.name },
+                    ms_text(k.created_at_ms),
+                    ms_text(k.expires_at_ms),
+                    ms_text(k.revoked_at_ms)
+                );
+            }
+            Ok(())
+        }
+        CredentialCommand::Revoke { tenant, id, cp } => {
+            let c = client(&cp)?;
+            let reply = if kind == "key" {
+                c.revoke_key(&tenant, &id).await?
+            } else {
+                c.revoke_token(&tenant, &id).await?
+            };
+            match cp.output {
+                Output::Table => {
+                    println!("{kind} {id} revoked (generation {})", reply.generation)
+                }
+                other => print_value(
+                    &reply
+                        .credential
+                        .as_ref()
+                        .map(credential_json)
+                        .unwrap_or_default(),
+                    other,
+                )?,
+            }
+            Ok(())
+        }
+    }
+}
+
+fn show_created(kind: &str, reply: &cp::CredentialReply, output: Output) -> anyhow::Result<()> {
+    let Some(c) = &reply.credential else {
+        anyhow::bail!("the control plane answered without the {kind}");
+    };
+    match output {
+        Output::Table => {
+            println!("{kind} {} created for tenant {}.", c.id, c.tenant);
+            println!();
+            println!("  {}", reply.secret);
+            println!();
+            println!("Keep it now: it is shown this once and stored only as a keyed hash.");
+        }
+        other => {
+            let mut v = credential_json(c);
+            v["secret"] = json!(reply.secret);
+            print_value(&v, other)?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let query = cp::AuditQuery {
+        after_seq: 0,
+        limit: args.limit,
+        object_prefix: args.object,
+        actor: args.actor,
+        since: args.since,
+    };
+    let entries = client(&args.cp)?.audit(query).await?;
+    if args.cp.output != Output::Table {
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let parse = |t: &str| -> serde_json::Value {
+                    serde_json::from_str(t).unwrap_or(serde_json::Value::Null)
+                };
+                json!({
+                    "seq": e.seq,
+                    "at": ms_text(e.at_ms),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "object": e.object,
+                    "tenant": e.tenant,
+                    "generation": e.generation,
+                    "before": parse(&e.before),
+                    "after": parse(&e.after),
+                })
+            })
+            .collect();
+        return print_value(&serde_json::Value::Array(list), args.cp.output);
+    }
+    println!(
+        "{:<6} {:<21} {:<36} {:<18} OBJECT",
+        "SEQ", "AT", "ACTOR", "ACTION"
+    );
+    for e in &entries {
+        println!(
+            "{:<6} {:<21} {:<36} {:<18} {}",
+            e.seq,
+            ms_text(e.at_ms),
+            e.actor,
+            e.action,
+            e.object
+        );
+        if args.diff {
+            println!(
+                "       before: {}",
+                if e.before.is_empty() { "-" } else { &e.before }
+            );
+            println!(
+                "       after:  {}",
+                if e.after.is_empty() { "-" } else { &e.after }
+            );
+        }
+    }
+    Ok(())
+}

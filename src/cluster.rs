@@ -7,6 +7,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use tollgate_sdk::{ClusterStatusResponse, NodeClient};
 
+use crate::declare::{self, Declared};
+
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
     #[default]
@@ -74,6 +76,36 @@ pub enum ClusterCommand {
     },
 }
 
+/// Splits a file into its spec part (upstreams, routes; `None` when it has neither) and
+/// its `tenants`/`apis` part (`None` when it has neither).
+fn split_file(text: &str) -> anyhow::Result<(Option<String>, Option<Declared>)> {
+    let Ok(serde_yaml_ng::Value::Mapping(mut top)) = serde_yaml_ng::from_str(text) else {
+        // Not a mapping: the node says what is wrong with it.
+        return Ok((Some(text.to_string()), None));
+    };
+    let mut declared = serde_yaml_ng::Mapping::new();
+    for key in ["tenants", "apis"] {
+        if let Some(v) = top.remove(key) {
+            declared.insert(key.into(), v);
+        }
+    }
+    if declared.is_empty() {
+        return Ok((Some(text.to_string()), None));
+    }
+    let declared: Declared =
+        serde_path_to_error::deserialize(serde_yaml_ng::Value::Mapping(declared)).map_err(|e| {
+            anyhow::anyhow!(
+                "the file was refused, nothing was applied: {}: {}",
+                e.path(),
+                e.inner()
+            )
+        })?;
+    let spec = (!top.is_empty())
+        .then(|| serde_yaml_ng::to_string(&serde_yaml_ng::Value::Mapping(top)))
+        .transpose()?;
+    Ok((spec, Some(declared)))
+}
+
 pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     let text = if args.file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())?
@@ -81,6 +113,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?
     };
+    let (spec, declared) = split_file(&text)?;
     // One id for every attempt: a retry after an ambiguous failure is applied once.
     let request_id = format!(
         "cli-{}-{}",
@@ -91,10 +124,55 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
             .unwrap_or(0)
     );
     let mut client = args.node.connect().await?;
+    // The tenants and APIs are planned (and every error in them found) before anything
+    // is applied.
+    let steps = match &declared {
+        Some(d) => Some(declare::plan_against(&mut client, d).await?),
+        None => None,
+    };
+    if let Some(spec) = spec {
+        apply_spec(&mut client, spec, &args, &request_id).await?;
+    }
+    let Some(steps) = steps else { return Ok(()) };
+    let generation = if args.dry_run || steps.is_empty() {
+        None
+    } else {
+        Some(declare::run(&mut client, &steps, &format!("{request_id}-s")).await?)
+    };
+    match args.output {
+        Output::Table => {
+            println!("Tenants and APIs: {} change(s).", steps.len());
+            for s in &steps {
+                println!("  {} {}", s.mark, s.what);
+            }
+            match generation {
+                None if args.dry_run => println!("Dry run: nothing applied."),
+                None => println!("No changes."),
+                Some(g) => println!("Applied: generation {g}."),
+            }
+        }
+        other => print_value(
+            &json!({
+                "dry_run": args.dry_run,
+                "steps": steps.iter().map(|s| format!("{} {}", s.mark, s.what)).collect::<Vec<_>>(),
+                "generation": generation,
+            }),
+            other,
+        )?,
+    }
+    Ok(())
+}
+
+async fn apply_spec(
+    client: &mut NodeClient,
+    text: String,
+    args: &ApplyArgs,
+    request_id: &str,
+) -> anyhow::Result<()> {
     let mut attempt = 0;
     let resp = loop {
         match client
-            .apply_spec(text.clone(), args.dry_run, request_id.clone())
+            .apply_spec(text.clone(), args.dry_run, request_id.to_string())
             .await
         {
             Ok(r) => break r,

@@ -6,6 +6,7 @@
 mod access;
 mod api;
 mod cluster;
+mod declare;
 mod dev;
 mod echo;
 

@@ -859,3 +859,98 @@ async fn bad_input_on_tenants_keys_and_audit_is_refused_and_changes_nothing() {
         "state unchanged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_takes_tenants_apis_versions_subscriptions_and_splits_from_one_file() {
+    let (a, b, plain) = (
+        Upstream::start("v1").await,
+        Upstream::start("v2").await,
+        Upstream::start("plain").await,
+    );
+    let gw = GatewayProcess::start(&tagged_spec(plain.addr, "spec")).await;
+    let file = gw.dir.join("all.yaml");
+    let write = |v2_stage: &str, split: &str| {
+        let text = format!(
+            r#"upstreams:
+  a: {{ endpoints: [{{ address: "{plain}" }}] }}
+routes:
+  r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }}
+tenants:
+  acme: {{}}
+  beta:
+    subscriptions: {{ orders: "^2" }}
+apis:
+  orders:
+    tenant: acme
+    base_path: /orders
+    versions:
+      1.0.0:
+        stage: published
+        spec: {{ upstreams: {{ u: {{ endpoints: [{{ address: "{a}" }}] }} }}, routes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }} }}
+      2.0.0:
+        stage: {v2_stage}
+        spec: {{ upstreams: {{ u: {{ endpoints: [{{ address: "{b}" }}] }} }}, routes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }} }}
+    split: {split}
+"#,
+            plain = plain.addr,
+            a = a.addr,
+            b = b.addr,
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .args(["--node", &gw.grpc.to_string()])
+            .env("TOLLGATE_TOKEN", gw.operator_token())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let path = file.to_str().unwrap().to_string();
+    write("published", "{ 1.0.0: 90, 2.0.0: 10 }");
+    let (code, out, err) = cli(&["apply", "-f", &path, "--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    for line in [
+        "+ tenant/acme",
+        "+ api/orders",
+        "+ api/orders@1.0.0",
+        "~ api/orders@2.0.0 (published)",
+        "~ api/orders (split 1.0.0=90 2.0.0=10)",
+        "~ tenant/beta (subscribe orders ^2)",
+        "Dry run: nothing applied.",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+    let (code, out, err) = cli(&["apply", "-f", &path]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("Applied: generation"), "{out}");
+    // The file's objects are served: the split, and beta's subscription.
+    let mut client = gw.sdk().await;
+    let apis = client.list_apis(false, "").await.unwrap().apis;
+    assert_eq!(apis[0].split.len(), 2);
+    let (code, out, _) = cli(&["apply", "-f", &path]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("Tenants and APIs: 0 change(s)."), "{out}");
+
+    // Promote in the file; a bad file lists every error and applies nothing.
+    write("deprecated", "{ 2.0.0: 1 }");
+    let (code, out, err) = cli(&["apply", "-f", &path]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let apis = client.list_apis(false, "").await.unwrap().apis;
+    let stages: Vec<&str> = apis[0].versions.iter().map(|v| v.stage.as_str()).collect();
+    assert_eq!(stages, ["published", "deprecated"]);
+    write("draft", "{ 9.x: 1 }");
+    let before = client.list_apis(false, "").await.unwrap();
+    let (code, _, err) = cli(&["apply", "-f", &path]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("never moves back") && err.contains("apis.orders.split"),
+        "{err}"
+    );
+    assert_eq!(client.list_apis(false, "").await.unwrap(), before);
+}

@@ -105,6 +105,13 @@ async fn versions_are_chosen_by_prefix_header_and_split_and_callers_by_key() {
         "/items/7",
         "the upstream gets the path below the base path and version"
     );
+    let seen = a.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get("x-tollgate-tenant").unwrap(), "acme");
+    assert_eq!(seen.get("x-tollgate-api-version").unwrap(), "1.0.0");
+    assert!(
+        seen.get("authorization").is_none() && seen.get("x-api-key").is_none(),
+        "the API key is not passed to the upstream: {seen:?}"
+    );
 
     // Selection by prefix and by header; the prefix wins over the header.
     assert_eq!(

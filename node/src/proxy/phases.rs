@@ -171,7 +171,10 @@ async fn pipeline(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let below = api.as_ref().map(|a| a.path.as_str());
-    let head = transform_request(parts, route, matched, below, peer, upgrade)?;
+    let mut head = transform_request(parts, route, matched, below, peer, upgrade)?;
+    if let Some(api) = &api {
+        api.identify(&mut head.headers);
+    }
     let stats = tail.request_stats.clone();
     let body = RequestBody::new(body, limits.max_request_body, stats.clone());
 
@@ -223,6 +226,39 @@ struct ApiRequest<'s> {
     path: String,
     /// Headers a deprecated version adds to its answers.
     deprecation: &'s [(http::HeaderName, HeaderValue)],
+    version: &'s semver::Version,
+    /// The caller's tenant, once authenticated.
+    tenant: Option<String>,
+    /// An API key was presented (it is not passed on).
+    used_key: bool,
+}
+
+impl ApiRequest<'_> {
+    /// Tells the upstream who called and which version answers; takes the API key out,
+    /// so it never reaches upstream logs (a JWT stays: upstreams read its claims).
+    fn identify(&self, headers: &mut http::HeaderMap) {
+        if self.used_key {
+            headers.remove("x-api-key");
+            let bearer_key = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("tgk_"));
+            if bearer_key {
+                headers.remove(header::AUTHORIZATION);
+            }
+        }
+        headers.remove("x-tollgate-tenant");
+        if let Some(t) = self
+            .tenant
+            .as_deref()
+            .and_then(|t| HeaderValue::from_str(t).ok())
+        {
+            headers.insert("x-tollgate-tenant", t);
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.version.to_string()) {
+            headers.insert("x-tollgate-api-version", v);
+        }
+    }
 }
 
 /// The API stages: authenticate the caller, pick the version (path prefix, `Api-Version`,
@@ -290,6 +326,9 @@ fn api_route<'s>(
         ApiRequest {
             path: path.to_string(),
             deprecation: &version.deprecation,
+            version: &version.version,
+            used_key: caller.as_ref().is_some_and(|c| c.key.is_some()),
+            tenant: caller.map(|c| c.tenant),
         },
     ))
 }

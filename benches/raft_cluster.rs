@@ -4,6 +4,7 @@
 //! cargo bench --bench raft_cluster -- propagation [--n 200]
 //! cargo bench --bench raft_cluster -- latency [--n 500] [--blocks 10]
 //! cargo bench --bench raft_cluster -- failover [--iterations 5]
+//! cargo bench --bench raft_cluster -- revoke [--n 50]
 //! ```
 //!
 //! - propagation: for each of N sequential applies, the time from its acknowledgement to
@@ -14,6 +15,10 @@
 //!   the etcd comparison can use the same value size).
 //! - failover: kill -9 of the leader, then an apply fired at a survivor every 20 ms (each
 //!   with a 2 s deadline); the time to the first acknowledged one, and to a new leader.
+//!
+//! - revoke: N API keys, each revoked after every node has served it; the time from the
+//!   revoke being sent to its acknowledgement, and to every node's data plane refusing
+//!   the key (one task per node sending requests with it in a tight loop).
 //!
 //! `benches/raft_vs_etcd.sh` runs these beside the 3-member etcd in ../shared/baseline.
 
@@ -321,10 +326,145 @@ async fn failover(iterations: usize) {
     );
 }
 
+/// The status of a GET with an API key.
+async fn status_with_key(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        harness::Body,
+    >,
+    url: &str,
+    key: &str,
+) -> u16 {
+    let req = http::Request::get(url)
+        .header("x-api-key", key)
+        .body(harness::full(""))
+        .unwrap();
+    match client.request(req).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+async fn revoke(n: usize) {
+    use tollgate_sdk::state::{self as pb, access_command, api_command, version_transition::To};
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    let mut client = c.client(leader).await;
+    let write = async |client: &mut NodeClient, kind: pb::command::Kind| {
+        client
+            .write(pb::Command {
+                kind: Some(kind),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    };
+    let api = |op| {
+        pb::command::Kind::Api(pb::ApiCommand {
+            api: "orders".into(),
+            op: Some(op),
+        })
+    };
+    let access = |op| {
+        pb::command::Kind::Access(pb::AccessCommand {
+            tenant: "acme".into(),
+            op: Some(op),
+        })
+    };
+    let content = format!(
+        "upstreams: {{ u: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }}\n",
+        up.addr
+    );
+    write(&mut client, access(access_command::Op::CreateTenant(Default::default()))).await;
+    for op in [
+        api_command::Op::CreateApi(pb::CreateApi {
+            tenant: "acme".into(),
+            settings: Some(pb::ApiSettings {
+                base_path: "/orders".into(),
+                ..Default::default()
+            }),
+        }),
+        api_command::Op::CreateVersion(pb::CreateVersion {
+            version: "1.0.0".into(),
+            content,
+        }),
+        api_command::Op::Transition(pb::VersionTransition {
+            version: "1.0.0".into(),
+            to: Some(To::Publish(Default::default())),
+        }),
+        api_command::Op::Promote(pb::Promote {
+            version: "1.0.0".into(),
+        }),
+    ] {
+        write(&mut client, api(op)).await;
+    }
+    let urls: Vec<String> = c.ids().iter().map(|id| c.node(*id).url("/orders/x")).collect();
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<harness::Body>();
+    let (mut acked, mut everywhere) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let made = write(
+            &mut client,
+            access(access_command::Op::CreateKey(pb::CreateCredential {
+                name: format!("k{i}"),
+                ..Default::default()
+            })),
+        )
+        .await;
+        let key = made.secret;
+        // Every node takes the key before it is revoked.
+        for url in &urls {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while status_with_key(&http, url, &key).await != 200 {
+                assert!(Instant::now() < deadline, "{url} never took the key");
+            }
+        }
+        let pollers: Vec<_> = urls
+            .iter()
+            .map(|url| {
+                let (http, url, key) = (http.clone(), url.clone(), key.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        if status_with_key(&http, &url, &key).await == 401 {
+                            return Instant::now();
+                        }
+                        assert!(Instant::now() < deadline, "{url} still takes a revoked key");
+                    }
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        write(
+            &mut client,
+            access(access_command::Op::RevokeKey(pb::Revoke {
+                id: made.credential_id,
+            })),
+        )
+        .await;
+        acked.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let mut last = t0;
+        for p in pollers {
+            last = last.max(p.await.unwrap());
+        }
+        everywhere.push((last - t0).as_secs_f64() * 1000.0);
+    }
+    println!("## key revocation on a 3-node cluster\n");
+    println!("{n} keys; each revoked through the leader once every node served it.\n");
+    println!("{HEADER}");
+    println!("{}", summary("revoke acknowledged", acked));
+    println!("{}", summary("refused by all 3 nodes' data planes", everywhere));
+}
+
 fn main() {
     let mode = std::env::args()
         .skip(1)
-        .find(|a| ["propagation", "latency", "failover"].contains(&a.as_str()));
+        .find(|a| ["propagation", "latency", "failover", "revoke"].contains(&a.as_str()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -342,6 +482,7 @@ fn main() {
                 .await
             }
             Some("failover") => failover(arg("--iterations", 5)).await,
+            Some("revoke") => revoke(arg("--n", 50)).await,
             // `cargo bench` with no mode (e.g. all benches): a short propagation run.
             _ => propagation(50).await,
         }

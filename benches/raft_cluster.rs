@@ -380,7 +380,11 @@ async fn revoke(n: usize) {
         "upstreams: {{ u: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }}\n",
         up.addr
     );
-    write(&mut client, access(access_command::Op::CreateTenant(Default::default()))).await;
+    write(
+        &mut client,
+        access(access_command::Op::CreateTenant(Default::default())),
+    )
+    .await;
     for op in [
         api_command::Op::CreateApi(pb::CreateApi {
             tenant: "acme".into(),
@@ -403,7 +407,11 @@ async fn revoke(n: usize) {
     ] {
         write(&mut client, api(op)).await;
     }
-    let urls: Vec<String> = c.ids().iter().map(|id| c.node(*id).url("/orders/x")).collect();
+    let urls: Vec<String> = c
+        .ids()
+        .iter()
+        .map(|id| c.node(*id).url("/orders/x"))
+        .collect();
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<harness::Body>();
     let (mut acked, mut everywhere) = (Vec::new(), Vec::new());
@@ -458,7 +466,10 @@ async fn revoke(n: usize) {
     println!("{n} keys; each revoked through the leader once every node served it.\n");
     println!("{HEADER}");
     println!("{}", summary("revoke acknowledged", acked));
-    println!("{}", summary("refused by all 3 nodes' data planes", everywhere));
+    println!(
+        "{}",
+        summary("refused by all 3 nodes' data planes", everywhere)
+    );
 }
 
 fn main() {

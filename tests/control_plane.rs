@@ -378,6 +378,11 @@ async fn a_generic_grpc_client_lists_the_services_and_sees_serving() {
             .filter_map(|s| s.as_str())
             .collect();
         assert!(services.contains(&service), "{service} not in {services:?}");
+        if service == "tollgate.cp.v1.ApiLifecycle" {
+            for also in ["tollgate.cp.v1.Access", "tollgate.cp.v1.Audit"] {
+                assert!(services.contains(&also), "{also} not in {services:?}");
+            }
+        }
         let others = ["tollgate.cp.v1.ApiLifecycle", "tollgate.node.v1.NodeAdmin"];
         assert!(
             others

@@ -423,6 +423,11 @@ impl Cluster {
                             check_version_content(content, self.max_spec_bytes).await?;
                         }
                         Some(To::Publish(p)) => {
+                            // The draft may have been written through an earlier leader:
+                            // read it only once this leader has applied all it committed.
+                            self.raft.ensure_linearizable().await.map_err(|e| {
+                                Status::unavailable(format!("linearizable read failed: {e}"))
+                            })?;
                             let version = t.version.clone();
                             let content = self.state_machine.read(|s| {
                                 let v = parse_version(&version).ok()?;

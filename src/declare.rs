@@ -96,6 +96,15 @@ impl ApiDecl {
     }
 }
 
+/// Settings as a listing shows them (symmetric JWT keys redacted), to compare with one.
+fn redacted(s: &state::ApiSettings) -> state::ApiSettings {
+    let mut s = s.clone();
+    if let Some(jwt) = s.jwt.as_mut() {
+        jwt.jwks = tollgate_node::auth::jwt::redact_jwks(&jwt.jwks);
+    }
+    s
+}
+
 /// One planned change: what it touches, how it reads in the plan, and the command.
 pub struct Step {
     pub mark: char,
@@ -146,12 +155,22 @@ pub fn plan(
     tenants: &[state::TenantState],
     apis: &[state::ApiState],
 ) -> Result<Vec<Step>, Vec<String>> {
-    let mut steps = Vec::new();
+    // Sent in phases, so no step waits on a later one: tenants, APIs, versions up to
+    // published, splits, deprecations (their successors exist by then), retirements (their
+    // traffic has moved by then), subscriptions (the APIs exist by then).
+    let mut phases: [Vec<Step>; 7] = Default::default();
+    const TENANTS: usize = 0;
+    const APIS: usize = 1;
+    const VERSIONS: usize = 2;
+    const SPLITS: usize = 3;
+    const DEPRECATIONS: usize = 4;
+    const RETIREMENTS: usize = 5;
+    const SUBSCRIPTIONS: usize = 6;
     let mut errors = Vec::new();
     for name in declared.tenants.keys() {
         let current = tenants.iter().find(|x| &x.name == name);
         if current.is_none() {
-            steps.push(Step {
+            phases[TENANTS].push(Step {
                 mark: '+',
                 what: format!("tenant/{name}"),
                 command: access_cmd(name, access_command::Op::CreateTenant(Default::default())),
@@ -169,7 +188,7 @@ pub fn plan(
         };
         let current = apis.iter().find(|x| &x.name == name);
         match current {
-            None => steps.push(Step {
+            None => phases[APIS].push(Step {
                 mark: '+',
                 what: format!("api/{name}"),
                 command: api_cmd(
@@ -184,16 +203,18 @@ pub fn plan(
                 "{at}.tenant: the API belongs to {}; an API cannot change owner",
                 c.tenant
             )),
-            Some(c) if c.settings.as_ref() != Some(&normalized) => steps.push(Step {
-                mark: '~',
-                what: format!("api/{name} (settings)"),
-                command: api_cmd(
-                    name,
-                    api_command::Op::UpdateApi(state::UpdateApi {
-                        settings: Some(normalized.clone()),
-                    }),
-                ),
-            }),
+            Some(c) if c.settings.as_ref() != Some(&redacted(&normalized)) => {
+                phases[APIS].push(Step {
+                    mark: '~',
+                    what: format!("api/{name} (settings)"),
+                    command: api_cmd(
+                        name,
+                        api_command::Op::UpdateApi(state::UpdateApi {
+                            settings: Some(normalized.clone()),
+                        }),
+                    ),
+                })
+            }
             Some(_) => {}
         }
         for (v, decl) in &a.versions {
@@ -231,7 +252,7 @@ pub fn plan(
             let existing = current.and_then(|c| c.versions.iter().find(|x| x.version == version));
             let have = match existing {
                 None => {
-                    steps.push(Step {
+                    phases[VERSIONS].push(Step {
                         mark: '+',
                         what: format!("api/{name}@{version}"),
                         command: api_cmd(
@@ -249,7 +270,7 @@ pub fn plan(
                     let same = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&x.content).ok()
                         == serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&content).ok();
                     if !same && have == Stage::Draft {
-                        steps.push(Step {
+                        phases[VERSIONS].push(Step {
                             mark: '~',
                             what: format!("api/{name}@{version} (edit)"),
                             command: transition(name, &version, To::Edit(content.clone())),
@@ -273,18 +294,23 @@ pub fn plan(
             }
             let mut stage = have;
             while stage < want {
-                let (to, next) = match stage {
-                    Stage::Draft => (To::Publish(state::Publish::default()), Stage::Published),
+                let (to, next, phase) = match stage {
+                    Stage::Draft => (
+                        To::Publish(state::Publish::default()),
+                        Stage::Published,
+                        VERSIONS,
+                    ),
                     Stage::Published => (
                         To::Deprecate(state::Deprecate {
                             sunset: decl.sunset.clone(),
                             successor: decl.successor.clone(),
                         }),
                         Stage::Deprecated,
+                        DEPRECATIONS,
                     ),
-                    _ => (To::Retire(state::Empty {}), Stage::Retired),
+                    _ => (To::Retire(state::Empty {}), Stage::Retired, RETIREMENTS),
                 };
-                steps.push(Step {
+                phases[phase].push(Step {
                     mark: '~',
                     what: format!("api/{name}@{version} ({})", next.name()),
                     command: transition(name, &version, to),
@@ -313,7 +339,7 @@ pub fn plan(
             have.sort();
             if want != have {
                 let text: Vec<String> = want.iter().map(|(v, w)| format!("{v}={w}")).collect();
-                steps.push(Step {
+                phases[SPLITS].push(Step {
                     mark: '~',
                     what: format!("api/{name} (split {})", text.join(" ")),
                     command: api_cmd(
@@ -347,7 +373,7 @@ pub fn plan(
         for (api, versions) in subs {
             let versions = if versions.is_empty() { "*" } else { versions };
             if current.get(api).map(String::as_str) != Some(versions) {
-                steps.push(Step {
+                phases[SUBSCRIPTIONS].push(Step {
                     mark: '~',
                     what: format!("tenant/{name} (subscribe {api} {versions})"),
                     command: access_cmd(
@@ -361,7 +387,7 @@ pub fn plan(
             }
         }
         for api in current.keys().filter(|a| !subs.contains_key(*a)) {
-            steps.push(Step {
+            phases[SUBSCRIPTIONS].push(Step {
                 mark: '-',
                 what: format!("tenant/{name} (subscription to {api})"),
                 command: access_cmd(
@@ -372,7 +398,7 @@ pub fn plan(
         }
     }
     if errors.is_empty() {
-        Ok(steps)
+        Ok(phases.into_iter().flatten().collect())
     } else {
         Err(errors)
     }

@@ -198,6 +198,13 @@ async fn versions_are_chosen_by_prefix_header_and_split_and_callers_by_key() {
             == 200
     })
     .await;
+    // The 90/10 split, for a caller who may only call 2.x: always 2.x, never a 403.
+    for _ in 0..50 {
+        assert_eq!(
+            upstream(&get(&gw, "/orders/items", &[("x-api-key", &beta)]).await),
+            "v2"
+        );
+    }
     assert_eq!(
         get(&gw, "/orders/v1/items", &[("x-api-key", &beta)])
             .await
@@ -327,6 +334,13 @@ async fn an_api_with_jwt_auth_takes_tokens_from_its_issuer_only() {
     cp.create_api("pay", "acme", Some(jwt_settings))
         .await
         .unwrap();
+    let listed = cp.get_api("pay").await.unwrap().api.unwrap();
+    let shown = &listed.settings.unwrap().jwt.unwrap().jwks;
+    assert!(
+        shown.contains("(redacted)")
+            && !shown.contains(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)),
+        "a symmetric JWT key is a secret: {shown}"
+    );
     cp.create_version("pay", "1.0.0", &content(a.addr))
         .await
         .unwrap();
@@ -865,6 +879,29 @@ async fn bad_input_on_tenants_keys_and_audit_is_refused_and_changes_nothing() {
         before,
         "state unchanged"
     );
+
+    // A create-key retried with the same request id is applied once, and the retry is told
+    // its secret went to the first attempt instead of getting a secret that was never
+    // stored. Another caller's command with the same id is its own.
+    let mut node = gw.sdk().await;
+    let make_key = || state::Command {
+        request_id: "retried-1".into(),
+        kind: Some(state::command::Kind::Access(state::AccessCommand {
+            tenant: "acme".into(),
+            op: Some(state::access_command::Op::CreateKey(Default::default())),
+        })),
+        ..Default::default()
+    };
+    let first = node.write(make_key()).await.unwrap();
+    assert!(first.secret.starts_with("tgk_"));
+    let again = node.write(make_key()).await.unwrap_err();
+    assert_eq!(again.code(), Some(tonic::Code::AlreadyExists), "{again}");
+    assert!(again.to_string().contains(&first.credential_id), "{again}");
+    let acme_token = op.create_token("acme", "", "").await.unwrap().secret;
+    let mut as_acme = gw.sdk().await.with_token(Some(&acme_token)).unwrap();
+    let other = as_acme.write(make_key()).await.unwrap();
+    assert_ne!(other.credential_id, first.credential_id, "not swallowed");
+    assert_eq!(op.list_keys("acme", false).await.unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

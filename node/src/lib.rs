@@ -442,34 +442,32 @@ impl Compiler {
         })
     }
 
+    /// Fails only when the spec itself does not compile here. A version that does not is
+    /// left unavailable (503) and logged: one tenant's content cannot stop this node from
+    /// taking everyone else's changes.
     fn build_routing(&self, next: &Published, parsed: Parsed) -> Result<Routing, SpecErrors> {
         let spec = parsed.spec.and_then(Spec::from_value)?;
-        let mut errors = SpecErrors::default();
         let mut versions = Vec::with_capacity(parsed.versions.len());
         for (name, version, doc) in parsed.versions {
             let api = &next.apis[&name];
             let v = &api.versions[&version];
-            let spec = match doc.map(|d| d.and_then(Spec::from_value)) {
-                None => None,
-                Some(Ok(spec)) => Some(spec),
+            let (spec, available) = match doc.map(|d| d.and_then(Spec::from_value)) {
+                None => (None, true),
+                Some(Ok(spec)) => (Some(spec), true),
                 Some(Err(e)) => {
-                    for err in e.0 {
-                        errors.push(
-                            format!("apis.{name}.versions.{version}.{}", err.path),
-                            err.message,
-                        );
-                    }
-                    continue;
+                    metrics::counter!("tollgate_snapshot_build_failures_total").increment(1);
+                    tracing::error!(
+                        "cannot compile version {version} of API {name} on this node; it answers 503. {e}"
+                    );
+                    (None, false)
                 }
             };
             versions.push(state::snapshot::VersionSpec {
                 api,
                 version: v,
                 spec,
+                available,
             });
-        }
-        if !errors.is_empty() {
-            return Err(errors);
         }
         Routing::build(&spec, &versions, &self.registry)
     }
@@ -496,13 +494,20 @@ impl Compiler {
                     Ok(r) => Arc::new(r),
                     Err(errors) => {
                         // Checked on the leader, so this is local (a name that does not
-                        // resolve here): keep serving the previous snapshot and say so.
+                        // resolve here): keep serving the previous routes and say so, but
+                        // take the new keys (a revocation must not wait for a fix).
                         metrics::counter!("tollgate_snapshot_build_failures_total").increment(1);
+                        let current = self.shared.snapshot.load_full();
                         tracing::error!(
                             generation = next.generation,
-                            "cannot compile the applied state on this node; still serving generation {}. {errors}",
-                            self.shared.snapshot.load().generation
+                            "cannot compile the applied spec on this node; still serving the routes of generation {}. {errors}",
+                            current.generation
                         );
+                        self.shared.snapshot.store(Arc::new(Snapshot {
+                            generation: current.generation,
+                            routing: current.routing.clone(),
+                            auth: Arc::new(AuthTable::build(&next.access)),
+                        }));
                         return;
                     }
                 }

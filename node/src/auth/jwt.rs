@@ -22,6 +22,22 @@ pub fn parse_jwks(text: &str) -> Result<JwkSet, String> {
     Ok(set)
 }
 
+/// A JWKS with every symmetric secret (`k`) replaced, for listings: an HS256 key is a
+/// secret, unlike RSA or EC public keys. To rotate one, give the new key a new `kid`.
+pub fn redact_jwks(text: &str) -> String {
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return text.to_string();
+    };
+    if let Some(keys) = v.get_mut("keys").and_then(|k| k.as_array_mut()) {
+        for key in keys {
+            if let Some(k) = key.get_mut("k") {
+                *k = serde_json::Value::String("(redacted)".into());
+            }
+        }
+    }
+    v.to_string()
+}
+
 struct Key {
     kid: Option<String>,
     key: DecodingKey,

@@ -33,7 +33,7 @@ use crate::proxy::respond::{ProxyError, error_response};
 use crate::proxy::{OpenConnection, Shared};
 use crate::routing::matcher::Matched;
 use crate::state::lifecycle::{Stage, version_segment};
-use crate::state::snapshot::{MOUNT_BIT, Mount, MountAuth, Rewrite, Route, Snapshot};
+use crate::state::snapshot::{MOUNT_BIT, Mount, MountAuth, Rewrite, Route, Selection, Snapshot};
 use crate::telemetry::access_log::{AccessLog, Entry};
 
 /// A thread's handle on the shared snapshot: requests clone the non-atomic `Rc`, so they
@@ -290,17 +290,36 @@ fn api_route<'s>(
             _ => None,
         };
     let sticky = caller.as_ref().and_then(|c| c.key.as_deref());
-    let version = mount
-        .select(major, header, sticky)
-        .map_err(ProxyError::VersionNotFound)?;
-    if let Some(c) = &caller
-        && !snapshot
-            .auth
-            .may_call(&c.tenant, &mount.api, &mount.owner, &version.version)
-    {
-        return Err(ProxyError::Forbidden(format!(
-            "tenant {} is not subscribed to version {} of API {}; ask the API's owner for a subscription",
-            c.tenant, version.version, mount.api
+    let may_call = |v: &semver::Version| {
+        caller.as_ref().is_none_or(|c| {
+            snapshot
+                .auth
+                .may_call(&c.tenant, &mount.api, &mount.owner, v)
+        })
+    };
+    let not_subscribed = |what: String| {
+        let tenant = caller.as_ref().map(|c| c.tenant.as_str()).unwrap_or("");
+        ProxyError::Forbidden(format!(
+            "tenant {tenant} is not subscribed to {what} of API {}; ask the API's owner for a subscription",
+            mount.api
+        ))
+    };
+    // The split picks among the versions the caller may call; a version asked for by
+    // prefix or header must be one of them.
+    let version = match mount.select(major, header, sticky, &may_call) {
+        Ok(v) => v,
+        Err(Selection::NotFound(msg)) => return Err(ProxyError::VersionNotFound(msg)),
+        Err(Selection::NotSubscribed) => {
+            return Err(not_subscribed("any version in the split".into()));
+        }
+    };
+    if !may_call(&version.version) {
+        return Err(not_subscribed(format!("version {}", version.version)));
+    }
+    if !version.available {
+        return Err(ProxyError::VersionUnavailable(format!(
+            "version {} of API {} could not be compiled on this node; the operator has the error in its log",
+            version.version, mount.api
         )));
     }
     if version.stage == Stage::Retired {
@@ -358,6 +377,10 @@ fn authenticate(
     };
     match &mount.auth {
         MountAuth::None => Ok(None),
+        MountAuth::Broken => Err(ProxyError::VersionUnavailable(format!(
+            "API {}'s auth settings could not be compiled on this node; the operator has the error in its log",
+            mount.api
+        ))),
         MountAuth::Key => {
             let presented = req
                 .headers()

@@ -51,6 +51,8 @@ pub enum ProxyError {
     VersionNotFound(String),
     #[error("{0}")]
     VersionRetired(String),
+    #[error("{0}")]
+    VersionUnavailable(String),
 }
 
 impl ProxyError {
@@ -72,6 +74,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::VersionNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::VersionRetired(_) => StatusCode::GONE,
+            ProxyError::VersionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -92,6 +95,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::VersionNotFound(_) => "version_not_found",
             ProxyError::VersionRetired(_) => "version_retired",
+            ProxyError::VersionUnavailable(_) => "version_unavailable",
         }
     }
 

@@ -28,7 +28,7 @@ use super::state_machine::StateMachineStore;
 use super::{NodeId, NodeInfo, Raft, RaftSettings};
 use crate::auth::principal::{Caller, Principal, authenticate, authorize};
 use crate::state::access::{KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
-use crate::state::lifecycle::{Stage, parse_version};
+use crate::state::lifecycle::{Stage, content_digest, parse_version};
 use crate::state::machine::{Applied, CheckedSpec, check_parsed, parse_checked, put_spec_command};
 use crate::state::spec::needs_dns;
 
@@ -373,6 +373,14 @@ impl Cluster {
                 Refusal::Precondition(m) => Status::failed_precondition(m),
             });
         }
+        if secret.is_some() && applied.deduplicated {
+            // The first attempt made the credential; its secret went to that attempt only.
+            return Err(Status::already_exists(format!(
+                "this request was already applied: it made {}. Its secret was shown only to the \
+                 first attempt; if that answer was lost, revoke it and make a new one",
+                applied.added.join(", ")
+            )));
+        }
         let (credential_id, secret) = secret.unwrap_or_default();
         Ok(api::WriteResponse {
             generation: applied.generation,
@@ -435,10 +443,14 @@ impl Cluster {
                                 let found = api.versions.get(&v)?;
                                 (found.stage == Stage::Draft).then(|| found.content.clone())
                             });
-                            // Otherwise the state machine refuses it with the reason.
+                            // Never what the client sent. No draft: left empty, and the
+                            // state machine refuses it with the reason.
+                            p.compiled.clear();
+                            p.content_digest.clear();
                             if let Some(content) = content {
                                 p.compiled =
                                     check_version_content(&content, self.max_spec_bytes).await?;
+                                p.content_digest = content_digest(&content);
                             }
                         }
                         _ => {}
@@ -529,7 +541,13 @@ impl Cluster {
                 .values()
                 .filter(|x| req.tenant.is_empty() || x.tenant == req.tenant)
                 .filter(|x| p.sees(&x.tenant))
-                .map(|x| x.to_proto())
+                .map(|x| {
+                    let mut api = x.to_proto();
+                    if let Some(jwt) = api.settings.as_mut().and_then(|s| s.jwt.as_mut()) {
+                        jwt.jwks = crate::auth::jwt::redact_jwks(&jwt.jwks);
+                    }
+                    api
+                })
                 .collect(),
             generation: a.state.generation,
         }))

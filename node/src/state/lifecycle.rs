@@ -70,9 +70,11 @@ pub enum Transition {
     Edit {
         content: String,
     },
-    /// `compiled`: the content as checked and compiled by the proposing node.
+    /// `compiled`: the content as checked and compiled by the proposing node, from the
+    /// draft whose [`content_digest`] is `digest`.
     Publish {
         compiled: String,
+        digest: String,
     },
     /// Sunset date (RFC 3339) and, optionally, the version that replaces it.
     Deprecate {
@@ -271,13 +273,41 @@ impl ApiSettings {
         }
     }
 
-    /// Whether two APIs would answer the same requests: the same base path on a common
-    /// host (or both on any host).
+    /// Whether two APIs could answer the same request: their hosts overlap (any host,
+    /// a common name, or a wildcard covering the other) and one base path is the other or
+    /// lies below it. Refused, so one tenant cannot mount an API in front of another's.
     fn collides(&self, other: &ApiSettings) -> bool {
-        self.base_path == other.base_path
-            && ((self.hosts.is_empty() && other.hosts.is_empty())
-                || self.hosts.iter().any(|h| other.hosts.contains(h)))
+        let hosts_overlap = self.hosts.is_empty()
+            || other.hosts.is_empty()
+            || self
+                .hosts
+                .iter()
+                .any(|a| other.hosts.iter().any(|b| host_overlap(a, b)));
+        hosts_overlap && paths_nest(&self.base_path, &other.base_path)
     }
+}
+
+/// Whether two host patterns can match one name (`*.example.com` covers
+/// `shop.example.com` and `*.shop.example.com`).
+fn host_overlap(a: &str, b: &str) -> bool {
+    let covers = |pattern: &str, name: &str| {
+        pattern
+            .strip_prefix('*')
+            .is_some_and(|suffix| name.ends_with(suffix))
+    };
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// Whether one base path equals the other or lies below it, segment-wise.
+fn paths_nest(a: &str, b: &str) -> bool {
+    let below = |short: &str, long: &str| {
+        short == "/"
+            || long == short
+            || long
+                .strip_prefix(short)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    below(a, b) || below(b, a)
 }
 
 /// `""` and `/` are the root; otherwise `/seg/seg` of URL-safe characters, with no segment
@@ -313,6 +343,20 @@ fn normalize_base_path(text: &str) -> Result<String, Refusal> {
     }
     Ok(trimmed.to_string())
 }
+
+/// A digest of a version's content (FNV-1a 64, hex): detects an edit between a publish's
+/// check and its apply; not a security boundary.
+pub fn content_digest(content: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in content.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Highest weight of one version in a split (weights are relative).
+pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// `v2` -> 2: a path segment that selects a major version.
 pub fn version_segment(seg: &str) -> Option<u64> {
@@ -477,11 +521,12 @@ impl Api {
         }
         match t {
             Transition::Edit { content } => v.content = content,
-            Transition::Publish { compiled } => {
-                if compiled.is_empty() {
-                    return Err(Refusal::Invalid(
-                        "a publish carries the compiled routes, which the node fills in; send it through a node".into(),
-                    ));
+            Transition::Publish { compiled, digest } => {
+                if compiled.is_empty() || digest != content_digest(&v.content) {
+                    return Err(Refusal::Precondition(format!(
+                        "version {} of API {api} changed while it was being published; publish it again",
+                        v.version
+                    )));
                 }
                 v.stage = Stage::Published;
                 v.compiled = Arc::from(compiled);
@@ -543,6 +588,11 @@ impl Api {
                 return Err(Refusal::Precondition(format!(
                     "version {v} is {}; only published or deprecated versions take traffic",
                     version.stage.name()
+                )));
+            }
+            if *weight > MAX_WEIGHT {
+                return Err(Refusal::Invalid(format!(
+                    "weight {weight} of version {v} is over {MAX_WEIGHT}; weights are relative, 90 and 10 make a 90/10 split"
                 )));
             }
             if split.insert(v.clone(), *weight).is_some() {
@@ -787,6 +837,7 @@ pub fn apply_command(
                 },
                 Some(To::Publish(p)) => Transition::Publish {
                     compiled: p.compiled.clone(),
+                    digest: p.content_digest.clone(),
                 },
                 Some(To::Deprecate(d)) => Transition::Deprecate {
                     sunset: (!d.sunset.is_empty()).then(|| d.sunset.clone()),
@@ -844,10 +895,10 @@ fn check_mount(
         } else {
             settings.hosts.join(", ")
         };
-        // Names the path, not the other API: it may belong to another tenant.
+        // Names neither the other API nor its mount: it may belong to another tenant.
         let _ = other;
         return Err(Refusal::Precondition(format!(
-            "another API is already mounted at {} on {hosts}; choose another base path or host",
+            "{} on {hosts} overlaps where another API is mounted (the same or a nested base path on an overlapping host); choose another base path or host",
             settings.base_path
         )));
     }

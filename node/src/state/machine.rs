@@ -55,6 +55,9 @@ pub struct Applied {
     pub removed: Vec<String>,
     /// Set when the command was refused (it changed nothing).
     pub refusal: Option<Refusal>,
+    /// The command's request id was already applied (for the same actor): this is the
+    /// earlier answer, and nothing was applied now.
+    pub deduplicated: bool,
 }
 
 /// Objects added, changed and removed by a new spec.
@@ -72,14 +75,15 @@ impl Plan {
 }
 
 impl ClusterState {
-    /// Applies one command taken from log entry `log_index`.
+    /// Applies one command taken from log entry `log_index`. A request id already in the
+    /// history for the same actor is answered as the first time and applied once.
     pub fn apply(&mut self, log_index: u64, cmd: &Command) -> Applied {
         if !cmd.request_id.is_empty()
             && let Some(earlier) = self
                 .history
                 .iter()
                 .rev()
-                .find(|c| c.request_id == cmd.request_id)
+                .find(|c| c.request_id == cmd.request_id && c.actor == cmd.actor)
         {
             return Applied {
                 generation: earlier.generation,
@@ -88,6 +92,7 @@ impl ClusterState {
                 changed: earlier.changed.clone(),
                 removed: earlier.removed.clone(),
                 refusal: None,
+                deduplicated: true,
             };
         }
         match &cmd.kind {
@@ -186,7 +191,7 @@ impl ClusterState {
                 } else {
                     (Vec::new(), vec![change.object.clone()])
                 };
-                let applied = self.record(log_index, &cmd.request_id, added, changed, Vec::new());
+                let applied = self.record(log_index, cmd, added, changed, Vec::new());
                 self.audit(
                     cmd,
                     change.action,
@@ -237,7 +242,6 @@ impl ClusterState {
         if matches!(&result, Ok(c) if !c.is_empty()) {
             self.apis = Arc::new(next);
         }
-        let request_id = cmd.request_id.as_str();
         match result {
             Err(refusal) => Applied {
                 generation: self.generation,
@@ -265,7 +269,7 @@ impl ClusterState {
                     .or(changed.first())
                     .cloned()
                     .unwrap_or_default();
-                let applied = self.record(log_index, request_id, added, changed, Vec::new());
+                let applied = self.record(log_index, cmd, added, changed, Vec::new());
                 let after = self.apis.get(&api.api);
                 let tenant = after.map(|a| a.tenant.clone()).unwrap_or_default();
                 let after = after.map(Api::audit_json).unwrap_or_default();
@@ -286,7 +290,7 @@ impl ClusterState {
     fn record(
         &mut self,
         log_index: u64,
-        request_id: &str,
+        cmd: &Command,
         added: Vec<String>,
         changed: Vec<String>,
         removed: Vec<String>,
@@ -295,7 +299,8 @@ impl ClusterState {
         self.history.push_back(Change {
             generation: self.generation,
             log_index,
-            request_id: request_id.to_string(),
+            request_id: cmd.request_id.clone(),
+            actor: cmd.actor.clone(),
             added: added.clone(),
             changed: changed.clone(),
             removed: removed.clone(),
@@ -310,11 +315,11 @@ impl ClusterState {
             changed,
             removed,
             refusal: None,
+            deduplicated: false,
         }
     }
 
     fn put_spec(&mut self, log_index: u64, cmd: &Command, put: &PutSpec) -> Applied {
-        let request_id = cmd.request_id.as_str();
         let plan = self.plan(&put.objects);
         if plan.is_empty() && put.spec_yaml == *self.spec_yaml {
             return Applied {
@@ -334,13 +339,7 @@ impl ClusterState {
                 .to_string()
         };
         let after = summary(&plan);
-        let applied = self.record(
-            log_index,
-            request_id,
-            plan.added,
-            plan.changed,
-            plan.removed,
-        );
+        let applied = self.record(log_index, cmd, plan.added, plan.changed, plan.removed);
         self.audit(
             cmd,
             "spec.apply",

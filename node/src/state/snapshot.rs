@@ -57,7 +57,7 @@ pub struct Mount {
     pub base_path: String,
     /// Published, deprecated and retired versions, oldest first.
     pub versions: Vec<MountedVersion>,
-    /// Cumulative weights and the version each range picks.
+    /// The split: weight and index into `versions`.
     pub split: Vec<(u32, usize)>,
 }
 
@@ -66,6 +66,8 @@ pub enum MountAuth {
     Key,
     Jwt(Box<JwtValidator>),
     None,
+    /// The API's auth settings could not be compiled here: every request answers 503.
+    Broken,
 }
 
 /// One version of a mounted API.
@@ -78,17 +80,22 @@ pub struct MountedVersion {
     pub matcher: Matcher,
     /// `Deprecation`, `Sunset` and `Link` for a deprecated version.
     pub deprecation: Vec<(HeaderName, HeaderValue)>,
+    /// False when its content could not be compiled on this node (a name that does not
+    /// resolve here, say): it answers 503 and the rest of the cluster's state is served.
+    pub available: bool,
 }
 
 impl Mount {
     /// The version for a request: the `/vN` prefix, else the `Api-Version` header, else the
-    /// split (by `sticky_key` when the API is sticky). `Err` says why none fits.
+    /// split among the versions the caller `may_call` (by `sticky_key` when the API is
+    /// sticky). `Err` says why none fits.
     pub fn select(
         &self,
         path_major: Option<u64>,
         header: Option<&str>,
         sticky_key: Option<&str>,
-    ) -> Result<&MountedVersion, String> {
+        may_call: &dyn Fn(&semver::Version) -> bool,
+    ) -> Result<&MountedVersion, Selection> {
         let newest = |pick: &dyn Fn(&semver::Version) -> bool| {
             // Prefer a version that takes traffic; a retired one answers 410.
             self.versions
@@ -99,44 +106,55 @@ impl Mount {
         };
         if let Some(major) = path_major {
             return newest(&|v| v.major == major).ok_or_else(|| {
-                format!(
+                Selection::NotFound(format!(
                     "API {} has no version {major}; it has {}",
                     self.api,
                     self.majors()
-                )
+                ))
             });
         }
         if let Some(h) = header {
             let text = h.trim().trim_start_matches('v');
             let req = semver::VersionReq::parse(&format!("={text}")).map_err(|_| {
-                format!("Api-Version {h:?} is not a version; send it like 2, 2.1 or 2.1.0")
+                Selection::NotFound(format!(
+                    "Api-Version {h:?} is not a version; send it like 2, 2.1 or 2.1.0"
+                ))
             })?;
             return newest(&|v| req.matches(v)).ok_or_else(|| {
-                format!(
+                Selection::NotFound(format!(
                     "API {} has no version matching Api-Version {h:?}; it has {}",
                     self.api,
                     self.majors()
-                )
+                ))
             });
         }
-        let total = self.split.last().map(|(w, _)| *w).unwrap_or(0);
-        if total == 0 {
-            return Err(format!(
+        if self.split.is_empty() {
+            return Err(Selection::NotFound(format!(
                 "API {} has no published version taking traffic yet",
                 self.api
-            ));
+            )));
         }
-        let ticket = match sticky_key {
-            Some(key) if self.sticky => (fnv1a(key.as_bytes()) % u64::from(total)) as u32,
-            _ => fastrand::u32(..total),
+        // Weights are at most 1,000,000 each, so a split's sum fits in a u64.
+        let allowed = || {
+            self.split
+                .iter()
+                .filter(|(_, i)| may_call(&self.versions[*i].version))
         };
-        let idx = self
-            .split
-            .iter()
-            .find(|(upto, _)| ticket < *upto)
-            .map(|(_, i)| *i)
-            .expect("the ticket is below the total");
-        Ok(&self.versions[idx])
+        let total: u64 = allowed().map(|(w, _)| u64::from(*w)).sum();
+        if total == 0 {
+            return Err(Selection::NotSubscribed);
+        }
+        let mut ticket = match sticky_key {
+            Some(key) if self.sticky => fnv1a(key.as_bytes()) % total,
+            _ => fastrand::u64(..total),
+        };
+        for (w, i) in allowed() {
+            if ticket < u64::from(*w) {
+                return Ok(&self.versions[*i]);
+            }
+            ticket -= u64::from(*w);
+        }
+        unreachable!("the ticket is below the total of the weights it walks")
     }
 
     fn majors(&self) -> String {
@@ -152,6 +170,14 @@ impl Mount {
             majors.join(", ")
         }
     }
+}
+
+/// Why no version was selected.
+#[derive(Debug)]
+pub enum Selection {
+    NotFound(String),
+    /// The split has versions, but none the caller may call.
+    NotSubscribed,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -240,8 +266,10 @@ impl Snapshot {
 pub struct VersionSpec<'a> {
     pub api: &'a Api,
     pub version: &'a ApiVersion,
-    /// `None` for a retired version (it only answers 410).
+    /// `None` for a retired version (it only answers 410) or one that did not compile.
     pub spec: Option<Spec>,
+    /// False when its content did not compile on this node.
+    pub available: bool,
 }
 
 /// Checks that a spec's routes can be placed in one table (templates that conflict are
@@ -349,6 +377,13 @@ fn route_match(id: u32, name: &str, r: &crate::state::spec::RouteSpec) -> RouteM
     }
 }
 
+/// Logs and counts a part of an API that cannot be compiled on this node; the part answers
+/// 503 and everything else is served (one tenant's API cannot stop a node's updates).
+fn broken(path: &str, msg: &str) {
+    metrics::counter!("tollgate_snapshot_build_failures_total").increment(1);
+    tracing::error!("cannot compile {path} on this node; it answers 503: {msg}");
+}
+
 /// `Deprecation` (RFC 9745), `Sunset` (RFC 8594) and the successor `Link` of a
 /// deprecated version.
 fn deprecation_headers(api: &Api, v: &ApiVersion) -> Vec<(HeaderName, HeaderValue)> {
@@ -389,7 +424,6 @@ impl Routing {
         let mut b = Builder::default();
         b.add_spec(spec, "", registry);
         let mut mounts: Vec<Mount> = Vec::new();
-        let mut errors = SpecErrors::default();
         for vs in versions {
             let api = vs.api;
             if mounts.last().is_none_or(|m| *m.api != *api.name) {
@@ -401,7 +435,8 @@ impl Routing {
                     path: PathMatch::Prefix(api.settings.base_path.clone()),
                     methods: Vec::new(),
                     headers: Vec::new(),
-                    priority: 0,
+                    // On the same host and prefix, the operator's spec routes win.
+                    priority: i32::MIN,
                 });
                 let auth = match (&api.settings.auth, &api.settings.jwt) {
                     (AuthMode::None, _) => MountAuth::None,
@@ -409,8 +444,8 @@ impl Routing {
                         match JwtValidator::new(&j.jwks, &j.issuer, &j.audience, &j.tenant_claim) {
                             Ok(v) => MountAuth::Jwt(Box::new(v)),
                             Err(e) => {
-                                errors.push(format!("apis.{}.jwt", api.name), e);
-                                MountAuth::Key
+                                broken(&format!("apis.{}.jwt", api.name), &e);
+                                MountAuth::Broken
                             }
                         }
                     }
@@ -428,6 +463,7 @@ impl Routing {
             }
             let mount = mounts.last_mut().expect("pushed above");
             let v = vs.version;
+            let mut available = vs.available;
             let matcher = match &vs.spec {
                 Some(spec) => {
                     let prefix = format!("{}@{}/", api.name, v.version);
@@ -436,14 +472,15 @@ impl Routing {
                         Ok(m) => m,
                         Err(errs) => {
                             for (route, msg) in errs {
-                                errors.push(
-                                    format!(
+                                broken(
+                                    &format!(
                                         "apis.{}.versions.{}.routes.{route}",
                                         api.name, v.version
                                     ),
-                                    msg,
+                                    &msg,
                                 );
                             }
+                            available = false;
                             Matcher::default()
                         }
                     }
@@ -451,21 +488,18 @@ impl Routing {
                 None => Matcher::default(),
             };
             if let Some(weight) = api.split.get(&v.version) {
-                let upto = mount.split.last().map(|(w, _)| *w).unwrap_or(0) + weight;
-                mount.split.push((upto, mount.versions.len()));
+                mount.split.push((*weight, mount.versions.len()));
             }
             mount.versions.push(MountedVersion {
                 version: v.version.clone(),
                 stage: v.stage,
                 matcher,
                 deprecation: deprecation_headers(api, v),
+                available,
             });
         }
         let matcher = Matcher::build(&b.matches);
         b.matcher_errors(matcher.as_ref().err().cloned())?;
-        if !errors.is_empty() {
-            return Err(errors);
-        }
         let matcher = matcher.expect("errors returned above");
         let mut clusters = b.clusters;
         clusters.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1,9 +1,16 @@
 use super::*;
 
-fn publish() -> Transition {
+/// A publish as a node makes it, for a draft whose content is `content`.
+fn publish_of(content: &str) -> Transition {
     Transition::Publish {
         compiled: "{}".into(),
+        digest: content_digest(content),
     }
+}
+
+/// A publish of a draft whose content is `routes: {}` (what these tests create).
+fn publish() -> Transition {
+    publish_of("routes: {}")
 }
 
 fn stage_of(api: &Api, v: &str) -> Option<Stage> {
@@ -124,7 +131,15 @@ fn an_edit_changes_a_draft_and_publishing_freezes_it() {
         api.versions[&parse_version("1.0.0").unwrap()].content,
         "v2 content"
     );
-    api.transition("1.0.0", publish(), 1).unwrap();
+    // A publish compiled from the content before the edit is refused: what was checked
+    // is what is served.
+    let stale = api.transition("1.0.0", publish(), 1).unwrap_err();
+    assert!(
+        matches!(stale, Refusal::Precondition(ref m) if m.contains("changed while")),
+        "{stale:?}"
+    );
+    api.transition("1.0.0", publish_of("v2 content"), 1)
+        .unwrap();
     let err = api
         .transition(
             "1.0.0",
@@ -282,4 +297,38 @@ fn a_version_with_traffic_cannot_be_retired_and_rollback_will_not_revive_one() {
         api.split,
         Split::from([(parse_version("2.0.0").unwrap(), 100)])
     );
+}
+
+#[test]
+fn mounts_that_could_answer_the_same_request_collide() {
+    let s = |hosts: &[&str], base: &str| {
+        ApiSettings::from_proto(Some(&pb::ApiSettings {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            base_path: base.into(),
+            ..Default::default()
+        }))
+        .unwrap()
+    };
+    let shop = s(&["shop.example.com"], "/orders");
+    for (other, collides) in [
+        (s(&["shop.example.com"], "/orders"), true),
+        (s(&["shop.example.com"], "/orders/special"), true),
+        (s(&["shop.example.com"], "/"), true),
+        (s(&["*.example.com"], "/orders"), true),
+        (s(&["*.com"], "/"), true),
+        (s(&[], "/orders/x"), true),
+        (s(&["shop.example.com"], "/ordersx"), false),
+        (s(&["other.example.com"], "/orders"), false),
+        (s(&["*.other.com"], "/"), false),
+        (s(&[], "/payments"), false),
+    ] {
+        assert_eq!(
+            shop.collides(&other),
+            collides,
+            "{:?} {}",
+            other.hosts,
+            other.base_path
+        );
+        assert_eq!(other.collides(&shop), collides, "symmetric");
+    }
 }

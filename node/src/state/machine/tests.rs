@@ -182,6 +182,7 @@ fn api_commands_take_generations_and_refusals_change_nothing() {
                 version: "1.0.0".into(),
                 to: Some(To::Publish(pb::Publish {
                     compiled: "{}".into(),
+                    content_digest: crate::state::lifecycle::content_digest(""),
                 })),
             }),
         ),

@@ -997,4 +997,28 @@ apis:
         "{err}"
     );
     assert_eq!(client.list_apis(false, "").await.unwrap(), before);
+
+    // One file that needs its steps in order: a new 3.0.0 takes the traffic before 2.0.0
+    // (which has it now) is retired, and 1.0.0 is deprecated towards it, then retired.
+    let spec_of = |addr: std::net::SocketAddr| {
+        format!(
+            "{{ upstreams: {{ u: {{ endpoints: [{{ address: \"{addr}\" }}] }} }}, routes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }} }}"
+        )
+    };
+    let text = format!(
+        "apis:\n  orders:\n    tenant: acme\n    base_path: /orders\n    versions:\n      1.0.0: {{ stage: retired, successor: 3.0.0, spec: {v1} }}\n      2.0.0: {{ stage: retired, spec: {v2} }}\n      3.0.0: {{ stage: published, spec: {v2} }}\n    split: {{ 3.0.0: 1 }}\n",
+        v1 = spec_of(a.addr),
+        v2 = spec_of(b.addr),
+    );
+    std::fs::write(&file, text).unwrap();
+    let (code, out, err) = cli(&["apply", "-f", &path]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("  ")).collect();
+    let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(at("@3.0.0 (published)") < at("(split 3.0.0=1)"), "{out}");
+    assert!(at("(split 3.0.0=1)") < at("@2.0.0 (retired)"), "{out}");
+    assert!(at("@1.0.0 (deprecated)") < at("@1.0.0 (retired)"), "{out}");
+    let apis = client.list_apis(false, "").await.unwrap().apis;
+    let stages: Vec<&str> = apis[0].versions.iter().map(|v| v.stage.as_str()).collect();
+    assert_eq!(stages, ["retired", "retired", "published"]);
 }

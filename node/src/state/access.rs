@@ -452,22 +452,7 @@ pub fn bootstrap(
 impl Access {
     pub fn to_proto(&self, out: &mut pb::StateSnapshot) {
         out.hash_key = self.hash_key.clone();
-        out.tenants = self
-            .tenants
-            .values()
-            .map(|t| pb::TenantState {
-                name: t.name.clone(),
-                created_at_ms: t.created_at_ms,
-                subscriptions: t
-                    .subscriptions
-                    .iter()
-                    .map(|(api, versions)| pb::Subscription {
-                        api: api.clone(),
-                        versions: versions.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
+        out.tenants = self.tenants.values().map(tenant_to_proto).collect();
         out.keys = self.keys.values().map(Credential::to_proto).collect();
         out.tokens = self.tokens.values().map(Credential::to_proto).collect();
     }

@@ -8,8 +8,8 @@
 #   ACCESS_LOG=stdout benches/load.sh  # with Tollgate's access log on (nginx's is off)
 #
 # Contenders: direct (the origin itself), nginx (reverse proxy, keepalive upstream),
-# tollgate-normal (--cpu-scheduling normal) and tollgate-batch (--cpu-scheduling batch, the
-# default).
+# tollgate-normal (--cpu-scheduling normal), tollgate-batch (--cpu-scheduling batch, the
+# default) and tollgate-api (batch, the origin served as an API with a 50/50 version split).
 #
 # Output: a summary table (markdown) under $BASELINE_WORK/out/http-<tag>/summary.md, and the
 # idle RSS figure on stdout. Needs: nginx haproxy wrk (installed with apt-get when missing).
@@ -53,8 +53,8 @@ PIDS=()
 
 start_node() { # NAME PORT ADMIN GRPC EXTRA...
   local name=$1 port=$2 admin=$3 grpc=$4; shift 4
-  rm -f "$WORK/$name.addrs.json"
-  "$BIN" node --spec "$WORK/spec.yaml" --proxy-addr 127.0.0.1:$port \
+  rm -f "$WORK/$name.addrs.json"; rm -rf "$WORK/$name.data"
+  "$BIN" node --bootstrap --data-dir "$WORK/$name.data" --spec "$WORK/spec.yaml" --proxy-addr 127.0.0.1:$port \
     --admin-addr 127.0.0.1:$admin --grpc-addr 127.0.0.1:$grpc \
     --access-log "$ACCESS_LOG" --addr-file "$WORK/$name.addrs.json" --log-format json "$@" \
     >"$WORK/$name.access.log" 2>"$WORK/$name.log" &
@@ -66,6 +66,25 @@ start_node tollgate-normal 18083 17071 17070 --cpu-scheduling normal
 NODE_PID=${PIDS[0]}
 start_node tollgate-batch 18084 17073 17072 --cpu-scheduling batch
 BATCH_PID=${PIDS[1]}
+# The same, serving the origin as an API (mounted at /api, auth none: wrk sends no
+# headers) with a 50/50 split between two published versions: the API stages' cost.
+start_node tollgate-api 18085 17075 17074 --cpu-scheduling batch
+API_PID=${PIDS[2]}
+cat > "$WORK/api.yaml" <<YAML
+tenants:
+  bench: {}
+apis:
+  origin:
+    tenant: bench
+    base_path: /api
+    auth: none
+    versions:
+      1.0.0: { stage: published, spec: { upstreams: { o: { endpoints: [{ address: "127.0.0.1:18080" }] } }, routes: { all: { match: { path: { prefix: / } }, upstream: o } } } }
+      2.0.0: { stage: published, spec: { upstreams: { o: { endpoints: [{ address: "127.0.0.1:18080" }] } }, routes: { all: { match: { path: { prefix: / } }, upstream: o } } } }
+    split: { 1.0.0: 50, 2.0.0: 50 }
+YAML
+"$BIN" apply -f "$WORK/api.yaml" --node 127.0.0.1:17074 --token "$(cat "$WORK/tollgate-api.data/operator-token")" >/dev/null
+for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:18085/api/ && break; sleep 0.1; done
 
 # Idle memory: the first node after a few requests and a second of rest.
 for _ in $(seq 20); do curl -s -o /dev/null http://127.0.0.1:18083/; done
@@ -79,7 +98,8 @@ python3 "$BASE/http_bench.py" --only \
   --target nginx=http://127.0.0.1:18081 \
   --target tollgate-normal=http://127.0.0.1:18083 \
   --target tollgate-batch=http://127.0.0.1:18084 \
-  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate-normal="$NODE_PID" --cpu tollgate-batch="$BATCH_PID" \
+  --target tollgate-api=http://127.0.0.1:18085/api \
+  --baseline nginx --cpu nginx="$NGINX_PID" --cpu tollgate-normal="$NODE_PID" --cpu tollgate-batch="$BATCH_PID" --cpu tollgate-api="$API_PID" \
   --rounds "$ROUNDS" --duration "$DURATION" --tag "$TAG" \
   --note "tollgate: $(nproc) data-plane threads, access log $ACCESS_LOG; idle RSS $((IDLE_RSS_KB / 1024)) MB"
 echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Data-plane regression check: this checkout's `tollgate` against an earlier revision's,
+# beside nginx, in the same interleaved run (../shared/baseline/http_bench.py). Everything
+# listens on 127.0.0.1; every wrk run is bounded in time.
+#
+#   benches/compare_rev.sh REV                 # e.g. 0240937 (the end of issue 2)
+#   ROUNDS=3 DURATION=5 benches/compare_rev.sh REV
+#
+# REV is built in a worktree under $BASELINE_WORK (its own target dir, kept between runs),
+# unless OLD_BIN names a binary already built from it.
+# A revision from before the Raft cluster takes --spec alone; a later one needs --bootstrap
+# and a data dir, which this script gives when the binary knows the flag.
+set -euo pipefail
+REV=${1:?usage: benches/compare_rev.sh REV}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$ROOT/../shared}
+BASE=$SHARED/baseline
+export BASELINE_WORK=${BASELINE_WORK:-${TMPDIR:-/tmp}/tollgate-baseline}
+ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-5}
+TAG=${TAG:-compare-$REV-$(date +%Y%m%d-%H%M%S)}
+WORK=$BASELINE_WORK/compare; mkdir -p "$WORK"
+
+need=(); for t in nginx wrk; do command -v $t >/dev/null || need+=($t); done
+if ((${#need[@]})); then
+  echo "installing ${need[*]}"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+(cd "$ROOT" && cargo build --release --bin tollgate)
+NEW=$ROOT/target/release/tollgate
+if [[ -n ${OLD_BIN:-} ]]; then
+  OLD=$OLD_BIN   # already built from REV
+else
+  OLD_TREE=$BASELINE_WORK/rev-$REV
+  if [[ ! -d $OLD_TREE ]]; then git -C "$ROOT" worktree add -f "$OLD_TREE" "$REV"; fi
+  (cd "$OLD_TREE" && CARGO_TARGET_DIR=$BASELINE_WORK/rev-target cargo build --release --bin tollgate)
+  OLD=$BASELINE_WORK/rev-target/release/tollgate
+fi
+
+cat > "$WORK/spec.yaml" <<YAML
+upstreams:
+  origin:
+    endpoints:
+      - address: 127.0.0.1:18080
+routes:
+  all:
+    match:
+      path: { prefix: / }
+    upstream: origin
+YAML
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  "$BASE/http_peers.sh" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+"$BASE/http_peers.sh" start
+
+start() { # NAME BIN PORT ADMIN GRPC
+  local name=$1 bin=$2 port=$3 admin=$4 grpc=$5 cluster=()
+  rm -rf "$WORK/$name.data" "$WORK/$name.addrs.json"
+  if "$bin" node --help | grep -q -- --bootstrap; then
+    cluster=(--bootstrap --data-dir "$WORK/$name.data")
+  fi
+  "$bin" node "${cluster[@]}" --spec "$WORK/spec.yaml" --proxy-addr 127.0.0.1:$port \
+    --admin-addr 127.0.0.1:$admin --grpc-addr 127.0.0.1:$grpc --access-log off \
+    --addr-file "$WORK/$name.addrs.json" --log-format json >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do [[ -s $WORK/$name.addrs.json ]] && return; sleep 0.1; done
+  echo "node $name did not start"; cat "$WORK/$name.log"; exit 1
+}
+start tollgate-old "$OLD" 18086 17077 17076
+OLD_PID=${PIDS[0]}
+start tollgate-new "$NEW" 18087 17079 17078
+NEW_PID=${PIDS[1]}
+
+NGINX_PID=$(cat "$BASELINE_WORK/run/nginx-proxy.pid")
+python3 "$BASE/http_bench.py" --only \
+  --target nginx=http://127.0.0.1:18081 \
+  --target tollgate-old=http://127.0.0.1:18086 \
+  --target tollgate-new=http://127.0.0.1:18087 \
+  --baseline tollgate-old --cpu nginx="$NGINX_PID" --cpu tollgate-old="$OLD_PID" --cpu tollgate-new="$NEW_PID" \
+  --rounds "$ROUNDS" --duration "$DURATION" --tag "$TAG" \
+  --note "tollgate-old: $REV; tollgate-new: $(git -C "$ROOT" rev-parse --short HEAD)"
+echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"

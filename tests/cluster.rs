@@ -55,17 +55,21 @@ async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
         assert!(m["id"].as_u64().is_some());
     }
 
-    // The leader exports Raft's state, replication lag per peer included.
-    let m = c.node(leader).metrics().await;
-    for series in [
+    // The leader exports Raft's state, replication lag per peer included (the gauges are
+    // refreshed at most every 100 ms, so a busy machine may need a moment).
+    let series = [
         "tollgate_raft_term",
         "tollgate_raft_committed_index",
         "tollgate_raft_applied_index",
         "tollgate_raft_replication_lag{peer=",
         "tollgate_raft_members{role=\"voter\"} 3",
-    ] {
-        assert!(m.contains(series), "{series} missing from:\n{m}");
-    }
+    ];
+    let gw = c.node(leader);
+    eventually("the leader's Raft metrics", T, async || {
+        let m = gw.metrics().await;
+        series.iter().all(|s| m.contains(s))
+    })
+    .await;
 
     // A request another node already forwarded is not forwarded again: UNAVAILABLE, with
     // the leader's address in the metadata.
@@ -838,5 +842,49 @@ async fn api_lifecycle_commands_replicate_and_refusals_say_what_is_allowed() {
         client.list_apis(false, "").await.unwrap().generation,
         last,
         "state unchanged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_definitions_are_checked_at_apply_with_field_paths() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "one")).await;
+    let mut client = gw.sdk().await;
+    let base = tagged_spec(up.addr, "two");
+    let bad = format!(
+        "{base}quotas:\n  zero: {{ scope: key, limit: 0, window: second }}\n  odd: {{ scope: key, limit: 5, window: fortnight }}\n  nothing: {{ scope: route, limit: 5, window: minute, routes: [nope] }}\n  ghost: {{ scope: api_version, limit: 5, window: minute, apis: [ghost] }}\n"
+    );
+    let err = client.apply_spec(bad, false, "").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    let msg = err.to_string();
+    for path in [
+        "quotas.zero.limit",
+        "quotas.odd.window",
+        "quotas.nothing.routes[0]",
+    ] {
+        assert!(msg.contains(path), "{path} not in {msg}");
+    }
+    assert_eq!(
+        client.read_spec(false).await.unwrap().generation,
+        1,
+        "nothing applied"
+    );
+    // Valid by itself, but it names an API the cluster does not have.
+    let ghost = format!(
+        "{base}quotas:\n  ghost: {{ scope: api_version, limit: 5, window: minute, apis: [ghost] }}\n"
+    );
+    let err = client.apply_spec(ghost, false, "").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("quotas.ghost.apis[0]: there is no API ghost"),
+        "{err}"
+    );
+    let good = format!(
+        "{base}quotas:\n  per-route: {{ scope: route, limit: 100, window: second, routes: [r] }}\n"
+    );
+    let applied = client.apply_spec(good, false, "").await.unwrap();
+    assert!(
+        applied.added.contains(&"quota/per-route".to_string()),
+        "{applied:?}"
     );
 }

@@ -18,6 +18,7 @@
 //! [`Node::start`] binds every listener and returns once the node serves; [`Node::wait`]
 //! blocks until it has shut down (SIGTERM / SIGINT, drained) .
 
+pub mod actor;
 pub mod admin;
 pub mod auth;
 pub mod config;

@@ -290,6 +290,7 @@ impl Cluster {
             self.principal(caller)?
                 .require_operator("planning a spec")?;
             let checked = check_text(req.spec_yaml, self.max_spec_bytes, "the spec").await?;
+            self.check_quota_apis(&checked)?;
             let (plan, generation) = self
                 .state_machine
                 .read(|a| (a.state.plan(&checked.objects), a.state.generation));
@@ -310,6 +311,7 @@ impl Cluster {
         let principal = self.principal(caller)?;
         principal.require_operator("applying the spec")?;
         let checked = check_text(req.spec_yaml, self.max_spec_bytes, "the spec").await?;
+        self.check_quota_apis(&checked)?;
         let mut cmd = put_spec_command(&checked, &req.request_id);
         cmd.actor = principal.actor();
         cmd.at_ms = now_ms();
@@ -322,6 +324,30 @@ impl Cluster {
             log_index: applied.log_index,
             dry_run: false,
         })
+    }
+
+    /// A quota may only name APIs that exist (the spec alone cannot tell).
+    fn check_quota_apis(&self, checked: &CheckedSpec) -> Result<(), Status> {
+        let mut errors = crate::state::spec::SpecErrors::default();
+        self.state_machine.read(|a| {
+            for (name, q) in &checked.spec.quotas {
+                for (i, api) in q.apis.iter().enumerate() {
+                    if !a.state.apis.contains_key(api) {
+                        errors.push(
+                            format!("quotas.{name}.apis[{i}]"),
+                            format!("there is no API {api}"),
+                        );
+                    }
+                }
+            }
+        });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "the spec was refused, nothing was applied. {errors}"
+            )))
+        }
     }
 
     /// Proposes a state-machine command (not a spec: those are validated by `apply_spec`),

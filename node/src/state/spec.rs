@@ -22,6 +22,95 @@ use serde_yaml_ng::Value;
 pub struct Spec {
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: BTreeMap<String, RouteSpec>,
+    pub quotas: BTreeMap<String, QuotaSpec>,
+}
+
+// === quotas ===
+
+/// A cluster-wide limit: at most `limit` requests per `window` for each value of `scope`
+/// (each API key, each tenant, ...), across every node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSpec {
+    /// What one counter is kept for.
+    pub scope: QuotaScope,
+    /// Requests allowed per window, at least 1.
+    pub limit: i64,
+    pub window: QuotaWindow,
+    /// Default: `gcra` for second and minute windows, `window` counters for longer ones.
+    #[serde(default)]
+    pub algorithm: Option<QuotaAlgorithm>,
+    /// What a node does while it cannot reach the quota's owner. Default: `open`.
+    #[serde(default)]
+    pub fail: FailMode,
+    /// `global` (default): one limit for the cluster; `region`: one per region.
+    #[serde(default)]
+    pub per: QuotaPer,
+    /// Which requests count: routes of the spec and APIs, by name (both empty: all).
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub apis: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaScope {
+    /// Each API key.
+    Key,
+    /// Each tenant.
+    Tenant,
+    /// Each route (or API) as a whole.
+    Route,
+    /// Each version of an API.
+    ApiVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaWindow {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaAlgorithm {
+    /// Generic cell rate (a token bucket without a refill timer): smooth, for short windows.
+    Gcra,
+    /// A counter per calendar window: for hours, days and months.
+    Window,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Admit on the node's last lease and a local share of the limit.
+    #[default]
+    Open,
+    /// Refuse what the node's lease does not cover.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPer {
+    #[default]
+    Global,
+    Region,
+}
+
+impl QuotaSpec {
+    /// The algorithm that runs: the one set, else the window's default.
+    pub fn algorithm(&self) -> QuotaAlgorithm {
+        self.algorithm.unwrap_or(match self.window {
+            QuotaWindow::Second | QuotaWindow::Minute => QuotaAlgorithm::Gcra,
+            _ => QuotaAlgorithm::Window,
+        })
+    }
 }
 
 // === routes ===
@@ -523,10 +612,13 @@ impl Spec {
                 Some("routes") => {
                     spec.routes = objects(value, "routes", &mut Vec::new(), &mut errors)
                 }
+                Some("quotas") => {
+                    spec.quotas = objects(value, "quotas", &mut Vec::new(), &mut errors)
+                }
                 _ => errors.push(
                     "spec",
                     format!(
-                        "unknown field {}, expected `upstreams` or `routes`",
+                        "unknown field {}, expected `upstreams`, `routes` or `quotas`",
                         key_text(&key)
                     ),
                 ),
@@ -730,6 +822,49 @@ impl Spec {
                 &format!("{at}.response_headers"),
                 errors,
             );
+        }
+        for (name, q) in &self.quotas {
+            let at = format!("quotas.{name}");
+            check_name(name, &at, errors);
+            if q.limit < 1 {
+                errors.push(
+                    format!("{at}.limit"),
+                    format!(
+                        "must be at least 1 (got {}); to block traffic, remove the route",
+                        q.limit
+                    ),
+                );
+            }
+            if q.algorithm == Some(QuotaAlgorithm::Gcra)
+                && matches!(q.window, QuotaWindow::Day | QuotaWindow::Month)
+            {
+                errors.push(
+                    format!("{at}.algorithm"),
+                    "gcra spreads a limit evenly over its window; for a day or a month use `window` (the default)",
+                );
+            }
+            for (i, route) in q.routes.iter().enumerate() {
+                if !self.routes.contains_key(route) {
+                    errors.push(
+                        format!("{at}.routes[{i}]"),
+                        format!("no route named {route:?} in this spec"),
+                    );
+                }
+            }
+            for (i, api) in q.apis.iter().enumerate() {
+                if crate::state::lifecycle::check_name("API", api).is_err() {
+                    errors.push(
+                        format!("{at}.apis[{i}]"),
+                        format!("{api:?} is not an API name"),
+                    );
+                }
+            }
+            if q.scope == QuotaScope::ApiVersion && q.apis.is_empty() && !q.routes.is_empty() {
+                errors.push(
+                    format!("{at}.scope"),
+                    "api_version counts requests to APIs; name APIs in `apis`, or use scope route",
+                );
+            }
         }
     }
 }

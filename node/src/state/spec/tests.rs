@@ -822,3 +822,70 @@ fn names_starting_with_an_underscore_are_reserved() {
         "{text}"
     );
 }
+
+// === quotas ===
+
+fn with_quota(quota: &str) -> String {
+    format!(
+        "{}quotas:\n  q:\n{}",
+        route_with("match: { path: { prefix: / } }\n"),
+        indent(quota, 4)
+    )
+}
+
+#[test]
+fn a_quota_parses_with_its_defaults() {
+    let spec = parse(&with_quota(
+        "scope: key\nlimit: 1000\nwindow: second\nroutes: [r]",
+    ));
+    let q = &spec.quotas["q"];
+    assert_eq!(
+        (q.scope, q.limit, q.window),
+        (QuotaScope::Key, 1000, QuotaWindow::Second)
+    );
+    assert_eq!(q.algorithm(), QuotaAlgorithm::Gcra);
+    assert_eq!((q.fail, q.per), (FailMode::Open, QuotaPer::Global));
+    let day = parse(&with_quota(
+        "scope: tenant\nlimit: 10000\nwindow: day\nfail: closed\nper: region",
+    ));
+    assert_eq!(day.quotas["q"].algorithm(), QuotaAlgorithm::Window);
+}
+
+#[test]
+fn bad_quotas_are_refused_at_their_field() {
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 0\nwindow: second"),
+        "quotas.q.limit",
+        "at least 1",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: -5\nwindow: second"),
+        "quotas.q.limit",
+        "at least 1",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 10\nwindow: fortnight"),
+        "quotas.q.window",
+        "unknown variant",
+    );
+    assert_one_error(
+        &with_quota("scope: everyone\nlimit: 10\nwindow: second"),
+        "quotas.q.scope",
+        "unknown variant",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 10\nwindow: second\nroutes: [nowhere]"),
+        "quotas.q.routes[0]",
+        "no route named",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 10\nwindow: month\nalgorithm: gcra"),
+        "quotas.q.algorithm",
+        "use `window`",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 10\nwindow: second\nburst: 5"),
+        "quotas.q.burst",
+        "unknown field",
+    );
+}

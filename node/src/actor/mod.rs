@@ -4,7 +4,10 @@
 //! table to replicate; when a member leaves, only the keys it owned move, and they spread
 //! evenly over the others.
 //!
-//! This is the first part of the quotas-and-circuits issue: ownership. Mailboxes, leases and
-//! the batched gRPC calls between owners and the other nodes build on it.
+//! What exists so far (the quotas-and-circuits issue, first steps): ownership
+//! ([`ownership`]) and the lease protocol of a window-counter quota as pure state
+//! ([`quota`]), checked by a simulation. Mailboxes, the batched gRPC calls between owners
+//! and the other nodes, and enforcement on the data plane build on them.
 
 pub mod ownership;
+pub mod quota;

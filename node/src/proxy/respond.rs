@@ -53,6 +53,15 @@ pub enum ProxyError {
     VersionRetired(String),
     #[error("{0}")]
     VersionUnavailable(String),
+    #[error(
+        "quota {quota} allows {limit} requests per {window_s} s and they are spent; retry in {retry_after_s} s"
+    )]
+    QuotaExceeded {
+        quota: String,
+        limit: u64,
+        window_s: u64,
+        retry_after_s: u64,
+    },
 }
 
 impl ProxyError {
@@ -75,6 +84,7 @@ impl ProxyError {
             ProxyError::VersionNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::VersionRetired(_) => StatusCode::GONE,
             ProxyError::VersionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -96,6 +106,7 @@ impl ProxyError {
             ProxyError::VersionNotFound(_) => "version_not_found",
             ProxyError::VersionRetired(_) => "version_retired",
             ProxyError::VersionUnavailable(_) => "version_unavailable",
+            ProxyError::QuotaExceeded { .. } => "quota_exceeded",
         }
     }
 
@@ -112,7 +123,33 @@ impl ProxyError {
 /// Builds the JSON error response for `err` and counts it.
 pub fn error_response(err: &ProxyError, body_limit: u64) -> Response<ResponseBody> {
     metrics::local_error(err.code());
-    json_error(err.status(), err.code(), &err.message(body_limit))
+    let mut resp = json_error(err.status(), err.code(), &err.message(body_limit));
+    if let ProxyError::QuotaExceeded {
+        quota,
+        limit,
+        window_s,
+        retry_after_s,
+    } = err
+    {
+        // draft-ietf-httpapi-ratelimit-headers: the policy (quota, window) and the state
+        // (remaining, seconds until it resets), as structured fields.
+        let h = resp.headers_mut();
+        let name = quota.replace(['"', '\\'], "");
+        let pairs = [
+            (header::RETRY_AFTER.as_str(), retry_after_s.to_string()),
+            (
+                "ratelimit-policy",
+                format!("\"{name}\";q={limit};w={window_s}"),
+            ),
+            ("ratelimit", format!("\"{name}\";r=0;t={retry_after_s}")),
+        ];
+        for (k, v) in pairs {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(k, v);
+            }
+        }
+    }
+    resp
 }
 
 /// A JSON error response with DESIGN.md's shape.
@@ -137,4 +174,26 @@ pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Res
         );
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spent_quota_answers_429_with_the_ratelimit_fields() {
+        let err = ProxyError::QuotaExceeded {
+            quota: "per-key".into(),
+            limit: 1000,
+            window_s: 1,
+            retry_after_s: 1,
+        };
+        let resp = error_response(&err, 0);
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = resp.headers();
+        assert_eq!(h["retry-after"], "1");
+        assert_eq!(h["ratelimit-policy"], "\"per-key\";q=1000;w=1");
+        assert_eq!(h["ratelimit"], "\"per-key\";r=0;t=1");
+        assert_eq!(h["content-type"], "application/json");
+    }
 }

@@ -411,7 +411,9 @@ async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
     };
     // Small commands after it, so a snapshot is built while the big spec is the state.
     use tollgate_sdk::state::{self as pb, api_command::Op};
-    client.write(harness::create_tenant("acme")).await.unwrap();
+    let mut tenant = harness::create_tenant("acme");
+    tenant.request_id = "small-tenant".into();
+    harness::write_retrying(&mut client, tenant).await;
     for (i, op) in [
         Op::CreateApi(pb::CreateApi {
             tenant: "acme".into(),
@@ -441,7 +443,7 @@ async fn a_snapshot_larger_than_a_grpc_message_streams_to_a_joiner() {
             })),
             ..Default::default()
         };
-        last = client.write(cmd).await.unwrap().generation;
+        last = harness::write_retrying(&mut client, cmd).await.generation;
     }
     let leader = c.leader(T).await;
     let m = c.node(leader).metrics().await;

@@ -651,3 +651,24 @@ pub fn create_tenant(name: &str) -> tollgate_sdk::state::Command {
         ..Default::default()
     }
 }
+
+/// Writes a command, retrying (same request id, so it is applied once) while the cluster
+/// answers UNAVAILABLE: a leader change on a loaded machine, which callers are expected to
+/// ride out. Bounded: 20 attempts over about 10 s.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn write_retrying(
+    client: &mut tollgate_sdk::NodeClient,
+    cmd: tollgate_sdk::state::Command,
+) -> tollgate_sdk::WriteResponse {
+    let mut attempt = 0;
+    loop {
+        match client.write(cmd.clone()).await {
+            Ok(r) => return r,
+            Err(e) if e.code() == Some(tonic::Code::Unavailable) && attempt < 20 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("write refused: {e}"),
+        }
+    }
+}

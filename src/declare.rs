@@ -99,9 +99,7 @@ impl ApiDecl {
 /// Settings as a listing shows them (symmetric JWT keys redacted), to compare with one.
 fn redacted(s: &state::ApiSettings) -> state::ApiSettings {
     let mut s = s.clone();
-    if let Some(jwt) = s.jwt.as_mut() {
-        jwt.jwks = tollgate_node::auth::jwt::redact_jwks(&jwt.jwks);
-    }
+    tollgate_node::auth::jwt::redact_settings(&mut s);
     s
 }
 

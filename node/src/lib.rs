@@ -22,6 +22,7 @@ pub mod actor;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod hash;
 pub mod proxy;
 pub mod raft;
 pub mod routing;

@@ -1,10 +1,10 @@
 //! Rendezvous (highest random weight) hashing: the owner of a key is the member with the
-//! highest `hash(member, key)`. Deterministic across nodes and processes (SipHash-free: a
-//! fixed 64-bit mix, never `std`'s randomly keyed hasher).
+//! highest `hash(member, key)`. Deterministic across nodes and processes (a fixed 64-bit
+//! mix over [`crate::hash::fnv1a`], never `std`'s randomly keyed hasher).
 
 /// The owner of `key` among `members` (node ids), or `None` when there are none.
 pub fn owner(key: &[u8], members: impl IntoIterator<Item = u64>) -> Option<u64> {
-    let k = fnv1a(key);
+    let k = crate::hash::fnv1a(key);
     members.into_iter().max_by_key(|m| (weight(*m, k), *m))
 }
 
@@ -15,15 +15,6 @@ fn weight(member: u64, key_hash: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

@@ -194,16 +194,6 @@ impl Lease {
     pub fn add(&mut self, grant: Grant) {
         *self.tokens.entry(grant.window).or_default() += grant.tokens;
     }
-
-    /// Tokens held now and later: what this node could still admit if cut off.
-    pub fn outstanding(&self, now_ms: u64) -> u64 {
-        let window = now_ms / self.window_ms;
-        self.tokens
-            .iter()
-            .filter(|(w, _)| **w >= window)
-            .map(|(_, t)| *t)
-            .sum()
-    }
 }
 
 #[cfg(test)]

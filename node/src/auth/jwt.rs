@@ -38,6 +38,13 @@ pub fn redact_jwks(text: &str) -> String {
     v.to_string()
 }
 
+/// The same, on an API's settings (for listings and for comparing with one).
+pub fn redact_settings(settings: &mut tollgate_proto::state::v1::ApiSettings) {
+    if let Some(jwt) = settings.jwt.as_mut() {
+        jwt.jwks = redact_jwks(&jwt.jwks);
+    }
+}
+
 struct Key {
     kid: Option<String>,
     key: DecodingKey,

@@ -27,12 +27,20 @@ struct KeyEntry {
     expires_at_ms: u64,
 }
 
-/// Why a caller was not let in (401).
+/// Why a presented key was not let in (401).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthError {
-    Missing,
     Unknown,
     Expired,
+}
+
+/// The credential of an `Authorization: Bearer <credential>` value (either case of
+/// `Bearer`), trimmed; `None` for another scheme.
+pub fn strip_bearer(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
 }
 
 impl AuthTable {

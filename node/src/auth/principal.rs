@@ -87,11 +87,8 @@ pub fn authenticate(
         Caller::Remote(Some(v)) => v,
     };
     let text = value.to_str().unwrap_or_default().trim();
-    let token = text
-        .strip_prefix("Bearer ")
-        .or_else(|| text.strip_prefix("bearer "))
-        .unwrap_or(text)
-        .trim();
+    // The scheme may be left out: the bare token is accepted too.
+    let token = super::strip_bearer(text).unwrap_or(text);
     let a = &state.access;
     let Some(cred) = access::check(&a.tokens, &a.hash_key, TOKEN_PREFIX, token, now_ms) else {
         return Err(Status::unauthenticated(

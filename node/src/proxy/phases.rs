@@ -14,6 +14,7 @@
 //! the meter stage ([`Tail`]) runs for every request, however it ended. See
 //! `docs/request-lifecycle.md`.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::auth::{AuthError, AuthTable};
+use crate::auth::{AuthError, AuthTable, strip_bearer};
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
 use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
 use crate::proxy::headers;
@@ -170,7 +171,7 @@ async fn pipeline(
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let below = api.as_ref().map(|a| a.path.as_str());
+    let below = api.as_ref().map(|a| a.below);
     let mut head = transform_request(parts, route, matched, below, peer, upgrade)?;
     if let Some(api) = &api {
         api.identify(&mut head.headers);
@@ -221,14 +222,15 @@ async fn pipeline(
 
 /// What the API stages learned about a request to an API.
 struct ApiRequest<'s> {
-    /// The path below the base path and version prefix (what the version's routes see and
-    /// the upstream gets).
-    path: String,
+    /// Where, in the request's path, the path below the base path and version prefix
+    /// starts (what the version's routes see and the upstream gets).
+    below: usize,
     /// Headers a deprecated version adds to its answers.
     deprecation: &'s [(http::HeaderName, HeaderValue)],
-    version: &'s semver::Version,
+    /// The version, as the `x-tollgate-api-version` value.
+    version: &'s HeaderValue,
     /// The caller's tenant, once authenticated.
-    tenant: Option<String>,
+    tenant: Option<Cow<'s, str>>,
     /// An API key was presented (it is not passed on).
     used_key: bool,
 }
@@ -255,9 +257,7 @@ impl ApiRequest<'_> {
         {
             headers.insert("x-tollgate-tenant", t);
         }
-        if let Ok(v) = HeaderValue::from_str(&self.version.to_string()) {
-            headers.insert("x-tollgate-api-version", v);
-        }
+        headers.insert("x-tollgate-api-version", self.version.clone());
     }
 }
 
@@ -289,7 +289,7 @@ fn api_route<'s>(
             })?),
             _ => None,
         };
-    let sticky = caller.as_ref().and_then(|c| c.key.as_deref());
+    let sticky = caller.as_ref().and_then(|c| c.key);
     let may_call = |v: &semver::Version| {
         caller.as_ref().is_none_or(|c| {
             snapshot
@@ -298,7 +298,7 @@ fn api_route<'s>(
         })
     };
     let not_subscribed = |what: String| {
-        let tenant = caller.as_ref().map(|c| c.tenant.as_str()).unwrap_or("");
+        let tenant = caller.as_ref().map(|c| &*c.tenant).unwrap_or("");
         ProxyError::Forbidden(format!(
             "tenant {tenant} is not subscribed to {what} of API {}; ask the API's owner for a subscription",
             mount.api
@@ -343,37 +343,34 @@ fn api_route<'s>(
     Ok((
         matched,
         ApiRequest {
-            path: path.to_string(),
+            below: full.len() - below.len(),
             deprecation: &version.deprecation,
-            version: &version.version,
+            version: &version.label,
             used_key: caller.as_ref().is_some_and(|c| c.key.is_some()),
             tenant: caller.map(|c| c.tenant),
         },
     ))
 }
 
-/// Who called an API: the tenant, and the key id when an API key was used.
-struct ApiCaller {
-    tenant: String,
-    key: Option<String>,
+/// Who called an API: the tenant, and the key id when an API key was used (borrowed from
+/// the snapshot's key table; a JWT's tenant is its own).
+struct ApiCaller<'s> {
+    tenant: Cow<'s, str>,
+    key: Option<&'s str>,
 }
 
 /// Checks the caller's API key (`x-api-key` or `Authorization: Bearer`) or JWT against
 /// this node's snapshot: no cluster call. `None` for an API open to anyone.
-fn authenticate(
+fn authenticate<'s>(
     mount: &Mount,
     req: &Request<Incoming>,
-    auth: &AuthTable,
-) -> Result<Option<ApiCaller>, ProxyError> {
+    auth: &'s AuthTable,
+) -> Result<Option<ApiCaller<'s>>, ProxyError> {
     let bearer = || {
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(strip_bearer)
     };
     match &mount.auth {
         MountAuth::None => Ok(None),
@@ -399,8 +396,8 @@ fn authenticate(
                 .unwrap_or(0);
             match auth.key(presented, now) {
                 Ok((id, tenant)) => Ok(Some(ApiCaller {
-                    tenant: tenant.to_string(),
-                    key: Some(id.to_string()),
+                    tenant: Cow::Borrowed(tenant),
+                    key: Some(id),
                 })),
                 Err(AuthError::Expired) => Err(ProxyError::Unauthorized(
                     "the API key has expired; ask for a new one".into(),
@@ -418,7 +415,10 @@ fn authenticate(
                 ))
             })?;
             let tenant = validator.verify(token).map_err(ProxyError::Unauthorized)?;
-            Ok(Some(ApiCaller { tenant, key: None }))
+            Ok(Some(ApiCaller {
+                tenant: Cow::Owned(tenant),
+                key: None,
+            }))
         }
     }
 }
@@ -537,13 +537,13 @@ fn request_host(req: &Request<Incoming>) -> Result<&str, ProxyError> {
     Ok(host)
 }
 
-/// `below`: for an API, the path below its base path and version prefix, which replaces
-/// the request's path.
+/// `below`: for an API, where the path below its base path and version prefix starts in
+/// the request's path; that part replaces the whole path (`/` when it is empty).
 fn transform_request(
     parts: http::request::Parts,
     route: &Route,
     matched: Matched,
-    below: Option<&str>,
+    below: Option<usize>,
     peer: &Peer,
     upgrade: bool,
 ) -> Result<UpstreamHead, ProxyError> {
@@ -557,7 +557,11 @@ fn transform_request(
     if version == Version::HTTP_2 {
         merge_cookies(&mut headers);
     }
-    let path = below.unwrap_or(uri.path());
+    let path = match below.map(|at| &uri.path()[at..]) {
+        Some("") => "/",
+        Some(p) => p,
+        None => uri.path(),
+    };
     let rewritten = match &route.rewrite {
         Some(Rewrite::ReplacePrefix(new)) => {
             // `/api` -> `/v2`: `/api/x` becomes `/v2/x`, `/api` becomes `/v2`, and with an
@@ -578,7 +582,7 @@ fn transform_request(
             }
             Some(p)
         }
-        None => below.map(str::to_string),
+        None => below.map(|_| path.to_string()),
     };
     // The upstream gets origin-form (`/path?query`), whatever form the client used.
     let uri = if rewritten.is_none() && uri.authority().is_none() && uri.scheme().is_none() {

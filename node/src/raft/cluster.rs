@@ -569,8 +569,8 @@ impl Cluster {
                 .filter(|x| p.sees(&x.tenant))
                 .map(|x| {
                     let mut api = x.to_proto();
-                    if let Some(jwt) = api.settings.as_mut().and_then(|s| s.jwt.as_mut()) {
-                        jwt.jwks = crate::auth::jwt::redact_jwks(&jwt.jwks);
+                    if let Some(settings) = api.settings.as_mut() {
+                        crate::auth::jwt::redact_settings(settings);
                     }
                     api
                 })

@@ -347,12 +347,7 @@ fn normalize_base_path(text: &str) -> Result<String, Refusal> {
 /// A digest of a version's content (FNV-1a 64, hex): detects an edit between a publish's
 /// check and its apply; not a security boundary.
 pub fn content_digest(content: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in content.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    crate::hash::fnv1a_hex(content.as_bytes())
 }
 
 /// Highest weight of one version in a split (weights are relative).
@@ -886,9 +881,9 @@ fn check_mount(
     name: &str,
     settings: &ApiSettings,
 ) -> Result<(), Refusal> {
-    if let Some(other) = apis
+    if apis
         .values()
-        .find(|a| a.name != name && a.settings.collides(settings))
+        .any(|a| a.name != name && a.settings.collides(settings))
     {
         let hosts = if settings.hosts.is_empty() {
             "any host".to_string()
@@ -896,7 +891,6 @@ fn check_mount(
             settings.hosts.join(", ")
         };
         // Names neither the other API nor its mount: it may belong to another tenant.
-        let _ = other;
         return Err(Refusal::Precondition(format!(
             "{} on {hosts} overlaps where another API is mounted (the same or a nested base path on an overlapping host); choose another base path or host",
             settings.base_path

@@ -494,19 +494,13 @@ fn object_digests(doc: &serde_yaml_ng::Value) -> BTreeMap<String, String> {
             let canonical = serde_json::to_value(value)
                 .map(|v| v.to_string())
                 .unwrap_or_else(|_| format!("{value:?}"));
-            out.insert(format!("{kind}/{name}"), fnv64_hex(canonical.as_bytes()));
+            out.insert(
+                format!("{kind}/{name}"),
+                crate::hash::fnv1a_hex(canonical.as_bytes()),
+            );
         }
     }
     out
-}
-
-fn fnv64_hex(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 /// The command that puts a checked spec.

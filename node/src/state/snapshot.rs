@@ -74,6 +74,8 @@ pub enum MountAuth {
 #[derive(Debug)]
 pub struct MountedVersion {
     pub version: semver::Version,
+    /// `version` as a header value, for `x-tollgate-api-version`.
+    pub label: HeaderValue,
     pub stage: Stage,
     /// The version's own routes (ids index [`Routing::routes`]), matched against the path
     /// below the base path and version prefix. Empty for a retired version.
@@ -100,9 +102,11 @@ impl Mount {
             // Prefer a version that takes traffic; a retired one answers 410.
             self.versions
                 .iter()
-                .rev()
                 .filter(|v| pick(&v.version))
-                .max_by_key(|v| (v.stage.takes_traffic(), v.version.clone()))
+                .max_by(|a, b| {
+                    (a.stage.takes_traffic(), &a.version)
+                        .cmp(&(b.stage.takes_traffic(), &b.version))
+                })
         };
         if let Some(major) = path_major {
             return newest(&|v| v.major == major).ok_or_else(|| {
@@ -145,7 +149,7 @@ impl Mount {
             return Err(Selection::NotSubscribed);
         }
         let mut ticket = match sticky_key {
-            Some(key) if self.sticky => fnv1a(key.as_bytes()) % total,
+            Some(key) if self.sticky => crate::hash::fnv1a(key.as_bytes()) % total,
             _ => fastrand::u64(..total),
         };
         for (w, i) in allowed() {
@@ -178,15 +182,6 @@ pub enum Selection {
     NotFound(String),
     /// The split has versions, but none the caller may call.
     NotSubscribed,
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// What a matched route does.
@@ -281,7 +276,7 @@ pub fn check_routes(spec: &Spec) -> Result<(), SpecErrors> {
         .enumerate()
         .map(|(i, (name, r))| route_match(i as u32, name, r))
         .collect();
-    Builder::default().matcher_errors(Matcher::build(&matches).err())
+    matcher_errors(Matcher::build(&matches).err())
 }
 
 #[derive(Default)]
@@ -332,15 +327,16 @@ impl Builder {
         }
         matches
     }
+}
 
-    fn matcher_errors(&self, errs: Option<Vec<(String, String)>>) -> Result<(), SpecErrors> {
-        let Some(errs) = errs else { return Ok(()) };
-        let mut out = SpecErrors::default();
-        for (route, msg) in errs {
-            out.push(format!("routes.{route}.match.path"), msg);
-        }
-        Err(out)
+/// A matcher's placement errors as spec errors, at each route's path.
+fn matcher_errors(errs: Option<Vec<(String, String)>>) -> Result<(), SpecErrors> {
+    let Some(errs) = errs else { return Ok(()) };
+    let mut out = SpecErrors::default();
+    for (route, msg) in errs {
+        out.push(format!("routes.{route}.match.path"), msg);
     }
+    Err(out)
 }
 
 fn route_match(id: u32, name: &str, r: &crate::state::spec::RouteSpec) -> RouteMatch {
@@ -492,6 +488,9 @@ impl Routing {
             }
             mount.versions.push(MountedVersion {
                 version: v.version.clone(),
+                // Semantic versions are digits, letters, '.', '-' and '+': all valid here.
+                label: HeaderValue::from_str(&v.version.to_string())
+                    .expect("a semantic version is a valid header value"),
                 stage: v.stage,
                 matcher,
                 deprecation: deprecation_headers(api, v),
@@ -499,7 +498,7 @@ impl Routing {
             });
         }
         let matcher = Matcher::build(&b.matches);
-        b.matcher_errors(matcher.as_ref().err().cloned())?;
+        matcher_errors(matcher.as_ref().err().cloned())?;
         let matcher = matcher.expect("errors returned above");
         let mut clusters = b.clusters;
         clusters.sort_by(|a, b| a.name.cmp(&b.name));

@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "tollgate/raft/v1/raft.proto",
     "tollgate/state/v1/state.proto",
     "tollgate/cp/v1/control_plane.proto",
+    "tollgate/actor/v1/actor.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

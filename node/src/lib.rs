@@ -81,13 +81,20 @@ impl Node {
             .thread_name("tollgate-cluster")
             .enable_all()
             .build()?;
-        let shared = Arc::new(Shared::new(Limits {
-            max_connections: settings.max_connections,
-            max_request_body: settings.max_request_body,
-            max_header_bytes: settings.max_header_bytes,
-            header_read_timeout: settings.header_read_timeout,
-            drain_timeout: settings.drain_timeout,
-        }));
+        let quotas = Arc::new(actor::quotas::Quotas::new(
+            settings.id,
+            settings.region.clone(),
+        ));
+        let shared = Arc::new(Shared::new(
+            Limits {
+                max_connections: settings.max_connections,
+                max_request_body: settings.max_request_body,
+                max_header_bytes: settings.max_header_bytes,
+                header_read_timeout: settings.header_read_timeout,
+                drain_timeout: settings.drain_timeout,
+            },
+            quotas.clone(),
+        ));
         // A bad bootstrap spec stops the node before it serves anything.
         let bootstrap_spec = match &settings.spec {
             Some(path) => Some(
@@ -165,7 +172,13 @@ impl Node {
             metrics.clone(),
             control.clone(),
         ));
+        let actors = {
+            let _context = runtime.enter();
+            actor::Actors::start(quotas, control.clone())
+        };
+        runtime.spawn(actors.clone().run(cluster.clone(), control.clone()));
         let service = admin::grpc::AdminService {
+            actors,
             shared: shared.clone(),
             cluster: cluster.clone(),
             region: settings.region.clone(),

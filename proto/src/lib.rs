@@ -22,6 +22,12 @@ pub mod cp {
     }
 }
 
+pub mod actor {
+    pub mod v1 {
+        tonic::include_proto!("tollgate.actor.v1");
+    }
+}
+
 pub mod state {
     pub mod v1 {
         tonic::include_proto!("tollgate.state.v1");

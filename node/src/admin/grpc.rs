@@ -23,6 +23,7 @@ use crate::raft::cluster::{Cluster, FORWARDED_METADATA};
 use crate::raft::network::MAX_MESSAGE_BYTES;
 
 pub struct AdminService {
+    pub actors: Arc<crate::actor::Actors>,
     pub shared: Arc<Shared>,
     pub cluster: Arc<Cluster>,
     pub region: String,
@@ -194,6 +195,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let raft = service.cluster.raft_service();
+    let actors = service.actors.service(service.cluster.peers.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeAdminServer<AdminService>>().await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
@@ -202,14 +204,17 @@ pub async fn serve(
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for name in ["tollgate.node.v1.NodeAdmin", "tollgate.raft.v1.Raft"]
-            .into_iter()
-            .chain([
-                "grpc.health.v1.Health",
-                "grpc.reflection.v1.ServerReflection",
-                "grpc.reflection.v1alpha.ServerReflection",
-            ])
-        {
+        for name in [
+            "tollgate.node.v1.NodeAdmin",
+            "tollgate.raft.v1.Raft",
+            "tollgate.actor.v1.Actors",
+        ]
+        .into_iter()
+        .chain([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]) {
             b = b.with_service_name(name);
         }
         b
@@ -226,6 +231,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(actors)
         .add_service(
             RaftServer::new(raft)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -101,6 +101,13 @@ fn route(
                 json(StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }
+        "/quotas" => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "node": shared.quotas.node,
+                "leases": shared.quotas.leases(),
+            }),
+        ),
         "/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
             resp.headers_mut().insert(
@@ -111,7 +118,7 @@ fn route(
         }
         other => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": {"code": "not_found", "message": format!("no admin endpoint {other}; try /healthz, /readyz or /metrics")}}),
+            serde_json::json!({"error": {"code": "not_found", "message": format!("no admin endpoint {other}; try /healthz, /readyz, /metrics or /quotas")}}),
         ),
     }
 }

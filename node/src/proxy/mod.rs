@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::actor::quotas::Quotas;
 use crate::state::snapshot::Snapshot;
 use crate::telemetry::metrics::RouteMetrics;
 
@@ -42,10 +43,12 @@ pub struct Shared {
     pub synced: AtomicBool,
     pub unmatched: RouteMetrics,
     pub open_gauge: ::metrics::Gauge,
+    /// The quota leases requests are admitted from.
+    pub quotas: Arc<Quotas>,
 }
 
 impl Shared {
-    pub fn new(limits: Limits) -> Shared {
+    pub fn new(limits: Limits, quotas: Arc<Quotas>) -> Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             limits,
@@ -55,6 +58,7 @@ impl Shared {
             synced: AtomicBool::new(false),
             unmatched: RouteMetrics::new("_none"),
             open_gauge: ::metrics::gauge!("tollgate_open_connections"),
+            quotas,
         }
     }
 }

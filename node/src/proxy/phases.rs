@@ -26,6 +26,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::actor::quota::Admit;
+use crate::actor::quotas::Quotas;
+use crate::actor::wall_ms;
 use crate::auth::{AuthError, AuthTable, strip_bearer};
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
 use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
@@ -34,7 +37,10 @@ use crate::proxy::respond::{ProxyError, error_response};
 use crate::proxy::{OpenConnection, Shared};
 use crate::routing::matcher::Matched;
 use crate::state::lifecycle::{Stage, version_segment};
-use crate::state::snapshot::{MOUNT_BIT, Mount, MountAuth, Rewrite, Route, Selection, Snapshot};
+use crate::state::snapshot::{
+    MOUNT_BIT, Mount, MountAuth, Rewrite, Route, Routing, Selection, Snapshot,
+};
+use crate::state::spec::QuotaScope;
 use crate::telemetry::access_log::{AccessLog, Entry};
 
 /// A thread's handle on the shared snapshot: requests clone the non-atomic `Rc`, so they
@@ -165,7 +171,9 @@ async fn pipeline(
     tail.route = Some(matched.route);
 
     // quota, circuit
-    quota(route, &req)?;
+    if !route.quotas.is_empty() {
+        quota(&worker.shared.quotas, routing, route, api.as_ref(), peer).await?;
+    }
     circuit(route)?;
     // transform
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
@@ -231,15 +239,15 @@ struct ApiRequest<'s> {
     version: &'s HeaderValue,
     /// The caller's tenant, once authenticated.
     tenant: Option<Cow<'s, str>>,
-    /// An API key was presented (it is not passed on).
-    used_key: bool,
+    /// The id of the API key presented (it is not passed on).
+    key: Option<&'s str>,
 }
 
 impl ApiRequest<'_> {
     /// Tells the upstream who called and which version answers; takes the API key out,
     /// so it never reaches upstream logs (a JWT stays: upstreams read its claims).
     fn identify(&self, headers: &mut http::HeaderMap) {
-        if self.used_key {
+        if self.key.is_some() {
             headers.remove("x-api-key");
             let bearer_key = headers
                 .get(header::AUTHORIZATION)
@@ -346,7 +354,7 @@ fn api_route<'s>(
             below: full.len() - below.len(),
             deprecation: &version.deprecation,
             version: &version.label,
-            used_key: caller.as_ref().is_some_and(|c| c.key.is_some()),
+            key: caller.as_ref().and_then(|c| c.key),
             tenant: caller.map(|c| c.tenant),
         },
     ))
@@ -423,10 +431,55 @@ fn authenticate<'s>(
     }
 }
 
-/// Cluster-wide quotas arrive with the quota issue; every request passes today.
-fn quota(_route: &Route, _req: &Request<Incoming>) -> Result<(), ProxyError> {
+/// Spends one request of every quota that counts the route, from this node's leases: no
+/// call leaves the node. A request that finds no token while the owner still had budget
+/// waits for the next exchange (two rounds at most), then is admitted or refused.
+async fn quota(
+    quotas: &Quotas,
+    routing: &Routing,
+    route: &Route,
+    api: Option<&ApiRequest<'_>>,
+    peer: &Peer,
+) -> Result<(), ProxyError> {
+    for &i in &route.quotas {
+        let def = &routing.quotas[usize::from(i)];
+        // Callers without a key or tenant are counted by their IP, like Kong's fallback.
+        let ip = || peer.ip.to_str().unwrap_or("-");
+        let by_version;
+        let value: &str = match def.scope {
+            QuotaScope::Key => api.and_then(|a| a.key).unwrap_or_else(ip),
+            QuotaScope::Tenant => api.and_then(|a| a.tenant.as_deref()).unwrap_or_else(ip),
+            QuotaScope::Route => route.api.as_deref().unwrap_or(&route.name),
+            QuotaScope::ApiVersion => match (&route.api, api) {
+                (Some(name), Some(a)) => {
+                    by_version = format!("{name}@{}", a.version.to_str().unwrap_or(""));
+                    &by_version
+                }
+                _ => &route.name,
+            },
+        };
+        let mut admit = quotas.admit(def, value, wall_ms(), true);
+        if admit == Admit::Wait {
+            quotas.wait_rounds(2, QUOTA_WAIT).await;
+            admit = quotas.admit(def, value, wall_ms(), false);
+        }
+        if admit == Admit::Yes {
+            def.admitted.increment(1);
+        } else {
+            def.refused.increment(1);
+            return Err(ProxyError::QuotaExceeded {
+                quota: def.name.to_string(),
+                limit: def.limit,
+                window_s: def.window_s(),
+                retry_after_s: def.retry_after_s(wall_ms()),
+            });
+        }
+    }
     Ok(())
 }
+
+/// The longest a request waits for its node's lease to be topped up.
+const QUOTA_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Shared circuit state arrives with the circuit issue. Per-endpoint protection already
 /// works below it: outlier ejection and health checks keep failing endpoints out of

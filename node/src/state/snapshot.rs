@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method, header};
 
+use crate::actor::quotas::QuotaDef;
 use crate::auth::AuthTable;
 use crate::auth::jwt::JwtValidator;
 use crate::routing::matcher::{HeaderCondition, HeaderTest, Matcher, PathMatch, RouteMatch};
@@ -40,6 +41,8 @@ pub struct Routing {
     pub routes: Vec<Route>,
     pub mounts: Vec<Mount>,
     pub clusters: Vec<Arc<Cluster>>,
+    /// The spec's quotas; routes name the ones that count them by index.
+    pub quotas: Vec<Arc<QuotaDef>>,
 }
 
 /// Set in a matcher id that names a [`Mount`] rather than a route.
@@ -193,6 +196,10 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub metrics: RouteMetrics,
+    /// The quotas that count this route's requests (indexes into [`Routing::quotas`]).
+    pub quotas: Vec<u16>,
+    /// The API the route belongs to, for a mounted version's route.
+    pub api: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +258,7 @@ impl Snapshot {
                 routes: Vec::new(),
                 mounts: Vec::new(),
                 clusters: Vec::new(),
+                quotas: Vec::new(),
             }),
             auth: Arc::new(AuthTable::default()),
         }
@@ -284,6 +292,7 @@ struct Builder {
     matches: Vec<RouteMatch>,
     routes: Vec<Route>,
     clusters: Vec<Arc<Cluster>>,
+    quotas: Vec<Arc<QuotaDef>>,
 }
 
 impl Builder {
@@ -293,6 +302,7 @@ impl Builder {
         &mut self,
         spec: &Spec,
         prefix: &str,
+        api: Option<&Arc<str>>,
         registry: &EndpointRegistry,
     ) -> Vec<RouteMatch> {
         let clusters: HashMap<&str, Arc<Cluster>> = spec
@@ -319,6 +329,16 @@ impl Builder {
                 request_headers: HeaderOps::compile(&r.request_headers),
                 response_headers: HeaderOps::compile(&r.response_headers),
                 metrics: RouteMetrics::new(&full),
+                quotas: (0..self.quotas.len() as u16)
+                    .filter(|i| {
+                        let q = &self.quotas[usize::from(*i)];
+                        match api {
+                            None => q.covers(Some(name), None),
+                            Some(a) => q.covers(None, Some(a)),
+                        }
+                    })
+                    .collect(),
+                api: api.cloned(),
             });
         }
         self.clusters.extend(clusters.into_values());
@@ -417,8 +437,15 @@ impl Routing {
         versions: &[VersionSpec<'_>],
         registry: &EndpointRegistry,
     ) -> Result<Routing, SpecErrors> {
-        let mut b = Builder::default();
-        b.add_spec(spec, "", registry);
+        let mut b = Builder {
+            quotas: spec
+                .quotas
+                .iter()
+                .map(|(name, q)| Arc::new(QuotaDef::compile(name, q)))
+                .collect(),
+            ..Builder::default()
+        };
+        b.add_spec(spec, "", None, registry);
         let mut mounts: Vec<Mount> = Vec::new();
         for vs in versions {
             let api = vs.api;
@@ -463,7 +490,8 @@ impl Routing {
             let matcher = match &vs.spec {
                 Some(spec) => {
                     let prefix = format!("{}@{}/", api.name, v.version);
-                    let matches = b.add_spec(spec, &prefix, registry);
+                    let api_name = mount.api.clone();
+                    let matches = b.add_spec(spec, &prefix, Some(&api_name), registry);
                     match Matcher::build(&matches) {
                         Ok(m) => m,
                         Err(errs) => {
@@ -512,6 +540,7 @@ impl Routing {
             routes: b.routes,
             mounts,
             clusters,
+            quotas: b.quotas,
         })
     }
 }

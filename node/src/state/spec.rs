@@ -37,9 +37,13 @@ pub struct QuotaSpec {
     /// Requests allowed per window, at least 1.
     pub limit: i64,
     pub window: QuotaWindow,
-    /// Default: `gcra` for second and minute windows, `window` counters for longer ones.
+    /// Default: `gcra` for second windows, `window` counters for longer ones.
     #[serde(default)]
     pub algorithm: Option<QuotaAlgorithm>,
+    /// GCRA only: the most requests admitted at once above the steady rate (1 to `limit`;
+    /// default a tenth of the limit, at least 1).
+    #[serde(default)]
+    pub burst: Option<i64>,
     /// What a node does while it cannot reach the quota's owner. Default: `open`.
     #[serde(default)]
     pub fail: FailMode,
@@ -107,9 +111,29 @@ impl QuotaSpec {
     /// The algorithm that runs: the one set, else the window's default.
     pub fn algorithm(&self) -> QuotaAlgorithm {
         self.algorithm.unwrap_or(match self.window {
-            QuotaWindow::Second | QuotaWindow::Minute => QuotaAlgorithm::Gcra,
+            QuotaWindow::Second => QuotaAlgorithm::Gcra,
             _ => QuotaAlgorithm::Window,
         })
+    }
+
+    /// The GCRA burst that runs: the one set, else a tenth of the limit (at least 1).
+    pub fn burst(&self) -> u64 {
+        let limit = self.limit.max(1) as u64;
+        match self.burst {
+            Some(b) => (b.max(1) as u64).min(limit),
+            None => (limit / 10).max(1),
+        }
+    }
+
+    /// The window's length in ms (a month is a calendar month; this is its nominal 30 days).
+    pub fn window_ms(&self) -> u64 {
+        match self.window {
+            QuotaWindow::Second => 1_000,
+            QuotaWindow::Minute => 60_000,
+            QuotaWindow::Hour => 3_600_000,
+            QuotaWindow::Day => 86_400_000,
+            QuotaWindow::Month => 30 * 86_400_000,
+        }
     }
 }
 
@@ -842,6 +866,19 @@ impl Spec {
                     format!("{at}.algorithm"),
                     "gcra spreads a limit evenly over its window; for a day or a month use `window` (the default)",
                 );
+            }
+            if let Some(burst) = q.burst {
+                if q.algorithm() != QuotaAlgorithm::Gcra {
+                    errors.push(
+                        format!("{at}.burst"),
+                        "burst applies to gcra; window counters allow the whole limit at any time in the window",
+                    );
+                } else if burst < 1 || burst > q.limit {
+                    errors.push(
+                        format!("{at}.burst"),
+                        format!("must be between 1 and the limit ({}); got {burst}", q.limit),
+                    );
+                }
             }
             for (i, route) in q.routes.iter().enumerate() {
                 if !self.routes.contains_key(route) {

@@ -849,6 +849,9 @@ fn a_quota_parses_with_its_defaults() {
         "scope: tenant\nlimit: 10000\nwindow: day\nfail: closed\nper: region",
     ));
     assert_eq!(day.quotas["q"].algorithm(), QuotaAlgorithm::Window);
+    assert_eq!(q.burst(), 100, "a tenth of the limit");
+    let minute = parse(&with_quota("scope: key\nlimit: 10\nwindow: minute"));
+    assert_eq!(minute.quotas["q"].algorithm(), QuotaAlgorithm::Window);
 }
 
 #[test]
@@ -884,8 +887,18 @@ fn bad_quotas_are_refused_at_their_field() {
         "use `window`",
     );
     assert_one_error(
-        &with_quota("scope: key\nlimit: 10\nwindow: second\nburst: 5"),
+        &with_quota("scope: key\nlimit: 10\nwindow: second\nburst: 50"),
         "quotas.q.burst",
+        "between 1 and the limit",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 10\nwindow: hour\nburst: 5"),
+        "quotas.q.burst",
+        "applies to gcra",
+    );
+    assert_one_error(
+        &with_quota("scope: key\nlimit: 10\nwindow: second\ncolor: red"),
+        "quotas.q.color",
         "unknown field",
     );
 }

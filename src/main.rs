@@ -5,6 +5,7 @@
 
 mod access;
 mod api;
+mod circuit;
 mod cluster;
 mod declare;
 mod dev;
@@ -59,6 +60,9 @@ enum Command {
     /// Cluster membership: status, remove.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Upstreams' cluster-wide circuit breakers: list, open, close, auto.
+    #[command(subcommand)]
+    Circuit(circuit::CircuitCommand),
     /// Check a spec file and list every problem in it (nothing is applied).
     Validate {
         /// The spec file (YAML).
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Api(cmd) => run_client(api::api(cmd)),
         Command::Version(cmd) => run_client(api::version(cmd)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
+        Command::Circuit(cmd) => run_client(circuit::circuit(cmd)),
         Command::Tenant(cmd) => run_client(access::tenant(cmd)),
         Command::Key(cmd) => run_client(access::credential("key", cmd)),
         Command::Token(cmd) => run_client(access::credential("token", cmd)),

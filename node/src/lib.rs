@@ -174,7 +174,7 @@ impl Node {
         ));
         let actors = {
             let _context = runtime.enter();
-            actor::Actors::start(quotas, control.clone())
+            actor::Actors::start(quotas, shared.clone(), cluster.clone(), control.clone())
         };
         runtime.spawn(actors.clone().run(cluster.clone(), control.clone()));
         let service = admin::grpc::AdminService {
@@ -522,6 +522,7 @@ impl Compiler {
                             generation: current.generation,
                             routing: current.routing.clone(),
                             auth: Arc::new(AuthTable::build(&next.access)),
+                            circuits: next.circuits.clone(),
                         }));
                         return;
                     }
@@ -533,6 +534,7 @@ impl Compiler {
             generation: next.generation,
             routing: routing.clone(),
             auth: auth.clone(),
+            circuits: next.circuits.clone(),
         });
         if new_routing {
             let checks = routing::health::spawn_checks(&routing.clusters, &self.runtime);

@@ -273,6 +273,38 @@ impl NodeClient {
         Ok(self.inner.audit(self.req(req)).await?.into_inner())
     }
 
+    /// Every upstream's circuit breaker as committed (only those that ever changed).
+    pub async fn list_circuits(
+        &mut self,
+    ) -> Result<tollgate_proto::node::v1::ListCircuitsResponse, Error> {
+        Ok(self
+            .inner
+            .list_circuits(self.req(tollgate_proto::node::v1::ListCircuitsRequest {}))
+            .await?
+            .into_inner())
+    }
+
+    /// Forces an upstream's circuit open or closed, or hands it back to detection
+    /// (operator token). Every node follows once the change is applied there.
+    pub async fn force_circuit(
+        &mut self,
+        upstream: &str,
+        mode: state::CircuitMode,
+        reason: &str,
+    ) -> Result<WriteResponse, Error> {
+        self.write(state::Command {
+            kind: Some(state::command::Kind::Circuit(state::CircuitCommand {
+                upstream: upstream.to_string(),
+                op: Some(state::circuit_command::Op::Force(state::CircuitForce {
+                    mode: mode as i32,
+                    reason: reason.to_string(),
+                })),
+            })),
+            ..state::Command::default()
+        })
+        .await
+    }
+
     /// Takes a node out of the cluster.
     pub async fn remove(&mut self, node_id: u64) -> Result<(), Error> {
         self.inner

@@ -28,10 +28,19 @@ use tollgate_proto::actor::v1::actors_client::ActorsClient;
 use tollgate_proto::actor::v1::actors_server::{Actors as ActorsRpc, ActorsServer};
 use tonic::{Request, Response, Status};
 
+use crate::auth::principal::Caller;
+use crate::proxy::Shared;
 use crate::raft::cluster::Cluster;
 use crate::raft::network::Peers;
+use crate::routing::circuit::{CircuitBook, Outcomes, Verdict};
+use crate::routing::upstream::Cluster as UpstreamCluster;
+use crate::state::circuit::{Phase, phase};
+use crate::state::snapshot::Snapshot;
 use quota::{Algorithm, Grant, Ledger, Report, TICK_MS};
 use quotas::{Quotas, to_wire};
+use tollgate_proto::state::v1::{
+    CircuitCommand, CircuitMode, CircuitTransition, Command, circuit_command, command,
+};
 
 /// How long a remote exchange may take before the owner counts as unreachable.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_millis(100);
@@ -52,7 +61,8 @@ pub fn wall_ms() -> u64 {
 struct Exchange {
     from: u64,
     quotas: Vec<pb::QuotaReport>,
-    reply: oneshot::Sender<Vec<pb::QuotaGrant>>,
+    circuits: Vec<pb::CircuitReport>,
+    reply: oneshot::Sender<pb::ExchangeResponse>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -78,6 +88,8 @@ struct Member {
 /// The actors of one node: its leases, its owner mailbox, its view of the peers.
 pub struct Actors {
     pub quotas: Arc<Quotas>,
+    /// The data plane's snapshot: upstream clusters, their breakers, committed circuits.
+    shared: Arc<Shared>,
     mailbox: mpsc::Sender<Exchange>,
     health: Mutex<HashMap<u64, PeerHealth>>,
     /// Per quota: what this node could admit uncounted (as a lease holder) and what it has
@@ -87,15 +99,21 @@ pub struct Actors {
 
 impl Actors {
     /// Starts the owner's mailbox; [`Actors::run`] starts the tick.
-    pub fn start(quotas: Arc<Quotas>, stop: CancellationToken) -> Arc<Actors> {
+    pub fn start(
+        quotas: Arc<Quotas>,
+        shared: Arc<Shared>,
+        cluster: Arc<Cluster>,
+        stop: CancellationToken,
+    ) -> Arc<Actors> {
         let (tx, rx) = mpsc::channel(1024);
         let actors = Arc::new(Actors {
             quotas,
+            shared,
             mailbox: tx,
             health: Mutex::default(),
             bound: Mutex::default(),
         });
-        tokio::spawn(owner_loop(actors.clone(), rx, stop));
+        tokio::spawn(owner_loop(actors.clone(), cluster, rx, stop));
         actors
     }
 
@@ -111,12 +129,14 @@ impl Actors {
         &self,
         from: u64,
         quotas: Vec<pb::QuotaReport>,
-    ) -> Result<Vec<pb::QuotaGrant>, String> {
+        circuits: Vec<pb::CircuitReport>,
+    ) -> Result<pb::ExchangeResponse, String> {
         let (reply, rx) = oneshot::channel();
         self.mailbox
             .send(Exchange {
                 from,
                 quotas,
+                circuits,
                 reply,
             })
             .await
@@ -208,6 +228,41 @@ impl Actors {
             true
         });
 
+        // Every breaker's outcomes since the last tick, to its circuit's owner.
+        let snapshot = self.shared.snapshot.load_full();
+        for c in &snapshot.routing.clusters {
+            let Some(breaker) = &c.circuit else { continue };
+            let outcomes = breaker.take();
+            if outcomes.is_empty() {
+                continue;
+            }
+            let key = format!("circuit/{}#{}", c.name, breaker.policy);
+            let owner = ownership::owner(key.as_bytes(), up.iter().map(|m| m.id));
+            let Some(owner) = owner.filter(|_| quorum) else {
+                // Cut off: nobody can decide, and these outcomes will be stale.
+                continue;
+            };
+            let index = snapshot
+                .circuits
+                .get(&*c.name)
+                .map(|s| s.since_index)
+                .unwrap_or(0);
+            let batch = batches.entry(owner).or_default();
+            batch.circuits.push(pb::CircuitReport {
+                cluster: c.name.to_string(),
+                policy: breaker.policy.clone(),
+                ok: outcomes.ok,
+                failed: outcomes.failed,
+                slow: outcomes.slow,
+                consecutive_failures: outcomes.consecutive,
+                probes_ok: outcomes.probes_ok,
+                probes_failed: outcomes.probes_failed,
+                want_probes: outcomes.want_probes,
+                state_index: index,
+            });
+            batch.circuit_sent.push((c.clone(), outcomes));
+        }
+
         // Peers that are up but own nothing this node holds get an empty exchange: it is
         // how this node learns it can still reach a majority.
         for m in &up {
@@ -224,26 +279,47 @@ impl Actors {
             let this = self.clone();
             let cluster = cluster.clone();
             async move {
-                let wire = batch.wire.clone();
-                let res = this.exchange(&cluster, owner, &addr, wire).await;
+                let (wire, circuits) = (batch.wire.clone(), batch.circuits.clone());
+                let res = this.exchange(&cluster, owner, &addr, wire, circuits).await;
                 (owner, batch, res)
             }
         });
         let results = futures::future::join_all(calls).await;
         for (owner, batch, res) in results {
-            let grants = res.and_then(|g| {
-                if g.len() == batch.sent.len() {
-                    Ok(g)
+            let answer = res.and_then(|a| {
+                if a.grants.len() == batch.sent.len() && a.circuits.len() == batch.circuits.len() {
+                    Ok(a)
                 } else {
                     Err(format!(
-                        "node {owner} answered {} reports with {} grants",
+                        "node {owner} answered {}+{} reports with {}+{} grants",
                         batch.sent.len(),
-                        g.len()
+                        batch.circuits.len(),
+                        a.grants.len(),
+                        a.circuits.len()
                     ))
                 }
             });
-            self.note(owner, grants.is_ok());
-            match grants {
+            self.note(owner, answer.is_ok());
+            match &answer {
+                Ok(a) => {
+                    for ((c, _), g) in batch.circuit_sent.iter().zip(&a.circuits) {
+                        if let Some(breaker) = &c.circuit
+                            && g.probes > 0
+                        {
+                            breaker.grant_permits(g.state_index, g.probes);
+                        }
+                    }
+                }
+                Err(_) => {
+                    // The next owner gets these outcomes.
+                    for (c, outcomes) in &batch.circuit_sent {
+                        if let Some(breaker) = &c.circuit {
+                            breaker.restore(outcomes);
+                        }
+                    }
+                }
+            }
+            match answer.map(|a| a.grants) {
                 Ok(grants) => {
                     for ((key, _, _), g) in batch.sent.iter().zip(grants) {
                         self.quotas.with_slot(key, |slot| {
@@ -283,7 +359,10 @@ impl Actors {
             h.last_try_ms = now;
             let (this, cluster, id, addr) = (self.clone(), cluster.clone(), m.id, m.addr.clone());
             tokio::spawn(async move {
-                let ok = this.exchange(&cluster, id, &addr, Vec::new()).await.is_ok();
+                let ok = this
+                    .exchange(&cluster, id, &addr, Vec::new(), Vec::new())
+                    .await
+                    .is_ok();
                 this.note(id, ok);
             });
         }
@@ -319,9 +398,10 @@ impl Actors {
         owner: u64,
         addr: &str,
         quotas: Vec<pb::QuotaReport>,
-    ) -> Result<Vec<pb::QuotaGrant>, String> {
+        circuits: Vec<pb::CircuitReport>,
+    ) -> Result<pb::ExchangeResponse, String> {
         if owner == self.quotas.node {
-            return self.to_owner(owner, quotas).await;
+            return self.to_owner(owner, quotas, circuits).await;
         }
         if cluster.peers.faults.is_isolated(owner) {
             return Err(format!("node {owner} is isolated by fault injection"));
@@ -331,12 +411,12 @@ impl Actors {
             from: self.quotas.node,
             sent_at_ms: wall_ms(),
             quotas,
-            circuits: Vec::new(),
+            circuits,
         };
         let mut client = ActorsClient::new(channel);
         let call = client.exchange(req);
         match tokio::time::timeout(EXCHANGE_TIMEOUT, call).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner().grants),
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(format!("node {owner}: {}", status.message())),
             Err(_) => Err(format!(
                 "node {owner} did not answer within {EXCHANGE_TIMEOUT:?}"
@@ -387,16 +467,21 @@ struct Batch {
     wire: Vec<pb::QuotaReport>,
     /// Per report: the key, the report, and the members in its scope.
     sent: Vec<(String, Report, u64)>,
+    circuits: Vec<pb::CircuitReport>,
+    /// Per circuit report: the upstream cluster and what was taken from its counters.
+    circuit_sent: Vec<(Arc<UpstreamCluster>, Outcomes)>,
 }
 
 /// The owner's mailbox: one task holds every ledger this node owns, so a ledger is only
 /// ever touched by it.
 async fn owner_loop(
     actors: Arc<Actors>,
+    cluster: Arc<Cluster>,
     mut rx: mpsc::Receiver<Exchange>,
     stop: CancellationToken,
 ) {
     let mut ledgers: HashMap<String, Ledger> = HashMap::new();
+    let mut books: HashMap<String, CircuitBook> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -409,7 +494,13 @@ async fn owner_loop(
                     .iter()
                     .map(|r| answer(&mut ledgers, now, msg.from, r))
                     .collect();
-                let _ = msg.reply.send(grants);
+                let snapshot = actors.shared.snapshot.load();
+                let circuits = msg
+                    .circuits
+                    .iter()
+                    .map(|r| decide(&mut books, &snapshot, &cluster, now, r))
+                    .collect();
+                let _ = msg.reply.send(pb::ExchangeResponse { grants, circuits });
             }
             _ = sweep.tick() => {
                 let now = wall_ms();
@@ -480,6 +571,110 @@ fn answer(
     }
 }
 
+/// The owner's side of a circuit: takes one node's outcomes, grants half-open probe
+/// permits, and proposes a transition through Raft when one is due.
+fn decide(
+    books: &mut HashMap<String, CircuitBook>,
+    snapshot: &Snapshot,
+    cluster: &Arc<Cluster>,
+    now: u64,
+    r: &pb::CircuitReport,
+) -> pb::CircuitGrant {
+    let none = pb::CircuitGrant {
+        cluster: r.cluster.clone(),
+        probes: 0,
+        state_index: r.state_index,
+    };
+    // The breaker as this node has it: a node on another spec (policy) is not counted.
+    let Some(breaker) = snapshot
+        .routing
+        .clusters
+        .iter()
+        .find(|c| *c.name == *r.cluster)
+        .and_then(|c| c.circuit.as_ref())
+        .filter(|b| b.policy == r.policy)
+    else {
+        return none;
+    };
+    let state = snapshot.circuits.get(&r.cluster);
+    let index = state.map(|s| s.since_index).unwrap_or(0);
+    let forced = state.is_some_and(|s| s.mode != CircuitMode::Auto as i32);
+    let book = books
+        .entry(format!("{}#{}", r.cluster, r.policy))
+        .or_default();
+    let outcomes = Outcomes {
+        ok: r.ok,
+        failed: r.failed,
+        slow: r.slow,
+        consecutive: r.consecutive_failures,
+        probes_ok: r.probes_ok,
+        probes_failed: r.probes_failed,
+        want_probes: r.want_probes,
+    };
+    let (probes, verdict) = match phase(state, now) {
+        _ if forced => (0, Verdict::Stay),
+        Phase::Closed => {
+            book.add(now, &outcomes, breaker.spec.window);
+            (0, book.check_closed(&breaker.spec))
+        }
+        // Outcomes of calls made before it opened: nothing to decide until half-open.
+        Phase::Open { .. } => (0, Verdict::Stay),
+        Phase::HalfOpen => book.half_open(now, index, &outcomes, &breaker.spec),
+    };
+    let proposed = book
+        .pending
+        .is_some_and(|(i, at)| i == index && now.saturating_sub(at) < 2_000);
+    if verdict != Verdict::Stay && !proposed {
+        book.pending = Some((index, now));
+        book.reset();
+        let (open, reason) = match verdict {
+            Verdict::Open(reason) => (true, reason),
+            _ => (false, "half-open probes succeeded".to_string()),
+        };
+        let transition = CircuitTransition {
+            open,
+            open_until_ms: now + breaker.spec.open_for.as_millis() as u64,
+            reason,
+            from_index: index,
+        };
+        tokio::spawn(commit(cluster.clone(), r.cluster.clone(), transition));
+    }
+    pb::CircuitGrant {
+        cluster: r.cluster.clone(),
+        probes,
+        state_index: index,
+    }
+}
+
+/// Commits a circuit transition through Raft (as this node; forwarded to the leader).
+async fn commit(cluster: Arc<Cluster>, upstream: String, t: CircuitTransition) {
+    let what = if t.open { "open" } else { "close" };
+    let cmd = Command {
+        request_id: format!("circuit/{upstream}/{}/{what}", t.from_index),
+        kind: Some(command::Kind::Circuit(CircuitCommand {
+            upstream: upstream.clone(),
+            op: Some(circuit_command::Op::Transition(t.clone())),
+        })),
+        ..Command::default()
+    };
+    let req = tollgate_proto::node::v1::WriteRequest { command: Some(cmd) };
+    match cluster.write_command(req, false, &Caller::Node).await {
+        Ok(w) => tracing::warn!(
+            upstream,
+            state = what,
+            reason = %t.reason,
+            log_index = w.log_index,
+            "circuit breaker changed for the whole cluster"
+        ),
+        Err(e) => tracing::info!(
+            upstream,
+            state = what,
+            "circuit transition not committed: {}",
+            e.message()
+        ),
+    }
+}
+
 /// `tollgate.actor.v1.Actors` on the node's gRPC port.
 pub struct ActorService {
     actors: Arc<Actors>,
@@ -499,11 +694,11 @@ impl ActorsRpc for ActorService {
                 req.from
             )));
         }
-        let grants = self
+        let answer = self
             .actors
-            .to_owner(req.from, req.quotas)
+            .to_owner(req.from, req.quotas, req.circuits)
             .await
             .map_err(Status::unavailable)?;
-        Ok(Response::new(pb::ExchangeResponse { grants }))
+        Ok(Response::new(answer))
     }
 }

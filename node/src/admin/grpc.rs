@@ -31,6 +31,22 @@ pub struct AdminService {
     pub admin_addr: String,
 }
 
+impl AdminService {
+    /// A circuit names an upstream cluster this node serves.
+    fn check_upstream(&self, name: &str) -> Result<(), Status> {
+        let snapshot = self.shared.snapshot.load();
+        let clusters = &snapshot.routing.clusters;
+        if clusters.iter().any(|c| &*c.name == name) {
+            return Ok(());
+        }
+        let known: Vec<&str> = clusters.iter().map(|c| &*c.name).take(20).collect();
+        Err(Status::not_found(format!(
+            "no upstream {name:?}; upstreams: [{}] (an API version's are named api@version/upstream)",
+            known.join(", ")
+        )))
+    }
+}
+
 fn forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED_METADATA)
 }
@@ -107,6 +123,11 @@ impl NodeAdmin for AdminService {
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        if let Some(tollgate_proto::state::v1::command::Kind::Circuit(c)) =
+            req.get_ref().command.as_ref().and_then(|c| c.kind.as_ref())
+        {
+            self.check_upstream(&c.upstream)?;
+        }
         Ok(Response::new(
             self.cluster
                 .write_command(req.into_inner(), fwd, &caller)
@@ -166,6 +187,23 @@ impl NodeAdmin for AdminService {
             .require_operator("the change history")?;
         Ok(Response::new(HistoryResponse {
             changes: self.cluster.history(),
+        }))
+    }
+
+    async fn list_circuits(
+        &self,
+        req: Request<ListCircuitsRequest>,
+    ) -> Result<Response<ListCircuitsResponse>, Status> {
+        self.cluster
+            .principal(&Caller::from_metadata(req.metadata()))?;
+        let (circuits, generation) = self
+            .cluster
+            .state_machine
+            .read(|a| (a.state.circuits.clone(), a.state.generation));
+        Ok(Response::new(ListCircuitsResponse {
+            circuits: circuits.values().cloned().collect(),
+            generation,
+            now_ms: crate::actor::wall_ms(),
         }))
     }
 

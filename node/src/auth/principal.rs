@@ -90,6 +90,13 @@ pub fn authenticate(
     // The scheme may be left out: the bare token is accepted too.
     let token = super::strip_bearer(text).unwrap_or(text);
     let a = &state.access;
+    if token.starts_with("tgn_") {
+        return access::check_node_credential(&a.hash_key, token, now_ms)
+            .map(Principal::Node)
+            .ok_or_else(|| {
+                Status::unauthenticated("the node credential is not valid or not fresh")
+            });
+    }
     let Some(cred) = access::check(&a.tokens, &a.hash_key, TOKEN_PREFIX, token, now_ms) else {
         return Err(Status::unauthenticated(
             "the token is not known, or it was revoked or has expired",
@@ -157,6 +164,9 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
             ))),
             _ => Ok(()),
         },
+        Some(command::Kind::Circuit(_)) => Err(Status::permission_denied(
+            "circuit breakers are forced with the operator token",
+        )),
         _ => Ok(()),
     }
 }

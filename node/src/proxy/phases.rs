@@ -36,6 +36,7 @@ use crate::proxy::headers;
 use crate::proxy::respond::{ProxyError, error_response};
 use crate::proxy::{OpenConnection, Shared};
 use crate::routing::matcher::Matched;
+use crate::state::circuit::{Phase, phase};
 use crate::state::lifecycle::{Stage, version_segment};
 use crate::state::snapshot::{
     MOUNT_BIT, Mount, MountAuth, Rewrite, Route, Routing, Selection, Snapshot,
@@ -174,7 +175,7 @@ async fn pipeline(
     if !route.quotas.is_empty() {
         quota(&worker.shared.quotas, routing, route, api.as_ref(), peer).await?;
     }
-    circuit(route)?;
+    let probe = circuit(snapshot, route)?;
     // transform
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -188,6 +189,7 @@ async fn pipeline(
     let body = RequestBody::new(body, limits.max_request_body, stats.clone());
 
     // forward
+    let started = Instant::now();
     let forwarded = client::forward(
         &worker.pool,
         &route.cluster,
@@ -197,6 +199,22 @@ async fn pipeline(
         &mut tail.attempts,
     )
     .await;
+    if let Some(breaker) = &route.cluster.circuit {
+        let failed = match &forwarded {
+            Ok(f) => Some(f.response.status().is_server_error()),
+            Err(
+                ProxyError::UpstreamConnect { .. }
+                | ProxyError::UpstreamTimeout { .. }
+                | ProxyError::UpstreamProtocol { .. }
+                | ProxyError::NoHealthyUpstream { .. },
+            ) => Some(true),
+            // The client's doing (a body too large, one that stalled): not the upstream's.
+            Err(_) => None,
+        };
+        if let Some(failed) = failed {
+            breaker.record(failed, started.elapsed(), probe);
+        }
+    }
     let mut fwd = forwarded?;
 
     if fwd.response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -481,11 +499,48 @@ async fn quota(
 /// The longest a request waits for its node's lease to be topped up.
 const QUOTA_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Shared circuit state arrives with the circuit issue. Per-endpoint protection already
-/// works below it: outlier ejection and health checks keep failing endpoints out of
-/// `forward`'s choices.
-fn circuit(_route: &Route) -> Result<(), ProxyError> {
-    Ok(())
+/// The upstream's cluster-wide circuit, as committed (a local read): closed passes; open
+/// answers 503 (or the configured fallback) with `Retry-After`; half-open lets through only
+/// requests that take a probe permit the owner granted this node. Returns whether this
+/// request is a probe. Per-endpoint protection works below it: outlier ejection and
+/// health checks keep failing endpoints out of `forward`'s choices.
+fn circuit(snapshot: &Snapshot, route: &Route) -> Result<bool, ProxyError> {
+    if snapshot.circuits.is_empty() {
+        return Ok(false);
+    }
+    let cluster = &route.cluster;
+    let state = snapshot.circuits.get(&*cluster.name);
+    let now = wall_ms();
+    let open = |retry_after_ms: u64| ProxyError::CircuitOpen {
+        upstream: cluster.name.to_string(),
+        reason: state.map(|s| s.reason.clone()).unwrap_or_default(),
+        retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+        fallback: cluster.circuit.as_ref().and_then(|c| c.fallback.clone()),
+    };
+    match phase(state, now) {
+        Phase::Closed => Ok(false),
+        Phase::Open { until_ms } => {
+            let open_for = cluster
+                .circuit
+                .as_ref()
+                .map(|c| c.open_for().as_millis() as u64)
+                .unwrap_or(30_000);
+            Err(open(
+                until_ms.map(|u| u.saturating_sub(now)).unwrap_or(open_for),
+            ))
+        }
+        Phase::HalfOpen => match (&cluster.circuit, state) {
+            (Some(breaker), Some(s)) => {
+                if breaker.take_permit(s.since_index) {
+                    Ok(true)
+                } else {
+                    Err(open(1000))
+                }
+            }
+            // The spec no longer sets a breaker for it: nothing decides, so it is closed.
+            _ => Ok(false),
+        },
+    }
 }
 
 /// Splices the client's and the upstream's upgraded connections together.

@@ -62,6 +62,15 @@ pub enum ProxyError {
         window_s: u64,
         retry_after_s: u64,
     },
+    #[error(
+        "the circuit breaker of upstream {upstream} is open ({reason}); retry in {retry_after_s} s"
+    )]
+    CircuitOpen {
+        upstream: String,
+        reason: String,
+        retry_after_s: u64,
+        fallback: Option<std::sync::Arc<crate::routing::circuit::Fallback>>,
+    },
 }
 
 impl ProxyError {
@@ -85,6 +94,7 @@ impl ProxyError {
             ProxyError::VersionRetired(_) => StatusCode::GONE,
             ProxyError::VersionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -107,6 +117,7 @@ impl ProxyError {
             ProxyError::VersionRetired(_) => "version_retired",
             ProxyError::VersionUnavailable(_) => "version_unavailable",
             ProxyError::QuotaExceeded { .. } => "quota_exceeded",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
         }
     }
 
@@ -123,7 +134,24 @@ impl ProxyError {
 /// Builds the JSON error response for `err` and counts it.
 pub fn error_response(err: &ProxyError, body_limit: u64) -> Response<ResponseBody> {
     metrics::local_error(err.code());
+    if let ProxyError::CircuitOpen {
+        retry_after_s,
+        fallback: Some(f),
+        ..
+    } = err
+    {
+        let mut resp = Response::new(ResponseBody::full(f.body.clone()));
+        *resp.status_mut() = f.status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, f.content_type.clone());
+        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        return resp;
+    }
     let mut resp = json_error(err.status(), err.code(), &err.message(body_limit));
+    if let ProxyError::CircuitOpen { retry_after_s, .. } = err {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+    }
     if let ProxyError::QuotaExceeded {
         quota,
         limit,

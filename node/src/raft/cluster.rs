@@ -27,7 +27,7 @@ use super::service::{RaftService, now_ms};
 use super::state_machine::StateMachineStore;
 use super::{NodeId, NodeInfo, Raft, RaftSettings};
 use crate::auth::principal::{Caller, Principal, authenticate, authorize};
-use crate::state::access::{KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
+use crate::state::access::{self, KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
 use crate::state::lifecycle::{Stage, content_digest, parse_version};
 use crate::state::machine::{Applied, CheckedSpec, check_parsed, parse_checked, put_spec_command};
 use crate::state::spec::needs_dns;
@@ -270,8 +270,19 @@ impl Cluster {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut()
             .insert(FORWARDED_METADATA, MetadataValue::from(self.id));
-        if let Caller::Remote(Some(token)) = caller {
-            req.metadata_mut().insert("authorization", token.clone());
+        match caller {
+            Caller::Remote(Some(token)) => {
+                req.metadata_mut().insert("authorization", token.clone());
+            }
+            // This node's own write: signed with the cluster's key, which only members hold.
+            Caller::Node => {
+                let key = self.state_machine.read(|a| a.state.access.hash_key.clone());
+                let credential = access::node_credential(&key, self.id, now_ms());
+                if let Ok(v) = MetadataValue::try_from(format!("Bearer {credential}")) {
+                    req.metadata_mut().insert("authorization", v);
+                }
+            }
+            Caller::Remote(None) => {}
         }
         req.set_timeout(COMMIT_TIMEOUT + LEADER_WAIT + Duration::from_secs(2));
         req

@@ -45,6 +45,7 @@ pub struct Published {
     pub spec_yaml: Arc<str>,
     pub apis: Arc<BTreeMap<String, Api>>,
     pub access: Arc<Access>,
+    pub circuits: Arc<crate::state::circuit::Circuits>,
 }
 
 impl Published {
@@ -54,6 +55,7 @@ impl Published {
             spec_yaml: state.spec_yaml.clone(),
             apis: state.apis.clone(),
             access: state.access.clone(),
+            circuits: state.circuits.clone(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! load balancing, retry budgets and outlier ejection ([`upstream`]), and active health
 //! checks ([`health`]).
 
+pub mod circuit;
 pub mod health;
 pub mod matcher;
 pub mod upstream;

@@ -102,6 +102,8 @@ pub struct Cluster {
     budget: RetryBudgetSpec,
     outlier: Option<OutlierSpec>,
     pub health_check: Option<HealthCheckSpec>,
+    /// The cluster-wide circuit breaker's local side, when the spec sets one.
+    pub circuit: Option<crate::routing::circuit::CircuitRuntime>,
     /// Smooth weighted round-robin order of endpoint indexes.
     schedule: Vec<u32>,
     /// Consistent-hash ring: (point, endpoint index), sorted by point.
@@ -139,6 +141,10 @@ impl Cluster {
             Vec::new()
         };
         Cluster {
+            circuit: spec
+                .circuit_breaker
+                .as_ref()
+                .map(|c| crate::routing::circuit::CircuitRuntime::new(name, c)),
             name: Arc::from(name),
             schedule: smooth_wrr(&weights),
             ring,

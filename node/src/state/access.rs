@@ -135,6 +135,34 @@ fn hash_secret(hash_key: &[u8], secret: &str) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+/// How long a node's credential is good for (each forwarded call makes a fresh one).
+const NODE_CREDENTIAL_MS: u64 = 60_000;
+
+/// The credential a node forwards its own writes with (a circuit transition decided by
+/// the owner, say): `tgn_<node>_<ms>_<HMAC-SHA256 of both under the cluster's hash key>`.
+/// Only members hold the key. Good for a minute either side of `at_ms`.
+pub fn node_credential(hash_key: &[u8], node: u64, at_ms: u64) -> String {
+    let mac = hash_secret(hash_key, &format!("node/{node}/{at_ms}"));
+    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+    format!("tgn_{node}_{at_ms}_{hex}")
+}
+
+/// The node a presented node credential names, when it is genuine and fresh.
+pub fn check_node_credential(hash_key: &[u8], presented: &str, now_ms: u64) -> Option<u64> {
+    let rest = presented.strip_prefix("tgn_")?;
+    let mut parts = rest.splitn(3, '_');
+    let node: u64 = parts.next()?.parse().ok()?;
+    let at_ms: u64 = parts.next()?.parse().ok()?;
+    let hex = parts.next()?;
+    if hash_key.is_empty() || now_ms.abs_diff(at_ms) > NODE_CREDENTIAL_MS || hex.len() != 64 {
+        return None;
+    }
+    let mac: Option<Vec<u8>> = (0..32)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    verify_secret(hash_key, &format!("node/{node}/{at_ms}"), &mac?).then_some(node)
+}
+
 /// Splits a presented credential into (id, secret) if it has the expected prefix.
 pub fn split_credential<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)> {
     let rest = presented.strip_prefix(prefix)?.strip_prefix('_')?;

@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use tollgate_proto::state::v1::{
-    AccessCommand, ApiCommand, AuditEntry, Bootstrap, Change, Command, PutSpec, StateSnapshot,
-    command,
+    AccessCommand, ApiCommand, AuditEntry, Bootstrap, Change, CircuitCommand, CircuitMode,
+    CircuitState, Command, PutSpec, StateSnapshot, command,
 };
 
 use crate::state::access::{self, Access, AccessChange};
+use crate::state::circuit;
 use crate::state::lifecycle::{self, Api, Refusal};
 
 use crate::state::spec::{Spec, SpecErrors, parse_yaml};
@@ -43,6 +44,8 @@ pub struct ClusterState {
     /// Who changed what, newest last (bounded by [`AUDIT_LIMIT`]).
     pub audit: VecDeque<AuditEntry>,
     pub audit_seq: u64,
+    /// Circuit breakers that changed at least once, by upstream (shared the same way).
+    pub circuits: Arc<circuit::Circuits>,
 }
 
 /// What applying one command did.
@@ -100,6 +103,7 @@ impl ClusterState {
             Some(command::Kind::Api(api)) => self.api_command(log_index, cmd, api),
             Some(command::Kind::Access(a)) => self.access_command(log_index, cmd, a),
             Some(command::Kind::Bootstrap(b)) => self.bootstrap(log_index, cmd, b),
+            Some(command::Kind::Circuit(c)) => self.circuit_command(log_index, cmd, c),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (DESIGN.md decision 2).
             None => Applied {
@@ -143,6 +147,42 @@ impl ClusterState {
                     added: vec![change.object],
                     ..Applied::default()
                 }
+            }
+        }
+    }
+
+    fn circuit_command(&mut self, log_index: u64, cmd: &Command, c: &CircuitCommand) -> Applied {
+        let mut next = (*self.circuits).clone();
+        match circuit::apply(&mut next, c, log_index, cmd.at_ms, &cmd.actor) {
+            Err(refusal) => Applied {
+                generation: self.generation,
+                log_index,
+                refusal: Some(refusal),
+                ..Applied::default()
+            },
+            Ok(change) => {
+                self.circuits = Arc::new(next);
+                let object = format!("circuit/{}", c.upstream);
+                let applied =
+                    self.record(log_index, cmd, Vec::new(), vec![object.clone()], Vec::new());
+                let json = |s: &CircuitState| {
+                    serde_json::json!({
+                        "open": s.open,
+                        "open_until_ms": s.open_until_ms,
+                        "mode": CircuitMode::try_from(s.mode).map(|m| m.as_str_name()).unwrap_or("unknown"),
+                        "reason": s.reason,
+                    })
+                    .to_string()
+                };
+                self.audit(
+                    cmd,
+                    change.action,
+                    object,
+                    String::new(),
+                    change.before.as_ref().map(json).unwrap_or_default(),
+                    json(&change.after),
+                );
+                applied
             }
         }
     }
@@ -383,6 +423,7 @@ impl ClusterState {
             apis: self.apis.values().map(Api::to_proto).collect(),
             audit: self.audit.iter().cloned().collect(),
             audit_seq: self.audit_seq,
+            circuits: self.circuits.values().cloned().collect(),
             ..StateSnapshot::default()
         };
         self.access.to_proto(&mut out);
@@ -395,6 +436,12 @@ impl ClusterState {
             access,
             audit: p.audit.into(),
             audit_seq: p.audit_seq,
+            circuits: Arc::new(
+                p.circuits
+                    .iter()
+                    .map(|c| (c.upstream.clone(), c.clone()))
+                    .collect(),
+            ),
             generation: p.generation,
             spec_yaml: Arc::from(p.spec_yaml),
             objects: p.objects.into_iter().collect(),

@@ -3,6 +3,7 @@
 //! the immutable [`snapshot::Snapshot`] every node compiles from it.
 
 pub mod access;
+pub mod circuit;
 pub mod lifecycle;
 pub mod machine;
 pub mod snapshot;

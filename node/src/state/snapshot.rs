@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub routing: Arc<Routing>,
     /// API keys and subscriptions.
     pub auth: Arc<AuthTable>,
+    /// Circuit breakers as committed, by upstream cluster name.
+    pub circuits: Arc<crate::state::circuit::Circuits>,
 }
 
 /// The compiled route table.
@@ -261,6 +263,7 @@ impl Snapshot {
                 quotas: Vec::new(),
             }),
             auth: Arc::new(AuthTable::default()),
+            circuits: Arc::default(),
         }
     }
 }

@@ -264,6 +264,85 @@ pub struct UpstreamSpec {
     pub outlier_detection: Option<OutlierSpec>,
     #[serde(default)]
     pub health_check: Option<HealthCheckSpec>,
+    /// The cluster-wide circuit breaker (off when absent).
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitSpec>,
+}
+
+/// A circuit breaker shared by every node: each node reports its outcomes, the circuit's
+/// owner decides, and the transition is committed through Raft (DESIGN.md decision 7).
+/// It opens when any trigger fires: `consecutive_failures` in a row across the cluster, or,
+/// over the last `window` with at least `min_calls` calls, a failure or slow-call rate at
+/// or above its threshold. It stays open for `open_for`, then lets `half_open_probes`
+/// requests through (across the cluster): all succeed, it closes; one fails, it reopens.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitSpec {
+    #[serde(default = "default_circuit_consecutive")]
+    pub consecutive_failures: u32,
+    /// Percent of calls that failed (5xx, connect errors, timeouts); default 50.
+    #[serde(default = "default_circuit_rate")]
+    pub failure_rate: f64,
+    /// A call slower than this (to the response head) is slow; off when absent.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub slow_call: Option<Duration>,
+    /// Percent of calls that were slow; default 100 (off unless lowered).
+    #[serde(default = "default_circuit_slow_rate")]
+    pub slow_call_rate: f64,
+    #[serde(default = "default_circuit_min_calls")]
+    pub min_calls: u32,
+    #[serde(default = "default_circuit_window", deserialize_with = "duration")]
+    pub window: Duration,
+    #[serde(default = "default_circuit_open_for", deserialize_with = "duration")]
+    pub open_for: Duration,
+    #[serde(default = "default_circuit_probes")]
+    pub half_open_probes: u32,
+    /// The answer while open; default the JSON error `circuit_open`, 503.
+    #[serde(default)]
+    pub fallback: Option<FallbackSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackSpec {
+    #[serde(default = "default_fallback_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "default_fallback_type")]
+    pub content_type: String,
+}
+
+fn default_circuit_consecutive() -> u32 {
+    20
+}
+fn default_circuit_rate() -> f64 {
+    50.0
+}
+fn default_circuit_slow_rate() -> f64 {
+    100.0
+}
+fn default_circuit_min_calls() -> u32 {
+    20
+}
+fn default_circuit_window() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_circuit_open_for() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_circuit_probes() -> u32 {
+    3
+}
+fn default_fallback_status() -> u16 {
+    503
+}
+fn default_fallback_type() -> String {
+    "application/json".into()
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -723,6 +802,49 @@ impl Spec {
                         format!("{at}.outlier_detection.max_ejection_percent"),
                         "must be between 0 and 100",
                     );
+                }
+            }
+            if let Some(c) = &up.circuit_breaker {
+                let at = format!("{at}.circuit_breaker");
+                if c.consecutive_failures == 0 {
+                    errors.push(format!("{at}.consecutive_failures"), "must be at least 1");
+                }
+                if c.min_calls == 0 {
+                    errors.push(format!("{at}.min_calls"), "must be at least 1");
+                }
+                for (field, v) in [
+                    ("failure_rate", c.failure_rate),
+                    ("slow_call_rate", c.slow_call_rate),
+                ] {
+                    if !(v > 0.0 && v <= 100.0) {
+                        errors.push(
+                            format!("{at}.{field}"),
+                            format!("must be a percentage above 0 and at most 100 (got {v})"),
+                        );
+                    }
+                }
+                if !(1..=1000).contains(&c.half_open_probes) {
+                    errors.push(
+                        format!("{at}.half_open_probes"),
+                        "must be between 1 and 1000",
+                    );
+                }
+                if c.window < Duration::from_secs(1) || c.window > Duration::from_secs(3600) {
+                    errors.push(format!("{at}.window"), "must be between 1s and 1h");
+                }
+                if let Some(f) = &c.fallback {
+                    if !(200..=599).contains(&f.status) {
+                        errors.push(
+                            format!("{at}.fallback.status"),
+                            "must be an HTTP status (200-599)",
+                        );
+                    }
+                    if http::HeaderValue::from_str(&f.content_type).is_err() {
+                        errors.push(
+                            format!("{at}.fallback.content_type"),
+                            "is not a valid header value",
+                        );
+                    }
                 }
             }
             if let Some(hc) = &up.health_check {

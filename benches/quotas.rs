@@ -1,0 +1,422 @@
+//! Cluster-wide quota benchmarks against real node processes (release build) on loopback.
+//!
+//! ```text
+//! cargo bench --bench quotas -- [--windows 30] [--redis-port 6399]
+//! ```
+//! (`benches/quotas.sh` starts Redis and runs this.)
+//!
+//! 1. Accuracy: 3 nodes, traffic 70/20/10 across them (1,050 + 300 + 150 requests/s
+//!    offered, open loop), a limit of 1,000 requests/s, `--windows` one-second windows;
+//!    admitted per window, side by side in the same run, for:
+//!    - Tollgate's cluster-wide quota (GCRA, the default for a second; and window counters),
+//!    - a naive per-node split: 3 separate single-node gateways with 333/s each,
+//!    - a central counter in Redis: one INCR per request before it is sent.
+//! 2. Requests/s (closed loop, the same client for all, interleaved rounds, medians):
+//!    without a quota, with a quota that admits everything, and with Redis INCR first.
+//! 3. A day quota of 10,000 across 3 nodes, 15,000 requests offered: admitted, and the
+//!    exported over-admission bound (its largest sum over the nodes during the run).
+//! 4. kill -9 of the owner of the quota key mid-run (its traffic moves to the others): the
+//!    windows after, until back within 3%.
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use harness::cluster::TestCluster;
+use harness::{Body, GatewayProcess, NodeOpts, Upstream, full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+type Http = Client<HttpConnector, Body>;
+/// Where traffic goes: (url, requests/s).
+type Targets = Vec<(String, u64)>;
+/// A fault run when a window starts; it returns where traffic goes from then on.
+type Fault = (u64, Box<dyn FnOnce() -> Targets + Send>);
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+const LIMIT: u64 = 1000;
+const RATES: [u64; 3] = [1050, 300, 150];
+
+fn spec(up: &Upstream, limit: u64) -> String {
+    format!(
+        r#"upstreams: {{ a: {{ endpoints: [{{ address: "{addr}" }}] }} }}
+routes:
+  q: {{ match: {{ path: {{ prefix: /q }} }}, upstream: a }}
+  w: {{ match: {{ path: {{ prefix: /w }} }}, upstream: a }}
+  d: {{ match: {{ path: {{ prefix: /d }} }}, upstream: a }}
+  big: {{ match: {{ path: {{ prefix: /big }} }}, upstream: a }}
+  free: {{ match: {{ path: {{ prefix: /free }} }}, upstream: a }}
+quotas:
+  gcra: {{ scope: route, limit: {limit}, window: second, routes: [q] }}
+  window: {{ scope: route, limit: {limit}, window: second, algorithm: window, routes: [w] }}
+  day: {{ scope: route, limit: 10000, window: day, routes: [d] }}
+  big: {{ scope: route, limit: 1000000000, window: second, routes: [big] }}
+"#,
+        addr = up.addr
+    )
+}
+
+/// A central counter: INCR of the window's key, one round trip per request.
+#[derive(Clone)]
+struct Redis(redis::aio::MultiplexedConnection);
+
+impl Redis {
+    async fn admit(&mut self, window: u64, limit: u64) -> bool {
+        let key = format!("q:{window}");
+        let n: u64 = redis::cmd("INCR")
+            .arg(&key)
+            .query_async(&mut self.0)
+            .await
+            .expect("redis INCR");
+        if n == 1 {
+            let _: () = redis::cmd("EXPIRE")
+                .arg(&key)
+                .arg(10)
+                .query_async(&mut self.0)
+                .await
+                .expect("redis EXPIRE");
+        }
+        n <= limit
+    }
+}
+
+async fn get(http: &Http, url: &str) -> u16 {
+    let req = http::Request::get(url).body(full("")).unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), http.request(req)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            status
+        }
+        _ => 0,
+    }
+}
+
+/// Open loop: `targets` (url, requests/s) from the next whole second for `windows`
+/// seconds; `redis` gates each request first. Admitted per window, by send time.
+/// `at_window`: run once when that window starts (a fault), and may move traffic.
+async fn paced(
+    http: &Http,
+    targets: Targets,
+    windows: u64,
+    redis: Option<Redis>,
+    at_window: Option<Fault>,
+) -> Vec<u64> {
+    let start_s = wall_ms() / 1000 + 1;
+    tokio::time::sleep(Duration::from_millis(start_s * 1000 - wall_ms())).await;
+    let admitted: Arc<Vec<AtomicU64>> = Arc::new((0..windows).map(|_| AtomicU64::new(0)).collect());
+    let mut targets = targets;
+    let mut sent: Vec<u64> = vec![0; targets.len()];
+    let mut fault = at_window;
+    let began = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let now = wall_ms();
+        let w = now / 1000 - start_s;
+        if w >= windows {
+            break;
+        }
+        if fault.as_ref().is_some_and(|(at, _)| *at == w) {
+            let (_, f) = fault.take().unwrap();
+            targets = f();
+            let elapsed = began.elapsed().as_secs_f64();
+            sent = targets
+                .iter()
+                .map(|(_, rate)| (elapsed * *rate as f64) as u64)
+                .collect();
+        }
+        let elapsed = began.elapsed().as_secs_f64();
+        for (i, (url, rate)) in targets.iter().enumerate() {
+            let due = (elapsed * *rate as f64) as u64;
+            while sent[i] < due {
+                sent[i] += 1;
+                let (http, url, admitted) = (http.clone(), url.clone(), admitted.clone());
+                let mut redis = redis.clone();
+                tasks.spawn(async move {
+                    let window = wall_ms() / 1000;
+                    let w = (window - start_s) as usize;
+                    if let Some(r) = redis.as_mut()
+                        && !r.admit(window, LIMIT).await
+                    {
+                        return;
+                    }
+                    if get(&http, &url).await == 200 && w < admitted.len() {
+                        admitted[w].fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    while tasks.join_next().await.is_some() {}
+    admitted.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+}
+
+/// Closed loop: `workers` tasks, each sending one request after another for `secs`;
+/// requests per second.
+async fn closed(http: &Http, url: &str, redis: Option<Redis>, workers: usize, secs: f64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (http, url, done) = (http.clone(), url.to_string(), done.clone());
+        let mut redis = redis.clone();
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                if let Some(r) = redis.as_mut() {
+                    r.admit(wall_ms() / 1000, u64::MAX).await;
+                }
+                if get(&http, &url).await == 200 {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    done.load(Ordering::Relaxed) as f64 / secs
+}
+
+fn error_pct(a: u64) -> f64 {
+    (a as f64 - LIMIT as f64) / LIMIT as f64 * 100.0
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// Per-window rows, and the worst error after the first window.
+fn report(columns: &[(&str, &[u64])]) {
+    print!("| window |");
+    for (name, _) in columns {
+        print!(" {name} |");
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(columns.len()));
+    let n = columns[0].1.len();
+    for w in 0..n {
+        print!("| {w} |");
+        for (_, xs) in columns {
+            print!(" {} ({:+.1}%) |", xs[w], error_pct(xs[w]));
+        }
+        println!();
+    }
+    print!("| worst after the first |");
+    for (_, xs) in columns {
+        let worst = xs[1..]
+            .iter()
+            .map(|a| error_pct(*a).abs())
+            .fold(0.0, f64::max);
+        let within = xs[1..]
+            .iter()
+            .filter(|a| error_pct(**a).abs() <= 3.0)
+            .count();
+        print!(" {worst:.1}% ({within}/{} within 3%) |", xs.len() - 1);
+    }
+    println!();
+}
+
+async fn gauge_sum(nodes: &[&GatewayProcess], name: &str, quota: &str) -> f64 {
+    let prefix = format!("{name}{{quota=\"{quota}\"}} ");
+    let mut sum = 0.0;
+    for n in nodes {
+        sum += n
+            .metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    sum
+}
+
+fn main() {
+    let windows = arg("--windows", 30);
+    let redis_port = arg("--redis-port", 6399);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let http: Http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .build_http();
+        let redis = redis::Client::open(format!("redis://127.0.0.1:{redis_port}/"))
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .map(Redis)
+            .unwrap_or_else(|e| {
+                panic!("Redis on 127.0.0.1:{redis_port} ({e}); benches/quotas.sh starts one")
+            });
+        let up = Upstream::start("a").await;
+        let mut cluster = TestCluster::start(3, &spec(&up, LIMIT), &[]).await;
+        let naive: Vec<GatewayProcess> = {
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                v.push(GatewayProcess::launch(NodeOpts::single(&spec(&up, LIMIT / 3), &[])).await);
+            }
+            v
+        };
+        let urls = |path: &str| -> Vec<(String, u64)> {
+            (1..=3)
+                .map(|id| (cluster.node(id).url(path), RATES[id as usize - 1]))
+                .collect()
+        };
+        println!(
+            "## Accuracy: limit {LIMIT}/s, offered {:?} requests/s (70/20/10), {windows} windows\n",
+            RATES
+        );
+        let gcra = paced(&http, urls("/q"), windows, None, None).await;
+        let window = paced(&http, urls("/w"), windows, None, None).await;
+        let naive_targets = naive
+            .iter()
+            .zip(RATES)
+            .map(|(n, r)| (n.url("/q"), r))
+            .collect();
+        let naive_split = paced(&http, naive_targets, windows, None, None).await;
+        let central = paced(&http, urls("/free"), windows, Some(redis.clone()), None).await;
+        report(&[
+            ("tollgate gcra", &gcra),
+            ("tollgate window", &window),
+            ("naive limit/3 per node", &naive_split),
+            ("redis INCR", &central),
+        ]);
+
+        println!("\n## Requests/s, closed loop, 16 workers to node 1, 5 rounds of 3 s, medians\n");
+        let (mut free, mut quota, mut central) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            free.push(closed(&http, &cluster.node(1).url("/free"), None, 16, 3.0).await);
+            quota.push(closed(&http, &cluster.node(1).url("/big"), None, 16, 3.0).await);
+            central.push(
+                closed(
+                    &http,
+                    &cluster.node(1).url("/free"),
+                    Some(redis.clone()),
+                    16,
+                    3.0,
+                )
+                .await,
+            );
+        }
+        let (free, quota, central) = (median(free), median(quota), median(central));
+        println!("| client | requests/s | vs no quota |\n|---|---|---|");
+        println!("| no quota | {free:.0} | 1.00 |");
+        println!(
+            "| tollgate quota (admits all) | {quota:.0} | {:.3} |",
+            quota / free
+        );
+        println!(
+            "| redis INCR, then the request | {central:.0} | {:.3} |",
+            central / free
+        );
+
+        println!("\n## A day quota of 10,000 across 3 nodes, 15,000 requests offered\n");
+        let nodes: Vec<&GatewayProcess> = (1..=3).map(|id| cluster.node(id)).collect();
+        let admitted = Arc::new(AtomicU64::new(0));
+        let mut max_bound: f64 = 0.0;
+        for chunk in 0..15 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..1000u64 {
+                // 70/20/10 by request number.
+                let node = match i % 10 {
+                    0..=6 => 0,
+                    7 | 8 => 1,
+                    _ => 2,
+                };
+                let (http, url, admitted) = (http.clone(), nodes[node].url("/d"), admitted.clone());
+                tasks.spawn(async move {
+                    if get(&http, &url).await == 200 {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                if i % 50 == 49 {
+                    while tasks.join_next().await.is_some() {}
+                }
+            }
+            while tasks.join_next().await.is_some() {}
+            let bound = gauge_sum(&nodes, "tollgate_quota_overadmission_bound", "day").await;
+            max_bound = max_bound.max(bound);
+            if chunk == 14 {
+                break;
+            }
+        }
+        let admitted = admitted.load(Ordering::Relaxed);
+        println!("| offered | admitted | limit | largest exported bound | within limit + bound |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| 15000 | {admitted} | 10000 | {max_bound} | {} |",
+            admitted as f64 <= 10_000.0 + max_bound
+        );
+
+        println!("\n## kill -9 of the owner of the `window` key at window 4 (its traffic moves)\n");
+        // A request makes node 1 hold a lease again (idle ones are dropped), which names
+        // the owner.
+        get(&http, &cluster.node(1).url("/w")).await;
+        let owner = cluster.node(1).admin_get("/quotas").await.json()["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["quota"] == "window")
+            .and_then(|l| l["owner"].as_u64())
+            .expect("an owner for the window key");
+        let survivors: Vec<u64> = (1..=3).filter(|id| *id != owner).collect();
+        let moved: Vec<(String, u64)> = {
+            // The killed node's share goes to the first survivor.
+            let mut v: Vec<(String, u64)> = survivors
+                .iter()
+                .map(|id| (cluster.node(*id).url("/w"), RATES[*id as usize - 1]))
+                .collect();
+            v[0].1 += RATES[owner as usize - 1];
+            v
+        };
+        let pid = cluster.node(owner).pid();
+        let kill_windows = 12;
+        let after = paced(
+            &http,
+            urls("/w"),
+            kill_windows,
+            None,
+            Some((
+                4,
+                Box::new(move || {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", &pid.to_string()])
+                        .status();
+                    moved
+                }),
+            )),
+        )
+        .await;
+        cluster.kill9(owner);
+        println!("owner was node {owner}\n");
+        report(&[("tollgate window", &after)]);
+        let back = after[4..].iter().position(|a| error_pct(*a).abs() <= 3.0);
+        println!(
+            "\nwindows from the kill until within 3% (0: the window it happened in): {}",
+            back.map(|b| b.to_string()).unwrap_or("never".into())
+        );
+    });
+}

@@ -54,17 +54,24 @@ fn wall_ms() -> u64 {
 }
 
 const LIMIT: u64 = 1000;
+/// Half-open probes allowed across the cluster (circuit benchmark).
+const PROBES: u64 = 3;
 const RATES: [u64; 3] = [1050, 300, 150];
 
 fn spec(up: &Upstream, limit: u64) -> String {
     format!(
-        r#"upstreams: {{ a: {{ endpoints: [{{ address: "{addr}" }}] }} }}
+        r#"upstreams:
+  a: {{ endpoints: [{{ address: "{addr}" }}] }}
+  c:
+    endpoints: [{{ address: "{addr}" }}]
+    circuit_breaker: {{ failure_rate: 25, min_calls: 10, consecutive_failures: 1000, window: 5s, open_for: 2s, half_open_probes: {PROBES} }}
 routes:
   q: {{ match: {{ path: {{ prefix: /q }} }}, upstream: a }}
   w: {{ match: {{ path: {{ prefix: /w }} }}, upstream: a }}
   d: {{ match: {{ path: {{ prefix: /d }} }}, upstream: a }}
   big: {{ match: {{ path: {{ prefix: /big }} }}, upstream: a }}
   free: {{ match: {{ path: {{ prefix: /free }} }}, upstream: a }}
+  c: {{ match: {{ path: {{ prefix: /c }} }}, upstream: c, rewrite: {{ replace_prefix: / }} }}
 quotas:
   gcra: {{ scope: route, limit: {limit}, window: second, routes: [q] }}
   window: {{ scope: route, limit: {limit}, window: second, algorithm: window, routes: [w] }}
@@ -273,6 +280,10 @@ fn main() {
             });
         let up = Upstream::start("a").await;
         let mut cluster = TestCluster::start(3, &spec(&up, LIMIT), &[]).await;
+        if std::env::args().any(|a| a == "circuits") {
+            circuits(&http, &cluster, arg("--n", 10)).await;
+            return;
+        }
         let naive: Vec<GatewayProcess> = {
             let mut v = Vec::new();
             for _ in 0..3 {
@@ -285,6 +296,8 @@ fn main() {
                 .map(|id| (cluster.node(id).url(path), RATES[id as usize - 1]))
                 .collect()
         };
+        // `kill`: only the owner-kill run.
+        if !std::env::args().any(|a| a == "kill") {
         println!(
             "## Accuracy: limit {LIMIT}/s, offered {:?} requests/s (70/20/10), {windows} windows\n",
             RATES
@@ -370,18 +383,26 @@ fn main() {
             "| 15000 | {admitted} | 10000 | {max_bound} | {} |",
             admitted as f64 <= 10_000.0 + max_bound
         );
+        }
 
         println!("\n## kill -9 of the owner of the `window` key at window 4 (its traffic moves)\n");
-        // A request makes node 1 hold a lease again (idle ones are dropped), which names
-        // the owner.
-        get(&http, &cluster.node(1).url("/w")).await;
-        let owner = cluster.node(1).admin_get("/quotas").await.json()["leases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["quota"] == "window")
-            .and_then(|l| l["owner"].as_u64())
-            .expect("an owner for the window key");
+        // A request makes node 1 hold a lease again (idle ones are dropped); the next
+        // tick names its owner.
+        let mut owner = None;
+        for _ in 0..100 {
+            get(&http, &cluster.node(1).url("/w")).await;
+            owner = cluster.node(1).admin_get("/quotas").await.json()["leases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["quota"] == "window")
+                .and_then(|l| l["owner"].as_u64());
+            if owner.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let owner = owner.expect("an owner for the window key");
         let survivors: Vec<u64> = (1..=3).filter(|id| *id != owner).collect();
         let moved: Vec<(String, u64)> = {
             // The killed node's share goes to the first survivor.
@@ -419,4 +440,198 @@ fn main() {
             back.map(|b| b.to_string()).unwrap_or("never".into())
         );
     });
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn row(name: &str, mut xs: Vec<f64>) -> String {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    format!(
+        "| {name} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+        xs.len(),
+        pct(&xs, 50.0),
+        pct(&xs, 99.0),
+        xs.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
+/// One task per node sending `/c/ok` until the node answers `circuit_open`; the time from
+/// `start` to each node's first refusal (ms), or None past `limit`.
+async fn until_open(
+    http: &Http,
+    cluster: &TestCluster,
+    start: Instant,
+    limit: Duration,
+) -> Vec<Option<f64>> {
+    let mut tasks = Vec::new();
+    for id in 1..=3 {
+        let (http, url) = (http.clone(), cluster.node(id).url("/c/ok"));
+        tasks.push(tokio::spawn(async move {
+            while start.elapsed() < limit {
+                if get(&http, &url).await == 503 {
+                    return Some(start.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            None
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn probes_total(cluster: &TestCluster) -> u64 {
+    let mut sum = 0;
+    for id in 1..=3 {
+        sum += cluster
+            .node(id)
+            .metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_circuit_probes_total{upstream=\"c\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    sum
+}
+
+/// Circuits: detection (one node's traffic fails), half-open probes and recovery, and an
+/// operator's force-open, each repeated `n` times.
+async fn circuits(http: &Http, cluster: &TestCluster, n: u64) {
+    use tollgate_sdk::state::CircuitMode;
+    let mut client = cluster.client(1).await;
+    let reset = async |client: &mut tollgate_sdk::NodeClient| {
+        client
+            .force_circuit("c", CircuitMode::Auto, "bench reset")
+            .await
+            .expect("reset the circuit");
+        for id in 1..=3 {
+            let url = cluster.node(id).url("/c/ok");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while get(http, &url).await != 200 && Instant::now() < deadline {}
+        }
+    };
+    let (mut detect, mut recover, mut probes, mut forced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut missed = 0;
+    for _ in 0..n {
+        reset(&mut client).await;
+        // Node 1's traffic fails (4 senders asking for 500s); every node also sends
+        // successes. The clock starts with the first failure.
+        let start = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut failing = Vec::new();
+        for _ in 0..4 {
+            let (http, url, stop) = (
+                http.clone(),
+                cluster.node(1).url("/c/status/500"),
+                stop.clone(),
+            );
+            failing.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
+                    get(&http, &url).await;
+                }
+            }));
+        }
+        let opened = until_open(http, cluster, start, Duration::from_secs(10)).await;
+        stop.store(true, Ordering::Relaxed);
+        for f in failing {
+            let _ = f.await;
+        }
+        match opened.iter().copied().collect::<Option<Vec<f64>>>() {
+            Some(times) => detect.push(times.into_iter().fold(0.0, f64::max)),
+            None => {
+                missed += 1;
+                continue;
+            }
+        }
+        // Recovery: the upstream is fine; every node keeps sending until it serves again.
+        let before = probes_total(cluster).await;
+        let list = client.list_circuits().await.expect("list circuits");
+        let until = list
+            .circuits
+            .iter()
+            .find(|c| c.upstream == "c")
+            .map(|c| c.open_until_ms)
+            .unwrap_or(0);
+        let half_open_in = Duration::from_millis(until.saturating_sub(list.now_ms));
+        let half_open_at = Instant::now() + half_open_in;
+        let mut tasks = Vec::new();
+        for id in 1..=3 {
+            let (http, url) = (http.clone(), cluster.node(id).url("/c/ok"));
+            tasks.push(tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                // Served twice in a row: closed, not a lucky probe.
+                let mut served = 0;
+                while served < 2 && Instant::now() < deadline {
+                    let t = Instant::now();
+                    let code = get(&http, &url).await;
+                    if std::env::var("BENCH_DEBUG").is_ok()
+                        && t.elapsed() > Duration::from_millis(500)
+                    {
+                        eprintln!("node {id}: {code} after {:?}", t.elapsed());
+                    }
+                    if code == 200 {
+                        served += 1;
+                    } else {
+                        served = 0;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Instant::now()
+            }));
+        }
+        let mut last = Instant::now();
+        for t in tasks {
+            last = last.max(t.await.unwrap());
+        }
+        recover.push(last.saturating_duration_since(half_open_at).as_secs_f64() * 1000.0);
+        if std::env::var("BENCH_DEBUG").is_ok() && recover.last().is_some_and(|r| *r > 1000.0) {
+            eprintln!("slow recovery; half-open was due at {half_open_in:?} after the list");
+            for id in 1..=3 {
+                for l in
+                    cluster.node(id).log().lines().filter(|l| {
+                        l.contains("DEBUGCIRCUIT") || l.contains("changed for the whole")
+                    })
+                {
+                    eprintln!("node {id}: {l}");
+                }
+            }
+        }
+        probes.push((probes_total(cluster).await - before) as f64);
+    }
+    for _ in 0..2 * n {
+        reset(&mut client).await;
+        let start = Instant::now();
+        let watch = until_open(http, cluster, start, Duration::from_secs(5));
+        let force = client.force_circuit("c", CircuitMode::ForcedOpen, "bench");
+        let (opened, forced_ok) = tokio::join!(watch, force);
+        forced_ok.expect("force open");
+        match opened.iter().copied().collect::<Option<Vec<f64>>>() {
+            Some(times) => forced.push(times.into_iter().fold(0.0, f64::max)),
+            None => missed += 1,
+        }
+    }
+    reset(&mut client).await;
+    println!("## Circuits: 3 nodes, upstream failing for node 1's traffic only\n");
+    println!("| measure | n | p50 | p99 | max |\n|---|---|---|---|---|");
+    println!(
+        "{}",
+        row("first failure -> every node refuses (open)", detect)
+    );
+    println!(
+        "{}",
+        row("half-open -> every node serves again (closed)", recover)
+    );
+    println!("{}", row("force-open sent -> every node refuses", forced));
+    let most = probes.iter().copied().fold(0.0, f64::max);
+    println!(
+        "\nhalf-open probes per recovery (limit {PROBES}): {:?}, most {most}; missed runs: {missed}",
+        probes
+    );
 }

@@ -166,30 +166,50 @@ async fn one_nodes_failures_open_the_circuit_everywhere_and_probes_close_it() {
         .await;
     }
 
-    // An operator holds `b` open from the CLI: every node answers with its fallback, and
-    // nothing reaches it; `auto` hands it back.
+    // An operator holds `b` open from the CLI: once each node has applied it, every node
+    // answers with b's fallback and nothing reaches b; `auto` hands it back.
     assert_eq!(status(&cluster, 3, "/b/x").await.0, 200);
-    let b_hits = b.hits();
     let out = cli(&cluster, &["open", "b", "--reason", "incident 7"]);
     assert!(out.contains("held open"), "{out}");
+    let fallback = async |id: u64| {
+        let r = cluster.node(id).get("/b/x").await;
+        r.status.as_u16() == 200 && r.body.as_ref() == br#"{"cached": true}"#
+    };
     for id in [1, 2, 3] {
         harness::eventually(
             &format!("node {id} to take b out"),
             Duration::from_secs(5),
-            async || {
-                let r = cluster.node(id).get("/b/x").await;
-                r.status.as_u16() == 200 && r.body.as_ref() == br#"{"cached": true}"#
-            },
+            async || fallback(id).await,
         )
         .await;
+    }
+    let b_hits = b.hits();
+    for id in [1, 2, 3] {
+        for _ in 0..5 {
+            assert!(fallback(id).await);
+        }
     }
     assert_eq!(b.hits(), b_hits, "a forced-open upstream got traffic");
     assert!(cli(&cluster, &["list"]).contains("forced-open"));
     cli(&cluster, &["auto", "b"]);
-    harness::eventually("b back", Duration::from_secs(5), async || {
-        b.hits() > b_hits && status(&cluster, 1, "/b/x").await.0 == 200
-    })
-    .await;
+    for id in [1, 2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = b.hits();
+            let r = cluster.node(id).get("/b/x").await;
+            if r.status.as_u16() == 200 && b.hits() > before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still keeps b out: {} {}; circuits: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body),
+                cli(&cluster, &["list"])
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // Bad input: an upstream nobody has; a transition is only the owner's to make.
     let mut c = cluster.client(2).await;

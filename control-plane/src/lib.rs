@@ -23,6 +23,7 @@ use tollgate_proto::cp::v1 as cp;
 use tollgate_proto::cp::v1::access_server::{Access, AccessServer};
 use tollgate_proto::cp::v1::api_lifecycle_server::{ApiLifecycle, ApiLifecycleServer};
 use tollgate_proto::cp::v1::audit_server::{Audit, AuditServer};
+use tollgate_proto::cp::v1::circuits_server::{Circuits, CircuitsServer};
 use tollgate_proto::state::v1 as state;
 use tollgate_sdk::NodeClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -682,6 +683,54 @@ impl Audit for Service {
     }
 }
 
+#[tonic::async_trait]
+impl Circuits for Service {
+    async fn list_circuits(
+        &self,
+        req: Request<cp::ListCircuitsRequest>,
+    ) -> Result<Response<cp::ListCircuitsReply>, Status> {
+        let t = token(&req);
+        let resp = self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(t.clone());
+                async move { c.list_circuits().await }
+            })
+            .await?;
+        Ok(Response::new(cp::ListCircuitsReply {
+            circuits: resp.circuits,
+            now_ms: resp.now_ms,
+        }))
+    }
+
+    async fn force_circuit(
+        &self,
+        req: Request<cp::ForceCircuitRequest>,
+    ) -> Result<Response<cp::ForceCircuitReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        check_size("the upstream", &r.upstream, 512)?;
+        check_size("the reason", &r.reason, 4096)?;
+        if r.upstream.is_empty() {
+            return Err(Status::invalid_argument(
+                "upstream is empty; name a spec upstream or api@version/upstream",
+            ));
+        }
+        let kind = state::command::Kind::Circuit(state::CircuitCommand {
+            upstream: r.upstream,
+            op: Some(state::circuit_command::Op::Force(state::CircuitForce {
+                mode: r.mode,
+                reason: r.reason,
+            })),
+        });
+        let written = self.command(&t, kind).await?;
+        Ok(Response::new(cp::ForceCircuitReply {
+            generation: written.generation,
+        }))
+    }
+}
+
 /// Serves the control plane on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -693,6 +742,7 @@ pub async fn serve(
     health.set_serving::<ApiLifecycleServer<Service>>().await;
     health.set_serving::<AccessServer<Service>>().await;
     health.set_serving::<AuditServer<Service>>().await;
+    health.set_serving::<CircuitsServer<Service>>().await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
     // Python's grpcio-reflection still ask for it.
     let reflection = || {
@@ -703,6 +753,7 @@ pub async fn serve(
             "tollgate.cp.v1.ApiLifecycle",
             "tollgate.cp.v1.Access",
             "tollgate.cp.v1.Audit",
+            "tollgate.cp.v1.Circuits",
         ]
         .into_iter()
         .chain([
@@ -722,7 +773,8 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(ApiLifecycleServer::new(service.clone()))
         .add_service(AccessServer::new(service.clone()))
-        .add_service(AuditServer::new(service))
+        .add_service(AuditServer::new(service.clone()))
+        .add_service(CircuitsServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),

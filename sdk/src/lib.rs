@@ -353,6 +353,7 @@ pub struct ControlPlaneClient {
 type Lifecycle = cp::api_lifecycle_client::ApiLifecycleClient<Channel>;
 type AccessClient = cp::access_client::AccessClient<Channel>;
 type AuditClient = cp::audit_client::AuditClient<Channel>;
+type CircuitsClient = cp::circuits_client::CircuitsClient<Channel>;
 
 impl ControlPlaneClient {
     /// `addrs`: `HOST:PORT` of one or more replicas. Connects on first use.
@@ -719,5 +720,34 @@ impl ControlPlaneClient {
             )
             .await?
             .entries)
+    }
+
+    /// Upstreams' circuit breakers as committed (only those that ever changed).
+    pub async fn list_circuits(&self) -> Result<cp::ListCircuitsReply, Error> {
+        self.call(cp::ListCircuitsRequest {}, |ch, r| async move {
+            CircuitsClient::new(ch).list_circuits(r).await
+        })
+        .await
+    }
+
+    /// Holds an upstream's circuit open or closed on every node, or hands it back to
+    /// detection (operator token). Returns the generation written.
+    pub async fn force_circuit(
+        &self,
+        upstream: &str,
+        mode: state::CircuitMode,
+        reason: &str,
+    ) -> Result<u64, Error> {
+        let req = cp::ForceCircuitRequest {
+            upstream: upstream.to_string(),
+            mode: mode as i32,
+            reason: reason.to_string(),
+        };
+        Ok(self
+            .call(req, |ch, r| async move {
+                CircuitsClient::new(ch).force_circuit(r).await
+            })
+            .await?
+            .generation)
     }
 }

@@ -306,7 +306,7 @@ impl Actors {
                         if let Some(breaker) = &c.circuit
                             && g.probes > 0
                         {
-                            breaker.grant_permits(g.state_index, g.probes);
+                            breaker.grant_permits(g.state_index, g.probes, wall_ms());
                         }
                     }
                 }

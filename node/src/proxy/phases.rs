@@ -531,7 +531,7 @@ fn circuit(snapshot: &Snapshot, route: &Route) -> Result<bool, ProxyError> {
         }
         Phase::HalfOpen => match (&cluster.circuit, state) {
             (Some(breaker), Some(s)) => {
-                if breaker.take_permit(s.since_index) {
+                if breaker.take_permit(s.since_index, now) {
                     Ok(true)
                 } else {
                     Err(open(1000))

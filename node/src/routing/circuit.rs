@@ -31,9 +31,11 @@ pub struct CircuitRuntime {
     consecutive: AtomicU64,
     probes_ok: AtomicU64,
     probes_failed: AtomicU64,
-    /// Probe permits held, and the committed state (since_index) they were granted for.
+    /// Probe permits held, the committed state (since_index) they were granted for, and
+    /// until when they are good (ms since the epoch).
     permits: AtomicU64,
     permits_index: AtomicU64,
+    permits_until: AtomicU64,
     /// Requests refused while half-open for want of a permit since the last tick.
     want: AtomicU64,
     /// Requests let through as half-open probes.
@@ -84,6 +86,7 @@ impl CircuitRuntime {
             probes_failed: AtomicU64::new(0),
             permits: AtomicU64::new(0),
             permits_index: AtomicU64::new(0),
+            permits_until: AtomicU64::new(0),
             want: AtomicU64::new(0),
             probes: metrics::counter!("tollgate_circuit_probes_total", "upstream" => upstream.to_string()),
         }
@@ -114,8 +117,9 @@ impl CircuitRuntime {
     }
 
     /// Half-open: takes a probe permit granted for the state `index`, or notes the demand.
-    pub fn take_permit(&self, index: u64) -> bool {
+    pub fn take_permit(&self, index: u64, now_ms: u64) -> bool {
         if self.permits_index.load(Ordering::Acquire) == index
+            && now_ms < self.permits_until.load(Ordering::Acquire)
             && self
                 .permits
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1))
@@ -128,12 +132,18 @@ impl CircuitRuntime {
         false
     }
 
-    /// Adds permits the owner granted for the state `index` (permits of an older state
-    /// are dropped).
-    pub fn grant_permits(&self, index: u64, probes: u64) {
-        if self.permits_index.swap(index, Ordering::AcqRel) != index {
+    /// Adds permits the owner granted for the state `index` at `now_ms` (permits of an
+    /// older state are dropped). They are good for [`PERMIT_TTL_MS`]: a node whose traffic
+    /// stops does not hold the cluster's probes, since the owner gives them out again
+    /// after [`PERMIT_TIMEOUT_MS`], once these have expired.
+    pub fn grant_permits(&self, index: u64, probes: u64, now_ms: u64) {
+        if self.permits_index.swap(index, Ordering::AcqRel) != index
+            || now_ms >= self.permits_until.load(Ordering::Acquire)
+        {
             self.permits.store(0, Ordering::Release);
         }
+        self.permits_until
+            .store(now_ms + PERMIT_TTL_MS, Ordering::Release);
         self.permits.fetch_add(probes, Ordering::AcqRel);
     }
 
@@ -165,8 +175,11 @@ impl CircuitRuntime {
     }
 }
 
-/// How long granted probe permits may go unused before they are given out again.
-const PERMIT_TIMEOUT_MS: u64 = 5_000;
+/// How long a node may use the probe permits it was granted.
+pub const PERMIT_TTL_MS: u64 = 300;
+/// How long the owner waits for the outcomes of granted permits before it gives them out
+/// again (longer than [`PERMIT_TTL_MS`], so the old ones have expired by then).
+const PERMIT_TIMEOUT_MS: u64 = 500;
 
 /// The owner's view of one circuit: every node's outcomes over the sliding window, in
 /// one-second buckets, and the probes of the current half-open period.
@@ -284,7 +297,12 @@ impl CircuitBook {
         if self.probes_ok >= limit {
             return (0, Verdict::Close);
         }
-        let grant = o.want_probes.min(limit.saturating_sub(self.probes_granted));
+        // One permit per report: the probes spread over the nodes that have traffic, and
+        // one whose traffic stops strands at most one.
+        let grant = o
+            .want_probes
+            .min(1)
+            .min(limit.saturating_sub(self.probes_granted));
         if grant > 0 {
             self.probes_granted += grant;
             self.granted_at_ms = now_ms;
@@ -296,5 +314,107 @@ impl CircuitBook {
     pub fn reset(&mut self) {
         self.buckets.clear();
         self.consecutive = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CircuitSpec {
+        serde_yaml_ng::from_str(
+            "{ consecutive_failures: 5, failure_rate: 50, min_calls: 10, window: 10s, half_open_probes: 2, slow_call: 1s, slow_call_rate: 80 }",
+        )
+        .expect("a circuit spec")
+    }
+
+    fn calls(ok: u64, failed: u64) -> Outcomes {
+        Outcomes {
+            ok,
+            failed,
+            consecutive: if ok > 0 { 0 } else { failed },
+            ..Outcomes::default()
+        }
+    }
+
+    #[test]
+    fn each_trigger_opens_and_nothing_else_does() {
+        let s = spec();
+        let mut b = CircuitBook::default();
+        b.add(0, &calls(8, 1), s.window);
+        assert_eq!(b.check_closed(&s), Verdict::Stay, "under min_calls");
+        b.add(100, &calls(0, 4), s.window);
+        assert_eq!(
+            b.check_closed(&s),
+            Verdict::Stay,
+            "5 of 13 failed, 4 in a row"
+        );
+        b.add(200, &calls(0, 1), s.window);
+        assert!(matches!(b.check_closed(&s), Verdict::Open(r) if r.contains("in a row")));
+        // The rate: every node's calls add up over the window, old seconds drop out.
+        let mut b = CircuitBook::default();
+        b.add(0, &calls(5, 0), s.window);
+        b.add(1_000, &calls(2, 4), s.window);
+        b.add(1_100, &calls(0, 4), s.window);
+        assert!(matches!(b.check_closed(&s), Verdict::Open(r) if r.contains("failed")));
+        let mut b = CircuitBook::default();
+        b.add(0, &calls(0, 4), s.window);
+        b.add(20_000, &calls(10, 0), s.window);
+        assert_eq!(
+            b.check_closed(&s),
+            Verdict::Stay,
+            "old failures left the window"
+        );
+        // Slow calls.
+        let mut b = CircuitBook::default();
+        b.add(
+            0,
+            &Outcomes {
+                ok: 10,
+                slow: 9,
+                ..Outcomes::default()
+            },
+            s.window,
+        );
+        assert!(matches!(b.check_closed(&s), Verdict::Open(r) if r.contains("slow")));
+    }
+
+    #[test]
+    fn half_open_grants_at_most_the_probes_and_decides_on_their_outcomes() {
+        let s = spec();
+        let want = |n| Outcomes {
+            want_probes: n,
+            ..Outcomes::default()
+        };
+        let mut b = CircuitBook::default();
+        assert_eq!(b.half_open(0, 7, &want(5), &s), (1, Verdict::Stay));
+        assert_eq!(b.half_open(1, 7, &want(5), &s), (1, Verdict::Stay));
+        assert_eq!(b.half_open(2, 7, &want(5), &s), (0, Verdict::Stay), "2 out");
+        // Permits nobody used come back once they have expired at the nodes.
+        let back = PERMIT_TIMEOUT_MS + 10;
+        assert_eq!(b.half_open(back, 7, &want(5), &s).0, 1);
+        let ok = Outcomes {
+            probes_ok: 2,
+            ..Outcomes::default()
+        };
+        assert_eq!(b.half_open(back + 1, 7, &ok, &s), (0, Verdict::Close));
+        // A new half-open period starts afresh; one failed probe reopens.
+        let failed = Outcomes {
+            probes_failed: 1,
+            ..Outcomes::default()
+        };
+        assert_eq!(b.half_open(0, 9, &want(1), &s).0, 1);
+        assert!(matches!(b.half_open(1, 9, &failed, &s).1, Verdict::Open(_)));
+    }
+
+    #[test]
+    fn a_node_spends_only_live_permits_of_the_current_state() {
+        let rt = CircuitRuntime::new("a", &spec());
+        assert!(!rt.take_permit(3, 0));
+        rt.grant_permits(3, 2, 1_000);
+        assert!(!rt.take_permit(4, 1_001), "another state's permits");
+        assert!(rt.take_permit(3, 1_001));
+        assert!(!rt.take_permit(3, 1_000 + PERMIT_TTL_MS), "expired");
+        assert_eq!(rt.take().want_probes, 3);
     }
 }

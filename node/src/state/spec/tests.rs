@@ -902,3 +902,68 @@ fn bad_quotas_are_refused_at_their_field() {
         "unknown field",
     );
 }
+
+// === circuit breakers ===
+
+#[test]
+fn a_circuit_breaker_parses_with_its_defaults() {
+    let spec = parse(&upstream_with("circuit_breaker: {}"));
+    let c = spec.upstreams["u"].circuit_breaker.as_ref().unwrap();
+    assert_eq!(
+        (c.consecutive_failures, c.min_calls, c.half_open_probes),
+        (20, 20, 3)
+    );
+    assert_eq!((c.failure_rate, c.slow_call_rate), (50.0, 100.0));
+    assert_eq!(c.open_for, std::time::Duration::from_secs(30));
+    assert!(c.slow_call.is_none() && c.fallback.is_none());
+    let spec = parse(&upstream_with(
+        "circuit_breaker:\n  slow_call: 2s\n  fallback: { status: 200, body: '[]' }",
+    ));
+    let c = spec.upstreams["u"].circuit_breaker.as_ref().unwrap();
+    assert_eq!(c.slow_call, Some(std::time::Duration::from_secs(2)));
+    let f = c.fallback.as_ref().unwrap();
+    assert_eq!(
+        (f.status, f.body.as_str(), f.content_type.as_str()),
+        (200, "[]", "application/json")
+    );
+}
+
+#[test]
+fn bad_circuit_breakers_are_refused_at_their_field() {
+    let at = "upstreams.u.circuit_breaker";
+    assert_one_error(
+        &upstream_with("circuit_breaker: { failure_rate: 0 }"),
+        &format!("{at}.failure_rate"),
+        "percentage",
+    );
+    assert_one_error(
+        &upstream_with("circuit_breaker: { slow_call_rate: 150 }"),
+        &format!("{at}.slow_call_rate"),
+        "percentage",
+    );
+    assert_one_error(
+        &upstream_with("circuit_breaker: { half_open_probes: 0 }"),
+        &format!("{at}.half_open_probes"),
+        "between 1 and 1000",
+    );
+    assert_one_error(
+        &upstream_with("circuit_breaker: { consecutive_failures: 0 }"),
+        &format!("{at}.consecutive_failures"),
+        "at least 1",
+    );
+    assert_one_error(
+        &upstream_with("circuit_breaker: { window: 2h }"),
+        &format!("{at}.window"),
+        "between 1s and 1h",
+    );
+    assert_one_error(
+        &upstream_with("circuit_breaker: { fallback: { status: 99 } }"),
+        &format!("{at}.fallback.status"),
+        "HTTP status",
+    );
+    assert_one_error(
+        &upstream_with("circuit_breaker: { open_for: soon }"),
+        &format!("{at}.open_for"),
+        "invalid duration",
+    );
+}

@@ -211,6 +211,31 @@ async fn one_nodes_failures_open_the_circuit_everywhere_and_probes_close_it() {
         }
     }
 
+    // The control plane does the same: list, force, hand back.
+    let cpp = harness::cp::CpProcess::start(&[cluster.node(1).grpc, cluster.node(2).grpc]).await;
+    let cp = cpp.sdk(&cluster.token);
+    let listed = cp.list_circuits().await.unwrap();
+    assert!(listed.circuits.iter().any(|c| c.upstream == "b"));
+    cp.force_circuit(
+        "b",
+        tollgate_sdk::state::CircuitMode::ForcedOpen,
+        "from the cp",
+    )
+    .await
+    .unwrap();
+    harness::eventually("b out through the cp", Duration::from_secs(5), async || {
+        fallback(3).await
+    })
+    .await;
+    cp.force_circuit("b", tollgate_sdk::state::CircuitMode::Auto, "")
+        .await
+        .unwrap();
+    let err = cp
+        .force_circuit("", tollgate_sdk::state::CircuitMode::ForcedOpen, "")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("upstream is empty"), "{err}");
+
     // Bad input: an upstream nobody has; a transition is only the owner's to make.
     let mut c = cluster.client(2).await;
     let err = c
@@ -219,4 +244,21 @@ async fn one_nodes_failures_open_the_circuit_everywhere_and_probes_close_it() {
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     assert!(err.to_string().contains("no upstream"), "{err}");
+    use tollgate_sdk::state;
+    let transition = state::Command {
+        kind: Some(state::command::Kind::Circuit(state::CircuitCommand {
+            upstream: "a".into(),
+            op: Some(state::circuit_command::Op::Transition(
+                state::CircuitTransition {
+                    open: true,
+                    open_until_ms: u64::MAX,
+                    reason: "not an owner".into(),
+                    from_index: 0,
+                },
+            )),
+        })),
+        ..state::Command::default()
+    };
+    let err = c.write(transition).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
 }

@@ -6,7 +6,7 @@
 //! that does not exist, so it learns no names and no counts. Asking for something only the
 //! operator may do is PERMISSION_DENIED.
 
-use tollgate_proto::state::v1::{Command, access_command, api_command, command};
+use tollgate_proto::state::v1::{Command, access_command, api_command, circuit_command, command};
 use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
 
@@ -126,6 +126,15 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
     {
         return Err(Status::invalid_argument(
             "a bootstrap is made by the node that starts the cluster, not sent",
+        ));
+    }
+    if let Some(command::Kind::Circuit(c)) = &cmd.kind
+        && matches!(c.op, Some(circuit_command::Op::Transition(_)))
+        && !matches!(p, Principal::Node(_))
+    {
+        return Err(Status::permission_denied(
+            "circuit transitions are decided by the circuit's owner node; force a state with \
+             `tollgate circuit open|close|auto` instead",
         ));
     }
     let Some(tenant) = p.tenant() else {

@@ -169,3 +169,51 @@ async fn an_isolated_node_follows_each_quotas_fail_mode_and_settles_after_healin
     println!("after healing: {after} more admitted, {total} in all");
     assert!(total <= limit + 30, "{total} admitted in all");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_per_region_quota_allows_its_limit_in_each_region() {
+    let up = Upstream::start("a").await;
+    let spec = format!(
+        r#"upstreams: {{ a: {{ endpoints: [{{ address: "{}" }}] }} }}
+routes:
+  r: {{ match: {{ path: {{ prefix: /r }} }}, upstream: a }}
+  g: {{ match: {{ path: {{ prefix: /g }} }}, upstream: a }}
+quotas:
+  regional: {{ scope: route, limit: 30, window: day, per: region, routes: [r] }}
+  global: {{ scope: route, limit: 30, window: day, routes: [g] }}
+"#,
+        up.addr
+    );
+    // Nodes 1 and 2 in us, node 3 in eu.
+    let mut cluster = TestCluster::start(1, &spec, &["--region", "us"]).await;
+    let seed = cluster.node(1).grpc;
+    let flags = |region: &str| {
+        ["--enable-fault-injection", "--region", region]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    cluster.add(2, seed, &flags("us")).await;
+    cluster.add(3, seed, &flags("eu")).await;
+    cluster
+        .wait_all("three members", Duration::from_secs(30), |s| {
+            s.members.len() == 3 && s.leader.is_some() && !s.joint
+        })
+        .await;
+
+    let (us, _) = send(&cluster, &[1, 2], "/r", 60).await;
+    let (eu, _) = send(&cluster, &[3], "/r", 60).await;
+    println!("per region: us admitted {us}, eu admitted {eu}");
+    assert_eq!((us, eu), (30, 30), "each region has its own 30");
+    let (all, _) = send(&cluster, &[1, 2, 3], "/g", 90).await;
+    assert_eq!(all, 30, "a global quota is one limit for every region");
+    // Region quotas are owned inside their region.
+    let v = cluster.node(3).admin_get("/quotas").await.json();
+    let eu_owner = v["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["quota"] == "regional")
+        .and_then(|l| l["owner"].as_u64());
+    assert_eq!(eu_owner, Some(3));
+}

@@ -378,6 +378,8 @@ pub struct Lease {
     unleased: u64,
     /// The owner's budget left, as of its last answer.
     remaining: u64,
+    /// `roll` has nothing to do before this time (ms).
+    checked_until: u64,
 }
 
 impl Lease {
@@ -412,13 +414,17 @@ impl Lease {
             returned: 0,
             unleased: 0,
             remaining: 0,
+            checked_until: 0,
         }
     }
 
     /// Moves `used` to the window holding `now_ms`, and drops tokens that are no longer
     /// good (GCRA tokens that expired are given back).
     fn roll(&mut self, now_ms: u64) {
-        let (w, _, _) = self.span.window(now_ms);
+        if now_ms < self.checked_until {
+            return;
+        }
+        let (w, _, end) = self.span.window(now_ms);
         if w != self.window {
             self.prev_used = if w == self.window + 1 { self.used } else { 0 };
             self.used = 0;
@@ -434,6 +440,14 @@ impl Lease {
             keep
         });
         self.returned += returned;
+        // Nothing changes before the window ends or the first token expires.
+        let first_expiry = self
+            .held
+            .iter()
+            .map(|h| h.until_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.checked_until = end.min(first_expiry);
     }
 
     /// Whether a request at `now_ms` is admitted. On the request path: no call, no lock
@@ -446,7 +460,7 @@ impl Lease {
         let spendable = self
             .held
             .iter_mut()
-            .filter(|h| algorithm == Algorithm::Gcra || h.window == window)
+            .filter(|h| h.tokens > 0 && (algorithm == Algorithm::Gcra || h.window == window))
             .min_by_key(|h| h.until_ms);
         if let Some(h) = spendable {
             h.tokens -= 1;
@@ -500,7 +514,14 @@ impl Lease {
             self.rate = 0.0;
             0
         } else {
-            (self.rate * 2.0).ceil() as u64 + 1
+            // Two ticks of demand; four while the owner has ten times that left, so a
+            // busy key far from its limit does not run dry between exchanges.
+            let two = (self.rate * 2.0).ceil() as u64 + 1;
+            if self.remaining > 20 * two {
+                2 * two
+            } else {
+                two
+            }
         };
         let held_in = |held: &[Held], w: u64| -> u64 {
             held.iter()
@@ -577,6 +598,7 @@ impl Lease {
 
     /// Takes the owner's answer.
     pub fn granted(&mut self, grant: Grant) {
+        self.checked_until = 0;
         self.standing = Standing::Leased;
         self.remaining = grant.remaining;
         if grant.tokens > 0 {

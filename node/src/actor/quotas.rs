@@ -4,7 +4,7 @@
 //! The lease table is sharded behind plain mutexes: a request hashes its key, locks one
 //! shard for a map lookup and a decrement, and never waits on anything else.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Mutex};
 
 use metrics::Counter;
@@ -32,6 +32,8 @@ pub struct QuotaDef {
     pub apis: Vec<String>,
     pub admitted: Counter,
     pub refused: Counter,
+    /// Requests that waited for the next exchange (no token here, budget at the owner).
+    pub waited: Counter,
 }
 
 impl QuotaDef {
@@ -71,6 +73,7 @@ impl QuotaDef {
             apis: q.apis.clone(),
             admitted: counter("admitted"),
             refused: counter("refused"),
+            waited: metrics::counter!("tollgate_quota_waits_total", "quota" => name.to_string()),
         }
     }
 
@@ -124,7 +127,9 @@ impl Quotas {
         Quotas {
             node,
             region,
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             rounds: tokio::sync::watch::Sender::new(0),
             members: Mutex::new((1, 1)),
         }

@@ -478,6 +478,7 @@ async fn quota(
         };
         let mut admit = quotas.admit(def, value, wall_ms(), true);
         if admit == Admit::Wait {
+            def.waited.increment(1);
             quotas.wait_rounds(2, QUOTA_WAIT).await;
             admit = quotas.admit(def, value, wall_ms(), false);
         }

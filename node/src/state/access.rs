@@ -544,10 +544,18 @@ mod tests {
         let c = node_credential(&key, 3, 1_000_000);
         assert_eq!(check_node_credential(&key, &c, 1_030_000), Some(3));
         assert_eq!(check_node_credential(&key, &c, 1_061_000), None, "stale");
-        assert_eq!(check_node_credential(&[8u8; 32], &c, 1_000_000), None, "other key");
+        assert_eq!(
+            check_node_credential(&[8u8; 32], &c, 1_000_000),
+            None,
+            "other key"
+        );
         let forged = c.replacen("tgn_3_", "tgn_4_", 1);
         assert_eq!(check_node_credential(&key, &forged, 1_000_000), None);
-        assert_eq!(check_node_credential(&[], &c, 1_000_000), None, "no key yet");
+        assert_eq!(
+            check_node_credential(&[], &c, 1_000_000),
+            None,
+            "no key yet"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use clap::Subcommand;
 use serde_json::json;
+use tollgate_node::state::circuit::{Phase, phase};
 use tollgate_sdk::state::{CircuitMode, CircuitState};
 
 use crate::cluster::{NodeArg, Output, print_value};
@@ -82,12 +83,13 @@ pub async fn circuit(cmd: CircuitCommand) -> anyhow::Result<()> {
 
 /// `closed`, `open`, `half-open`, `forced-open` or `forced-closed` at `now_ms`.
 fn state_name(c: &CircuitState, now_ms: u64) -> &'static str {
-    match CircuitMode::try_from(c.mode).unwrap_or(CircuitMode::Auto) {
-        CircuitMode::ForcedOpen => "forced-open",
-        CircuitMode::ForcedClosed => "forced-closed",
-        CircuitMode::Auto if !c.open => "closed",
-        CircuitMode::Auto if now_ms < c.open_until_ms => "open",
-        CircuitMode::Auto => "half-open",
+    let forced = CircuitMode::try_from(c.mode).unwrap_or(CircuitMode::Auto);
+    match (forced, phase(Some(c), now_ms)) {
+        (CircuitMode::ForcedOpen, _) => "forced-open",
+        (CircuitMode::ForcedClosed, _) => "forced-closed",
+        (_, Phase::Closed) => "closed",
+        (_, Phase::Open { .. }) => "open",
+        (_, Phase::HalfOpen) => "half-open",
     }
 }
 

@@ -28,7 +28,7 @@ fn simulate(
                 ledger = Ledger::new(algorithm, limit, burst, 1000, now_ms);
             }
             for (i, lease) in leases.iter_mut().enumerate() {
-                if (now_ms + 1000 - i as u64 * 7) % TICK_MS == 0 {
+                if (now_ms + 1000 - i as u64 * 7).is_multiple_of(TICK_MS) {
                     for r in lease.reports(now_ms) {
                         let g = ledger.exchange(now_ms, i as u64, &r);
                         lease.granted(g);

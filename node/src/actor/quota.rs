@@ -502,8 +502,9 @@ impl Lease {
         } else {
             0.5 * self.rate + 0.5 * seen as f64
         };
-        let want = if self.quiet >= QUIET_TICKS {
-            // Idle: give the tokens back so busier nodes can have them.
+        let want = if self.quiet >= QUIET_TICKS && self.standing != Standing::Cutoff {
+            // Idle: give the tokens back so busier nodes can have them (kept while cut off:
+            // nobody could take them, and a fail-closed key still spends them).
             for h in &mut self.held {
                 if self.algorithm == Algorithm::Gcra {
                     self.returned += h.tokens;
@@ -514,8 +515,8 @@ impl Lease {
             self.rate = 0.0;
             0
         } else {
-            // Two ticks of demand; four while the owner has ten times that left, so a
-            // busy key far from its limit does not run dry between exchanges.
+            // Two ticks of demand; four while the owner has more than ten times four ticks
+            // left, so a busy key far from its limit does not run dry between exchanges.
             let two = (self.rate * 2.0).ceil() as u64 + 1;
             if self.remaining > 20 * two {
                 2 * two

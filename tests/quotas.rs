@@ -216,9 +216,18 @@ quotas:
     let (us, _) = send(&cluster, &[1, 2], "/r", 60).await;
     let (eu, _) = send(&cluster, &[3], "/r", 60).await;
     println!("per region: us admitted {us}, eu admitted {eu}");
-    assert_eq!((us, eu), (30, 30), "each region has its own 30");
+    // Never over the limit; under it by at most a token or two that another node holds
+    // (a lease is given back after 200 ms idle).
+    let near = |n: u64| (27..=30).contains(&n);
+    assert!(
+        near(us) && near(eu),
+        "each region has its own 30: us {us}, eu {eu}"
+    );
     let (all, _) = send(&cluster, &[1, 2, 3], "/g", 90).await;
-    assert_eq!(all, 30, "a global quota is one limit for every region");
+    assert!(
+        near(all),
+        "a global quota is one limit for every region: {all}"
+    );
     // Region quotas are owned inside their region.
     let v = cluster.node(3).admin_get("/quotas").await.json();
     let eu_owner = v["leases"]
@@ -228,4 +237,55 @@ quotas:
         .find(|l| l["quota"] == "regional")
         .and_then(|l| l["owner"].as_u64());
     assert_eq!(eu_owner, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_owner_of_a_day_quota_loses_no_count() {
+    let up = Upstream::start("a").await;
+    let limit = 200;
+    let mut cluster = TestCluster::start(3, &spec(&up, limit), &[]).await;
+    // Who owns the key: the day's count lives there and, copied, at its backup.
+    send(&cluster, &[1], "/open/x", 1).await;
+    let mut owner = None;
+    harness::eventually("an owner for the key", Duration::from_secs(5), async || {
+        let v = cluster.node(1).admin_get("/quotas").await.json();
+        owner = v["leases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["quota"] == "day-open")
+            .and_then(|l| l["owner"].as_u64());
+        owner.is_some()
+    })
+    .await;
+    let owner = owner.unwrap();
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != owner).collect();
+    // Most of the day's count is spent through the owner itself, then it is killed.
+    let (through_owner, _) = send(&cluster, &[owner], "/open/x", 120).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Tokens it holds die with it: the new owner counts them as spent.
+    let v = cluster.node(owner).admin_get("/quotas").await.json();
+    let held = v["leases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["quota"] == "day-open")
+        .and_then(|l| l["held"].as_u64())
+        .unwrap_or(0);
+    cluster.kill9(owner);
+    // The survivors take the key over; what the dead node admitted still counts.
+    let (after, _) = send(&cluster, &survivors, "/open/x", 300).await;
+    let total = 1 + through_owner + after;
+    println!(
+        "owner {owner}: {through_owner} through it (holding {held} more), {after} after its death, {total} in all"
+    );
+    assert_eq!(through_owner, 120);
+    assert!(
+        total <= limit + 5,
+        "{total} admitted against a day limit of {limit}: the dead owner's count was lost"
+    );
+    assert!(
+        total + held + 5 >= limit,
+        "only {total} admitted, though the dead node held just {held}"
+    );
 }

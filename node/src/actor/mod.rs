@@ -213,14 +213,28 @@ impl Actors {
             let scope = |m: &&Member| !slot.def.per_region || m.region == self.quotas.region;
             let size = members.iter().filter(scope).count() as u64;
             let candidates = up.iter().copied().filter(scope).map(|m| m.id);
-            let owner = ownership::owner(key.as_bytes(), candidates).filter(|_| quorum);
+            let ranked = ownership::owner_and_backup(key.as_bytes(), candidates);
+            let owner = ranked.first().copied().filter(|_| quorum);
             slot.owner = owner;
             match owner {
                 Some(owner) => {
                     let batch = batches.entry(owner).or_default();
-                    for r in reports {
-                        batch.wire.push(to_wire(key, &slot.def, &r));
-                        batch.sent.push((key.to_string(), r, size));
+                    for r in &reports {
+                        batch.wire.push(to_wire(key, &slot.def, r));
+                        batch.sent.push((key.to_string(), *r, size, false));
+                    }
+                    // Window counters: the backup gets a copy (asking for nothing), so if
+                    // the owner dies it takes over knowing every node's usage, the dead
+                    // node's included, up to the last tick.
+                    if let Some(backup) = ranked.get(1)
+                        && slot.def.algorithm == quota::Algorithm::Window
+                    {
+                        let batch = batches.entry(*backup).or_default();
+                        for r in &reports {
+                            let copy = Report { want: 0, ..*r };
+                            batch.wire.push(to_wire(key, &slot.def, &copy));
+                            batch.sent.push((key.to_string(), copy, size, true));
+                        }
                     }
                 }
                 None => slot.lease.unanswered(&reports, size),
@@ -321,7 +335,10 @@ impl Actors {
             }
             match answer.map(|a| a.grants) {
                 Ok(grants) => {
-                    for ((key, _, _), g) in batch.sent.iter().zip(grants) {
+                    for ((key, _, _, mirror), g) in batch.sent.iter().zip(grants) {
+                        if *mirror {
+                            continue;
+                        }
                         self.quotas.with_slot(key, |slot| {
                             slot.lease.granted(Grant {
                                 window: g.window,
@@ -334,9 +351,11 @@ impl Actors {
                 }
                 Err(e) => {
                     tracing::debug!(owner, "quota exchange failed: {e}");
-                    for (key, r, size) in &batch.sent {
-                        self.quotas
-                            .with_slot(key, |slot| slot.lease.unanswered(&[*r], *size));
+                    for (key, r, size, mirror) in &batch.sent {
+                        if !*mirror {
+                            self.quotas
+                                .with_slot(key, |slot| slot.lease.unanswered(&[*r], *size));
+                        }
                     }
                 }
             }
@@ -465,8 +484,9 @@ fn export_bound(bound: &HashMap<String, (u64, u64)>) {
 #[derive(Default)]
 struct Batch {
     wire: Vec<pb::QuotaReport>,
-    /// Per report: the key, the report, and the members in its scope.
-    sent: Vec<(String, Report, u64)>,
+    /// Per report: the key, the report, the members in its scope, and whether it is the
+    /// copy for the key's backup (whose answer is not used).
+    sent: Vec<(String, Report, u64, bool)>,
     circuits: Vec<pb::CircuitReport>,
     /// Per circuit report: the upstream cluster and what was taken from its counters.
     circuit_sent: Vec<(Arc<UpstreamCluster>, Outcomes)>,

@@ -8,6 +8,15 @@ pub fn owner(key: &[u8], members: impl IntoIterator<Item = u64>) -> Option<u64> 
     members.into_iter().max_by_key(|m| (weight(*m, k), *m))
 }
 
+/// The owner of `key` and, after it, the member that takes the key over if the owner is
+/// lost (the next highest score): at most two, best first.
+pub fn owner_and_backup(key: &[u8], members: impl IntoIterator<Item = u64>) -> Vec<u64> {
+    let k = crate::hash::fnv1a(key);
+    let mut ranked: Vec<(u64, u64)> = members.into_iter().map(|m| (weight(m, k), m)).collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    ranked.into_iter().take(2).map(|(_, m)| m).collect()
+}
+
 /// The member's score for a key: a 64-bit finalizer (SplitMix64's) over the pair, so
 /// nearby ids and keys still spread.
 fn weight(member: u64, key_hash: u64) -> u64 {
@@ -38,6 +47,13 @@ mod tests {
         }
         assert_eq!(owner(b"x", []), None);
         assert_eq!(owner(b"x", [7]), Some(7));
+        // The backup is who owns the key once the owner is gone.
+        for k in keys(200) {
+            let both = owner_and_backup(k.as_bytes(), [1, 2, 3]);
+            assert_eq!(both[0], owner(k.as_bytes(), [1, 2, 3]).unwrap());
+            let rest = [1, 2, 3].into_iter().filter(|m| *m != both[0]);
+            assert_eq!(Some(both[1]), owner(k.as_bytes(), rest));
+        }
     }
 
     #[test]

@@ -868,6 +868,20 @@ async fn bad_input_on_tenants_keys_and_audit_is_refused_and_changes_nothing() {
             ok(op.create_version("orders", "1.0.0", "routes: [1, 2]").await),
             InvalidArgument,
         ),
+        (
+            "version content that sets quotas (the cluster's spec does)",
+            ok(op
+                .create_version(
+                    "orders",
+                    "1.0.1",
+                    &format!(
+                        "{}quotas: {{ q: {{ scope: key, limit: 5, window: minute }} }}\n",
+                        content("127.0.0.1:9".parse().unwrap())
+                    ),
+                )
+                .await),
+            InvalidArgument,
+        ),
     ];
     for (what, result, code) in cases {
         let err = result.expect_err(what);

@@ -1072,6 +1072,11 @@ async fn check_text(yaml: String, max: usize, what: &'static str) -> Result<Chec
 /// compiled: canonical JSON of the checked document, what every data plane serves.
 async fn check_version_content(content: &str, max: usize) -> Result<String, Status> {
     let checked = check_text(content.to_string(), max, "the version's content").await?;
+    if let Some(name) = checked.spec.quotas.keys().next() {
+        return Err(Status::invalid_argument(format!(
+            "quotas.{name}: quotas are set in the cluster's spec (name the API in their `apis`), not in a version's content"
+        )));
+    }
     crate::state::snapshot::check_routes(&checked.spec).map_err(|errors| {
         Status::invalid_argument(format!(
             "the version's content was refused, nothing was applied. {errors}"

@@ -262,3 +262,53 @@ async fn one_nodes_failures_open_the_circuit_everywhere_and_probes_close_it() {
     let err = c.write(transition).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_neither_stops_the_majority_deciding_nor_leaves_a_circuit_stuck() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let cluster = TestCluster::start(3, &spec(&a, &b), &[]).await;
+    cluster.isolate(3, true).await;
+    // The majority sees the upstream fail and opens its circuit, whoever owned it before.
+    for _ in 0..10 {
+        status(&cluster, 1, "/a/status/500").await;
+        status(&cluster, 2, "/a/ok").await;
+    }
+    for id in [1, 2] {
+        harness::eventually(
+            &format!("node {id} to open the circuit"),
+            Duration::from_secs(10),
+            async || {
+                // Keep failing until it opens (the owner may have moved in between).
+                status(&cluster, 1, "/a/status/500").await;
+                status(&cluster, id, "/a/ok").await == (503, "circuit_open".into())
+            },
+        )
+        .await;
+    }
+    // The cut-off node cannot hear the decision: it keeps serving on its last state.
+    assert_eq!(status(&cluster, 3, "/a/ok").await.0, 200);
+    // Heal. Node 3 catches up, half-open probes go through, and everyone serves again.
+    cluster.isolate(3, false).await;
+    for id in [1, 2, 3] {
+        harness::eventually(
+            &format!("node {id} to serve a again"),
+            Duration::from_secs(15),
+            async || status(&cluster, id, "/a/ok").await.0 == 200,
+        )
+        .await;
+    }
+    let mut c = cluster.client(3).await;
+    harness::eventually(
+        "the circuit to close",
+        Duration::from_secs(15),
+        async || {
+            // Traffic keeps the half-open probes coming.
+            for id in [1, 2, 3] {
+                status(&cluster, id, "/a/ok").await;
+            }
+            let list = c.list_circuits().await.unwrap();
+            list.circuits.iter().all(|s| !s.open)
+        },
+    )
+    .await;
+}

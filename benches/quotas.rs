@@ -18,8 +18,12 @@
 //! 4. kill -9 of the owner of the quota key mid-run (its traffic moves to the others): the
 //!    windows after, until back within 3%.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+
+use common::{arg, pct};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,15 +40,6 @@ type Http = Client<HttpConnector, Body>;
 type Targets = Vec<(String, u64)>;
 /// A fault run when a window starts; it returns where traffic goes from then on.
 type Fault = (u64, Box<dyn FnOnce() -> Targets + Send>);
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -458,11 +453,6 @@ fn main() {
             back.map(|b| b.to_string()).unwrap_or("never".into())
         );
     });
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn row(name: &str, mut xs: Vec<f64>) -> String {

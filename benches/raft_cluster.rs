@@ -22,8 +22,12 @@
 //!
 //! `benches/raft_vs_etcd.sh` runs these beside the 3-member etcd in ../shared/baseline.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+
+use common::{arg, pct};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,23 +36,6 @@ use std::time::{Duration, Instant};
 use harness::Upstream;
 use harness::cluster::{TestCluster, tagged_spec};
 use tollgate_sdk::NodeClient;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn summary(name: &str, mut xs: Vec<f64>) -> String {
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -19,7 +19,7 @@ pub mod quotas;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -49,13 +49,9 @@ const DOWN_AFTER: u32 = 2;
 /// How often a peer that is down is tried again.
 const PROBE_EVERY_MS: u64 = 250;
 
-/// Wall-clock ms since the epoch: windows must line up across nodes.
-pub fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Wall-clock ms since the epoch (the clock Raft commands carry): windows must line up
+/// across nodes.
+pub use crate::raft::service::now_ms as wall_ms;
 
 /// One exchange, as the owner's mailbox takes it.
 struct Exchange {
@@ -293,7 +289,11 @@ impl Actors {
             let this = self.clone();
             let cluster = cluster.clone();
             async move {
-                let (wire, circuits) = (batch.wire.clone(), batch.circuits.clone());
+                let mut batch = batch;
+                let (wire, circuits) = (
+                    std::mem::take(&mut batch.wire),
+                    std::mem::take(&mut batch.circuits),
+                );
                 let res = this.exchange(&cluster, owner, &addr, wire, circuits).await;
                 (owner, batch, res)
             }
@@ -301,20 +301,22 @@ impl Actors {
         let results = futures::future::join_all(calls).await;
         for (owner, batch, res) in results {
             let answer = res.and_then(|a| {
-                if a.grants.len() == batch.sent.len() && a.circuits.len() == batch.circuits.len() {
+                if a.grants.len() == batch.sent.len()
+                    && a.circuits.len() == batch.circuit_sent.len()
+                {
                     Ok(a)
                 } else {
                     Err(format!(
                         "node {owner} answered {}+{} reports with {}+{} grants",
                         batch.sent.len(),
-                        batch.circuits.len(),
+                        batch.circuit_sent.len(),
                         a.grants.len(),
                         a.circuits.len()
                     ))
                 }
             });
             self.note(owner, answer.is_ok());
-            match &answer {
+            match answer {
                 Ok(a) => {
                     for ((c, _), g) in batch.circuit_sent.iter().zip(&a.circuits) {
                         if let Some(breaker) = &c.circuit
@@ -323,22 +325,9 @@ impl Actors {
                             breaker.grant_permits(g.state_index, g.probes, wall_ms());
                         }
                     }
-                }
-                Err(_) => {
-                    // The next owner gets these outcomes.
-                    for (c, outcomes) in &batch.circuit_sent {
-                        if let Some(breaker) = &c.circuit {
-                            breaker.restore(outcomes);
-                        }
-                    }
-                }
-            }
-            match answer.map(|a| a.grants) {
-                Ok(grants) => {
-                    for ((key, _, _, mirror), g) in batch.sent.iter().zip(grants) {
-                        if *mirror {
-                            continue;
-                        }
+                    // The backup's answers to its copies are not used.
+                    let own = batch.sent.iter().zip(a.grants).filter(|(s, _)| !s.3);
+                    for ((key, ..), g) in own {
                         self.quotas.with_slot(key, |slot| {
                             slot.lease.granted(Grant {
                                 window: g.window,
@@ -350,12 +339,16 @@ impl Actors {
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(owner, "quota exchange failed: {e}");
-                    for (key, r, size, mirror) in &batch.sent {
-                        if !*mirror {
-                            self.quotas
-                                .with_slot(key, |slot| slot.lease.unanswered(&[*r], *size));
+                    tracing::debug!(owner, "exchange failed: {e}");
+                    // The next owner gets these outcomes and reports.
+                    for (c, outcomes) in &batch.circuit_sent {
+                        if let Some(breaker) = &c.circuit {
+                            breaker.restore(outcomes);
                         }
+                    }
+                    for (key, r, size, _) in batch.sent.iter().filter(|s| !s.3) {
+                        self.quotas
+                            .with_slot(key, |slot| slot.lease.unanswered(&[*r], *size));
                     }
                 }
             }
@@ -428,7 +421,6 @@ impl Actors {
         let channel = cluster.peers.channel(addr)?;
         let req = pb::ExchangeRequest {
             from: self.quotas.node,
-            sent_at_ms: wall_ms(),
             quotas,
             circuits,
         };
@@ -448,14 +440,13 @@ impl Actors {
         let mut held: HashMap<String, u64> = HashMap::new();
         let mut uncounted: HashMap<String, u64> = HashMap::new();
         let mut cutoff = 0u64;
-        self.quotas.retain(|_, slot| {
+        self.quotas.for_each(|_, slot| {
             let name = slot.def.name.to_string();
             *held.entry(name.clone()).or_default() += slot.lease.held();
             *uncounted.entry(name).or_default() += slot.lease.unaccounted_allowance();
             if slot.lease.standing == quota::Standing::Cutoff {
                 cutoff += 1;
             }
-            true
         });
         metrics::gauge!("tollgate_quota_cutoff_keys").set(cutoff as f64);
         for (name, n) in &held {

@@ -505,11 +505,8 @@ impl Lease {
         let want = if self.quiet >= QUIET_TICKS && self.standing != Standing::Cutoff {
             // Idle: give the tokens back so busier nodes can have them (kept while cut off:
             // nobody could take them, and a fail-closed key still spends them).
-            for h in &mut self.held {
-                if self.algorithm == Algorithm::Gcra {
-                    self.returned += h.tokens;
-                }
-                h.tokens = 0;
+            if self.algorithm == Algorithm::Gcra {
+                self.returned += self.held();
             }
             self.held.clear();
             self.rate = 0.0;
@@ -530,15 +527,14 @@ impl Lease {
                 .map(|h| h.tokens)
                 .sum()
         };
-        let (window, _, end) = self.span.window(now_ms);
+        let (window, start, end) = self.span.window(now_ms);
         let returned = std::mem::take(&mut self.returned);
         let unleased = std::mem::take(&mut self.unleased);
         match self.algorithm {
             Algorithm::Gcra => {
-                let held: u64 = self.held.iter().map(|h| h.tokens).sum();
+                let held = self.held();
                 // Usage over the last window's length, estimated from the current and
                 // previous windows (a sliding-window approximation).
-                let (_, start, _) = self.span.window(now_ms);
                 let len = self.span.nominal_ms() as f64;
                 let into = (now_ms - start) as f64 / len;
                 let recent = self.used + (self.prev_used as f64 * (1.0 - into)) as u64;

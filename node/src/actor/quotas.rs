@@ -211,6 +211,15 @@ impl Quotas {
         }
     }
 
+    /// Runs `f` over every slot, shard by shard.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &Slot)) {
+        for shard in &self.shards {
+            for (key, slot) in shard.lock().expect("quota shard").iter() {
+                f(key, slot);
+            }
+        }
+    }
+
     /// Runs `f` on the slot of `key`, if it is still there.
     pub(super) fn with_slot(&self, key: &str, f: impl FnOnce(&mut Slot)) {
         if let Some(slot) = self.shard(key).lock().expect("quota shard").get_mut(key) {
@@ -221,18 +230,16 @@ impl Quotas {
     /// What this node holds, per key, for `/quotas` on the admin port.
     pub fn leases(&self) -> Vec<LeaseView> {
         let mut out = Vec::new();
-        for shard in &self.shards {
-            for (key, slot) in shard.lock().expect("quota shard").iter() {
-                out.push(LeaseView {
-                    key: key.clone(),
-                    quota: slot.def.name.to_string(),
-                    standing: format!("{:?}", slot.lease.standing).to_lowercase(),
-                    owner: slot.owner,
-                    held: slot.lease.held(),
-                    used: slot.lease.used(),
-                });
-            }
-        }
+        self.for_each(|key, slot| {
+            out.push(LeaseView {
+                key: key.to_string(),
+                quota: slot.def.name.to_string(),
+                standing: format!("{:?}", slot.lease.standing).to_lowercase(),
+                owner: slot.owner,
+                held: slot.lease.held(),
+                used: slot.lease.used(),
+            })
+        });
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }

@@ -416,11 +416,7 @@ fn authenticate<'s>(
                         mount.api
                     ))
                 })?;
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            match auth.key(presented, now) {
+            match auth.key(presented, wall_ms()) {
                 Ok((id, tenant)) => Ok(Some(ApiCaller {
                     tenant: Cow::Borrowed(tenant),
                     key: Some(id),

@@ -33,6 +33,10 @@ pub struct DevArgs {
     /// Access log: `stdout`, `off` or a file path.
     #[arg(long, default_value = "stdout")]
     access_log: String,
+    /// Export traces over OTLP to this collector, e.g. `http://127.0.0.1:4317` (the
+    /// `OTEL_*` variables work too).
+    #[arg(long, env = "TOLLGATE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 /// The sample spec: three routes onto the echo server that show matching, rewrites and
@@ -88,6 +92,26 @@ routes:
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    let traces = tollgate_node::telemetry::traces::resolve(
+        &tollgate_node::telemetry::traces::TraceArgs {
+            endpoint: args.otlp_endpoint.clone(),
+            ..Default::default()
+        },
+        &|k| std::env::var(k).ok(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let settings = Settings {
+        data_dir: args.data_dir.clone(),
+        proxy_addr: args.proxy_addr,
+        grpc_addr: args.grpc_addr,
+        admin_addr: args.admin_addr,
+        access_log: args.access_log.clone(),
+        bootstrap: true,
+        traces,
+        environment: "dev".into(),
+        ..Settings::default()
+    };
+    tollgate_node::start_traces(&settings)?;
     tollgate_node::telemetry::logging::init(LogFormat::Text);
     let metrics = tollgate_node::telemetry::metrics::install()?;
     std::fs::create_dir_all(&args.data_dir)?;
@@ -98,14 +122,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let settings = Settings {
-        data_dir: args.data_dir.clone(),
-        proxy_addr: args.proxy_addr,
-        grpc_addr: args.grpc_addr,
-        admin_addr: args.admin_addr,
         spec: Some(spec_path.clone()),
-        access_log: args.access_log,
-        bootstrap: true,
-        ..Settings::default()
+        ..settings
     };
     let token_file = args.data_dir.join(tollgate_node::OPERATOR_TOKEN_FILE);
     let had_token = token_file.exists();
@@ -127,6 +145,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: args.cp_addr,
         nodes: vec![a.grpc.to_string()],
         addr_file: None,
+        // The node's export serves this process's control plane too.
+        otlp_endpoint: None,
+        otlp_protocol: None,
+        trace_sample_ratio: None,
+        environment: "dev".into(),
     };
     std::thread::Builder::new()
         .name("tollgate-cp".into())

@@ -83,6 +83,10 @@ fn main() -> ExitCode {
         },
         Command::Node(args) => tollgate_node::run_from_args(*args),
         Command::Cp(args) => {
+            if let Err(e) = tollgate_control_plane::start_traces(&args) {
+                eprintln!("tollgate cp: {e:#}");
+                return ExitCode::from(2);
+            }
             tollgate_node::telemetry::logging::init(tollgate_node::config::LogFormat::Text);
             match tollgate_control_plane::run(args) {
                 Ok(()) => ExitCode::SUCCESS,

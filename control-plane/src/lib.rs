@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tollgate_node::telemetry::traces;
 use tollgate_proto::cp::v1 as cp;
 use tollgate_proto::cp::v1::access_server::{Access, AccessServer};
 use tollgate_proto::cp::v1::api_lifecycle_server::{ApiLifecycle, ApiLifecycleServer};
@@ -28,6 +29,7 @@ use tollgate_proto::state::v1 as state;
 use tollgate_sdk::NodeClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// How long one control-plane call may spend finding a node that can take it.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -89,7 +91,15 @@ impl Nodes {
                     addrs[self.preferred.load(Ordering::Relaxed) % addrs.len()].clone()
                 }
             };
-            let result = call(self.client(&addr)?).await;
+            let client = self.client(&addr)?.with_metadata_hook(traces::inject);
+            let span = tracing::info_span!(
+                target: traces::TARGET,
+                "call node",
+                otel.kind = "client",
+                rpc.system = "grpc",
+                server.address = %addr,
+            );
+            let result = call(client).instrument(span).await;
             let err = match result {
                 Ok(v) => {
                     let addrs = self.addrs.lock().expect("addrs lock");
@@ -768,6 +778,17 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
     tonic::transport::Server::builder()
+        .trace_fn(|req| {
+            traces::grpc_server_span(
+                req,
+                &[
+                    "tollgate.cp.v1.ApiLifecycle",
+                    "tollgate.cp.v1.Access",
+                    "tollgate.cp.v1.Audit",
+                    "tollgate.cp.v1.Circuits",
+                ],
+            )
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -801,6 +822,49 @@ pub struct CpArgs {
     /// Write the bound address here once listening (for scripts and tests).
     #[arg(long, env = "TOLLGATE_CP_ADDR_FILE")]
     pub addr_file: Option<std::path::PathBuf>,
+    /// Export traces over OTLP to this collector, e.g. `http://collector:4317` (else
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; none: no traces).
+    #[arg(long, env = "TOLLGATE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP protocol: `grpc` or `http/protobuf` (else OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long, env = "TOLLGATE_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+    /// Share of new traces to keep, 0 to 1 (else OTEL_TRACES_SAMPLER[_ARG]).
+    #[arg(long, env = "TOLLGATE_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
+    /// `deployment.environment` of the traces.
+    #[arg(long, env = "TOLLGATE_ENVIRONMENT", default_value = "production")]
+    pub environment: String,
+}
+
+/// Starts trace export when the flags or the `OTEL_*` environment ask for it; call before
+/// the log is set up. A bad setting is an error that says what to write.
+pub fn start_traces(args: &CpArgs) -> anyhow::Result<()> {
+    let config = traces::resolve(
+        &traces::TraceArgs {
+            endpoint: args.otlp_endpoint.clone(),
+            protocol: args.otlp_protocol.clone(),
+            sample_ratio: args.trace_sample_ratio,
+        },
+        &|k| std::env::var(k).ok(),
+    )
+    .map_err(|e| anyhow::anyhow!("invalid control-plane settings: {e}"))?;
+    if let Some(config) = config {
+        traces::install(
+            &config,
+            &traces::Identity {
+                service: "tollgate-cp",
+                instance: if args.listen.port() == 0 {
+                    format!("cp-pid-{}", std::process::id())
+                } else {
+                    format!("cp-{}", args.listen)
+                },
+                region: None,
+                environment: args.environment.clone(),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -834,5 +898,7 @@ pub fn run(args: CpArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
         serve(listener, nodes, shutdown).await
-    })
+    })?;
+    traces::shutdown(Duration::from_secs(3));
+    Ok(())
 }

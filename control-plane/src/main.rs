@@ -17,6 +17,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = tollgate_control_plane::start_traces(&cli.args) {
+        eprintln!("tollgate-cp: {e:#}");
+        return ExitCode::from(2);
+    }
     tollgate_node::telemetry::logging::init(tollgate_node::config::LogFormat::Text);
     match tollgate_control_plane::run(cli.args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
 use crate::raft::RaftSettings;
+use crate::telemetry::traces::{self, TraceArgs, TraceConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,6 +127,20 @@ pub struct NodeArgs {
     /// Largest spec a write may carry, in bytes [default: 1048576]
     #[arg(long, env = "TOLLGATE_MAX_SPEC_BYTES")]
     pub max_spec_bytes: Option<usize>,
+    /// Export traces over OTLP to this collector, e.g. `http://collector:4317` (else
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; none: no traces)
+    #[arg(long, env = "TOLLGATE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP protocol: `grpc` or `http/protobuf` (else OTEL_EXPORTER_OTLP_PROTOCOL) [default: grpc]
+    #[arg(long, env = "TOLLGATE_OTLP_PROTOCOL")]
+    pub otlp_protocol: Option<String>,
+    /// Share of new traces to keep, 0 to 1; requests with a `traceparent` follow their
+    /// caller (else OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG) [default: 1]
+    #[arg(long, env = "TOLLGATE_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
+    /// `deployment.environment` of this node's traces [default: production]
+    #[arg(long, env = "TOLLGATE_ENVIRONMENT")]
+    pub environment: Option<String>,
     /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
     #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
@@ -167,6 +182,10 @@ pub struct FileSettings {
     pub snapshot_every: Option<u64>,
     pub keep_logs: Option<u64>,
     pub max_spec_bytes: Option<usize>,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: Option<String>,
+    pub trace_sample_ratio: Option<f64>,
+    pub environment: Option<String>,
 }
 
 /// What the node runs with.
@@ -196,6 +215,9 @@ pub struct Settings {
     pub advertise_addr: Option<SocketAddr>,
     pub raft: RaftSettings,
     pub max_spec_bytes: usize,
+    /// Trace export, resolved with the `OTEL_*` environment (`None`: off).
+    pub traces: Option<TraceConfig>,
+    pub environment: String,
     pub enable_fault_injection: bool,
 }
 
@@ -226,6 +248,8 @@ impl Default for Settings {
             advertise_addr: None,
             raft: RaftSettings::default(),
             max_spec_bytes: 1024 * 1024,
+            traces: None,
+            environment: "production".into(),
             enable_fault_injection: false,
         }
     }
@@ -309,6 +333,19 @@ impl Settings {
                 .max_spec_bytes
                 .or(file.max_spec_bytes)
                 .unwrap_or(d.max_spec_bytes),
+            traces: traces::resolve(
+                &TraceArgs {
+                    endpoint: args.otlp_endpoint.or(file.otlp_endpoint),
+                    protocol: args.otlp_protocol.or(file.otlp_protocol),
+                    sample_ratio: args.trace_sample_ratio.or(file.trace_sample_ratio),
+                },
+                &|k| std::env::var(k).ok(),
+            )
+            .map_err(|e| anyhow::anyhow!("invalid node settings: {e}"))?,
+            environment: args
+                .environment
+                .or(file.environment)
+                .unwrap_or(d.environment),
             enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;
@@ -347,6 +384,9 @@ impl Settings {
         }
         if self.raft.snapshot_every == 0 {
             problems.push("snapshot_every must be at least 1");
+        }
+        if self.environment.is_empty() {
+            problems.push("environment must not be empty");
         }
         if self.max_spec_bytes < 1024 {
             problems.push("max_spec_bytes must be at least 1024");

@@ -305,6 +305,7 @@ impl Node {
         });
         self.runtime
             .shutdown_timeout(std::time::Duration::from_secs(2));
+        telemetry::traces::shutdown(std::time::Duration::from_secs(3));
         tracing::info!("tollgate node stopped");
         Ok(())
     }
@@ -573,9 +574,12 @@ pub fn run_from_args(args: config::NodeArgs) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::logging::init(settings.log_format);
     let result = telemetry::metrics::install()
-        .and_then(|metrics| Node::start(settings, metrics))
+        .and_then(|metrics| {
+            start_traces(&settings)?;
+            telemetry::logging::init(settings.log_format);
+            Node::start(settings, metrics)
+        })
         .and_then(|node| node.wait());
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -585,6 +589,23 @@ pub fn run_from_args(args: config::NodeArgs) -> std::process::ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts the node's trace export when its settings ask for one (before the log is set
+/// up, so `tracing` spans can be exported too).
+pub fn start_traces(settings: &Settings) -> anyhow::Result<()> {
+    if let Some(config) = &settings.traces {
+        telemetry::traces::install(
+            config,
+            &telemetry::traces::Identity {
+                service: "tollgate-node",
+                instance: format!("node-{}", settings.id),
+                region: Some(settings.region.clone()),
+                environment: settings.environment.clone(),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Reads a spec file and checks it the way a write would.

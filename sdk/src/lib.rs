@@ -125,6 +125,7 @@ fn endpoint(addr: &str) -> Result<Endpoint, Error> {
 pub struct NodeClient {
     inner: NodeAdminClient<Channel>,
     token: Option<MetadataValue<Ascii>>,
+    hook: Option<fn(&mut tonic::metadata::MetadataMap)>,
 }
 
 impl NodeClient {
@@ -142,6 +143,7 @@ impl NodeClient {
         Ok(Self {
             inner: NodeAdminClient::new(channel),
             token: None,
+            hook: None,
         })
     }
 
@@ -158,10 +160,20 @@ impl NodeClient {
         self
     }
 
+    /// The same client, letting `hook` add metadata to every call (a service that traces
+    /// its calls adds the caller's `traceparent` this way).
+    pub fn with_metadata_hook(mut self, hook: fn(&mut tonic::metadata::MetadataMap)) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Some(t) = &self.token {
             req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(hook) = self.hook {
+            hook(req.metadata_mut());
         }
         req
     }
@@ -177,6 +189,7 @@ impl NodeClient {
         Ok(Self {
             inner: NodeAdminClient::new(channel),
             token: None,
+            hook: None,
         })
     }
 

@@ -18,6 +18,11 @@ pub struct CpProcess {
 
 impl CpProcess {
     pub async fn start(nodes: &[SocketAddr]) -> CpProcess {
+        Self::start_with(nodes, &[]).await
+    }
+
+    /// With extra flags.
+    pub async fn start_with(nodes: &[SocketAddr], extra: &[&str]) -> CpProcess {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tollgate-cp-test-{}-{}",
@@ -32,6 +37,7 @@ impl CpProcess {
             .args(["cp", "--listen", "127.0.0.1:0", "--nodes", &nodes.join(",")])
             .arg("--addr-file")
             .arg(&addr_file)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("cp.log")).unwrap())
             .spawn()

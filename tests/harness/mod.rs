@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod cluster;
+pub mod collector;
 pub mod cp;
 
 use std::collections::HashMap;

@@ -260,6 +260,11 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
     tonic::transport::Server::builder()
+        // Admin calls are traced (continuing the caller's traceparent); Raft and actor
+        // exchanges, many per second, are not.
+        .trace_fn(|req| {
+            crate::telemetry::traces::grpc_server_span(req, &["tollgate.node.v1.NodeAdmin"])
+        })
         .layer(tower::layer::layer_fn(DecodeErrorsAreInvalidArgument))
         .add_service(health_service)
         .add_service(reflection)

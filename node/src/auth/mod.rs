@@ -22,6 +22,8 @@ pub struct AuthTable {
 
 #[derive(Debug)]
 struct KeyEntry {
+    /// The key's id again, shared: what metering records per request.
+    id: Arc<str>,
     tenant: Arc<str>,
     hash: Vec<u8>,
     expires_at_ms: u64,
@@ -55,6 +57,7 @@ impl AuthTable {
                     (
                         k.id.clone(),
                         KeyEntry {
+                            id: Arc::from(k.id.as_str()),
                             tenant: Arc::from(k.tenant.as_str()),
                             hash: k.hash.clone(),
                             expires_at_ms: k.expires_at_ms,
@@ -82,16 +85,16 @@ impl AuthTable {
     }
 
     /// The tenant of a presented API key, and the key's id.
-    pub fn key(&self, presented: &str, now_ms: u64) -> Result<(&str, &Arc<str>), AuthError> {
+    pub fn key(&self, presented: &str, now_ms: u64) -> Result<(&Arc<str>, &Arc<str>), AuthError> {
         let (id, secret) = split_credential(KEY_PREFIX, presented).ok_or(AuthError::Unknown)?;
-        let (id, entry) = self.keys.get_key_value(id).ok_or(AuthError::Unknown)?;
+        let entry = self.keys.get(id).ok_or(AuthError::Unknown)?;
         if !verify_secret(&self.hash_key, secret, &entry.hash) {
             return Err(AuthError::Unknown);
         }
         if entry.expires_at_ms != 0 && now_ms >= entry.expires_at_ms {
             return Err(AuthError::Expired);
         }
-        Ok((id, &entry.tenant))
+        Ok((&entry.id, &entry.tenant))
     }
 
     /// Whether `tenant` may call `version` of `api` (owned by `owner`).

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use crate::actor::quotas::Quotas;
 use crate::state::snapshot::Snapshot;
 use crate::telemetry::metrics::RouteMetrics;
+use crate::telemetry::traces::Tracing;
 
 /// Limits every data-plane thread enforces (from the node settings).
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct Shared {
     pub open_gauge: ::metrics::Gauge,
     /// The quota leases requests are admitted from.
     pub quotas: Arc<Quotas>,
+    /// Trace export, when the node exports traces.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ impl Shared {
             unmatched: RouteMetrics::new("_none"),
             open_gauge: ::metrics::gauge!("tollgate_open_connections"),
             quotas,
+            tracing: crate::telemetry::traces::global().cloned(),
         }
     }
 }

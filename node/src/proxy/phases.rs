@@ -14,7 +14,6 @@
 //! the meter stage ([`Tail`]) runs for every request, however it ended. See
 //! `docs/request-lifecycle.md`.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,6 +42,11 @@ use crate::state::snapshot::{
 };
 use crate::state::spec::QuotaScope;
 use crate::telemetry::access_log::{AccessLog, Entry};
+use crate::telemetry::traces::{ClientSpan, RequestTrace};
+use opentelemetry::KeyValue;
+
+/// The W3C trace-context header the upstream gets.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// A thread's handle on the shared snapshot: requests clone the non-atomic `Rc`, so they
 /// do not bounce the `Arc`'s counter between cores on every request.
@@ -115,12 +119,17 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let received = Instant::now();
     let snapshot = worker.snapshot();
+    let trace = match &worker.shared.tracing {
+        Some(t) => t.start_request(req.headers()),
+        None => None,
+    };
     let mut tail = Box::new(Tail::new(
         worker.clone(),
         snapshot.clone(),
         &req,
         peer.addr,
         received,
+        trace,
     ));
     let mut resp = match pipeline(req, &snapshot, &worker, &peer, &mut tail).await {
         Ok(resp) => resp,
@@ -164,8 +173,20 @@ async fn pipeline(
     let (matched, api) = if found.route & MOUNT_BIT == 0 {
         (found, None)
     } else {
-        let mount = &routing.mounts[(found.route & !MOUNT_BIT) as usize];
+        let index = found.route & !MOUNT_BIT;
+        let mount = &routing.mounts[index as usize];
+        // Known from here on, even when authentication refuses the request.
+        tail.api = Some(ApiUse {
+            mount: index,
+            ..ApiUse::default()
+        });
         let (matched, api) = api_route(mount, &req, host, found, snapshot)?;
+        tail.api = Some(ApiUse {
+            mount: index,
+            version: Some(api.version_index),
+            tenant: api.tenant.clone(),
+            key: api.key.cloned(),
+        });
         (matched, Some(api))
     };
     let route = &routing.routes[matched.route as usize];
@@ -173,9 +194,15 @@ async fn pipeline(
 
     // quota, circuit
     if !route.quotas.is_empty() {
-        quota(&worker.shared.quotas, routing, route, api.as_ref(), peer).await?;
+        tail.quota = "refused";
+        let waited = quota(&worker.shared.quotas, routing, route, api.as_ref(), peer).await?;
+        tail.quota = if waited {
+            "admitted_after_wait"
+        } else {
+            "admitted"
+        };
     }
-    let probe = circuit(snapshot, route)?;
+    let probe = circuit(snapshot, route, &mut tail.circuit)?;
     // transform
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -184,6 +211,11 @@ async fn pipeline(
     let mut head = transform_request(parts, route, matched, below, peer, upgrade)?;
     if let Some(api) = &api {
         api.identify(&mut head.headers);
+    }
+    // The upstream call continues the trace: a CLIENT span, child of this request's.
+    if let Some(trace) = tail.trace.as_deref_mut() {
+        let tp = trace.start_client(&head.method);
+        head.headers.insert(TRACEPARENT, tp);
     }
     let stats = tail.request_stats.clone();
     let body = RequestBody::new(body, limits.max_request_body, stats.clone());
@@ -214,6 +246,14 @@ async fn pipeline(
         if let Some(failed) = failed {
             breaker.record(failed, started.elapsed(), probe);
         }
+    }
+    if let Some(client) = tail.trace.as_deref_mut().and_then(RequestTrace::client) {
+        client.end();
+        let outcome = match &forwarded {
+            Ok(f) => Ok(f.response.status().as_u16()),
+            Err(e) => Err(e.code()),
+        };
+        client_span_attributes(client, &route.cluster.name, &tail.attempts, outcome);
     }
     let mut fwd = forwarded?;
 
@@ -255,10 +295,12 @@ struct ApiRequest<'s> {
     deprecation: &'s [(http::HeaderName, HeaderValue)],
     /// The version, as the `x-tollgate-api-version` value.
     version: &'s HeaderValue,
+    /// The version's index in its mount.
+    version_index: u32,
     /// The caller's tenant, once authenticated.
-    tenant: Option<Cow<'s, str>>,
+    tenant: Option<Arc<str>>,
     /// The id of the API key presented (it is not passed on).
-    key: Option<&'s str>,
+    key: Option<&'s Arc<str>>,
 }
 
 impl ApiRequest<'_> {
@@ -315,7 +357,7 @@ fn api_route<'s>(
             })?),
             _ => None,
         };
-    let sticky = caller.as_ref().and_then(|c| c.key);
+    let sticky = caller.as_ref().and_then(|c| c.key.map(|k| &**k));
     let may_call = |v: &semver::Version| {
         caller.as_ref().is_none_or(|c| {
             snapshot
@@ -355,6 +397,11 @@ fn api_route<'s>(
         )));
     }
     let path = if below.is_empty() { "/" } else { below };
+    let version_index = mount
+        .versions
+        .iter()
+        .position(|v| std::ptr::eq(v, version))
+        .unwrap_or(0) as u32;
     let matched = version
         .matcher
         .lookup(host, req.method(), path, req.headers())
@@ -372,6 +419,7 @@ fn api_route<'s>(
             below: full.len() - below.len(),
             deprecation: &version.deprecation,
             version: &version.label,
+            version_index,
             key: caller.as_ref().and_then(|c| c.key),
             tenant: caller.map(|c| c.tenant),
         },
@@ -381,8 +429,8 @@ fn api_route<'s>(
 /// Who called an API: the tenant, and the key id when an API key was used (borrowed from
 /// the snapshot's key table; a JWT's tenant is its own).
 struct ApiCaller<'s> {
-    tenant: Cow<'s, str>,
-    key: Option<&'s str>,
+    tenant: Arc<str>,
+    key: Option<&'s Arc<str>>,
 }
 
 /// Checks the caller's API key (`x-api-key` or `Authorization: Bearer`) or JWT against
@@ -418,7 +466,7 @@ fn authenticate<'s>(
                 })?;
             match auth.key(presented, wall_ms()) {
                 Ok((id, tenant)) => Ok(Some(ApiCaller {
-                    tenant: Cow::Borrowed(tenant),
+                    tenant: tenant.clone(),
                     key: Some(id),
                 })),
                 Err(AuthError::Expired) => Err(ProxyError::Unauthorized(
@@ -438,7 +486,7 @@ fn authenticate<'s>(
             })?;
             let tenant = validator.verify(token).map_err(ProxyError::Unauthorized)?;
             Ok(Some(ApiCaller {
-                tenant: Cow::Owned(tenant),
+                tenant: Arc::from(tenant),
                 key: None,
             }))
         }
@@ -447,21 +495,23 @@ fn authenticate<'s>(
 
 /// Spends one request of every quota that counts the route, from this node's leases: no
 /// call leaves the node. A request that finds no token while the owner still had budget
-/// waits for the next exchange (two rounds at most), then is admitted or refused.
+/// waits for the next exchange (two rounds at most), then is admitted or refused. Says
+/// whether the request waited.
 async fn quota(
     quotas: &Quotas,
     routing: &Routing,
     route: &Route,
     api: Option<&ApiRequest<'_>>,
     peer: &Peer,
-) -> Result<(), ProxyError> {
+) -> Result<bool, ProxyError> {
+    let mut waited = false;
     for &i in &route.quotas {
         let def = &routing.quotas[usize::from(i)];
         // Callers without a key or tenant are counted by their IP, like Kong's fallback.
         let ip = || peer.ip.to_str().unwrap_or("-");
         let by_version;
         let value: &str = match def.scope {
-            QuotaScope::Key => api.and_then(|a| a.key).unwrap_or_else(ip),
+            QuotaScope::Key => api.and_then(|a| a.key.map(|k| &**k)).unwrap_or_else(ip),
             QuotaScope::Tenant => api.and_then(|a| a.tenant.as_deref()).unwrap_or_else(ip),
             QuotaScope::Route => route.api.as_deref().unwrap_or(&route.name),
             QuotaScope::ApiVersion => match (&route.api, api) {
@@ -474,6 +524,7 @@ async fn quota(
         };
         let mut admit = quotas.admit(def, value, wall_ms(), true);
         if admit == Admit::Wait {
+            waited = true;
             def.waited.increment(1);
             quotas.wait_rounds(2, QUOTA_WAIT).await;
             admit = quotas.admit(def, value, wall_ms(), false);
@@ -490,7 +541,7 @@ async fn quota(
             });
         }
     }
-    Ok(())
+    Ok(waited)
 }
 
 /// The longest a request waits for its node's lease to be topped up.
@@ -501,8 +552,15 @@ const QUOTA_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// requests that take a probe permit the owner granted this node. Returns whether this
 /// request is a probe. Per-endpoint protection works below it: outlier ejection and
 /// health checks keep failing endpoints out of `forward`'s choices.
-fn circuit(snapshot: &Snapshot, route: &Route) -> Result<bool, ProxyError> {
+fn circuit(
+    snapshot: &Snapshot,
+    route: &Route,
+    seen: &mut &'static str,
+) -> Result<bool, ProxyError> {
     if snapshot.circuits.is_empty() {
+        if route.cluster.circuit.is_some() {
+            *seen = "closed";
+        }
         return Ok(false);
     }
     let cluster = &route.cluster;
@@ -514,7 +572,14 @@ fn circuit(snapshot: &Snapshot, route: &Route) -> Result<bool, ProxyError> {
         retry_after_s: retry_after_ms.div_ceil(1000).max(1),
         fallback: cluster.circuit.as_ref().and_then(|c| c.fallback.clone()),
     };
-    match phase(state, now) {
+    let phase = phase(state, now);
+    *seen = match phase {
+        Phase::Closed if cluster.circuit.is_none() && state.is_none() => "none",
+        Phase::Closed => "closed",
+        Phase::Open { .. } => "open",
+        Phase::HalfOpen => "half_open",
+    };
+    match phase {
         Phase::Closed => Ok(false),
         Phase::Open { until_ms } => {
             let open_for = cluster
@@ -756,6 +821,24 @@ pub struct Tail {
     response_bytes: u64,
     upstream_failed: bool,
     guards: Option<Guards>,
+    /// The API the request reached, and who called it.
+    api: Option<ApiUse>,
+    /// `tollgate.quota.decision`: none, admitted, admitted_after_wait or refused.
+    quota: &'static str,
+    /// `tollgate.circuit.state` of the upstream: none, closed, open or half_open.
+    circuit: &'static str,
+    /// The request's trace, when it is sampled.
+    trace: Option<Box<RequestTrace>>,
+}
+
+/// The API a request reached: the mount (an index into the snapshot's mounts), the
+/// version (an index into the mount's versions) once chosen, and the caller once known.
+#[derive(Default)]
+struct ApiUse {
+    mount: u32,
+    version: Option<u32>,
+    tenant: Option<Arc<str>>,
+    key: Option<Arc<str>>,
 }
 
 impl Tail {
@@ -765,8 +848,9 @@ impl Tail {
         req: &Request<Incoming>,
         peer: SocketAddr,
         received: Instant,
+        trace: Option<Box<RequestTrace>>,
     ) -> Tail {
-        let logging = worker.access_log.enabled();
+        let logging = worker.access_log.enabled() || trace.is_some();
         Tail {
             worker,
             snapshot,
@@ -792,6 +876,10 @@ impl Tail {
             response_bytes: 0,
             upstream_failed: false,
             guards: None,
+            api: None,
+            quota: "none",
+            circuit: "none",
+            trace,
         }
     }
 
@@ -801,6 +889,118 @@ impl Tail {
 
     pub fn upstream_body_failed(&mut self) {
         self.upstream_failed = true;
+    }
+
+    /// The SERVER span's attributes: the HTTP semantic conventions and `tollgate.*`.
+    fn server_span_attributes(&self, attrs: &mut Vec<KeyValue>, route: Option<&Route>) {
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        attrs.extend([
+            KeyValue::new("http.request.method", self.method.as_str().to_string()),
+            KeyValue::new("url.path", self.uri.path().to_string()),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("server.address", host.to_string()),
+            KeyValue::new("network.peer.address", self.peer.ip().to_string()),
+            KeyValue::new("network.peer.port", i64::from(self.peer.port())),
+            KeyValue::new(
+                "network.protocol.version",
+                match self.version {
+                    Version::HTTP_2 => "2",
+                    Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+            ),
+            KeyValue::new("http.response.status_code", i64::from(self.status)),
+            KeyValue::new(
+                "http.request.body.size",
+                self.request_stats.bytes.get() as i64,
+            ),
+            KeyValue::new("http.response.body.size", self.response_bytes as i64),
+            KeyValue::new("tollgate.quota.decision", self.quota),
+            KeyValue::new("tollgate.circuit.state", self.circuit),
+        ]);
+        let error = self
+            .error
+            .or(self.upstream_failed.then_some("upstream_body_failed"));
+        match error {
+            Some(e) => attrs.push(KeyValue::new("error.type", e)),
+            None if self.status >= 500 => {
+                attrs.push(KeyValue::new("error.type", self.status.to_string()))
+            }
+            None => {}
+        }
+        if let Some(r) = route {
+            attrs.push(KeyValue::new("http.route", r.http_route.to_string()));
+            attrs.push(KeyValue::new("tollgate.route", r.name.to_string()));
+        }
+        if let Some(api) = &self.api {
+            let mount = &self.snapshot.routing.mounts[api.mount as usize];
+            attrs.push(KeyValue::new("tollgate.api", mount.api.to_string()));
+            if let Some(v) = api.version.and_then(|v| mount.versions.get(v as usize)) {
+                attrs.push(KeyValue::new("tollgate.api_version", v.version.to_string()));
+            }
+            if let Some(t) = &api.tenant {
+                attrs.push(KeyValue::new("tollgate.tenant", t.to_string()));
+            }
+            if let Some(k) = &api.key {
+                attrs.push(KeyValue::new("tollgate.key", k.to_string()));
+            }
+        }
+    }
+}
+
+/// The CLIENT span's attributes, once the upstream answered (`Ok(status)`) or failed
+/// (`Err(error code)`).
+fn client_span_attributes(
+    client: &mut ClientSpan,
+    upstream: &str,
+    attempts: &AttemptLog,
+    outcome: Result<u16, &'static str>,
+) {
+    if let Some(ep) = attempts.endpoint {
+        client.attributes.extend([
+            KeyValue::new("server.address", ep.ip().to_string()),
+            KeyValue::new("server.port", i64::from(ep.port())),
+            KeyValue::new("network.peer.address", ep.ip().to_string()),
+        ]);
+    }
+    client
+        .attributes
+        .push(KeyValue::new("tollgate.upstream", upstream.to_string()));
+    if attempts.attempts > 1 {
+        client.attributes.push(KeyValue::new(
+            "http.request.resend_count",
+            i64::from(attempts.attempts - 1),
+        ));
+    }
+    match outcome {
+        Ok(status) => {
+            client.attributes.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            if status >= 400 {
+                client
+                    .attributes
+                    .push(KeyValue::new("error.type", status.to_string()));
+                client.error = true;
+            }
+        }
+        Err(code) => {
+            client.attributes.push(KeyValue::new("error.type", code));
+            client.error = true;
+        }
     }
 }
 
@@ -823,6 +1023,13 @@ impl Drop for Tail {
         match route {
             Some(r) => r.metrics.record(self.status, elapsed),
             None => self.worker.shared.unmatched.record(self.status, elapsed),
+        }
+        if let Some(trace) = self.trace.take()
+            && let Some(tracing) = &self.worker.shared.tracing
+        {
+            let mut trace = *trace;
+            self.server_span_attributes(&mut trace.attributes, route);
+            tracing.finish_request(trace, SystemTime::now(), self.status >= 500);
         }
         let log = &self.worker.access_log;
         if !log.enabled() {

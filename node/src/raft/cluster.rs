@@ -16,6 +16,9 @@ use openraft::{ChangeMembers, ServerState};
 use tokio_util::sync::CancellationToken;
 use tollgate_proto::node::v1 as api;
 use tollgate_proto::node::v1::node_admin_client::NodeAdminClient;
+use tracing::Instrument;
+
+use crate::telemetry::traces;
 use tollgate_proto::state::v1::Change;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
@@ -234,7 +237,15 @@ impl Cluster {
         let Target::Leader(client) = self.target(forwarded).await? else {
             return Ok(None);
         };
-        let resp = call(client, self.forward(req.clone(), caller))
+        let span = tracing::info_span!(
+            target: traces::TARGET,
+            "forward to leader",
+            otel.kind = "client",
+            rpc.system = "grpc",
+            tollgate.node = self.id,
+        );
+        let resp = async { call(client, self.forward(req.clone(), caller)).await }
+            .instrument(span)
             .await
             .map_err(in_transit)?;
         Ok(Some(resp.into_inner()))
@@ -270,6 +281,7 @@ impl Cluster {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut()
             .insert(FORWARDED_METADATA, MetadataValue::from(self.id));
+        traces::inject(req.metadata_mut());
         match caller {
             Caller::Remote(Some(token)) => {
                 req.metadata_mut().insert("authorization", token.clone());
@@ -708,9 +720,18 @@ impl Cluster {
         }))
     }
 
-    async fn write(&self, cmd: tollgate_proto::state::v1::Command) -> Result<Applied, Status> {
+    async fn write(&self, mut cmd: tollgate_proto::state::v1::Command) -> Result<Applied, Status> {
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd)).await;
+        // A traced write gets its own span, which each node's apply continues.
+        let span = if traces::current_traceparent().is_empty() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(target: traces::TARGET, "raft.write", tollgate.leader = self.id)
+        };
+        cmd.trace_parent = span.in_scope(traces::current_traceparent);
+        let result = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd))
+            .instrument(span)
+            .await;
         metrics::histogram!("tollgate_raft_write_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(Status::unavailable(format!(

@@ -176,7 +176,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         log_index: entry.log_id.index,
                         ..Applied::default()
                     },
-                    EntryPayload::Normal(cmd) => a.state.apply(entry.log_id.index, cmd),
+                    EntryPayload::Normal(cmd) => {
+                        let span = apply_span(entry.log_id.index, cmd);
+                        let _entered = span.enter();
+                        a.state.apply(entry.log_id.index, cmd)
+                    }
                     EntryPayload::Membership(m) => {
                         a.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                         Applied {
@@ -260,4 +264,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             snapshot: Box::new(data),
         })
     }
+}
+
+/// The span of one applied command, continuing the trace that proposed it (none when the
+/// command was not traced).
+fn apply_span(index: u64, cmd: &tollgate_proto::state::v1::Command) -> tracing::Span {
+    use tollgate_proto::state::v1::command::Kind;
+    if cmd.trace_parent.is_empty() || crate::telemetry::traces::global().is_none() {
+        return tracing::Span::none();
+    }
+    let kind = match &cmd.kind {
+        Some(Kind::PutSpec(_)) => "put_spec",
+        Some(Kind::Api(_)) => "api",
+        Some(Kind::Access(_)) => "access",
+        Some(Kind::Bootstrap(_)) => "bootstrap",
+        Some(Kind::Circuit(_)) => "circuit",
+        None => "unknown",
+    };
+    let span = tracing::info_span!(
+        target: crate::telemetry::traces::TARGET,
+        "raft.apply",
+        raft.log_index = index,
+        tollgate.command = kind,
+        tollgate.actor = %cmd.actor,
+    );
+    crate::telemetry::traces::set_parent(&span, cmd.trace_parent.as_bytes());
+    span
 }

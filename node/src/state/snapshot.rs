@@ -202,6 +202,9 @@ pub struct Route {
     pub quotas: Vec<u16>,
     /// The API the route belongs to, for a mounted version's route.
     pub api: Option<Arc<str>>,
+    /// The route's path as its spec wrote it (`/users/{id}`, `/api/*` for a prefix): the
+    /// `http.route` of its traces. A version's routes are below the API's base path.
+    pub http_route: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,6 +293,16 @@ pub fn check_routes(spec: &Spec) -> Result<(), SpecErrors> {
     matcher_errors(Matcher::build(&matches).err())
 }
 
+/// A route's path for `http.route`: the template or exact path as written; a prefix as
+/// `prefix/*`.
+fn http_route(path: &crate::state::spec::PathSpec) -> String {
+    match path.kind() {
+        Some(PathKind::Exact(p) | PathKind::Template(p)) => p.to_string(),
+        Some(PathKind::Prefix(p)) => format!("{}/*", p.trim_end_matches('/')),
+        None => "/*".into(),
+    }
+}
+
 #[derive(Default)]
 struct Builder {
     matches: Vec<RouteMatch>,
@@ -342,6 +355,7 @@ impl Builder {
                     })
                     .collect(),
                 api: api.cloned(),
+                http_route: Arc::from(http_route(&r.matches.path).as_str()),
             });
         }
         self.clusters.extend(clusters.into_values());

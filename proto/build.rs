@@ -28,6 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Ordered maps where usage and prices are summed and re-encoded: the same bytes on
+        // every node.
+        .btree_map(".tollgate.state.v1.UsageCounts")
+        .btree_map(".tollgate.state.v1.LatencyEntry")
+        .btree_map(".tollgate.state.v1.PlanPrices")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

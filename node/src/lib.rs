@@ -524,6 +524,7 @@ impl Compiler {
                             routing: current.routing.clone(),
                             auth: Arc::new(AuthTable::build(&next.access)),
                             circuits: next.circuits.clone(),
+                            capped: next.capped.clone(),
                         }));
                         return;
                     }
@@ -536,6 +537,7 @@ impl Compiler {
             routing: routing.clone(),
             auth: auth.clone(),
             circuits: next.circuits.clone(),
+            capped: next.capped.clone(),
         });
         if new_routing {
             let checks = routing::health::spawn_checks(&routing.clusters, &self.runtime);

@@ -137,9 +137,21 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
              `tollgate circuit open|close|auto` instead",
         ));
     }
+    if let Some(command::Kind::Usage(_)) = &cmd.kind
+        && !matches!(p, Principal::Node(_))
+    {
+        return Err(Status::permission_denied(
+            "usage batches are shipped by the nodes that metered the requests, not sent",
+        ));
+    }
     let Some(tenant) = p.tenant() else {
         return Ok(());
     };
+    if let Some(command::Kind::Billing(_)) = &cmd.kind {
+        return Err(Status::permission_denied(format!(
+            "plans and budgets are set by the operator; a token of tenant {tenant} may read              its usage and costs only"
+        )));
+    }
     let api_owned = |name: &str| {
         state
             .apis

@@ -46,6 +46,7 @@ pub struct Published {
     pub apis: Arc<BTreeMap<String, Api>>,
     pub access: Arc<Access>,
     pub circuits: Arc<crate::state::circuit::Circuits>,
+    pub capped: Arc<BTreeMap<String, u64>>,
 }
 
 impl Published {
@@ -56,6 +57,7 @@ impl Published {
             apis: state.apis.clone(),
             access: state.access.clone(),
             circuits: state.circuits.clone(),
+            capped: state.capped.clone(),
         }
     }
 }
@@ -279,6 +281,8 @@ fn apply_span(index: u64, cmd: &tollgate_proto::state::v1::Command) -> tracing::
         Some(Kind::Access(_)) => "access",
         Some(Kind::Bootstrap(_)) => "bootstrap",
         Some(Kind::Circuit(_)) => "circuit",
+        Some(Kind::Usage(_)) => "usage",
+        Some(Kind::Billing(_)) => "billing",
         None => "unknown",
     };
     let span = tracing::info_span!(

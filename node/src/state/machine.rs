@@ -9,13 +9,15 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use tollgate_proto::state::v1::{
-    AccessCommand, ApiCommand, AuditEntry, Bootstrap, Change, CircuitCommand, CircuitMode,
-    CircuitState, Command, PutSpec, StateSnapshot, command,
+    AccessCommand, ApiCommand, AuditEntry, BillingCommand, Bootstrap, Change, CircuitCommand,
+    CircuitMode, CircuitState, Command, PutSpec, StateSnapshot, UsageBatch, command,
 };
 
 use crate::state::access::{self, Access, AccessChange};
+use crate::state::billing::Billing;
 use crate::state::circuit;
 use crate::state::lifecycle::{self, Api, Refusal};
+use crate::state::usage::Usage;
 
 use crate::state::spec::{Spec, SpecErrors, parse_yaml};
 
@@ -46,6 +48,14 @@ pub struct ClusterState {
     pub audit_seq: u64,
     /// Circuit breakers that changed at least once, by upstream (shared the same way).
     pub circuits: Arc<circuit::Circuits>,
+    /// Usage rollups (not served by the data plane: it is never published).
+    pub usage: Usage,
+    /// Plans, tenants on plans, budgets and spend.
+    pub billing: Billing,
+    /// Tenants whose budget's hard cap is reached, with the month (see
+    /// `billing::month_of_ms`) it holds for: published to the data plane, which answers
+    /// their requests 402.
+    pub capped: Arc<BTreeMap<String, u64>>,
 }
 
 /// What applying one command did.
@@ -104,6 +114,8 @@ impl ClusterState {
             Some(command::Kind::Access(a)) => self.access_command(log_index, cmd, a),
             Some(command::Kind::Bootstrap(b)) => self.bootstrap(log_index, cmd, b),
             Some(command::Kind::Circuit(c)) => self.circuit_command(log_index, cmd, c),
+            Some(command::Kind::Usage(b)) => self.usage_batch(log_index, cmd, b),
+            Some(command::Kind::Billing(b)) => self.billing_command(log_index, cmd, b),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (DESIGN.md decision 2).
             None => Applied {
@@ -147,6 +159,57 @@ impl ClusterState {
                     added: vec![change.object],
                     ..Applied::default()
                 }
+            }
+        }
+    }
+
+    /// Usage from one node's journal: applied once (a retried batch is a no-op), added to
+    /// the rollups and the tenants' spend. Takes a generation only when a budget's cap
+    /// changed, since that is all of it the data plane serves.
+    fn usage_batch(&mut self, log_index: u64, cmd: &Command, b: &UsageBatch) -> Applied {
+        let mut applied = Applied {
+            generation: self.generation,
+            log_index,
+            ..Applied::default()
+        };
+        if !self.usage.apply_batch(b, cmd.at_ms) {
+            applied.deduplicated = true;
+            return applied;
+        }
+        if self.billing.add_usage(&b.entries, cmd.at_ms) {
+            self.capped = Arc::new(self.billing.capped());
+            self.generation += 1;
+            applied.generation = self.generation;
+        }
+        applied
+    }
+
+    fn billing_command(&mut self, log_index: u64, cmd: &Command, b: &BillingCommand) -> Applied {
+        match self.billing.apply(b, cmd.at_ms) {
+            Err(refusal) => Applied {
+                generation: self.generation,
+                log_index,
+                refusal: Some(refusal),
+                ..Applied::default()
+            },
+            Ok(change) => {
+                self.capped = Arc::new(self.billing.capped());
+                let applied = self.record(
+                    log_index,
+                    cmd,
+                    Vec::new(),
+                    vec![change.object.clone()],
+                    Vec::new(),
+                );
+                self.audit(
+                    cmd,
+                    change.action,
+                    change.object,
+                    change.tenant,
+                    String::new(),
+                    change.after,
+                );
+                applied
             }
         }
     }
@@ -427,12 +490,19 @@ impl ClusterState {
             ..StateSnapshot::default()
         };
         self.access.to_proto(&mut out);
+        self.usage.to_proto(&mut out);
+        self.billing.to_proto(&mut out);
         out
     }
 
     pub fn from_proto(p: StateSnapshot) -> ClusterState {
         let access = Arc::new(Access::from_proto(&p));
+        let usage = Usage::from_proto(&p);
+        let billing = Billing::from_proto(&p);
         ClusterState {
+            capped: Arc::new(billing.capped()),
+            usage,
+            billing,
             access,
             audit: p.audit.into(),
             audit_seq: p.audit_seq,

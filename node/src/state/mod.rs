@@ -3,8 +3,10 @@
 //! the immutable [`snapshot::Snapshot`] every node compiles from it.
 
 pub mod access;
+pub mod billing;
 pub mod circuit;
 pub mod lifecycle;
 pub mod machine;
 pub mod snapshot;
 pub mod spec;
+pub mod usage;

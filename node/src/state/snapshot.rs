@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub auth: Arc<AuthTable>,
     /// Circuit breakers as committed, by upstream cluster name.
     pub circuits: Arc<crate::state::circuit::Circuits>,
+    /// Tenants over their budget's hard cap, with the month it holds for.
+    pub capped: Arc<std::collections::BTreeMap<String, u64>>,
 }
 
 /// The compiled route table.
@@ -267,6 +269,7 @@ impl Snapshot {
             }),
             auth: Arc::new(AuthTable::default()),
             circuits: Arc::default(),
+            capped: Arc::default(),
         }
     }
 }

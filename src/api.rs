@@ -185,6 +185,21 @@ pub enum VersionCommand {
         #[command(flatten)]
         cp: CpArg,
     },
+    /// Health of an API's versions over a recent window: requests, error rate, p50, p99.
+    Status {
+        api: String,
+        /// One version (default: every version).
+        version: Option<String>,
+        /// Start: an RFC 3339 time or a duration back from now [default: 1h]
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(long, default_value = "")]
+        until: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: crate::billing::ReportOutput,
+        #[command(flatten)]
+        conn: crate::billing::Connection,
+    },
 }
 
 pub fn client(cp: &CpArg) -> anyhow::Result<ControlPlaneClient> {
@@ -273,6 +288,16 @@ pub async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
 
 pub async fn version(cmd: VersionCommand) -> anyhow::Result<()> {
     let (api, version, to, cp) = match cmd {
+        VersionCommand::Status {
+            api,
+            version,
+            since,
+            until,
+            output,
+            conn,
+        } => {
+            return crate::billing::version_status(api, version, since, until, output, conn).await;
+        }
         VersionCommand::Create {
             api,
             version,

@@ -1,10 +1,12 @@
 //! `tollgate`: the command-line tool. `tollgate dev` runs a whole gateway in one process;
 //! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file;
 //! `tollgate apply` and `tollgate cluster` talk to a running cluster; `tollgate cp` runs
-//! the control plane; `tollgate api|version|tenant|key|token|audit` talk to it.
+//! the control plane; `tollgate api|version|tenant|key|token|audit|plan|budget|usage|costs`
+//! talk to it.
 
 mod access;
 mod api;
+mod billing;
 mod circuit;
 mod cluster;
 mod declare;
@@ -63,6 +65,16 @@ enum Command {
     /// Upstreams' cluster-wide circuit breakers: list, open, close, auto.
     #[command(subcommand)]
     Circuit(circuit::CircuitCommand),
+    /// Requests, status classes, bytes and upstream time per tenant, API, version or key.
+    Usage(billing::ReportArgs),
+    /// What usage costs per tenant, API, version or key, at the prices it was billed at.
+    Costs(billing::CostsArgs),
+    /// Plans and their prices: put, list, assign a tenant.
+    #[command(subcommand)]
+    Plan(billing::PlanCommand),
+    /// Tenants' monthly budgets: set, remove, list.
+    #[command(subcommand)]
+    Budget(billing::BudgetCommand),
     /// Check a spec file and list every problem in it (nothing is applied).
     Validate {
         /// The spec file (YAML).
@@ -97,6 +109,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Apply(args) => run_client(cluster::apply(args)),
+        Command::Usage(args) => run_client(billing::usage(args)),
+        Command::Costs(args) => run_client(billing::costs(args)),
+        Command::Plan(cmd) => run_client(billing::plan(cmd)),
+        Command::Budget(cmd) => run_client(billing::budget(cmd)),
         Command::Api(cmd) => run_client(api::api(cmd)),
         Command::Version(cmd) => run_client(api::version(cmd)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),

@@ -12,6 +12,8 @@
 //! authenticates it and scopes what the caller sees (docs/security.md): the control plane
 //! holds no secret and makes no access decision of its own.
 
+mod billing;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use tollgate_proto::cp::v1 as cp;
 use tollgate_proto::cp::v1::access_server::{Access, AccessServer};
 use tollgate_proto::cp::v1::api_lifecycle_server::{ApiLifecycle, ApiLifecycleServer};
 use tollgate_proto::cp::v1::audit_server::{Audit, AuditServer};
+use tollgate_proto::cp::v1::billing_server::BillingServer;
 use tollgate_proto::cp::v1::circuits_server::{Circuits, CircuitsServer};
 use tollgate_proto::state::v1 as state;
 use tollgate_sdk::NodeClient;
@@ -753,6 +756,7 @@ pub async fn serve(
     health.set_serving::<AccessServer<Service>>().await;
     health.set_serving::<AuditServer<Service>>().await;
     health.set_serving::<CircuitsServer<Service>>().await;
+    health.set_serving::<BillingServer<Service>>().await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
     // Python's grpcio-reflection still ask for it.
     let reflection = || {
@@ -764,6 +768,7 @@ pub async fn serve(
             "tollgate.cp.v1.Access",
             "tollgate.cp.v1.Audit",
             "tollgate.cp.v1.Circuits",
+            "tollgate.cp.v1.Billing",
         ]
         .into_iter()
         .chain([
@@ -786,6 +791,7 @@ pub async fn serve(
                     "tollgate.cp.v1.Access",
                     "tollgate.cp.v1.Audit",
                     "tollgate.cp.v1.Circuits",
+                    "tollgate.cp.v1.Billing",
                 ],
             )
         })
@@ -795,7 +801,8 @@ pub async fn serve(
         .add_service(ApiLifecycleServer::new(service.clone()))
         .add_service(AccessServer::new(service.clone()))
         .add_service(AuditServer::new(service.clone()))
-        .add_service(CircuitsServer::new(service))
+        .add_service(CircuitsServer::new(service.clone()))
+        .add_service(BillingServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),

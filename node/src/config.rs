@@ -141,6 +141,14 @@ pub struct NodeArgs {
     /// `deployment.environment` of this node's traces [default: production]
     #[arg(long, env = "TOLLGATE_ENVIRONMENT")]
     pub environment: Option<String>,
+    /// Count usage per tenant, API, version and key for costs and `tollgate usage`: `on` or
+    /// `off` [default: on]
+    #[arg(long, env = "TOLLGATE_METERING", value_parser = parse_on_off)]
+    pub metering: Option<bool>,
+    /// How often counted usage is journaled to disk and shipped to the cluster: what a
+    /// node killed outright can lose, e.g. `1s` [default: 1s]
+    #[arg(long, env = "TOLLGATE_METER_INTERVAL", value_parser = parse_duration)]
+    pub meter_interval: Option<Duration>,
     /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
     #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
@@ -186,6 +194,9 @@ pub struct FileSettings {
     pub otlp_protocol: Option<String>,
     pub trace_sample_ratio: Option<f64>,
     pub environment: Option<String>,
+    pub metering: Option<bool>,
+    #[serde(default, with = "opt_duration")]
+    pub meter_interval: Option<Duration>,
 }
 
 /// What the node runs with.
@@ -218,6 +229,8 @@ pub struct Settings {
     /// Trace export, resolved with the `OTEL_*` environment (`None`: off).
     pub traces: Option<TraceConfig>,
     pub environment: String,
+    pub metering: bool,
+    pub meter_interval: Duration,
     pub enable_fault_injection: bool,
 }
 
@@ -250,6 +263,8 @@ impl Default for Settings {
             max_spec_bytes: 1024 * 1024,
             traces: None,
             environment: "production".into(),
+            metering: true,
+            meter_interval: Duration::from_secs(1),
             enable_fault_injection: false,
         }
     }
@@ -346,6 +361,11 @@ impl Settings {
                 .environment
                 .or(file.environment)
                 .unwrap_or(d.environment),
+            metering: args.metering.or(file.metering).unwrap_or(d.metering),
+            meter_interval: args
+                .meter_interval
+                .or(file.meter_interval)
+                .unwrap_or(d.meter_interval),
             enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;
@@ -388,6 +408,11 @@ impl Settings {
         if self.environment.is_empty() {
             problems.push("environment must not be empty");
         }
+        if self.meter_interval < Duration::from_millis(10)
+            || self.meter_interval > Duration::from_secs(60)
+        {
+            problems.push("meter_interval must be from 10ms to 60s");
+        }
         if self.max_spec_bytes < 1024 {
             problems.push("max_spec_bytes must be at least 1024");
         }
@@ -412,6 +437,14 @@ fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("read config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -23,6 +23,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod hash;
+pub mod metering;
 pub mod proxy;
 pub mod raft;
 pub mod routing;
@@ -70,6 +71,7 @@ pub struct Node {
     addrs: BoundAddrs,
     compiler: Arc<Compiler>,
     cluster: Arc<Cluster>,
+    journal: Option<Arc<metering::journal::Journal>>,
 }
 
 impl Node {
@@ -85,7 +87,7 @@ impl Node {
             settings.id,
             settings.region.clone(),
         ));
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             Limits {
                 max_connections: settings.max_connections,
                 max_request_body: settings.max_request_body,
@@ -94,7 +96,11 @@ impl Node {
                 drain_timeout: settings.drain_timeout,
             },
             quotas.clone(),
-        ));
+        );
+        if settings.metering {
+            shared.meter = Some(Arc::new(metering::Meter::default()));
+        }
+        let shared = Arc::new(shared);
         // A bad bootstrap spec stops the node before it serves anything.
         let bootstrap_spec = match &settings.spec {
             Some(path) => Some(
@@ -191,6 +197,23 @@ impl Node {
                 tracing::error!("node gRPC server failed: {e:#}");
             }
         });
+        let journal = match &shared.meter {
+            Some(meter) => {
+                let journal = Arc::new(metering::journal::Journal::open(
+                    &db,
+                    settings.id,
+                    meter.clone(),
+                )?);
+                runtime.spawn(journal.clone().run(
+                    cluster.clone(),
+                    settings.meter_interval,
+                    control.clone(),
+                ));
+                Some(journal)
+            }
+            None => None,
+        };
+        runtime.spawn(metering::alerts::run(cluster.clone(), control.clone()));
         runtime.spawn(telemetry::metrics::upkeep(metrics));
         runtime.spawn(telemetry::metrics::raft_metrics(
             cluster.clone(),
@@ -283,6 +306,7 @@ impl Node {
             addrs,
             compiler,
             cluster,
+            journal,
         })
     }
 
@@ -298,6 +322,21 @@ impl Node {
             }
         }
         self.compiler.health_checks.lock().expect("lock").cancel();
+        if let Some(journal) = &self.journal {
+            // Every request has been answered: journal the last counts (and try to ship
+            // them; what is not shipped now is shipped at the next start).
+            let cluster = self.cluster.clone();
+            let shipped = self.runtime.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(3), journal.tick(&cluster))
+                    .await
+            });
+            if !matches!(shipped, Ok(Ok(()))) {
+                tracing::info!(
+                    pending = journal.pending(),
+                    "usage journaled; it is shipped when this node starts again"
+                );
+            }
+        }
         self.control.cancel();
         let raft = self.cluster.raft.clone();
         let _ = self.runtime.block_on(async {

@@ -287,6 +287,14 @@ impl NodeClient {
     }
 
     /// Every upstream's circuit breaker as committed (only those that ever changed).
+    /// Usage rollups in a range and the billing state (see the node's `Usage` RPC).
+    pub async fn usage(
+        &mut self,
+        req: tollgate_proto::node::v1::UsageRequest,
+    ) -> Result<tollgate_proto::node::v1::UsageResponse, Error> {
+        Ok(self.inner.usage(self.req(req)).await?.into_inner())
+    }
+
     pub async fn list_circuits(
         &mut self,
     ) -> Result<tollgate_proto::node::v1::ListCircuitsResponse, Error> {
@@ -351,6 +359,7 @@ impl NodeClient {
 pub use tollgate_proto::cp::v1 as cp;
 pub use tollgate_proto::node::v1::{
     AuditRequest as NodeAuditRequest, ListCredentialsRequest as NodeListCredentialsRequest,
+    UsageRequest as NodeUsageRequest,
 };
 
 /// A client for the control plane (`tollgate-cp`): any number of replica addresses; a call
@@ -367,6 +376,7 @@ type Lifecycle = cp::api_lifecycle_client::ApiLifecycleClient<Channel>;
 type AccessClient = cp::access_client::AccessClient<Channel>;
 type AuditClient = cp::audit_client::AuditClient<Channel>;
 type CircuitsClient = cp::circuits_client::CircuitsClient<Channel>;
+type BillingClient = cp::billing_client::BillingClient<Channel>;
 
 impl ControlPlaneClient {
     /// `addrs`: `HOST:PORT` of one or more replicas. Connects on first use.
@@ -762,5 +772,83 @@ impl ControlPlaneClient {
             })
             .await?
             .generation)
+    }
+
+    /// Adds a plan, or a new immutable version of one (operator token).
+    pub async fn put_plan(
+        &self,
+        name: &str,
+        prices: state::PlanPrices,
+    ) -> Result<cp::PlanReply, Error> {
+        let req = cp::PutPlanRequest {
+            name: name.into(),
+            prices: Some(prices),
+        };
+        self.call(req, |ch, r| async move {
+            BillingClient::new(ch).put_plan(r).await
+        })
+        .await
+    }
+
+    pub async fn list_plans(&self) -> Result<cp::ListPlansReply, Error> {
+        self.call(cp::ListPlansRequest {}, |ch, r| async move {
+            BillingClient::new(ch).list_plans(r).await
+        })
+        .await
+    }
+
+    /// Puts a tenant on a plan from now on (empty plan: off any plan).
+    pub async fn assign_plan(&self, tenant: &str, plan: &str) -> Result<u64, Error> {
+        let req = cp::AssignPlanRequest {
+            tenant: tenant.into(),
+            plan: plan.into(),
+        };
+        Ok(self
+            .call(req, |ch, r| async move {
+                BillingClient::new(ch).assign_plan(r).await
+            })
+            .await?
+            .generation)
+    }
+
+    /// Sets (or, with an empty limit, removes) a tenant's monthly budget.
+    pub async fn set_budget(&self, budget: state::SetBudget) -> Result<u64, Error> {
+        Ok(self
+            .call(budget, |ch, r| async move {
+                BillingClient::new(ch).set_budget(r).await
+            })
+            .await?
+            .generation)
+    }
+
+    pub async fn list_budgets(&self) -> Result<cp::ListBudgetsReply, Error> {
+        self.call(cp::ListBudgetsRequest {}, |ch, r| async move {
+            BillingClient::new(ch).list_budgets(r).await
+        })
+        .await
+    }
+
+    pub async fn usage(&self, query: cp::UsageQuery) -> Result<cp::UsageReply, Error> {
+        self.call(query, |ch, r| async move {
+            BillingClient::new(ch).usage(r).await
+        })
+        .await
+    }
+
+    pub async fn costs(&self, query: cp::CostsQuery) -> Result<cp::CostsReply, Error> {
+        self.call(query, |ch, r| async move {
+            BillingClient::new(ch).costs(r).await
+        })
+        .await
+    }
+
+    pub async fn version_status(
+        &self,
+        req: cp::VersionStatusRequest,
+    ) -> Result<cp::VersionStatusReply, Error> {
+        self.call(req, |ch, r| async move {
+            BillingClient::new(ch).version_status(r).await
+        })
+        .await
     }
 }

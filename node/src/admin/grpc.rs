@@ -178,6 +178,13 @@ impl NodeAdmin for AdminService {
         ))
     }
 
+    async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
+        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        Ok(Response::new(
+            self.cluster.usage(req.into_inner(), fwd, &caller).await?,
+        ))
+    }
+
     async fn history(
         &self,
         req: Request<HistoryRequest>,

@@ -48,6 +48,8 @@ pub struct Shared {
     pub quotas: Arc<Quotas>,
     /// Trace export, when the node exports traces.
     pub tracing: Option<Arc<Tracing>>,
+    /// Usage counting, unless `--metering off`.
+    pub meter: Option<Arc<crate::metering::Meter>>,
 }
 
 impl Shared {
@@ -63,6 +65,7 @@ impl Shared {
             open_gauge: ::metrics::gauge!("tollgate_open_connections"),
             quotas,
             tracing: crate::telemetry::traces::global().cloned(),
+            meter: None,
         }
     }
 }

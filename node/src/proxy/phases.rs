@@ -63,6 +63,8 @@ pub struct Worker {
     #[allow(clippy::redundant_allocation)]
     // the point: an Rc, local to this thread, of the shared Arc
     current: RefCell<Rc<Arc<Snapshot>>>,
+    /// This thread's usage counts (uncontended but for the journal's drain).
+    meter: Option<Arc<std::sync::Mutex<crate::metering::Shard>>>,
 }
 
 impl Drop for Worker {
@@ -75,7 +77,9 @@ impl Drop for Worker {
 impl Worker {
     pub fn new(shared: Arc<Shared>, access_log: AccessLog) -> Worker {
         let current = RefCell::new(Rc::new(shared.snapshot.load_full()));
+        let meter = shared.meter.as_ref().map(|m| m.shard());
         Worker {
+            meter,
             shared,
             pool: Rc::new(Pool::default()),
             access_log,
@@ -187,6 +191,11 @@ async fn pipeline(
             tenant: api.tenant.clone(),
             key: api.key.cloned(),
         });
+        if let Some(tenant) = &api.tenant
+            && !snapshot.capped.is_empty()
+        {
+            budget(&snapshot.capped, tenant)?;
+        }
         (matched, Some(api))
     };
     let route = &routing.routes[matched.route as usize];
@@ -497,6 +506,26 @@ fn authenticate<'s>(
 /// call leaves the node. A request that finds no token while the owner still had budget
 /// waits for the next exchange (two rounds at most), then is admitted or refused. Says
 /// whether the request waited.
+/// A tenant over its budget's hard cap this month is refused (402).
+fn budget(
+    capped: &std::collections::BTreeMap<String, u64>,
+    tenant: &Arc<str>,
+) -> Result<(), ProxyError> {
+    let Some(&month) = capped.get(&**tenant) else {
+        return Ok(());
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if crate::state::billing::month_of_ms(now) != month {
+        // The cap was for a month that has ended.
+        return Ok(());
+    }
+    Err(ProxyError::BudgetExceeded {
+        tenant: tenant.to_string(),
+    })
+}
+
 async fn quota(
     quotas: &Quotas,
     routing: &Routing,
@@ -1004,6 +1033,47 @@ fn client_span_attributes(
     }
 }
 
+impl Tail {
+    /// Counts the request for usage.
+    fn meter(
+        &self,
+        meter: &std::sync::Mutex<crate::metering::Shard>,
+        route: Option<&crate::state::snapshot::Route>,
+        elapsed: std::time::Duration,
+    ) {
+        let minute = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60);
+        let (api, version, tenant, key) = match &self.api {
+            Some(u) => {
+                let mount = &self.snapshot.routing.mounts[u.mount as usize];
+                let version = u.version.map(|v| &mount.versions[v as usize].name);
+                (Some(&mount.api), version, u.tenant.as_ref(), u.key.as_ref())
+            }
+            None => (route.map(|r| &r.usage_api), None, None, None),
+        };
+        let sample = crate::metering::Sample {
+            minute,
+            tenant,
+            api,
+            version,
+            key,
+            status: self.status,
+            refused: self.attempts.attempts == 0,
+            request_bytes: self.request_stats.bytes.get(),
+            response_bytes: self.response_bytes,
+            upstream_us: self
+                .attempts
+                .upstream_time
+                .map_or(0, |d| d.as_micros() as u64),
+            latency_us: elapsed.as_micros() as u64,
+        };
+        if let Ok(mut shard) = meter.lock() {
+            shard.record(&sample);
+        }
+    }
+}
+
 impl Drop for Tail {
     fn drop(&mut self) {
         if self.status == 0 {
@@ -1023,6 +1093,9 @@ impl Drop for Tail {
         match route {
             Some(r) => r.metrics.record(self.status, elapsed),
             None => self.worker.shared.unmatched.record(self.status, elapsed),
+        }
+        if let Some(meter) = &self.worker.meter {
+            self.meter(meter, route, elapsed);
         }
         if let Some(trace) = self.trace.take()
             && let Some(tracing) = &self.worker.shared.tracing

@@ -63,6 +63,10 @@ pub enum ProxyError {
         retry_after_s: u64,
     },
     #[error(
+        "tenant {tenant} has reached its monthly budget and its requests are refused until the month ends (UTC) or the operator raises the budget"
+    )]
+    BudgetExceeded { tenant: String },
+    #[error(
         "the circuit breaker of upstream {upstream} is open ({reason}); retry in {retry_after_s} s"
     )]
     CircuitOpen {
@@ -95,6 +99,7 @@ impl ProxyError {
             ProxyError::VersionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
         }
     }
 
@@ -118,6 +123,7 @@ impl ProxyError {
             ProxyError::VersionUnavailable(_) => "version_unavailable",
             ProxyError::QuotaExceeded { .. } => "quota_exceeded",
             ProxyError::CircuitOpen { .. } => "circuit_open",
+            ProxyError::BudgetExceeded { .. } => "budget_exceeded",
         }
     }
 

@@ -914,6 +914,84 @@ impl Cluster {
     }
 
     /// The spec and generation; linearizable (read-index on the leader) unless `local`.
+    /// Usage rollups and the billing state (see the `Usage` RPC).
+    pub async fn usage(
+        &self,
+        req: api::UsageRequest,
+        forwarded: bool,
+        caller: &Caller,
+    ) -> Result<api::UsageResponse, Status> {
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.usage(r).await };
+        if !req.local
+            && let Some(resp) = self
+                .read_on_leader(&req, forwarded, caller, forward)
+                .await?
+        {
+            return Ok(resp);
+        }
+        let p = self.principal(caller)?;
+        let now = now_ms();
+        let until = if req.until_ms == 0 { now } else { req.until_ms };
+        if until <= req.since_ms {
+            return Err(Status::invalid_argument(format!(
+                "the range is empty: since ({}) must be before until ({until})",
+                req.since_ms
+            )));
+        }
+        // Whole rows by their start: a minute that started in the range is in it.
+        let (since_minute, until_minute) = (req.since_ms / 60_000, until.div_ceil(60_000));
+        Ok(self.state_machine.read(|a| {
+            let s = &a.state;
+            let wanted =
+                |tenant: &str| (req.tenant.is_empty() || tenant == req.tenant) && p.sees(tenant);
+            let owned = |api: &str| p.sees(s.apis.get(api).map_or("", |x| x.tenant.as_str()));
+            let mut billing = tollgate_proto::state::v1::StateSnapshot::default();
+            s.billing.to_proto(&mut billing);
+            api::UsageResponse {
+                entries: s
+                    .usage
+                    .entries(since_minute, until_minute)
+                    .into_iter()
+                    .filter(|e| wanted(&e.tenant))
+                    .collect(),
+                latencies: s
+                    .usage
+                    .latencies(since_minute, until_minute)
+                    .into_iter()
+                    .filter(|l| owned(&l.api))
+                    .collect(),
+                plans: billing.plans,
+                assignments: billing
+                    .plan_assignments
+                    .into_iter()
+                    .filter(|x| wanted(&x.tenant))
+                    .collect(),
+                budgets: billing
+                    .budgets
+                    .into_iter()
+                    .filter(|x| wanted(&x.tenant))
+                    .collect(),
+                alerts: billing
+                    .budget_alerts
+                    .into_iter()
+                    .filter(|x| wanted(&x.tenant))
+                    .map(|mut x| {
+                        if p.tenant().is_some() {
+                            x.webhook.clear();
+                        }
+                        x
+                    })
+                    .collect(),
+                spend: billing
+                    .spend
+                    .into_iter()
+                    .filter(|x| wanted(&x.tenant))
+                    .collect(),
+                now_ms: now,
+            }
+        }))
+    }
+
     pub async fn read_spec(
         &self,
         req: api::ReadSpecRequest,

@@ -402,9 +402,10 @@ impl Billing {
         }
         thresholds.sort_unstable();
         thresholds.dedup();
-        if !b.webhook.is_empty()
-            && !(b.webhook.starts_with("http://") || b.webhook.starts_with("https://"))
-        {
+        let webhook_ok = b.webhook.is_empty()
+            || b.webhook.starts_with("http://")
+            || b.webhook.starts_with("https://");
+        if !webhook_ok {
             return Err(Refusal::Invalid(format!(
                 "webhook {:?} is not an http(s) URL; write it like https://hooks.example.com/budget",
                 b.webhook

@@ -83,6 +83,8 @@ pub struct MountedVersion {
     pub version: semver::Version,
     /// `version` as a header value, for `x-tollgate-api-version`.
     pub label: HeaderValue,
+    /// `version` as text, for usage rows.
+    pub name: Arc<str>,
     pub stage: Stage,
     /// The version's own routes (ids index [`Routing::routes`]), matched against the path
     /// below the base path and version prefix. Empty for a retired version.
@@ -207,6 +209,9 @@ pub struct Route {
     /// The route's path as its spec wrote it (`/users/{id}`, `/api/*` for a prefix): the
     /// `http.route` of its traces. A version's routes are below the API's base path.
     pub http_route: Arc<str>,
+    /// What usage rows name for a request that reached this route outside an API:
+    /// `route/<name>`.
+    pub usage_api: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -359,6 +364,7 @@ impl Builder {
                     .collect(),
                 api: api.cloned(),
                 http_route: Arc::from(http_route(&r.matches.path).as_str()),
+                usage_api: Arc::from(format!("route/{full}")),
             });
         }
         self.clusters.extend(clusters.into_values());
@@ -539,6 +545,7 @@ impl Routing {
                 // Semantic versions are digits, letters, '.', '-' and '+': all valid here.
                 label: HeaderValue::from_str(&v.version.to_string())
                     .expect("a semantic version is a valid header value"),
+                name: Arc::from(v.version.to_string()),
                 stage: v.stage,
                 matcher,
                 deprecation: deprecation_headers(api, v),

@@ -193,7 +193,7 @@ fn budgets_alert_at_each_threshold_once_and_cap_at_the_limit() {
     assert!(b.alerts.is_empty());
     assert!(!b.add_usage(&[two.clone(), two.clone()], T0)); // 6.00: 50%
     assert_eq!(b.alerts.len(), 1);
-    assert!(!b.add_usage(&[two.clone()], T0)); // 8.00: 80%
+    assert!(!b.add_usage(std::slice::from_ref(&two), T0)); // 8.00: 80%
     let half = entry(
         "acme",
         minute,
@@ -207,7 +207,10 @@ fn budgets_alert_at_each_threshold_once_and_cap_at_the_limit() {
         b.alerts.iter().map(|a| a.threshold).collect::<Vec<_>>(),
         [50, 80]
     );
-    assert!(b.add_usage(&[two.clone()], T0 + 2), "10.50: capped");
+    assert!(
+        b.add_usage(std::slice::from_ref(&two), T0 + 2),
+        "10.50: capped"
+    );
     assert_eq!(b.capped().get("acme"), Some(&month_of_ms(T0)));
     assert_eq!(b.alerts.back().unwrap().threshold, 100);
     assert_eq!(b.alerts.back().unwrap().spent, "10.50");

@@ -1,0 +1,105 @@
+//! Budget alerts: raised by the state machine when a tenant's spend crosses a threshold
+//! (deterministically, on every node), and told once by the leader: a log line, the
+//! `tollgate_budget_alerts_total` counter and, when the budget names one, a webhook POST.
+//!
+//! Delivery is at least once. A node that becomes leader tells the alerts of the last
+//! [`REPLAY`] it has not told itself, so an alert raised just before a leader change is not
+//! lost; it may then be told twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tollgate_proto::state::v1::BudgetAlert;
+
+use crate::raft::cluster::Cluster;
+
+/// How far back a new leader looks for alerts to tell.
+pub const REPLAY: Duration = Duration::from_secs(30);
+
+pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok();
+    // Alerts up to this seq have been told (by this node, or by a leader before it).
+    let mut told = cluster.state_machine.read(|a| a.state.billing.alert_seq);
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let leader = cluster.raft.metrics().borrow().current_leader == Some(cluster.id);
+        let now = crate::raft::service::now_ms();
+        let pending: Vec<BudgetAlert> = cluster.state_machine.read(|a| {
+            a.state
+                .billing
+                .alerts
+                .iter()
+                .filter(|x| x.seq > told)
+                .cloned()
+                .collect()
+        });
+        for alert in pending {
+            if !leader {
+                // Another node tells it; stop looking at it once it is past the replay
+                // window a new leader would cover.
+                if now.saturating_sub(alert.at_ms) > REPLAY.as_millis() as u64 {
+                    told = alert.seq;
+                }
+                continue;
+            }
+            told = alert.seq;
+            tell(&alert, client.as_ref()).await;
+        }
+    }
+}
+
+async fn tell(alert: &BudgetAlert, client: Option<&reqwest::Client>) {
+    tracing::warn!(
+        tenant = %alert.tenant,
+        threshold = alert.threshold,
+        spent = %alert.spent,
+        limit = %alert.limit,
+        "budget alert: tenant {} has spent {}% of its monthly budget",
+        alert.tenant,
+        alert.threshold
+    );
+    metrics::counter!(
+        "tollgate_budget_alerts_total",
+        "tenant" => alert.tenant.clone(),
+        "threshold" => alert.threshold.to_string()
+    )
+    .increment(1);
+    let (Some(client), false) = (client, alert.webhook.is_empty()) else {
+        return;
+    };
+    let body = serde_json::json!({
+        "kind": "budget_alert",
+        "seq": alert.seq,
+        "at_ms": alert.at_ms,
+        "tenant": alert.tenant,
+        "threshold_percent": alert.threshold,
+        "spent": alert.spent,
+        "limit": alert.limit,
+    });
+    let sent = client
+        .post(&alert.webhook)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await;
+    let outcome = match sent {
+        Ok(r) if r.status().is_success() => "delivered",
+        Ok(r) => {
+            tracing::warn!(webhook = %alert.webhook, status = %r.status(), "budget alert webhook refused the alert");
+            "refused"
+        }
+        Err(e) => {
+            tracing::warn!(webhook = %alert.webhook, "budget alert webhook failed: {e}");
+            "failed"
+        }
+    };
+    metrics::counter!("tollgate_budget_webhooks_total", "outcome" => outcome).increment(1);
+}

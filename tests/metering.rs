@@ -471,12 +471,13 @@ async fn a_budget_cap_is_answered_402_by_every_node_within_5_s() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("negative"), "{err}");
+    let hook = Upstream::start("hook").await;
     cp.set_budget(state::SetBudget {
         tenant: "acme".into(),
         monthly_limit: "5".into(),
         thresholds: vec![50, 100],
         hard_cap: true,
-        webhook: String::new(),
+        webhook: format!("http://{}/budget", hook.addr),
     })
     .await
     .unwrap();
@@ -532,6 +533,22 @@ async fn a_budget_cap_is_answered_402_by_every_node_within_5_s() {
     let alerted: Vec<u32> = budgets.alerts.iter().map(|a| a.threshold).collect();
     assert_eq!(alerted, [50, 100]);
     assert!(budgets.budgets[0].budget.as_ref().unwrap().capped);
+    // The leader told each alert once: a POST to the webhook, and its counter.
+    harness::eventually("both alerts at the webhook", T, async || hook.hits() == 2).await;
+    let content_type =
+        hook.state.last_headers.lock().unwrap().as_ref().unwrap()["content-type"].clone();
+    assert_eq!(content_type, "application/json");
+    let leader = cluster.leader(T).await;
+    let metrics = cluster.node(leader).metrics().await;
+    assert!(
+        metrics.contains("tollgate_budget_alerts_total{tenant=\"acme\",threshold=\"100\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("budget"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // Raising the budget lifts the cap everywhere.
     cp.set_budget(state::SetBudget {
         tenant: "acme".into(),

@@ -88,15 +88,29 @@ fn free_port() -> std::net::SocketAddr {
 impl Collector {
     /// Starts a collector and waits until it takes OTLP over gRPC.
     pub async fn start() -> Collector {
+        Collector::launch(true).await
+    }
+
+    /// A collector that receives and drops spans without printing them (for benchmarks,
+    /// where printing would cost more than receiving).
+    #[allow(dead_code)] // used by benches/telemetry.rs, not by every test binary
+    pub async fn start_quiet() -> Collector {
+        Collector::launch(false).await
+    }
+
+    async fn launch(print: bool) -> Collector {
         let agent = tokio::task::spawn_blocking(rotel_agent).await.unwrap();
         let dir = super::test_dir();
         let out = dir.join("rotel.out");
         let (grpc, http) = (free_port(), free_port());
-        let child = Command::new(&agent)
-            .args(["start", "--otlp-grpc-endpoint", &grpc.to_string()])
+        let mut cmd = Command::new(&agent);
+        cmd.args(["start", "--otlp-grpc-endpoint", &grpc.to_string()])
             .args(["--otlp-http-endpoint", &http.to_string()])
-            .args(["--exporter", "blackhole"])
-            .args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"])
+            .args(["--exporter", "blackhole"]);
+        if print {
+            cmd.args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"]);
+        }
+        let child = cmd
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(dir.join("rotel.err")).unwrap())
             .stdin(Stdio::null())
@@ -122,6 +136,11 @@ impl Collector {
 
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    #[allow(dead_code)] // used by benches/telemetry.rs
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the collector (kill -9) to see what a node does without one.

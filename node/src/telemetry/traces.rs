@@ -19,10 +19,12 @@
 //! that count to itself). Settings follow the OpenTelemetry environment variables; see
 //! `docs/configuration.md` ("Traces").
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use crossbeam_queue::ArrayQueue;
 use http::HeaderValue;
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
@@ -527,8 +529,18 @@ impl ClientSpan {
 
 /// A `traceparent` value for a sampled span.
 fn traceparent(trace: TraceId, span: SpanId) -> HeaderValue {
-    HeaderValue::from_str(&format!("00-{trace}-{span}-01"))
-        .expect("hex ids make a valid header value")
+    // Written into a stack buffer: this runs for every sampled request.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let mut put = |at: usize, bytes: &[u8]| {
+        for (i, b) in bytes.iter().enumerate() {
+            buf[at + 2 * i] = HEX[usize::from(b >> 4)];
+            buf[at + 2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+    };
+    put(3, &trace.to_bytes());
+    put(36, &span.to_bytes());
+    HeaderValue::from_bytes(&buf).expect("hex ids make a valid header value")
 }
 
 /// Parses a W3C `traceparent` strictly (trace-context level 1): version 00 is exactly
@@ -674,18 +686,19 @@ pub fn grpc_server_span(req: &http::Request<()>, services: &[&str]) -> tracing::
 
 // ---- the export queue -------------------------------------------------------------------
 
-enum Msg {
-    Span(Box<SpanData>),
-    /// Export everything queued, then answer.
-    Flush(SyncSender<()>),
-}
-
-/// A bounded queue in front of one export thread. Pushing never blocks: a full queue
-/// drops the span and counts it.
+/// A bounded queue in front of one export thread. Pushing never blocks and never wakes
+/// the exporter per span (a wakeup per span cost more than the export itself): the thread
+/// is woken when a batch is full, and otherwise looks every quarter of the batch delay. A
+/// full queue drops the span and counts it.
 struct SpanQueue {
-    tx: SyncSender<Msg>,
+    spans: ArrayQueue<SpanData>,
+    batch_size: usize,
+    exporter: OnceLock<std::thread::Thread>,
+    /// Set when the exporter has been woken for a full batch and has not drained yet.
+    woken: AtomicBool,
+    /// Flushes waiting for the exporter to have exported what was queued before them.
+    flushes: Mutex<Vec<SyncSender<()>>>,
     dropped_full: metrics::Counter,
-    flush_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for SpanQueue {
@@ -696,51 +709,47 @@ impl std::fmt::Debug for SpanQueue {
 
 impl SpanQueue {
     fn start(config: &TraceConfig, resource: Resource) -> anyhow::Result<Arc<SpanQueue>> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_size);
+        let queue = Arc::new(SpanQueue {
+            spans: ArrayQueue::new(config.queue_size.max(1)),
+            batch_size: config.batch_size.max(1),
+            exporter: OnceLock::new(),
+            woken: AtomicBool::new(false),
+            flushes: Mutex::new(Vec::new()),
+            dropped_full: metrics::counter!("tollgate_trace_spans_total", "outcome" => "dropped_queue_full"),
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let config = config.clone();
-        std::thread::Builder::new()
+        let q = queue.clone();
+        let handle = std::thread::Builder::new()
             .name("tollgate-otlp".into())
-            .spawn(move || export_thread(config, resource, rx, ready_tx))?;
+            .spawn(move || export_thread(config, resource, q, ready_tx))?;
+        let _ = queue.exporter.set(handle.thread().clone());
         match ready_rx.recv() {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => Ok(queue),
             Ok(Err(e)) => anyhow::bail!("cannot start OTLP trace export: {e}"),
             Err(_) => anyhow::bail!("the OTLP export thread stopped while starting"),
         }
-        Ok(Arc::new(SpanQueue {
-            tx,
-            dropped_full: metrics::counter!("tollgate_trace_spans_total", "outcome" => "dropped_queue_full"),
-            flush_lock: Mutex::new(()),
-        }))
     }
 
     fn push(&self, span: SpanData) {
-        match self.tx.try_send(Msg::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped_full.increment(1)
-            }
+        if self.spans.push(span).is_err() {
+            self.dropped_full.increment(1);
+        } else if self.spans.len() >= self.batch_size
+            && !self.woken.swap(true, Ordering::AcqRel)
+            && let Some(t) = self.exporter.get()
+        {
+            t.unpark();
         }
     }
 
     /// Exports what is queued, waiting up to `timeout`.
     fn flush(&self, timeout: Duration) {
-        let _one = self.flush_lock.lock();
         let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
-        let deadline = Instant::now() + timeout;
-        let mut msg = Msg::Flush(ack_tx);
-        // The queue may be full: retry until it takes the flush, within the timeout.
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    msg = m;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return,
-            }
+        self.flushes.lock().expect("flush lock").push(ack_tx);
+        if let Some(t) = self.exporter.get() {
+            t.unpark();
         }
-        let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let _ = ack_rx.recv_timeout(timeout);
     }
 }
 
@@ -765,7 +774,7 @@ fn build_exporter(
 fn export_thread(
     config: TraceConfig,
     resource: Resource,
-    rx: Receiver<Msg>,
+    queue: Arc<SpanQueue>,
     ready: SyncSender<Result<(), String>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -817,42 +826,33 @@ fn export_thread(
             }
         }
     };
+    let look = (config.delay / 4).max(Duration::from_millis(1));
     loop {
-        let wait = match oldest {
-            Some(t) => config.delay.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
-        };
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Span(s)) => {
-                if batch.is_empty() {
-                    oldest = Some(Instant::now());
-                }
-                batch.push(*s);
-                if batch.len() >= config.batch_size {
-                    send(&mut batch);
-                    oldest = None;
-                }
+        let idle = queue.spans.len() < config.batch_size
+            && queue.flushes.lock().expect("flush lock").is_empty();
+        if idle {
+            std::thread::park_timeout(look);
+        }
+        queue.woken.store(false, Ordering::Release);
+        while let Some(s) = queue.spans.pop() {
+            if batch.is_empty() {
+                oldest = Some(Instant::now());
             }
-            Ok(Msg::Flush(ack)) => {
-                // Take what is already queued behind nothing but this flush.
-                while let Ok(Msg::Span(s)) = rx.try_recv() {
-                    batch.push(*s);
-                    if batch.len() >= config.batch_size {
-                        send(&mut batch);
-                    }
-                }
-                send(&mut batch);
-                oldest = None;
-                let _ = ack.send(());
-            }
-            Err(RecvTimeoutError::Timeout) => {
+            batch.push(s);
+            if batch.len() >= config.batch_size {
                 send(&mut batch);
                 oldest = None;
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                send(&mut batch);
-                return;
-            }
+        }
+        let flushes = std::mem::take(&mut *queue.flushes.lock().expect("flush lock"));
+        // A partial batch waits for the delay (it is at most a quarter late: it is dated
+        // when this thread took it).
+        if !flushes.is_empty() || oldest.is_some_and(|t| t.elapsed() + look >= config.delay) {
+            send(&mut batch);
+            oldest = None;
+        }
+        for ack in flushes {
+            let _ = ack.send(());
         }
     }
 }

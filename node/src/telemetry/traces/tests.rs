@@ -184,3 +184,16 @@ fn traceparent_is_parsed_strictly() {
         );
     }
 }
+
+#[test]
+fn traceparent_written_for_upstreams_reads_back() {
+    let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    let span = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+    let v = traceparent(trace, span);
+    assert_eq!(
+        v.to_str().unwrap(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    let cx = parse_traceparent(v.as_bytes()).unwrap();
+    assert_eq!((cx.trace_id(), cx.span_id()), (trace, span));
+}

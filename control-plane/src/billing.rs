@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tollgate_node::state::billing::{self, Billing as BillingState, GroupBy};
+use tollgate_node::state::billing::{self, Billing as BillingState, GroupBy, group_of};
 use tollgate_node::state::usage::{Histogram, add_counts, add_histogram, percentile_us};
 use tollgate_proto::cp::v1 as cp;
 use tollgate_proto::cp::v1::billing_server::Billing;
@@ -139,15 +139,6 @@ impl Service {
             )
             .await?;
         Ok((resp, since_ms, until_ms))
-    }
-}
-
-fn group_of(by: GroupBy, e: &state::UsageEntry) -> String {
-    match by {
-        GroupBy::Tenant => String::new(),
-        GroupBy::Api => e.api.clone(),
-        GroupBy::Version => format!("{}@{}", e.api, e.version),
-        GroupBy::Key => e.key.clone(),
     }
 }
 

@@ -685,6 +685,18 @@ pub enum GroupBy {
     Key,
 }
 
+/// The group a usage row falls in: "" by tenant, the API, `api@version` (the API alone
+/// for a route counted without a version), or the key id.
+pub fn group_of(by: GroupBy, e: &UsageEntry) -> String {
+    match by {
+        GroupBy::Tenant => String::new(),
+        GroupBy::Api => e.api.clone(),
+        GroupBy::Version if e.version.is_empty() => e.api.clone(),
+        GroupBy::Version => format!("{}@{}", e.api, e.version),
+        GroupBy::Key => e.key.clone(),
+    }
+}
+
 /// One line of a cost report: one tenant's usage of one group.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CostLine {
@@ -724,12 +736,7 @@ pub fn cost_report(
     billing.check_rerate(rerate)?;
     let mut lines: BTreeMap<(String, String), CostLine> = BTreeMap::new();
     for e in entries {
-        let group = match by {
-            GroupBy::Tenant => String::new(),
-            GroupBy::Api => e.api.clone(),
-            GroupBy::Version => format!("{}@{}", e.api, e.version),
-            GroupBy::Key => e.key.clone(),
-        };
+        let group = group_of(by, e);
         let line = lines.entry((e.tenant.clone(), group.clone())).or_default();
         line.tenant = e.tenant.clone();
         line.group = group;

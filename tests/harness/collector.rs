@@ -60,21 +60,34 @@ fn rotel_agent() -> PathBuf {
     if let Some(p) = find() {
         return p;
     }
+    // Test processes run at once and may all get here: each installs into a directory of
+    // its own, then renames it into place; the first rename wins and the others use it.
+    // (Only the rotel-agent binary is used, so the venv need not stay where it was made.)
+    let mine = venv.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&mine);
     let made = Command::new("python3")
         .args(["-m", "venv"])
-        .arg(&venv)
+        .arg(&mine)
         .status();
     assert!(
         made.is_ok_and(|s| s.success()),
         "python3 -m venv failed: install python3-venv"
     );
-    let pip = Command::new(venv.join("bin/pip"))
+    let pip = Command::new(mine.join("bin/pip"))
         .args(["install", "-q", "rotel==0.0.1a15"])
         .status();
     assert!(
         pip.is_ok_and(|s| s.success()),
         "pip could not install rotel from PyPI"
     );
+    if std::fs::rename(&mine, &venv).is_err() {
+        if find().is_none() {
+            // What is there is left from a failed run: replace it.
+            let _ = std::fs::remove_dir_all(&venv);
+            let _ = std::fs::rename(&mine, &venv);
+        }
+        let _ = std::fs::remove_dir_all(&mine);
+    }
     find().expect("the rotel package ships rotel-agent")
 }
 

@@ -109,9 +109,10 @@ pub struct NodeArgs {
     /// stay a learner [default: 3]
     #[arg(long, env = "TOLLGATE_VOTERS")]
     pub voters: Option<u32>,
-    /// The gRPC address peers dial to reach this node [default: the bound --grpc-addr]
-    #[arg(long, env = "TOLLGATE_ADVERTISE_ADDR")]
-    pub advertise_addr: Option<SocketAddr>,
+    /// The gRPC address peers dial to reach this node, `IP:PORT` or `HOST:PORT` (a DNS
+    /// name, e.g. a StatefulSet pod's) [default: the bound --grpc-addr]
+    #[arg(long, env = "TOLLGATE_ADVERTISE_ADDR", value_parser = parse_peer_addr)]
+    pub advertise_addr: Option<String>,
     /// Raft heartbeat interval, e.g. `75ms` [default: 75ms]
     #[arg(long, env = "TOLLGATE_RAFT_HEARTBEAT", value_parser = parse_duration)]
     pub raft_heartbeat: Option<Duration>,
@@ -182,7 +183,7 @@ pub struct FileSettings {
     pub bootstrap: Option<bool>,
     pub join: Option<String>,
     pub voters: Option<u32>,
-    pub advertise_addr: Option<SocketAddr>,
+    pub advertise_addr: Option<String>,
     #[serde(default, with = "opt_duration")]
     pub raft_heartbeat: Option<Duration>,
     #[serde(default, with = "opt_duration")]
@@ -223,7 +224,7 @@ pub struct Settings {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub voters: u32,
-    pub advertise_addr: Option<SocketAddr>,
+    pub advertise_addr: Option<String>,
     pub raft: RaftSettings,
     pub max_spec_bytes: usize,
     /// Trace export, resolved with the `OTEL_*` environment (`None`: off).
@@ -325,7 +326,15 @@ impl Settings {
             bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
             join: args.join.or(file.join),
             voters: args.voters.or(file.voters).unwrap_or(d.voters),
-            advertise_addr: args.advertise_addr.or(file.advertise_addr),
+            advertise_addr: match args.advertise_addr {
+                Some(a) => Some(a),
+                None => file
+                    .advertise_addr
+                    .as_deref()
+                    .map(parse_peer_addr)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("invalid node settings: advertise_addr {e}"))?,
+            },
             raft: RaftSettings {
                 heartbeat_interval: args
                     .raft_heartbeat
@@ -439,6 +448,34 @@ fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
 }
 
+/// A peer address: `IP:PORT`, or `HOST:PORT` with a DNS name (resolved each time a peer
+/// connects, so a pod that comes back on another IP keeps its name).
+pub fn parse_peer_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr.to_string());
+    }
+    let bad = || {
+        format!(
+            "{s:?} is not IP:PORT or HOST:PORT; write it like 10.0.0.2:7070 or tollgate-0.tollgate-peers:7070"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if !port_ok || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "true" => Ok(true),
@@ -466,6 +503,34 @@ mod opt_duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_are_ip_or_dns_names_with_a_port() {
+        for ok in [
+            "10.0.0.2:7070",
+            "[::1]:7070",
+            "tollgate-0.tollgate-peers.default.svc.cluster.local:7070",
+            "node1:7070",
+        ] {
+            assert!(parse_peer_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "node1",
+            "node1:0",
+            "node1:http",
+            "-node:7070",
+            "no_underscores:7070",
+            "a..b:7070",
+            ":7070",
+            "http://node1:7070",
+        ] {
+            let e = parse_peer_addr(bad).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        let file: FileSettings = toml::from_str("advertise_addr = \"bad host:1\"").unwrap();
+        let e = Settings::merge(NodeArgs::default(), file).unwrap_err();
+        assert!(e.to_string().contains("advertise_addr"), "{e}");
+    }
 
     #[test]
     fn flags_beat_file_beat_defaults() {

@@ -133,15 +133,20 @@ impl Node {
             admin: admin_listener.local_addr()?,
             grpc: grpc_listener.local_addr()?,
         };
-        let advertise = settings.advertise_addr.unwrap_or(addrs.grpc);
-        if advertise.ip().is_unspecified() {
+        let advertise = settings
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| addrs.grpc.to_string());
+        if advertise
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_unspecified())
+        {
             anyhow::bail!(
-                "the gRPC address {} is not one peers can dial; set --advertise-addr",
-                advertise
+                "the gRPC address {advertise} is not one peers can dial; set --advertise-addr"
             );
         }
         let info = NodeInfo {
-            grpc_addr: advertise.to_string(),
+            grpc_addr: advertise.clone(),
             region: settings.region.clone(),
             proxy_addr: addrs.proxy.to_string(),
             admin_addr: addrs.admin.to_string(),

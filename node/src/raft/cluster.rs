@@ -777,10 +777,9 @@ impl Cluster {
                 "node_id must be at least 1 (set --id)",
             ));
         }
-        if req.grpc_addr.parse::<std::net::SocketAddr>().is_err() {
+        if let Err(e) = crate::config::parse_peer_addr(&req.grpc_addr) {
             return Err(Status::invalid_argument(format!(
-                "grpc_addr {:?} is not HOST:PORT with an IP address; set --advertise-addr",
-                req.grpc_addr
+                "grpc_addr {e}; set --advertise-addr"
             )));
         }
         let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.join(r).await };

@@ -109,6 +109,9 @@ fn route(
             }),
         ),
         "/metrics" => {
+            if let Some(c) = cluster {
+                crate::telemetry::metrics::circuit_states(c);
+            }
             let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

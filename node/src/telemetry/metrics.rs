@@ -104,7 +104,29 @@ pub async fn raft_metrics(
     }
 }
 
+/// Sets `tollgate_circuit_state{upstream}` from the replicated state as it stands now (0
+/// closed, 1 open, 2 half-open): read at scrape time because half-open follows the clock,
+/// not a write.
+pub fn circuit_states(cluster: &crate::raft::cluster::Cluster) {
+    use crate::state::circuit::{Phase, phase};
+    let now = crate::actor::wall_ms();
+    cluster.state_machine.read(|a| {
+        for (upstream, state) in a.state.circuits.iter() {
+            let value = match phase(Some(state), now) {
+                Phase::Closed => 0.0,
+                Phase::Open { .. } => 1.0,
+                Phase::HalfOpen => 2.0,
+            };
+            metrics::gauge!("tollgate_circuit_state", "upstream" => upstream.clone()).set(value);
+        }
+    });
+}
+
 fn describe() {
+    describe_gauge!(
+        "tollgate_circuit_state",
+        "Each upstream circuit as this node sees it: 0 closed, 1 open, 2 half-open"
+    );
     describe_gauge!("tollgate_raft_term", "Current Raft term");
     describe_gauge!(
         "tollgate_raft_leader",

@@ -75,6 +75,13 @@ enum Command {
     /// Tenants' monthly budgets: set, remove, list.
     #[command(subcommand)]
     Budget(billing::BudgetCommand),
+    /// Run only the demo echo upstream (what `dev` starts beside the node), e.g. as a test
+    /// upstream in a container; stops on SIGTERM or Ctrl-C.
+    Echo {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+    },
     /// Check a spec file and list every problem in it (nothing is applied).
     Validate {
         /// The spec file (YAML).
@@ -121,6 +128,17 @@ fn main() -> ExitCode {
         Command::Key(cmd) => run_client(access::credential("key", cmd)),
         Command::Token(cmd) => run_client(access::credential("token", cmd)),
         Command::Audit(args) => run_client(access::audit(args)),
+        Command::Echo { listen } => match echo::spawn(listen) {
+            Ok(addr) => {
+                println!("echo upstream listening on {addr}");
+                wait_for_stop();
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate echo: cannot listen on {listen}: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Validate { file } => match tollgate_node::read_spec(&file) {
             Ok(spec) => {
                 println!(
@@ -158,4 +176,20 @@ fn run_client(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
             ExitCode::FAILURE
         }
     }
+}
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_stop() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    });
 }

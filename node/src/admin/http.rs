@@ -110,7 +110,7 @@ fn route(
         ),
         "/metrics" => {
             if let Some(c) = cluster {
-                crate::telemetry::metrics::circuit_states(c);
+                crate::telemetry::metrics::circuit_states(&shared.snapshot.load().routing, c);
             }
             let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
             resp.headers_mut().insert(

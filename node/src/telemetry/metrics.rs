@@ -104,20 +104,23 @@ pub async fn raft_metrics(
     }
 }
 
-/// Sets `tollgate_circuit_state{upstream}` from the replicated state as it stands now (0
-/// closed, 1 open, 2 half-open): read at scrape time because half-open follows the clock,
-/// not a write.
-pub fn circuit_states(cluster: &crate::raft::cluster::Cluster) {
+/// Sets `tollgate_circuit_state{upstream}` for every upstream with a circuit breaker in
+/// what the data plane serves (0 closed, 1 open, 2 half-open), from the replicated state
+/// as it stands now: read at scrape time because half-open follows the clock, not a write.
+pub fn circuit_states(
+    routing: &crate::state::snapshot::Routing,
+    cluster: &crate::raft::cluster::Cluster,
+) {
     use crate::state::circuit::{Phase, phase};
     let now = crate::actor::wall_ms();
     cluster.state_machine.read(|a| {
-        for (upstream, state) in a.state.circuits.iter() {
-            let value = match phase(Some(state), now) {
+        for c in routing.clusters.iter().filter(|c| c.circuit.is_some()) {
+            let value = match phase(a.state.circuits.get(&*c.name), now) {
                 Phase::Closed => 0.0,
                 Phase::Open { .. } => 1.0,
                 Phase::HalfOpen => 2.0,
             };
-            metrics::gauge!("tollgate_circuit_state", "upstream" => upstream.clone()).set(value);
+            metrics::gauge!("tollgate_circuit_state", "upstream" => c.name.to_string()).set(value);
         }
     });
 }

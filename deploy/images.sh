@@ -46,7 +46,7 @@ rootfs() {
     cp "$b" "$dir/bin/"
     # Release builds carry debug info (for profiling); images do not need it.
     strip --strip-debug "$dir/bin/$(basename "$b")" 2>/dev/null || true
-    for lib in $(ldd "$b" | grep -o '/[^ ]*'); do
+    for lib in $( (ldd "$b" 2>/dev/null || true) | grep -o '/[^ ]*'); do  # none for a static binary
       mkdir -p "$dir$(dirname "$lib")" && cp -L "$lib" "$dir$lib"
     done
   done

@@ -23,7 +23,7 @@ mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use common::{arg, pct};
+use common::{arg, median, pct};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,11 +200,6 @@ async fn closed(http: &Http, url: &str, redis: Option<Redis>, workers: usize, se
 
 fn error_pct(a: u64) -> f64 {
     (a as f64 - LIMIT as f64) / LIMIT as f64 * 100.0
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    xs[xs.len() / 2]
 }
 
 /// Per-window rows, and the worst error after the first window.

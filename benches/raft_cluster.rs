@@ -27,7 +27,7 @@ mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use common::{arg, pct};
+use common::{arg, cpu_seconds, pct};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,19 +51,6 @@ fn summary(name: &str, mut xs: Vec<f64>) -> String {
 }
 
 /// user + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
 const HEADER: &str =
     "| measure | n | mean | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|";
 

@@ -21,7 +21,7 @@ mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use common::{arg, pct};
+use common::{arg, cpu_seconds, median, pct};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,22 +86,6 @@ async fn closed(http: &Http, url: &str, workers: usize, secs: f64) -> (f64, u64,
         failed,
         samples.into_iter().map(|(at, ms, _)| (at, ms)).collect(),
     )
-}
-
-/// CPU time a process has used (user + system), in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces) are counted from the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the state.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    pct(&xs, 50.0)
 }
 
 async fn metric(gw: &GatewayProcess, line_prefix: &str) -> f64 {
@@ -170,13 +154,13 @@ fn main() {
             for k in 0..3 {
                 let i = (round + k) % 3;
                 let (node_before, col_before) =
-                    (cpu_secs(contenders[i].1.pid()), cpu_secs(collector.pid()));
+                    (cpu_seconds(contenders[i].1.pid()), cpu_seconds(collector.pid()));
                 let (r, failed, _) = closed(&http, &contenders[i].1.url("/x"), workers, secs).await;
                 assert_eq!(failed, 0, "{} failed {failed} requests", contenders[i].0);
-                cpu[i] += cpu_secs(contenders[i].1.pid()) - node_before;
+                cpu[i] += cpu_seconds(contenders[i].1.pid()) - node_before;
                 served[i] += r * secs;
                 if i == 2 {
-                    collector_cpu += cpu_secs(collector.pid()) - col_before;
+                    collector_cpu += cpu_seconds(collector.pid()) - col_before;
                 }
                 rps[i].push(r);
             }

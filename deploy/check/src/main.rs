@@ -188,9 +188,15 @@ async fn run(compose: &Compose) -> Result<()> {
     cluster = Cluster::discover(compose, &NEAR)
         .await?
         .with_token(&cluster.token);
-    cluster.wait_caught_up(Duration::from_secs(60)).await?;
-    outcome.report(&mut report, &format!("leader {victim} killed -9"), true);
-    check_acked(&cluster, &cp, &outcome, &mut report).await?;
+    settle(
+        &cluster,
+        &cp,
+        &outcome,
+        &mut report,
+        &format!("leader {victim} killed -9"),
+        true,
+    )
+    .await?;
 
     println!("== pause a follower (SIGSTOP) for 5 s");
     let victim = cluster.follower_name().await?;
@@ -201,9 +207,15 @@ async fn run(compose: &Compose) -> Result<()> {
         Ok(())
     })
     .await?;
-    cluster.wait_caught_up(Duration::from_secs(60)).await?;
-    outcome.report(&mut report, &format!("follower {victim} paused 5 s"), true);
-    check_acked(&cluster, &cp, &outcome, &mut report).await?;
+    settle(
+        &cluster,
+        &cp,
+        &outcome,
+        &mut report,
+        &format!("follower {victim} paused 5 s"),
+        true,
+    )
+    .await?;
 
     println!("== cut a node off the network for 5 s (iptables DROP in its namespace)");
     let victim = cluster.leader_name().await?;
@@ -215,9 +227,15 @@ async fn run(compose: &Compose) -> Result<()> {
         Ok(())
     })
     .await?;
-    cluster.wait_caught_up(Duration::from_secs(60)).await?;
-    outcome.report(&mut report, &format!("leader {victim} cut off 5 s"), true);
-    check_acked(&cluster, &cp, &outcome, &mut report).await?;
+    settle(
+        &cluster,
+        &cp,
+        &outcome,
+        &mut report,
+        &format!("leader {victim} cut off 5 s"),
+        true,
+    )
+    .await?;
 
     println!("== rolling restart of every node (SIGTERM, wait ready and caught up, next)");
     let mut order = Vec::new();
@@ -247,10 +265,17 @@ async fn run(compose: &Compose) -> Result<()> {
     cluster = Cluster::discover(compose, &NEAR)
         .await?
         .with_token(&cluster.token);
-    outcome.report(&mut report, "rolling restart of 3 nodes", false);
-    check_acked(&cluster, &cp, &outcome, &mut report).await?;
+    settle(
+        &cluster,
+        &cp,
+        &outcome,
+        &mut report,
+        "rolling restart of 3 nodes",
+        false,
+    )
+    .await?;
 
-    regions(compose, &mut cluster, &mut report).await?;
+    regions(compose, &cluster, &mut report).await?;
 
     report.print();
     if report.failed.is_empty() {
@@ -264,14 +289,12 @@ async fn run(compose: &Compose) -> Result<()> {
 
 struct Compose {
     dir: PathBuf,
-    files: Vec<String>,
 }
 
 impl Compose {
     fn new(dir: &Path) -> Compose {
         Compose {
             dir: dir.to_path_buf(),
-            files: vec!["compose.yaml".into(), "compose.regions.yaml".into()],
         }
     }
 
@@ -282,9 +305,10 @@ impl Compose {
     /// `docker-compose -p PROJECT -f compose.yaml [...]`; `regions` adds the second region.
     fn run(&self, args: &[&str], regions: bool) -> Result<String> {
         let mut cmd = Command::new("docker-compose");
-        cmd.current_dir(&self.dir).args(["-p", PROJECT]);
-        for f in &self.files[..if regions { 2 } else { 1 }] {
-            cmd.args(["-f", f]);
+        cmd.current_dir(&self.dir)
+            .args(["-p", PROJECT, "-f", "compose.yaml"]);
+        if regions {
+            cmd.args(["-f", "compose.regions.yaml"]);
         }
         // Host ports no one else uses; the check itself talks to container IPs.
         cmd.env("TOLLGATE_PORT_0", "28080")
@@ -720,6 +744,21 @@ async fn under_load(
     })
 }
 
+/// After a fault: waits until every node has caught up, reports what the load saw, and
+/// checks every acknowledged write is there.
+async fn settle(
+    cluster: &Cluster,
+    cp: &ControlPlaneClient,
+    outcome: &Outcome,
+    report: &mut Report,
+    what: &str,
+    victim_failures_allowed: bool,
+) -> Result<()> {
+    cluster.wait_caught_up(Duration::from_secs(60)).await?;
+    outcome.report(report, what, victim_failures_allowed);
+    check_acked(cluster, cp, outcome, report).await
+}
+
 /// Every acknowledged write is in the cluster (a linearizable read) and on every node (a
 /// local read of each).
 async fn check_acked(
@@ -877,7 +916,7 @@ fn median_max(mut v: Vec<Duration>) -> String {
     )
 }
 
-async fn regions(compose: &Compose, cluster: &mut Cluster, report: &mut Report) -> Result<()> {
+async fn regions(compose: &Compose, cluster: &Cluster, report: &mut Report) -> Result<()> {
     println!("== a second region: 2 learners behind relays that add 50 ms each way");
     compose.run(&["up", "-d"], true)?;
     let all: Vec<&str> = NEAR.iter().chain(&FAR).copied().collect();

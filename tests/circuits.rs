@@ -62,18 +62,23 @@ async fn one_nodes_failures_open_the_circuit_everywhere_and_probes_close_it() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let cluster = TestCluster::start(3, &spec(&a, &b), &[]).await;
 
-    // Only node 1's traffic fails (its requests ask the upstream for 500s); nodes 2 and 3
-    // keep succeeding. Half the calls fail: over the 40% threshold.
-    let started = Instant::now();
+    // Only node 1's traffic fails (its requests ask the upstream for 500s); node 2's
+    // succeeds. Ten successes, then seven failures: 6 of 16 is under the 40% threshold
+    // and 7 of 17 is over it, so whenever the owner's tick falls, the circuit can open
+    // only after the last of these calls, and each of them reaches the upstream.
     for _ in 0..10 {
-        assert_eq!(status(&cluster, 1, "/a/status/500").await.0, 500);
         assert_eq!(status(&cluster, 2, "/a/ok").await.0, 200);
     }
+    let started = Instant::now();
+    for _ in 0..7 {
+        assert_eq!(status(&cluster, 1, "/a/status/500").await.0, 500);
+    }
+    // Asking with more failing calls: a success here would pull the rate back under 40%.
     for id in [1, 2, 3] {
         harness::eventually(
             &format!("node {id} to open the circuit"),
             Duration::from_secs(5),
-            async || status(&cluster, id, "/a/ok").await == (503, "circuit_open".into()),
+            async || status(&cluster, id, "/a/status/500").await == (503, "circuit_open".into()),
         )
         .await;
     }

@@ -233,6 +233,65 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
     assert_eq!(listed.apis.len(), 1);
 }
 
+/// A leader that stops answering (SIGSTOP: its sockets stay open, nothing reads them) is
+/// the hard case for a client: no connection error comes. The control plane's call to it
+/// fails within about two seconds (HTTP/2 pings), the follower it tries next gives up its
+/// forward to the silent leader as soon as it knows of a new one, and the write lands
+/// there, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_holds_writes_for_an_election_not_a_timeout() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let leader = c.leader(T).await;
+    // The leader first, so the control plane's call goes to it.
+    let mut ids = vec![leader];
+    ids.extend(c.ids().into_iter().filter(|id| *id != leader));
+    let nodes: Vec<SocketAddr> = ids.iter().map(|id| c.node(*id).grpc).collect();
+    let cp = CpProcess::start(&nodes).await;
+    let sdk = cp.sdk(&c.token);
+    sdk.create_tenant("before").await.unwrap();
+
+    c.node(leader).signal("STOP");
+    // Straight to a follower, before it has noticed: it forwards to the paused leader, and
+    // answers as soon as an election gives it another leader to name (it used to hold the
+    // call for its 10 s forward timeout).
+    let follower = ids[1];
+    let mut direct = c.client(follower).await;
+    let paused_addr = c.node(leader).grpc.to_string();
+    let started = std::time::Instant::now();
+    let answer = direct.write(harness::create_tenant("direct")).await;
+    let took = started.elapsed();
+    println!("write to a follower with the leader paused: {took:?}, {answer:?}");
+    if let Err(e) = &answer {
+        assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+        let hint = e.leader_hint().expect("the new leader named");
+        assert_ne!(hint, paused_addr, "{e}");
+    }
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    let started = std::time::Instant::now();
+    let written = sdk.create_tenant("during").await;
+    let took = started.elapsed();
+    c.node(leader).signal("CONT");
+    println!("write through the control plane with the leader paused: {took:?}");
+    written.expect("the write goes through a new leader");
+    // Before: the call waited out the channel's 15 s timeout on the paused leader and
+    // failed. Pings (2 s) plus an election is the budget now.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+
+    // Applied once, and every node has it, the old leader too once it runs again.
+    for id in c.ids() {
+        let mut client = c.client(id).await;
+        harness::eventually(&format!("node {id} to list the tenant"), T, async || {
+            client
+                .list_tenants(true)
+                .await
+                .is_ok_and(|r| r.tenants.iter().filter(|t| t.name == "during").count() == 1)
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_runs_the_lifecycle_and_says_what_is_allowed() {
     let up = Upstream::start("a").await;

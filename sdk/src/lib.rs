@@ -114,10 +114,17 @@ fn endpoint(addr: &str) -> Result<Endpoint, Error> {
     } else {
         format!("http://{addr}")
     };
-    Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
+    let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
         addr: addr.to_string(),
         reason: e.to_string(),
-    })
+    })?;
+    // While a call is in flight, HTTP/2 pings find a peer that stopped answering (paused,
+    // or cut off the network) within about two seconds, and the call fails UNAVAILABLE
+    // rather than waiting out its whole timeout. A live peer answers pings however long
+    // its handler takes, so slow calls are not cut short.
+    Ok(endpoint
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1)))
 }
 
 /// A client for one node's admin API.

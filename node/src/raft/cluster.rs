@@ -63,7 +63,8 @@ pub struct Cluster {
 /// Where a request that must run on the leader goes.
 enum Target {
     Local,
-    Leader(NodeAdminClient<Channel>),
+    /// The leader this node knows of, and a client for it.
+    Leader(NodeId, NodeAdminClient<Channel>),
 }
 
 impl Cluster {
@@ -214,6 +215,7 @@ impl Cluster {
             .channel(&addr)
             .map_err(|e| with_leader(Status::unavailable(e), &addr))?;
         Ok(Target::Leader(
+            leader,
             NodeAdminClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -234,7 +236,7 @@ impl Cluster {
         F: FnOnce(NodeAdminClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let Target::Leader(client) = self.target(forwarded).await? else {
+        let Target::Leader(leader, client) = self.target(forwarded).await? else {
             return Ok(None);
         };
         let span = tracing::info_span!(
@@ -244,11 +246,48 @@ impl Cluster {
             rpc.system = "grpc",
             tollgate.node = self.id,
         );
-        let resp = async { call(client, self.forward(req.clone(), caller)).await }
-            .instrument(span)
-            .await
-            .map_err(in_transit)?;
-        Ok(Some(resp.into_inner()))
+        let forward = async { call(client, self.forward(req.clone(), caller)).await };
+        // A leader cut off from the cluster answers nothing until its link comes back (up to
+        // the forward's timeout). Once this node knows of another leader, waiting on the old
+        // one is pointless: the caller is told where to go instead.
+        let replaced = self.leader_replaced(leader);
+        tokio::select! {
+            resp = forward.instrument(span) => Ok(Some(resp.map_err(in_transit)?.into_inner())),
+            (new, addr) = replaced => Err(with_leader(
+                Status::unavailable(format!(
+                    "node {new} was elected leader while this call was forwarded to node \
+                     {leader}; it may still have been applied there. Retry on node {new} (a \
+                     write with the same request id is applied once)"
+                )),
+                &addr,
+            )),
+        }
+    }
+
+    /// Resolves once this node knows of a leader other than `old`: its id and gRPC address.
+    async fn leader_replaced(&self, old: NodeId) -> (NodeId, String) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let new = {
+                let m = metrics.borrow_and_update();
+                m.current_leader.filter(|l| *l != old).map(|l| {
+                    let addr = m
+                        .membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.grpc_addr.clone())
+                        .unwrap_or_default();
+                    (l, addr)
+                })
+            };
+            if let Some(found) = new {
+                return found;
+            }
+            if metrics.changed().await.is_err() {
+                // Raft is shutting down: the forward decides.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// A read that must see every acknowledged write: the leader's answer when this node

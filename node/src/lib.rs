@@ -148,9 +148,10 @@ impl Node {
         let info = NodeInfo {
             grpc_addr: advertise.clone(),
             region: settings.region.clone(),
-            proxy_addr: addrs.proxy.to_string(),
-            admin_addr: addrs.admin.to_string(),
+            proxy_addr: reachable(addrs.proxy, &advertise),
+            admin_addr: reachable(addrs.admin, &advertise),
         };
+        let (info_proxy, info_admin) = (info.proxy_addr.clone(), info.admin_addr.clone());
         let cluster = runtime.block_on(Cluster::start(
             settings.id,
             info,
@@ -193,8 +194,8 @@ impl Node {
             shared: shared.clone(),
             cluster: cluster.clone(),
             region: settings.region.clone(),
-            proxy_addr: addrs.proxy.to_string(),
-            admin_addr: addrs.admin.to_string(),
+            proxy_addr: info_proxy,
+            admin_addr: info_admin,
         };
         let grpc_shutdown = control.clone();
         runtime.spawn(async move {
@@ -359,6 +360,19 @@ impl Node {
 /// the bootstrap spec if the cluster has none, as a linearizable read on the leader says.
 /// (The local state alone cannot say: after a restart it may not have re-applied its log
 /// yet.)
+/// The address others should use for a listener bound at `bound`: itself, or, when it is
+/// bound to every interface (`0.0.0.0`, `[::]`), the advertised gRPC host with its port, so
+/// `tollgate cluster status` shows where each node's proxy and admin ports can be reached.
+fn reachable(bound: std::net::SocketAddr, advertise: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    match advertise.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{}", bound.port()),
+        None => bound.to_string(),
+    }
+}
+
 async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> anyhow::Result<()> {
     if cluster.bootstrap().await? {
         tracing::info!(node = cluster.id, "bootstrapped a new cluster");
@@ -798,4 +812,26 @@ fn write_addr_file(path: &Path, addrs: &BoundAddrs) -> anyhow::Result<()> {
     std::fs::write(&tmp, serde_json::to_vec(addrs)?)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable;
+
+    #[test]
+    fn listeners_on_every_interface_are_shown_at_the_advertised_host() {
+        let any = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(
+            reachable(any, "tollgate-0.peers:7070"),
+            "tollgate-0.peers:8080"
+        );
+        assert_eq!(
+            reachable("[::]:9090".parse().unwrap(), "[fd00::1]:7070"),
+            "[fd00::1]:9090"
+        );
+        assert_eq!(
+            reachable("127.0.0.1:8080".parse().unwrap(), "tollgate-0:7070"),
+            "127.0.0.1:8080"
+        );
+    }
 }

@@ -192,12 +192,7 @@ impl Cluster {
         if leader == self.id {
             return Ok(Target::Local);
         }
-        let addr = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.grpc_addr.clone())
-            .unwrap_or_default();
+        let addr = grpc_addr(&metrics, leader);
         if forwarded {
             return Err(not_leader(self.id, leader, &addr));
         }
@@ -270,15 +265,9 @@ impl Cluster {
         loop {
             let new = {
                 let m = metrics.borrow_and_update();
-                m.current_leader.filter(|l| *l != old).map(|l| {
-                    let addr = m
-                        .membership_config
-                        .membership()
-                        .get_node(&l)
-                        .map(|n| n.grpc_addr.clone())
-                        .unwrap_or_default();
-                    (l, addr)
-                })
+                m.current_leader
+                    .filter(|l| *l != old)
+                    .map(|l| (l, grpc_addr(&m, l)))
             };
             if let Some(found) = new {
                 return found;
@@ -1170,6 +1159,16 @@ fn in_transit(s: Status) -> Status {
         )),
         _ => s,
     }
+}
+
+/// A member's gRPC address as `metrics` knows it (empty when it is not a member).
+fn grpc_addr(metrics: &openraft::RaftMetrics<NodeId, NodeInfo>, id: NodeId) -> String {
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.grpc_addr.clone())
+        .unwrap_or_default()
 }
 
 fn with_leader(mut status: Status, addr: &str) -> Status {

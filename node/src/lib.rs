@@ -145,13 +145,16 @@ impl Node {
                 "the gRPC address {advertise} is not one peers can dial; set --advertise-addr"
             );
         }
+        let (proxy_shown, admin_shown) = (
+            reachable(addrs.proxy, &advertise),
+            reachable(addrs.admin, &advertise),
+        );
         let info = NodeInfo {
             grpc_addr: advertise.clone(),
             region: settings.region.clone(),
-            proxy_addr: reachable(addrs.proxy, &advertise),
-            admin_addr: reachable(addrs.admin, &advertise),
+            proxy_addr: proxy_shown.clone(),
+            admin_addr: admin_shown.clone(),
         };
-        let (info_proxy, info_admin) = (info.proxy_addr.clone(), info.admin_addr.clone());
         let cluster = runtime.block_on(Cluster::start(
             settings.id,
             info,
@@ -194,8 +197,8 @@ impl Node {
             shared: shared.clone(),
             cluster: cluster.clone(),
             region: settings.region.clone(),
-            proxy_addr: info_proxy,
-            admin_addr: info_admin,
+            proxy_addr: proxy_shown,
+            admin_addr: admin_shown,
         };
         let grpc_shutdown = control.clone();
         runtime.spawn(async move {
@@ -356,10 +359,6 @@ impl Node {
     }
 }
 
-/// Starts a new cluster with this node (once: a restart finds it initialized) and applies
-/// the bootstrap spec if the cluster has none, as a linearizable read on the leader says.
-/// (The local state alone cannot say: after a restart it may not have re-applied its log
-/// yet.)
 /// The address others should use for a listener bound at `bound`: itself, or, when it is
 /// bound to every interface (`0.0.0.0`, `[::]`), the advertised gRPC host with its port, so
 /// `tollgate cluster status` shows where each node's proxy and admin ports can be reached.
@@ -373,6 +372,10 @@ fn reachable(bound: std::net::SocketAddr, advertise: &str) -> String {
     }
 }
 
+/// Starts a new cluster with this node (once: a restart finds it initialized) and applies
+/// the bootstrap spec if the cluster has none, as a linearizable read on the leader says.
+/// (The local state alone cannot say: after a restart it may not have re-applied its log
+/// yet.)
 async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> anyhow::Result<()> {
     if cluster.bootstrap().await? {
         tracing::info!(node = cluster.id, "bootstrapped a new cluster");

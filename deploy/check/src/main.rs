@@ -178,13 +178,11 @@ async fn run(compose: &Compose) -> Result<()> {
     // ---- failures ----------------------------------------------------------------------
     println!("== kill -9 the leader");
     let victim = cluster.leader_name().await?;
-    let outcome = under_load(&cluster, &cp, "kill", &[&victim], async {
-        compose.docker(&["kill", "-s", "KILL", &compose.id(&victim)?])?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        compose.docker(&["start", &compose.id(&victim)?])?;
-        Ok(())
-    })
-    .await?;
+    let fault = held(
+        || compose.docker(&["kill", "-s", "KILL", &compose.id(&victim)?]),
+        || compose.docker(&["start", &compose.id(&victim)?]),
+    );
+    let outcome = under_load(&cluster, &cp, "kill", &[&victim], fault).await?;
     cluster = Cluster::discover(compose, &NEAR)
         .await?
         .with_token(&cluster.token);
@@ -200,13 +198,11 @@ async fn run(compose: &Compose) -> Result<()> {
 
     println!("== pause a follower (SIGSTOP) for 5 s");
     let victim = cluster.follower_name().await?;
-    let outcome = under_load(&cluster, &cp, "pause", &[&victim], async {
-        compose.docker(&["pause", &compose.id(&victim)?])?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        compose.docker(&["unpause", &compose.id(&victim)?])?;
-        Ok(())
-    })
-    .await?;
+    let fault = held(
+        || compose.docker(&["pause", &compose.id(&victim)?]),
+        || compose.docker(&["unpause", &compose.id(&victim)?]),
+    );
+    let outcome = under_load(&cluster, &cp, "pause", &[&victim], fault).await?;
     settle(
         &cluster,
         &cp,
@@ -220,13 +216,8 @@ async fn run(compose: &Compose) -> Result<()> {
     println!("== cut a node off the network for 5 s (iptables DROP in its namespace)");
     let victim = cluster.leader_name().await?;
     let pid = compose.pid(&victim)?;
-    let outcome = under_load(&cluster, &cp, "cut", &[&victim], async {
-        isolate(pid, true)?;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        isolate(pid, false)?;
-        Ok(())
-    })
-    .await?;
+    let fault = held(|| isolate(pid, true), || isolate(pid, false));
+    let outcome = under_load(&cluster, &cp, "cut", &[&victim], fault).await?;
     settle(
         &cluster,
         &cp,
@@ -636,6 +627,17 @@ impl Outcome {
 /// Sends steady traffic (8 workers, round robin over the nodes a 100 ms `/readyz` check
 /// finds ready, as a load balancer would) and one write every 50 ms through the control
 /// plane, for 3 s before `fault`, during it, and 3 s after.
+/// A fault held for 5 s: `start`, the wait, then `end`.
+async fn held<A, B>(
+    start: impl FnOnce() -> Result<A>,
+    end: impl FnOnce() -> Result<B>,
+) -> Result<()> {
+    start()?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    end()?;
+    Ok(())
+}
+
 async fn under_load(
     cluster: &Cluster,
     cp: &Arc<ControlPlaneClient>,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data-plane regression check: this checkout's `tollgate` against an earlier revision's,
-# beside nginx, in the same interleaved run (../shared/baseline/http_bench.py). Everything
+# beside nginx, in the same interleaved run (benches/baseline/http_bench.py). Everything
 # listens on 127.0.0.1; every wrk run is bounded in time.
 #
 #   benches/compare_rev.sh REV                 # e.g. 0240937 (the end of issue 2)
@@ -13,8 +13,9 @@
 set -euo pipefail
 REV=${1:?usage: benches/compare_rev.sh REV}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared}
-BASE=$SHARED/baseline
+# The peer scripts: benches/baseline, or BASELINE=DIR (SHARED=DIR, the older form, means DIR/baseline).
+BASE=${BASELINE:-${SHARED:+$SHARED/baseline}}
+BASE=${BASE:-$ROOT/benches/baseline}
 export BASELINE_WORK=${BASELINE_WORK:-${TMPDIR:-/tmp}/tollgate-baseline}
 ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-5}
 TAG=${TAG:-compare-$REV-$(date +%Y%m%d-%H%M%S)}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load comparison: Tollgate vs nginx (reverse proxy) vs direct, same origin, interleaved
-# rounds, using the shared baseline scripts (../shared/baseline). Also measures the RSS of
-# an idle node. Everything listens on 127.0.0.1 only; every wrk run is bounded in time.
+# rounds, using the baseline peer scripts in benches/baseline (BASELINE=DIR to use another
+# copy). Also measures the RSS of an idle node. Everything listens on 127.0.0.1 only; every
+# wrk run is bounded in time.
 #
 #   benches/load.sh                    # 5 rounds x 10 s, paths / and /4k, 64 and 8 connections
 #   ROUNDS=3 DURATION=5 benches/load.sh
@@ -15,8 +16,9 @@
 # idle RSS figure on stdout. Needs: nginx haproxy wrk (installed with apt-get when missing).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared}
-BASE=$SHARED/baseline
+# The peer scripts: benches/baseline, or BASELINE=DIR (SHARED=DIR, the older form, means DIR/baseline).
+BASE=${BASELINE:-${SHARED:+$SHARED/baseline}}
+BASE=${BASE:-$ROOT/benches/baseline}
 export BASELINE_WORK=${BASELINE_WORK:-${TMPDIR:-/tmp}/tollgate-baseline}
 ROUNDS=${ROUNDS:-5}; DURATION=${DURATION:-10}; ACCESS_LOG=${ACCESS_LOG:-off}
 TAG=${TAG:-tollgate-$(date +%Y%m%d-%H%M%S)}

@@ -20,7 +20,7 @@
 //!   revoke being sent to its acknowledgement, and to every node's data plane refusing
 //!   the key (one task per node sending requests with it in a tight loop).
 //!
-//! `benches/raft_vs_etcd.sh` runs these beside the 3-member etcd in ../shared/baseline.
+//! `benches/raft_vs_etcd.sh` runs these beside the 3-member etcd of benches/baseline.
 
 #[path = "common/mod.rs"]
 mod common;

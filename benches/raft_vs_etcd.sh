@@ -10,7 +10,8 @@
 # Writes the tables to out/raft-vs-etcd-<time>.md. Everything runs on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASE=${BASELINE:-$(cd ../shared/baseline && pwd)}
+# The etcd scripts: benches/baseline, or BASELINE=DIR.
+BASE=$(cd "${BASELINE:-benches/baseline}" && pwd)
 export BASELINE_WORK=${BASELINE_WORK:-${TMPDIR:-/tmp}/tollgate-baseline}
 ROUNDS=${ROUNDS:-2}; N=${N:-500}; ITER=${ITER:-5}
 PY=$BASELINE_WORK/venv/bin/python

@@ -59,6 +59,9 @@ pub enum CredentialCommand {
         /// RFC 3339 time it stops working, e.g. 2027-06-30T00:00:00Z (default: never).
         #[arg(long, default_value = "")]
         expires: String,
+        /// Print only the secret, for scripts: `KEY=$(tollgate key create --tenant acme -q)`.
+        #[arg(short, long)]
+        quiet: bool,
         #[command(flatten)]
         cp: CpArg,
     },
@@ -210,6 +213,7 @@ pub async fn credential(kind: &str, cmd: CredentialCommand) -> anyhow::Result<()
             tenant,
             name,
             expires,
+            quiet,
             cp,
         } => {
             let c = client(&cp)?;
@@ -218,6 +222,10 @@ pub async fn credential(kind: &str, cmd: CredentialCommand) -> anyhow::Result<()
             } else {
                 c.create_token(&tenant, &name, &expires).await?
             };
+            if quiet {
+                println!("{}", reply.secret);
+                return Ok(());
+            }
             show_created(kind, &reply, cp.output)
         }
         CredentialCommand::List { tenant, all, cp } => {

@@ -76,13 +76,32 @@ pub enum ClusterCommand {
     },
 }
 
+/// What a file for `tollgate apply` may have at its top: the spec's parts, then the
+/// tenants and APIs the CLI turns into control-plane steps.
+const TOP_LEVEL_KEYS: [&str; 5] = ["upstreams", "routes", "quotas", "tenants", "apis"];
+
 /// Splits a file into its spec part (upstreams, routes; `None` when it has neither) and
 /// its `tenants`/`apis` part (`None` when it has neither).
-fn split_file(text: &str) -> anyhow::Result<(Option<String>, Option<Declared>)> {
+pub fn split_file(text: &str) -> anyhow::Result<(Option<String>, Option<Declared>)> {
     let Ok(serde_yaml_ng::Value::Mapping(mut top)) = serde_yaml_ng::from_str(text) else {
         // Not a mapping: the node says what is wrong with it.
         return Ok((Some(text.to_string()), None));
     };
+    let unknown: Vec<String> = top
+        .keys()
+        .filter(|k| !k.as_str().is_some_and(|k| TOP_LEVEL_KEYS.contains(&k)))
+        .map(|k| match k.as_str() {
+            Some(s) => format!("`{s}`"),
+            None => format!("{k:?}"),
+        })
+        .collect();
+    if !unknown.is_empty() {
+        anyhow::bail!(
+            "the file was refused, nothing was applied: unknown top-level field(s) {}; \
+             expected `upstreams`, `routes`, `quotas`, `tenants` or `apis` (docs/spec.md)",
+            unknown.join(", ")
+        );
+    }
     let mut declared = serde_yaml_ng::Mapping::new();
     for key in ["tenants", "apis"] {
         if let Some(v) = top.remove(key) {

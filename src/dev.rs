@@ -3,11 +3,12 @@
 //! and a sample spec applied on first start. Prints what to try.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use tollgate_node::Node;
 use tollgate_node::config::{LogFormat, Settings};
+use tollgate_node::telemetry::logging;
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -91,6 +92,10 @@ routes:
     )
 }
 
+/// The tour's version content (README.md step 5), written beside the spec so the
+/// banner's commands work from any directory. Its echo address follows `--echo-addr`.
+const ORDERS_V1: &str = include_str!("../docs/examples/orders-v1.yaml");
+
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let traces = tollgate_node::telemetry::traces::resolve(
         &tollgate_node::telemetry::traces::TraceArgs {
@@ -112,15 +117,27 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         ..Settings::default()
     };
     tollgate_node::start_traces(&settings)?;
-    tollgate_node::telemetry::logging::init(LogFormat::Text);
+    logging::init(LogFormat::Text, logging::DEV_DEFAULT);
     let metrics = tollgate_node::telemetry::metrics::install()?;
-    std::fs::create_dir_all(&args.data_dir)?;
-    let echo = crate::echo::spawn(args.echo_addr)?;
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the data directory {} ({e}); choose another with --data-dir",
+            args.data_dir.display()
+        )
+    })?;
     let spec_path = args.data_dir.join("dev-spec.yaml");
     if !spec_path.exists() {
-        std::fs::write(&spec_path, sample_spec(echo))?;
+        std::fs::write(&spec_path, sample_spec(args.echo_addr))?;
     }
-
+    let orders_path = args.data_dir.join("orders-v1.yaml");
+    if !orders_path.exists() {
+        let content = ORDERS_V1.replace("127.0.0.1:7090", &args.echo_addr.to_string());
+        std::fs::write(&orders_path, content)?;
+    }
+    // Every listener is opened before anything serves, but reported after the node's own
+    // start: a second `tollgate dev` on the same data directory is told that first.
+    let echo_listener = crate::echo::bind(args.echo_addr, "--echo-addr");
+    let cp_listener = tollgate_control_plane::bind(args.cp_addr, "--cp-addr");
     let settings = Settings {
         spec: Some(spec_path.clone()),
         ..settings
@@ -128,21 +145,13 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let token_file = args.data_dir.join(tollgate_node::OPERATOR_TOKEN_FILE);
     let had_token = token_file.exists();
     let node = Node::start(settings, metrics)?;
+    let echo = crate::echo::serve(echo_listener?)?;
+    let cp_listener = cp_listener?;
+    let cp_addr = cp_listener.local_addr()?;
     let a = node.addrs();
-    let token = match (had_token, std::fs::read_to_string(&token_file)) {
-        (false, Ok(t)) => format!(
-            "{}\n               shown this once; also in {} (delete it when you have kept it)",
-            t.trim(),
-            token_file.display()
-        ),
-        _ => format!(
-            "made on the first start (it was written to {}); the cluster keeps only its hash",
-            token_file.display()
-        ),
-    };
     // The control plane, in this process, talking to this node.
     let cp_args = tollgate_control_plane::CpArgs {
-        listen: args.cp_addr,
+        listen: cp_addr,
         nodes: vec![a.grpc.to_string()],
         addr_file: None,
         // The node's export serves this process's control plane too.
@@ -154,46 +163,287 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("tollgate-cp".into())
         .spawn(move || {
-            if let Err(e) = tollgate_control_plane::run(cp_args) {
+            if let Err(e) = tollgate_control_plane::run_on(cp_args, cp_listener) {
                 tracing::error!("the control plane stopped: {e:#}");
             }
         })?;
-    eprintln!(
-        r#"
-Tollgate dev is running (pid {pid}): a single-node cluster with its state in {data}.
-
-  proxy        http://{proxy}   (HTTP/1.1 and h2c)
-  admin        http://{admin}/healthz  /readyz  /metrics
-  node gRPC    {grpc}
-  control plane {cp}   (gRPC: tollgate.cp.v1 ApiLifecycle, Access, Audit; health, reflection)
-  operator token {token}
-  demo echo    http://{echo}   (answers with what it received, as JSON)
-  spec         {spec}
-
-Try:
-  curl -s http://{proxy}/echo/hello
-  curl -s http://{proxy}/api/users/42       # the template route: path unchanged
-  curl -s http://{proxy}/api/orders/7       # the /api prefix route: goes up as /v1/orders/7
-  curl -s -X POST http://{proxy}/api/orders -H 'content-type: application/json' -d '{{"item": "tea"}}'
-  curl -s http://{proxy}/nowhere            # a JSON 404
-  curl -s http://{admin}/metrics | grep tollgate_requests_total
-
-  tollgate cluster status --node {grpc}
-  export TOLLGATE_TOKEN=<the operator token>
-  tollgate tenant create acme && tollgate api create orders --tenant acme --base-path /orders
-  tollgate key create --tenant acme         # an API key for the data plane, shown once
-Edit the spec and apply it: tollgate apply -f {spec} --node {grpc}   (add --dry-run to see the plan)
-Docs: README.md, docs/spec.md (every spec field), docs/configuration.md. Ctrl-C stops (after draining).
-"#,
-        pid = std::process::id(),
-        proxy = a.proxy,
-        admin = a.admin,
-        grpc = a.grpc,
-        echo = echo,
-        spec = spec_path.display(),
-        data = args.data_dir.display(),
-        cp = args.cp_addr,
-        token = token,
-    );
+    let tour = node.read_state(|s| Tour {
+        tenant: s.access.tenants.contains_key("acme"),
+        api: s.apis.contains_key("orders"),
+        version: s
+            .apis
+            .get("orders")
+            .is_some_and(|a| a.versions.keys().any(|v| v.major == 1)),
+    });
+    let banner = Banner {
+        data: &args.data_dir,
+        proxy: a.proxy,
+        admin: a.admin,
+        grpc: a.grpc,
+        cp: cp_addr,
+        echo,
+        spec: &spec_path,
+        orders: &orders_path,
+        token_file: &token_file,
+        new_token: if had_token {
+            None
+        } else {
+            std::fs::read_to_string(&token_file).ok()
+        },
+        tour,
+    };
+    eprint!("{}", banner.render());
     node.wait()
+}
+
+/// What the tour has already done in this data directory (so a restart does not suggest
+/// commands that would now fail, like creating a tenant that exists).
+struct Tour {
+    tenant: bool,
+    api: bool,
+    version: bool,
+}
+
+struct Banner<'a> {
+    data: &'a Path,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    grpc: SocketAddr,
+    cp: SocketAddr,
+    echo: SocketAddr,
+    spec: &'a Path,
+    orders: &'a Path,
+    token_file: &'a Path,
+    /// The operator token, when this start made it.
+    new_token: Option<String>,
+    tour: Tour,
+}
+
+/// A path as a shell reads it back: absolute, quoted when it needs to be.
+fn shell_path(p: &Path) -> String {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let text = abs.display().to_string();
+    let plain = text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@".contains(&b));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+impl Banner<'_> {
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let node_services = short_names(&tollgate_node::admin::grpc::SERVICES);
+        let cp_services = short_names(&tollgate_control_plane::SERVICES);
+        let standard = "health, reflection";
+        let token = match &self.new_token {
+            Some(t) => format!(
+                "{}   (made now; also in {})",
+                t.trim(),
+                shell_path(self.token_file)
+            ),
+            None if self.token_file.exists() => {
+                format!("in {}", shell_path(self.token_file))
+            }
+            None => "shown on the first start (its file has been deleted)".into(),
+        };
+        let rows = [
+            (
+                "proxy",
+                format!("http://{}", self.proxy),
+                "HTTP/1.1 and h2c".to_string(),
+            ),
+            (
+                "admin",
+                format!("http://{}", self.admin),
+                "/healthz /readyz /metrics".into(),
+            ),
+            (
+                "node gRPC",
+                self.grpc.to_string(),
+                format!("{node_services}; {standard}"),
+            ),
+            (
+                "control plane",
+                self.cp.to_string(),
+                format!("gRPC {cp_services}; {standard}"),
+            ),
+            (
+                "demo echo",
+                format!("http://{}", self.echo),
+                "answers with what it received, as JSON".into(),
+            ),
+        ];
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nTollgate dev is running (pid {}): a single-node cluster with its state in {}.\n",
+            std::process::id(),
+            shell_path(self.data)
+        );
+        for (name, addr, what) in &rows {
+            let _ = writeln!(out, "  {name:<15}{addr:<28}{what}");
+        }
+        let _ = writeln!(out, "  {:<15}{}", "spec", shell_path(self.spec));
+        let _ = writeln!(out, "  {:<15}{token}", "operator token");
+
+        let proxy = self.proxy;
+        let mut tryit = vec![
+            format!("curl -s http://{proxy}/echo/hello"),
+            format!(
+                "curl -s http://{proxy}/api/users/42        # the template route: path unchanged"
+            ),
+            format!(
+                "curl -s http://{proxy}/api/orders/7        # the /api prefix route: goes up as /v1/orders/7"
+            ),
+            format!("curl -s http://{proxy}/nowhere             # a JSON 404"),
+            format!(
+                "curl -s http://{}/metrics | grep tollgate_requests_total",
+                self.admin
+            ),
+        ];
+        // The CLI: this binary, the token, and the addresses when they are not the defaults.
+        let bin = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(shell_path))
+            .unwrap_or_else(|| "target/release".into());
+        let mut env = format!("export PATH={bin}:\"$PATH\"");
+        if self.token_file.exists() {
+            env.push_str(&format!(
+                " TOLLGATE_TOKEN=\"$(cat {})\"",
+                shell_path(self.token_file)
+            ));
+        }
+        if self.grpc.to_string() != tollgate_sdk::Server::Node.default_addr() {
+            env.push_str(&format!(" TOLLGATE_NODE={}", self.grpc));
+        }
+        if self.cp.to_string() != tollgate_sdk::Server::ControlPlane.default_addr() {
+            env.push_str(&format!(" TOLLGATE_CP={}", self.cp));
+        }
+        tryit.push(String::new());
+        tryit.push(env);
+        tryit.push("tollgate cluster status".into());
+        tryit.push(format!(
+            "tollgate apply -f {} --dry-run      # edit the spec, then apply without --dry-run",
+            shell_path(self.spec)
+        ));
+        if !self.tour.tenant {
+            tryit.push("tollgate tenant create acme".into());
+        }
+        if !self.tour.api {
+            tryit.push("tollgate api create orders --tenant acme --base-path /orders".into());
+        }
+        if !self.tour.version {
+            tryit.push(format!(
+                "tollgate version create orders 1.0.0 -f {}",
+                shell_path(self.orders)
+            ));
+            tryit.push(
+                "tollgate version publish orders 1.0.0 && tollgate api promote orders 1.0.0".into(),
+            );
+        }
+        tryit.push(
+            "KEY=$(tollgate key create --tenant acme --quiet)   # an API key, shown once".into(),
+        );
+        tryit.push(format!(
+            "curl -s http://{proxy}/orders/v1/hello -H \"x-api-key: $KEY\""
+        ));
+        let _ = writeln!(out, "\nTry, in another shell:");
+        for line in tryit {
+            if line.is_empty() {
+                out.push('\n');
+            } else {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\nLogs: warnings and errors only (RUST_LOG=info shows more); the access log goes to stdout.\n\
+             Docs: README.md and docs/. Ctrl-C stops (after draining).\n"
+        );
+        out
+    }
+}
+
+/// `tollgate.cp.v1.ApiLifecycle` -> `ApiLifecycle`, joined.
+fn short_names(services: &[&str]) -> String {
+    services
+        .iter()
+        .map(|s| s.rsplit('.').next().unwrap_or(s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_names_every_service_the_servers_register() {
+        let dir = std::env::temp_dir().join(format!("tollgate-banner-{}", std::process::id()));
+        let banner = Banner {
+            data: &dir,
+            proxy: "127.0.0.1:8080".parse().unwrap(),
+            admin: "127.0.0.1:7071".parse().unwrap(),
+            grpc: "127.0.0.1:7070".parse().unwrap(),
+            cp: "127.0.0.1:7080".parse().unwrap(),
+            echo: "127.0.0.1:7090".parse().unwrap(),
+            spec: &dir.join("dev-spec.yaml"),
+            orders: &dir.join("orders-v1.yaml"),
+            token_file: &dir.join("operator-token"),
+            new_token: Some("tgt_x_y".into()),
+            tour: Tour {
+                tenant: false,
+                api: false,
+                version: false,
+            },
+        }
+        .render();
+        for service in tollgate_control_plane::SERVICES
+            .iter()
+            .chain(&tollgate_node::admin::grpc::SERVICES)
+        {
+            let short = service.rsplit('.').next().unwrap();
+            assert!(banner.contains(short), "{short} missing from:\n{banner}");
+        }
+        assert!(banner.contains("tgt_x_y"));
+        assert!(banner.contains("tollgate tenant create acme"));
+    }
+
+    #[test]
+    fn after_the_tour_a_restart_does_not_suggest_creating_what_exists() {
+        let dir = std::env::temp_dir();
+        let banner = Banner {
+            data: &dir,
+            proxy: "127.0.0.1:8080".parse().unwrap(),
+            admin: "127.0.0.1:7071".parse().unwrap(),
+            grpc: "127.0.0.1:7070".parse().unwrap(),
+            cp: "127.0.0.1:7080".parse().unwrap(),
+            echo: "127.0.0.1:7090".parse().unwrap(),
+            spec: &dir.join("dev-spec.yaml"),
+            orders: &dir.join("orders-v1.yaml"),
+            token_file: &dir.join("no-such-token-file"),
+            new_token: None,
+            tour: Tour {
+                tenant: true,
+                api: true,
+                version: true,
+            },
+        }
+        .render();
+        assert!(!banner.contains("tenant create"), "{banner}");
+        assert!(!banner.contains("api create"), "{banner}");
+        assert!(!banner.contains("version create"), "{banner}");
+        assert!(banner.contains("key create --tenant acme"), "{banner}");
+    }
+
+    #[test]
+    fn paths_are_quoted_for_the_shell_when_they_need_it() {
+        assert_eq!(shell_path(Path::new("/tmp/a-b_c.d")), "/tmp/a-b_c.d");
+        assert_eq!(shell_path(Path::new("/tmp/a b")), "'/tmp/a b'");
+        assert_eq!(shell_path(Path::new("/tmp/it's")), r"'/tmp/it'\''s'");
+    }
 }

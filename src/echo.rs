@@ -15,10 +15,22 @@ use tokio::net::TcpListener;
 
 const MAX_ECHOED: usize = 1024 * 1024;
 
+/// Binds the echo server's listener (`flag` names the setting that moves it, for the
+/// error when the address is taken).
+pub fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| tollgate_node::listen_error("demo echo upstream", addr, flag, e))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// Binds the echo server and serves it on a thread of its own. Returns the bound address.
 pub fn spawn(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
+    serve(bind(addr, "--listen")?)
+}
+
+/// Serves the echo server on `listener`, on a thread of its own. Returns its address.
+pub fn serve(listener: std::net::TcpListener) -> anyhow::Result<SocketAddr> {
     let local = listener.local_addr()?;
     std::thread::Builder::new()
         .name("tollgate-dev-echo".into())

@@ -92,6 +92,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_client() {
+        // A client command whose output goes to a pipe that closed (`... | head`) ends
+        // quietly, as other command-line tools do, instead of panicking in println!.
+        // Servers keep SIGPIPE ignored: a closed socket is an error, not a reason to die.
+        sigpipe::reset();
+    }
     match cli.command {
         Command::Dev(args) => match dev::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -106,7 +112,10 @@ fn main() -> ExitCode {
                 eprintln!("tollgate cp: {e:#}");
                 return ExitCode::from(2);
             }
-            tollgate_node::telemetry::logging::init(tollgate_node::config::LogFormat::Text);
+            tollgate_node::telemetry::logging::init(
+                tollgate_node::config::LogFormat::Text,
+                tollgate_node::telemetry::logging::NODE_DEFAULT,
+            );
             match tollgate_control_plane::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -135,25 +144,65 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("tollgate echo: cannot listen on {listen}: {e:#}");
+                eprintln!("tollgate echo: {e:#}");
                 ExitCode::FAILURE
             }
         },
-        Command::Validate { file } => match tollgate_node::read_spec(&file) {
-            Ok(spec) => {
-                println!(
-                    "{}: valid ({} routes, {} upstreams)",
-                    file.display(),
-                    spec.routes.len(),
-                    spec.upstreams.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{}: {errors}", file.display());
-                ExitCode::from(1)
-            }
-        },
+        Command::Validate { file } => validate(&file),
+    }
+}
+
+/// Checks a file the way `tollgate apply` reads it: the spec part as a node would, the
+/// tenants and APIs as the CLI would.
+fn validate(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tollgate validate: cannot read {}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let (spec, declared) = match cluster::split_file(&text) {
+        Ok(parts) => parts,
+        Err(e) => {
+            eprintln!("{}: {e:#}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let spec = match spec.map(|s| tollgate_node::state::spec::Spec::from_yaml(&s)) {
+        Some(Err(errors)) => {
+            eprintln!("{}: {errors}", file.display());
+            return ExitCode::from(1);
+        }
+        Some(Ok(spec)) => Some(spec),
+        None => None,
+    };
+    let mut parts = Vec::new();
+    if let Some(spec) = &spec {
+        parts.push(format!(
+            "{} routes, {} upstreams",
+            spec.routes.len(),
+            spec.upstreams.len()
+        ));
+    }
+    if let Some(d) = &declared {
+        parts.push(format!(
+            "{} tenants, {} APIs",
+            d.tenants.len(),
+            d.apis.len()
+        ));
+    }
+    println!("{}: valid ({})", file.display(), parts.join("; "));
+    ExitCode::SUCCESS
+}
+
+impl Command {
+    /// Commands that print and exit (everything but the long-running servers).
+    fn is_client(&self) -> bool {
+        !matches!(
+            self,
+            Command::Dev(_) | Command::Node(_) | Command::Cp(_) | Command::Echo { .. }
+        )
     }
 }
 
@@ -172,9 +221,26 @@ fn run_client(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tollgate: {e:#}");
+            eprintln!("tollgate: {e:#}{}", flag_hint(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// For an error about where a server is, the setting that says where: the SDK names the
+/// address and the server, the CLI knows which flag chose it.
+fn flag_hint(e: &anyhow::Error) -> &'static str {
+    use tollgate_sdk::{Error, Server};
+    let server = e.chain().find_map(|c| match c.downcast_ref::<Error>() {
+        Some(Error::Unreachable { server, .. } | Error::WrongServer { server, .. }) => {
+            Some(*server)
+        }
+        _ => None,
+    });
+    match server {
+        Some(Server::Node) => ". The CLI finds the node at --node or TOLLGATE_NODE.",
+        Some(Server::ControlPlane) => ". The CLI finds the control plane at --cp or TOLLGATE_CP.",
+        _ => "",
     }
 }
 

@@ -1,10 +1,11 @@
 //! Tollgate's control plane (`tollgate-cp`): API lifecycle over the cluster's state.
 //!
-//! It stores nothing (DESIGN.md decision 3). Every call becomes a node admin call: writes
-//! are `Write` commands carrying a request id, reads are linearizable `ListApis`. The
-//! [`Nodes`] pool tries the node that answered last, follows the `x-tollgate-leader` hint,
-//! moves on to the next address on UNAVAILABLE, and backs off, within a deadline. A retried
-//! write keeps its request id, so the cluster applies it once. Several replicas may run.
+//! It stores nothing (docs/architecture.md, decision 3). Every call becomes a node admin
+//! call: writes are `Write` commands carrying a request id, reads are linearizable
+//! `ListApis`. The [`Nodes`] pool tries the node that answered last, follows the
+//! `x-tollgate-leader` hint, moves on to the next address on UNAVAILABLE, and backs off,
+//! within a deadline. A retried write keeps its request id, so the cluster applies it once.
+//! Several replicas may run.
 //!
 //! It serves the API lifecycle (`tollgate.cp.v1.ApiLifecycle`), tenants, keys, tokens and
 //! subscriptions (`Access`) and the audit log (`Audit`), with `grpc.health.v1` and server
@@ -31,6 +32,7 @@ use tollgate_proto::cp::v1::circuits_server::{Circuits, CircuitsServer};
 use tollgate_proto::state::v1 as state;
 use tollgate_sdk::NodeClient;
 use tonic::metadata::{Ascii, MetadataValue};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -113,13 +115,19 @@ impl Nodes {
                 }
                 Err(e) => e,
             };
-            let retry = matches!(
-                err.code(),
-                None | Some(tonic::Code::Unavailable) | Some(tonic::Code::Cancelled)
-            );
+            let retry = err.is_unreachable()
+                || matches!(
+                    err.code(),
+                    Some(tonic::Code::Unavailable) | Some(tonic::Code::Cancelled)
+                );
             if !retry {
                 return Err(match err {
                     tollgate_sdk::Error::Status(s) => s,
+                    // --nodes names something that is not a node's gRPC port: the
+                    // operator's to fix, and no retry will.
+                    tollgate_sdk::Error::WrongServer { .. } => Status::failed_precondition(
+                        format!("the control plane's --nodes is wrong: {err}"),
+                    ),
                     other => Status::internal(other.to_string()),
                 });
             }
@@ -744,6 +752,22 @@ impl Circuits for Service {
     }
 }
 
+/// The control plane's own gRPC services, as registered: reflection lists them, their
+/// calls are traced, and `tollgate dev`'s banner names them from this list.
+pub const SERVICES: [&str; 5] = [
+    <ApiLifecycleServer<Service> as NamedService>::NAME,
+    <AccessServer<Service> as NamedService>::NAME,
+    <AuditServer<Service> as NamedService>::NAME,
+    <CircuitsServer<Service> as NamedService>::NAME,
+    <BillingServer<Service> as NamedService>::NAME,
+];
+
+pub use tollgate_node::admin::grpc::STANDARD_SERVICES;
+
+/// This server, as named in its UNIMPLEMENTED answers.
+const THIS: &str = "the Tollgate control plane (tollgate.cp.v1: ApiLifecycle, Access, Audit, \
+     Circuits, Billing)";
+
 /// Serves the control plane on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -763,41 +787,21 @@ pub async fn serve(
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for name in [
-            "tollgate.cp.v1.ApiLifecycle",
-            "tollgate.cp.v1.Access",
-            "tollgate.cp.v1.Audit",
-            "tollgate.cp.v1.Circuits",
-            "tollgate.cp.v1.Billing",
-        ]
-        .into_iter()
-        .chain([
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection",
-        ]) {
+        for name in SERVICES.into_iter().chain(STANDARD_SERVICES) {
             b = b.with_service_name(name);
         }
         b
     };
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
-    tonic::transport::Server::builder()
-        .trace_fn(|req| {
-            traces::grpc_server_span(
-                req,
-                &[
-                    "tollgate.cp.v1.ApiLifecycle",
-                    "tollgate.cp.v1.Access",
-                    "tollgate.cp.v1.Audit",
-                    "tollgate.cp.v1.Circuits",
-                    "tollgate.cp.v1.Billing",
-                ],
-            )
-        })
+    let server = tonic::transport::Server::builder()
+        .trace_fn(|req| traces::grpc_server_span(req, &SERVICES))
+        .layer(tollgate_node::admin::grpc::SayWhatToChange::layer(THIS))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection_v1alpha);
+    // Exactly the servers SERVICES names.
+    server
         .add_service(ApiLifecycleServer::new(service.clone()))
         .add_service(AccessServer::new(service.clone()))
         .add_service(AuditServer::new(service.clone()))
@@ -874,17 +878,31 @@ pub fn start_traces(args: &CpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the control plane's listener, with an error that says what to do when the
+/// address is taken.
+pub fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| tollgate_node::listen_error("control plane", addr, flag, e))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// Runs the control plane until SIGTERM or Ctrl-C.
 pub fn run(args: CpArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen, "--listen")?;
+    run_on(args, listener)
+}
+
+/// Runs the control plane on a listener already open (see [`bind`]) until SIGTERM or
+/// Ctrl-C.
+pub fn run_on(args: CpArgs, listener: std::net::TcpListener) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let nodes = Nodes::new(&args.nodes).map_err(|e| anyhow::anyhow!(e))?;
-        let listener = TcpListener::bind(args.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("bind {}: {e}", args.listen))?;
+        let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         if let Some(path) = &args.addr_file {
             let tmp = path.with_extension("tmp");

@@ -21,7 +21,10 @@ fn main() -> ExitCode {
         eprintln!("tollgate-cp: {e:#}");
         return ExitCode::from(2);
     }
-    tollgate_node::telemetry::logging::init(tollgate_node::config::LogFormat::Text);
+    tollgate_node::telemetry::logging::init(
+        tollgate_node::config::LogFormat::Text,
+        tollgate_node::telemetry::logging::NODE_DEFAULT,
+    );
     match tollgate_control_plane::run(cli.args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

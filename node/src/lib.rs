@@ -1,6 +1,6 @@
 //! A Tollgate gateway node.
 //!
-//! Layout (one folder per concern, see DESIGN.md):
+//! Layout (one folder per concern, see docs/architecture.md):
 //!
 //! - [`config`]: node settings (file, `TOLLGATE_*` environment, flags).
 //! - [`state`]: the declarative spec and the immutable [`state::snapshot::Snapshot`] the
@@ -118,14 +118,10 @@ impl Node {
         let (admin_listener, grpc_listener) = runtime.block_on(async {
             let admin = tokio::net::TcpListener::bind(settings.admin_addr)
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("bind the admin address {}: {e}", settings.admin_addr)
-                })?;
+                .map_err(|e| listen_error("HTTP admin", settings.admin_addr, "--admin-addr", e))?;
             let grpc = tokio::net::TcpListener::bind(settings.grpc_addr)
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("bind the gRPC address {}: {e}", settings.grpc_addr)
-                })?;
+                .map_err(|e| listen_error("gRPC", settings.grpc_addr, "--grpc-addr", e))?;
             anyhow::Ok((admin, grpc))
         })?;
         let addrs = BoundAddrs {
@@ -270,6 +266,9 @@ impl Node {
             );
         }
         if let Some(peer) = &settings.join {
+            runtime
+                .block_on(cluster.check_peer(peer))
+                .map_err(|e| anyhow::anyhow!(e))?;
             let _context = runtime.enter();
             cluster.spawn_join(peer.clone(), settings.voters, control.clone());
         }
@@ -321,6 +320,11 @@ impl Node {
 
     pub fn addrs(&self) -> BoundAddrs {
         self.addrs
+    }
+
+    /// Reads this node's applied state (a local read: what this node has applied).
+    pub fn read_state<T>(&self, f: impl FnOnce(&state::machine::ClusterState) -> T) -> T {
+        self.cluster.state_machine.read(|a| f(&a.state))
     }
 
     /// Blocks until the node has shut down and its data-plane threads have drained.
@@ -384,10 +388,9 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
         Ok(Some(token)) => {
             let path = data_dir.join(OPERATOR_TOKEN_FILE);
             write_secret_file(&path, &token)?;
-            tracing::warn!(
+            tracing::info!(
                 "made the operator token and wrote it to {} (readable by this user only). It is \
-                 shown there once and stored in the cluster only as a keyed hash: keep it, then \
-                 delete the file",
+                 stored in the cluster only as a keyed hash: keep it somewhere safe",
                 path.display()
             );
         }
@@ -637,18 +640,23 @@ pub fn run_from_args(args: config::NodeArgs) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
+    let format = settings.log_format;
     let result = telemetry::metrics::install()
         .and_then(|metrics| {
             start_traces(&settings)?;
-            telemetry::logging::init(settings.log_format);
+            telemetry::logging::init(format, telemetry::logging::NODE_DEFAULT);
             Node::start(settings, metrics)
         })
         .and_then(|node| node.wait());
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // Once: as a log line where logs are machine-read, else as plain text.
+        Err(e) if format == config::LogFormat::Json => {
             tracing::error!("{e:#}");
-            eprintln!("tollgate-node: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tollgate node: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -788,6 +796,30 @@ async fn reapply(cluster: &Cluster, path: &Path) {
                 s.message()
             );
         }
+    }
+}
+
+/// Why a listener could not be opened, with what to do about it: for a port in use, that
+/// another process (often another `tollgate dev` or node) holds it and which flag moves
+/// this one.
+pub fn listen_error(what: &str, addr: SocketAddr, flag: &str, e: std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "cannot listen on {addr} for the {what}: another process already listens there \
+             (another `tollgate dev` or node? `ss -ltnp 'sport = :{port}'` shows which). \
+             Stop it, or give this one another address with {flag}",
+            port = addr.port()
+        ),
+        std::io::ErrorKind::AddrNotAvailable => anyhow::anyhow!(
+            "cannot listen on {addr} for the {what}: no interface of this machine has that \
+             address; pass one it has with {flag} (e.g. 127.0.0.1:{port} or 0.0.0.0:{port})",
+            port = addr.port()
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "cannot listen on {addr} for the {what}: permission denied (ports below 1024 need \
+             privileges); pass a port above 1023 with {flag}"
+        ),
+        _ => anyhow::anyhow!("cannot listen on {addr} for the {what} ({flag}): {e}"),
     }
 }
 

@@ -39,22 +39,77 @@ pub use tollgate_proto::state::v1::Change;
 /// Response metadata naming the leader's gRPC address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-tollgate-leader";
 
+/// Which Tollgate server a client expected at an address: named in errors, so a client
+/// pointed at the wrong port is told which one it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// A node's gRPC port (`tollgate.node.v1.NodeAdmin`), 127.0.0.1:7070 by default.
+    Node,
+    /// The control plane (`tollgate.cp.v1`), 127.0.0.1:7080 by default.
+    ControlPlane,
+}
+
+impl Server {
+    /// What a person calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Node => "a Tollgate node's gRPC port",
+            Server::ControlPlane => "a Tollgate control plane",
+        }
+    }
+
+    /// What to point a client at instead.
+    fn wanted(self) -> &'static str {
+        match self {
+            Server::Node => "a node's gRPC address",
+            Server::ControlPlane => "the control plane's address",
+        }
+    }
+
+    /// Where `tollgate dev` serves it.
+    pub fn default_addr(self) -> &'static str {
+        match self {
+            Server::Node => "127.0.0.1:7070",
+            Server::ControlPlane => "127.0.0.1:7080",
+        }
+    }
+}
+
 /// What went wrong talking to a Tollgate API, phrased so the caller knows what to change.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("invalid node address {addr:?}: {reason} (expected HOST:PORT, e.g. 127.0.0.1:7070)")]
+    #[error("invalid address {addr:?}: {reason} (expected HOST:PORT, e.g. 127.0.0.1:7070)")]
     InvalidAddress { addr: String, reason: String },
+    /// Nothing answered: the connection was refused, timed out or could not be made.
     #[error(
-        "cannot reach node at {addr}: {source} (is tollgate-node running with --grpc-addr {addr}?)"
+        "cannot reach {} at {addr}: {reason}. Is it running there? (`tollgate dev` serves one at {})",
+        .server.name(),
+        .server.default_addr()
     )]
     Unreachable {
         addr: String,
-        #[source]
-        source: tonic::transport::Error,
+        server: Server,
+        reason: String,
+    },
+    /// Something answered, but not the server the client speaks to (another port of a
+    /// node, another program, plain HTTP).
+    #[error(
+        "{addr} is not {}: {answer}. Use {} instead ({} under `tollgate dev`)",
+        .server.name(),
+        .server.wanted(),
+        .server.default_addr()
+    )]
+    WrongServer {
+        addr: String,
+        server: Server,
+        answer: String,
     },
     #[error("the token is not usable as a header value; pass it as printed (tgt_...)")]
     InvalidToken,
+    /// A credential of another kind where a token was expected.
+    #[error("{0}")]
+    WrongCredential(&'static str),
     #[error("{}", describe(.0))]
     Status(tonic::Status),
 }
@@ -72,9 +127,19 @@ fn describe(s: &tonic::Status) -> String {
     format!("{:?}: {}{hint}", s.code(), s.message())
 }
 
-/// Parses a token into the `authorization` header value.
+/// Parses a token into the `authorization` header value; refuses, without a call, the
+/// credentials that are not tokens.
 fn bearer(token: &str) -> Result<MetadataValue<Ascii>, Error> {
-    format!("Bearer {}", token.trim())
+    let token = token.trim();
+    if token.starts_with("tgk_") {
+        return Err(Error::WrongCredential(
+            "the token given (--token or TOLLGATE_TOKEN) is a data-plane API key (tgk_...): \
+             applications send it to the proxy in `x-api-key`. Admin and control-plane calls \
+             take the operator token (printed at bootstrap, in tollgate-data/operator-token \
+             under `tollgate dev`) or a tenant token (tgt_..., from `tollgate token create`)",
+        ));
+    }
+    format!("Bearer {token}")
         .parse()
         .map_err(|_| Error::InvalidToken)
 }
@@ -86,7 +151,7 @@ impl From<tonic::Status> for Error {
 }
 
 impl Error {
-    /// The gRPC status code, when the node answered.
+    /// The gRPC status code, when the server answered.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Error::Status(s) => Some(s.code()),
@@ -104,6 +169,96 @@ impl Error {
                 .map(str::to_string),
             _ => None,
         }
+    }
+
+    /// Sorts a failed call to `addr` into what the caller must change: nothing answered
+    /// ([`Error::Unreachable`]), something that is not `server` answered
+    /// ([`Error::WrongServer`]), or the server's own answer ([`Error::Status`]).
+    pub fn classify(status: tonic::Status, addr: &str, server: Server) -> Error {
+        if let Some(reason) = transport_failure(&status) {
+            return Error::Unreachable {
+                addr: addr.to_string(),
+                server,
+                reason,
+            };
+        }
+        if let Some(answer) = foreign_answer(&status, server) {
+            return Error::WrongServer {
+                addr: addr.to_string(),
+                server,
+                answer,
+            };
+        }
+        Error::Status(status)
+    }
+
+    /// Whether nothing answered (so another replica, or a later try, may).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Unreachable { .. })
+    }
+}
+
+/// Why a connection could not be made, when `status` is a local transport failure rather
+/// than a server's answer.
+fn transport_failure(status: &tonic::Status) -> Option<String> {
+    use std::error::Error as _;
+    let mut source = status.source();
+    let mut transport = false;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io_reason(io));
+        }
+        transport |= e.is::<tonic::transport::Error>();
+        source = e.source();
+    }
+    (transport || status.message() == "tcp connect error").then(|| status.message().to_string())
+}
+
+fn io_reason(io: &std::io::Error) -> String {
+    use std::io::ErrorKind::*;
+    match io.kind() {
+        ConnectionRefused => "connection refused (nothing listens on that port)".into(),
+        TimedOut => "no answer to the connection attempt (a firewall, or the wrong host?)".into(),
+        AddrNotAvailable | HostUnreachable | NetworkUnreachable => {
+            format!("the address cannot be reached from here ({io})")
+        }
+        _ => io.to_string(),
+    }
+}
+
+/// What a server that is not a Tollgate `server` did, when `status` shows one answered:
+/// UNIMPLEMENTED (a gRPC server without this service: another Tollgate port says which
+/// it is), or an HTTP answer that is not gRPC at all.
+fn foreign_answer(status: &tonic::Status, server: Server) -> Option<String> {
+    let msg = status.message();
+    // The HTTP status of an answer that is not gRPC, as tonic reports it.
+    let http_status = msg
+        .strip_prefix("grpc-status header missing, mapped from HTTP status code ")
+        .or_else(|| {
+            msg.split_once("while receiving response with status: ")
+                .map(|(_, s)| s)
+        });
+    match status.code() {
+        _ if http_status.is_some() => Some(format!(
+            "it answered plain HTTP ({}), not gRPC: a web server, or Tollgate's proxy port?",
+            http_status.unwrap_or_default().trim()
+        )),
+        tonic::Code::Unimplemented if msg.is_empty() => Some(format!(
+            "it is a gRPC server without the {} services",
+            match server {
+                Server::Node => "tollgate.node.v1",
+                Server::ControlPlane => "tollgate.cp.v1",
+            }
+        )),
+        tonic::Code::Unimplemented => Some(msg.to_string()),
+        tonic::Code::Internal | tonic::Code::Unknown
+            if msg.contains("protocol error")
+                || msg.contains("compression flag")
+                || msg.contains("content-type") =>
+        {
+            Some(format!("it does not speak gRPC ({msg})"))
+        }
+        _ => None,
     }
 }
 
@@ -131,27 +286,55 @@ fn endpoint(addr: &str) -> Result<Endpoint, Error> {
 #[derive(Debug, Clone)]
 pub struct NodeClient {
     inner: NodeAdminClient<Channel>,
+    addr: std::sync::Arc<str>,
     token: Option<MetadataValue<Ascii>>,
     hook: Option<fn(&mut tonic::metadata::MetadataMap)>,
+}
+
+/// Why a connection to `addr` failed, from the transport error's chain.
+fn connect_error(e: tonic::transport::Error, addr: &str, server: Server) -> Error {
+    use std::error::Error as _;
+    let mut source = e.source();
+    let mut reason = e.to_string();
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            reason = io_reason(io);
+            break;
+        }
+        reason = inner.to_string();
+        source = inner.source();
+    }
+    Error::Unreachable {
+        addr: addr.to_string(),
+        server,
+        reason,
+    }
 }
 
 impl NodeClient {
     /// Connects to a node's gRPC address (`HOST:PORT`, or a full `http://` URI).
     pub async fn connect(addr: &str) -> Result<Self, Error> {
         let channel = endpoint(addr)?
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .map_err(|source| Error::Unreachable {
-                addr: addr.to_string(),
-                source,
-            })?;
-        Ok(Self {
+            .map_err(|e| connect_error(e, addr, Server::Node))?;
+        Ok(Self::over(channel, addr))
+    }
+
+    fn over(channel: Channel, addr: &str) -> Self {
+        Self {
             inner: NodeAdminClient::new(channel),
+            addr: addr.into(),
             token: None,
             hook: None,
-        })
+        }
+    }
+
+    /// The address this client calls.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// The same client, sending `token` (`None`: no token) with every call.
@@ -174,17 +357,6 @@ impl NodeClient {
         self
     }
 
-    fn req<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        if let Some(hook) = self.hook {
-            hook(req.metadata_mut());
-        }
-        req
-    }
-
     /// A client that connects on first use (and reconnects after failures), for callers
     /// that keep a client per node and must not block on a node that is down.
     pub fn lazy(addr: &str) -> Result<Self, Error> {
@@ -193,25 +365,44 @@ impl NodeClient {
             .timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Self {
-            inner: NodeAdminClient::new(channel),
-            token: None,
-            hook: None,
-        })
+        Ok(Self::over(channel, addr))
+    }
+
+    /// Every call: `msg` with the token and the hook's metadata, sent by `f`; a failure
+    /// sorted by [`Error::classify`].
+    async fn unary<Req, T, F, Fut>(&self, msg: Req, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(NodeAdminClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(hook) = self.hook {
+            hook(req.metadata_mut());
+        }
+        match f(self.inner.clone(), req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(Error::classify(s, &self.addr, Server::Node)),
+        }
     }
 
     /// What the node is and what it serves right now.
     pub async fn status(&mut self) -> Result<StatusResponse, Error> {
-        Ok(self.inner.status(StatusRequest {}).await?.into_inner())
+        self.unary(
+            StatusRequest {},
+            |mut c, r| async move { c.status(r).await },
+        )
+        .await
     }
 
     /// Members, roles, leader and term as this node sees them.
     pub async fn cluster_status(&mut self) -> Result<ClusterStatusResponse, Error> {
-        Ok(self
-            .inner
-            .cluster_status(ClusterStatusRequest {})
-            .await?
-            .into_inner())
+        self.unary(ClusterStatusRequest {}, |mut c, r| async move {
+            c.cluster_status(r).await
+        })
+        .await
     }
 
     /// Replaces the cluster's spec (or, with `dry_run`, only plans it). `request_id` makes
@@ -227,28 +418,26 @@ impl NodeClient {
             dry_run,
             request_id: request_id.into(),
         };
-        Ok(self.inner.apply_spec(self.req(req)).await?.into_inner())
+        self.unary(req, |mut c, r| async move { c.apply_spec(r).await })
+            .await
     }
 
     /// The cluster's spec: linearizable (through the leader) unless `local`.
     pub async fn read_spec(&mut self, local: bool) -> Result<ReadSpecResponse, Error> {
-        Ok(self
-            .inner
-            .read_spec(self.req(ReadSpecRequest { local }))
-            .await?
-            .into_inner())
+        self.unary(ReadSpecRequest { local }, |mut c, r| async move {
+            c.read_spec(r).await
+        })
+        .await
     }
 
     /// Proposes a state-machine command (the API lifecycle commands); any node forwards it
     /// to the leader. A refused command answers with the status that says why.
     pub async fn write(&mut self, command: state::Command) -> Result<WriteResponse, Error> {
-        Ok(self
-            .inner
-            .write(self.req(WriteRequest {
-                command: Some(command),
-            }))
-            .await?
-            .into_inner())
+        let req = WriteRequest {
+            command: Some(command),
+        };
+        self.unary(req, |mut c, r| async move { c.write(r).await })
+            .await
     }
 
     /// APIs and their versions; linearizable unless `local`; one tenant's when given.
@@ -257,23 +446,20 @@ impl NodeClient {
         local: bool,
         tenant: &str,
     ) -> Result<ListApisResponse, Error> {
-        Ok(self
-            .inner
-            .list_apis(self.req(ListApisRequest {
-                local,
-                tenant: tenant.to_string(),
-            }))
-            .await?
-            .into_inner())
+        let req = ListApisRequest {
+            local,
+            tenant: tenant.to_string(),
+        };
+        self.unary(req, |mut c, r| async move { c.list_apis(r).await })
+            .await
     }
 
     /// Tenants and their subscriptions (a tenant token sees its own only).
     pub async fn list_tenants(&mut self, local: bool) -> Result<ListTenantsResponse, Error> {
-        Ok(self
-            .inner
-            .list_tenants(self.req(ListTenantsRequest { local }))
-            .await?
-            .into_inner())
+        self.unary(ListTenantsRequest { local }, |mut c, r| async move {
+            c.list_tenants(r).await
+        })
+        .await
     }
 
     /// API keys (`kind` "key") or tokens ("token") of one tenant or all, without hashes.
@@ -281,35 +467,32 @@ impl NodeClient {
         &mut self,
         req: ListCredentialsRequest,
     ) -> Result<ListCredentialsResponse, Error> {
-        Ok(self
-            .inner
-            .list_credentials(self.req(req))
-            .await?
-            .into_inner())
+        self.unary(req, |mut c, r| async move { c.list_credentials(r).await })
+            .await
     }
 
     /// The audit log, filtered.
     pub async fn audit(&mut self, req: AuditRequest) -> Result<AuditResponse, Error> {
-        Ok(self.inner.audit(self.req(req)).await?.into_inner())
+        self.unary(req, |mut c, r| async move { c.audit(r).await })
+            .await
     }
 
-    /// Every upstream's circuit breaker as committed (only those that ever changed).
     /// Usage rollups in a range and the billing state (see the node's `Usage` RPC).
     pub async fn usage(
         &mut self,
         req: tollgate_proto::node::v1::UsageRequest,
     ) -> Result<tollgate_proto::node::v1::UsageResponse, Error> {
-        Ok(self.inner.usage(self.req(req)).await?.into_inner())
+        self.unary(req, |mut c, r| async move { c.usage(r).await })
+            .await
     }
 
+    /// Every upstream's circuit breaker as committed (only those that ever changed).
     pub async fn list_circuits(
         &mut self,
     ) -> Result<tollgate_proto::node::v1::ListCircuitsResponse, Error> {
-        Ok(self
-            .inner
-            .list_circuits(self.req(tollgate_proto::node::v1::ListCircuitsRequest {}))
-            .await?
-            .into_inner())
+        let req = tollgate_proto::node::v1::ListCircuitsRequest {};
+        self.unary(req, |mut c, r| async move { c.list_circuits(r).await })
+            .await
     }
 
     /// Forces an upstream's circuit open or closed, or hands it back to detection
@@ -335,31 +518,32 @@ impl NodeClient {
 
     /// Takes a node out of the cluster.
     pub async fn remove(&mut self, node_id: u64) -> Result<(), Error> {
-        self.inner
-            .remove(self.req(RemoveRequest { node_id }))
-            .await?;
-        Ok(())
+        self.unary(RemoveRequest { node_id }, |mut c, r| async move {
+            c.remove(r).await
+        })
+        .await
+        .map(drop)
     }
 
     /// The recent applied changes on this node, oldest first.
     pub async fn history(&mut self) -> Result<Vec<Change>, Error> {
-        Ok(self
-            .inner
-            .history(self.req(HistoryRequest {}))
-            .await?
-            .into_inner()
-            .changes)
+        self.unary(
+            HistoryRequest {},
+            |mut c, r| async move { c.history(r).await },
+        )
+        .await
+        .map(|h| h.changes)
     }
 
     /// Tests only (the node must run with `--enable-fault-injection`): drop Raft traffic
     /// between this node and `peers`; an empty list heals.
     pub async fn set_faults(&mut self, peers: Vec<u64>) -> Result<(), Error> {
-        self.inner
-            .set_faults(SetFaultsRequest {
-                isolate_from: peers,
-            })
-            .await?;
-        Ok(())
+        let req = SetFaultsRequest {
+            isolate_from: peers,
+        };
+        self.unary(req, |mut c, r| async move { c.set_faults(r).await })
+            .await
+            .map(drop)
     }
 }
 
@@ -414,7 +598,9 @@ impl ControlPlaneClient {
         Ok(self)
     }
 
-    /// Sends `req` with `f`, to the next replica after each UNAVAILABLE.
+    /// Sends `req` with `f`, to the next replica after each UNAVAILABLE (backing off, for
+    /// up to 10 s). When no replica can even be connected to in a whole round, the call
+    /// fails at once: nothing is running there, and waiting will not change that.
     async fn call<Req, T, F, Fut>(&self, req: Req, f: F) -> Result<T, Error>
     where
         Req: Clone,
@@ -424,24 +610,34 @@ impl ControlPlaneClient {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(50);
         let mut i = 0;
+        // Replicas in a row that could not be connected to.
+        let mut unreachable = 0;
         loop {
-            let channel = self.replicas[i % self.replicas.len()].1.clone();
+            let (addr, channel) = &self.replicas[i % self.replicas.len()];
             let mut request = tonic::Request::new(req.clone());
             if let Some(t) = &self.token {
                 request.metadata_mut().insert("authorization", t.clone());
             }
-            match f(channel, request).await {
+            let s = match f(channel.clone(), request).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s)
-                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
-                        && started.elapsed() + delay < Duration::from_secs(10) =>
-                {
-                    i += 1;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(s) => return Err(Error::Status(s)),
+                Err(s) => s,
+            };
+            let retry = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
+            let err = Error::classify(s, addr, Server::ControlPlane);
+            unreachable = if err.is_unreachable() {
+                unreachable + 1
+            } else {
+                0
+            };
+            if !retry
+                || unreachable >= self.replicas.len()
+                || started.elapsed() + delay >= Duration::from_secs(10)
+            {
+                return Err(err);
             }
+            i += 1;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 

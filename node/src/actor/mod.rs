@@ -1,8 +1,8 @@
-//! Virtual actors (DESIGN.md decision 6): every live counter (a quota key, an upstream's
-//! circuit) has one owner node, chosen by rendezvous hashing ([`ownership`]) over the
-//! members this node can reach. Any node computes the same owner from the same view, with
-//! no lookup table to replicate; when a member leaves or stops answering, only the keys it
-//! owned move, and they spread evenly over the others.
+//! Virtual actors (docs/architecture.md, decision 6): every live counter (a quota key, an
+//! upstream's circuit) has one owner node, chosen by rendezvous hashing ([`ownership`])
+//! over the members this node can reach. Any node computes the same owner from the same
+//! view, with no lookup table to replicate; when a member leaves or stops answering, only
+//! the keys it owned move, and they spread evenly over the others.
 //!
 //! - [`quota`]: the lease protocol as pure state (the owner's ledger, a node's lease).
 //! - [`quotas`]: the lease table the data plane admits from.

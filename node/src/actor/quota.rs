@@ -1,6 +1,7 @@
-//! The lease protocol of a cluster-wide quota (DESIGN.md decision 6), as pure state: the
-//! owner's [`Ledger`] and a node's [`Lease`]. No clock, no I/O: callers pass the time (ms)
-//! in, which makes the protocol testable on its own (see the simulations in the tests).
+//! The lease protocol of a cluster-wide quota (docs/architecture.md, decision 6), as pure
+//! state: the owner's [`Ledger`] and a node's [`Lease`]. No clock, no I/O: callers pass the
+//! time (ms) in, which makes the protocol testable on its own (see the simulations in the
+//! tests).
 //!
 //! - A node admits a request when it holds a token, with no call on the request path. Every
 //!   tick it sends the owner a [`Report`] (what it admitted, holds and wants) and gets a

@@ -12,9 +12,11 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tollgate_proto::actor::v1::actors_server::ActorsServer;
 use tollgate_proto::node::v1::node_admin_server::{NodeAdmin, NodeAdminServer};
 use tollgate_proto::node::v1::*;
 use tollgate_proto::raft::v1::raft_server::RaftServer;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use crate::auth::principal::Caller;
@@ -234,6 +236,21 @@ impl NodeAdmin for AdminService {
     }
 }
 
+/// The node's own gRPC services, as registered below: reflection lists them and
+/// `tollgate dev`'s banner names them from this list.
+pub const SERVICES: [&str; 3] = [
+    <NodeAdminServer<AdminService> as NamedService>::NAME,
+    <RaftServer<crate::raft::service::RaftService> as NamedService>::NAME,
+    <ActorsServer<crate::actor::ActorService> as NamedService>::NAME,
+];
+
+/// The standard services beside them, on the node and on the control plane.
+pub const STANDARD_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 pub async fn serve(
     listener: TcpListener,
     service: AdminService,
@@ -249,17 +266,7 @@ pub async fn serve(
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for name in [
-            "tollgate.node.v1.NodeAdmin",
-            "tollgate.raft.v1.Raft",
-            "tollgate.actor.v1.Actors",
-        ]
-        .into_iter()
-        .chain([
-            "grpc.health.v1.Health",
-            "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection",
-        ]) {
+        for name in SERVICES.into_iter().chain(STANDARD_SERVICES) {
             b = b.with_service_name(name);
         }
         b
@@ -272,7 +279,7 @@ pub async fn serve(
         .trace_fn(|req| {
             crate::telemetry::traces::grpc_server_span(req, &["tollgate.node.v1.NodeAdmin"])
         })
-        .layer(tower::layer::layer_fn(DecodeErrorsAreInvalidArgument))
+        .layer(SayWhatToChange::layer(NODE_GRPC))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -296,12 +303,40 @@ pub async fn serve(
     Ok(())
 }
 
-/// A request body that is not the protobuf message the method takes is the caller's
-/// mistake: INVALID_ARGUMENT, not the INTERNAL that tonic's codec answers with.
+/// Turns tonic's bare answers into ones that say what to change:
+///
+/// - a request body that is not the protobuf message the method takes is the caller's
+///   mistake: INVALID_ARGUMENT, not the INTERNAL that tonic's codec answers with;
+/// - a call to a service this server does not serve (UNIMPLEMENTED with an empty message)
+///   says which server this is and where the asked-for service is: a CLI pointed at the
+///   wrong port learns which port it needs.
+///
+/// Used by the node's and the control plane's gRPC servers.
 #[derive(Clone)]
-struct DecodeErrorsAreInvalidArgument<S>(S);
+pub struct SayWhatToChange<S> {
+    inner: S,
+    /// Which server this is and what it serves, e.g. "a Tollgate node's gRPC port".
+    this: &'static str,
+}
 
-impl<S, B, R> tower::Service<http::Request<B>> for DecodeErrorsAreInvalidArgument<S>
+impl<S> SayWhatToChange<S> {
+    pub fn layer(this: &'static str) -> impl tower::Layer<S, Service = SayWhatToChange<S>> + Clone {
+        tower::layer::layer_fn(move |inner| SayWhatToChange { inner, this })
+    }
+}
+
+/// Where a gRPC service is served, by its package, for UNIMPLEMENTED answers.
+fn served_at(service: &str) -> &'static str {
+    if service.starts_with("tollgate.cp.") {
+        "the control plane serves it (`tollgate dev` runs one at 127.0.0.1:7080; `--cp`, TOLLGATE_CP)"
+    } else if service.starts_with("tollgate.") {
+        "a node's gRPC port serves it (127.0.0.1:7070 under `tollgate dev`; `--node`, TOLLGATE_NODE)"
+    } else {
+        "it is not a Tollgate service"
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for SayWhatToChange<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
     S::Future: Send + 'static,
@@ -311,16 +346,27 @@ where
     type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let fut = self.0.call(req);
+        let service = req
+            .uri()
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let this = self.this;
+        let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;
             let headers = resp.headers_mut();
-            let decode_error = headers.get("grpc-status").is_some_and(|s| s == "13")
-                && headers.get("grpc-message").is_some_and(|m| {
+            let status = headers.get("grpc-status").cloned();
+            let message = headers.get("grpc-message").cloned();
+            let decode_error = status.as_ref().is_some_and(|s| s == "13")
+                && message.as_ref().is_some_and(|m| {
                     let m = m.as_bytes();
                     m.starts_with(b"failed to decode Protobuf message")
                         || m.starts_with(b"failed%20to%20decode%20Protobuf%20message")
@@ -328,7 +374,35 @@ where
             if decode_error {
                 headers.insert("grpc-status", http::HeaderValue::from_static("3"));
             }
+            let bare_unimplemented = status.as_ref().is_some_and(|s| s == "12")
+                && message.as_ref().is_none_or(|m| m.is_empty());
+            if bare_unimplemented {
+                let text = format!(
+                    "this is {this}, which does not serve {service}; {}",
+                    served_at(&service)
+                );
+                if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&text)) {
+                    headers.insert("grpc-message", v);
+                }
+            }
             Ok(resp)
         })
     }
 }
+
+/// grpc-message's encoding: printable ASCII but `%` as is, the rest percent-encoded.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// This server, as named in its UNIMPLEMENTED answers.
+pub const NODE_GRPC: &str =
+    "a Tollgate node's gRPC port (tollgate.node.v1.NodeAdmin, Raft, actors, health, reflection)";

@@ -5,7 +5,7 @@
 //!   starting (until it serves what the cluster had applied, or there is nothing yet). The body
 //!   says which spec generation is served and whether the cluster side is `ok` or
 //!   `degraded` (and why): a node cut off from its leader stays ready, because it keeps
-//!   serving its last Snapshot (DESIGN.md decision 5).
+//!   serving its last Snapshot (docs/architecture.md, decision 5).
 //! - `GET /metrics`: Prometheus text.
 //!
 //! Served on the cluster-side runtime, never on the data-plane threads.
@@ -61,12 +61,40 @@ pub async fn serve(
     }
 }
 
+/// A gRPC client pointed here (a CLI given the admin port instead of the gRPC one) gets a
+/// gRPC answer it can show: UNIMPLEMENTED, saying which port this is and which it needs.
+fn wrong_port_for_grpc() -> Response<Full<Bytes>> {
+    let message = crate::admin::grpc::percent_encode(
+        "this is a Tollgate node's HTTP admin port (/healthz, /readyz, /metrics), not gRPC; \
+         the node's gRPC API is on its --grpc-addr (127.0.0.1:7070 under `tollgate dev`), the \
+         control plane on 127.0.0.1:7080",
+    );
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", header::HeaderValue::from_static("12"));
+    if let Ok(v) = header::HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
 fn route(
     req: &Request<Incoming>,
     shared: &Shared,
     cluster: Option<&Cluster>,
     metrics: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        return wrong_port_for_grpc();
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -1,7 +1,7 @@
-//! Metering (DESIGN.md decision 8): every request the data plane answers is counted per
-//! (tenant, API, version, key, minute) in memory, journaled to this node's sled store
-//! every `--meter-interval`, and shipped from the journal through Raft in batches that are
-//! applied once (see `state::usage`).
+//! Metering (docs/architecture.md, decision 8): every request the data plane answers is
+//! counted per (tenant, API, version, key, minute) in memory, journaled to this node's sled
+//! store every `--meter-interval`, and shipped from the journal through Raft in batches
+//! that are applied once (see `state::usage`).
 //!
 //! On the request path this is one uncontended lock per request: each data-plane thread
 //! counts into its own [`Shard`], which the journal task swaps out once per interval.

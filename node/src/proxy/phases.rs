@@ -1,4 +1,4 @@
-//! The request pipeline, as the named stages of DESIGN.md "The request path":
+//! The request pipeline, as the named stages of docs/architecture.md, "The request path":
 //!
 //! ```text
 //! accept ─► match route ─► authenticate ─► version ─► quota ─► circuit ─► transform ─► forward ─► meter
@@ -179,18 +179,14 @@ async fn pipeline(
     } else {
         let index = found.route & !MOUNT_BIT;
         let mount = &routing.mounts[index as usize];
-        // Known from here on, even when authentication refuses the request.
-        tail.api = Some(ApiUse {
+        // Known from here on, even when authentication refuses the request; the caller
+        // and the version are added as they become known, so a request refused later
+        // (no route in the version, a retired version) is still counted under its tenant.
+        let used = tail.api.insert(ApiUse {
             mount: index,
             ..ApiUse::default()
         });
-        let (matched, api) = api_route(mount, &req, host, found, snapshot)?;
-        tail.api = Some(ApiUse {
-            mount: index,
-            version: Some(api.version_index),
-            tenant: api.tenant.clone(),
-            key: api.key.cloned(),
-        });
+        let (matched, api) = api_route(mount, &req, host, found, snapshot, used)?;
         if let Some(tenant) = &api.tenant
             && !snapshot.capped.is_empty()
         {
@@ -304,8 +300,6 @@ struct ApiRequest<'s> {
     deprecation: &'s [(http::HeaderName, HeaderValue)],
     /// The version, as the `x-tollgate-api-version` value.
     version: &'s HeaderValue,
-    /// The version's index in its mount.
-    version_index: u32,
     /// The caller's tenant, once authenticated.
     tenant: Option<Arc<str>>,
     /// The id of the API key presented (it is not passed on).
@@ -347,6 +341,7 @@ fn api_route<'s>(
     host: &str,
     found: Matched,
     snapshot: &'s Snapshot,
+    used: &mut ApiUse,
 ) -> Result<(Matched, ApiRequest<'s>), ProxyError> {
     let full = req.uri().path();
     let mut below = &full[found.prefix_len.min(full.len())..];
@@ -359,6 +354,10 @@ fn api_route<'s>(
         }
     }
     let caller = authenticate(mount, req, &snapshot.auth)?;
+    if let Some(c) = &caller {
+        used.tenant = Some(c.tenant.clone());
+        used.key = c.key.cloned();
+    }
     let header =
         match req.headers().get("api-version") {
             Some(v) if major.is_none() => Some(v.to_str().map_err(|_| {
@@ -390,6 +389,12 @@ fn api_route<'s>(
             return Err(not_subscribed("any version in the split".into()));
         }
     };
+    let version_index = mount
+        .versions
+        .iter()
+        .position(|v| std::ptr::eq(v, version))
+        .unwrap_or(0) as u32;
+    used.version = Some(version_index);
     if !may_call(&version.version) {
         return Err(not_subscribed(format!("version {}", version.version)));
     }
@@ -406,11 +411,6 @@ fn api_route<'s>(
         )));
     }
     let path = if below.is_empty() { "/" } else { below };
-    let version_index = mount
-        .versions
-        .iter()
-        .position(|v| std::ptr::eq(v, version))
-        .unwrap_or(0) as u32;
     let matched = version
         .matcher
         .lookup(host, req.method(), path, req.headers())
@@ -428,7 +428,6 @@ fn api_route<'s>(
             below: full.len() - below.len(),
             deprecation: &version.deprecation,
             version: &version.label,
-            version_index,
             key: caller.as_ref().and_then(|c| c.key),
             tenant: caller.map(|c| c.tenant),
         },
@@ -595,10 +594,10 @@ fn circuit(
     let cluster = &route.cluster;
     let state = snapshot.circuits.get(&*cluster.name);
     let now = wall_ms();
-    let open = |retry_after_ms: u64| ProxyError::CircuitOpen {
+    let open = |retry_after_ms: Option<u64>| ProxyError::CircuitOpen {
         upstream: cluster.name.to_string(),
         reason: state.map(|s| s.reason.clone()).unwrap_or_default(),
-        retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+        retry_after_s: retry_after_ms.map(|ms| ms.div_ceil(1000).max(1)),
         fallback: cluster.circuit.as_ref().and_then(|c| c.fallback.clone()),
     };
     let phase = phase(state, now);
@@ -610,22 +609,14 @@ fn circuit(
     };
     match phase {
         Phase::Closed => Ok(false),
-        Phase::Open { until_ms } => {
-            let open_for = cluster
-                .circuit
-                .as_ref()
-                .map(|c| c.open_for().as_millis() as u64)
-                .unwrap_or(30_000);
-            Err(open(
-                until_ms.map(|u| u.saturating_sub(now)).unwrap_or(open_for),
-            ))
-        }
+        // Held open by an operator (`until_ms: None`): no time to promise.
+        Phase::Open { until_ms } => Err(open(until_ms.map(|u| u.saturating_sub(now)))),
         Phase::HalfOpen => match (&cluster.circuit, state) {
             (Some(breaker), Some(s)) => {
                 if breaker.take_permit(s.since_index, now) {
                     Ok(true)
                 } else {
-                    Err(open(1000))
+                    Err(open(Some(1000)))
                 }
             }
             // The spec no longer sets a breaker for it: nothing decides, so it is closed.
@@ -1135,11 +1126,26 @@ impl Drop for Tail {
             attempts: self.attempts.attempts,
             request_bytes: self.request_stats.bytes.get(),
             response_bytes: self.response_bytes,
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            upstream_ms: self
-                .attempts
-                .upstream_time
-                .map(|d| d.as_secs_f64() * 1000.0),
+            duration_ms: millis(elapsed),
+            upstream_ms: self.attempts.upstream_time.map(millis),
         });
+    }
+}
+
+/// Milliseconds with microsecond precision, as the access log prints them: `0.251`, not
+/// the float noise of `as_secs_f64() * 1000.0` (`0.25088699999999997`). Dividing a whole
+/// number of microseconds by 1000 gives the double nearest that decimal, which prints as it.
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn access_log_milliseconds_print_without_float_noise() {
+        let d = std::time::Duration::from_nanos(250_887_123);
+        assert_eq!(serde_json::json!(super::millis(d)).to_string(), "250.887");
+        let d = std::time::Duration::from_nanos(250_887);
+        assert_eq!(serde_json::json!(super::millis(d)).to_string(), "0.25");
     }
 }

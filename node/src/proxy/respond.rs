@@ -66,15 +66,26 @@ pub enum ProxyError {
         "tenant {tenant} has reached its monthly budget and its requests are refused until the month ends (UTC) or the operator raises the budget"
     )]
     BudgetExceeded { tenant: String },
-    #[error(
-        "the circuit breaker of upstream {upstream} is open ({reason}); retry in {retry_after_s} s"
-    )]
+    #[error("{}", circuit_message(upstream, reason, *retry_after_s))]
     CircuitOpen {
         upstream: String,
         reason: String,
-        retry_after_s: u64,
+        /// `None`: held open by an operator, so no time can be promised.
+        retry_after_s: Option<u64>,
         fallback: Option<std::sync::Arc<crate::routing::circuit::Fallback>>,
     },
+}
+
+fn circuit_message(upstream: &str, reason: &str, retry_after_s: Option<u64>) -> String {
+    match retry_after_s {
+        Some(s) => {
+            format!("the circuit breaker of upstream {upstream} is open ({reason}); retry in {s} s")
+        }
+        None => format!(
+            "the circuit breaker of upstream {upstream} is held open by an operator ({reason}); \
+             it stays open until an operator closes it or hands it back to detection"
+        ),
+    }
 }
 
 impl ProxyError {
@@ -150,13 +161,20 @@ pub fn error_response(err: &ProxyError, body_limit: u64) -> Response<ResponseBod
         *resp.status_mut() = f.status;
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, f.content_type.clone());
-        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        if let Some(s) = retry_after_s {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*s));
+        }
         return resp;
     }
     let mut resp = json_error(err.status(), err.code(), &err.message(body_limit));
     if let ProxyError::CircuitOpen { retry_after_s, .. } = err {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        // A circuit held open by hand promises no time: no Retry-After at all.
+        match retry_after_s {
+            Some(s) => resp
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*s)),
+            None => resp.headers_mut().remove(header::RETRY_AFTER),
+        };
     }
     if let ProxyError::QuotaExceeded {
         quota,
@@ -186,7 +204,7 @@ pub fn error_response(err: &ProxyError, body_limit: u64) -> Response<ResponseBod
     resp
 }
 
-/// A JSON error response with DESIGN.md's shape.
+/// A JSON error response in the shape of docs/error-handling.md ("The JSON error body").
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     let mut bytes = serde_json::to_vec(&body).expect("a JSON value always serializes");
@@ -229,5 +247,21 @@ mod tests {
         assert_eq!(h["ratelimit-policy"], "\"per-key\";q=1000;w=1");
         assert_eq!(h["ratelimit"], "\"per-key\";r=0;t=1");
         assert_eq!(h["content-type"], "application/json");
+    }
+
+    #[test]
+    fn a_circuit_held_open_by_hand_promises_no_retry_time() {
+        let open = |retry_after_s| ProxyError::CircuitOpen {
+            upstream: "echo".into(),
+            reason: "drill".into(),
+            retry_after_s,
+            fallback: None,
+        };
+        let held = error_response(&open(None), 0);
+        assert_eq!(held.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(held.headers().get("retry-after").is_none());
+        assert!(open(None).to_string().contains("held open by an operator"));
+        let tripped = error_response(&open(Some(30)), 0);
+        assert_eq!(tripped.headers()["retry-after"], "30");
     }
 }

@@ -47,7 +47,18 @@ pub fn bind_listeners(
     count: usize,
 ) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(count);
-    let mut addr = addr;
+    // SO_REUSEPORT would let this process share a port another Tollgate holds the same
+    // way (a second `tollgate dev`), splitting its traffic silently. A plain socket
+    // cannot bind a port anyone holds: bind one first to find out, then let it go.
+    let mut addr = {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe
+            .bind(&addr.into())
+            .map_err(|e| crate::listen_error("proxy", addr, "--proxy-addr", e))?;
+        let bound = probe.local_addr()?.as_socket();
+        bound.unwrap_or(addr)
+    };
     for _ in 0..count.max(1) {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
@@ -55,7 +66,7 @@ pub fn bind_listeners(
         socket.set_nonblocking(true)?;
         socket
             .bind(&addr.into())
-            .map_err(|e| anyhow::anyhow!("bind the proxy address {addr}: {e}"))?;
+            .map_err(|e| crate::listen_error("proxy", addr, "--proxy-addr", e))?;
         socket.listen(4096)?;
         let listener: std::net::TcpListener = socket.into();
         addr = listener.local_addr()?;

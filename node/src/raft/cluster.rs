@@ -47,6 +47,10 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a join may take to add and catch up a learner.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// For this long after a node starts, a failed join attempt is logged at INFO: nodes
+/// started together wait for each other, and that is not worth a warning.
+const JOIN_QUIET: Duration = Duration::from_secs(30);
+
 pub struct Cluster {
     pub id: NodeId,
     pub info: NodeInfo,
@@ -122,7 +126,8 @@ impl Cluster {
     }
 
     /// Starts a new single-voter cluster with this node, unless this node's store already
-    /// belongs to one (a restart must never initialize again: STACK.md pitfall 5).
+    /// belongs to one (a restart must never initialize again: a second `initialize()` can
+    /// cause election loops or a split brain; docs/architecture.md, decision 10).
     pub async fn bootstrap(&self) -> anyhow::Result<bool> {
         if self.raft.is_initialized().await? {
             return Ok(false);
@@ -137,12 +142,17 @@ impl Cluster {
     pub fn spawn_join(self: &Arc<Self>, peer: String, max_voters: u32, stop: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let mut delay = Duration::from_millis(200);
             loop {
                 match this.join_via(&peer, max_voters).await {
                     Ok(resp) => {
                         tracing::info!(peer, role = %resp.role, leader = resp.leader, "joined the cluster");
                         return;
+                    }
+                    // Peers starting together wait for each other for a while: normal.
+                    Err(e) if started.elapsed() < JOIN_QUIET => {
+                        tracing::info!(peer, "not joined yet, retrying in {delay:?}: {e}")
                     }
                     Err(e) => tracing::warn!(peer, "join failed, retrying in {delay:?}: {e}"),
                 }
@@ -153,6 +163,41 @@ impl Cluster {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
+    }
+
+    /// Whether `peer` is a Tollgate node's gRPC port. `Err` says what it is instead when
+    /// something else answered (a node's admin or proxy port, another program): retrying
+    /// would never join. Nothing answering is not an error: the peer may be starting.
+    pub async fn check_peer(&self, peer: &str) -> Result<(), String> {
+        let mut client = NodeAdminClient::new(self.peers.channel(peer)?);
+        let mut req = tonic::Request::new(api::StatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        let Err(s) = client.status(req).await else {
+            return Ok(());
+        };
+        let m = s.message();
+        let foreign = s.code() == tonic::Code::Unimplemented
+            || (matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
+                && [
+                    "protocol error",
+                    "compression flag",
+                    "grpc-status header missing",
+                    "content-type",
+                ]
+                .iter()
+                .any(|p| m.contains(p)));
+        if !foreign {
+            return Ok(());
+        }
+        Err(format!(
+            "--join {peer} is not a Tollgate node's gRPC port ({}). Join through a member's gRPC \
+             address: its --grpc-addr, 127.0.0.1:7070 by default",
+            if m.is_empty() {
+                "it answered UNIMPLEMENTED"
+            } else {
+                m
+            }
+        ))
     }
 
     async fn join_via(&self, peer: &str, max_voters: u32) -> Result<api::JoinResponse, String> {
@@ -551,12 +596,36 @@ impl Cluster {
     /// first start of the bootstrapping node, or a retry after it crashed in between).
     /// Returns the operator token when this call made it: it is shown once.
     pub async fn bootstrap_access(&self) -> Result<Option<String>, Status> {
-        let metrics = self
+        // Made already (this node's own state has the key): nothing to ask anyone.
+        if self
+            .state_machine
+            .read(|a| !a.state.access.hash_key.is_empty())
+        {
+            return Ok(None);
+        }
+        let metrics = match self
             .raft
             .wait(Some(LEADER_WAIT))
             .metrics(|m| m.current_leader.is_some(), "a leader")
             .await
-            .map_err(|_| Status::unavailable("no leader elected"))?;
+        {
+            Ok(m) => m,
+            // Restarted into a cluster of several voters that has no leader yet: the first
+            // start, as the only voter, made the token.
+            Err(_)
+                if self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .voter_ids()
+                    .count()
+                    > 1 =>
+            {
+                return Ok(None);
+            }
+            Err(_) => return Err(Status::unavailable("no leader elected")),
+        };
         // A restarted bootstrap node that is not the leader belongs to a cluster that grew
         // past it, so its first start got as far as this (it was then the only voter).
         if metrics.current_leader != Some(self.id) {
@@ -1102,7 +1171,8 @@ impl Cluster {
     }
 
     /// Why the cluster side of this node is degraded, or None when it hears from a
-    /// leader that has a quorum. The data plane serves either way (DESIGN.md decision 5).
+    /// leader that has a quorum. The data plane serves either way (docs/architecture.md,
+    /// decision 5).
     pub fn degraded(&self) -> Option<String> {
         let m = self.raft.metrics().borrow().clone();
         let limit = self.settings.election_timeout.as_millis() as u64 * 3;

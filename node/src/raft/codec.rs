@@ -2,7 +2,7 @@
 //! both on disk (log, vote, snapshots) and on the wire.
 //!
 //! Decoding is strict about what Raft needs (a log entry must have a log id) and says what
-//! is missing; it ignores unknown fields (DESIGN.md decision 2).
+//! is missing; it ignores unknown fields (docs/architecture.md, decision 2).
 
 use std::collections::{BTreeMap, BTreeSet};
 

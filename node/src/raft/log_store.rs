@@ -2,11 +2,12 @@
 //!
 //! Durability: an append, a vote, a truncation and a purge are flushed (fsync) before they
 //! are reported done; openraft counts an entry towards a quorum only after the flush
-//! callback fires (STACK.md pitfall 1). Appends return as soon as the entries are readable
-//! and a flusher thread fires their callbacks once flushed: openraft can then replicate
-//! while the leader's own flush is in progress (as etcd does), and appends that arrive
-//! during a flush share the next one (group commit). Entries are `tollgate.raft.v1.Entry` messages keyed
-//! by their index, big-endian, so sled's key order is log order.
+//! callback fires (docs/architecture.md, decision 10, pitfall 1). Appends return as soon as
+//! the entries are readable and a flusher thread fires their callbacks once flushed:
+//! openraft can then replicate while the leader's own flush is in progress (as etcd does),
+//! and appends that arrive during a flush share the next one (group commit). Entries are
+//! `tollgate.raft.v1.Entry` messages keyed by their index, big-endian, so sled's key order
+//! is log order.
 
 // openraft's StorageError is large; it is the storage traits' error type, not ours to shrink.
 #![allow(clippy::result_large_err)]

@@ -106,15 +106,28 @@ pub fn open_db(data_dir: &Path) -> anyhow::Result<sled::Db> {
         .map_err(|e| anyhow::anyhow!("create the data directory {}: {e}", path.display()))?;
     sled::Config::new()
         .path(&path)
-        // sled's default cache is about 1 GiB (STACK.md pitfall 2); our state is small.
+        // sled's default cache is about 1 GiB (docs/architecture.md, decision 10,
+        // pitfall 2); our state is small.
         .cache_capacity(64 * 1024 * 1024)
         // Every acknowledged write is flushed explicitly; this only bounds the rest.
         .flush_every_ms(Some(1000))
         .open()
-        .map_err(|e| {
-            anyhow::anyhow!(
+        .map_err(|e| match e {
+            // sled reports the lock another process holds as an I/O error of its own.
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
+                anyhow::anyhow!(
+                    "the data directory {} is in use by another Tollgate process (a `tollgate dev` \
+                 or node that is still running); stop that one, or give this one its own \
+                 --data-dir",
+                    data_dir.display()
+                )
+            }
+            e => anyhow::anyhow!(
                 "open the Raft store in {}: {e} (is another node using this --data-dir?)",
                 path.display()
-            )
+            ),
         })
 }

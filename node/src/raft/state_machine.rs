@@ -1,14 +1,15 @@
 //! The state machine and its snapshots (openraft storage v2), in memory and in sled.
 //!
 //! The applied state lives in memory ([`ClusterState`]) and is made durable by snapshots:
-//! the `snapshot` key of the `state_machine` tree holds one `tollgate.raft.v1.StoredSnapshot`
-//! (state, `last_applied` and membership in one record, so they can never disagree: STACK.md
-//! pitfall 3), written and flushed when a snapshot is built or installed. Between snapshots
-//! the log is the record: at startup openraft re-applies the committed entries after the
-//! snapshot (apply is deterministic), and the log behind a snapshot is purged only after
-//! the snapshot is flushed. Applying therefore writes nothing to disk: measured, writing
-//! each apply to sled cost about 0.1–0.2 ms per write on the leader's commit path and CPU
-//! on every node (sled wakes its I/O threads for every batch).
+//! the `snapshot` key of the `state_machine` tree holds one
+//! `tollgate.raft.v1.StoredSnapshot` (state, `last_applied` and membership in one record,
+//! so they can never disagree: docs/architecture.md, decision 10, pitfall 3), written and
+//! flushed when a snapshot is built or installed. Between snapshots the log is the record:
+//! at startup openraft re-applies the committed entries after the snapshot (apply is
+//! deterministic), and the log behind a snapshot is purged only after the snapshot is
+//! flushed. Applying therefore writes nothing to disk: measured, writing each apply to sled
+//! cost about 0.1–0.2 ms per write on the leader's commit path and CPU on every node (sled
+//! wakes its I/O threads for every batch).
 //!
 //! Every applied change of the spec is published on a watch channel, from which the node
 //! compiles the data plane's next Snapshot off this task.

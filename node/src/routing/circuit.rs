@@ -1,6 +1,6 @@
-//! A node's side of an upstream's cluster-wide circuit breaker (DESIGN.md decision 7):
-//! counters of its own outcomes, reported to the circuit's owner every tick, and the
-//! half-open probe permits the owner grants. Recording is a few relaxed atomics.
+//! A node's side of an upstream's cluster-wide circuit breaker (docs/architecture.md,
+//! decision 7): counters of its own outcomes, reported to the circuit's owner every tick,
+//! and the half-open probe permits the owner grants. Recording is a few relaxed atomics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

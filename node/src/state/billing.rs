@@ -1,5 +1,5 @@
 //! Plans, tenants on plans, budgets and what usage costs (the control plane's billing, kept
-//! in the replicated state like everything else: DESIGN.md decision 3).
+//! in the replicated state like everything else: docs/architecture.md, decision 3).
 //!
 //! Money is exact. Prices are decimal text with at most 9 decimal places, held as integer
 //! billionths (nanos) of the currency; costs are integer 10^-18 (attos) in `u128`:

@@ -1,5 +1,5 @@
-//! Circuit breakers in the replicated state (DESIGN.md decision 7): transitions decided by
-//! a circuit's owner node and operators' forced states, applied deterministically.
+//! Circuit breakers in the replicated state (docs/architecture.md, decision 7): transitions
+//! decided by a circuit's owner node and operators' forced states, applied deterministically.
 //!
 //! Only circuits that changed at least once have an entry; any other upstream's circuit
 //! is closed. An open circuit whose `open_until_ms` has passed is half-open: every node

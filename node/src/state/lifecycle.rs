@@ -1,6 +1,6 @@
-//! API versions and their lifecycle (DESIGN.md decision 9), as the replicated state holds
-//! them: pure, deterministic rules that the state machine applies, so two control-plane
-//! replicas racing each other cannot break them.
+//! API versions and their lifecycle (docs/architecture.md, decision 9), as the replicated
+//! state holds them: pure, deterministic rules that the state machine applies, so two
+//! control-plane replicas racing each other cannot break them.
 //!
 //! ```text
 //!   draft ──publish──► published ──deprecate──► deprecated ──retire──► retired

@@ -117,7 +117,7 @@ impl ClusterState {
             Some(command::Kind::Usage(b)) => self.usage_batch(log_index, cmd, b),
             Some(command::Kind::Billing(b)) => self.billing_command(log_index, cmd, b),
             // A command from a newer node that this one does not know: nothing to do here,
-            // and never fatal (DESIGN.md decision 2).
+            // and never fatal (docs/architecture.md, decision 2).
             None => Applied {
                 generation: self.generation,
                 log_index,

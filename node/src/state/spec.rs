@@ -270,7 +270,8 @@ pub struct UpstreamSpec {
 }
 
 /// A circuit breaker shared by every node: each node reports its outcomes, the circuit's
-/// owner decides, and the transition is committed through Raft (DESIGN.md decision 7).
+/// owner decides, and the transition is committed through Raft (docs/architecture.md,
+/// decision 7).
 /// It opens when any trigger fires: `consecutive_failures` in a row across the cluster, or,
 /// over the last `window` with at least `min_calls` calls, a failure or slow-call rate at
 /// or above its threshold. It stays open for `open_for`, then lets `half_open_probes`
@@ -721,7 +722,8 @@ impl Spec {
                 _ => errors.push(
                     "spec",
                     format!(
-                        "unknown field {}, expected `upstreams`, `routes` or `quotas`",
+                        "unknown field {}, expected `upstreams`, `routes` or `quotas` \
+                         (a file for `tollgate apply` may also have `tenants` and `apis`)",
                         key_text(&key)
                     ),
                 ),

@@ -1,5 +1,5 @@
-//! Usage rollups (DESIGN.md decision 8): what every node's data plane counted, applied once
-//! per batch and kept per minute for two days, then per hour.
+//! Usage rollups (docs/architecture.md, decision 8): what every node's data plane counted,
+//! applied once per batch and kept per minute for two days, then per hour.
 //!
 //! A batch is identified by (node, journal, sequence). Each node ships its journal's
 //! batches in order and one at a time, so a batch at or below the last one applied from

@@ -62,6 +62,10 @@ pub struct Cluster {
     pub max_spec_bytes: usize,
     /// When this node last heard from a leader (ms since the epoch); start time until then.
     pub last_leader_contact_ms: Arc<AtomicU64>,
+    /// Held by a join or a removal on the leader from its first membership change to its
+    /// last: openraft refuses a change while another is in flight, and two joins that both
+    /// counted the voters before either promoted would grow the cluster past `--voters`.
+    membership: tokio::sync::Mutex<()>,
 }
 
 /// Where a request that must run on the leader goes.
@@ -114,6 +118,7 @@ impl Cluster {
             settings,
             max_spec_bytes,
             last_leader_contact_ms: Arc::new(AtomicU64::new(now_ms())),
+            membership: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -886,6 +891,7 @@ impl Cluster {
         {
             return Ok(resp);
         }
+        let _changing = self.membership_turn().await?;
         let node = NodeInfo {
             grpc_addr: req.grpc_addr.clone(),
             region: req.region.clone(),
@@ -948,6 +954,17 @@ impl Cluster {
         })
     }
 
+    /// Waits for the membership changes in progress (other joins, a removal) to finish.
+    async fn membership_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
+        tokio::time::timeout(JOIN_TIMEOUT, self.membership.lock())
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "another membership change has been in progress for {JOIN_TIMEOUT:?}; retry"
+                ))
+            })
+    }
+
     async fn membership_change(
         &self,
         change: ChangeMembers<NodeId, NodeInfo>,
@@ -974,6 +991,7 @@ impl Cluster {
         }
         self.principal(caller)?
             .require_operator("removing a node")?;
+        let _changing = self.membership_turn().await?;
         let id = req.node_id;
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let m = membership.membership();

@@ -59,11 +59,53 @@ impl Faults {
     }
 }
 
+/// How long a peer may fail every Raft call before the node says so at WARN. A restart
+/// takes a second or two, and openraft retries by itself: that is not worth a warning.
+pub const SILENCE_WARNING: Duration = Duration::from_secs(10);
+
+/// Whether each peer answers Raft calls: one WARN once a peer has failed every call for
+/// [`SILENCE_WARNING`], one INFO when it answers again. (openraft's own per-call errors
+/// are left out of the default log: one line per failed heartbeat.)
+#[derive(Debug, Default)]
+pub struct Contact {
+    failing: Mutex<HashMap<NodeId, (std::time::Instant, bool)>>,
+}
+
+impl Contact {
+    pub fn answered(&self, peer: NodeId) {
+        let was = self.failing.lock().expect("contact lock").remove(&peer);
+        if let Some((since, true)) = was {
+            tracing::info!(
+                peer,
+                "node {peer} answers Raft calls again, after {:.0?}",
+                since.elapsed()
+            );
+        }
+    }
+
+    pub fn failed(&self, peer: NodeId, addr: &str, why: &str) {
+        let mut failing = self.failing.lock().expect("contact lock");
+        let (since, warned) = failing
+            .entry(peer)
+            .or_insert_with(|| (std::time::Instant::now(), false));
+        if !*warned && since.elapsed() >= SILENCE_WARNING {
+            *warned = true;
+            tracing::warn!(
+                peer,
+                "node {peer} at {addr} has failed every Raft call for {:.0?} (last: {why}); \
+                 it is down, cut off, or not listening there",
+                since.elapsed()
+            );
+        }
+    }
+}
+
 /// Channels to peers, one per address, created on first use and never connected eagerly.
 #[derive(Debug, Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     pub faults: Faults,
+    pub contact: Contact,
 }
 
 impl Peers {
@@ -71,6 +113,7 @@ impl Peers {
         Peers {
             channels: Mutex::default(),
             faults,
+            contact: Contact::default(),
         }
     }
 
@@ -149,6 +192,7 @@ impl PeerClient {
             s.code(),
             s.message()
         ));
+        self.peers.contact.failed(self.target, &self.addr, &e.0);
         match s.code() {
             // Connection refused or reset, or the peer refusing Raft traffic for now.
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&e)),
@@ -181,6 +225,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .await
             .map_err(|s| self.status_error(s))?
             .into_inner();
+        self.peers.contact.answered(self.target);
         use pb::append_entries_response::Result as R;
         match resp.result {
             Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
@@ -213,6 +258,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .await
             .map_err(|s| self.status_error(s))?
             .into_inner();
+        self.peers.contact.answered(self.target);
         Ok(VoteResponse {
             vote: codec::vote_from_pb(resp.vote).map_err(decode_err)?,
             vote_granted: resp.vote_granted,
@@ -271,12 +317,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             resp = client.install_snapshot(req) => {
                 let resp = resp.map_err(|s| {
                     let e = Msg(format!("snapshot to node {target} at {addr}: {}: {}", s.code(), s.message()));
+                    self.peers.contact.failed(target, &addr, &e.0);
                     if s.code() == tonic::Code::Unavailable {
                         StreamingError::Unreachable(Unreachable::new(&e))
                     } else {
                         StreamingError::Network(NetworkError::new(&e))
                     }
                 })?.into_inner();
+                self.peers.contact.answered(target);
                 let vote = codec::vote_from_pb(resp.vote)
                     .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
                 Ok(SnapshotResponse { vote })

@@ -15,15 +15,21 @@ use crate::config::LogFormat;
 use crate::telemetry::traces::{self, TARGET};
 
 /// A node's or control plane's default filter: our own crates at INFO, every library at
-/// WARN (openraft's INFO lines are its internals: elections, log ids, state dumps).
-/// openraft's core logs at WARN only that it ignores a stale message (a vote or membership
-/// that has moved on), which every join and election produces: ERROR and up from there.
-pub const NODE_DEFAULT: &str = "warn,openraft::core::raft_core=error,tollgate=info,\
-     tollgate_node=info,tollgate_control_plane=info,tollgate_sdk=info";
+/// WARN (openraft's INFO lines are its internals: elections, log ids, state dumps), but
+/// for openraft's lines that a healthy cluster produces (`RUST_LOG` brings them back): its
+/// core logs at WARN only that it ignores a stale message (a vote or membership that has
+/// moved on), which every join and election produces; replication logs an ERROR and WARNs
+/// for every call to a peer that is restarting. Tollgate itself says once when a peer
+/// stays silent (`raft::network::Contact`).
+pub const NODE_DEFAULT: &str = "warn,openraft::core::raft_core=error,\
+     openraft::replication=off,openraft::engine::handler::replication_handler=error,\
+     tollgate=info,tollgate_node=info,tollgate_control_plane=info,tollgate_sdk=info";
 
 /// `tollgate dev`'s default filter: its banner and the access log are the console, so
-/// only warnings and errors are logged (`RUST_LOG=info` shows the rest).
-pub const DEV_DEFAULT: &str = "warn,openraft::core::raft_core=error";
+/// only warnings and errors are logged (`RUST_LOG=info` shows the rest); openraft's
+/// routine lines are left out as in [`NODE_DEFAULT`].
+pub const DEV_DEFAULT: &str = "warn,openraft::core::raft_core=error,\
+     openraft::replication=off,openraft::engine::handler::replication_handler=error";
 
 /// Whether to write ANSI colours: only to a terminal, and never when `NO_COLOR` is set to
 /// anything but the empty string (no-color.org).
@@ -78,5 +84,12 @@ mod tests {
         assert!(!colour(true, Some("1".into())));
         // An empty NO_COLOR does not count (no-color.org).
         assert!(colour(true, Some("".into())));
+    }
+
+    #[test]
+    fn the_default_filters_parse() {
+        for f in [super::NODE_DEFAULT, super::DEV_DEFAULT] {
+            assert!(tracing_subscriber::EnvFilter::try_new(f).is_ok(), "{f}");
+        }
     }
 }

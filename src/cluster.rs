@@ -38,6 +38,9 @@ pub struct NodeArg {
 
 impl NodeArg {
     pub async fn connect(&self) -> anyhow::Result<NodeClient> {
+        if let Some(t) = &self.token {
+            tollgate_sdk::check_token(t)?;
+        }
         Ok(NodeClient::connect(&self.node)
             .await?
             .with_token(self.token.as_deref())?)

@@ -72,6 +72,8 @@ pub struct Node {
     compiler: Arc<Compiler>,
     cluster: Arc<Cluster>,
     journal: Option<Arc<metering::journal::Journal>>,
+    /// Stops the journal's periodic shipping (before its last tick at shutdown).
+    journal_stop: CancellationToken,
 }
 
 impl Node {
@@ -202,6 +204,7 @@ impl Node {
                 tracing::error!("node gRPC server failed: {e:#}");
             }
         });
+        let journal_stop = control.child_token();
         let journal = match &shared.meter {
             Some(meter) => {
                 let journal = Arc::new(metering::journal::Journal::open(
@@ -212,7 +215,7 @@ impl Node {
                 runtime.spawn(journal.clone().run(
                     cluster.clone(),
                     settings.meter_interval,
-                    control.clone(),
+                    journal_stop.clone(),
                 ));
                 Some(journal)
             }
@@ -315,6 +318,7 @@ impl Node {
             compiler,
             cluster,
             journal,
+            journal_stop,
         })
     }
 
@@ -337,7 +341,9 @@ impl Node {
         self.compiler.health_checks.lock().expect("lock").cancel();
         if let Some(journal) = &self.journal {
             // Every request has been answered: journal the last counts (and try to ship
-            // them; what is not shipped now is shipped at the next start).
+            // them; what is not shipped now is shipped at the next start). The periodic
+            // shipping stops first; a tick of it in progress finishes before this one.
+            self.journal_stop.cancel();
             let cluster = self.cluster.clone();
             let shipped = self.runtime.block_on(async {
                 tokio::time::timeout(std::time::Duration::from_secs(3), journal.tick(&cluster))
@@ -351,10 +357,8 @@ impl Node {
             }
         }
         self.control.cancel();
-        let raft = self.cluster.raft.clone();
-        let _ = self.runtime.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(2), raft.shutdown()).await
-        });
+        self.runtime
+            .block_on(self.cluster.shutdown(std::time::Duration::from_secs(2)));
         self.runtime
             .shutdown_timeout(std::time::Duration::from_secs(2));
         telemetry::traces::shutdown(std::time::Duration::from_secs(3));

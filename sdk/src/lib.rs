@@ -144,6 +144,12 @@ fn bearer(token: &str) -> Result<MetadataValue<Ascii>, Error> {
         .map_err(|_| Error::InvalidToken)
 }
 
+/// Checks that `token` can be sent as a token (not an API key, nothing a header cannot
+/// carry) before any connection is made.
+pub fn check_token(token: &str) -> Result<(), Error> {
+    bearer(token).map(drop)
+}
+
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
         Error::Status(s)
@@ -151,10 +157,12 @@ impl From<tonic::Status> for Error {
 }
 
 impl Error {
-    /// The gRPC status code, when the server answered.
+    /// The gRPC status code: the server's answer, or UNAVAILABLE when nothing answered
+    /// (as gRPC reports a connection that cannot be made).
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Error::Status(s) => Some(s.code()),
+            Error::Unreachable { .. } => Some(tonic::Code::Unavailable),
             _ => None,
         }
     }
@@ -204,14 +212,20 @@ fn transport_failure(status: &tonic::Status) -> Option<String> {
     use std::error::Error as _;
     let mut source = status.source();
     let mut transport = false;
+    // The chain's messages, for when no I/O error in it says more.
+    let mut chain = vec![status.message().to_string()];
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return Some(io_reason(io));
         }
         transport |= e.is::<tonic::transport::Error>();
+        let text = e.to_string();
+        if !chain.iter().any(|c| c.contains(&text)) {
+            chain.push(text);
+        }
         source = e.source();
     }
-    (transport || status.message() == "tcp connect error").then(|| status.message().to_string())
+    (transport || status.message() == "tcp connect error").then(|| chain.join(": "))
 }
 
 fn io_reason(io: &std::io::Error) -> String {

@@ -168,30 +168,39 @@ impl Journal {
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing_since: Option<std::time::Instant> = None;
+        // Since when shipping has failed, and when that was last said.
+        let mut failing: Option<(std::time::Instant, Option<std::time::Instant>)> = None;
         loop {
             tokio::select! {
-                _ = ticker.tick() => {}
+                biased;
                 _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
             }
             match self.tick(&cluster).await {
                 Ok(()) => {
-                    if failing_since.take().is_some() {
-                        tracing::info!("usage batches are being shipped again");
+                    if let Some((since, Some(_))) = failing.take() {
+                        tracing::info!(
+                            "usage batches are being shipped again, after {:.0?}",
+                            since.elapsed()
+                        );
                     }
                 }
                 Err(e) => {
-                    // Kept in the journal and retried; said once, then every minute.
+                    // Kept in the journal and retried. A leader that restarts or changes
+                    // stops shipping for a moment: said at WARN once it has lasted
+                    // SHIPPING_STALLED, then every minute.
                     let now = std::time::Instant::now();
-                    let say = match failing_since {
-                        None => true,
-                        Some(t) => now.duration_since(t) >= Duration::from_secs(60),
+                    let (since, said) = failing.get_or_insert((now, None));
+                    let say = match said {
+                        None => now.duration_since(*since) >= SHIPPING_STALLED,
+                        Some(t) => now.duration_since(*t) >= Duration::from_secs(60),
                     };
                     if say {
-                        failing_since = Some(now);
+                        *said = Some(now);
                         tracing::warn!(
                             pending = self.pending(),
-                            "usage is journaled but not shipped yet (retrying): {e}"
+                            "usage has been journaled but not shipped for {:.0?} (retrying): {e}",
+                            since.elapsed()
                         );
                     }
                 }
@@ -199,3 +208,6 @@ impl Journal {
         }
     }
 }
+
+/// How long shipping may fail (a leader restarting or changing) before it is a warning.
+const SHIPPING_STALLED: Duration = Duration::from_secs(10);

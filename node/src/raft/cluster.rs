@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -66,6 +66,50 @@ pub struct Cluster {
     /// last: openraft refuses a change while another is in flight, and two joins that both
     /// counted the voters before either promoted would grow the cluster past `--voters`.
     membership: tokio::sync::Mutex<()>,
+    /// Calls into Raft in flight: [`Cluster::shutdown`] refuses new ones and lets these
+    /// finish before it stops Raft.
+    pub gate: Arc<Gate>,
+}
+
+/// Counts the calls into Raft in flight (writes, linearizable reads, membership changes,
+/// peers' Raft RPCs), and refuses new ones once the node is shutting down. A call cut off
+/// by the stop would fail for nothing (and openraft logs it as an error).
+#[derive(Debug, Default)]
+pub struct Gate {
+    calls: AtomicUsize,
+    closing: AtomicBool,
+}
+
+/// One call into Raft, counted while it runs.
+pub struct InFlight<'a>(&'a Gate);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Gate {
+    /// Counts a call; refused once the node is shutting down.
+    pub fn enter(&self, node: NodeId) -> Result<InFlight<'_>, Status> {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self);
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Status::unavailable(format!(
+                "node {node} is shutting down; send this to another node"
+            )));
+        }
+        Ok(guard)
+    }
+
+    /// Refuses new calls, then waits (at most `wait`) for those in flight.
+    async fn close(&self, wait: Duration) {
+        self.closing.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.calls.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Where a request that must run on the leader goes.
@@ -119,6 +163,7 @@ impl Cluster {
             max_spec_bytes,
             last_leader_contact_ms: Arc::new(AtomicU64::new(now_ms())),
             membership: tokio::sync::Mutex::new(()),
+            gate: Arc::default(),
         }))
     }
 
@@ -126,6 +171,8 @@ impl Cluster {
         RaftService {
             raft: self.raft.clone(),
             peers: self.peers.clone(),
+            gate: self.gate.clone(),
+            id: self.id,
             last_leader_contact_ms: self.last_leader_contact_ms.clone(),
         }
     }
@@ -346,10 +393,7 @@ impl Cluster {
         if let Some(resp) = self.on_leader(req, forwarded, caller, call).await? {
             return Ok(Some(resp));
         }
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))?;
+        self.linearizable().await?;
         Ok(None)
     }
 
@@ -560,9 +604,7 @@ impl Cluster {
                         Some(To::Publish(p)) => {
                             // The draft may have been written through an earlier leader:
                             // read it only once this leader has applied all it committed.
-                            self.raft.ensure_linearizable().await.map_err(|e| {
-                                Status::unavailable(format!("linearizable read failed: {e}"))
-                            })?;
+                            self.linearizable().await?;
                             let version = t.version.clone();
                             let content = self.state_machine.read(|s| {
                                 let v = parse_version(&version).ok()?;
@@ -636,10 +678,7 @@ impl Cluster {
         if metrics.current_leader != Some(self.id) {
             return Ok(None);
         }
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))?;
+        self.linearizable().await?;
         if self
             .state_machine
             .read(|a| !a.state.access.hash_key.is_empty())
@@ -831,6 +870,7 @@ impl Cluster {
             tracing::info_span!(target: traces::TARGET, "raft.write", tollgate.leader = self.id)
         };
         cmd.trace_parent = span.in_scope(traces::current_traceparent);
+        let _call = self.in_flight()?;
         let result = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd))
             .instrument(span)
             .await;
@@ -954,6 +994,28 @@ impl Cluster {
         })
     }
 
+    /// Counts a call into Raft; refused once the node is shutting down.
+    fn in_flight(&self) -> Result<InFlight<'_>, Status> {
+        self.gate.enter(self.id)
+    }
+
+    /// A linearizable read's barrier: this leader has applied all it committed.
+    async fn linearizable(&self) -> Result<(), Status> {
+        let _call = self.in_flight()?;
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map(drop)
+            .map_err(|e| Status::unavailable(format!("linearizable read failed: {e}")))
+    }
+
+    /// Stops Raft once the calls in flight have finished (at most `wait`), refusing new
+    /// ones meanwhile: a write cut off by the stop would be an error for nothing.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.gate.close(wait).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.raft.shutdown()).await;
+    }
+
     /// Waits for the membership changes in progress (other joins, a removal) to finish.
     async fn membership_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
         tokio::time::timeout(JOIN_TIMEOUT, self.membership.lock())
@@ -969,6 +1031,7 @@ impl Cluster {
         &self,
         change: ChangeMembers<NodeId, NodeInfo>,
     ) -> Result<(), Status> {
+        let _call = self.in_flight()?;
         match tokio::time::timeout(JOIN_TIMEOUT, self.raft.change_membership(change, false)).await {
             Err(_) => Err(Status::unavailable(format!(
                 "the membership change was not committed within {JOIN_TIMEOUT:?}"

@@ -20,6 +20,9 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 pub struct RaftService {
     pub raft: Raft,
     pub peers: Arc<Peers>,
+    /// Counts the calls into the local Raft; refuses them once the node shuts down.
+    pub gate: Arc<super::cluster::Gate>,
+    pub id: super::NodeId,
     /// Milliseconds since the epoch of the last AppendEntries accepted from a leader (for
     /// followers and learners: "when did I last hear from the cluster").
     pub last_leader_contact_ms: Arc<AtomicU64>,
@@ -73,6 +76,7 @@ impl RaftRpc for RaftService {
                 .map_err(bad)?,
             leader_commit: codec::opt_log_id_from_pb(req.leader_commit).map_err(bad)?,
         };
+        let _call = self.gate.enter(self.id)?;
         let resp = self.raft.append_entries(rpc).await.map_err(fatal)?;
         use pb::append_entries_response::Result as R;
         let result = match resp {
@@ -110,6 +114,7 @@ impl RaftRpc for RaftService {
             vote: codec::vote_from_pb(req.vote).map_err(bad)?,
             last_log_id: codec::opt_log_id_from_pb(req.last_log_id).map_err(bad)?,
         };
+        let _call = self.gate.enter(self.id)?;
         let resp = self.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(pb::VoteResponse {
             vote: Some(codec::vote_to_pb(&resp.vote)),
@@ -169,6 +174,7 @@ impl RaftRpc for RaftService {
             meta,
             snapshot: Box::new(data),
         };
+        let _call = self.gate.enter(self.id)?;
         let resp = self
             .raft
             .install_full_snapshot(vote, snapshot)

@@ -193,6 +193,9 @@ async fn one_nodes_failures_open_the_circuit_everywhere_and_probes_close_it() {
         for _ in 0..5 {
             assert!(fallback(id).await);
         }
+        // Held open by hand, it will not try again by itself: no time is promised.
+        let held = cluster.node(id).get("/b/x").await;
+        assert_eq!(held.header("retry-after"), None, "node {id}");
     }
     assert_eq!(b.hits(), b_hits, "a forced-open upstream got traffic");
     assert!(cli(&cluster, &["list"]).contains("forced-open"));

@@ -567,3 +567,68 @@ async fn a_budget_cap_is_answered_402_by_every_node_within_5_s() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_inside_an_api_version_is_counted_under_the_callers_tenant() {
+    let up = Upstream::start("u").await;
+    let cluster = TestCluster::start(1, &spec(&up), &["--meter-interval", "200ms"]).await;
+    let cpp = CpProcess::start(&[cluster.node(1).grpc]).await;
+    let cp = cpp.sdk(&cluster.token);
+    cp.create_tenant("acme").await.unwrap();
+    // A version whose only route is /items: /shop/v1/nothing is a 404 inside it.
+    cp.create_api(
+        "shop",
+        "acme",
+        Some(state::ApiSettings {
+            base_path: "/shop".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let content = format!(
+        "upstreams: {{ o: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ items: {{ match: {{ path: {{ prefix: /items }} }}, upstream: o }} }}\n",
+        up.addr
+    );
+    cp.create_version("shop", "1.0.0", &content).await.unwrap();
+    cp.publish("shop", "1.0.0").await.unwrap();
+    let key = cp.create_key("acme", "k", "").await.unwrap().secret;
+    let c = client();
+    let url = |path: &str| cluster.node(1).url(path);
+    harness::eventually("the version to be served", T, async || {
+        send(&c, "GET", &url("/shop/v1/items/1"), &key, "")
+            .await
+            .map(|r| r.0)
+            == Some(200)
+    })
+    .await;
+    for _ in 0..3 {
+        let r = send(&c, "GET", &url("/shop/v1/nothing"), &key, "").await;
+        assert_eq!(r.map(|r| r.0), Some(404));
+    }
+    let lines = || async {
+        cp.usage(cp::UsageQuery {
+            since: "1h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .lines
+    };
+    harness::eventually("the 404s to be counted", T, async || {
+        lines()
+            .await
+            .iter()
+            .any(|l| l.tenant == "acme" && l.counts.as_ref().is_some_and(|c| c.class_4xx >= 3))
+    })
+    .await;
+    let anonymous: Vec<_> = lines()
+        .await
+        .into_iter()
+        .filter(|l| l.tenant != "acme")
+        .collect();
+    assert!(
+        anonymous.is_empty(),
+        "counted without the caller's tenant: {anonymous:?}"
+    );
+}

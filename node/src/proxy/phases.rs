@@ -3,10 +3,11 @@
 //! ```text
 //! accept ─► match route ─► authenticate ─► version ─► quota ─► circuit ─► transform ─► forward ─► meter
 //!   │            │              │              │          │         │           │            │         │
-//!  limits    Snapshot      APIs only: key   /vN, Api-   (pass today: quotas    path and    client.rs  Tail, when the
-//!  (431,     matcher       or JWT (401),    Version or   and circuits arrive   headers                 last byte is out
-//!   413)     (404)         subscription     split; 410   with a later issue)
-//!                          (403)            if retired
+//!  limits    Snapshot      APIs only: key   /vN, Api-   leases    committed   path and   client.rs  Tail, when the
+//!  (431,     matcher       or JWT (401),    Version or  (429)     state       headers                last byte is out
+//!   413)     (404)         subscription     split; 410            (503)
+//!                          (403), budget    if retired
+//!                          cap (402)
 //! ```
 //!
 //! Each request loads the [`Snapshot`] once and reads nothing else shared. Any stage can

@@ -85,14 +85,22 @@ struct Outcome {
     output: String,
 }
 
-/// A reader's working directory and the `tollgate dev` they started.
+/// A reader's working directory and the `tollgate dev` they started. One at a time: the
+/// commands use the documented fixed ports (nextest runs each test in a process of its
+/// own, and a test group keeps them apart; `cargo test` runs them as threads of one
+/// process, and this lock does).
 struct Reader {
     dir: PathBuf,
     dev: Option<Child>,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static FIXED_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Reader {
     fn new(name: &str) -> Reader {
+        // A test that failed while holding the turn has said so; the next one may go.
+        let turn = FIXED_PORTS.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("tollgate-tour-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("target/release")).expect("create the reader's dir");
@@ -101,7 +109,11 @@ impl Reader {
         std::os::unix::fs::symlink(BIN, dir.join("target/release/tollgate"))
             .expect("link the binary");
         std::fs::create_dir_all(dir.join("home")).expect("create HOME");
-        Reader { dir, dev: None }
+        Reader {
+            dir,
+            dev: None,
+            _turn: turn,
+        }
     }
 
     /// A command with the reader's clean environment, in the reader's directory.

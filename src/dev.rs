@@ -381,11 +381,10 @@ fn short_names(services: &[&str]) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_banner_names_every_service_the_servers_register() {
-        let dir = std::env::temp_dir().join(format!("tollgate-banner-{}", std::process::id()));
-        let banner = Banner {
-            data: &dir,
+    /// The banner at the default addresses, for a data directory in the state `tour` says.
+    fn render(dir: &Path, token_file: &str, new_token: Option<&str>, tour: Tour) -> String {
+        Banner {
+            data: dir,
             proxy: "127.0.0.1:8080".parse().unwrap(),
             admin: "127.0.0.1:7071".parse().unwrap(),
             grpc: "127.0.0.1:7070".parse().unwrap(),
@@ -393,15 +392,26 @@ mod tests {
             echo: "127.0.0.1:7090".parse().unwrap(),
             spec: &dir.join("dev-spec.yaml"),
             orders: &dir.join("orders-v1.yaml"),
-            token_file: &dir.join("operator-token"),
-            new_token: Some("tgt_x_y".into()),
-            tour: Tour {
-                tenant: false,
-                api: false,
-                version: false,
-            },
+            token_file: &dir.join(token_file),
+            new_token: new_token.map(str::to_string),
+            tour,
         }
-        .render();
+        .render()
+    }
+
+    #[test]
+    fn the_banner_names_every_service_the_servers_register() {
+        let none_done = Tour {
+            tenant: false,
+            api: false,
+            version: false,
+        };
+        let banner = render(
+            &std::env::temp_dir(),
+            "operator-token",
+            Some("tgt_x_y"),
+            none_done,
+        );
         for service in tollgate_control_plane::SERVICES
             .iter()
             .chain(&tollgate_node::admin::grpc::SERVICES)
@@ -415,25 +425,12 @@ mod tests {
 
     #[test]
     fn after_the_tour_a_restart_does_not_suggest_creating_what_exists() {
-        let dir = std::env::temp_dir();
-        let banner = Banner {
-            data: &dir,
-            proxy: "127.0.0.1:8080".parse().unwrap(),
-            admin: "127.0.0.1:7071".parse().unwrap(),
-            grpc: "127.0.0.1:7070".parse().unwrap(),
-            cp: "127.0.0.1:7080".parse().unwrap(),
-            echo: "127.0.0.1:7090".parse().unwrap(),
-            spec: &dir.join("dev-spec.yaml"),
-            orders: &dir.join("orders-v1.yaml"),
-            token_file: &dir.join("no-such-token-file"),
-            new_token: None,
-            tour: Tour {
-                tenant: true,
-                api: true,
-                version: true,
-            },
-        }
-        .render();
+        let all_done = Tour {
+            tenant: true,
+            api: true,
+            version: true,
+        };
+        let banner = render(&std::env::temp_dir(), "no-such-token-file", None, all_done);
         assert!(!banner.contains("tenant create"), "{banner}");
         assert!(!banner.contains("api create"), "{banner}");
         assert!(!banner.contains("version create"), "{banner}");

@@ -21,7 +21,7 @@ ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-5}
 TAG=${TAG:-compare-$REV-$(date +%Y%m%d-%H%M%S)}
 WORK=$BASELINE_WORK/compare; mkdir -p "$WORK"
 
-need=(); for t in nginx wrk; do command -v $t >/dev/null || need+=($t); done
+need=(); for t in nginx haproxy wrk; do command -v $t >/dev/null || need+=($t); done
 if ((${#need[@]})); then
   echo "installing ${need[*]}"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -96,6 +96,11 @@ routes:
 /// banner's commands work from any directory. Its echo address follows `--echo-addr`.
 const ORDERS_V1: &str = include_str!("../docs/examples/orders-v1.yaml");
 
+/// The tenant and API the banner's hints make: not the README's `acme` and `orders`, so the
+/// hints and the README's tour work in either order on the same `dev`.
+const TOUR_TENANT: &str = "demo";
+const TOUR_API: &str = "demo";
+
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let traces = tollgate_node::telemetry::traces::resolve(
         &tollgate_node::telemetry::traces::TraceArgs {
@@ -168,11 +173,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             }
         })?;
     let tour = node.read_state(|s| Tour {
-        tenant: s.access.tenants.contains_key("acme"),
-        api: s.apis.contains_key("orders"),
+        tenant: s.access.tenants.contains_key(TOUR_TENANT),
+        api: s.apis.contains_key(TOUR_API),
         version: s
             .apis
-            .get("orders")
+            .get(TOUR_API)
             .is_some_and(|a| a.versions.keys().any(|v| v.major == 1)),
     });
     let banner = Banner {
@@ -331,25 +336,27 @@ impl Banner<'_> {
             shell_path(self.spec)
         ));
         if !self.tour.tenant {
-            tryit.push("tollgate tenant create acme".into());
+            tryit.push(format!("tollgate tenant create {TOUR_TENANT}"));
         }
         if !self.tour.api {
-            tryit.push("tollgate api create orders --tenant acme --base-path /orders".into());
+            tryit.push(format!(
+                "tollgate api create {TOUR_API} --tenant {TOUR_TENANT} --base-path /{TOUR_API}"
+            ));
         }
         if !self.tour.version {
             tryit.push(format!(
-                "tollgate version create orders 1.0.0 -f {}",
+                "tollgate version create {TOUR_API} 1.0.0 -f {}",
                 shell_path(self.orders)
             ));
-            tryit.push(
-                "tollgate version publish orders 1.0.0 && tollgate api promote orders 1.0.0".into(),
-            );
+            tryit.push(format!(
+                "tollgate version publish {TOUR_API} 1.0.0 && tollgate api promote {TOUR_API} 1.0.0"
+            ));
         }
-        tryit.push(
-            "KEY=$(tollgate key create --tenant acme --quiet)   # an API key, shown once".into(),
-        );
         tryit.push(format!(
-            "curl -s http://{proxy}/orders/v1/hello -H \"x-api-key: $KEY\""
+            "KEY=$(tollgate key create --tenant {TOUR_TENANT} --quiet)   # an API key, shown once"
+        ));
+        tryit.push(format!(
+            "curl -s http://{proxy}/{TOUR_API}/v1/hello -H \"x-api-key: $KEY\""
         ));
         let _ = writeln!(out, "\nTry, in another shell:");
         for line in tryit {
@@ -420,7 +427,7 @@ mod tests {
             assert!(banner.contains(short), "{short} missing from:\n{banner}");
         }
         assert!(banner.contains("tgt_x_y"));
-        assert!(banner.contains("tollgate tenant create acme"));
+        assert!(banner.contains("tollgate tenant create demo"));
     }
 
     #[test]
@@ -434,7 +441,7 @@ mod tests {
         assert!(!banner.contains("tenant create"), "{banner}");
         assert!(!banner.contains("api create"), "{banner}");
         assert!(!banner.contains("version create"), "{banner}");
-        assert!(banner.contains("key create --tenant acme"), "{banner}");
+        assert!(banner.contains("key create --tenant demo"), "{banner}");
     }
 
     #[test]

@@ -370,12 +370,16 @@ fn tour_dev_banner_commands_work_also_after_a_restart() {
     let banner = reader.start_dev();
     let commands = banner_commands(&banner);
     assert!(
-        commands.iter().any(|c| c.contains("tenant create acme")),
+        commands.iter().any(|c| c.contains("tenant create demo")),
         "{banner}"
     );
     let outcomes = reader.run(&commands, Duration::from_secs(120));
     assert_all_succeeded(&outcomes);
-    assert!(output_of(&outcomes, "/orders/v1/hello").contains("\"path\": \"/hello\""));
+    assert!(output_of(&outcomes, "/demo/v1/hello").contains("\"path\": \"/hello\""));
+    // The README's tour, after the banner's hints on the same `dev`: they make different
+    // tenants and APIs, so either order works.
+    let readme = all_commands(&sh_blocks("README.md", Some("## A five-minute tour")));
+    assert_all_succeeded(&reader.run(&readme, Duration::from_secs(180)));
     let first = reader.stop_dev();
     assert_quiet("tollgate dev", &first);
 

@@ -169,8 +169,7 @@ async fn a_port_or_data_directory_in_use_is_named_with_the_flag_that_moves_it() 
     let gw = GatewayProcess::start(&one_route_spec(&up, "")).await;
     let dir = std::env::temp_dir().join(format!("tollgate-first-hour-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let node = |data: &str, proxy: &str, grpc: &str, admin: &str| {
-        let data = dir.join(data);
+    let node = |data: &std::path::Path, proxy: &str, grpc: &str, admin: &str| {
         cli(&[
             "node",
             "--id",
@@ -197,38 +196,24 @@ async fn a_port_or_data_directory_in_use_is_named_with_the_flag_that_moves_it() 
     // Even though the proxy listens with SO_REUSEPORT, a second process is refused.
     assert_says(
         "the proxy port in use",
-        node("a", &proxy, free, free),
+        node(&dir.join("a"), &proxy, free, free),
         &[&proxy, "already listens", "--proxy-addr"],
     );
     assert_says(
         "the gRPC port in use",
-        node("b", free, &grpc, free),
+        node(&dir.join("b"), free, &grpc, free),
         &[&grpc, "already listens", "--grpc-addr"],
     );
     assert_says(
         "the admin port in use",
-        node("c", free, free, &admin),
+        node(&dir.join("c"), free, free, &admin),
         &[&admin, "already listens", "--admin-addr"],
     );
     // The running node's own data directory.
     let data = gw.dir.join("data");
-    let (out, took) = cli(&[
-        "node",
-        "--id",
-        "9",
-        "--bootstrap",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--proxy-addr",
-        free,
-        "--grpc-addr",
-        free,
-        "--admin-addr",
-        free,
-    ]);
     assert_says(
         "the data directory in use",
-        (out, took),
+        node(&data, free, free, free),
         &[
             data.to_str().unwrap(),
             "in use by another Tollgate process",

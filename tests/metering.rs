@@ -29,26 +29,30 @@ fn spec(up: &Upstream) -> String {
     )
 }
 
-/// Two tenants with a key each, on an API `orders` 1.0.0 served by `up`.
-async fn two_tenants(cp: &ControlPlaneClient, up: &Upstream) -> (String, String) {
+/// API `name` of tenant acme at `/<name>`, version 1.0.0 published: one route, paths
+/// starting with `prefix`, onto `up`.
+async fn publish_api(cp: &ControlPlaneClient, name: &str, prefix: &str, up: &Upstream) {
     cp.create_api(
-        "orders",
+        name,
         "acme",
         Some(state::ApiSettings {
-            base_path: "/orders".into(),
+            base_path: format!("/{name}"),
             ..Default::default()
         }),
     )
     .await
     .unwrap();
     let content = format!(
-        "upstreams: {{ o: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: o }} }}\n",
+        "upstreams: {{ o: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: {prefix} }} }}, upstream: o }} }}\n",
         up.addr
     );
-    cp.create_version("orders", "1.0.0", &content)
-        .await
-        .unwrap();
-    cp.publish("orders", "1.0.0").await.unwrap();
+    cp.create_version(name, "1.0.0", &content).await.unwrap();
+    cp.publish(name, "1.0.0").await.unwrap();
+}
+
+/// Two tenants with a key each, on an API `orders` 1.0.0 served by `up`.
+async fn two_tenants(cp: &ControlPlaneClient, up: &Upstream) -> (String, String) {
+    publish_api(cp, "orders", "/", up).await;
     cp.subscribe("globex", "orders", "*").await.unwrap();
     let acme = cp.create_key("acme", "a", "").await.unwrap().secret;
     let globex = cp.create_key("globex", "g", "").await.unwrap().secret;
@@ -576,22 +580,7 @@ async fn a_404_inside_an_api_version_is_counted_under_the_callers_tenant() {
     let cp = cpp.sdk(&cluster.token);
     cp.create_tenant("acme").await.unwrap();
     // A version whose only route is /items: /shop/v1/nothing is a 404 inside it.
-    cp.create_api(
-        "shop",
-        "acme",
-        Some(state::ApiSettings {
-            base_path: "/shop".into(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .unwrap();
-    let content = format!(
-        "upstreams: {{ o: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ items: {{ match: {{ path: {{ prefix: /items }} }}, upstream: o }} }}\n",
-        up.addr
-    );
-    cp.create_version("shop", "1.0.0", &content).await.unwrap();
-    cp.publish("shop", "1.0.0").await.unwrap();
+    publish_api(&cp, "shop", "/items", &up).await;
     let key = cp.create_key("acme", "k", "").await.unwrap().secret;
     let c = client();
     let url = |path: &str| cluster.node(1).url(path);

@@ -211,21 +211,30 @@ impl Error {
 fn transport_failure(status: &tonic::Status) -> Option<String> {
     use std::error::Error as _;
     let mut source = status.source();
-    let mut transport = false;
-    // The chain's messages, for when no I/O error in it says more.
-    let mut chain = vec![status.message().to_string()];
+    let mut transport = status.message() == "tcp connect error";
+    while let Some(e) = source {
+        transport |= e.is::<tonic::transport::Error>() || e.is::<std::io::Error>();
+        source = e.source();
+    }
+    transport.then(|| failure_reason(status.message(), status.source()))
+}
+
+/// A failure's reason from its error chain: the I/O error in it, said plainly, or else the
+/// chain's messages joined (each once).
+fn failure_reason(top: &str, first: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut chain = vec![top.to_string()];
+    let mut source = first;
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io_reason(io));
+            return io_reason(io);
         }
-        transport |= e.is::<tonic::transport::Error>();
         let text = e.to_string();
         if !chain.iter().any(|c| c.contains(&text)) {
             chain.push(text);
         }
         source = e.source();
     }
-    (transport || status.message() == "tcp connect error").then(|| chain.join(": "))
+    chain.join(": ")
 }
 
 fn io_reason(io: &std::io::Error) -> String {
@@ -308,20 +317,10 @@ pub struct NodeClient {
 /// Why a connection to `addr` failed, from the transport error's chain.
 fn connect_error(e: tonic::transport::Error, addr: &str, server: Server) -> Error {
     use std::error::Error as _;
-    let mut source = e.source();
-    let mut reason = e.to_string();
-    while let Some(inner) = source {
-        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
-            reason = io_reason(io);
-            break;
-        }
-        reason = inner.to_string();
-        source = inner.source();
-    }
     Error::Unreachable {
         addr: addr.to_string(),
         server,
-        reason,
+        reason: failure_reason(&e.to_string(), e.source()),
     }
 }
 

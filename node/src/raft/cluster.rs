@@ -227,29 +227,13 @@ impl Cluster {
         let Err(s) = client.status(req).await else {
             return Ok(());
         };
-        let m = s.message();
-        let foreign = s.code() == tonic::Code::Unimplemented
-            || (matches!(s.code(), tonic::Code::Internal | tonic::Code::Unknown)
-                && [
-                    "protocol error",
-                    "compression flag",
-                    "grpc-status header missing",
-                    "content-type",
-                ]
-                .iter()
-                .any(|p| m.contains(p)));
-        if !foreign {
-            return Ok(());
+        match tollgate_sdk::Error::classify(s, peer, tollgate_sdk::Server::Node) {
+            tollgate_sdk::Error::WrongServer { answer, .. } => Err(format!(
+                "--join {peer} is not a Tollgate node's gRPC port ({answer}). Join through a \
+                 member's gRPC address: its --grpc-addr, 127.0.0.1:7070 by default"
+            )),
+            _ => Ok(()),
         }
-        Err(format!(
-            "--join {peer} is not a Tollgate node's gRPC port ({}). Join through a member's gRPC \
-             address: its --grpc-addr, 127.0.0.1:7070 by default",
-            if m.is_empty() {
-                "it answered UNIMPLEMENTED"
-            } else {
-                m
-            }
-        ))
     }
 
     async fn join_via(&self, peer: &str, max_voters: u32) -> Result<api::JoinResponse, String> {

@@ -83,9 +83,9 @@ async fn propagation(n: usize) {
     let mut watchers = Vec::new();
     for (i, id) in c.ids().into_iter().enumerate() {
         let addr = c.node(id).grpc.to_string();
-        let (seen, stop) = (seen[i].clone(), stop.clone());
+        let (seen, stop, tls) = (seen[i].clone(), stop.clone(), c.tls.clone());
         watchers.push(tokio::spawn(async move {
-            let mut nc = NodeClient::connect(&addr).await.unwrap();
+            let mut nc = NodeClient::connect(&addr, &tls).await.unwrap();
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(s) = nc.status().await {
                     let g = s.spec_generation;
@@ -220,7 +220,7 @@ async fn failover(iterations: usize) {
         let old = c.leader(Duration::from_secs(20)).await;
         let survivor = c.ids().into_iter().find(|id| *id != old).unwrap();
         let addr = c.node(survivor).grpc.to_string();
-        let mut probe = NodeClient::connect(&addr)
+        let mut probe = NodeClient::connect(&addr, &c.tls)
             .await
             .unwrap()
             .with_token(Some(&c.token))
@@ -257,7 +257,7 @@ async fn failover(iterations: usize) {
             .lock()
             .unwrap()
             .expect("an acknowledged apply within 30s");
-        let mut poll = NodeClient::connect(&addr).await.unwrap();
+        let mut poll = NodeClient::connect(&addr, &c.tls).await.unwrap();
         let leader_at = loop {
             if let Ok(s) = poll.cluster_status().await
                 && s.leader.is_some_and(|l| l != old)

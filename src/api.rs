@@ -23,6 +23,8 @@ pub struct CpArg {
     /// The operator token (printed at bootstrap) or a tenant token.
     #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub ca: crate::cluster::CaArg,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -204,7 +206,7 @@ pub enum VersionCommand {
 
 pub fn client(cp: &CpArg) -> anyhow::Result<ControlPlaneClient> {
     let addrs: Vec<&str> = cp.cp.iter().map(String::as_str).collect();
-    let client = ControlPlaneClient::new(&addrs)?;
+    let client = ControlPlaneClient::new(&addrs, &cp.ca.tls()?)?;
     Ok(match &cp.token {
         Some(t) => client.with_token(t)?,
         None => client,

@@ -50,6 +50,8 @@ pub struct Connection {
     /// The operator token, or a tenant token (which sees its own tenant only).
     #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub ca: crate::cluster::CaArg,
 }
 
 impl Connection {
@@ -57,6 +59,7 @@ impl Connection {
         client(&CpArg {
             cp: self.cp.clone(),
             token: self.token.clone(),
+            ca: self.ca.clone(),
             output: Output::Table,
         })
     }

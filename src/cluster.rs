@@ -34,6 +34,35 @@ pub struct NodeArg {
     /// The operator token (printed at bootstrap) for calls that change the cluster.
     #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub ca: CaArg,
+}
+
+/// How the CLI verifies the servers it calls.
+#[derive(Debug, Clone, Args)]
+pub struct CaArg {
+    /// The cluster CA's certificate, to verify nodes and control planes with
+    /// (`<data dir>/cluster-ca.pem` of the bootstrapping node) [default:
+    /// ./tollgate-data/cluster-ca.pem when it exists]
+    #[arg(long, env = "TOLLGATE_CA")]
+    pub ca: Option<PathBuf>,
+    /// Talk plain text, for nodes run with --insecure-cluster.
+    #[arg(long, env = "TOLLGATE_INSECURE", conflicts_with = "ca")]
+    pub insecure: bool,
+}
+
+impl CaArg {
+    pub fn tls(&self) -> anyhow::Result<tollgate_sdk::Tls> {
+        if self.insecure {
+            return Ok(tollgate_sdk::Tls::plaintext());
+        }
+        let default = PathBuf::from("tollgate-data/cluster-ca.pem");
+        match &self.ca {
+            Some(path) => Ok(tollgate_sdk::Tls::ca_file(path)?),
+            None if default.exists() => Ok(tollgate_sdk::Tls::ca_file(&default)?),
+            None => Ok(tollgate_sdk::Tls::plaintext()),
+        }
+    }
 }
 
 impl NodeArg {
@@ -41,7 +70,7 @@ impl NodeArg {
         if let Some(t) = &self.token {
             tollgate_sdk::check_token(t)?;
         }
-        Ok(NodeClient::connect(&self.node)
+        Ok(NodeClient::connect(&self.node, &self.ca.tls()?)
             .await?
             .with_token(self.token.as_deref())?)
     }
@@ -260,7 +289,7 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Status { node, output } => {
             let mut client = node.connect().await?;
             let status = client.cluster_status().await?;
-            let applied = members_applied(&status).await;
+            let applied = members_applied(&status, &node.ca.tls()?).await;
             print_status(&status, &applied, output);
         }
         ClusterCommand::Remove { id, node } => {
@@ -274,11 +303,14 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
 
 /// Each member's applied index, asked of the member itself (null when it does not answer
 /// within a second; then the leader's replication progress, if this view has it).
-async fn members_applied(status: &ClusterStatusResponse) -> Vec<(Option<u64>, String)> {
+async fn members_applied(
+    status: &ClusterStatusResponse,
+    tls: &tollgate_sdk::Tls,
+) -> Vec<(Option<u64>, String)> {
     let mut out = Vec::new();
     for m in &status.members {
         let own = async {
-            let mut c = NodeClient::connect(&m.addr).await?;
+            let mut c = NodeClient::connect(&m.addr, tls).await?;
             c.cluster_status().await
         };
         match tokio::time::timeout(Duration::from_secs(1), own).await {

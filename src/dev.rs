@@ -154,7 +154,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let cp_listener = cp_listener?;
     let cp_addr = cp_listener.local_addr()?;
     let a = node.addrs();
-    // The control plane, in this process, talking to this node.
+    // The control plane, in this process, talking to this node, with a certificate from
+    // the cluster CA.
+    let (cert_chain_pem, key_der, ca_pem) =
+        node.issue_control_plane_certificate(&[cp_addr.ip().to_string()])?;
     let cp_args = tollgate_control_plane::CpArgs {
         listen: cp_addr,
         nodes: vec![a.grpc.to_string()],
@@ -164,6 +167,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         otlp_protocol: None,
         trace_sample_ratio: None,
         environment: "dev".into(),
+        join_token: None,
+        cert_names: Vec::new(),
+        insecure: false,
+        identity: Some(tollgate_control_plane::CpIdentity {
+            cert_chain_pem,
+            key_der,
+            ca_pem,
+        }),
     };
     std::thread::Builder::new()
         .name("tollgate-cp".into())

@@ -90,13 +90,30 @@ enum Command {
     },
 }
 
+/// A client command whose output goes to a pipe that closed (`... | head`) ends quietly,
+/// as other command-line tools do, instead of panicking in println!. SIGPIPE stays
+/// ignored: a socket the server closed (a TLS server hanging up on a plain-text client,
+/// say) is an error to report, never a reason to die silently.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.command.is_client() {
-        // A client command whose output goes to a pipe that closed (`... | head`) ends
-        // quietly, as other command-line tools do, instead of panicking in println!.
-        // Servers keep SIGPIPE ignored: a closed socket is an error, not a reason to die.
-        sigpipe::reset();
+        quiet_on_closed_stdout();
     }
     match cli.command {
         Command::Dev(args) => match dev::run(args) {

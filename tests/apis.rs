@@ -705,7 +705,7 @@ async fn a_tenant_token_sees_and_changes_only_its_own_tenant() {
     );
 
     // No token, or a revoked one: UNAUTHENTICATED.
-    let anon = ControlPlaneClient::new(&[&cpp.addr.to_string()]).unwrap();
+    let anon = ControlPlaneClient::new(&[&cpp.addr.to_string()], &cpp.tls).unwrap();
     assert_eq!(
         anon.list_apis("").await.unwrap_err().code(),
         Some(tonic::Code::Unauthenticated)

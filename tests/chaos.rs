@@ -67,7 +67,7 @@ async fn a_randomized_fault_run_loses_no_acknowledged_apply() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (outcomes, stop, upstream) = (outcomes.clone(), stop.clone(), up.addr);
-        let token = c.token.clone();
+        let (token, tls) = (c.token.clone(), c.tls.clone());
         let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
         tokio::spawn(async move {
             let mut seq = 0u64;
@@ -76,7 +76,7 @@ async fn a_randomized_fault_run_loses_no_acknowledged_apply() {
                 let addr = addrs[rng.below(addrs.len() as u64) as usize].to_string();
                 let id = format!("chaos-{seq}");
                 let attempt = async {
-                    let mut client = NodeClient::connect(&addr).await?.with_token(Some(&token))?;
+                    let mut client = NodeClient::connect(&addr, &tls).await?.with_token(Some(&token))?;
                     client
                         .apply_spec(tagged_spec(upstream, &seq.to_string()), false, id.clone())
                         .await

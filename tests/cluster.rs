@@ -330,7 +330,7 @@ async fn a_restarted_single_node_keeps_what_was_applied() {
     let gw = GatewayProcess::launch(opts).await;
     let addr = gw.grpc.to_string();
     eventually("the restarted node to serve generation 2", T, async || {
-        match tollgate_sdk::NodeClient::connect(&addr).await {
+        match tollgate_sdk::NodeClient::connect(&addr, &gw.tls).await {
             Ok(mut c) => c.status().await.is_ok_and(|s| s.spec_generation == 2),
             Err(_) => false,
         }
@@ -603,14 +603,18 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
             .spawn()
             .unwrap()
     };
+    let ca = dir.join("cluster-ca.pem");
     let generation = async |want: u64| {
         let grpc = ports[1].clone();
         eventually(
             &format!("tollgate dev serving generation {want}"),
             T,
-            async || match tollgate_sdk::NodeClient::connect(&grpc).await {
-                Ok(mut c) => c.status().await.is_ok_and(|s| s.spec_generation == want),
+            async || match tollgate_sdk::Tls::ca_file(&ca) {
                 Err(_) => false,
+                Ok(tls) => match tollgate_sdk::NodeClient::connect(&grpc, &tls).await {
+                    Ok(mut c) => c.status().await.is_ok_and(|s| s.spec_generation == want),
+                    Err(_) => false,
+                },
             },
         )
         .await;
@@ -618,7 +622,7 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
     let mut dev = start();
     generation(1).await;
     let token = std::fs::read_to_string(dir.join("operator-token")).unwrap();
-    let mut client = tollgate_sdk::NodeClient::connect(&ports[1])
+    let mut client = tollgate_sdk::NodeClient::connect(&ports[1], &tollgate_sdk::Tls::ca_file(&ca).unwrap())
         .await
         .unwrap()
         .with_token(Some(token.trim()))

@@ -296,6 +296,8 @@ async fn a_client_command_whose_reader_goes_away_ends_quietly() {
     let mut child = Command::new(BIN)
         .args(["cluster", "status", "--output", "json", "--node"])
         .arg(gw.grpc.to_string())
+        .arg("--ca")
+        .arg(gw.dir.join("data/cluster-ca.pem"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -338,7 +338,7 @@ async fn a_sighup_right_after_start_reloads_instead_of_killing() {
 async fn the_sdk_reads_node_status_over_grpc() {
     let up = Upstream::start("a").await;
     let gw = GatewayProcess::start_with(&spec(&up), &["--id", "7", "--region", "eu-west"]).await;
-    let mut node = tollgate_sdk::NodeClient::connect(&gw.grpc.to_string())
+    let mut node = tollgate_sdk::NodeClient::connect(&gw.grpc.to_string(), &gw.tls)
         .await
         .expect("connect to the node's gRPC address");
     let status = node.status().await.expect("status");
@@ -354,7 +354,7 @@ async fn the_sdk_reads_node_status_over_grpc() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let err = tollgate_sdk::NodeClient::connect(&dead.to_string())
+    let err = tollgate_sdk::NodeClient::connect(&dead.to_string(), &tollgate_sdk::Tls::plaintext())
         .await
         .expect_err("nothing listens there");
     assert!(err.to_string().contains(&dead.to_string()), "{err}");

@@ -41,6 +41,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 /// The nodes the control plane talks to, with a client per address.
 pub struct Nodes {
+    tls: tollgate_sdk::Tls,
     addrs: Mutex<Vec<String>>,
     clients: Mutex<Vec<(String, NodeClient)>>,
     /// Index (into `addrs`) of the node that answered last.
@@ -48,15 +49,16 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    pub fn new(addrs: &[String]) -> Result<Nodes, String> {
+    pub fn new(addrs: &[String], tls: &tollgate_sdk::Tls) -> Result<Nodes, String> {
         if addrs.is_empty() {
             return Err("give at least one node address (--nodes HOST:PORT,...)".into());
         }
         let mut clients = Vec::new();
         for a in addrs {
-            clients.push((a.clone(), NodeClient::lazy(a).map_err(|e| e.to_string())?));
+            clients.push((a.clone(), NodeClient::lazy(a, tls).map_err(|e| e.to_string())?));
         }
         Ok(Nodes {
+            tls: tls.clone(),
             addrs: Mutex::new(addrs.to_vec()),
             clients: Mutex::new(clients),
             preferred: AtomicUsize::new(0),
@@ -69,7 +71,7 @@ impl Nodes {
             return Ok(c.clone());
         }
         // A leader hint naming a node we were not given: remember it.
-        let c = NodeClient::lazy(addr).map_err(|e| Status::internal(e.to_string()))?;
+        let c = NodeClient::lazy(addr, &self.tls).map_err(|e| Status::internal(e.to_string()))?;
         clients.push((addr.to_string(), c.clone()));
         self.addrs
             .lock()
@@ -772,6 +774,7 @@ const THIS: &str = "the Tollgate control plane (tollgate.cp.v1: ApiLifecycle, Ac
 pub async fn serve(
     listener: TcpListener,
     nodes: Nodes,
+    tls: Option<Arc<tollgate_node::identity::tls::TlsState>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let service = Service::new(nodes);
@@ -801,17 +804,30 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_v1alpha);
     // Exactly the servers SERVICES names.
-    server
+    let server = server
         .add_service(ApiLifecycleServer::new(service.clone()))
         .add_service(AccessServer::new(service.clone()))
         .add_service(AuditServer::new(service.clone()))
         .add_service(CircuitsServer::new(service.clone()))
-        .add_service(BillingServer::new(service))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
+        .add_service(BillingServer::new(service));
+    match tls {
+        Some(tls) => {
+            let config = tls.server_config().map_err(|e| anyhow::anyhow!(e))?;
+            let incoming =
+                tollgate_node::identity::tls::incoming(listener, config, shutdown.clone());
+            server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await?
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled_owned(),
+                )
+                .await?
+        }
+    }
     Ok(())
 }
 
@@ -846,6 +862,133 @@ pub struct CpArgs {
     /// `deployment.environment` of the traces.
     #[arg(long, env = "TOLLGATE_ENVIRONMENT", default_value = "production")]
     pub environment: String,
+    /// A join token (`tollgate cluster join-token create`): the control plane enrolls with
+    /// it at start, gets a certificate from the cluster CA and serves TLS with it, and
+    /// verifies nodes with the CA the token names.
+    #[arg(long, env = "TOLLGATE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Names clients reach this control plane by (host names or IP addresses,
+    /// comma-separated), put in its certificate beside localhost and the loopback
+    /// addresses [default: the --listen host when it is not 0.0.0.0]
+    #[arg(long = "cert-name", env = "TOLLGATE_CERT_NAMES", value_delimiter = ',')]
+    pub cert_names: Vec<String>,
+    /// Plain text to nodes and to clients, for a cluster run with --insecure-cluster.
+    #[arg(long, env = "TOLLGATE_INSECURE")]
+    pub insecure: bool,
+    /// A certificate already issued (`tollgate dev` runs a node in the same process).
+    #[arg(skip)]
+    pub identity: Option<CpIdentity>,
+}
+
+/// A control plane's certificate chain (leaf, CA), its key (PKCS#8 DER) and the CA.
+#[derive(Clone)]
+pub struct CpIdentity {
+    pub cert_chain_pem: String,
+    pub key_der: Vec<u8>,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for CpIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpIdentity").finish_non_exhaustive()
+    }
+}
+
+/// The names a control plane's certificate carries.
+fn cert_names(args: &CpArgs) -> Vec<String> {
+    let mut names = args.cert_names.clone();
+    if !args.listen.ip().is_unspecified() {
+        names.push(args.listen.ip().to_string());
+    }
+    names
+}
+
+/// Enrolls this control plane with its join token through the first node that answers.
+async fn enroll(args: &CpArgs, token: &str) -> anyhow::Result<CpIdentity> {
+    use tollgate_node::identity::{JoinToken, ca, request_certificate, tls::TlsState};
+    let parsed = JoinToken::parse(token).map_err(|e| anyhow::anyhow!("--join-token: {e}"))?;
+    let tls = Arc::new(TlsState::default());
+    tls.pin(&parsed.ca_fingerprint);
+    let (key, csr) = ca::new_key_and_csr().map_err(|e| anyhow::anyhow!(e))?;
+    let req = tollgate_proto::node::v1::EnrollRequest {
+        join_token: token.trim().to_string(),
+        node_id: 0,
+        control_plane: true,
+        csr_pem: csr,
+        names: cert_names(args),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut last = String::new();
+        for addr in &args.nodes {
+            match request_certificate(&tls, addr, req.clone()).await {
+                Ok(resp) => {
+                    tracing::info!(node = addr, "enrolled: serving TLS with a certificate from the cluster CA");
+                    return Ok(CpIdentity {
+                        cert_chain_pem: resp.cert_chain_pem,
+                        key_der: key.serialize_der(),
+                        ca_pem: resp.ca_cert_pem,
+                    });
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+                    last = format!("{addr}: {}", s.message());
+                }
+                Err(s) => anyhow::bail!("enrolling through {addr} was refused: {}", s.message()),
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("could not enroll within 120s; last: {last}");
+        }
+        tracing::info!("not enrolled yet, retrying: {last}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Renews the control plane's certificate with itself (no token) once a third of its
+/// life is left.
+async fn keep_certificate(
+    tls: Arc<tollgate_node::identity::tls::TlsState>,
+    args: CpArgs,
+    mut not_after_ms: u64,
+    mut issued_at_ms: u64,
+    stop: CancellationToken,
+) {
+    use tollgate_node::identity::{ca, request_certificate};
+    loop {
+        let life = not_after_ms.saturating_sub(issued_at_ms);
+        let due = not_after_ms.saturating_sub(life / 3);
+        let now = tollgate_node::raft::service::now_ms();
+        let wait = Duration::from_millis(due.saturating_sub(now).max(1000));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let Ok((key, csr)) = ca::new_key_and_csr() else {
+            continue;
+        };
+        let req = tollgate_proto::node::v1::EnrollRequest {
+            control_plane: true,
+            csr_pem: csr,
+            names: cert_names(&args),
+            ..Default::default()
+        };
+        for addr in &args.nodes {
+            match request_certificate(&tls, addr, req.clone()).await {
+                Ok(resp) => {
+                    let chain = ca::pem_certs(&resp.cert_chain_pem).unwrap_or_default();
+                    let Some(leaf) = chain.first().and_then(|c| ca::parse_peer(c).ok()) else {
+                        break;
+                    };
+                    if tls.present(chain, key.serialize_der()).is_ok() {
+                        (not_after_ms, issued_at_ms) = (leaf.not_after_ms, leaf.issued_at_ms);
+                        tracing::info!("renewed the control plane's certificate");
+                    }
+                    break;
+                }
+                Err(s) => tracing::warn!(node = addr, "cannot renew the control plane's certificate: {}", s.message()),
+            }
+        }
+    }
 }
 
 /// Starts trace export when the flags or the `OTEL_*` environment ask for it; call before
@@ -901,7 +1044,41 @@ pub fn run_on(args: CpArgs, listener: std::net::TcpListener) -> anyhow::Result<(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let nodes = Nodes::new(&args.nodes).map_err(|e| anyhow::anyhow!(e))?;
+        let shutdown = CancellationToken::new();
+        let (tls, node_tls) = if args.insecure {
+            tracing::warn!("INSECURE: --insecure is set: plain text to nodes and to clients");
+            (None, tollgate_sdk::Tls::plaintext())
+        } else {
+            let identity = match (&args.identity, &args.join_token) {
+                (Some(i), _) => i.clone(),
+                (None, Some(token)) => enroll(&args, token).await?,
+                (None, None) => anyhow::bail!(
+                    "the control plane serves TLS with a certificate from the cluster CA: give it \
+                     a join token with --join-token (TOLLGATE_JOIN_TOKEN; make one with \
+                     `tollgate cluster join-token create`), or run it with --insecure for a \
+                     cluster run with --insecure-cluster"
+                ),
+            };
+            use tollgate_node::identity::{ca, tls::TlsState};
+            let state = Arc::new(TlsState::default());
+            let chain = ca::pem_certs(&identity.cert_chain_pem).map_err(|e| anyhow::anyhow!(e))?;
+            let leaf = ca::parse_peer(&chain[0]).map_err(|e| anyhow::anyhow!(e))?;
+            state
+                .trust(&ca::pem_certs(&identity.ca_pem).map_err(|e| anyhow::anyhow!(e))?)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            state
+                .present(chain, identity.key_der.clone())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tokio::spawn(keep_certificate(
+                state.clone(),
+                args.clone(),
+                leaf.not_after_ms,
+                leaf.issued_at_ms,
+                shutdown.clone(),
+            ));
+            (Some(state), tollgate_sdk::Tls::ca_pem(&identity.ca_pem))
+        };
+        let nodes = Nodes::new(&args.nodes, &node_tls).map_err(|e| anyhow::anyhow!(e))?;
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         if let Some(path) = &args.addr_file {
@@ -909,8 +1086,7 @@ pub fn run_on(args: CpArgs, listener: std::net::TcpListener) -> anyhow::Result<(
             std::fs::write(&tmp, addr.to_string())?;
             std::fs::rename(&tmp, path)?;
         }
-        tracing::info!(%addr, nodes = ?args.nodes, "tollgate-cp serving");
-        let shutdown = CancellationToken::new();
+        tracing::info!(%addr, nodes = ?args.nodes, tls = tls.is_some(), "tollgate-cp serving");
         let stop = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
@@ -922,7 +1098,7 @@ pub fn run_on(args: CpArgs, listener: std::net::TcpListener) -> anyhow::Result<(
             }
             stop.cancel();
         });
-        serve(listener, nodes, shutdown).await
+        serve(listener, nodes, tls, shutdown).await
     })?;
     traces::shutdown(Duration::from_secs(3));
     Ok(())

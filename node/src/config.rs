@@ -105,10 +105,27 @@ pub struct NodeArgs {
     /// Join the cluster through this member's gRPC address (HOST:PORT).
     #[arg(long, env = "TOLLGATE_JOIN")]
     pub join: Option<String>,
-    /// When joining: become a voter while the cluster has fewer voters than this, else
-    /// stay a learner [default: 3]
+    /// The join token a new node enrolls with (`tollgate cluster join-token create`); only
+    /// needed the first time a node joins: it then holds its certificate.
+    #[arg(long, env = "TOLLGATE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// The cluster's voter policy, on the node that leads: a joining node becomes a voter
+    /// while the cluster has fewer voters than this, else stays a learner [default: 3]
     #[arg(long, env = "TOLLGATE_VOTERS")]
     pub voters: Option<u32>,
+    /// The file holding the sealing keys that open the cluster's secrets (made by a
+    /// bootstrapping node, written by an enrolling one) [default: <data-dir>/sealing-key].
+    /// TOLLGATE_SEALING_KEY gives the keys themselves instead.
+    #[arg(long, env = "TOLLGATE_SEALING_KEY_FILE")]
+    pub sealing_key_file: Option<PathBuf>,
+    /// How long node certificates this node issues are valid, e.g. `30d` (they are renewed
+    /// when a third of that is left) [default: 30d]
+    #[arg(long, env = "TOLLGATE_CERT_LIFETIME", value_parser = parse_duration)]
+    pub cert_lifetime: Option<Duration>,
+    /// Run without node identity: plain gRPC between nodes, no certificates, every caller
+    /// that can reach the gRPC port trusted. For tests and trusted networks only.
+    #[arg(long, env = "TOLLGATE_INSECURE_CLUSTER")]
+    pub insecure_cluster: bool,
     /// The gRPC address peers dial to reach this node, `IP:PORT` or `HOST:PORT` (a DNS
     /// name, e.g. a StatefulSet pod's) [default: the bound --grpc-addr]
     #[arg(long, env = "TOLLGATE_ADVERTISE_ADDR", value_parser = parse_peer_addr)]
@@ -182,7 +199,12 @@ pub struct FileSettings {
     pub addr_file: Option<PathBuf>,
     pub bootstrap: Option<bool>,
     pub join: Option<String>,
+    pub join_token: Option<String>,
     pub voters: Option<u32>,
+    pub sealing_key_file: Option<PathBuf>,
+    #[serde(default, with = "opt_duration")]
+    pub cert_lifetime: Option<Duration>,
+    pub insecure_cluster: Option<bool>,
     pub advertise_addr: Option<String>,
     #[serde(default, with = "opt_duration")]
     pub raft_heartbeat: Option<Duration>,
@@ -223,7 +245,15 @@ pub struct Settings {
     pub addr_file: Option<PathBuf>,
     pub bootstrap: bool,
     pub join: Option<String>,
+    pub join_token: Option<String>,
     pub voters: u32,
+    /// None: `<data dir>/sealing-key`.
+    pub sealing_key_file: Option<PathBuf>,
+    /// The sealing keys themselves, from `TOLLGATE_SEALING_KEY` (never a flag: argv is
+    /// visible to every user of the machine).
+    pub sealing_key: Option<String>,
+    pub cert_lifetime: Duration,
+    pub insecure_cluster: bool,
     pub advertise_addr: Option<String>,
     pub raft: RaftSettings,
     pub max_spec_bytes: usize,
@@ -258,7 +288,12 @@ impl Default for Settings {
             addr_file: None,
             bootstrap: false,
             join: None,
+            join_token: None,
             voters: 3,
+            sealing_key_file: None,
+            sealing_key: None,
+            cert_lifetime: Duration::from_secs(30 * 24 * 3600),
+            insecure_cluster: false,
             advertise_addr: None,
             raft: RaftSettings::default(),
             max_spec_bytes: 1024 * 1024,
@@ -325,7 +360,17 @@ impl Settings {
             addr_file: args.addr_file.or(file.addr_file),
             bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
             join: args.join.or(file.join),
+            join_token: args.join_token.or(file.join_token),
             voters: args.voters.or(file.voters).unwrap_or(d.voters),
+            sealing_key_file: args.sealing_key_file.or(file.sealing_key_file),
+            sealing_key: std::env::var("TOLLGATE_SEALING_KEY")
+                .ok()
+                .filter(|k| !k.trim().is_empty()),
+            cert_lifetime: args
+                .cert_lifetime
+                .or(file.cert_lifetime)
+                .unwrap_or(d.cert_lifetime),
+            insecure_cluster: args.insecure_cluster || file.insecure_cluster.unwrap_or(false),
             advertise_addr: match args.advertise_addr {
                 Some(a) => Some(a),
                 None => file
@@ -403,6 +448,12 @@ impl Settings {
         }
         if self.voters == 0 {
             problems.push("voters must be at least 1");
+        }
+        if self.cert_lifetime < Duration::from_secs(30) {
+            problems.push("cert_lifetime must be at least 30s");
+        }
+        if self.insecure_cluster && self.join_token.is_some() {
+            problems.push("--join-token is for a secure cluster; --insecure-cluster nodes join without one");
         }
         if self.raft.heartbeat_interval.is_zero()
             || self.raft.election_timeout <= self.raft.heartbeat_interval * 2

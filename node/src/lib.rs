@@ -23,6 +23,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod hash;
+pub mod identity;
 pub mod metering;
 pub mod proxy;
 pub mod raft;
@@ -147,6 +148,34 @@ impl Node {
             reachable(addrs.proxy, &advertise),
             reachable(addrs.admin, &advertise),
         );
+        if settings.insecure_cluster {
+            tracing::warn!(
+                "INSECURE CLUSTER: --insecure-cluster is set. Nodes talk plain gRPC, present no \
+                 certificates, and trust every caller that can reach the gRPC port {} (anyone \
+                 there can join, read the state and act as a node). Use it for tests and \
+                 trusted networks only",
+                addrs.grpc
+            );
+        }
+        let identity = Arc::new(identity::Identity::load(
+            settings.id,
+            !settings.insecure_cluster,
+            &settings.data_dir,
+            match (&settings.sealing_key, &settings.sealing_key_file) {
+                (Some(keys), _) => identity::KeySource::Env(keys.clone()),
+                (None, Some(file)) => identity::KeySource::File(file.clone()),
+                (None, None) => identity::KeySource::File(
+                    settings.data_dir.join(identity::SEALING_KEY_FILE),
+                ),
+            },
+            vec![advertise
+                .rsplit_once(':')
+                .map_or(advertise.as_str(), |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()],
+            settings.cert_lifetime,
+        )?);
         let info = NodeInfo {
             grpc_addr: advertise.clone(),
             region: settings.region.clone(),
@@ -160,13 +189,18 @@ impl Node {
             settings.raft,
             settings.enable_fault_injection,
             settings.max_spec_bytes,
+            identity.clone(),
+            settings.voters,
+            &settings.data_dir,
         ))?;
+        check_sealing(&cluster, settings.bootstrap)?;
 
         // `shutdown` stops the data plane; `control` stops the admin side once the data
         // plane has drained, so /readyz can say "draining" meanwhile.
         let shutdown = CancellationToken::new();
         let control = CancellationToken::new();
         let compiler = Arc::new(Compiler {
+            identity: identity.clone(),
             shared: shared.clone(),
             registry: EndpointRegistry::default(),
             health_checks: Mutex::new(CancellationToken::new()),
@@ -269,12 +303,48 @@ impl Node {
             );
         }
         if let Some(peer) = &settings.join {
-            runtime
-                .block_on(cluster.check_peer(peer))
-                .map_err(|e| anyhow::anyhow!(e))?;
+            if identity.secure && !identity.enrolled() {
+                let Some(token) = &settings.join_token else {
+                    anyhow::bail!(
+                        "this node has no cluster certificate yet, so it joins with a join token: \
+                         make one on the cluster with `tollgate cluster join-token create` and \
+                         pass it with --join-token (TOLLGATE_JOIN_TOKEN)"
+                    );
+                };
+                let token = identity::JoinToken::parse(token)
+                    .map_err(|e| anyhow::anyhow!("--join-token: {e}"))?;
+                identity.tls.pin(&token.ca_fingerprint);
+                runtime
+                    .block_on(cluster.check_peer(peer))
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                runtime
+                    .block_on(enroll(&cluster, peer, &token))
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            } else {
+                if settings.join_token.is_some() && identity.secure {
+                    tracing::info!(
+                        "this node holds its cluster certificate already; --join-token is not used"
+                    );
+                }
+                if !identity.secure && cluster.identity.keyring().is_none() {
+                    runtime
+                        .block_on(fetch_keys_insecure(&cluster, peer))
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                }
+                runtime
+                    .block_on(cluster.check_peer(peer))
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            }
             let _context = runtime.enter();
-            cluster.spawn_join(peer.clone(), settings.voters, control.clone());
+            cluster.spawn_join(peer.clone(), control.clone());
         }
+        runtime.spawn(cluster.clone().keep_identity(
+            (settings.cert_lifetime / 10).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
+            ),
+            control.clone(),
+        ));
 
         let handlers = {
             let _context = runtime.enter();
@@ -324,6 +394,35 @@ impl Node {
 
     pub fn addrs(&self) -> BoundAddrs {
         self.addrs
+    }
+
+    /// Issues a control-plane certificate from the cluster CA, for a control plane run in
+    /// this process (`tollgate dev`): its chain (PEM), key (PKCS#8 DER), and the CA (PEM).
+    pub fn issue_control_plane_certificate(
+        &self,
+        names: &[String],
+    ) -> anyhow::Result<(String, Vec<u8>, String)> {
+        let identity = &self.cluster.identity;
+        let ca = self
+            .cluster
+            .state_machine
+            .read(|a| identity.ca(&a.state.access))
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let (key, csr) = identity::ca::new_key_and_csr().map_err(|e| anyhow::anyhow!(e))?;
+        let cert = ca
+            .issue(
+                identity::ca::Subject::ControlPlane,
+                &csr,
+                &identity::Identity::cert_names(names),
+                raft::service::now_ms(),
+                identity.cert_lifetime,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok((
+            format!("{}\n{}", cert.trim_end(), ca.cert_pem),
+            key.serialize_der(),
+            ca.cert_pem,
+        ))
     }
 
     /// Reads this node's applied state (a local read: what this node has applied).
@@ -377,6 +476,79 @@ fn reachable(bound: std::net::SocketAddr, advertise: &str) -> String {
     match advertise.rsplit_once(':') {
         Some((host, _)) => format!("{host}:{}", bound.port()),
         None => bound.to_string(),
+    }
+}
+
+/// Makes sure this node can open the state's secrets: a bootstrapping node of a new
+/// cluster makes the sealing key; any other node must hold the key its state was sealed
+/// with (a joining node gets it when it enrolls).
+fn check_sealing(cluster: &Cluster, bootstrap: bool) -> anyhow::Result<()> {
+    let sealed = cluster
+        .state_machine
+        .read(|a| a.state.access.hash_key.clone());
+    if sealed.is_empty() {
+        if bootstrap {
+            let ring = cluster.identity.ensure_keyring()?;
+            tracing::info!(key = ring.primary().id_hex(), "sealing key ready");
+        }
+        return Ok(());
+    }
+    if identity::seal::is_sealed(&sealed) {
+        cluster.identity.hash_key(&sealed).map_err(|e| {
+            anyhow::anyhow!(
+                "this node's state is sealed (key {}), and {}",
+                identity::seal::key_id_of(&sealed).unwrap_or_default(),
+                e.message()
+            )
+        })?;
+    } else if cluster.identity.keyring().is_none() {
+        // A cluster made before sealing existed: the key to seal its secrets with.
+        let ring = cluster.identity.ensure_keyring()?;
+        tracing::info!(
+            key = ring.primary().id_hex(),
+            "made a sealing key for this cluster's secrets (stored in the clear by an older version)"
+        );
+    }
+    Ok(())
+}
+
+/// Enrolls a new node with its join token, retrying while the peer is not reachable (it
+/// may be starting too); a refusal (a bad or used-up token, a taken id) is final.
+async fn enroll(cluster: &Cluster, peer: &str, token: &identity::JoinToken) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match cluster.enroll_via(peer, token).await {
+            Ok(()) => {
+                tracing::info!(peer, "enrolled: this node holds its cluster certificate");
+                return Ok(());
+            }
+            Err(e) if e.starts_with("Unavailable") || e.starts_with("Unknown") || e.starts_with("DeadlineExceeded") => {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("could not enroll through {peer} within 120s: {e}"));
+                }
+                tracing::info!(peer, "not enrolled yet, retrying in {delay:?}: {e}");
+            }
+            Err(e) => return Err(format!("enrolling through {peer} was refused: {e}")),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// With `--insecure-cluster`, a new node takes the sealing keys from the peer it joins
+/// (insecure means the network is trusted with them).
+async fn fetch_keys_insecure(cluster: &Cluster, peer: &str) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        match cluster.fetch_keys(peer).await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::info!(peer, "no sealing keys from the peer yet, retrying: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("could not get the sealing keys from {peer}: {e}")),
+        }
     }
 }
 
@@ -440,6 +612,8 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
 /// and off the data-plane threads, and swaps it in. Routing is rebuilt only when the spec
 /// or the APIs changed; keys and subscriptions alone rebuild only the auth table.
 struct Compiler {
+    /// Opens the state's hash key for the data plane's key checks.
+    identity: Arc<identity::Identity>,
     shared: Arc<Shared>,
     registry: EndpointRegistry,
     health_checks: Mutex<CancellationToken>,
@@ -494,6 +668,19 @@ impl Parsed {
 }
 
 impl Compiler {
+    /// The data plane's key table. A hash key that cannot be opened (no sealing key) lets
+    /// no key in, and says why.
+    fn auth_table(&self, access: &Access) -> AuthTable {
+        let hash_key = match access.hash_key.is_empty() {
+            true => Arc::from(&[][..]),
+            false => self.identity.hash_key(&access.hash_key).unwrap_or_else(|e| {
+                tracing::error!("API keys cannot be checked on this node: {}", e.message());
+                Arc::from(&[][..])
+            }),
+        };
+        AuthTable::build(access, &hash_key)
+    }
+
     async fn follow(
         self: Arc<Self>,
         mut applied: tokio::sync::watch::Receiver<Published>,
@@ -590,7 +777,7 @@ impl Compiler {
                         self.shared.snapshot.store(Arc::new(Snapshot {
                             generation: current.generation,
                             routing: current.routing.clone(),
-                            auth: Arc::new(AuthTable::build(&next.access)),
+                            auth: Arc::new(self.auth_table(&next.access)),
                             circuits: next.circuits.clone(),
                             capped: next.capped.clone(),
                         }));
@@ -599,7 +786,7 @@ impl Compiler {
                 }
             }
         };
-        let auth = auth.unwrap_or_else(|| Arc::new(AuthTable::build(&next.access)));
+        let auth = auth.unwrap_or_else(|| Arc::new(self.auth_table(&next.access)));
         let snapshot = Arc::new(Snapshot {
             generation: next.generation,
             routing: routing.clone(),

@@ -6,6 +6,9 @@
 //! TOLLGATE_TOKEN=tgt_... cargo run -p tollgate-sdk --example canary -- 127.0.0.1:7080
 //! ```
 //!
+//! It verifies the control plane with the cluster CA in `TOLLGATE_CA` (default:
+//! `tollgate-data/cluster-ca.pem`, where `tollgate dev` writes it).
+//!
 //! Errors say what to change; for example, running it twice answers FAILED_PRECONDITION
 //! because the API already exists.
 
@@ -17,7 +20,9 @@ async fn main() -> Result<(), tollgate_sdk::Error> {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7080".into());
     let token = std::env::var("TOLLGATE_TOKEN").unwrap_or_default();
-    let cp = ControlPlaneClient::new(&[&addr])?.with_token(&token)?;
+    let ca = std::env::var("TOLLGATE_CA").unwrap_or_else(|_| "tollgate-data/cluster-ca.pem".into());
+    let tls = tollgate_sdk::Tls::ca_file(ca.as_ref())?;
+    let cp = ControlPlaneClient::new(&[&addr], &tls)?.with_token(&token)?;
     cp.create_tenant("acme").await?;
     cp.create_api("orders", "acme", None).await?;
     for version in ["1.0.0", "2.0.0"] {

@@ -11,7 +11,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tollgate_sdk::Error> {
-//! let mut node = tollgate_sdk::NodeClient::connect("127.0.0.1:7070").await?;
+//! let tls = tollgate_sdk::Tls::ca_file("tollgate-data/cluster-ca.pem".as_ref())?;
+//! let mut node = tollgate_sdk::NodeClient::connect("127.0.0.1:7070", &tls).await?;
 //! let status = node.status().await?;
 //! println!("node {} serves spec generation {}", status.node_id, status.spec_generation);
 //! # Ok(()) }
@@ -200,6 +201,23 @@ impl Error {
         Error::Status(status)
     }
 
+    /// The same error, saying what to change when TLS (or its absence) is the likely
+    /// reason nothing answered.
+    pub fn with_tls_hint(self, tls: &Tls) -> Error {
+        match self {
+            Error::Unreachable {
+                addr,
+                server,
+                reason,
+            } => Error::Unreachable {
+                addr,
+                server,
+                reason: tls_hint(reason, tls),
+            },
+            other => other,
+        }
+    }
+
     /// Whether nothing answered (so another replica, or a later try, may).
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Error::Unreachable { .. })
@@ -285,17 +303,86 @@ fn foreign_answer(status: &tonic::Status, server: Server) -> Option<String> {
     }
 }
 
-/// An endpoint for `addr` (`HOST:PORT`, or a full `http://` URI).
-fn endpoint(addr: &str) -> Result<Endpoint, Error> {
+/// How a client reaches a server: over TLS, verifying it with the cluster's CA (a secure
+/// cluster's nodes and control planes serve TLS with certificates from it), or in plain
+/// text (a node run with `--insecure-cluster`).
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    ca_pem: Option<std::sync::Arc<str>>,
+    /// The name the server's certificate must carry, when it is not the dialled host
+    /// (a container dialled by its IP address, say).
+    server_name: Option<std::sync::Arc<str>>,
+}
+
+impl Tls {
+    /// Plain text: for nodes run with `--insecure-cluster` only.
+    pub fn plaintext() -> Tls {
+        Tls::default()
+    }
+
+    /// TLS, trusting the cluster CA's certificate (PEM).
+    pub fn ca_pem(pem: &str) -> Tls {
+        Tls {
+            ca_pem: Some(pem.into()),
+            server_name: None,
+        }
+    }
+
+    /// The same, expecting the server's certificate to carry `name` rather than the host
+    /// dialled.
+    pub fn with_server_name(mut self, name: &str) -> Tls {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// TLS, trusting the CA certificate in `path` (`<data dir>/cluster-ca.pem` of the node
+    /// that bootstrapped the cluster).
+    pub fn ca_file(path: &std::path::Path) -> Result<Tls, Error> {
+        let pem = std::fs::read_to_string(path).map_err(|e| Error::InvalidAddress {
+            addr: path.display().to_string(),
+            reason: format!("cannot read the cluster CA certificate: {e}"),
+        })?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(Error::InvalidAddress {
+                addr: path.display().to_string(),
+                reason: "it holds no PEM certificate (pass <data dir>/cluster-ca.pem)".into(),
+            });
+        }
+        Ok(Tls::ca_pem(&pem))
+    }
+
+    /// The CA certificate (PEM) it trusts, if it uses TLS.
+    pub fn ca_pem_text(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// Whether connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.ca_pem.is_some()
+    }
+}
+
+/// An endpoint for `addr` (`HOST:PORT`, or a full `http://` / `https://` URI).
+fn endpoint(addr: &str, tls: &Tls) -> Result<Endpoint, Error> {
+    let scheme = if tls.is_tls() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
+    let invalid = |e: &dyn std::fmt::Display| Error::InvalidAddress {
         addr: addr.to_string(),
         reason: e.to_string(),
-    })?;
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(&e))?;
+    if let Some(pem) = &tls.ca_pem {
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem.as_bytes()));
+        if let Some(name) = &tls.server_name {
+            config = config.domain_name(name.to_string());
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| invalid(&e))?;
+    }
     // While a call is in flight, HTTP/2 pings find a peer that stopped answering (paused,
     // or cut off the network) within about two seconds, and the call fails UNAVAILABLE
     // rather than waiting out its whole timeout. A live peer answers pings however long
@@ -310,36 +397,65 @@ fn endpoint(addr: &str) -> Result<Endpoint, Error> {
 pub struct NodeClient {
     inner: NodeAdminClient<Channel>,
     addr: std::sync::Arc<str>,
+    tls: Tls,
     token: Option<MetadataValue<Ascii>>,
     hook: Option<fn(&mut tonic::metadata::MetadataMap)>,
 }
 
 /// Why a connection to `addr` failed, from the transport error's chain.
-fn connect_error(e: tonic::transport::Error, addr: &str, server: Server) -> Error {
+fn connect_error(e: tonic::transport::Error, addr: &str, server: Server, tls: &Tls) -> Error {
     use std::error::Error as _;
+    let reason = failure_reason(&e.to_string(), e.source());
     Error::Unreachable {
         addr: addr.to_string(),
         server,
-        reason: failure_reason(&e.to_string(), e.source()),
+        reason: tls_hint(reason, tls),
     }
 }
 
+/// A reason with what to change when TLS is the likely cause: a plain-text client at a
+/// TLS server is hung up on; a TLS client at a plain-text server gets no handshake.
+pub fn tls_hint(reason: String, tls: &Tls) -> String {
+    let lower = reason.to_ascii_lowercase();
+    let hung_up = ["connection reset", "broken pipe", "connection closed", "unexpected eof", "h2 protocol error", "frame with invalid size", "connection error"]
+        .iter()
+        .any(|m| lower.contains(m));
+    if !tls.is_tls() && hung_up {
+        return format!(
+            "{reason}. Tollgate nodes and control planes serve TLS: pass the cluster's CA \
+             certificate with --ca <data dir>/cluster-ca.pem (or TOLLGATE_CA)"
+        );
+    }
+    let tls_failed = ["invalid peer certificate", "unknownissuer", "unknown issuer", "notvalidforname", "not valid for name", "invalidcontenttype", "corrupt message", "handshake"]
+        .iter()
+        .any(|m| lower.contains(m));
+    if tls.is_tls() && tls_failed {
+        return format!(
+            "{reason}. Check that --ca (TOLLGATE_CA) is this cluster's cluster-ca.pem and that \
+             you dial a name the node's certificate carries (its advertised host, localhost, \
+             127.0.0.1); a node run with --insecure-cluster serves plain text (drop --ca)"
+        );
+    }
+    reason
+}
+
 impl NodeClient {
-    /// Connects to a node's gRPC address (`HOST:PORT`, or a full `http://` URI).
-    pub async fn connect(addr: &str) -> Result<Self, Error> {
-        let channel = endpoint(addr)?
+    /// Connects to a node's gRPC address (`HOST:PORT`, or a full URI).
+    pub async fn connect(addr: &str, tls: &Tls) -> Result<Self, Error> {
+        let channel = endpoint(addr, tls)?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .map_err(|e| connect_error(e, addr, Server::Node))?;
-        Ok(Self::over(channel, addr))
+            .map_err(|e| connect_error(e, addr, Server::Node, tls))?;
+        Ok(Self::over(channel, addr, tls))
     }
 
-    fn over(channel: Channel, addr: &str) -> Self {
+    fn over(channel: Channel, addr: &str, tls: &Tls) -> Self {
         Self {
             inner: NodeAdminClient::new(channel),
             addr: addr.into(),
+            tls: tls.clone(),
             token: None,
             hook: None,
         }
@@ -372,13 +488,13 @@ impl NodeClient {
 
     /// A client that connects on first use (and reconnects after failures), for callers
     /// that keep a client per node and must not block on a node that is down.
-    pub fn lazy(addr: &str) -> Result<Self, Error> {
-        let channel = endpoint(addr)?
+    pub fn lazy(addr: &str, tls: &Tls) -> Result<Self, Error> {
+        let channel = endpoint(addr, tls)?
             .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Self::over(channel, addr))
+        Ok(Self::over(channel, addr, tls))
     }
 
     /// Every call: `msg` with the token and the hook's metadata, sent by `f`; a failure
@@ -397,7 +513,7 @@ impl NodeClient {
         }
         match f(self.inner.clone(), req).await {
             Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(Error::classify(s, &self.addr, Server::Node)),
+            Err(s) => Err(Error::classify(s, &self.addr, Server::Node).with_tls_hint(&self.tls)),
         }
     }
 
@@ -451,6 +567,57 @@ impl NodeClient {
         };
         self.unary(req, |mut c, r| async move { c.write(r).await })
             .await
+    }
+
+    /// A join token good for `uses` new nodes (or control planes) until `ttl` from now
+    /// (operator only). The text returned is shown once: the cluster keeps only its hash.
+    pub async fn create_join_token(
+        &mut self,
+        name: &str,
+        ttl: Duration,
+        uses: u32,
+    ) -> Result<String, Error> {
+        use state::identity_command::Op;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let command = state::Command {
+            kind: Some(state::command::Kind::Identity(state::IdentityCommand {
+                op: Some(Op::CreateJoinToken(state::CreateJoinToken {
+                    name: name.to_string(),
+                    expires_at_ms: (now + ttl).as_millis() as u64,
+                    uses,
+                    ..Default::default()
+                })),
+            })),
+            ..Default::default()
+        };
+        Ok(self.write(command).await?.secret)
+    }
+
+    /// The cluster's join tokens (without their hashes): valid ones, or all with `all`.
+    pub async fn list_join_tokens(
+        &mut self,
+        all: bool,
+    ) -> Result<Vec<state::CredentialState>, Error> {
+        let req = ListCredentialsRequest {
+            kind: "join-token".into(),
+            all,
+            ..Default::default()
+        };
+        Ok(self.list_credentials(req).await?.credentials)
+    }
+
+    /// Revokes a join token by its id: no node enrolls with it from now on.
+    pub async fn revoke_join_token(&mut self, id: &str) -> Result<WriteResponse, Error> {
+        use state::identity_command::Op;
+        let command = state::Command {
+            kind: Some(state::command::Kind::Identity(state::IdentityCommand {
+                op: Some(Op::RevokeJoinToken(state::Revoke { id: id.to_string() })),
+            })),
+            ..Default::default()
+        };
+        self.write(command).await
     }
 
     /// APIs and their versions; linearizable unless `local`; one tenant's when given.
@@ -573,6 +740,7 @@ pub use tollgate_proto::node::v1::{
 #[derive(Debug, Clone)]
 pub struct ControlPlaneClient {
     replicas: Vec<(String, Channel)>,
+    tls: Tls,
     token: Option<MetadataValue<Ascii>>,
 }
 
@@ -584,7 +752,7 @@ type BillingClient = cp::billing_client::BillingClient<Channel>;
 
 impl ControlPlaneClient {
     /// `addrs`: `HOST:PORT` of one or more replicas. Connects on first use.
-    pub fn new(addrs: &[&str]) -> Result<Self, Error> {
+    pub fn new(addrs: &[&str], tls: &Tls) -> Result<Self, Error> {
         if addrs.is_empty() {
             return Err(Error::InvalidAddress {
                 addr: String::new(),
@@ -593,7 +761,7 @@ impl ControlPlaneClient {
         }
         let mut replicas = Vec::new();
         for addr in addrs {
-            let channel = endpoint(addr)?
+            let channel = endpoint(addr, tls)?
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(Duration::from_secs(20))
                 .connect_lazy();
@@ -601,6 +769,7 @@ impl ControlPlaneClient {
         }
         Ok(Self {
             replicas,
+            tls: tls.clone(),
             token: None,
         })
     }
@@ -636,7 +805,7 @@ impl ControlPlaneClient {
                 Err(s) => s,
             };
             let retry = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
-            let err = Error::classify(s, addr, Server::ControlPlane);
+            let err = Error::classify(s, addr, Server::ControlPlane).with_tls_hint(&self.tls);
             unreachable = if err.is_unreachable() {
                 unreachable + 1
             } else {

@@ -14,6 +14,10 @@ pub struct TestCluster {
     pub nodes: Vec<Slot>,
     /// The operator token node 1 made when it bootstrapped the cluster.
     pub token: String,
+    /// A join token new nodes enroll with (None for an --insecure-cluster).
+    pub join_token: Option<String>,
+    /// How clients verify the nodes (the cluster CA).
+    pub tls: tollgate_sdk::Tls,
 }
 
 pub enum Slot {
@@ -33,15 +37,22 @@ impl TestCluster {
             grpc_port: 0,
             bootstrap: true,
             join: None,
+            join_token: None,
             spec: Some(spec.to_string()),
             extra: flags.clone(),
         })
         .await;
         let seed = first.grpc;
         let token = first.operator_token().to_string();
+        let join_token = match first.tls.is_tls() {
+            true => Some(super::join_token(seed, 100).await),
+            false => None,
+        };
         let mut cluster = TestCluster {
+            tls: first.tls.clone(),
             nodes: vec![Slot::Up(Box::new(first))],
             token,
+            join_token,
         };
         for id in 2..=n {
             cluster.add(id, seed, &flags).await;
@@ -69,6 +80,7 @@ impl TestCluster {
             grpc_port: 0,
             bootstrap: false,
             join: Some(seed),
+            join_token: self.join_token.clone(),
             spec: None,
             extra: flags.to_vec(),
         })
@@ -113,7 +125,7 @@ impl TestCluster {
         loop {
             let mut votes = std::collections::HashMap::new();
             for id in self.up_ids() {
-                if let Ok(mut c) = NodeClient::connect(&self.node(id).grpc.to_string()).await
+                if let Ok(mut c) = NodeClient::connect(&self.node(id).grpc.to_string(), &self.tls).await
                     && let Ok(s) = c.cluster_status().await
                     && let Some(l) = s.leader
                     && self.up_ids().contains(&l)
@@ -143,7 +155,7 @@ impl TestCluster {
             let addr = self.node(id).grpc.to_string();
             let what = format!("{what} (node {id})");
             eventually(&what, timeout, async || {
-                match NodeClient::connect(&addr).await {
+                match NodeClient::connect(&addr, &self.tls).await {
                     Ok(mut c) => c.cluster_status().await.is_ok_and(|s| cond(&s)),
                     Err(_) => false,
                 }
@@ -159,7 +171,7 @@ impl TestCluster {
             eventually(
                 &format!("node {id} to serve generation {generation}"),
                 timeout,
-                async || match NodeClient::connect(&addr).await {
+                async || match NodeClient::connect(&addr, &self.tls).await {
                     Ok(mut c) => c
                         .status()
                         .await

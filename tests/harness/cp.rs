@@ -14,6 +14,8 @@ pub struct CpProcess {
     child: Child,
     pub addr: SocketAddr,
     pub dir: std::path::PathBuf,
+    /// How clients verify it: the cluster CA (plain text before an insecure cluster).
+    pub tls: tollgate_sdk::Tls,
 }
 
 impl CpProcess {
@@ -32,9 +34,24 @@ impl CpProcess {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let addr_file = dir.join("addr");
+        // A control plane of a secure cluster enrolls with a join token of its own.
+        let trust = super::trust(nodes[0]);
+        let join_token = match &trust {
+            Some(_) => Some(super::join_token(nodes[0], 1).await),
+            None => None,
+        };
+        let tls = match &trust {
+            Some(t) => tollgate_sdk::Tls::ca_pem(&t.ca_pem),
+            None => tollgate_sdk::Tls::plaintext(),
+        };
         let nodes: Vec<String> = nodes.iter().map(|a| a.to_string()).collect();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["cp", "--listen", "127.0.0.1:0", "--nodes", &nodes.join(",")])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["cp", "--listen", "127.0.0.1:0", "--nodes", &nodes.join(",")]);
+        match &join_token {
+            Some(t) => cmd.env("TOLLGATE_JOIN_TOKEN", t),
+            None => cmd.arg("--insecure"),
+        };
+        let child = cmd
             .arg("--addr-file")
             .arg(&addr_file)
             .args(extra)
@@ -49,25 +66,33 @@ impl CpProcess {
             {
                 break a;
             }
-            assert!(Instant::now() < deadline, "tollgate cp did not start");
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("cp.log")).unwrap_or_default();
+                panic!("tollgate cp did not start; its log:\n{log}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        CpProcess { child, addr, dir }
+        CpProcess {
+            child,
+            addr,
+            dir,
+            tls,
+        }
+    }
+
+    /// A channel to it, over TLS with the cluster CA when it serves TLS.
+    pub async fn channel(&self) -> Channel {
+        super::channel(self.addr, &self.tls).await
     }
 
     /// The raw generated client, sending `token`.
     pub async fn client(&self, token: &str) -> Lifecycle {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        ApiLifecycleClient::with_interceptor(channel, Bearer::new(token))
+        ApiLifecycleClient::with_interceptor(self.channel().await, Bearer::new(token))
     }
 
     /// The sdk's client, with `token`.
     pub fn sdk(&self, token: &str) -> tollgate_sdk::ControlPlaneClient {
-        tollgate_sdk::ControlPlaneClient::new(&[&self.addr.to_string()])
+        tollgate_sdk::ControlPlaneClient::new(&[&self.addr.to_string()], &self.tls)
             .unwrap()
             .with_token(token)
             .unwrap()

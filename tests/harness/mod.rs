@@ -65,6 +65,8 @@ pub struct GatewayProcess {
     pub dir: PathBuf,
     /// The operator token, when this node bootstrapped the cluster.
     pub token: Option<String>,
+    /// How clients verify this node: the cluster CA (plain text for --insecure-cluster).
+    pub tls: tollgate_sdk::Tls,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub grpc: SocketAddr,
@@ -102,6 +104,8 @@ pub struct NodeOpts {
     pub bootstrap: bool,
     pub join: Option<SocketAddr>,
     pub spec: Option<String>,
+    /// The join token a new node enrolls with (joining a secure cluster).
+    pub join_token: Option<String>,
     pub extra: Vec<String>,
 }
 
@@ -113,6 +117,7 @@ impl NodeOpts {
             grpc_port: 0,
             bootstrap: true,
             join: None,
+            join_token: None,
             spec: Some(spec.to_string()),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         }
@@ -176,6 +181,9 @@ impl GatewayProcess {
         if let Some(peer) = opts.join {
             cmd.args(["--join", &peer.to_string()]);
         }
+        if let Some(token) = &opts.join_token {
+            cmd.env("TOLLGATE_JOIN_TOKEN", token);
+        }
         let child = cmd.spawn().expect("spawn tollgate node");
         let deadline = Instant::now() + Duration::from_secs(20);
         let addrs: serde_json::Value = loop {
@@ -196,7 +204,28 @@ impl GatewayProcess {
         let token = std::fs::read_to_string(dir.join("data/operator-token"))
             .ok()
             .map(|t| t.trim().to_string());
+        // A secure node holds the cluster CA once it has started (bootstrapped or enrolled).
+        let ca = std::fs::read_to_string(dir.join("data/cluster-ca.pem")).ok();
+        let tls = match &ca {
+            Some(pem) => tollgate_sdk::Tls::ca_pem(pem),
+            None => tollgate_sdk::Tls::plaintext(),
+        };
+        if let Some(pem) = &ca {
+            let mut known = TRUST.lock().unwrap();
+            let known = known.get_or_insert_with(HashMap::new);
+            let operator = token
+                .clone()
+                .or_else(|| known.values().find(|t| t.ca_pem == *pem).and_then(|t| t.operator_token.clone()));
+            known.insert(
+                grpc,
+                Trust {
+                    ca_pem: pem.clone(),
+                    operator_token: operator,
+                },
+            );
+        }
         GatewayProcess {
+            tls,
             token,
             child,
             proxy: addr("proxy"),
@@ -229,7 +258,7 @@ impl GatewayProcess {
     /// A client for this node's admin gRPC API, with the operator token when this node
     /// made it (it bootstrapped the cluster).
     pub async fn sdk(&self) -> tollgate_sdk::NodeClient {
-        tollgate_sdk::NodeClient::connect(&self.grpc.to_string())
+        tollgate_sdk::NodeClient::connect(&self.grpc.to_string(), &self.tls)
             .await
             .expect("connect to the node's gRPC address")
             .with_token(self.token.as_deref())
@@ -312,6 +341,61 @@ impl GatewayProcess {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// What a test knows of the cluster a node's gRPC address belongs to: its CA and the
+/// operator token (to make join tokens for control planes and new nodes).
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub ca_pem: String,
+    pub operator_token: Option<String>,
+}
+
+static TRUST: Mutex<Option<HashMap<SocketAddr, Trust>>> = Mutex::new(None);
+
+/// The CA and operator token of the cluster `grpc` is a node of (None: an
+/// --insecure-cluster node, or one this process did not start).
+pub fn trust(grpc: SocketAddr) -> Option<Trust> {
+    TRUST.lock().unwrap().as_ref()?.get(&grpc).cloned()
+}
+
+/// How a client verifies the node at `grpc`.
+pub fn tls_for(grpc: SocketAddr) -> tollgate_sdk::Tls {
+    match trust(grpc) {
+        Some(t) => tollgate_sdk::Tls::ca_pem(&t.ca_pem),
+        None => tollgate_sdk::Tls::plaintext(),
+    }
+}
+
+/// A raw tonic channel to a Tollgate gRPC server at `addr`, verified with the cluster CA
+/// when `tls` has one (for tests that use the generated clients).
+pub async fn channel(addr: SocketAddr, tls: &tollgate_sdk::Tls) -> tonic::transport::Channel {
+    let endpoint = match tls.ca_pem_text() {
+        Some(pem) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .unwrap(),
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+    };
+    endpoint.connect().await.expect("connect")
+}
+
+/// A new join token (good for `uses` nodes or control planes, for an hour) of the cluster
+/// `grpc` is a node of.
+pub async fn join_token(grpc: SocketAddr, uses: u32) -> String {
+    let trust = trust(grpc).expect("a secure node this test started");
+    let mut client = tollgate_sdk::NodeClient::connect(&grpc.to_string(), &tls_for(grpc))
+        .await
+        .expect("connect")
+        .with_token(trust.operator_token.as_deref())
+        .expect("token");
+    client
+        .create_join_token("test", Duration::from_secs(3600), uses)
+        .await
+        .expect("a join token")
 }
 
 impl Drop for GatewayProcess {

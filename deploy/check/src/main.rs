@@ -100,10 +100,37 @@ impl Report {
     }
 }
 
+/// The cluster CA's certificate, read from the bootstrapping node's data directory once
+/// it has made it: every gRPC client here verifies nodes and control planes with it.
+static CA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+async fn load_ca(compose: &Compose) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        match compose.exec("tollgate-0", &["cat", "/data/cluster-ca.pem"]) {
+            Ok(pem) if pem.contains("BEGIN CERTIFICATE") => {
+                let _ = CA.set(pem);
+                return Ok(());
+            }
+            _ if t.elapsed() > Duration::from_secs(60) => {
+                bail!("tollgate-0 wrote no /data/cluster-ca.pem within 60 s")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// TLS to the container `name` (dialled by IP; its certificate carries its name).
+fn tls(name: &str) -> tollgate_sdk::Tls {
+    tollgate_sdk::Tls::ca_pem(CA.get().map(String::as_str).unwrap_or_default())
+        .with_server_name(name)
+}
+
 async fn run(compose: &Compose) -> Result<()> {
     let mut report = Report::default();
     println!("== compose up: 3 nodes, 2 control planes, rotel, prometheus, echo");
     compose.run(&["up", "-d"], false)?;
+    load_ca(compose).await?;
     let mut cluster = Cluster::discover(compose, &NEAR).await?;
     let t = Instant::now();
     cluster.wait_members(3, 0, Duration::from_secs(60)).await?;
@@ -168,10 +195,14 @@ async fn run(compose: &Compose) -> Result<()> {
         missing.is_empty(),
     );
 
-    let cp = ControlPlaneClient::new(&[
-        &format!("{}:7080", compose.ip("cp-0")?),
-        &format!("{}:7080", compose.ip("cp-1")?),
-    ])?
+    // Both replicas' certificates carry the name "cp" (--cert-name in compose.yaml).
+    let cp = ControlPlaneClient::new(
+        &[
+            &format!("{}:7080", compose.ip("cp-0")?),
+            &format!("{}:7080", compose.ip("cp-1")?),
+        ],
+        &tls("cp"),
+    )?
     .with_token(&cluster.token)?;
     let cp = Arc::new(cp);
 
@@ -442,7 +473,7 @@ impl Node {
     }
 
     async fn status(&self) -> Result<tollgate_proto::node::v1::ClusterStatusResponse> {
-        let mut c = NodeClient::connect(&self.grpc()).await?;
+        let mut c = NodeClient::connect(&self.grpc(), &tls(&self.name)).await?;
         Ok(tokio::time::timeout(Duration::from_secs(2), c.cluster_status()).await??)
     }
 }
@@ -546,7 +577,7 @@ impl Cluster {
             .iter()
             .find(|n| n.name == format!("tollgate-{}", id - 1))
             .ok_or_else(|| anyhow!("leader {id} is not one of ours"))?;
-        Ok(NodeClient::connect(&node.grpc())
+        Ok(NodeClient::connect(&node.grpc(), &tls(&node.name))
             .await?
             .with_token(Some(&self.token))?)
     }
@@ -782,7 +813,7 @@ async fn check_acked(
         .count();
     let mut per_node = Vec::new();
     for n in &cluster.nodes {
-        let mut c = NodeClient::connect(&n.grpc())
+        let mut c = NodeClient::connect(&n.grpc(), &tls(&n.name))
             .await?
             .with_token(Some(&cluster.token))?;
         let local: BTreeSet<String> = c

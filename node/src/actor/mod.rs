@@ -113,10 +113,12 @@ impl Actors {
         actors
     }
 
-    pub fn service(self: &Arc<Self>, peers: Arc<Peers>) -> ActorsServer<ActorService> {
+    pub fn service(self: &Arc<Self>, cluster: &Cluster) -> ActorsServer<ActorService> {
         ActorsServer::new(ActorService {
             actors: self.clone(),
-            peers,
+            peers: cluster.peers.clone(),
+            identity: cluster.identity.clone(),
+            state_machine: cluster.state_machine.clone(),
         })
     }
 
@@ -690,6 +692,9 @@ async fn commit(cluster: Arc<Cluster>, upstream: String, t: CircuitTransition) {
 pub struct ActorService {
     actors: Arc<Actors>,
     peers: Arc<Peers>,
+    /// A node reports only its own usage and outcomes (by its certificate).
+    identity: Arc<crate::identity::Identity>,
+    state_machine: crate::raft::state_machine::StateMachineStore,
 }
 
 #[tonic::async_trait]
@@ -698,6 +703,15 @@ impl ActorsRpc for ActorService {
         &self,
         req: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        let certs = req.peer_certs();
+        self.state_machine.read(|a| {
+            self.identity.require_node(
+                certs.as_deref().map(Vec::as_slice),
+                &a.state.access,
+                req.get_ref().from,
+                "this exchange",
+            )
+        })?;
         let req = req.into_inner();
         if self.peers.faults.is_isolated(req.from) {
             return Err(Status::unavailable(format!(

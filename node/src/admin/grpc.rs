@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::principal::Caller;
 use crate::proxy::Shared;
-use crate::raft::cluster::{Cluster, FORWARDED_METADATA};
+use crate::raft::cluster::{AS_NODE_METADATA, Cluster, FORWARDED_METADATA};
 use crate::raft::network::MAX_MESSAGE_BYTES;
 
 pub struct AdminService {
@@ -49,8 +49,51 @@ impl AdminService {
     }
 }
 
-fn forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED_METADATA)
+impl AdminService {
+    /// Who the caller's certificate says it is (None: no certificate, or not a node).
+    fn peer_node<T>(&self, req: &Request<T>) -> Option<u64> {
+        let certs = req.peer_certs();
+        let subject = self.cluster.state_machine.read(|a| {
+            self.cluster
+                .identity
+                .peer(certs.as_deref().map(Vec::as_slice), &a.state.access)
+        });
+        match subject {
+            Ok(crate::identity::ca::Subject::Node(id)) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Whether another node forwarded this request (it is then never forwarded again).
+    /// Taken from a node's certificate only; with `--insecure-cluster`, at its word.
+    fn forwarded<T>(&self, req: &Request<T>) -> bool {
+        req.metadata().contains_key(FORWARDED_METADATA)
+            && (!self.cluster.identity.secure || self.peer_node(req).is_some())
+    }
+
+    /// Who is calling: a token's holder, or a node writing on its own behalf (known by its
+    /// certificate; with `--insecure-cluster`, by the id it sends).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let m = req.metadata();
+        if m.contains_key("authorization") || !m.contains_key(AS_NODE_METADATA) {
+            return Ok(Caller::from_metadata(m));
+        }
+        let claimed: u64 = m
+            .get(AS_NODE_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("{AS_NODE_METADATA} must be a node id")))?;
+        if !self.cluster.identity.secure {
+            return Ok(Caller::Peer(claimed));
+        }
+        match self.peer_node(req) {
+            Some(id) if id == claimed => Ok(Caller::Peer(id)),
+            _ => Err(Status::unauthenticated(format!(
+                "{AS_NODE_METADATA} is for a node's own writes, sent with its cluster \
+                 certificate; clients send a token in `authorization`"
+            ))),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -83,9 +126,42 @@ impl NodeAdmin for AdminService {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let fwd = forwarded(&req);
+        // A member forwarding a join has checked the joiner's certificate itself.
+        let fwd = self.forwarded(&req);
+        if !fwd {
+            let certs = req.peer_certs();
+            let claimed = req.get_ref().node_id;
+            self.cluster.state_machine.read(|a| {
+                self.cluster.identity.require_node(
+                    certs.as_deref().map(Vec::as_slice),
+                    &a.state.access,
+                    claimed,
+                    "this join",
+                )
+            })?;
+        }
         Ok(Response::new(
             self.cluster.join(req.into_inner(), fwd).await?,
+        ))
+    }
+
+    async fn enroll(
+        &self,
+        req: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let fwd = self.forwarded(&req);
+        let certs = req.peer_certs();
+        let peer = self
+            .cluster
+            .state_machine
+            .read(|a| {
+                self.cluster
+                    .identity
+                    .peer(certs.as_deref().map(Vec::as_slice), &a.state.access)
+            })
+            .ok();
+        Ok(Response::new(
+            self.cluster.enroll(req.into_inner(), fwd, peer).await?,
         ))
     }
 
@@ -93,7 +169,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster.remove(req.into_inner(), fwd, &caller).await?,
         ))
@@ -103,7 +179,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ApplySpecRequest>,
     ) -> Result<Response<ApplySpecResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster
                 .apply_spec(req.into_inner(), fwd, &caller)
@@ -115,7 +191,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ReadSpecRequest>,
     ) -> Result<Response<ReadSpecResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster
                 .read_spec(req.into_inner(), fwd, &caller)
@@ -124,7 +200,7 @@ impl NodeAdmin for AdminService {
     }
 
     async fn write(&self, req: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         if let Some(tollgate_proto::state::v1::command::Kind::Circuit(c)) =
             req.get_ref().command.as_ref().and_then(|c| c.kind.as_ref())
         {
@@ -141,7 +217,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ListTenantsRequest>,
     ) -> Result<Response<ListTenantsResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster
                 .list_tenants(req.into_inner(), fwd, &caller)
@@ -153,7 +229,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ListCredentialsRequest>,
     ) -> Result<Response<ListCredentialsResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster
                 .list_credentials(req.into_inner(), fwd, &caller)
@@ -162,7 +238,7 @@ impl NodeAdmin for AdminService {
     }
 
     async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster.audit(req.into_inner(), fwd, &caller).await?,
         ))
@@ -172,7 +248,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ListApisRequest>,
     ) -> Result<Response<ListApisResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster
                 .list_apis(req.into_inner(), fwd, &caller)
@@ -181,7 +257,7 @@ impl NodeAdmin for AdminService {
     }
 
     async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
-        let (fwd, caller) = (forwarded(&req), Caller::from_metadata(req.metadata()));
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
         Ok(Response::new(
             self.cluster.usage(req.into_inner(), fwd, &caller).await?,
         ))
@@ -192,7 +268,7 @@ impl NodeAdmin for AdminService {
         req: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
         self.cluster
-            .principal(&Caller::from_metadata(req.metadata()))?
+            .principal(&self.caller(&req)?)?
             .require_operator("the change history")?;
         Ok(Response::new(HistoryResponse {
             changes: self.cluster.history(),
@@ -203,8 +279,7 @@ impl NodeAdmin for AdminService {
         &self,
         req: Request<ListCircuitsRequest>,
     ) -> Result<Response<ListCircuitsResponse>, Status> {
-        self.cluster
-            .principal(&Caller::from_metadata(req.metadata()))?;
+        self.cluster.principal(&self.caller(&req)?)?;
         let (circuits, generation) = self
             .cluster
             .state_machine
@@ -257,7 +332,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let raft = service.cluster.raft_service();
-    let actors = service.actors.service(service.cluster.peers.clone());
+    let actors = service.actors.service(&service.cluster);
+    let identity = service.cluster.identity.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeAdminServer<AdminService>>().await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
@@ -273,7 +349,7 @@ pub async fn serve(
     };
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         // Admin calls are traced (continuing the caller's traceparent); Raft and actor
         // exchanges, many per second, are not.
         .trace_fn(|req| {
@@ -293,13 +369,22 @@ pub async fn serve(
             RaftServer::new(raft)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            // Raft and admin messages are small request/response pairs: no Nagle delay.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
+        );
+    if identity.secure {
+        let config = identity.tls.server_config().map_err(|e| anyhow::anyhow!(e))?;
+        let incoming = crate::identity::tls::incoming(listener, config, shutdown.clone());
+        server
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await?;
+    } else {
+        server
+            .serve_with_incoming_shutdown(
+                // Raft and admin messages are small request/response pairs: no Nagle delay.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown.cancelled_owned(),
+            )
+            .await?;
+    }
     Ok(())
 }
 

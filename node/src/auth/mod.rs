@@ -46,9 +46,10 @@ pub fn strip_bearer(value: &str) -> Option<&str> {
 }
 
 impl AuthTable {
-    pub fn build(access: &Access) -> AuthTable {
+    /// `hash_key` is the state's hash key, opened.
+    pub fn build(access: &Access, hash_key: &[u8]) -> AuthTable {
         AuthTable {
-            hash_key: access.hash_key.clone(),
+            hash_key: hash_key.to_vec(),
             keys: access
                 .keys
                 .values()

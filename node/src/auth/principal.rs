@@ -18,6 +18,9 @@ use crate::state::machine::ClusterState;
 #[derive(Debug, Clone)]
 pub enum Caller {
     Node,
+    /// Another node of the cluster, acting on its own behalf (a write it forwards, such
+    /// as a circuit transition it decided), as its certificate says.
+    Peer(u64),
     Remote(Option<MetadataValue<Ascii>>),
 }
 
@@ -69,15 +72,18 @@ impl Principal {
     }
 }
 
-/// Checks the bearer token against the state at `now_ms`.
+/// Checks the bearer token against the state at `now_ms`; `hash_key` is the state's hash
+/// key, opened.
 pub fn authenticate(
     caller: &Caller,
     state: &ClusterState,
+    hash_key: &[u8],
     node_id: u64,
     now_ms: u64,
 ) -> Result<Principal, Status> {
     let value = match caller {
         Caller::Node => return Ok(Principal::Node(node_id)),
+        Caller::Peer(id) => return Ok(Principal::Node(*id)),
         Caller::Remote(None) => {
             return Err(Status::unauthenticated(
                 "this call needs a token: send `authorization: Bearer <token>` (the operator token \
@@ -90,14 +96,7 @@ pub fn authenticate(
     // The scheme may be left out: the bare token is accepted too.
     let token = super::strip_bearer(text).unwrap_or(text);
     let a = &state.access;
-    if token.starts_with("tgn_") {
-        return access::check_node_credential(&a.hash_key, token, now_ms)
-            .map(Principal::Node)
-            .ok_or_else(|| {
-                Status::unauthenticated("the node credential is not valid or not fresh")
-            });
-    }
-    let Some(cred) = access::check(&a.tokens, &a.hash_key, TOKEN_PREFIX, token, now_ms) else {
+    let Some(cred) = access::check(&a.tokens, hash_key, TOKEN_PREFIX, token, now_ms) else {
         return Err(Status::unauthenticated(
             "the token is not known, or it was revoked or has expired",
         ));
@@ -143,6 +142,19 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
         return Err(Status::permission_denied(
             "usage batches are shipped by the nodes that metered the requests, not sent",
         ));
+    }
+    if let Some(command::Kind::Identity(i)) = &cmd.kind {
+        use tollgate_proto::state::v1::identity_command::Op;
+        return match (&i.op, p) {
+            (_, Principal::Tenant { tenant, .. }) => Err(Status::permission_denied(format!(
+                "node identity is managed with the operator token; this is a token of tenant {tenant}"
+            ))),
+            (Some(Op::CreateJoinToken(_) | Op::RevokeJoinToken(_) | Op::Reseal(_)), _) => Ok(()),
+            (_, Principal::Node(_)) => Ok(()),
+            _ => Err(Status::permission_denied(
+                "join tokens are used by enrolling nodes, nodes are revoked by `tollgate                  cluster remove`, and the CA is made by the cluster: none of these is sent",
+            )),
+        };
     }
     let Some(tenant) = p.tenant() else {
         return Ok(());

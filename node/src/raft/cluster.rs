@@ -30,7 +30,10 @@ use super::service::{RaftService, now_ms};
 use super::state_machine::StateMachineStore;
 use super::{NodeId, NodeInfo, Raft, RaftSettings};
 use crate::auth::principal::{Caller, Principal, authenticate, authorize};
+use crate::identity::ca::{Ca, Subject};
+use crate::identity::{self, Identity, JoinToken};
 use crate::state::access::{self, KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
+use tollgate_proto::state::v1::identity_command::Op as IdentityOp;
 use crate::state::lifecycle::{Stage, content_digest, parse_version};
 use crate::state::machine::{Applied, CheckedSpec, check_parsed, parse_checked, put_spec_command};
 use crate::state::spec::needs_dns;
@@ -38,7 +41,11 @@ use crate::state::spec::needs_dns;
 /// Metadata key naming the leader's gRPC address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-tollgate-leader";
 /// Metadata key marking a request one node forwarded to another (never forwarded twice).
+/// Honoured only from a node's certificate.
 pub const FORWARDED_METADATA: &str = "x-tollgate-forwarded-by";
+/// Metadata key of a node's own write (no token): the leader takes the node's identity
+/// from its certificate, and refuses the key from anyone else.
+pub const AS_NODE_METADATA: &str = "x-tollgate-as-node";
 
 /// How long a write may wait for a leader to be elected before UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
@@ -69,6 +76,14 @@ pub struct Cluster {
     /// Calls into Raft in flight: [`Cluster::shutdown`] refuses new ones and lets these
     /// finish before it stops Raft.
     pub gate: Arc<Gate>,
+    /// This node's certificate, the CA it trusts, and its sealing keys.
+    pub identity: Arc<Identity>,
+    /// The data directory (incoming snapshots are written there while they arrive).
+    pub data_dir: std::path::PathBuf,
+    receiving: Arc<tokio::sync::Mutex<()>>,
+    /// The cluster's voter policy as this node holds it (`--voters`): a leader promotes a
+    /// joining node while there are fewer voters than this.
+    pub voters: u32,
 }
 
 /// Counts the calls into Raft in flight (writes, linearizable reads, membership changes,
@@ -127,10 +142,18 @@ impl Cluster {
         settings: RaftSettings,
         fault_injection: bool,
         max_spec_bytes: usize,
+        identity: Arc<Identity>,
+        voters: u32,
+        data_dir: &std::path::Path,
     ) -> anyhow::Result<Arc<Cluster>> {
         let log = LogStore::open(db)?;
         let state_machine = StateMachineStore::open(db)?;
-        let peers = Arc::new(Peers::new(Faults::new(fault_injection)));
+        let tls = if identity.secure {
+            Some(identity.tls.client_config().map_err(|e| anyhow::anyhow!(e))?)
+        } else {
+            None
+        };
+        let peers = Arc::new(Peers::new(Faults::new(fault_injection), tls));
         let config = Arc::new(settings.openraft_config()?);
         let raft = Raft::new(
             id,
@@ -164,6 +187,10 @@ impl Cluster {
             last_leader_contact_ms: Arc::new(AtomicU64::new(now_ms())),
             membership: tokio::sync::Mutex::new(()),
             gate: Arc::default(),
+            identity,
+            voters,
+            data_dir: data_dir.to_path_buf(),
+            receiving: Arc::default(),
         }))
     }
 
@@ -174,6 +201,10 @@ impl Cluster {
             gate: self.gate.clone(),
             id: self.id,
             last_leader_contact_ms: self.last_leader_contact_ms.clone(),
+            identity: self.identity.clone(),
+            state_machine: self.state_machine.clone(),
+            snapshot_dir: self.data_dir.clone(),
+            receiving: self.receiving.clone(),
         }
     }
 
@@ -191,13 +222,13 @@ impl Cluster {
 
     /// Keeps asking `peer` to let this node join until it has (a restarted member asks
     /// too: joining is idempotent and may promote it).
-    pub fn spawn_join(self: &Arc<Self>, peer: String, max_voters: u32, stop: CancellationToken) {
+    pub fn spawn_join(self: &Arc<Self>, peer: String, stop: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let mut delay = Duration::from_millis(200);
             loop {
-                match this.join_via(&peer, max_voters).await {
+                match this.join_via(&peer).await {
                     Ok(resp) => {
                         tracing::info!(peer, role = %resp.role, leader = resp.leader, "joined the cluster");
                         return;
@@ -236,7 +267,7 @@ impl Cluster {
         }
     }
 
-    async fn join_via(&self, peer: &str, max_voters: u32) -> Result<api::JoinResponse, String> {
+    async fn join_via(&self, peer: &str) -> Result<api::JoinResponse, String> {
         let channel = self.peers.channel(peer)?;
         let mut client = NodeAdminClient::new(channel);
         let mut req = tonic::Request::new(api::JoinRequest {
@@ -245,7 +276,7 @@ impl Cluster {
             region: self.info.region.clone(),
             proxy_addr: self.info.proxy_addr.clone(),
             admin_addr: self.info.admin_addr.clone(),
-            max_voters,
+            max_voters: 0,
         });
         req.set_timeout(JOIN_TIMEOUT + Duration::from_secs(5));
         client
@@ -392,15 +423,13 @@ impl Cluster {
             Caller::Remote(Some(token)) => {
                 req.metadata_mut().insert("authorization", token.clone());
             }
-            // This node's own write: signed with the cluster's key, which only members hold.
+            // This node's own write: the leader knows it by its certificate.
             Caller::Node => {
-                let key = self.state_machine.read(|a| a.state.access.hash_key.clone());
-                let credential = access::node_credential(&key, self.id, now_ms());
-                if let Ok(v) = MetadataValue::try_from(format!("Bearer {credential}")) {
-                    req.metadata_mut().insert("authorization", v);
-                }
+                req.metadata_mut()
+                    .insert(AS_NODE_METADATA, MetadataValue::from(self.id));
             }
-            Caller::Remote(None) => {}
+            // A peer's write is forwarded by that peer only, never by another node.
+            Caller::Peer(_) | Caller::Remote(None) => {}
         }
         req.set_timeout(COMMIT_TIMEOUT + LEADER_WAIT + Duration::from_secs(2));
         req
@@ -564,17 +593,12 @@ impl Cluster {
                     Some(AccessOp::CreateToken(c)) => (c, TOKEN_PREFIX),
                     _ => return Ok(None),
                 };
-                let hash_key = self.state_machine.read(|s| s.state.access.hash_key.clone());
-                if hash_key.is_empty() {
-                    return Err(Status::failed_precondition(
-                        "the cluster has no hash key yet (it is made at bootstrap); retry shortly",
-                    ));
-                }
-                let minted = mint(prefix, &hash_key).map_err(Status::internal)?;
+                let minted = mint(prefix, &self.hash_key()?).map_err(Status::internal)?;
                 cred.id = minted.id.clone();
                 cred.hash = minted.hash;
                 Ok(Some((minted.id, minted.secret)))
             }
+            Some(Kind::Identity(i)) => self.fill_in_identity(i),
             Some(Kind::Api(a)) => {
                 let api_name = a.api.clone();
                 match &mut a.op {
@@ -619,13 +643,32 @@ impl Cluster {
     /// Who is calling, checked against this node's applied state.
     pub fn principal(&self, caller: &Caller) -> Result<Principal, Status> {
         let now = now_ms();
+        if let Caller::Node | Caller::Peer(_) = caller {
+            return self
+                .state_machine
+                .read(|a| authenticate(caller, &a.state, &[], self.id, now));
+        }
+        let sealed = self.state_machine.read(|a| a.state.access.hash_key.clone());
+        if sealed.is_empty() {
+            return Err(Status::unauthenticated(
+                "the cluster is not bootstrapped yet: it has no tokens; retry shortly",
+            ));
+        }
+        let hash_key = self.identity.hash_key(&sealed)?;
         self.state_machine
-            .read(|a| authenticate(caller, &a.state, self.id, now))
+            .read(|a| authenticate(caller, &a.state, &hash_key, self.id, now))
     }
 
-    /// Makes the cluster's hash key and operator token if the cluster has none yet (the
-    /// first start of the bootstrapping node, or a retry after it crashed in between).
-    /// Returns the operator token when this call made it: it is shown once.
+    /// The state's hash key, opened.
+    pub fn hash_key(&self) -> Result<Arc<[u8]>, Status> {
+        let sealed = self.state_machine.read(|a| a.state.access.hash_key.clone());
+        self.identity.hash_key(&sealed)
+    }
+
+    /// Makes the cluster's hash key, operator token and CA if the cluster has none yet
+    /// (the first start of the bootstrapping node, or a retry after it crashed in
+    /// between), and gives this node its certificate. Returns the operator token when
+    /// this call made it: it is shown once.
     pub async fn bootstrap_access(&self) -> Result<Option<String>, Status> {
         // Made already (this node's own state has the key): nothing to ask anyone.
         if self
@@ -671,16 +714,19 @@ impl Cluster {
         }
         let hash_key = new_hash_key().map_err(Status::internal)?;
         let minted = mint(TOKEN_PREFIX, &hash_key).map_err(Status::internal)?;
+        let ca = Ca::generate(now_ms()).map_err(Status::internal)?;
         let cmd = tollgate_proto::state::v1::Command {
             kind: Some(tollgate_proto::state::v1::command::Kind::Bootstrap(
                 tollgate_proto::state::v1::Bootstrap {
-                    hash_key,
+                    hash_key: self.identity.seal(identity::HASH_KEY, &hash_key)?,
                     operator_token: Some(tollgate_proto::state::v1::CreateCredential {
                         id: minted.id,
                         hash: minted.hash,
                         name: "operator".into(),
                         expires_at_ms: 0,
                     }),
+                    ca_cert_pem: ca.cert_pem.clone(),
+                    ca_key: self.identity.seal(identity::CA_KEY, &ca.key_der())?,
                 },
             )),
             actor: Principal::Node(self.id).actor(),
@@ -688,7 +734,350 @@ impl Cluster {
             ..Default::default()
         };
         let applied = self.write(cmd).await?;
+        if self.identity.secure {
+            self.state_machine
+                .read(|a| self.identity.issue_self(&a.state.access, now_ms()))?;
+        }
         Ok((!applied.added.is_empty()).then_some(minted.secret))
+    }
+
+    /// Keeps this node's identity current, every `every`: a certificate when it has none
+    /// or a third of its life is left (issued by itself from the CA in the state, which
+    /// every member can open); on the leader of a cluster made before node identity, a CA
+    /// and the sealing of secrets stored in the clear.
+    pub async fn keep_identity(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        loop {
+            if let Err(e) = self.identity_tick().await {
+                tracing::warn!("node identity: {}", e.message());
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    async fn identity_tick(&self) -> Result<(), Status> {
+        let (has_ca, plain_hash_key) = self.state_machine.read(|a| {
+            let access = &a.state.access;
+            (
+                !access.ca_cert_pem.is_empty(),
+                !access.hash_key.is_empty() && !identity::seal::is_sealed(&access.hash_key),
+            )
+        });
+        let leader = self.raft.metrics().borrow().current_leader == Some(self.id);
+        if leader && self.identity.keyring().is_some() {
+            if !has_ca && self.state_machine.read(|a| !a.state.access.hash_key.is_empty()) {
+                let ca = Ca::generate(now_ms()).map_err(Status::internal)?;
+                let op = IdentityOp::SetCa(tollgate_proto::state::v1::SetCa {
+                    ca_cert_pem: ca.cert_pem.clone(),
+                    ca_key: self.identity.seal(identity::CA_KEY, &ca.key_der())?,
+                });
+                self.identity_write(op).await?;
+                tracing::info!("made the cluster CA (this cluster had none: it was made by an older version)");
+            }
+            if plain_hash_key {
+                let plain = self.hash_key()?;
+                let op = IdentityOp::Reseal(tollgate_proto::state::v1::Reseal {
+                    hash_key: self.identity.seal(identity::HASH_KEY, &plain)?,
+                    ca_key: Vec::new(),
+                });
+                self.identity_write(op).await?;
+                tracing::info!("sealed the cluster's hash key (an older version stored it in the clear)");
+            }
+        }
+        if self.identity.secure
+            && self.identity.keyring().is_some()
+            && self.identity.renewal_due(now_ms())
+            && self.state_machine.read(|a| !a.state.access.ca_cert_pem.is_empty())
+        {
+            let renewing = self.identity.current().is_some();
+            self.state_machine
+                .read(|a| self.identity.issue_self(&a.state.access, now_ms()))?;
+            self.peers.reconnect();
+            if renewing {
+                metrics::counter!("tollgate_node_certificate_renewals_total").increment(1);
+                tracing::info!(node = self.id, "renewed this node's certificate");
+            } else {
+                tracing::info!(node = self.id, "issued this node's certificate from the cluster CA");
+            }
+        }
+        Ok(())
+    }
+
+    /// Proposes an identity command as this node (on the leader).
+    async fn identity_write(&self, op: IdentityOp) -> Result<Applied, Status> {
+        let cmd = tollgate_proto::state::v1::Command {
+            kind: Some(tollgate_proto::state::v1::command::Kind::Identity(
+                tollgate_proto::state::v1::IdentityCommand { op: Some(op) },
+            )),
+            actor: Principal::Node(self.id).actor(),
+            at_ms: now_ms(),
+            ..Default::default()
+        };
+        let applied = self.write(cmd).await?;
+        match applied.refusal {
+            None => Ok(applied),
+            Some(crate::state::lifecycle::Refusal::Invalid(m)) => Err(Status::invalid_argument(m)),
+            Some(crate::state::lifecycle::Refusal::NotFound(m)) => Err(Status::not_found(m)),
+            Some(crate::state::lifecycle::Refusal::Precondition(m)) => {
+                Err(Status::failed_precondition(m))
+            }
+        }
+    }
+
+    /// Completes an identity command on the leader: mints a join token (its text, with
+    /// the CA's fingerprint, goes to the caller once); re-seals the secrets under the
+    /// primary sealing key.
+    fn fill_in_identity(
+        &self,
+        i: &mut tollgate_proto::state::v1::IdentityCommand,
+    ) -> Result<Option<(String, String)>, Status> {
+        match &mut i.op {
+            Some(IdentityOp::CreateJoinToken(c)) => {
+                let ca_pem = self.state_machine.read(|a| a.state.access.ca_cert_pem.clone());
+                let ca = identity::ca::pem_certs(&ca_pem).map_err(|_| {
+                    Status::failed_precondition(
+                        "the cluster has no CA yet, so nodes cannot join with a token; retry shortly",
+                    )
+                })?;
+                let minted =
+                    mint(identity::JOIN_TOKEN_PREFIX, &self.hash_key()?).map_err(Status::internal)?;
+                c.id = minted.id.clone();
+                c.hash = minted.hash;
+                let text = JoinToken::text(&minted.secret, &identity::ca::fingerprint(&ca[0]));
+                Ok(Some((minted.id, text)))
+            }
+            Some(IdentityOp::Reseal(r)) => {
+                let ring = self.identity.keyring().ok_or_else(|| {
+                    Status::failed_precondition("this node has no sealing key")
+                })?;
+                let (hash_key, ca_key) = self
+                    .state_machine
+                    .read(|a| (a.state.access.hash_key.clone(), a.state.access.ca_key.clone()));
+                let plain_hash = self.identity.hash_key(&hash_key)?;
+                r.hash_key = self.identity.seal(identity::HASH_KEY, &plain_hash)?;
+                r.ca_key = if ca_key.is_empty() {
+                    Vec::new()
+                } else {
+                    let plain = ring.open(identity::CA_KEY, &ca_key).map_err(|e| {
+                        Status::failed_precondition(format!("the CA key cannot be opened: {e}"))
+                    })?;
+                    self.identity.seal(identity::CA_KEY, &plain)?
+                };
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Issues a certificate to a new node (or control plane) that presents a join token:
+    /// the token's use is committed first (a token good for one node enrolls one), then
+    /// the leader signs the node's key. Runs on the leader; elsewhere it is forwarded.
+    ///
+    /// Without a token, a caller renews its own certificate: `peer` (who the caller's
+    /// certificate says it is) must be the subject asked for. Any member can do that
+    /// itself: it holds the CA, and nothing needs committing.
+    pub async fn enroll(
+        &self,
+        req: api::EnrollRequest,
+        forwarded: bool,
+        peer: Option<Subject>,
+    ) -> Result<api::EnrollResponse, Status> {
+        if !self.identity.secure {
+            // Insecure: the network is trusted, so a joining node gets the sealing keys and
+            // no certificate (there are none).
+            let keys = self.identity.keyring().ok_or_else(|| {
+                Status::failed_precondition("this node has no sealing key yet; retry")
+            })?;
+            return Ok(api::EnrollResponse {
+                sealing_keys: keys.to_text(),
+                ..Default::default()
+            });
+        }
+        let subject = match (req.control_plane, req.node_id) {
+            (true, 0) => Subject::ControlPlane,
+            (false, id) if id > 0 => Subject::Node(id),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "enroll either a node (node_id at least 1) or a control plane",
+                ));
+            }
+        };
+        if req.names.len() > 16
+            || req
+                .names
+                .iter()
+                .any(|n| n.is_empty() || n.len() > 253 || !n.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(Status::invalid_argument(
+                "names: at most 16 host names or IP addresses, each 1 to 253 printable characters",
+            ));
+        }
+        if req.csr_pem.len() > 16 * 1024 {
+            return Err(Status::invalid_argument("the certificate request is over 16 KiB"));
+        }
+        if req.join_token.is_empty() {
+            if peer != Some(subject) {
+                return Err(Status::unauthenticated(format!(
+                    "a certificate for {subject} needs a join token (`tollgate cluster \
+                     join-token create`), or, to renew one, {subject}'s own certificate"
+                )));
+            }
+            return self.issue(subject, &req).map(|(cert, ca_pem)| api::EnrollResponse {
+                cert_chain_pem: cert,
+                ca_cert_pem: ca_pem,
+                sealing_keys: String::new(),
+            });
+        }
+        let token = JoinToken::parse(&req.join_token).map_err(Status::invalid_argument)?;
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.enroll(r).await };
+        if let Some(resp) = self
+            .on_leader(&req, forwarded, &Caller::Remote(None), forward)
+            .await?
+        {
+            return Ok(resp);
+        }
+        let hash_key = self.hash_key()?;
+        let refused = || {
+            Status::unauthenticated(
+                "the join token is not known, or it expired, was used up or was revoked; make \
+                 a new one with `tollgate cluster join-token create`",
+            )
+        };
+        let valid = self.state_machine.read(|a| {
+            let access = &a.state.access;
+            access::check(
+                &access.join_tokens,
+                &hash_key,
+                identity::JOIN_TOKEN_PREFIX,
+                &token.credential,
+                now_ms(),
+            )
+            .filter(|t| t.used < t.uses)
+            .map(|_| access.ca_cert_pem.clone())
+        });
+        let Some(ca_pem) = valid else {
+            return Err(refused());
+        };
+        let ca_der = identity::ca::pem_certs(&ca_pem).map_err(Status::internal)?;
+        if identity::ca::fingerprint(&ca_der[0]) != token.ca_fingerprint {
+            return Err(Status::unauthenticated(
+                "the join token names another cluster's CA",
+            ));
+        }
+        if let Subject::Node(id) = subject
+            && self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "node {id} is a member already, and only it may speak for node {id}: a member \
+                 that lost its data directory is removed first (`tollgate cluster remove {id}`), \
+                 or the new node takes another --id"
+            )));
+        }
+        let by = match subject {
+            Subject::Node(id) => format!("node/{id}"),
+            Subject::ControlPlane => "control-plane".to_string(),
+        };
+        self.identity_write(IdentityOp::UseJoinToken(
+            tollgate_proto::state::v1::UseJoinToken {
+                id: token.id.clone(),
+                by,
+            },
+        ))
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition | tonic::Code::NotFound => refused(),
+            _ => s,
+        })?;
+        let (cert_chain_pem, ca_cert_pem) = self.issue(subject, &req)?;
+        // A control plane needs no sealing key: it holds no state.
+        let sealing_keys = match subject {
+            Subject::Node(_) => self
+                .identity
+                .keyring()
+                .ok_or_else(|| Status::failed_precondition("the leader has no sealing key"))?
+                .to_text(),
+            Subject::ControlPlane => String::new(),
+        };
+        tracing::info!(%subject, token = token.id, "enrolled with a join token");
+        Ok(api::EnrollResponse {
+            cert_chain_pem,
+            ca_cert_pem,
+            sealing_keys,
+        })
+    }
+
+    /// Signs the key of `req`'s CSR for `subject`: the chain (leaf, CA) and the CA.
+    fn issue(&self, subject: Subject, req: &api::EnrollRequest) -> Result<(String, String), Status> {
+        let ca = self.state_machine.read(|a| self.identity.ca(&a.state.access))?;
+        let cert = ca
+            .issue(
+                subject,
+                &req.csr_pem,
+                &Identity::cert_names(&req.names),
+                now_ms(),
+                self.identity.cert_lifetime,
+            )
+            .map_err(Status::invalid_argument)?;
+        let chain = format!("{}\n{}", cert.trim_end(), ca.cert_pem);
+        Ok((chain, ca.cert_pem))
+    }
+
+    /// With `--insecure-cluster`: takes the sealing keys from `peer`.
+    pub async fn fetch_keys(&self, peer: &str) -> Result<(), String> {
+        let mut client = NodeAdminClient::new(self.peers.channel(peer)?);
+        let mut req = tonic::Request::new(api::EnrollRequest {
+            node_id: self.id,
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(5));
+        let resp = client
+            .enroll(req)
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.identity
+            .adopt_keyring(&resp.sealing_keys)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Enrolls this node through `peer` with a join token: verifies the peer against the
+    /// CA the token pins, gets a certificate for this node's id, the CA and the sealing
+    /// keys, and stores them.
+    pub async fn enroll_via(&self, peer: &str, token: &JoinToken) -> Result<(), String> {
+        self.identity.tls.pin(&token.ca_fingerprint);
+        let (key, csr) = identity::ca::new_key_and_csr()?;
+        let host = peer_host(&self.info.grpc_addr);
+        let mut client = NodeAdminClient::new(self.peers.channel(peer)?);
+        let mut req = tonic::Request::new(api::EnrollRequest {
+            join_token: format!("{}_{}", token.credential, token.ca_fingerprint),
+            node_id: self.id,
+            control_plane: false,
+            csr_pem: csr,
+            names: vec![host],
+        });
+        req.set_timeout(COMMIT_TIMEOUT + LEADER_WAIT + Duration::from_secs(5));
+        let resp = client
+            .enroll(req)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.identity
+            .adopt_keyring(&resp.sealing_keys)
+            .map_err(|e| format!("{e:#}"))?;
+        self.identity
+            .install(&resp.cert_chain_pem, &key.serialize_der(), &resp.ca_cert_pem)
+            .map_err(|e| format!("{e:#}"))?;
+        self.peers.reconnect();
+        Ok(())
     }
 
     /// The APIs, linearizable (through the leader) unless `local`; a tenant token sees its
@@ -779,9 +1168,13 @@ impl Cluster {
             let table = match req.kind.as_str() {
                 "" | "key" | "keys" => &access.keys,
                 "token" | "tokens" => &access.tokens,
+                "join-token" | "join-tokens" => {
+                    p.require_operator("listing join tokens")?;
+                    &access.join_tokens
+                }
                 other => {
                     return Err(Status::invalid_argument(format!(
-                        "kind {other:?} is not known; use key or token"
+                        "kind {other:?} is not known; use key, token or join-token"
                     )));
                 }
             };
@@ -893,6 +1286,8 @@ impl Cluster {
 
     /// Adds a node as a learner (waiting for it to catch up) and promotes it to voter while
     /// the cluster has fewer voters than `max_voters`.
+    /// `peer` is who the caller's certificate says it is (checked by the gRPC handler):
+    /// only node N joins as node N, so no one else can change N's address or role.
     pub async fn join(
         &self,
         req: api::JoinRequest,
@@ -909,6 +1304,8 @@ impl Cluster {
             )));
         }
         let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.join(r).await };
+        // Forwarded as the joining node's request: the leader sees this node's certificate,
+        // and trusts it (a member) to have checked the joiner's.
         if let Some(resp) = self
             .on_leader(&req, forwarded, &Caller::Node, forward)
             .await?
@@ -967,7 +1364,8 @@ impl Cluster {
         } else {
             "learner"
         };
-        if role == "learner" && (voters.len() as u32) < req.max_voters.max(1) {
+        // The cluster's policy (this leader's --voters), never a number the joiner sends.
+        if role == "learner" && (voters.len() as u32) < self.voters.max(1) {
             self.membership_change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
                 .await?;
             role = "voter";
@@ -1071,6 +1469,12 @@ impl Cluster {
             self.membership_change(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
                 .await?;
         }
+        // Its certificates stop opening any node's door: a node that comes back joins
+        // again with a new join token.
+        self.identity_write(IdentityOp::RevokeNode(
+            tollgate_proto::state::v1::RevokeNode { node_id: id },
+        ))
+        .await?;
         Ok(api::RemoveResponse {})
     }
 
@@ -1271,6 +1675,12 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The host part of `host:port` (brackets kept off an IPv6 address).
+fn peer_host(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
 fn state_name(s: ServerState) -> &'static str {

@@ -101,20 +101,37 @@ impl Contact {
 }
 
 /// Channels to peers, one per address, created on first use and never connected eagerly.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     pub faults: Faults,
     pub contact: Contact,
+    /// Mutual TLS to peers (None with `--insecure-cluster`).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Peers {
-    pub fn new(faults: Faults) -> Peers {
+    pub fn new(faults: Faults, tls: Option<Arc<rustls::ClientConfig>>) -> Peers {
         Peers {
             channels: Mutex::default(),
             faults,
             contact: Contact::default(),
+            tls,
         }
+    }
+
+    /// Drops every channel: calls from now on connect again, presenting the certificate
+    /// this node holds now (after it enrolled, or renewed its certificate).
+    pub fn reconnect(&self) {
+        self.channels.lock().expect("peers lock").clear();
     }
 
     /// The channel to `addr` (`host:port`), connecting lazily.
@@ -129,7 +146,12 @@ impl Peers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = match &self.tls {
+            Some(config) => endpoint.connect_with_connector_lazy(crate::identity::tls::Connector {
+                config: config.clone(),
+            }),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

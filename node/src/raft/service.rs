@@ -16,6 +16,8 @@ use super::{Raft, Snapshot, codec};
 
 /// Largest snapshot a node accepts.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+/// How long an incoming snapshot waits for the one being received before it.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct RaftService {
     pub raft: Raft,
@@ -26,6 +28,13 @@ pub struct RaftService {
     /// Milliseconds since the epoch of the last AppendEntries accepted from a leader (for
     /// followers and learners: "when did I last hear from the cluster").
     pub last_leader_contact_ms: Arc<AtomicU64>,
+    /// Who may call: a node speaks only for itself (by its certificate).
+    pub identity: Arc<crate::identity::Identity>,
+    pub state_machine: super::state_machine::StateMachineStore,
+    /// Where incoming snapshots are written while they arrive.
+    pub snapshot_dir: std::path::PathBuf,
+    /// Held while a snapshot is received.
+    pub receiving: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -33,6 +42,54 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+impl RaftService {
+    /// Writes a snapshot's chunks to a file as they arrive (at most `total` bytes, as the
+    /// header declared) and reads it back once it is whole.
+    async fn receive(
+        &self,
+        stream: &mut Streaming<pb::SnapshotChunk>,
+        total: u64,
+    ) -> Result<Vec<u8>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let path = self
+            .snapshot_dir
+            .join(format!("snapshot-incoming-{}.tmp", std::process::id()));
+        let io = |e: std::io::Error| Status::internal(format!("cannot store the snapshot: {e}"));
+        let mut file = tokio::fs::File::create(&path).await.map_err(io)?;
+        let mut received: u64 = 0;
+        let result = async {
+            while let Some(chunk) = stream.next().await.transpose()? {
+                match chunk.part {
+                    Some(pb::snapshot_chunk::Part::Chunk(bytes)) => {
+                        received += bytes.len() as u64;
+                        if received > total {
+                            return Err(Status::invalid_argument(
+                                "snapshot stream is longer than its header said",
+                            ));
+                        }
+                        file.write_all(&bytes).await.map_err(io)?;
+                    }
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "only chunks may follow a snapshot header",
+                        ));
+                    }
+                }
+            }
+            if received != total {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot stream ended after {received} of {total} bytes"
+                )));
+            }
+            file.flush().await.map_err(io)?;
+            tokio::fs::read(&path).await.map_err(io)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&path).await;
+        result
+    }
 }
 
 fn bad(e: codec::DecodeError) -> Status {
@@ -46,6 +103,24 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 }
 
 impl RaftService {
+    /// The caller's certificate must be that of `vote`'s node: the leader sending entries
+    /// or a snapshot, or the candidate asking for a vote.
+    fn require_sender<T>(&self, req: &Request<T>, vote: Option<&pb::Vote>) -> Result<(), Status> {
+        let claimed = vote
+            .and_then(|v| v.leader_id.as_ref())
+            .map(|l| l.node_id)
+            .ok_or_else(|| Status::invalid_argument("the request has no vote"))?;
+        let certs = req.peer_certs();
+        self.state_machine.read(|a| {
+            self.identity.require_node(
+                certs.as_deref().map(Vec::as_slice),
+                &a.state.access,
+                claimed,
+                "this Raft message",
+            )
+        })
+    }
+
     fn refuse_if_isolated(&self, from: Option<&pb::Vote>) -> Result<(), Status> {
         let sender = from.and_then(|v| v.leader_id.as_ref()).map(|l| l.node_id);
         match sender {
@@ -63,6 +138,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        self.require_sender(&req, req.get_ref().vote.as_ref())?;
         let req = req.into_inner();
         self.refuse_if_isolated(req.vote.as_ref())?;
         let rpc = openraft::raft::AppendEntriesRequest {
@@ -108,6 +184,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.require_sender(&req, req.get_ref().vote.as_ref())?;
         let req = req.into_inner();
         self.refuse_if_isolated(req.vote.as_ref())?;
         let rpc = openraft::raft::VoteRequest {
@@ -127,6 +204,12 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        // Only a member may send one: checked before a byte of it is read.
+        let certs = req.peer_certs();
+        if self.identity.secure {
+            self.state_machine
+                .read(|a| self.identity.peer(certs.as_deref().map(Vec::as_slice), &a.state.access))?;
+        }
         let mut stream = req.into_inner();
         let Some(first) = stream.next().await.transpose()? else {
             return Err(Status::invalid_argument("empty snapshot stream"));
@@ -136,6 +219,20 @@ impl RaftRpc for RaftService {
                 "a snapshot stream must start with its header",
             ));
         };
+        let claimed = header
+            .vote
+            .as_ref()
+            .and_then(|v| v.leader_id.as_ref())
+            .map(|l| l.node_id)
+            .ok_or_else(|| Status::invalid_argument("the snapshot header has no vote"))?;
+        self.state_machine.read(|a| {
+            self.identity.require_node(
+                certs.as_deref().map(Vec::as_slice),
+                &a.state.access,
+                claimed,
+                "this snapshot",
+            )
+        })?;
         self.refuse_if_isolated(header.vote.as_ref())?;
         if header.total_bytes > MAX_SNAPSHOT_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -145,31 +242,22 @@ impl RaftRpc for RaftService {
         }
         let vote = codec::vote_from_pb(header.vote).map_err(bad)?;
         let meta = codec::snapshot_meta_from_pb(header.meta).map_err(bad)?;
-        let mut data = Vec::with_capacity(header.total_bytes as usize);
-        while let Some(chunk) = stream.next().await.transpose()? {
-            match chunk.part {
-                Some(pb::snapshot_chunk::Part::Chunk(bytes)) => {
-                    if (data.len() + bytes.len()) as u64 > header.total_bytes {
-                        return Err(Status::invalid_argument(
-                            "snapshot stream is longer than its header said",
-                        ));
-                    }
-                    data.extend_from_slice(&bytes);
-                }
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "only chunks may follow a snapshot header",
-                    ));
-                }
-            }
+        // A sender whose vote is behind this node's is no longer the leader: answer with
+        // this node's vote (it steps down) before reading the snapshot.
+        let mine = self.raft.metrics().borrow().vote;
+        if vote < mine {
+            metrics::counter!("tollgate_raft_snapshots_refused_total", "reason" => "stale_vote")
+                .increment(1);
+            return Ok(Response::new(pb::SnapshotResponse {
+                vote: Some(codec::vote_to_pb(&mine)),
+            }));
         }
-        if data.len() as u64 != header.total_bytes {
-            return Err(Status::invalid_argument(format!(
-                "snapshot stream ended after {} of {} bytes",
-                data.len(),
-                header.total_bytes
-            )));
-        }
+        // One snapshot at a time, written to disk as it arrives (never sized by what the
+        // header declares), and read back whole only once it is complete.
+        let _one = tokio::time::timeout(SNAPSHOT_WAIT, self.receiving.lock())
+            .await
+            .map_err(|_| Status::unavailable("another snapshot is being received; retry"))?;
+        let data = self.receive(&mut stream, header.total_bytes).await?;
         let snapshot = Snapshot {
             meta,
             snapshot: Box::new(data),

@@ -284,6 +284,7 @@ fn apply_span(index: u64, cmd: &tollgate_proto::state::v1::Command) -> tracing::
         Some(Kind::Circuit(_)) => "circuit",
         Some(Kind::Usage(_)) => "usage",
         Some(Kind::Billing(_)) => "billing",
+        Some(Kind::Identity(_)) => "identity",
         None => "unknown",
     };
     let span = tracing::info_span!(

@@ -29,8 +29,18 @@ pub const MAX_LABEL: usize = 128;
 /// Tenants, credentials and subscriptions, as the replicated state holds them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Access {
-    /// Credentials are hashed under this; empty until the cluster is bootstrapped.
+    /// Credentials are hashed under this; empty until the cluster is bootstrapped. Sealed
+    /// (`crate::identity::seal`), or 32 plain bytes in a cluster made before sealing
+    /// existed and not yet re-sealed.
     pub hash_key: Vec<u8>,
+    /// The cluster CA's certificate (PEM); empty in a cluster made before node identity.
+    pub ca_cert_pem: String,
+    /// The CA's PKCS#8 key, sealed.
+    pub ca_key: Vec<u8>,
+    /// Join tokens by id.
+    pub join_tokens: BTreeMap<String, Credential>,
+    /// Removed nodes: certificates issued to them before the time are refused.
+    pub revoked_nodes: BTreeMap<u64, u64>,
     pub tenants: BTreeMap<String, Tenant>,
     /// API keys by id.
     pub keys: BTreeMap<String, Credential>,
@@ -58,6 +68,10 @@ pub struct Credential {
     pub expires_at_ms: u64,
     /// 0: not revoked.
     pub revoked_at_ms: u64,
+    /// Join tokens only: how many nodes may use it, how many did, and who.
+    pub uses: u32,
+    pub used: u32,
+    pub used_by: Vec<String>,
 }
 
 impl Credential {
@@ -83,6 +97,9 @@ impl Credential {
             created_at_ms: self.created_at_ms,
             expires_at_ms: self.expires_at_ms,
             revoked_at_ms: self.revoked_at_ms,
+            uses: self.uses,
+            used: self.used,
+            used_by: self.used_by.clone(),
         }
     }
 
@@ -95,6 +112,9 @@ impl Credential {
             created_at_ms: p.created_at_ms,
             expires_at_ms: p.expires_at_ms,
             revoked_at_ms: p.revoked_at_ms,
+            uses: p.uses,
+            used: p.used,
+            used_by: p.used_by.clone(),
         }
     }
 }
@@ -133,34 +153,6 @@ fn hash_secret(hash_key: &[u8], secret: &str) -> Vec<u8> {
     let mut mac = HmacSha256::new_from_slice(hash_key).expect("HMAC takes any key length");
     mac.update(secret.as_bytes());
     mac.finalize().into_bytes().to_vec()
-}
-
-/// How long a node's credential is good for (each forwarded call makes a fresh one).
-const NODE_CREDENTIAL_MS: u64 = 60_000;
-
-/// The credential a node forwards its own writes with (a circuit transition decided by
-/// the owner, say): `tgn_<node>_<ms>_<HMAC-SHA256 of both under the cluster's hash key>`.
-/// Only members hold the key. Good for a minute either side of `at_ms`.
-pub fn node_credential(hash_key: &[u8], node: u64, at_ms: u64) -> String {
-    let mac = hash_secret(hash_key, &format!("node/{node}/{at_ms}"));
-    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
-    format!("tgn_{node}_{at_ms}_{hex}")
-}
-
-/// The node a presented node credential names, when it is genuine and fresh.
-pub fn check_node_credential(hash_key: &[u8], presented: &str, now_ms: u64) -> Option<u64> {
-    let rest = presented.strip_prefix("tgn_")?;
-    let mut parts = rest.splitn(3, '_');
-    let node: u64 = parts.next()?.parse().ok()?;
-    let at_ms: u64 = parts.next()?.parse().ok()?;
-    let hex = parts.next()?;
-    if hash_key.is_empty() || now_ms.abs_diff(at_ms) > NODE_CREDENTIAL_MS || hex.len() != 64 {
-        return None;
-    }
-    let mac: Option<Vec<u8>> = (0..32)
-        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect();
-    verify_secret(hash_key, &format!("node/{node}/{at_ms}"), &mac?).then_some(node)
 }
 
 /// Splits a presented credential into (id, secret) if it has the expected prefix.
@@ -373,7 +365,7 @@ pub fn apply_command(
                 hash: c.hash.clone(),
                 created_at_ms: at_ms,
                 expires_at_ms: c.expires_at_ms,
-                revoked_at_ms: 0,
+                ..Credential::default()
             };
             let after = credential_json(Some(&cred));
             table.insert(c.id.clone(), cred);
@@ -420,7 +412,7 @@ pub fn apply_command(
     }
 }
 
-fn check_credential(c: &pb::CreateCredential) -> Result<(), Refusal> {
+pub(crate) fn check_credential(c: &pb::CreateCredential) -> Result<(), Refusal> {
     if c.id.is_empty() || c.hash.len() != 32 {
         return Err(Refusal::Invalid(
             "a credential is made by the node (id and hash are filled in there)".into(),
@@ -448,11 +440,18 @@ pub fn bootstrap(
             "the bootstrap has no operator token".into(),
         ));
     };
-    if b.hash_key.len() != 32 {
-        return Err(Refusal::Invalid("the hash key must be 32 bytes".into()));
+    if b.hash_key.len() != 32 && !crate::identity::seal::is_sealed(&b.hash_key) {
+        return Err(Refusal::Invalid(
+            "the hash key must be sealed (or 32 bytes, from an older node)".into(),
+        ));
+    }
+    if !b.ca_key.is_empty() && !crate::identity::seal::is_sealed(&b.ca_key) {
+        return Err(Refusal::Invalid("the CA key must be sealed".into()));
     }
     check_credential(t)?;
     access.hash_key = b.hash_key.clone();
+    access.ca_cert_pem = b.ca_cert_pem.clone();
+    access.ca_key = b.ca_key.clone();
     let cred = Credential {
         id: t.id.clone(),
         tenant: String::new(),
@@ -463,8 +462,7 @@ pub fn bootstrap(
         },
         hash: t.hash.clone(),
         created_at_ms: at_ms,
-        expires_at_ms: 0,
-        revoked_at_ms: 0,
+        ..Credential::default()
     };
     let after = credential_json(Some(&cred));
     access.tokens.insert(t.id.clone(), cred);
@@ -483,6 +481,14 @@ impl Access {
         out.tenants = self.tenants.values().map(tenant_to_proto).collect();
         out.keys = self.keys.values().map(Credential::to_proto).collect();
         out.tokens = self.tokens.values().map(Credential::to_proto).collect();
+        out.ca_cert_pem = self.ca_cert_pem.clone();
+        out.ca_key = self.ca_key.clone();
+        out.join_tokens = self.join_tokens.values().map(Credential::to_proto).collect();
+        out.revoked_nodes = self
+            .revoked_nodes
+            .iter()
+            .map(|(&node_id, &before_ms)| pb::RevokedNodeState { node_id, before_ms })
+            .collect();
     }
 
     pub fn from_proto(p: &pb::StateSnapshot) -> Access {
@@ -502,6 +508,18 @@ impl Access {
                 .tokens
                 .iter()
                 .map(|c| (c.id.clone(), Credential::from_proto(c)))
+                .collect(),
+            ca_cert_pem: p.ca_cert_pem.clone(),
+            ca_key: p.ca_key.clone(),
+            join_tokens: p
+                .join_tokens
+                .iter()
+                .map(|c| (c.id.clone(), Credential::from_proto(c)))
+                .collect(),
+            revoked_nodes: p
+                .revoked_nodes
+                .iter()
+                .map(|r| (r.node_id, r.before_ms))
                 .collect(),
         }
     }
@@ -537,26 +555,6 @@ fn tenant_from_proto(t: &pb::TenantState) -> Tenant {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_node_credential_is_checked_by_key_and_freshness() {
-        let key = [7u8; 32];
-        let c = node_credential(&key, 3, 1_000_000);
-        assert_eq!(check_node_credential(&key, &c, 1_030_000), Some(3));
-        assert_eq!(check_node_credential(&key, &c, 1_061_000), None, "stale");
-        assert_eq!(
-            check_node_credential(&[8u8; 32], &c, 1_000_000),
-            None,
-            "other key"
-        );
-        let forged = c.replacen("tgn_3_", "tgn_4_", 1);
-        assert_eq!(check_node_credential(&key, &forged, 1_000_000), None);
-        assert_eq!(
-            check_node_credential(&[], &c, 1_000_000),
-            None,
-            "no key yet"
-        );
-    }
 
     #[test]
     fn a_minted_credential_verifies_and_a_changed_one_does_not() {

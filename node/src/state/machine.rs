@@ -116,6 +116,7 @@ impl ClusterState {
             Some(command::Kind::Circuit(c)) => self.circuit_command(log_index, cmd, c),
             Some(command::Kind::Usage(b)) => self.usage_batch(log_index, cmd, b),
             Some(command::Kind::Billing(b)) => self.billing_command(log_index, cmd, b),
+            Some(command::Kind::Identity(i)) => self.identity_command(log_index, cmd, i),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (docs/architecture.md, decision 2).
             None => Applied {
@@ -264,6 +265,69 @@ impl ClusterState {
             self.access = Arc::new(next);
         }
         self.access_result(log_index, cmd, result)
+    }
+
+    /// Node identity (join tokens, the CA, revocations): audited and recorded in the
+    /// history (a retried request id is applied once), but it takes no generation:
+    /// nothing the data plane serves changes.
+    fn identity_command(
+        &mut self,
+        log_index: u64,
+        cmd: &Command,
+        i: &tollgate_proto::state::v1::IdentityCommand,
+    ) -> Applied {
+        let mut next = (*self.access).clone();
+        let change = match super::identity::apply(&mut next, i, cmd.at_ms) {
+            Err(refusal) => {
+                return Applied {
+                    generation: self.generation,
+                    log_index,
+                    refusal: Some(refusal),
+                    ..Applied::default()
+                };
+            }
+            Ok(None) => {
+                return Applied {
+                    generation: self.generation,
+                    log_index,
+                    ..Applied::default()
+                };
+            }
+            Ok(Some(change)) => change,
+        };
+        self.access = Arc::new(next);
+        let (added, changed) = if change.added {
+            (vec![change.object.clone()], Vec::new())
+        } else {
+            (Vec::new(), vec![change.object.clone()])
+        };
+        self.history.push_back(Change {
+            generation: self.generation,
+            log_index,
+            request_id: cmd.request_id.clone(),
+            actor: cmd.actor.clone(),
+            added: added.clone(),
+            changed: changed.clone(),
+            removed: Vec::new(),
+        });
+        while self.history.len() > HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        self.audit(
+            cmd,
+            change.action,
+            change.object,
+            String::new(),
+            change.before,
+            change.after,
+        );
+        Applied {
+            generation: self.generation,
+            log_index,
+            added,
+            changed,
+            ..Applied::default()
+        }
     }
 
     fn access_result(

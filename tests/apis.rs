@@ -727,6 +727,7 @@ async fn a_tenant_token_sees_and_changes_only_its_own_tenant() {
             "--object",
             "api/orders",
         ])
+        .env("TOLLGATE_CA", gw.ca_file())
         .env("TOLLGATE_TOKEN", gw.operator_token())
         .output()
         .unwrap();
@@ -960,6 +961,7 @@ apis:
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
             .args(["--node", &gw.grpc.to_string()])
+            .env("TOLLGATE_CA", gw.ca_file())
             .env("TOLLGATE_TOKEN", gw.operator_token())
             .output()
             .unwrap();

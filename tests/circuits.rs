@@ -46,6 +46,7 @@ fn cli(cluster: &TestCluster, args: &[&str]) -> String {
         .args(["circuit"])
         .args(args)
         .args(["--node", &cluster.node(2).grpc.to_string()])
+        .env("TOLLGATE_CA", cluster.ca_file())
         .env("TOLLGATE_TOKEN", &cluster.token)
         .output()
         .unwrap();

@@ -35,6 +35,7 @@ async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["cluster", "status", "--output", "json", "--node"])
         .arg(c.node(follower).grpc.to_string())
+        .env("TOLLGATE_CA", c.ca_file())
         .output()
         .unwrap();
     assert!(
@@ -71,14 +72,12 @@ async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
     })
     .await;
 
-    // A request another node already forwarded is not forwarded again: UNAVAILABLE, with
-    // the leader's address in the metadata.
-    let mut raw = tollgate_proto::node::v1::node_admin_client::NodeAdminClient::connect(format!(
-        "http://{}",
-        c.node(follower).grpc
-    ))
-    .await
-    .unwrap();
+    // Only a node (by its certificate) marks a request as forwarded: a client that sends
+    // the mark is not believed, so it cannot keep a follower from forwarding its write.
+    // Without a token the write is refused by the leader, as any client's would be.
+    let mut raw = tollgate_proto::node::v1::node_admin_client::NodeAdminClient::new(
+        harness::channel(c.node(follower).grpc, &c.tls).await,
+    );
     let mut req = tonic::Request::new(tollgate_proto::node::v1::ApplySpecRequest {
         spec_yaml: tagged_spec(up.addr, "third"),
         ..Default::default()
@@ -86,18 +85,7 @@ async fn an_apply_sent_to_a_follower_is_served_by_all_three() {
     req.metadata_mut()
         .insert("x-tollgate-forwarded-by", "9".parse().unwrap());
     let err = raw.apply_spec(req).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert_eq!(
-        err.metadata()
-            .get("x-tollgate-leader")
-            .and_then(|v| v.to_str().ok()),
-        Some(c.node(leader).grpc.to_string().as_str())
-    );
-    assert!(
-        err.message().contains("not the leader"),
-        "{}",
-        err.message()
-    );
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 
     // Linearizable read through a follower sees the write; history is in order everywhere.
     let read = client.read_spec(false).await.unwrap();
@@ -156,9 +144,10 @@ async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_joiners_get_a_snapshot_and_voters_flag_decides_their_role() {
+async fn late_joiners_get_a_snapshot_and_the_leaders_voters_policy_decides_their_role() {
     let up = Upstream::start("a").await;
-    let compaction = ["--snapshot-every", "10", "--keep-logs", "0"];
+    // The cluster's policy: four voters.
+    let compaction = ["--snapshot-every", "10", "--keep-logs", "0", "--voters", "4"];
     let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &compaction).await;
     let mut client = c.client(c.leader(T).await).await;
     let mut last = 0;
@@ -180,16 +169,17 @@ async fn late_joiners_get_a_snapshot_and_voters_flag_decides_their_role() {
         .map(|s| s.to_string())
         .collect();
     flags.extend(compaction.iter().map(|s| s.to_string()));
-    let mut voters5 = flags.clone();
-    voters5.extend(["--voters".into(), "5".into()]);
-    c.add(4, seed, &voters5).await;
+    c.add(4, seed, &flags).await;
     c.wait_all("node 4 to be a voter", T, |s| {
         s.members.iter().any(|m| m.id == 4 && m.role == "voter")
     })
     .await;
-    let mut voters3 = flags.clone();
-    voters3.extend(["--voters".into(), "3".into()]);
-    c.add(5, seed, &voters3).await;
+    // What a joiner asks for does not count: the leader's policy (4 voters) does.
+    let greedy: Vec<String> = flags
+        .iter()
+        .map(|f| if f == "4" { "9".to_string() } else { f.clone() })
+        .collect();
+    c.add(5, seed, &greedy).await;
     c.wait_all("node 5 to be a learner", T, |s| {
         s.members.iter().any(|m| m.id == 5 && m.role == "learner")
     })
@@ -349,10 +339,10 @@ fn metric(text: &str, name: &str) -> f64 {
 /// Sends `body` as one gRPC message frame; returns grpc-status and grpc-message.
 async fn raw_grpc(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (String, String) {
     use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = harness::tls_stream(addr).await;
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
+        stream,
     )
     .await
     .unwrap();
@@ -503,6 +493,7 @@ async fn tollgate_apply_prints_the_plan_and_refuses_a_bad_spec_whole() {
             .args(args)
             .args(["--node", &gw.grpc.to_string()])
             .args(["--token", gw.operator_token()])
+            .env("TOLLGATE_CA", gw.ca_file())
             .output()
             .unwrap()
     };

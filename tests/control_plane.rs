@@ -12,7 +12,6 @@ use harness::cluster::{TestCluster, tagged_spec};
 use harness::cp::CpProcess;
 use tollgate_proto::cp::v1 as cp;
 use tollgate_proto::state::v1 as state;
-use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -54,11 +53,7 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
     one.sdk(&c.token).create_tenant("acme").await.unwrap();
 
     // grpc.health.v1 says SERVING.
-    let channel = Channel::from_shared(format!("http://{}", one.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = one.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -304,6 +299,7 @@ async fn the_cli_runs_the_lifecycle_and_says_what_is_allowed() {
         let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
             .args(["--cp", &cpp.addr.to_string()])
+            .env("TOLLGATE_CA", gw.ca_file())
             .env("TOLLGATE_TOKEN", gw.operator_token())
             .output()
             .unwrap();
@@ -422,6 +418,7 @@ async fn a_generic_grpc_client_lists_the_services_and_sees_serving() {
         let out = Command::new(&python)
             .arg(script)
             .arg(addr.to_string())
+            .arg(gw.ca_file())
             .output()
             .unwrap();
         assert!(

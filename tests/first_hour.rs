@@ -59,6 +59,15 @@ async fn the_cli_pointed_at_the_wrong_port_says_which_port_it_needs() {
         gw.grpc.to_string(),
         gw.proxy.to_string(),
     );
+    // The CLI as an operator runs it: with the cluster's CA, so it speaks TLS, and a port
+    // that answers in plain text is asked what it is.
+    let ca = gw.dir.join("data/cluster-ca.pem");
+    let ca = ca.to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--ca", ca]);
+        cli(&all)
+    };
 
     // Node commands at the HTTP admin port: the admin port answers gRPC callers itself.
     assert_says(
@@ -230,10 +239,13 @@ async fn a_joiner_given_the_admin_port_stops_and_says_which_port_to_use() {
     let dir = std::env::temp_dir().join(format!("tollgate-joiner-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let admin = gw.admin.to_string();
+    let token = harness::join_token(gw.grpc, 1).await;
     let (out, took) = cli(&[
         "node",
         "--id",
         "2",
+        "--join-token",
+        &token,
         "--join",
         &admin,
         "--data-dir",

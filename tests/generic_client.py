@@ -1,5 +1,6 @@
 """A generic gRPC client (Python grpcio, from PyPI) against a Tollgate gRPC address:
-lists the services through server reflection and checks grpc.health.v1.
+lists the services through server reflection and checks grpc.health.v1. With a second
+argument (the cluster CA's PEM file) it connects over TLS.
 Prints one JSON line: {"services": [...], "health": "SERVING"}."""
 import json
 import sys
@@ -10,7 +11,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-channel = grpc.insecure_channel(sys.argv[1])
+if len(sys.argv) > 2:
+    # A secure cluster: verify the server with the cluster's CA, as any TLS client does.
+    with open(sys.argv[2], "rb") as f:
+        channel = grpc.secure_channel(sys.argv[1], grpc.ssl_channel_credentials(root_certificates=f.read()))
+else:
+    channel = grpc.insecure_channel(sys.argv[1])
 services = sorted(ProtoReflectionDescriptorDatabase(channel).get_services())
 health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
 print(json.dumps({

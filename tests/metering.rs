@@ -362,6 +362,7 @@ async fn a_cost_report_for_two_tenants_on_two_plans_equals_the_hand_computation(
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
             .args(["--cp", &cpp.addr.to_string(), "--token", &cluster.token])
+            .env("TOLLGATE_CA", cluster.ca_file())
             .output()
             .unwrap();
         assert!(

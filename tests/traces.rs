@@ -318,11 +318,7 @@ async fn a_control_plane_call_is_followed_onto_every_node_that_applies_it() {
     let token = cluster.node(1).operator_token().to_string();
     let trace = "5b8efff798038103d269b633813fc60c";
     let caller = "eee19b7ec3c1b174";
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", cpp.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = cpp.channel().await;
     let mut access = tollgate_proto::cp::v1::access_client::AccessClient::with_interceptor(
         channel,
         TokenAndTrace(token, format!("00-{trace}-{caller}-01")),

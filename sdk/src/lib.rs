@@ -203,7 +203,7 @@ impl Error {
 
     /// The same error, saying what to change when TLS (or its absence) is the likely
     /// reason nothing answered.
-    pub fn with_tls_hint(self, tls: &Tls) -> Error {
+    pub fn with_tls_hint(self, tls_used: bool) -> Error {
         match self {
             Error::Unreachable {
                 addr,
@@ -212,7 +212,7 @@ impl Error {
             } => Error::Unreachable {
                 addr,
                 server,
-                reason: tls_hint(reason, tls),
+                reason: tls_hint(reason, tls_used),
             },
             other => other,
         }
@@ -403,24 +403,82 @@ pub struct NodeClient {
 }
 
 /// Why a connection to `addr` failed, from the transport error's chain.
-fn connect_error(e: tonic::transport::Error, addr: &str, server: Server, tls: &Tls) -> Error {
+fn connect_error(e: tonic::transport::Error, addr: &str, server: Server) -> Error {
     use std::error::Error as _;
-    let reason = failure_reason(&e.to_string(), e.source());
     Error::Unreachable {
         addr: addr.to_string(),
         server,
-        reason: tls_hint(reason, tls),
+        reason: failure_reason(&e.to_string(), e.source()),
     }
+}
+
+/// Whether a TLS handshake failed because the server answered in plain text.
+fn plaintext_answer(reason: &str) -> bool {
+    let lower = reason.to_ascii_lowercase();
+    lower.contains("invalidcontenttype") || lower.contains("corrupt message")
+}
+
+/// What plain text at `addr` is, when a TLS client was answered in plain text: another
+/// server (a node's HTTP admin or proxy port, a program that is not Tollgate), said as
+/// [`Error::WrongServer`]; or a Tollgate server run without TLS. `None` when the probe
+/// tells nothing.
+async fn probe_plaintext(addr: &str, server: Server) -> Option<Error> {
+    let channel = endpoint(addr, &Tls::plaintext())
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let answer = match server {
+        Server::Node => NodeAdminClient::new(channel)
+            .status(StatusRequest {})
+            .await
+            .map(drop),
+        Server::ControlPlane => cp::audit_client::AuditClient::new(channel)
+            .query(cp::AuditQuery::default())
+            .await
+            .map(drop),
+    };
+    if let Err(s) = answer {
+        match Error::classify(s, addr, server) {
+            wrong @ Error::WrongServer { .. } => return Some(wrong),
+            Error::Unreachable { .. } => return None,
+            // A Tollgate server answered, in plain text.
+            _ => {}
+        }
+    }
+    Some(Error::Unreachable {
+        addr: addr.to_string(),
+        server,
+        reason: "it answers in plain text, without TLS: it runs with --insecure-cluster \
+                 (or --insecure); talk to it with --insecure instead of --ca"
+            .into(),
+    })
+}
+
+/// An error with what to change: a TLS client (`tls_used`) answered in plain text learns
+/// what answered (another port, another program, a server run without TLS); other
+/// transport failures say whether TLS, or its absence, is the likely cause.
+pub async fn explain(err: Error, addr: &str, server: Server, tls_used: bool) -> Error {
+    if let Error::Unreachable { reason, .. } = &err
+        && tls_used
+        && plaintext_answer(reason)
+        && let Some(better) = probe_plaintext(addr, server).await
+    {
+        return better;
+    }
+    err.with_tls_hint(tls_used)
 }
 
 /// A reason with what to change when TLS is the likely cause: a plain-text client at a
 /// TLS server is hung up on; a TLS client at a plain-text server gets no handshake.
-pub fn tls_hint(reason: String, tls: &Tls) -> String {
+pub fn tls_hint(reason: String, tls_used: bool) -> String {
     let lower = reason.to_ascii_lowercase();
     let hung_up = ["connection reset", "broken pipe", "connection closed", "unexpected eof", "h2 protocol error", "frame with invalid size", "connection error"]
         .iter()
         .any(|m| lower.contains(m));
-    if !tls.is_tls() && hung_up {
+    if !tls_used && hung_up {
         return format!(
             "{reason}. Tollgate nodes and control planes serve TLS: pass the cluster's CA \
              certificate with --ca <data dir>/cluster-ca.pem (or TOLLGATE_CA)"
@@ -429,7 +487,7 @@ pub fn tls_hint(reason: String, tls: &Tls) -> String {
     let tls_failed = ["invalid peer certificate", "unknownissuer", "unknown issuer", "notvalidforname", "not valid for name", "invalidcontenttype", "corrupt message", "handshake"]
         .iter()
         .any(|m| lower.contains(m));
-    if tls.is_tls() && tls_failed {
+    if tls_used && tls_failed {
         return format!(
             "{reason}. Check that --ca (TOLLGATE_CA) is this cluster's cluster-ca.pem and that \
              you dial a name the node's certificate carries (its advertised host, localhost, \
@@ -446,9 +504,17 @@ impl NodeClient {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect()
-            .await
-            .map_err(|e| connect_error(e, addr, Server::Node, tls))?;
-        Ok(Self::over(channel, addr, tls))
+            .await;
+        match channel {
+            Ok(channel) => Ok(Self::over(channel, addr, tls)),
+            Err(e) => Err(explain(
+                connect_error(e, addr, Server::Node),
+                addr,
+                Server::Node,
+                tls.is_tls(),
+            )
+            .await),
+        }
     }
 
     fn over(channel: Channel, addr: &str, tls: &Tls) -> Self {
@@ -513,7 +579,13 @@ impl NodeClient {
         }
         match f(self.inner.clone(), req).await {
             Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(Error::classify(s, &self.addr, Server::Node).with_tls_hint(&self.tls)),
+            Err(s) => Err(explain(
+                Error::classify(s, &self.addr, Server::Node),
+                &self.addr,
+                Server::Node,
+                self.tls.is_tls(),
+            )
+            .await),
         }
     }
 
@@ -804,8 +876,21 @@ impl ControlPlaneClient {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => s,
             };
-            let retry = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled);
-            let err = Error::classify(s, addr, Server::ControlPlane).with_tls_hint(&self.tls);
+            let err = explain(
+                Error::classify(s, addr, Server::ControlPlane),
+                addr,
+                Server::ControlPlane,
+                self.tls.is_tls(),
+            )
+            .await;
+            // Another replica (or a later try) may answer; a wrong server never will.
+            let retry = match &err {
+                Error::Unreachable { .. } => true,
+                Error::Status(s) => {
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                }
+                _ => false,
+            };
             unreachable = if err.is_unreachable() {
                 unreachable + 1
             } else {

@@ -88,6 +88,14 @@ impl TestCluster {
         self.nodes.push(Slot::Up(Box::new(node)));
     }
 
+    /// The cluster CA's certificate file (node 1's copy).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        match &self.nodes[0] {
+            Slot::Up(n) => n.ca_file(),
+            Slot::Down(o) => o.dir.clone().expect("a node that ran").join("data/cluster-ca.pem"),
+        }
+    }
+
     pub fn node(&self, id: u64) -> &GatewayProcess {
         match &self.nodes[(id - 1) as usize] {
             Slot::Up(n) => n,

@@ -265,6 +265,11 @@ impl GatewayProcess {
             .expect("a usable token")
     }
 
+    /// The cluster CA's certificate file this node holds (for `--ca` / TOLLGATE_CA).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("data/cluster-ca.pem")
+    }
+
     /// The operator token this node made at bootstrap.
     pub fn operator_token(&self) -> &str {
         self.token
@@ -365,6 +370,31 @@ pub fn tls_for(grpc: SocketAddr) -> tollgate_sdk::Tls {
         Some(t) => tollgate_sdk::Tls::ca_pem(&t.ca_pem),
         None => tollgate_sdk::Tls::plaintext(),
     }
+}
+
+/// A TLS connection (ALPN h2) to the node at `addr`, verified with its cluster's CA, for
+/// tests that speak raw HTTP/2 to it.
+pub async fn tls_stream(
+    addr: SocketAddr,
+) -> TokioIo<tokio_rustls_stream::TlsStream> {
+    use tower::Service;
+    let trust = trust(addr).expect("a secure node this test started");
+    let state = std::sync::Arc::new(tollgate_node::identity::tls::TlsState::default());
+    state
+        .trust(&tollgate_node::identity::ca::pem_certs(&trust.ca_pem).unwrap())
+        .unwrap();
+    let mut connector = tollgate_node::identity::tls::Connector {
+        config: state.client_config().unwrap(),
+    };
+    connector
+        .call(format!("http://{addr}").parse().unwrap())
+        .await
+        .expect("TLS connection to the node")
+}
+
+/// The TLS stream type [`tls_stream`] gives.
+pub mod tokio_rustls_stream {
+    pub type TlsStream = tollgate_node::identity::tls::ClientStream;
 }
 
 /// A raw tonic channel to a Tollgate gRPC server at `addr`, verified with the cluster CA

@@ -306,6 +306,9 @@ impl ServerCertVerifier for Servers {
     }
 }
 
+/// A TLS connection to a peer.
+pub type ClientStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// Dials peers over TLS for tonic (`Endpoint::connect_with_connector_lazy`).
 #[derive(Clone)]
 pub struct Connector {
@@ -313,7 +316,7 @@ pub struct Connector {
 }
 
 impl tower::Service<http::Uri> for Connector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Response = hyper_util::rt::TokioIo<ClientStream>;
     type Error = std::io::Error;
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 

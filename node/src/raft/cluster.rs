@@ -258,7 +258,9 @@ impl Cluster {
         let Err(s) = client.status(req).await else {
             return Ok(());
         };
-        match tollgate_sdk::Error::classify(s, peer, tollgate_sdk::Server::Node) {
+        let server = tollgate_sdk::Server::Node;
+        let err = tollgate_sdk::Error::classify(s, peer, server);
+        match tollgate_sdk::explain(err, peer, server, self.identity.secure).await {
             tollgate_sdk::Error::WrongServer { answer, .. } => Err(format!(
                 "--join {peer} is not a Tollgate node's gRPC port ({answer}). Join through a \
                  member's gRPC address: its --grpc-addr, 127.0.0.1:7070 by default"

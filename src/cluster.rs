@@ -99,10 +99,50 @@ pub enum ClusterCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Take a node out of the cluster (stop its process afterwards).
+    /// Take a node out of the cluster (stop its process afterwards); its certificates are
+    /// revoked.
     Remove {
         /// The node's id.
         id: u64,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Join tokens: what a new node (or control plane) enrolls with.
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Make a join token; prints it alone (or `{"token": ...}` with --output json). It is
+    /// shown once: the cluster keeps only its hash.
+    Create {
+        /// How long it can be used, e.g. 10m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many nodes (or control planes) may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// A label, e.g. the hosts it is for.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List join tokens (never their secrets): valid ones, or all with --all.
+    List {
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Revoke a join token by its id: no one enrolls with it from now on.
+    Revoke {
+        id: String,
         #[command(flatten)]
         node: NodeArg,
     },
@@ -295,7 +335,84 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Remove { id, node } => {
             let mut client = node.connect().await?;
             client.remove(id).await?;
-            println!("Node {id} removed from the cluster; stop its process now.");
+            println!(
+                "Node {id} removed from the cluster and its certificates revoked; stop its process now."
+            );
+        }
+        ClusterCommand::JoinToken(cmd) => join_token(cmd).await?,
+    }
+    Ok(())
+}
+
+async fn join_token(cmd: JoinTokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        JoinTokenCommand::Create {
+            ttl,
+            uses,
+            name,
+            node,
+            output,
+        } => {
+            let mut client = node.connect().await?;
+            let token = client.create_join_token(&name, ttl, uses).await?;
+            match output {
+                Output::Table => println!("{token}"),
+                other => print_value(&json!({ "token": token }), other)?,
+            }
+        }
+        JoinTokenCommand::List { all, node, output } => {
+            let mut client = node.connect().await?;
+            let tokens = client.list_join_tokens(all).await?;
+            let time = |ms: u64| {
+                if ms == 0 {
+                    return "-".to_string();
+                }
+                chrono::DateTime::from_timestamp_millis(ms as i64)
+                    .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| ms.to_string())
+            };
+            match output {
+                Output::Table => {
+                    println!(
+                        "{:<18} {:<16} {:<6} {:<21} {:<21} USED BY",
+                        "ID", "NAME", "USED", "EXPIRES", "REVOKED"
+                    );
+                    for t in &tokens {
+                        println!(
+                            "{:<18} {:<16} {:<6} {:<21} {:<21} {}",
+                            t.id,
+                            t.name,
+                            format!("{}/{}", t.used, t.uses),
+                            time(t.expires_at_ms),
+                            time(t.revoked_at_ms),
+                            t.used_by.join(",")
+                        );
+                    }
+                }
+                other => {
+                    let list: Vec<_> = tokens
+                        .iter()
+                        .map(|t| {
+                            json!({
+                                "id": t.id,
+                                "name": t.name,
+                                "uses": t.uses,
+                                "used": t.used,
+                                "used_by": t.used_by,
+                                "created_at": time(t.created_at_ms),
+                                "expires_at": time(t.expires_at_ms),
+                                "revoked_at": if t.revoked_at_ms == 0 { None } else { Some(time(t.revoked_at_ms)) },
+                            })
+                        })
+                        .collect();
+                    print_value(&json!(list), other)?;
+                }
+            }
+        }
+        JoinTokenCommand::Revoke { id, node } => {
+            let mut client = node.connect().await?;
+            client.revoke_join_token(&id).await?;
+            println!("Join token {id} revoked.");
         }
     }
     Ok(())

@@ -76,7 +76,9 @@ async fn a_randomized_fault_run_loses_no_acknowledged_apply() {
                 let addr = addrs[rng.below(addrs.len() as u64) as usize].to_string();
                 let id = format!("chaos-{seq}");
                 let attempt = async {
-                    let mut client = NodeClient::connect(&addr, &tls).await?.with_token(Some(&token))?;
+                    let mut client = NodeClient::connect(&addr, &tls)
+                        .await?
+                        .with_token(Some(&token))?;
                     client
                         .apply_spec(tagged_spec(upstream, &seq.to_string()), false, id.clone())
                         .await

@@ -55,7 +55,10 @@ impl Nodes {
         }
         let mut clients = Vec::new();
         for a in addrs {
-            clients.push((a.clone(), NodeClient::lazy(a, tls).map_err(|e| e.to_string())?));
+            clients.push((
+                a.clone(),
+                NodeClient::lazy(a, tls).map_err(|e| e.to_string())?,
+            ));
         }
         Ok(Nodes {
             tls: tls.clone(),
@@ -923,14 +926,19 @@ async fn enroll(args: &CpArgs, token: &str) -> anyhow::Result<CpIdentity> {
         for addr in &args.nodes {
             match request_certificate(&tls, addr, req.clone()).await {
                 Ok(resp) => {
-                    tracing::info!(node = addr, "enrolled: serving TLS with a certificate from the cluster CA");
+                    tracing::info!(
+                        node = addr,
+                        "enrolled: serving TLS with a certificate from the cluster CA"
+                    );
                     return Ok(CpIdentity {
                         cert_chain_pem: resp.cert_chain_pem,
                         key_der: key.serialize_der(),
                         ca_pem: resp.ca_cert_pem,
                     });
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown =>
+                {
                     last = format!("{addr}: {}", s.message());
                 }
                 Err(s) => anyhow::bail!("enrolling through {addr} was refused: {}", s.message()),
@@ -985,7 +993,11 @@ async fn keep_certificate(
                     }
                     break;
                 }
-                Err(s) => tracing::warn!(node = addr, "cannot renew the control plane's certificate: {}", s.message()),
+                Err(s) => tracing::warn!(
+                    node = addr,
+                    "cannot renew the control plane's certificate: {}",
+                    s.message()
+                ),
             }
         }
     }

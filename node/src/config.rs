@@ -453,7 +453,9 @@ impl Settings {
             problems.push("cert_lifetime must be at least 30s");
         }
         if self.insecure_cluster && self.join_token.is_some() {
-            problems.push("--join-token is for a secure cluster; --insecure-cluster nodes join without one");
+            problems.push(
+                "--join-token is for a secure cluster; --insecure-cluster nodes join without one",
+            );
         }
         if self.raft.heartbeat_interval.is_zero()
             || self.raft.election_timeout <= self.raft.heartbeat_interval * 2

@@ -164,16 +164,18 @@ impl Node {
             match (&settings.sealing_key, &settings.sealing_key_file) {
                 (Some(keys), _) => identity::KeySource::Env(keys.clone()),
                 (None, Some(file)) => identity::KeySource::File(file.clone()),
-                (None, None) => identity::KeySource::File(
-                    settings.data_dir.join(identity::SEALING_KEY_FILE),
-                ),
+                (None, None) => {
+                    identity::KeySource::File(settings.data_dir.join(identity::SEALING_KEY_FILE))
+                }
             },
-            vec![advertise
-                .rsplit_once(':')
-                .map_or(advertise.as_str(), |(h, _)| h)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string()],
+            vec![
+                advertise
+                    .rsplit_once(':')
+                    .map_or(advertise.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            ],
             settings.cert_lifetime,
         )?);
         let info = NodeInfo {
@@ -523,7 +525,11 @@ async fn enroll(cluster: &Cluster, peer: &str, token: &identity::JoinToken) -> R
                 tracing::info!(peer, "enrolled: this node holds its cluster certificate");
                 return Ok(());
             }
-            Err(e) if e.starts_with("Unavailable") || e.starts_with("Unknown") || e.starts_with("DeadlineExceeded") => {
+            Err(e)
+                if e.starts_with("Unavailable")
+                    || e.starts_with("Unknown")
+                    || e.starts_with("DeadlineExceeded") =>
+            {
                 if std::time::Instant::now() > deadline {
                     return Err(format!("could not enroll through {peer} within 120s: {e}"));
                 }
@@ -673,10 +679,13 @@ impl Compiler {
     fn auth_table(&self, access: &Access) -> AuthTable {
         let hash_key = match access.hash_key.is_empty() {
             true => Arc::from(&[][..]),
-            false => self.identity.hash_key(&access.hash_key).unwrap_or_else(|e| {
-                tracing::error!("API keys cannot be checked on this node: {}", e.message());
-                Arc::from(&[][..])
-            }),
+            false => self
+                .identity
+                .hash_key(&access.hash_key)
+                .unwrap_or_else(|e| {
+                    tracing::error!("API keys cannot be checked on this node: {}", e.message());
+                    Arc::from(&[][..])
+                }),
         };
         AuthTable::build(access, &hash_key)
     }

@@ -475,18 +475,35 @@ pub async fn explain(err: Error, addr: &str, server: Server, tls_used: bool) -> 
 /// TLS server is hung up on; a TLS client at a plain-text server gets no handshake.
 pub fn tls_hint(reason: String, tls_used: bool) -> String {
     let lower = reason.to_ascii_lowercase();
-    let hung_up = ["connection reset", "broken pipe", "connection closed", "unexpected eof", "h2 protocol error", "frame with invalid size", "connection error"]
-        .iter()
-        .any(|m| lower.contains(m));
+    let hung_up = [
+        "connection reset",
+        "broken pipe",
+        "connection closed",
+        "unexpected eof",
+        "h2 protocol error",
+        "frame with invalid size",
+        "connection error",
+    ]
+    .iter()
+    .any(|m| lower.contains(m));
     if !tls_used && hung_up {
         return format!(
             "{reason}. Tollgate nodes and control planes serve TLS: pass the cluster's CA \
              certificate with --ca <data dir>/cluster-ca.pem (or TOLLGATE_CA)"
         );
     }
-    let tls_failed = ["invalid peer certificate", "unknownissuer", "unknown issuer", "notvalidforname", "not valid for name", "invalidcontenttype", "corrupt message", "handshake"]
-        .iter()
-        .any(|m| lower.contains(m));
+    let tls_failed = [
+        "invalid peer certificate",
+        "unknownissuer",
+        "unknown issuer",
+        "notvalidforname",
+        "not valid for name",
+        "invalidcontenttype",
+        "corrupt message",
+        "handshake",
+    ]
+    .iter()
+    .any(|m| lower.contains(m));
     if tls_used && tls_failed {
         return format!(
             "{reason}. Check that --ca (TOLLGATE_CA) is this cluster's cluster-ca.pem and that \

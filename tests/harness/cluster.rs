@@ -92,7 +92,11 @@ impl TestCluster {
     pub fn ca_file(&self) -> std::path::PathBuf {
         match &self.nodes[0] {
             Slot::Up(n) => n.ca_file(),
-            Slot::Down(o) => o.dir.clone().expect("a node that ran").join("data/cluster-ca.pem"),
+            Slot::Down(o) => o
+                .dir
+                .clone()
+                .expect("a node that ran")
+                .join("data/cluster-ca.pem"),
         }
     }
 
@@ -133,7 +137,8 @@ impl TestCluster {
         loop {
             let mut votes = std::collections::HashMap::new();
             for id in self.up_ids() {
-                if let Ok(mut c) = NodeClient::connect(&self.node(id).grpc.to_string(), &self.tls).await
+                if let Ok(mut c) =
+                    NodeClient::connect(&self.node(id).grpc.to_string(), &self.tls).await
                     && let Ok(s) = c.cluster_status().await
                     && let Some(l) = s.leader
                     && self.up_ids().contains(&l)

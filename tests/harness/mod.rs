@@ -213,9 +213,12 @@ impl GatewayProcess {
         if let Some(pem) = &ca {
             let mut known = TRUST.lock().unwrap();
             let known = known.get_or_insert_with(HashMap::new);
-            let operator = token
-                .clone()
-                .or_else(|| known.values().find(|t| t.ca_pem == *pem).and_then(|t| t.operator_token.clone()));
+            let operator = token.clone().or_else(|| {
+                known
+                    .values()
+                    .find(|t| t.ca_pem == *pem)
+                    .and_then(|t| t.operator_token.clone())
+            });
             known.insert(
                 grpc,
                 Trust {
@@ -374,9 +377,7 @@ pub fn tls_for(grpc: SocketAddr) -> tollgate_sdk::Tls {
 
 /// A TLS connection (ALPN h2) to the node at `addr`, verified with its cluster's CA, for
 /// tests that speak raw HTTP/2 to it.
-pub async fn tls_stream(
-    addr: SocketAddr,
-) -> TokioIo<tokio_rustls_stream::TlsStream> {
+pub async fn tls_stream(addr: SocketAddr) -> TokioIo<tokio_rustls_stream::TlsStream> {
     use tower::Service;
     let trust = trust(addr).expect("a secure node this test started");
     let state = std::sync::Arc::new(tollgate_node::identity::tls::TlsState::default());

@@ -82,7 +82,9 @@ impl AdminService {
             .get(AS_NODE_METADATA)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Status::invalid_argument(format!("{AS_NODE_METADATA} must be a node id")))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{AS_NODE_METADATA} must be a node id"))
+            })?;
         if !self.cluster.identity.secure {
             return Ok(Caller::Peer(claimed));
         }
@@ -371,7 +373,10 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     if identity.secure {
-        let config = identity.tls.server_config().map_err(|e| anyhow::anyhow!(e))?;
+        let config = identity
+            .tls
+            .server_config()
+            .map_err(|e| anyhow::anyhow!(e))?;
         let incoming = crate::identity::tls::incoming(listener, config, shutdown.clone());
         server
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

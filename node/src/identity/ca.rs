@@ -285,7 +285,13 @@ mod tests {
         assert_eq!(peer.issued_at_ms, now + 5);
         assert_eq!(peer.not_after_ms, (now + 5) / 1000 * 1000 + 3_600_000);
         let cp = ca
-            .issue(Subject::ControlPlane, &csr, &[], now, Duration::from_secs(60))
+            .issue(
+                Subject::ControlPlane,
+                &csr,
+                &[],
+                now,
+                Duration::from_secs(60),
+            )
             .unwrap();
         assert_eq!(
             parse_peer(&pem_certs(&cp).unwrap()[0]).unwrap().subject,
@@ -296,9 +302,16 @@ mod tests {
         again
             .issue(Subject::Node(1), &csr, &[], now, Duration::from_secs(60))
             .unwrap();
-        assert!(ca
-            .issue(Subject::Node(1), "not a csr", &[], now, Duration::from_secs(60))
+        assert!(
+            ca.issue(
+                Subject::Node(1),
+                "not a csr",
+                &[],
+                now,
+                Duration::from_secs(60)
+            )
             .unwrap_err()
-            .contains("signing request"));
+            .contains("signing request")
+        );
     }
 }

@@ -71,14 +71,14 @@ impl JoinToken {
         const SHAPE: &str = "a join token is tgj_, 16 hex digits, _, 43 characters, _, 43 \
                              characters, as `tollgate cluster join-token create` prints it";
         let text = text.trim();
-        let rest = text
-            .strip_prefix("tgj_")
-            .ok_or_else(|| SHAPE.to_string())?;
+        let rest = text.strip_prefix("tgj_").ok_or_else(|| SHAPE.to_string())?;
         if rest.len() != 16 + 1 + 43 + 1 + 43 || !rest.is_ascii() {
             return Err(SHAPE.into());
         }
         let (id, secret, fp) = (&rest[..16], &rest[17..60], &rest[61..]);
-        if &rest[16..17] != "_" || &rest[60..61] != "_" || !id.bytes().all(|b| b.is_ascii_hexdigit())
+        if &rest[16..17] != "_"
+            || &rest[60..61] != "_"
+            || !id.bytes().all(|b| b.is_ascii_hexdigit())
         {
             return Err(SHAPE.into());
         }
@@ -140,8 +140,7 @@ impl Identity {
     ) -> anyhow::Result<Identity> {
         let keyring = match &key_source {
             KeySource::Env(text) => Some(
-                Keyring::parse(text)
-                    .map_err(|e| anyhow::anyhow!("TOLLGATE_SEALING_KEY: {e}"))?,
+                Keyring::parse(text).map_err(|e| anyhow::anyhow!("TOLLGATE_SEALING_KEY: {e}"))?,
             ),
             KeySource::File(path) => match std::fs::read_to_string(path) {
                 Ok(text) => Some(
@@ -177,7 +176,9 @@ impl Identity {
             Err(e) => anyhow::bail!("cannot read {}: {e}", self.dir.join(CA_FILE).display()),
         };
         let ca = ca::pem_certs(&ca).map_err(|e| anyhow::anyhow!("{CA_FILE}: {e}"))?;
-        self.tls.trust(&ca).map_err(|e| anyhow::anyhow!("{CA_FILE}: {e}"))?;
+        self.tls
+            .trust(&ca)
+            .map_err(|e| anyhow::anyhow!("{CA_FILE}: {e}"))?;
         let (Ok(chain), Ok(key)) = (
             std::fs::read_to_string(self.dir.join(CERT_FILE)),
             std::fs::read_to_string(self.dir.join(KEY_FILE)),
@@ -268,7 +269,9 @@ impl Identity {
     /// Replaces the keyring (a rotation read the file again).
     pub fn reload_keyring(&self) -> anyhow::Result<Arc<Keyring>> {
         let KeySource::File(path) = &self.key_source else {
-            anyhow::bail!("the sealing keys come from TOLLGATE_SEALING_KEY: restart to change them");
+            anyhow::bail!(
+                "the sealing keys come from TOLLGATE_SEALING_KEY: restart to change them"
+            );
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
@@ -357,7 +360,8 @@ impl Identity {
     /// the CA (PEM).
     pub fn install(&self, cert_pem: &str, key_der: &[u8], ca_pem: &str) -> anyhow::Result<()> {
         let ca = ca::pem_certs(ca_pem).map_err(|e| anyhow::anyhow!("the CA: {e}"))?;
-        let mut chain = ca::pem_certs(cert_pem).map_err(|e| anyhow::anyhow!("the certificate: {e}"))?;
+        let mut chain =
+            ca::pem_certs(cert_pem).map_err(|e| anyhow::anyhow!("the certificate: {e}"))?;
         chain.truncate(1);
         chain.extend(ca.iter().cloned());
         let chain_pem = format!("{}{ca_pem}", cert_pem.trim_end().to_string() + "\n");
@@ -487,7 +491,10 @@ mod tests {
         assert_eq!(token.id, "0123456789abcdef");
         assert_eq!(token.ca_fingerprint, fp);
         for bad in ["", "tgt_x", &cred, &format!("{cred}_{}", "A".repeat(42))] {
-            assert!(JoinToken::parse(bad).unwrap_err().contains("join token"), "{bad}");
+            assert!(
+                JoinToken::parse(bad).unwrap_err().contains("join token"),
+                "{bad}"
+            );
         }
     }
 }
@@ -506,7 +513,6 @@ pub async fn request_certificate(
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(15));
     let channel = endpoint.connect_with_connector_lazy(tls::Connector { config });
-    let mut client =
-        tollgate_proto::node::v1::node_admin_client::NodeAdminClient::new(channel);
+    let mut client = tollgate_proto::node::v1::node_admin_client::NodeAdminClient::new(channel);
     client.enroll(req).await.map(|r| r.into_inner())
 }

@@ -63,7 +63,9 @@ impl SealingKey {
     /// Parses `tgsk1_<base64url of 32 bytes>`.
     pub fn parse(text: &str) -> Result<SealingKey, String> {
         let body = text.trim().strip_prefix(KEY_PREFIX).ok_or_else(|| {
-            format!("a sealing key starts with {KEY_PREFIX} (make one with `tollgate secret keygen`)")
+            format!(
+                "a sealing key starts with {KEY_PREFIX} (make one with `tollgate secret keygen`)"
+            )
         })?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
@@ -254,8 +256,8 @@ mod tests {
         let new = SealingKey::generate().unwrap();
         let before = Keyring::new(vec![old.clone()]).unwrap();
         let sealed = before.seal("p", b"v").unwrap();
-        let after = Keyring::parse(&format!("{}\n# old\n{}\n", new.to_text(), old.to_text()))
-            .unwrap();
+        let after =
+            Keyring::parse(&format!("{}\n# old\n{}\n", new.to_text(), old.to_text())).unwrap();
         assert_eq!(after.open("p", &sealed).unwrap(), b"v");
         assert!(!after.sealed_by_primary(&sealed));
         let resealed = after.seal("p", b"v").unwrap();
@@ -266,9 +268,16 @@ mod tests {
     #[test]
     fn key_text_round_trips_and_bad_keys_say_why() {
         let k = SealingKey::generate().unwrap();
-        assert_eq!(SealingKey::parse(&k.to_text()).unwrap().id_hex(), k.id_hex());
+        assert_eq!(
+            SealingKey::parse(&k.to_text()).unwrap().id_hex(),
+            k.id_hex()
+        );
         assert!(SealingKey::parse("abc").unwrap_err().contains("tgsk1_"));
-        assert!(SealingKey::parse("tgsk1_AAAA").unwrap_err().contains("32 bytes"));
+        assert!(
+            SealingKey::parse("tgsk1_AAAA")
+                .unwrap_err()
+                .contains("32 bytes")
+        );
         assert!(Keyring::parse("# nothing\n").is_err());
     }
 }

@@ -330,20 +330,31 @@ impl tower::Service<http::Uri> for Connector {
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let config = self.config.clone();
         Box::pin(async move {
-            let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
-            let host = uri.host().ok_or_else(|| invalid("the peer address has no host"))?;
-            let port = uri.port_u16().ok_or_else(|| invalid("the peer address has no port"))?;
+            let invalid =
+                |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid("the peer address has no host"))?;
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| invalid("the peer address has no port"))?;
             let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
                 .map_err(|_| invalid("the peer's host is not a valid name"))?
                 .to_owned();
-            let tcp = tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+            let tcp = tokio::net::TcpStream::connect((
+                host.trim_start_matches('[').trim_end_matches(']'),
+                port,
+            ))
+            .await?;
             tcp.set_nodelay(true)?;
             let tls = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
                 tokio_rustls::TlsConnector::from(config).connect(name, tcp),
             )
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }

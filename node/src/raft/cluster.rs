@@ -33,10 +33,10 @@ use crate::auth::principal::{Caller, Principal, authenticate, authorize};
 use crate::identity::ca::{Ca, Subject};
 use crate::identity::{self, Identity, JoinToken};
 use crate::state::access::{self, KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
-use tollgate_proto::state::v1::identity_command::Op as IdentityOp;
 use crate::state::lifecycle::{Stage, content_digest, parse_version};
 use crate::state::machine::{Applied, CheckedSpec, check_parsed, parse_checked, put_spec_command};
 use crate::state::spec::needs_dns;
+use tollgate_proto::state::v1::identity_command::Op as IdentityOp;
 
 /// Metadata key naming the leader's gRPC address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-tollgate-leader";
@@ -149,7 +149,12 @@ impl Cluster {
         let log = LogStore::open(db)?;
         let state_machine = StateMachineStore::open(db)?;
         let tls = if identity.secure {
-            Some(identity.tls.client_config().map_err(|e| anyhow::anyhow!(e))?)
+            Some(
+                identity
+                    .tls
+                    .client_config()
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            )
         } else {
             None
         };
@@ -769,14 +774,20 @@ impl Cluster {
         });
         let leader = self.raft.metrics().borrow().current_leader == Some(self.id);
         if leader && self.identity.keyring().is_some() {
-            if !has_ca && self.state_machine.read(|a| !a.state.access.hash_key.is_empty()) {
+            if !has_ca
+                && self
+                    .state_machine
+                    .read(|a| !a.state.access.hash_key.is_empty())
+            {
                 let ca = Ca::generate(now_ms()).map_err(Status::internal)?;
                 let op = IdentityOp::SetCa(tollgate_proto::state::v1::SetCa {
                     ca_cert_pem: ca.cert_pem.clone(),
                     ca_key: self.identity.seal(identity::CA_KEY, &ca.key_der())?,
                 });
                 self.identity_write(op).await?;
-                tracing::info!("made the cluster CA (this cluster had none: it was made by an older version)");
+                tracing::info!(
+                    "made the cluster CA (this cluster had none: it was made by an older version)"
+                );
             }
             if plain_hash_key {
                 let plain = self.hash_key()?;
@@ -785,13 +796,17 @@ impl Cluster {
                     ca_key: Vec::new(),
                 });
                 self.identity_write(op).await?;
-                tracing::info!("sealed the cluster's hash key (an older version stored it in the clear)");
+                tracing::info!(
+                    "sealed the cluster's hash key (an older version stored it in the clear)"
+                );
             }
         }
         if self.identity.secure
             && self.identity.keyring().is_some()
             && self.identity.renewal_due(now_ms())
-            && self.state_machine.read(|a| !a.state.access.ca_cert_pem.is_empty())
+            && self
+                .state_machine
+                .read(|a| !a.state.access.ca_cert_pem.is_empty())
         {
             let renewing = self.identity.current().is_some();
             self.state_machine
@@ -801,7 +816,10 @@ impl Cluster {
                 metrics::counter!("tollgate_node_certificate_renewals_total").increment(1);
                 tracing::info!(node = self.id, "renewed this node's certificate");
             } else {
-                tracing::info!(node = self.id, "issued this node's certificate from the cluster CA");
+                tracing::info!(
+                    node = self.id,
+                    "issued this node's certificate from the cluster CA"
+                );
             }
         }
         Ok(())
@@ -837,26 +855,32 @@ impl Cluster {
     ) -> Result<Option<(String, String)>, Status> {
         match &mut i.op {
             Some(IdentityOp::CreateJoinToken(c)) => {
-                let ca_pem = self.state_machine.read(|a| a.state.access.ca_cert_pem.clone());
+                let ca_pem = self
+                    .state_machine
+                    .read(|a| a.state.access.ca_cert_pem.clone());
                 let ca = identity::ca::pem_certs(&ca_pem).map_err(|_| {
                     Status::failed_precondition(
                         "the cluster has no CA yet, so nodes cannot join with a token; retry shortly",
                     )
                 })?;
-                let minted =
-                    mint(identity::JOIN_TOKEN_PREFIX, &self.hash_key()?).map_err(Status::internal)?;
+                let minted = mint(identity::JOIN_TOKEN_PREFIX, &self.hash_key()?)
+                    .map_err(Status::internal)?;
                 c.id = minted.id.clone();
                 c.hash = minted.hash;
                 let text = JoinToken::text(&minted.secret, &identity::ca::fingerprint(&ca[0]));
                 Ok(Some((minted.id, text)))
             }
             Some(IdentityOp::Reseal(r)) => {
-                let ring = self.identity.keyring().ok_or_else(|| {
-                    Status::failed_precondition("this node has no sealing key")
-                })?;
-                let (hash_key, ca_key) = self
-                    .state_machine
-                    .read(|a| (a.state.access.hash_key.clone(), a.state.access.ca_key.clone()));
+                let ring = self
+                    .identity
+                    .keyring()
+                    .ok_or_else(|| Status::failed_precondition("this node has no sealing key"))?;
+                let (hash_key, ca_key) = self.state_machine.read(|a| {
+                    (
+                        a.state.access.hash_key.clone(),
+                        a.state.access.ca_key.clone(),
+                    )
+                });
                 let plain_hash = self.identity.hash_key(&hash_key)?;
                 r.hash_key = self.identity.seal(identity::HASH_KEY, &plain_hash)?;
                 r.ca_key = if ca_key.is_empty() {
@@ -917,7 +941,9 @@ impl Cluster {
             ));
         }
         if req.csr_pem.len() > 16 * 1024 {
-            return Err(Status::invalid_argument("the certificate request is over 16 KiB"));
+            return Err(Status::invalid_argument(
+                "the certificate request is over 16 KiB",
+            ));
         }
         if req.join_token.is_empty() {
             if peer != Some(subject) {
@@ -926,11 +952,13 @@ impl Cluster {
                      join-token create`), or, to renew one, {subject}'s own certificate"
                 )));
             }
-            return self.issue(subject, &req).map(|(cert, ca_pem)| api::EnrollResponse {
-                cert_chain_pem: cert,
-                ca_cert_pem: ca_pem,
-                sealing_keys: String::new(),
-            });
+            return self
+                .issue(subject, &req)
+                .map(|(cert, ca_pem)| api::EnrollResponse {
+                    cert_chain_pem: cert,
+                    ca_cert_pem: ca_pem,
+                    sealing_keys: String::new(),
+                });
         }
         let token = JoinToken::parse(&req.join_token).map_err(Status::invalid_argument)?;
         let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.enroll(r).await };
@@ -1018,8 +1046,14 @@ impl Cluster {
     }
 
     /// Signs the key of `req`'s CSR for `subject`: the chain (leaf, CA) and the CA.
-    fn issue(&self, subject: Subject, req: &api::EnrollRequest) -> Result<(String, String), Status> {
-        let ca = self.state_machine.read(|a| self.identity.ca(&a.state.access))?;
+    fn issue(
+        &self,
+        subject: Subject,
+        req: &api::EnrollRequest,
+    ) -> Result<(String, String), Status> {
+        let ca = self
+            .state_machine
+            .read(|a| self.identity.ca(&a.state.access))?;
         let cert = ca
             .issue(
                 subject,
@@ -1076,7 +1110,11 @@ impl Cluster {
             .adopt_keyring(&resp.sealing_keys)
             .map_err(|e| format!("{e:#}"))?;
         self.identity
-            .install(&resp.cert_chain_pem, &key.serialize_der(), &resp.ca_cert_pem)
+            .install(
+                &resp.cert_chain_pem,
+                &key.serialize_der(),
+                &resp.ca_cert_pem,
+            )
             .map_err(|e| format!("{e:#}"))?;
         self.peers.reconnect();
         Ok(())
@@ -1682,7 +1720,9 @@ impl Cluster {
 /// The host part of `host:port` (brackets kept off an IPv6 address).
 fn peer_host(addr: &str) -> String {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']').to_string()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 fn state_name(s: ServerState) -> &'static str {

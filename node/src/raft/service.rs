@@ -207,8 +207,10 @@ impl RaftRpc for RaftService {
         // Only a member may send one: checked before a byte of it is read.
         let certs = req.peer_certs();
         if self.identity.secure {
-            self.state_machine
-                .read(|a| self.identity.peer(certs.as_deref().map(Vec::as_slice), &a.state.access))?;
+            self.state_machine.read(|a| {
+                self.identity
+                    .peer(certs.as_deref().map(Vec::as_slice), &a.state.access)
+            })?;
         }
         let mut stream = req.into_inner();
         let Some(first) = stream.next().await.transpose()? else {

@@ -483,7 +483,11 @@ impl Access {
         out.tokens = self.tokens.values().map(Credential::to_proto).collect();
         out.ca_cert_pem = self.ca_cert_pem.clone();
         out.ca_key = self.ca_key.clone();
-        out.join_tokens = self.join_tokens.values().map(Credential::to_proto).collect();
+        out.join_tokens = self
+            .join_tokens
+            .values()
+            .map(Credential::to_proto)
+            .collect();
         out.revoked_nodes = self
             .revoked_nodes
             .iter()

@@ -87,7 +87,10 @@ pub fn apply(
         }
         Op::RevokeJoinToken(r) => {
             let Some(token) = access.join_tokens.get_mut(&r.id) else {
-                return Err(Refusal::NotFound(format!("there is no join token {}", r.id)));
+                return Err(Refusal::NotFound(format!(
+                    "there is no join token {}",
+                    r.id
+                )));
             };
             if token.revoked_at_ms != 0 {
                 return Ok(None);
@@ -104,7 +107,10 @@ pub fn apply(
         }
         Op::UseJoinToken(u) => {
             let Some(token) = access.join_tokens.get_mut(&u.id) else {
-                return Err(Refusal::NotFound(format!("there is no join token {}", u.id)));
+                return Err(Refusal::NotFound(format!(
+                    "there is no join token {}",
+                    u.id
+                )));
             };
             if !token.valid_at(at_ms) {
                 return Err(Refusal::Precondition(

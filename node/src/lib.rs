@@ -188,12 +188,14 @@ impl Node {
             settings.id,
             info,
             &db,
-            settings.raft,
-            settings.enable_fault_injection,
-            settings.max_spec_bytes,
+            raft::cluster::Options {
+                raft: settings.raft,
+                fault_injection: settings.enable_fault_injection,
+                max_spec_bytes: settings.max_spec_bytes,
+                voters: settings.voters,
+                data_dir: settings.data_dir.clone(),
+            },
             identity.clone(),
-            settings.voters,
-            &settings.data_dir,
         ))?;
         check_sealing(&cluster, settings.bootstrap)?;
 
@@ -524,6 +526,11 @@ async fn enroll(cluster: &Cluster, peer: &str, token: &identity::JoinToken) -> R
             Ok(()) => {
                 tracing::info!(peer, "enrolled: this node holds its cluster certificate");
                 return Ok(());
+            }
+            // The peer's certificate is not from the CA the token names: retrying will not
+            // change that (another cluster's token, or someone in between).
+            Err(e) if e.contains("not from the cluster CA") => {
+                return Err(format!("enrolling through {peer} was refused: {e}"));
             }
             Err(e)
                 if e.starts_with("Unavailable")

@@ -137,6 +137,20 @@ impl GatewayProcess {
 
     /// Starts a node process and waits until it listens.
     pub async fn launch(opts: NodeOpts) -> GatewayProcess {
+        match Self::try_launch(opts, Duration::from_secs(20)).await {
+            Ok(node) => node,
+            Err((status, log)) => {
+                panic!("node did not start within 20s ({status:?}); its log:\n{log}")
+            }
+        }
+    }
+
+    /// Starts a node process and waits (at most `within`) until it listens; its exit
+    /// status (None: still running, killed now) and log when it does not.
+    pub async fn try_launch(
+        opts: NodeOpts,
+        within: Duration,
+    ) -> Result<GatewayProcess, (Option<std::process::ExitStatus>, String)> {
         let dir = opts.dir.clone().unwrap_or_else(test_dir);
         let spec_path = dir.join("spec.yaml");
         if let Some(spec) = &opts.spec {
@@ -184,17 +198,22 @@ impl GatewayProcess {
         if let Some(token) = &opts.join_token {
             cmd.env("TOLLGATE_JOIN_TOKEN", token);
         }
-        let child = cmd.spawn().expect("spawn tollgate node");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut child = cmd.spawn().expect("spawn tollgate node");
+        let deadline = Instant::now() + within;
         let addrs: serde_json::Value = loop {
             if let Ok(text) = std::fs::read_to_string(&addr_file)
                 && let Ok(v) = serde_json::from_str(&text)
             {
                 break v;
             }
-            if Instant::now() > deadline {
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                if exited.is_none() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
                 let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
-                panic!("node did not start within 20s; its log:\n{log}");
+                return Err((exited, log));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -227,7 +246,7 @@ impl GatewayProcess {
                 },
             );
         }
-        GatewayProcess {
+        Ok(GatewayProcess {
             tls,
             token,
             child,
@@ -244,7 +263,7 @@ impl GatewayProcess {
             },
             keep_dir: false,
             client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
-        }
+        })
     }
 
     /// kill -9, keeping the node's directory; returns how to start it again.

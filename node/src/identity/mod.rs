@@ -95,6 +95,12 @@ impl JoinToken {
     }
 }
 
+/// A sealed value and what it opened to.
+struct Opened {
+    sealed: Vec<u8>,
+    plain: Arc<[u8]>,
+}
+
 /// A node's identity and secrets.
 pub struct Identity {
     pub node: u64,
@@ -110,8 +116,8 @@ pub struct Identity {
     pub cert_lifetime: Duration,
     /// What this node's own certificate says (for renewal).
     current: Mutex<Option<PeerCert>>,
-    /// The last hash key opened: (sealed, opened).
-    opened: Mutex<Option<(Vec<u8>, Arc<[u8]>)>>,
+    /// The last hash key opened.
+    opened: Mutex<Option<Opened>>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -295,10 +301,10 @@ impl Identity {
                 "the cluster has no hash key yet (it is made at bootstrap); retry shortly",
             ));
         }
-        if let Some((s, o)) = self.opened.lock().expect("identity lock").as_ref()
-            && s == sealed
+        if let Some(o) = self.opened.lock().expect("identity lock").as_ref()
+            && o.sealed == sealed
         {
-            return Ok(o.clone());
+            return Ok(o.plain.clone());
         }
         let opened: Arc<[u8]> = if seal::is_sealed(sealed) {
             self.require_keyring()?
@@ -308,7 +314,10 @@ impl Identity {
         } else {
             sealed.into()
         };
-        *self.opened.lock().expect("identity lock") = Some((sealed.to_vec(), opened.clone()));
+        *self.opened.lock().expect("identity lock") = Some(Opened {
+            sealed: sealed.to_vec(),
+            plain: opened.clone(),
+        });
         Ok(opened)
     }
 

@@ -134,18 +134,33 @@ enum Target {
     Leader(NodeId, NodeAdminClient<Channel>),
 }
 
+/// How a node runs as a cluster member (from its settings).
+pub struct Options {
+    pub raft: RaftSettings,
+    /// `--enable-fault-injection` (tests only).
+    pub fault_injection: bool,
+    pub max_spec_bytes: usize,
+    /// `--voters`: the cluster's voter policy when this node leads.
+    pub voters: u32,
+    /// The data directory (incoming snapshots are written there).
+    pub data_dir: std::path::PathBuf,
+}
+
 impl Cluster {
     pub async fn start(
         id: NodeId,
         info: NodeInfo,
         db: &sled::Db,
-        settings: RaftSettings,
-        fault_injection: bool,
-        max_spec_bytes: usize,
+        options: Options,
         identity: Arc<Identity>,
-        voters: u32,
-        data_dir: &std::path::Path,
     ) -> anyhow::Result<Arc<Cluster>> {
+        let Options {
+            raft: settings,
+            fault_injection,
+            max_spec_bytes,
+            voters,
+            data_dir,
+        } = options;
         let log = LogStore::open(db)?;
         let state_machine = StateMachineStore::open(db)?;
         let tls = if identity.secure {
@@ -194,7 +209,7 @@ impl Cluster {
             gate: Arc::default(),
             identity,
             voters,
-            data_dir: data_dir.to_path_buf(),
+            data_dir,
             receiving: Arc::default(),
         }))
     }

@@ -1,0 +1,578 @@
+//! The findings of the security review, each performed as an attacker on the nodes'
+//! network would, and shown refused (docs/security.md). Calls an attacker makes go over
+//! TLS (the nodes speak nothing else), without a client certificate or with one of
+//! another node's, with the generated gRPC clients.
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use harness::cluster::{TestCluster, tagged_spec};
+use harness::{GatewayProcess, NodeOpts, Upstream, eventually};
+use tollgate_proto::actor::v1 as actor;
+use tollgate_proto::node::v1 as node;
+use tollgate_proto::raft::v1 as raft;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A TLS channel to `addr` trusting `ca`, presenting `identity` when given (a node's
+/// certificate and key, as an attacker that stole them, or a node itself, would).
+async fn channel(addr: SocketAddr, ca: &str, identity: Option<Identity>) -> Channel {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some(id) = identity {
+        tls = tls.identity(id);
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("a TLS connection")
+}
+
+/// Node `id`'s certificate and key, from its data directory.
+fn node_identity(c: &TestCluster, id: u64) -> Identity {
+    let dir = c.node(id).dir.join("data");
+    Identity::from_pem(
+        std::fs::read(dir.join("node.pem")).unwrap(),
+        std::fs::read(dir.join("node.key")).unwrap(),
+    )
+}
+
+fn ca(c: &TestCluster) -> String {
+    std::fs::read_to_string(c.ca_file()).unwrap()
+}
+
+fn vote(term: u64, node_id: u64) -> Option<raft::Vote> {
+    Some(raft::Vote {
+        leader_id: Some(raft::LeaderId { term, node_id }),
+        committed: true,
+    })
+}
+
+/// Every node's applied generation.
+async fn generations(c: &TestCluster) -> Vec<u64> {
+    let mut out = Vec::new();
+    for id in c.up_ids() {
+        out.push(
+            c.client(id)
+                .await
+                .status()
+                .await
+                .unwrap()
+                .applied_generation,
+        );
+    }
+    out
+}
+
+/// A write through `via`, acknowledged within 5 s.
+async fn writes(c: &TestCluster, via: u64, up: SocketAddr, tag: &str) -> bool {
+    let mut client = c.client(via).await;
+    let apply = client.apply_spec(tagged_spec(up, tag), false, "");
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), apply).await,
+        Ok(Ok(_))
+    )
+}
+
+/// A node process joining `seed` with `token`: its exit status and log when it did not
+/// start within `within`, and the process when it did.
+async fn try_join(
+    seed: SocketAddr,
+    id: u64,
+    token: Option<&str>,
+    within: Duration,
+) -> (
+    Option<std::process::ExitStatus>,
+    String,
+    Option<GatewayProcess>,
+) {
+    let opts = NodeOpts {
+        id,
+        dir: None,
+        grpc_port: 0,
+        bootstrap: false,
+        join: Some(seed),
+        join_token: token.map(str::to_string),
+        spec: None,
+        extra: vec![],
+    };
+    match GatewayProcess::try_launch(opts, within).await {
+        Ok(n) => (None, String::new(), Some(n)),
+        Err((status, log)) => (status, log, None),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_one_joins_without_a_valid_join_token() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(1, &tagged_spec(up.addr, "0"), &[]).await;
+    let seed = c.node(1).grpc;
+
+    // No token: the node stops at once and says what to pass.
+    let (status, log, _n) = try_join(seed, 4, None, T).await;
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    assert!(log.contains("--join-token"), "{log}");
+
+    // A token of the right shape and CA, whose secret the cluster never made.
+    let real = harness::join_token(seed, 1).await;
+    let forged = format!("{}{}{}", &real[..21], "A".repeat(43), &real[64..]);
+    assert_ne!(forged, real);
+    let (status, log, _n) = try_join(seed, 5, Some(&forged), T).await;
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    assert!(log.contains("join token is not known"), "{log}");
+
+    // A real token of another cluster: its CA fingerprint is not this cluster's, so the
+    // joiner refuses the node before sending anything.
+    let other = TestCluster::start(1, &tagged_spec(up.addr, "0"), &[]).await;
+    let theirs = harness::join_token(other.node(1).grpc, 1).await;
+    let (status, log, _n) = try_join(seed, 6, Some(&theirs), T).await;
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    assert!(
+        log.contains("not from the cluster CA the join token names"),
+        "{log}"
+    );
+
+    // A token good for one node enrolls one.
+    let (status, log, first) = try_join(seed, 2, Some(&real), T).await;
+    assert!(status.is_none(), "the first use joins: {log}");
+    let (status, log, _n) = try_join(seed, 3, Some(&real), T).await;
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    assert!(
+        log.contains("used up") || log.contains("not known"),
+        "{log}"
+    );
+
+    // A revoked token enrolls no one.
+    let mut client = c.client(1).await;
+    let revoked = harness::join_token(seed, 5).await;
+    let id = &revoked[4..20];
+    client.revoke_join_token(id).await.unwrap();
+    let (status, log, _n) = try_join(seed, 7, Some(&revoked), T).await;
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+
+    // Only the one legitimate node is a member.
+    let members: Vec<u64> = client
+        .cluster_status()
+        .await
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(members, vec![1, 2]);
+    let listed = client.list_join_tokens(true).await.unwrap();
+    let used = listed.iter().find(|t| real.contains(&t.id)).unwrap();
+    assert_eq!(
+        (used.used, used.uses, used.used_by.clone()),
+        (1, 1, vec!["node/2".to_string()])
+    );
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_join_cannot_move_or_promote_another_member() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let (ca, leader) = (ca(&c), c.leader(T).await);
+    let victim = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    let before = c
+        .client(leader)
+        .await
+        .cluster_status()
+        .await
+        .unwrap()
+        .members;
+    let join = |node_id: u64| node::JoinRequest {
+        node_id,
+        grpc_addr: "127.0.0.1:1".into(),
+        region: "default".into(),
+        max_voters: 9,
+        ..Default::default()
+    };
+    // Without a certificate.
+    let mut anon = node::node_admin_client::NodeAdminClient::new(
+        channel(c.node(leader).grpc, &ca, None).await,
+    );
+    let err = anon.join(join(victim)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // With another member's certificate: it speaks for itself only.
+    let other = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader && *id != victim)
+        .unwrap();
+    let mut impostor = node::node_admin_client::NodeAdminClient::new(
+        channel(c.node(leader).grpc, &ca, Some(node_identity(&c, other))).await,
+    );
+    let err = impostor.join(join(victim)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("speaks only for itself"),
+        "{}",
+        err.message()
+    );
+    // A new id from a member's certificate is refused too.
+    let err = impostor.join(join(42)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let after = c
+        .client(leader)
+        .await
+        .cluster_status()
+        .await
+        .unwrap()
+        .members;
+    assert_eq!(after, before, "no member moved, none added");
+    assert!(writes(&c, victim, up.addr, "after").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raft_traffic_is_refused_and_the_replicas_stay_equal() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let (ca, leader) = (ca(&c), c.leader(T).await);
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    let third = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader && *id != follower)
+        .unwrap();
+    let term = c.client(leader).await.cluster_status().await.unwrap().term;
+
+    // An AppendEntries with a higher vote, carrying a command, to a follower.
+    let forged = raft::AppendEntriesRequest {
+        vote: vote(term + 5, leader),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    };
+    let mut anon =
+        raft::raft_client::RaftClient::new(channel(c.node(follower).grpc, &ca, None).await);
+    let err = anon.append_entries(forged.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // From a member's certificate, claiming to be another node (the leader).
+    let mut impostor = raft::raft_client::RaftClient::new(
+        channel(c.node(follower).grpc, &ca, Some(node_identity(&c, third))).await,
+    );
+    let err = impostor.append_entries(forged).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // A vote storm (term + 1 every 50 ms for 2 s) without a certificate: writes go on.
+    let storm = {
+        let ch = channel(c.node(follower).grpc, &ca, None).await;
+        tokio::spawn(async move {
+            let mut client = raft::raft_client::RaftClient::new(ch);
+            let mut refused = 0;
+            for i in 0..40 {
+                let req = raft::VoteRequest {
+                    vote: Some(raft::Vote {
+                        leader_id: Some(raft::LeaderId {
+                            term: term + 10 + i,
+                            node_id: 9,
+                        }),
+                        committed: false,
+                    }),
+                    last_log_id: None,
+                };
+                if client
+                    .vote(req)
+                    .await
+                    .is_err_and(|e| e.code() == tonic::Code::Unauthenticated)
+                {
+                    refused += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            refused
+        })
+    };
+    let mut acked = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        if writes(&c, leader, up.addr, &format!("w{acked}")).await {
+            acked += 1;
+        }
+    }
+    assert_eq!(storm.await.unwrap(), 40, "every forged vote refused");
+    assert!(acked >= 5, "writes went on during the storm: {acked}");
+    assert_eq!(c.leader(T).await, leader, "no election");
+
+    // Every node applied the same: no divergence.
+    let want = c
+        .client(leader)
+        .await
+        .read_spec(false)
+        .await
+        .unwrap()
+        .generation;
+    c.wait_serving(want, T).await;
+    assert_eq!(generations(&c).await, vec![want; 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_declaring_a_gibibyte_is_refused_before_it_is_read() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let (ca, leader) = (ca(&c), c.leader(T).await);
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    let target = c.node(follower);
+    let rss_before = target.rss();
+    let header = |term: u64, node_id: u64| raft::SnapshotChunk {
+        part: Some(raft::snapshot_chunk::Part::Header(raft::SnapshotHeader {
+            vote: vote(term, node_id),
+            meta: Some(raft::SnapshotMeta {
+                last_log_id: None,
+                last_membership: None,
+                snapshot_id: "forged".into(),
+            }),
+            total_bytes: 1 << 30,
+        })),
+    };
+    let junk = || raft::SnapshotChunk {
+        part: Some(raft::snapshot_chunk::Part::Chunk(vec![7u8; 1 << 20])),
+    };
+    // Three streams without a certificate, each declaring 1 GiB and sending 8 MiB.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let ch = channel(target.grpc, &ca, None).await;
+        streams.push(tokio::spawn(async move {
+            let mut client = raft::raft_client::RaftClient::new(ch);
+            let chunks: Vec<_> = std::iter::once(header(1000, 1))
+                .chain((0..8).map(|_| junk()))
+                .collect();
+            client.install_snapshot(tokio_stream::iter(chunks)).await
+        }));
+    }
+    for s in streams {
+        let err = s.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    }
+    // From a member, but with a vote behind the cluster's: answered with the node's vote,
+    // the data never read.
+    let leader_id = leader;
+    let mut stale = raft::raft_client::RaftClient::new(
+        channel(target.grpc, &ca, Some(node_identity(&c, leader_id))).await,
+    );
+    let chunks: Vec<_> = std::iter::once(header(0, leader_id))
+        .chain((0..8).map(|_| junk()))
+        .collect();
+    let resp = stale.install_snapshot(tokio_stream::iter(chunks)).await;
+    match resp {
+        Ok(r) => {
+            let v = r.into_inner().vote.unwrap();
+            assert!(v.leader_id.unwrap().term >= 1, "the node's own vote");
+        }
+        // The stream may be cut off mid-send once the node has answered.
+        Err(e) => assert_ne!(e.code(), tonic::Code::Ok),
+    }
+    let grown = target.rss().saturating_sub(rss_before);
+    assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
+    assert!(writes(&c, follower, up.addr, "after").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_outcomes_are_taken_only_from_the_node_that_reports_them() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let ca = ca(&c);
+    let report = |from: u64| actor::ExchangeRequest {
+        from,
+        quotas: vec![actor::QuotaReport {
+            key: "victim-key".into(),
+            limit: 30,
+            window_ms: 60_000,
+            used: 1000,
+            ..Default::default()
+        }],
+        circuits: vec![],
+    };
+    let mut anon =
+        actor::actors_client::ActorsClient::new(channel(c.node(1).grpc, &ca, None).await);
+    let err = anon.exchange(report(2)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let mut impostor = actor::actors_client::ActorsClient::new(
+        channel(c.node(1).grpc, &ca, Some(node_identity(&c, 2))).await,
+    );
+    let err = impostor.exchange(report(3)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_nodes_certificate_opens_no_door() {
+    let up = Upstream::start("a").await;
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let ca = ca(&c);
+    let leader = c.leader(T).await;
+    let gone = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    let identity = node_identity(&c, gone);
+    c.client(leader).await.remove(gone).await.unwrap();
+    c.kill9(gone);
+    let survivor = c.ids().into_iter().find(|id| *id != gone).unwrap();
+    let mut client = actor::actors_client::ActorsClient::new(
+        channel(c.node(survivor).grpc, &ca, Some(identity)).await,
+    );
+    let err = client
+        .exchange(actor::ExchangeRequest {
+            from: gone,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    // The audit log says so.
+    let audit = c
+        .client(leader)
+        .await
+        .audit(node::AuditRequest {
+            object_prefix: format!("node/{gone}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .entries;
+    assert!(audit.iter().any(|e| e.action == "node.revoke"), "{audit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificates_renew_before_they_expire() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &["--cert-lifetime", "30s"]).await;
+    let issued: Vec<Vec<u8>> = c
+        .ids()
+        .iter()
+        .map(|id| std::fs::read(c.node(*id).dir.join("data/node.pem")).unwrap())
+        .collect();
+    // A third of 30 s is left after 20 s: every node has renewed by then, and the cluster
+    // writes past the first certificates' expiry.
+    for id in c.ids() {
+        let node = c.node(id);
+        eventually(
+            &format!("node {id} to renew its certificate"),
+            Duration::from_secs(40),
+            async || {
+                node.metrics()
+                    .await
+                    .contains("tollgate_node_certificate_renewals_total")
+            },
+        )
+        .await;
+        assert_ne!(
+            std::fs::read(node.dir.join("data/node.pem")).unwrap(),
+            issued[(id - 1) as usize]
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let leader = c.leader(T).await;
+    for id in c.ids() {
+        assert!(
+            writes(&c, id, up.addr, &format!("late-{id}")).await,
+            "a write through node {id}"
+        );
+    }
+    let want = c
+        .client(leader)
+        .await
+        .read_spec(false)
+        .await
+        .unwrap()
+        .generation;
+    c.wait_serving(want, T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_the_state_holds_no_usable_secret() {
+    let up = Upstream::start("a").await;
+    // A snapshot after every entry: the state's latest copy is in one, where the test
+    // reads it back (and scans it like every other file).
+    let gw =
+        GatewayProcess::start_with(&tagged_spec(up.addr, "0"), &["--snapshot-every", "1"]).await;
+    let mut client = gw.sdk().await;
+    let token = client
+        .create_join_token("scan", Duration::from_secs(600), 1)
+        .await
+        .unwrap();
+    client.write(harness::create_tenant("acme")).await.unwrap();
+    let key = client
+        .write(tollgate_sdk::state::Command {
+            kind: Some(tollgate_sdk::state::command::Kind::Access(
+                tollgate_sdk::state::AccessCommand {
+                    tenant: "acme".into(),
+                    op: Some(tollgate_sdk::state::access_command::Op::CreateKey(
+                        Default::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .secret;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let opts = gw.kill9();
+    let data = opts.dir.clone().unwrap().join("data");
+    // What the state holds, opened with the node's sealing key.
+    let ring = tollgate_node::identity::seal::Keyring::parse(
+        &std::fs::read_to_string(data.join("sealing-key")).unwrap(),
+    )
+    .unwrap();
+    let db = tollgate_node::raft::open_db(&data).unwrap();
+    let state = tollgate_node::raft::state_machine::StateMachineStore::open(&db).unwrap();
+    let (hash_key, ca_key) = state.read(|a| {
+        (
+            a.state.access.hash_key.clone(),
+            a.state.access.ca_key.clone(),
+        )
+    });
+    drop(state);
+    drop(db);
+    let hash_key = ring
+        .open(tollgate_node::identity::HASH_KEY, &hash_key)
+        .unwrap();
+    let ca_key = ring.open(tollgate_node::identity::CA_KEY, &ca_key).unwrap();
+    assert_eq!(hash_key.len(), 32);
+    let secrets: Vec<(&str, Vec<u8>)> = vec![
+        ("the hash key", hash_key),
+        // The CA's private scalar sits in the last 32 bytes of... any 32 bytes of its
+        // PKCS#8 encoding would do: the whole encoding is looked for.
+        ("the CA key", ca_key),
+        ("the join token's secret", token.as_bytes()[21..64].to_vec()),
+        ("the API key's secret", key.as_bytes()[21..].to_vec()),
+    ];
+    let files = walk(&data);
+    assert!(
+        files.iter().any(|f| f.to_string_lossy().contains("raft")),
+        "{files:?}"
+    );
+    for file in files.iter().filter(|f| !f.ends_with("sealing-key")) {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        for (what, secret) in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                "{} holds {what} in the clear",
+                file.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -87,12 +87,13 @@ if want node; then
   for applet in sh cat hostname ls; do ln -sf busybox "$WORK/node/bin/$applet"; done
   cp deploy/node-entrypoint.sh "$WORK/node/bin/tollgate-entrypoint"
   chmod 755 "$WORK/node/bin/tollgate-entrypoint"
-  image tollgate-node "$WORK/node" '["/bin/tollgate-entrypoint"]'
+  # /bootstrap: where compose's tollgate-0 leaves the bootstrap join token.
+  image tollgate-node "$WORK/node" '["/bin/tollgate-entrypoint"]' /bootstrap
 fi
 
 if want cp; then
   rootfs "$WORK/cp" "$BIN/tollgate-cp"
-  image tollgate-cp "$WORK/cp" '["/bin/tollgate-cp"]'
+  image tollgate-cp "$WORK/cp" '["/bin/tollgate-cp"]' /bootstrap
 fi
 
 if want rotel; then

@@ -49,6 +49,10 @@ pub struct CaArg {
     /// Talk plain text, for nodes run with --insecure-cluster.
     #[arg(long, env = "TOLLGATE_INSECURE", conflicts_with = "ca")]
     pub insecure: bool,
+    /// The name the server's certificate must carry, when you dial it by another (a
+    /// container's IP address: its certificate names its host name).
+    #[arg(long, env = "TOLLGATE_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 impl CaArg {
@@ -57,11 +61,15 @@ impl CaArg {
             return Ok(tollgate_sdk::Tls::plaintext());
         }
         let default = PathBuf::from("tollgate-data/cluster-ca.pem");
-        match &self.ca {
-            Some(path) => Ok(tollgate_sdk::Tls::ca_file(path)?),
-            None if default.exists() => Ok(tollgate_sdk::Tls::ca_file(&default)?),
-            None => Ok(tollgate_sdk::Tls::plaintext()),
-        }
+        let tls = match &self.ca {
+            Some(path) => tollgate_sdk::Tls::ca_file(path)?,
+            None if default.exists() => tollgate_sdk::Tls::ca_file(&default)?,
+            None => return Ok(tollgate_sdk::Tls::plaintext()),
+        };
+        Ok(match &self.tls_server_name {
+            Some(name) => tls.with_server_name(name),
+            None => tls,
+        })
     }
 }
 

@@ -168,6 +168,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         trace_sample_ratio: None,
         environment: "dev".into(),
         join_token: None,
+        join_token_file: None,
         cert_names: Vec::new(),
         insecure: false,
         identity: Some(tollgate_control_plane::CpIdentity {

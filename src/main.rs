@@ -12,6 +12,7 @@ mod cluster;
 mod declare;
 mod dev;
 mod echo;
+mod secret;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,9 @@ enum Command {
     /// Cluster membership: status, remove.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Secrets sealed in the cluster's state: keygen, set, list, delete, rotate.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Upstreams' cluster-wide circuit breakers: list, open, close, auto.
     #[command(subcommand)]
     Circuit(circuit::CircuitCommand),
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
         Command::Version(cmd) => run_client(api::version(cmd)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
         Command::Circuit(cmd) => run_client(circuit::circuit(cmd)),
+        Command::Secret(cmd) => run_client(secret::secret(cmd)),
         Command::Tenant(cmd) => run_client(access::tenant(cmd)),
         Command::Key(cmd) => run_client(access::credential("key", cmd)),
         Command::Token(cmd) => run_client(access::credential("token", cmd)),

@@ -870,6 +870,9 @@ pub struct CpArgs {
     /// verifies nodes with the CA the token names.
     #[arg(long, env = "TOLLGATE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file, waiting up to 2 minutes for it to appear.
+    #[arg(long, env = "TOLLGATE_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<std::path::PathBuf>,
     /// Names clients reach this control plane by (host names or IP addresses,
     /// comma-separated), put in its certificate beside localhost and the loopback
     /// addresses [default: the --listen host when it is not 0.0.0.0]
@@ -949,6 +952,26 @@ async fn enroll(args: &CpArgs, token: &str) -> anyhow::Result<CpIdentity> {
         }
         tracing::info!("not enrolled yet, retrying: {last}");
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Reads a join token from a file, waiting (up to 2 minutes) for it to appear.
+async fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match tokio::fs::read_to_string(path).await {
+            Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot read the join token at {}: {e}", path.display()),
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "no join token appeared at {} within 2 minutes (--join-token-file)",
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -1061,7 +1084,12 @@ pub fn run_on(args: CpArgs, listener: std::net::TcpListener) -> anyhow::Result<(
             tracing::warn!("INSECURE: --insecure is set: plain text to nodes and to clients");
             (None, tollgate_sdk::Tls::plaintext())
         } else {
-            let identity = match (&args.identity, &args.join_token) {
+            let token = match (&args.join_token, &args.join_token_file) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(file)) => Some(read_token_file(file).await?),
+                (None, None) => None,
+            };
+            let identity = match (&args.identity, &token) {
                 (Some(i), _) => i.clone(),
                 (None, Some(token)) => enroll(&args, token).await?,
                 (None, None) => anyhow::bail!(

@@ -109,6 +109,19 @@ pub struct NodeArgs {
     /// needed the first time a node joins: it then holds its certificate.
     #[arg(long, env = "TOLLGATE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Read the join token from this file, waiting up to 2 minutes for it to appear (a
+    /// mounted secret, or the file a bootstrapping node writes with
+    /// --bootstrap-join-token-file).
+    #[arg(long, env = "TOLLGATE_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// On the bootstrapping node: when it makes the cluster, also make a join token (good
+    /// for --bootstrap-join-token-uses enrollments within a day) and write it to this file
+    /// (mode 0600), for nodes and control planes started beside it (see deploy/).
+    #[arg(long, env = "TOLLGATE_BOOTSTRAP_JOIN_TOKEN_FILE")]
+    pub bootstrap_join_token_file: Option<PathBuf>,
+    /// How many enrollments the bootstrap join token is good for [default: 10]
+    #[arg(long, env = "TOLLGATE_BOOTSTRAP_JOIN_TOKEN_USES")]
+    pub bootstrap_join_token_uses: Option<u32>,
     /// The cluster's voter policy, on the node that leads: a joining node becomes a voter
     /// while the cluster has fewer voters than this, else stays a learner [default: 3]
     #[arg(long, env = "TOLLGATE_VOTERS")]
@@ -200,6 +213,9 @@ pub struct FileSettings {
     pub bootstrap: Option<bool>,
     pub join: Option<String>,
     pub join_token: Option<String>,
+    pub join_token_file: Option<PathBuf>,
+    pub bootstrap_join_token_file: Option<PathBuf>,
+    pub bootstrap_join_token_uses: Option<u32>,
     pub voters: Option<u32>,
     pub sealing_key_file: Option<PathBuf>,
     #[serde(default, with = "opt_duration")]
@@ -246,6 +262,9 @@ pub struct Settings {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub join_token: Option<String>,
+    pub join_token_file: Option<PathBuf>,
+    pub bootstrap_join_token_file: Option<PathBuf>,
+    pub bootstrap_join_token_uses: u32,
     pub voters: u32,
     /// None: `<data dir>/sealing-key`.
     pub sealing_key_file: Option<PathBuf>,
@@ -289,6 +308,9 @@ impl Default for Settings {
             bootstrap: false,
             join: None,
             join_token: None,
+            join_token_file: None,
+            bootstrap_join_token_file: None,
+            bootstrap_join_token_uses: 10,
             voters: 3,
             sealing_key_file: None,
             sealing_key: None,
@@ -361,6 +383,14 @@ impl Settings {
             bootstrap: args.bootstrap || file.bootstrap.unwrap_or(false),
             join: args.join.or(file.join),
             join_token: args.join_token.or(file.join_token),
+            join_token_file: args.join_token_file.or(file.join_token_file),
+            bootstrap_join_token_file: args
+                .bootstrap_join_token_file
+                .or(file.bootstrap_join_token_file),
+            bootstrap_join_token_uses: args
+                .bootstrap_join_token_uses
+                .or(file.bootstrap_join_token_uses)
+                .unwrap_or(d.bootstrap_join_token_uses),
             voters: args.voters.or(file.voters).unwrap_or(d.voters),
             sealing_key_file: args.sealing_key_file.or(file.sealing_key_file),
             sealing_key: std::env::var("TOLLGATE_SEALING_KEY")
@@ -451,6 +481,9 @@ impl Settings {
         }
         if self.cert_lifetime < Duration::from_secs(30) {
             problems.push("cert_lifetime must be at least 30s");
+        }
+        if self.bootstrap_join_token_uses == 0 || self.bootstrap_join_token_uses > 1000 {
+            problems.push("bootstrap_join_token_uses must be 1 to 1000");
         }
         if self.insecure_cluster && self.join_token.is_some() {
             problems.push(

@@ -272,6 +272,13 @@ impl Node {
                 bootstrap_spec.as_deref(),
                 &settings.data_dir,
             ))?;
+            if let Some(file) = &settings.bootstrap_join_token_file {
+                runtime.block_on(write_bootstrap_join_token(
+                    &cluster,
+                    file,
+                    settings.bootstrap_join_token_uses,
+                ))?;
+            }
         } else if bootstrap_spec.is_some() && settings.join.is_some() {
             tracing::warn!(
                 "--spec is applied only by the node that bootstraps the cluster; this node joins, so it is ignored"
@@ -308,7 +315,12 @@ impl Node {
         }
         if let Some(peer) = &settings.join {
             if identity.secure && !identity.enrolled() {
-                let Some(token) = &settings.join_token else {
+                let token = match (&settings.join_token, &settings.join_token_file) {
+                    (Some(t), _) => Some(t.clone()),
+                    (None, Some(file)) => Some(read_token_file(file)?),
+                    (None, None) => None,
+                };
+                let Some(token) = &token else {
                     anyhow::bail!(
                         "this node has no cluster certificate yet, so it joins with a join token: \
                          make one on the cluster with `tollgate cluster join-token create` and \
@@ -483,6 +495,65 @@ fn reachable(bound: std::net::SocketAddr, advertise: &str) -> String {
     }
 }
 
+/// Reads a join token from a file, waiting (up to 2 minutes) for it to appear: a node
+/// started beside the bootstrapping one waits for the token that node writes.
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut said = false;
+    loop {
+        match std::fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot read the join token at {}: {e}", path.display()),
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "no join token appeared at {} within 2 minutes (--join-token-file)",
+                path.display()
+            );
+        }
+        if !said {
+            tracing::info!(file = %path.display(), "waiting for the join token file");
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// On the bootstrapping node, with --bootstrap-join-token-file: makes a join token for the
+/// nodes and control planes started beside it and writes it there (once: a restart finds
+/// the file and leaves it).
+async fn write_bootstrap_join_token(cluster: &Cluster, file: &Path, uses: u32) -> anyhow::Result<()> {
+    if !cluster.identity.secure || file.exists() {
+        return Ok(());
+    }
+    use tollgate_proto::state::v1 as pb;
+    let req = tollgate_proto::node::v1::WriteRequest {
+        command: Some(pb::Command {
+            kind: Some(pb::command::Kind::Identity(pb::IdentityCommand {
+                op: Some(pb::identity_command::Op::CreateJoinToken(pb::CreateJoinToken {
+                    name: "bootstrap".into(),
+                    expires_at_ms: raft::service::now_ms() + 24 * 3600 * 1000,
+                    uses,
+                    ..Default::default()
+                })),
+            })),
+            ..Default::default()
+        }),
+    };
+    let resp = cluster
+        .write_command(req, false, &Caller::Node)
+        .await
+        .map_err(|s| anyhow::anyhow!("cannot make the bootstrap join token: {}", s.message()))?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    identity::write_private(file, &resp.secret)?;
+    tracing::info!(file = %file.display(), uses, "wrote a join token for the nodes and control planes started beside this one (valid for a day)");
+    Ok(())
+}
+
 /// Makes sure this node can open the state's secrets: a bootstrapping node of a new
 /// cluster makes the sealing key; any other node must hold the key its state was sealed
 /// with (a joining node gets it when it enrolls).
@@ -506,11 +577,13 @@ fn check_sealing(cluster: &Cluster, bootstrap: bool) -> anyhow::Result<()> {
             )
         })?;
     } else if cluster.identity.keyring().is_none() {
-        // A cluster made before sealing existed: the key to seal its secrets with.
-        let ring = cluster.identity.ensure_keyring()?;
-        tracing::info!(
-            key = ring.primary().id_hex(),
-            "made a sealing key for this cluster's secrets (stored in the clear by an older version)"
+        // A cluster made before sealing existed: every node must seal with the same key,
+        // so the operator gives one to all of them.
+        anyhow::bail!(
+            "this node's state comes from an older version, which kept the cluster's secrets \
+             in the clear; to seal them, give every node the same sealing key: make one with \
+             `tollgate secret keygen > sealing-key` and pass it with --sealing-key-file (or its \
+             text in TOLLGATE_SEALING_KEY). See docs/security.md, \"Upgrading\""
         );
     }
     Ok(())
@@ -756,7 +829,18 @@ impl Compiler {
                 available,
             });
         }
-        Routing::build(&spec, &versions, &self.registry)
+        let ring = self.identity.keyring();
+        let open_jwks = |jwks: &str| -> Result<String, String> {
+            auth::jwt::map_symmetric_keys(jwks, &|k| {
+                if !identity::seal::is_sealed_text(k) {
+                    return Ok(k.to_string());
+                }
+                let ring = ring.as_ref().ok_or("this node has no sealing key")?;
+                ring.open_text(auth::jwt::JWKS_PURPOSE, k)
+                    .map_err(|e| format!("a JWT key cannot be opened: {e}"))
+            })
+        };
+        Routing::build(&spec, &versions, &self.registry, &open_jwks)
     }
 
     fn swap_in(&self, next: &Published, parsed: Option<Parsed>) {
@@ -947,6 +1031,14 @@ async fn signals(
                 // After log rotation: new lines go to a new file under the same path.
                 if let Err(e) = access_log.reopen() {
                     tracing::error!("SIGHUP: could not reopen the access log: {e:#}");
+                }
+                // A sealing key added to the file (a rotation under way) is taken now.
+                match cluster.identity.reload_keyring() {
+                    Ok(ring) => tracing::info!(
+                        keys = ?ring.keys().iter().map(|k| k.id_hex()).collect::<Vec<_>>(),
+                        "SIGHUP: sealing keys read again"
+                    ),
+                    Err(e) => tracing::debug!("SIGHUP: sealing keys not read again: {e:#}"),
                 }
                 // Re-apply the --spec file through the cluster (forwarded to the leader), not
                 // awaited here, so a SIGTERM during a slow apply is handled at once.

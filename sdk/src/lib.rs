@@ -697,16 +697,60 @@ impl NodeClient {
         Ok(self.list_credentials(req).await?.credentials)
     }
 
-    /// Revokes a join token by its id: no node enrolls with it from now on.
-    pub async fn revoke_join_token(&mut self, id: &str) -> Result<WriteResponse, Error> {
-        use state::identity_command::Op;
+    /// Stores a named secret (operator only); the leader seals it before writing it.
+    pub async fn put_secret(&mut self, name: &str, value: Vec<u8>) -> Result<WriteResponse, Error> {
+        self.identity(state::identity_command::Op::PutSecret(state::PutSecret {
+            name: name.to_string(),
+            value,
+        }))
+        .await
+    }
+
+    /// Deletes a named secret.
+    pub async fn delete_secret(&mut self, name: &str) -> Result<WriteResponse, Error> {
+        self.identity(state::identity_command::Op::DeleteSecret(state::Revoke {
+            id: name.to_string(),
+        }))
+        .await
+    }
+
+    /// Re-seals every secret of the state under the primary sealing key (after every node
+    /// was given the new key first).
+    pub async fn reseal(&mut self) -> Result<WriteResponse, Error> {
+        self.identity(state::identity_command::Op::Reseal(Default::default()))
+            .await
+    }
+
+    /// The named secrets: `id` is the name, `name` the id of the key it is sealed with,
+    /// `revoked_at_ms` when it was last set. Never a value.
+    pub async fn list_secrets(&mut self) -> Result<Vec<state::CredentialState>, Error> {
+        let req = ListCredentialsRequest {
+            kind: "secret".into(),
+            all: true,
+            ..Default::default()
+        };
+        Ok(self.list_credentials(req).await?.credentials)
+    }
+
+    async fn identity(
+        &mut self,
+        op: state::identity_command::Op,
+    ) -> Result<WriteResponse, Error> {
         let command = state::Command {
             kind: Some(state::command::Kind::Identity(state::IdentityCommand {
-                op: Some(Op::RevokeJoinToken(state::Revoke { id: id.to_string() })),
+                op: Some(op),
             })),
             ..Default::default()
         };
         self.write(command).await
+    }
+
+    /// Revokes a join token by its id: no node enrolls with it from now on.
+    pub async fn revoke_join_token(&mut self, id: &str) -> Result<WriteResponse, Error> {
+        self.identity(state::identity_command::Op::RevokeJoinToken(state::Revoke {
+            id: id.to_string(),
+        }))
+        .await
     }
 
     /// APIs and their versions; linearizable unless `local`; one tenant's when given.

@@ -4,7 +4,45 @@
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-/// Parses a JWKS and checks every key is usable (has `alg`, a supported key type).
+/// Sealing purpose of a JWKS's symmetric keys.
+pub const JWKS_PURPOSE: &str = "jwks";
+
+/// The JWKS with every symmetric key (`k`) passed through `f`: sealing them for the state,
+/// or opening them for the data plane.
+pub fn map_symmetric_keys(
+    text: &str,
+    f: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<String, String> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("jwks is not JSON: {e}"))?;
+    let mut changed = false;
+    if let Some(keys) = v.get_mut("keys").and_then(|k| k.as_array_mut()) {
+        for key in keys {
+            if let Some(serde_json::Value::String(k)) = key.get_mut("k") {
+                *k = f(k)?;
+                changed = true;
+            }
+        }
+    }
+    Ok(if changed { v.to_string() } else { text.to_string() })
+}
+
+/// Whether the JWKS holds a symmetric key in the clear.
+pub fn has_clear_symmetric_key(text: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return false;
+    };
+    v.get("keys").and_then(|k| k.as_array()).is_some_and(|keys| {
+        keys.iter().any(|key| {
+            key.get("k")
+                .and_then(|k| k.as_str())
+                .is_some_and(|k| !crate::identity::seal::is_sealed_text(k))
+        })
+    })
+}
+
+/// Parses a JWKS and checks every key is usable (has `alg`, a supported key type). A
+/// sealed symmetric key is taken as it is: the leader checked it before sealing it.
 pub fn parse_jwks(text: &str) -> Result<JwkSet, String> {
     let set: JwkSet = serde_json::from_str(text)
         .map_err(|e| format!("jwks is not a JSON Web Key Set ({e}); give {{\"keys\": [...]}}"))?;
@@ -16,6 +54,11 @@ pub fn parse_jwks(text: &str) -> Result<JwkSet, String> {
             return Err(format!(
                 "jwks key {i} needs a supported \"alg\" (RS256, ES256, EdDSA, HS256 ...)"
             ));
+        }
+        if let jsonwebtoken::jwk::AlgorithmParameters::OctetKey(o) = &k.algorithm
+            && crate::identity::seal::is_sealed_text(&o.value)
+        {
+            continue;
         }
         DecodingKey::from_jwk(k).map_err(|e| format!("jwks key {i} is not usable: {e}"))?;
     }

@@ -43,6 +43,12 @@ pub const SEALING_KEY_FILE: &str = "sealing-key";
 /// Sealing purposes (the associated data of each kind of sealed secret).
 pub const HASH_KEY: &str = "hash-key";
 pub const CA_KEY: &str = "ca-key";
+pub const WEBHOOK: &str = "webhook";
+
+/// The sealing purpose of the named secret `name`.
+pub fn secret_purpose(name: &str) -> String {
+    format!("secret:{name}")
+}
 
 /// Prefix of a join token.
 pub const JOIN_TOKEN_PREFIX: &str = "tgj";

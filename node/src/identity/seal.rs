@@ -191,11 +191,38 @@ impl Keyring {
             .map_err(|_| OpenError::Corrupt(key.id_hex()))
     }
 
+    /// Seals text kept in a string field: `sealed:` and the sealed bytes in base64url.
+    pub fn seal_text(&self, purpose: &str, plain: &str) -> Result<String, String> {
+        let sealed = self.seal(purpose, plain.as_bytes())?;
+        Ok(format!(
+            "{TEXT_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
+        ))
+    }
+
+    /// Opens text sealed by [`Keyring::seal_text`].
+    pub fn open_text(&self, purpose: &str, text: &str) -> Result<String, OpenError> {
+        let body = text.strip_prefix(TEXT_PREFIX).ok_or(OpenError::NotSealed)?;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| OpenError::NotSealed)?;
+        let plain = self.open(purpose, &sealed)?;
+        String::from_utf8(plain).map_err(|_| OpenError::Corrupt(self.primary().id_hex()))
+    }
+
     /// Whether the value is sealed under this ring's primary key (a rotation re-seals the
     /// ones that are not).
     pub fn sealed_by_primary(&self, sealed: &[u8]) -> bool {
         sealed_key_id(sealed) == Some(self.primary().id)
     }
+}
+
+/// Sealed text (in a string field) starts with this.
+pub const TEXT_PREFIX: &str = "sealed:";
+
+/// Whether `text` is sealed text ([`Keyring::seal_text`]).
+pub fn is_sealed_text(text: &str) -> bool {
+    text.starts_with(TEXT_PREFIX)
 }
 
 /// Whether `value` has the form of a sealed value.
@@ -263,6 +290,16 @@ mod tests {
         let resealed = after.seal("p", b"v").unwrap();
         assert!(after.sealed_by_primary(&resealed));
         assert_eq!(key_id_of(&resealed).unwrap(), new.id_hex());
+    }
+
+    #[test]
+    fn sealed_text_round_trips() {
+        let ring = Keyring::new(vec![SealingKey::generate().unwrap()]).unwrap();
+        let text = ring.seal_text("jwks", "c2VjcmV0").unwrap();
+        assert!(is_sealed_text(&text) && !text.contains("c2VjcmV0"));
+        assert_eq!(ring.open_text("jwks", &text).unwrap(), "c2VjcmV0");
+        assert!(ring.open_text("webhook", &text).is_err());
+        assert_eq!(ring.open_text("jwks", "plain"), Err(OpenError::NotSealed));
     }
 
     #[test]

@@ -51,12 +51,41 @@ pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
                 continue;
             }
             told = alert.seq;
-            tell(&alert, client.as_ref()).await;
+            let webhook = open_webhook(&cluster.identity, &alert.webhook);
+            tell(&alert, &webhook, client.as_ref()).await;
         }
     }
 }
 
-async fn tell(alert: &BudgetAlert, client: Option<&reqwest::Client>) {
+/// The webhook URL of an alert, opened (the state keeps it sealed); empty when there is
+/// none or it cannot be opened (said once per alert).
+fn open_webhook(identity: &crate::identity::Identity, text: &str) -> String {
+    if !crate::identity::seal::is_sealed_text(text) {
+        return text.to_string();
+    }
+    let opened = identity
+        .keyring()
+        .ok_or_else(|| "this node has no sealing key".to_string())
+        .and_then(|ring| {
+            ring.open_text(crate::identity::WEBHOOK, text)
+                .map_err(|e| e.to_string())
+        });
+    opened.unwrap_or_else(|e| {
+        tracing::warn!("a budget alert's webhook cannot be opened: {e}");
+        String::new()
+    })
+}
+
+/// The scheme and host of a URL, for logs (its path and query may hold a secret).
+pub fn origin(url: &str) -> &str {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    match url[after..].find(['/', '?', '#']) {
+        Some(end) => &url[..after + end],
+        None => url,
+    }
+}
+
+async fn tell(alert: &BudgetAlert, webhook: &str, client: Option<&reqwest::Client>) {
     tracing::warn!(
         tenant = %alert.tenant,
         threshold = alert.threshold,
@@ -72,7 +101,7 @@ async fn tell(alert: &BudgetAlert, client: Option<&reqwest::Client>) {
         "threshold" => alert.threshold.to_string()
     )
     .increment(1);
-    let (Some(client), false) = (client, alert.webhook.is_empty()) else {
+    let (Some(client), false) = (client, webhook.is_empty()) else {
         return;
     };
     let body = serde_json::json!({
@@ -85,7 +114,7 @@ async fn tell(alert: &BudgetAlert, client: Option<&reqwest::Client>) {
         "limit": alert.limit,
     });
     let sent = client
-        .post(&alert.webhook)
+        .post(webhook)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
@@ -93,11 +122,11 @@ async fn tell(alert: &BudgetAlert, client: Option<&reqwest::Client>) {
     let outcome = match sent {
         Ok(r) if r.status().is_success() => "delivered",
         Ok(r) => {
-            tracing::warn!(webhook = %alert.webhook, status = %r.status(), "budget alert webhook refused the alert");
+            tracing::warn!(webhook = %origin(webhook), status = %r.status(), "budget alert webhook refused the alert");
             "refused"
         }
         Err(e) => {
-            tracing::warn!(webhook = %alert.webhook, "budget alert webhook failed: {e}");
+            tracing::warn!(webhook = %origin(webhook), "budget alert webhook failed: {e}");
             "failed"
         }
     };

@@ -621,8 +621,25 @@ impl Cluster {
                 Ok(Some((minted.id, minted.secret)))
             }
             Some(Kind::Identity(i)) => self.fill_in_identity(i),
+            Some(Kind::Billing(b)) => {
+                use tollgate_proto::state::v1::billing_command::Op as BillingOp;
+                if let Some(BillingOp::SetBudget(budget)) = &mut b.op
+                    && !budget.webhook.is_empty()
+                {
+                    budget.webhook = self.seal_webhook(&budget.webhook)?;
+                }
+                Ok(None)
+            }
             Some(Kind::Api(a)) => {
                 let api_name = a.api.clone();
+                let settings = match &mut a.op {
+                    Some(ApiOp::CreateApi(c)) => c.settings.as_mut(),
+                    Some(ApiOp::UpdateApi(u)) => u.settings.as_mut(),
+                    _ => None,
+                };
+                if let Some(jwt) = settings.and_then(|s| s.jwt.as_mut()) {
+                    jwt.jwks = self.seal_jwks(&jwt.jwks)?;
+                }
                 match &mut a.op {
                     Some(ApiOp::CreateVersion(c)) => {
                         check_version_content(&c.content, self.max_spec_bytes).await?;
@@ -805,12 +822,7 @@ impl Cluster {
                 );
             }
             if plain_hash_key {
-                let plain = self.hash_key()?;
-                let op = IdentityOp::Reseal(tollgate_proto::state::v1::Reseal {
-                    hash_key: self.identity.seal(identity::HASH_KEY, &plain)?,
-                    ca_key: Vec::new(),
-                });
-                self.identity_write(op).await?;
+                self.identity_write(IdentityOp::Reseal(self.reseal()?)).await?;
                 tracing::info!(
                     "sealed the cluster's hash key (an older version stored it in the clear)"
                 );
@@ -861,6 +873,43 @@ impl Cluster {
         }
     }
 
+    /// A JWKS as the state keeps it: checked, then every symmetric key (an HS256 secret)
+    /// sealed. A key a client sends already sealed is refused: a client never sees one.
+    fn seal_jwks(&self, jwks: &str) -> Result<String, Status> {
+        use crate::identity::seal::is_sealed_text;
+        let refuse = |m: String| Status::invalid_argument(format!("jwt.jwks: {m}"));
+        crate::auth::jwt::map_symmetric_keys(jwks, &|k| {
+            if is_sealed_text(k) {
+                Err("a key's \"k\" must be the key itself (base64url)".into())
+            } else {
+                Ok(k.to_string())
+            }
+        })
+        .map_err(refuse)?;
+        crate::auth::jwt::parse_jwks(jwks).map_err(refuse)?;
+        let ring = self.identity.keyring().ok_or_else(|| {
+            Status::failed_precondition("this node has no sealing key, so it cannot store a secret")
+        })?;
+        crate::auth::jwt::map_symmetric_keys(jwks, &|k| {
+            ring.seal_text(crate::auth::jwt::JWKS_PURPOSE, k)
+        })
+        .map_err(Status::internal)
+    }
+
+    /// A webhook URL as the state keeps it: sealed (it often carries a secret, as
+    /// Slack's do). Its form is checked first.
+    fn seal_webhook(&self, url: &str) -> Result<String, Status> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(Status::invalid_argument(format!(
+                "webhook {url:?} is not an http(s) URL; write it like https://hooks.example.com/budget"
+            )));
+        }
+        let ring = self.identity.keyring().ok_or_else(|| {
+            Status::failed_precondition("this node has no sealing key, so it cannot store a secret")
+        })?;
+        ring.seal_text(identity::WEBHOOK, url).map_err(Status::internal)
+    }
+
     /// Completes an identity command on the leader: mints a join token (its text, with
     /// the CA's fingerprint, goes to the caller once); re-seals the secrets under the
     /// primary sealing key.
@@ -886,30 +935,112 @@ impl Cluster {
                 Ok(Some((minted.id, text)))
             }
             Some(IdentityOp::Reseal(r)) => {
-                let ring = self
+                *r = self.reseal()?;
+                Ok(None)
+            }
+            Some(IdentityOp::PutSecret(p)) => {
+                crate::state::lifecycle::check_name("secret", &p.name)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if p.value.len() > crate::state::identity::MAX_SECRET_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "a secret is at most {} bytes",
+                        crate::state::identity::MAX_SECRET_BYTES
+                    )));
+                }
+                p.value = self
                     .identity
-                    .keyring()
-                    .ok_or_else(|| Status::failed_precondition("this node has no sealing key"))?;
-                let (hash_key, ca_key) = self.state_machine.read(|a| {
-                    (
-                        a.state.access.hash_key.clone(),
-                        a.state.access.ca_key.clone(),
-                    )
-                });
-                let plain_hash = self.identity.hash_key(&hash_key)?;
-                r.hash_key = self.identity.seal(identity::HASH_KEY, &plain_hash)?;
-                r.ca_key = if ca_key.is_empty() {
-                    Vec::new()
-                } else {
-                    let plain = ring.open(identity::CA_KEY, &ca_key).map_err(|e| {
-                        Status::failed_precondition(format!("the CA key cannot be opened: {e}"))
-                    })?;
-                    self.identity.seal(identity::CA_KEY, &plain)?
-                };
+                    .seal(&identity::secret_purpose(&p.name), &p.value)?;
                 Ok(None)
             }
             _ => Ok(None),
         }
+    }
+
+    /// Every sealed secret of the state, opened and sealed again under the primary key.
+    fn reseal(&self) -> Result<tollgate_proto::state::v1::Reseal, Status> {
+        let ring = self
+            .identity
+            .keyring()
+            .ok_or_else(|| Status::failed_precondition("this node has no sealing key"))?;
+        let unopenable = |what: String| {
+            move |e: identity::seal::OpenError| {
+                Status::failed_precondition(format!(
+                    "{what} cannot be opened with this node's keys: {e}. Give every node the \
+                     old and the new key (the new one first) before rotating"
+                ))
+            }
+        };
+        let seal = |purpose: &str, plain: &[u8]| ring.seal(purpose, plain).map_err(Status::internal);
+        let (hash_key, ca_key, secrets, apis, budgets) = self.state_machine.read(|a| {
+            let s = &a.state;
+            let mut billing = tollgate_proto::state::v1::StateSnapshot::default();
+            s.billing.to_proto(&mut billing);
+            (
+                s.access.hash_key.clone(),
+                s.access.ca_key.clone(),
+                s.access.secrets.clone(),
+                s.apis.clone(),
+                billing.budgets,
+            )
+        });
+        let mut out = tollgate_proto::state::v1::Reseal::default();
+        if !hash_key.is_empty() {
+            let plain = if identity::seal::is_sealed(&hash_key) {
+                ring.open(identity::HASH_KEY, &hash_key)
+                    .map_err(unopenable("the hash key".into()))?
+            } else {
+                hash_key
+            };
+            out.hash_key = seal(identity::HASH_KEY, &plain)?;
+        }
+        if !ca_key.is_empty() {
+            let plain = ring
+                .open(identity::CA_KEY, &ca_key)
+                .map_err(unopenable("the CA key".into()))?;
+            out.ca_key = seal(identity::CA_KEY, &plain)?;
+        }
+        for (name, secret) in secrets {
+            let purpose = identity::secret_purpose(&name);
+            let plain = ring
+                .open(&purpose, &secret.value)
+                .map_err(unopenable(format!("secret {name}")))?;
+            out.secrets.insert(name, seal(&purpose, &plain)?);
+        }
+        for (name, api) in apis.iter() {
+            let Some(jwt) = &api.settings.jwt else {
+                continue;
+            };
+            if !jwt.jwks.contains(identity::seal::TEXT_PREFIX)
+                && !crate::auth::jwt::has_clear_symmetric_key(&jwt.jwks)
+            {
+                continue;
+            }
+            let resealed = crate::auth::jwt::map_symmetric_keys(&jwt.jwks, &|k| {
+                let plain = if identity::seal::is_sealed_text(k) {
+                    ring.open_text(crate::auth::jwt::JWKS_PURPOSE, k)
+                        .map_err(|e| format!("API {name}'s JWT key: {e}"))?
+                } else {
+                    k.to_string()
+                };
+                ring.seal_text(crate::auth::jwt::JWKS_PURPOSE, &plain)
+            })
+            .map_err(Status::failed_precondition)?;
+            out.jwks.insert(name.clone(), resealed);
+        }
+        for b in budgets.into_iter().filter(|b| !b.webhook.is_empty()) {
+            let plain = if identity::seal::is_sealed_text(&b.webhook) {
+                ring.open_text(identity::WEBHOOK, &b.webhook)
+                    .map_err(unopenable(format!("tenant {}'s webhook", b.tenant)))?
+            } else {
+                b.webhook.clone()
+            };
+            out.webhooks.insert(
+                b.tenant.clone(),
+                ring.seal_text(identity::WEBHOOK, &plain)
+                    .map_err(Status::internal)?,
+            );
+        }
+        Ok(out)
     }
 
     /// Issues a certificate to a new node (or control plane) that presents a join token:
@@ -1226,6 +1357,25 @@ impl Cluster {
                 "join-token" | "join-tokens" => {
                     p.require_operator("listing join tokens")?;
                     &access.join_tokens
+                }
+                "secret" | "secrets" => {
+                    p.require_operator("listing secrets")?;
+                    // Names, times and the key each is sealed with: never a value.
+                    return Ok(api::ListCredentialsResponse {
+                        credentials: access
+                            .secrets
+                            .iter()
+                            .map(|(name, s)| tollgate_proto::state::v1::CredentialState {
+                                id: name.clone(),
+                                name: identity::seal::key_id_of(&s.value).unwrap_or_default(),
+                                created_at_ms: s.created_at_ms,
+                                expires_at_ms: 0,
+                                revoked_at_ms: s.updated_at_ms,
+                                ..Default::default()
+                            })
+                            .collect(),
+                        generation: a.state.generation,
+                    });
                 }
                 other => {
                     return Err(Status::invalid_argument(format!(
@@ -1560,6 +1710,23 @@ impl Cluster {
         }
         // Whole rows by their start: a minute that started in the range is in it.
         let (since_minute, until_minute) = (req.since_ms / 60_000, until.div_ceil(60_000));
+        // A webhook is a secret (sealed in the state): the operator sees where it goes,
+        // a tenant nothing.
+        let ring = self.identity.keyring();
+        let shown = |text: &str| -> String {
+            if text.is_empty() || p.tenant().is_some() {
+                return String::new();
+            }
+            let url = match (&ring, crate::identity::seal::is_sealed_text(text)) {
+                (Some(ring), true) => match ring.open_text(identity::WEBHOOK, text) {
+                    Ok(url) => url,
+                    Err(_) => return "(sealed)".into(),
+                },
+                (None, true) => return "(sealed)".into(),
+                (_, false) => text.to_string(),
+            };
+            format!("{}/… (sealed)", crate::metering::alerts::origin(&url))
+        };
         Ok(self.state_machine.read(|a| {
             let s = &a.state;
             let wanted =
@@ -1590,15 +1757,17 @@ impl Cluster {
                     .budgets
                     .into_iter()
                     .filter(|x| wanted(&x.tenant))
+                    .map(|mut x| {
+                        x.webhook = shown(&x.webhook);
+                        x
+                    })
                     .collect(),
                 alerts: billing
                     .budget_alerts
                     .into_iter()
                     .filter(|x| wanted(&x.tenant))
                     .map(|mut x| {
-                        if p.tenant().is_some() {
-                            x.webhook.clear();
-                        }
+                        x.webhook = shown(&x.webhook);
                         x
                     })
                     .collect(),

@@ -41,11 +41,21 @@ pub struct Access {
     pub join_tokens: BTreeMap<String, Credential>,
     /// Removed nodes: certificates issued to them before the time are refused.
     pub revoked_nodes: BTreeMap<u64, u64>,
+    /// Named secrets (`tollgate secret set`), sealed, by name.
+    pub secrets: BTreeMap<String, NamedSecret>,
     pub tenants: BTreeMap<String, Tenant>,
     /// API keys by id.
     pub keys: BTreeMap<String, Credential>,
     /// Control-plane tokens by id (the operator's has no tenant).
     pub tokens: BTreeMap<String, Credential>,
+}
+
+/// A named secret, sealed (purpose `secret:<name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NamedSecret {
+    pub value: Vec<u8>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -493,6 +503,16 @@ impl Access {
             .iter()
             .map(|(&node_id, &before_ms)| pb::RevokedNodeState { node_id, before_ms })
             .collect();
+        out.secrets = self
+            .secrets
+            .iter()
+            .map(|(name, s)| pb::SecretState {
+                name: name.clone(),
+                value: s.value.clone(),
+                created_at_ms: s.created_at_ms,
+                updated_at_ms: s.updated_at_ms,
+            })
+            .collect();
     }
 
     pub fn from_proto(p: &pb::StateSnapshot) -> Access {
@@ -524,6 +544,20 @@ impl Access {
                 .revoked_nodes
                 .iter()
                 .map(|r| (r.node_id, r.before_ms))
+                .collect(),
+            secrets: p
+                .secrets
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        NamedSecret {
+                            value: s.value.clone(),
+                            created_at_ms: s.created_at_ms,
+                            updated_at_ms: s.updated_at_ms,
+                        },
+                    )
+                })
                 .collect(),
         }
     }

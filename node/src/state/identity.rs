@@ -4,13 +4,16 @@
 use tollgate_proto::state::v1 as pb;
 
 use crate::identity::seal::is_sealed;
-use crate::state::access::{Access, AccessChange, Credential, check_credential};
+use crate::state::access::{Access, AccessChange, Credential, NamedSecret, check_credential};
 use crate::state::lifecycle::Refusal;
 
 /// Most join tokens a cluster keeps (used-up and expired ones included, until revoked).
 pub const MAX_JOIN_TOKENS: usize = 1000;
 /// Most nodes one join token may enroll.
 pub const MAX_USES: u32 = 1000;
+/// Most named secrets, and the largest one (before sealing).
+pub const MAX_SECRETS: usize = 1000;
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 
 fn token_json(c: &Credential) -> String {
     serde_json::json!({
@@ -171,10 +174,61 @@ pub fn apply(
                 added: true,
             }))
         }
+        Op::PutSecret(p) => {
+            crate::state::lifecycle::check_name("secret", &p.name)?;
+            if !is_sealed(&p.value) || p.value.len() > MAX_SECRET_BYTES + 64 {
+                return Err(Refusal::Invalid(
+                    "a secret is sealed by the leader before it is written".into(),
+                ));
+            }
+            let before = access.secrets.get(&p.name).cloned();
+            if before.is_none() && access.secrets.len() >= MAX_SECRETS {
+                return Err(Refusal::Precondition(format!(
+                    "the cluster holds {MAX_SECRETS} secrets; delete unused ones first"
+                )));
+            }
+            let created_at_ms = before.as_ref().map_or(at_ms, |b| b.created_at_ms);
+            access.secrets.insert(
+                p.name.clone(),
+                NamedSecret {
+                    value: p.value.clone(),
+                    created_at_ms,
+                    updated_at_ms: at_ms,
+                },
+            );
+            let json = |at: u64| serde_json::json!({ "name": p.name, "updated_at_ms": at }).to_string();
+            Ok(Some(AccessChange {
+                object: format!("secret/{}", p.name),
+                action: if before.is_some() { "secret.update" } else { "secret.create" },
+                before: before.map(|b| json(b.updated_at_ms)).unwrap_or_default(),
+                after: json(at_ms),
+                added: true,
+            }))
+        }
+        Op::DeleteSecret(d) => {
+            if access.secrets.remove(&d.id).is_none() {
+                return Err(Refusal::NotFound(format!("there is no secret {}", d.id)));
+            }
+            Ok(Some(AccessChange {
+                object: format!("secret/{}", d.id),
+                action: "secret.delete",
+                before: serde_json::json!({ "name": d.id }).to_string(),
+                after: String::new(),
+                added: false,
+            }))
+        }
         Op::Reseal(r) => {
             let sealed_or_empty = |v: &[u8]| v.is_empty() || is_sealed(v);
-            if !sealed_or_empty(&r.hash_key) || !sealed_or_empty(&r.ca_key) {
+            if !sealed_or_empty(&r.hash_key)
+                || !sealed_or_empty(&r.ca_key)
+                || !r.secrets.values().all(|v| is_sealed(v))
+            {
                 return Err(Refusal::Invalid("re-sealed secrets must be sealed".into()));
+            }
+            for (name, value) in &r.secrets {
+                if let Some(s) = access.secrets.get_mut(name) {
+                    s.value = value.clone();
+                }
             }
             if !r.hash_key.is_empty() {
                 if access.hash_key.is_empty() {

@@ -296,6 +296,24 @@ impl ClusterState {
             Ok(Some(change)) => change,
         };
         self.access = Arc::new(next);
+        // A re-seal also covers secrets kept with APIs and budgets (same plain text, so
+        // what the data plane serves does not change).
+        if let Some(tollgate_proto::state::v1::identity_command::Op::Reseal(r)) = &i.op {
+            if !r.jwks.is_empty() {
+                let mut apis = (*self.apis).clone();
+                for (name, jwks) in &r.jwks {
+                    if let Some(jwt) = apis.get_mut(name).and_then(|a| a.settings.jwt.as_mut()) {
+                        jwt.jwks = jwks.clone();
+                    }
+                }
+                self.apis = Arc::new(apis);
+            }
+            for (tenant, webhook) in &r.webhooks {
+                if let Some(b) = self.billing.budgets.get_mut(tenant) {
+                    b.webhook = webhook.clone();
+                }
+            }
+        }
         let (added, changed) = if change.added {
             (vec![change.object.clone()], Vec::new())
         } else {

@@ -458,10 +458,12 @@ fn deprecation_headers(api: &Api, v: &ApiVersion) -> Vec<(HeaderName, HeaderValu
 impl Routing {
     /// Compiles the spec and the mounted API versions. Fails only on what needs the whole
     /// table to see (two templates that conflict); such errors name the routes.
+    /// `open_jwks` opens the sealed symmetric keys of an API's JWT key set.
     pub fn build(
         spec: &Spec,
         versions: &[VersionSpec<'_>],
         registry: &EndpointRegistry,
+        open_jwks: &dyn Fn(&str) -> Result<String, String>,
     ) -> Result<Routing, SpecErrors> {
         let mut b = Builder {
             quotas: spec
@@ -490,7 +492,11 @@ impl Routing {
                 let auth = match (&api.settings.auth, &api.settings.jwt) {
                     (AuthMode::None, _) => MountAuth::None,
                     (AuthMode::Jwt, Some(j)) => {
-                        match JwtValidator::new(&j.jwks, &j.issuer, &j.audience, &j.tenant_claim) {
+                        let jwks = open_jwks(&j.jwks);
+                        let validator = jwks.and_then(|jwks| {
+                            JwtValidator::new(&jwks, &j.issuer, &j.audience, &j.tenant_claim)
+                        });
+                        match validator {
                             Ok(v) => MountAuth::Jwt(Box::new(v)),
                             Err(e) => {
                                 broken(&format!("apis.{}.jwt", api.name), &e);

@@ -60,7 +60,9 @@ fn read_value(from_file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
                 .read_to_end(&mut value)?;
         }
         None => {
-            std::io::stdin().take(MAX_VALUE + 1).read_to_end(&mut value)?;
+            std::io::stdin()
+                .take(MAX_VALUE + 1)
+                .read_to_end(&mut value)?;
         }
     }
     if value.len() as u64 > MAX_VALUE {

@@ -576,3 +576,201 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// An HS256 key set, with its key's bytes.
+fn hs256_jwks() -> (String, Vec<u8>) {
+    use base64::Engine;
+    let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"oct","alg":"HS256","kid":"k1","k":"{}"}}]}}"#,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&secret)
+    );
+    (jwks, secret)
+}
+
+fn jwt_settings(jwks: &str) -> tollgate_sdk::state::ApiSettings {
+    tollgate_sdk::state::ApiSettings {
+        base_path: "/pay".into(),
+        auth: "jwt".into(),
+        jwt: Some(tollgate_sdk::state::JwtSettings {
+            issuer: "https://idp.test".into(),
+            audience: "pay".into(),
+            jwks: jwks.into(),
+            tenant_claim: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn signed(secret: &[u8]) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let claims =
+        serde_json::json!({"iss": "https://idp.test", "aud": "pay", "exp": exp, "tenant": "acme"});
+    let key = jsonwebtoken::EncodingKey::from_secret(secret).unwrap();
+    format!(
+        "Bearer {}",
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    )
+}
+
+/// Every kind of secret the state holds, made on a fresh node: a named secret, an API
+/// whose JWT keys are symmetric, a budget webhook. Returns what a scan must not find.
+async fn every_kind_of_secret(
+    gw: &GatewayProcess,
+    up: SocketAddr,
+) -> (harness::cp::CpProcess, Vec<(&'static str, Vec<u8>)>) {
+    let cpp = harness::cp::CpProcess::start(&[gw.grpc]).await;
+    let cp = cpp.sdk(gw.operator_token());
+    cp.create_tenant("acme").await.unwrap();
+    let (jwks, jwt_key) = hs256_jwks();
+    cp.create_api("pay", "acme", Some(jwt_settings(&jwks)))
+        .await
+        .unwrap();
+    let content = format!(
+        "upstreams: {{ u: {{ endpoints: [{{ address: \"{up}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }}\n"
+    );
+    cp.create_version("pay", "1.0.0", &content).await.unwrap();
+    cp.publish("pay", "1.0.0").await.unwrap();
+    cp.promote("pay", "1.0.0").await.unwrap();
+    let webhook = "https://hooks.example.test/services/T000/B000/XXXXSECRETXXXX";
+    cp.set_budget(tollgate_sdk::state::SetBudget {
+        tenant: "acme".into(),
+        monthly_limit: "100".into(),
+        webhook: webhook.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut node = gw.sdk().await;
+    let provider_key = b"sk-provider-0123456789-SECRET".to_vec();
+    node.put_secret("provider", provider_key.clone())
+        .await
+        .unwrap();
+    let key = cp.create_key("acme", "ci", "").await.unwrap().secret;
+    use base64::Engine;
+    let jwt_text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&jwt_key);
+    (
+        cpp,
+        vec![
+            ("the JWT key", jwt_key),
+            ("the JWT key's text", jwt_text.into_bytes()),
+            ("the webhook", b"XXXXSECRETXXXX".to_vec()),
+            ("the named secret", provider_key),
+            ("the API key's secret", key.as_bytes()[21..].to_vec()),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_secret_is_sealed_in_every_file() {
+    let up = Upstream::start("v1").await;
+    let gw =
+        GatewayProcess::start_with(&tagged_spec(up.addr, "0"), &["--snapshot-every", "1"]).await;
+    let (_cpp, mut secrets) = every_kind_of_secret(&gw, up.addr).await;
+    // The JWT API answers with its sealed key opened on the data plane.
+    let (_, jwt_key) = hs256_jwks();
+    let req = http::Request::get(gw.url("/pay/charge"))
+        .header("authorization", signed(&jwt_key))
+        .body(harness::full(""))
+        .unwrap();
+    assert_eq!(gw.send(req).await.status, 200);
+    // Listings show no secret: the webhook by its host only.
+    let usage = gw.sdk().await.usage(Default::default()).await.unwrap();
+    assert_eq!(
+        usage.budgets[0].webhook,
+        "https://hooks.example.test/… (sealed)"
+    );
+    let listed = gw.sdk().await.list_secrets().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["provider"]
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let data = gw.dir.join("data");
+    let opts = gw.kill9();
+    let ring = tollgate_node::identity::seal::Keyring::parse(
+        &std::fs::read_to_string(data.join("sealing-key")).unwrap(),
+    )
+    .unwrap();
+    let db = tollgate_node::raft::open_db(&data).unwrap();
+    let state = tollgate_node::raft::state_machine::StateMachineStore::open(&db).unwrap();
+    let hash_key = state.read(|a| a.state.access.hash_key.clone());
+    drop(state);
+    drop(db);
+    secrets.push((
+        "the hash key",
+        ring.open(tollgate_node::identity::HASH_KEY, &hash_key)
+            .unwrap(),
+    ));
+    for file in walk(&data).iter().filter(|f| !f.ends_with("sealing-key")) {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        for (what, secret) in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                "{} holds {what} in the clear",
+                file.display()
+            );
+        }
+    }
+    drop(opts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sealing_key_rotates_and_the_old_one_can_go() {
+    let up = Upstream::start("v1").await;
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    let (cpp, _) = every_kind_of_secret(&gw, up.addr).await;
+    drop(cpp);
+    let data = gw.dir.join("data");
+    let old = std::fs::read_to_string(data.join("sealing-key")).unwrap();
+    let new = tollgate_node::identity::seal::SealingKey::generate().unwrap();
+    // Rotating before the nodes have the new key changes nothing (it is not the first).
+    let mut node = gw.sdk().await;
+    node.reseal().await.unwrap();
+    // 1. Every node gets the new key first, the old one after it; SIGHUP reads it again.
+    std::fs::write(
+        data.join("sealing-key"),
+        format!("{}\n{old}", new.to_text()),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    eventually("the node to read its keys again", T, async || {
+        gw.log().contains("sealing keys read again")
+    })
+    .await;
+    // 2. Rotate: everything sealed again under the new key.
+    node.reseal().await.unwrap();
+    let listed = node.list_secrets().await.unwrap();
+    assert_eq!(listed[0].name, new.id_hex(), "sealed with the new key");
+    // 3. The old key goes; the node restarts with the new one alone and opens everything.
+    std::fs::write(data.join("sealing-key"), new.to_text()).unwrap();
+    let token = gw.operator_token().to_string();
+    let opts = gw.kill9();
+    let gw = GatewayProcess::launch(opts).await;
+    let mut node = gw.sdk().await.with_token(Some(&token)).unwrap();
+    assert_eq!(
+        node.list_secrets().await.unwrap().len(),
+        1,
+        "the operator token still opens"
+    );
+    let (_, jwt_key) = hs256_jwks();
+    eventually(
+        "the JWT API to answer with the re-sealed key",
+        T,
+        async || {
+            let req = http::Request::get(gw.url("/pay/charge"))
+                .header("authorization", signed(&jwt_key))
+                .body(harness::full(""))
+                .unwrap();
+            gw.send(req).await.status == 200
+        },
+    )
+    .await;
+    let usage = node.usage(Default::default()).await.unwrap();
+    assert_eq!(
+        usage.budgets[0].webhook,
+        "https://hooks.example.test/… (sealed)"
+    );
+}

@@ -197,7 +197,7 @@ impl Node {
             },
             identity.clone(),
         ))?;
-        check_sealing(&cluster, settings.bootstrap)?;
+        runtime.block_on(check_sealing(&cluster, settings.bootstrap))?;
 
         // `shutdown` stops the data plane; `control` stops the admin side once the data
         // plane has drained, so /readyz can say "draining" meanwhile.
@@ -524,7 +524,11 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
 /// On the bootstrapping node, with --bootstrap-join-token-file: makes a join token for the
 /// nodes and control planes started beside it and writes it there (once: a restart finds
 /// the file and leaves it).
-async fn write_bootstrap_join_token(cluster: &Cluster, file: &Path, uses: u32) -> anyhow::Result<()> {
+async fn write_bootstrap_join_token(
+    cluster: &Cluster,
+    file: &Path,
+    uses: u32,
+) -> anyhow::Result<()> {
     if !cluster.identity.secure || file.exists() {
         return Ok(());
     }
@@ -532,12 +536,14 @@ async fn write_bootstrap_join_token(cluster: &Cluster, file: &Path, uses: u32) -
     let req = tollgate_proto::node::v1::WriteRequest {
         command: Some(pb::Command {
             kind: Some(pb::command::Kind::Identity(pb::IdentityCommand {
-                op: Some(pb::identity_command::Op::CreateJoinToken(pb::CreateJoinToken {
-                    name: "bootstrap".into(),
-                    expires_at_ms: raft::service::now_ms() + 24 * 3600 * 1000,
-                    uses,
-                    ..Default::default()
-                })),
+                op: Some(pb::identity_command::Op::CreateJoinToken(
+                    pb::CreateJoinToken {
+                        name: "bootstrap".into(),
+                        expires_at_ms: raft::service::now_ms() + 24 * 3600 * 1000,
+                        uses,
+                        ..Default::default()
+                    },
+                )),
             })),
             ..Default::default()
         }),
@@ -557,7 +563,7 @@ async fn write_bootstrap_join_token(cluster: &Cluster, file: &Path, uses: u32) -
 /// Makes sure this node can open the state's secrets: a bootstrapping node of a new
 /// cluster makes the sealing key; any other node must hold the key its state was sealed
 /// with (a joining node gets it when it enrolls).
-fn check_sealing(cluster: &Cluster, bootstrap: bool) -> anyhow::Result<()> {
+async fn check_sealing(cluster: &Cluster, bootstrap: bool) -> anyhow::Result<()> {
     let sealed = cluster
         .state_machine
         .read(|a| a.state.access.hash_key.clone());
@@ -568,22 +574,36 @@ fn check_sealing(cluster: &Cluster, bootstrap: bool) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if identity::seal::is_sealed(&sealed) {
-        cluster.identity.hash_key(&sealed).map_err(|e| {
-            anyhow::anyhow!(
-                "this node's state is sealed (key {}), and {}",
-                identity::seal::key_id_of(&sealed).unwrap_or_default(),
-                e.message()
-            )
-        })?;
-    } else if cluster.identity.keyring().is_none() {
-        // A cluster made before sealing existed: every node must seal with the same key,
-        // so the operator gives one to all of them.
+    if !identity::seal::is_sealed(&sealed) {
+        if cluster.identity.keyring().is_none() {
+            // A cluster made before sealing existed: every node must seal with the same
+            // key, so the operator gives one to all of them.
+            anyhow::bail!(
+                "this node's state comes from an older version, which kept the cluster's \
+                 secrets in the clear; to seal them, give every node the same sealing key: make \
+                 one with `tollgate secret keygen > sealing-key` and pass it with \
+                 --sealing-key-file (or its text in TOLLGATE_SEALING_KEY). See \
+                 docs/security.md, \"Upgrading\""
+            );
+        }
+        return Ok(());
+    }
+    if cluster.identity.keyring().is_none() {
         anyhow::bail!(
-            "this node's state comes from an older version, which kept the cluster's secrets \
-             in the clear; to seal them, give every node the same sealing key: make one with \
-             `tollgate secret keygen > sealing-key` and pass it with --sealing-key-file (or its \
-             text in TOLLGATE_SEALING_KEY). See docs/security.md, \"Upgrading\""
+            "this node's state is sealed (key {}), and this node has no sealing key: give it \
+             the cluster's with --sealing-key-file or TOLLGATE_SEALING_KEY",
+            identity::seal::key_id_of(&sealed).unwrap_or_default()
+        );
+    }
+    // The state read back from the last snapshot may predate a rotation that the log
+    // holds: the key it was sealed with then may be gone on purpose. Raft applies the log
+    // again as it runs; a key that is really missing shows as errors then.
+    if let Err(e) = cluster.identity.hash_key(&sealed) {
+        tracing::warn!(
+            "the cluster's hash key, as this node's last snapshot has it, cannot be opened \
+             ({}); if this persists once the node has caught up, it lacks the sealing key \
+             its state was sealed with",
+            e.message()
         );
     }
     Ok(())

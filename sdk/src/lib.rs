@@ -732,10 +732,7 @@ impl NodeClient {
         Ok(self.list_credentials(req).await?.credentials)
     }
 
-    async fn identity(
-        &mut self,
-        op: state::identity_command::Op,
-    ) -> Result<WriteResponse, Error> {
+    async fn identity(&mut self, op: state::identity_command::Op) -> Result<WriteResponse, Error> {
         let command = state::Command {
             kind: Some(state::command::Kind::Identity(state::IdentityCommand {
                 op: Some(op),
@@ -747,9 +744,9 @@ impl NodeClient {
 
     /// Revokes a join token by its id: no node enrolls with it from now on.
     pub async fn revoke_join_token(&mut self, id: &str) -> Result<WriteResponse, Error> {
-        self.identity(state::identity_command::Op::RevokeJoinToken(state::Revoke {
-            id: id.to_string(),
-        }))
+        self.identity(state::identity_command::Op::RevokeJoinToken(
+            state::Revoke { id: id.to_string() },
+        ))
         .await
     }
 

@@ -24,7 +24,11 @@ pub fn map_symmetric_keys(
             }
         }
     }
-    Ok(if changed { v.to_string() } else { text.to_string() })
+    Ok(if changed {
+        v.to_string()
+    } else {
+        text.to_string()
+    })
 }
 
 /// Whether the JWKS holds a symmetric key in the clear.
@@ -32,13 +36,15 @@ pub fn has_clear_symmetric_key(text: &str) -> bool {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
         return false;
     };
-    v.get("keys").and_then(|k| k.as_array()).is_some_and(|keys| {
-        keys.iter().any(|key| {
-            key.get("k")
-                .and_then(|k| k.as_str())
-                .is_some_and(|k| !crate::identity::seal::is_sealed_text(k))
+    v.get("keys")
+        .and_then(|k| k.as_array())
+        .is_some_and(|keys| {
+            keys.iter().any(|key| {
+                key.get("k")
+                    .and_then(|k| k.as_str())
+                    .is_some_and(|k| !crate::identity::seal::is_sealed_text(k))
+            })
         })
-    })
 }
 
 /// Parses a JWKS and checks every key is usable (has `alg`, a supported key type). A

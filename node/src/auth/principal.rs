@@ -149,10 +149,20 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
             (_, Principal::Tenant { tenant, .. }) => Err(Status::permission_denied(format!(
                 "node identity is managed with the operator token; this is a token of tenant {tenant}"
             ))),
-            (Some(Op::CreateJoinToken(_) | Op::RevokeJoinToken(_) | Op::Reseal(_)), _) => Ok(()),
+            (
+                Some(
+                    Op::CreateJoinToken(_)
+                    | Op::RevokeJoinToken(_)
+                    | Op::Reseal(_)
+                    | Op::PutSecret(_)
+                    | Op::DeleteSecret(_),
+                ),
+                _,
+            ) => Ok(()),
             (_, Principal::Node(_)) => Ok(()),
             _ => Err(Status::permission_denied(
-                "join tokens are used by enrolling nodes, nodes are revoked by `tollgate                  cluster remove`, and the CA is made by the cluster: none of these is sent",
+                "join tokens are used by enrolling nodes, nodes are revoked by `tollgate \
+                 cluster remove`, and the CA is made by the cluster: none of these is sent",
             )),
         };
     }
@@ -161,7 +171,8 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
     };
     if let Some(command::Kind::Billing(_)) = &cmd.kind {
         return Err(Status::permission_denied(format!(
-            "plans and budgets are set by the operator; a token of tenant {tenant} may read              its usage and costs only"
+            "plans and budgets are set by the operator; a token of tenant {tenant} may read \
+             its usage and costs only"
         )));
     }
     let api_owned = |name: &str| {

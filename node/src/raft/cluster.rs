@@ -822,7 +822,8 @@ impl Cluster {
                 );
             }
             if plain_hash_key {
-                self.identity_write(IdentityOp::Reseal(self.reseal()?)).await?;
+                self.identity_write(IdentityOp::Reseal(self.reseal()?))
+                    .await?;
                 tracing::info!(
                     "sealed the cluster's hash key (an older version stored it in the clear)"
                 );
@@ -907,7 +908,8 @@ impl Cluster {
         let ring = self.identity.keyring().ok_or_else(|| {
             Status::failed_precondition("this node has no sealing key, so it cannot store a secret")
         })?;
-        ring.seal_text(identity::WEBHOOK, url).map_err(Status::internal)
+        ring.seal_text(identity::WEBHOOK, url)
+            .map_err(Status::internal)
     }
 
     /// Completes an identity command on the leader: mints a join token (its text, with
@@ -970,7 +972,8 @@ impl Cluster {
                 ))
             }
         };
-        let seal = |purpose: &str, plain: &[u8]| ring.seal(purpose, plain).map_err(Status::internal);
+        let seal =
+            |purpose: &str, plain: &[u8]| ring.seal(purpose, plain).map_err(Status::internal);
         let (hash_key, ca_key, secrets, apis, budgets) = self.state_machine.read(|a| {
             let s = &a.state;
             let mut billing = tollgate_proto::state::v1::StateSnapshot::default();

@@ -196,10 +196,15 @@ pub fn apply(
                     updated_at_ms: at_ms,
                 },
             );
-            let json = |at: u64| serde_json::json!({ "name": p.name, "updated_at_ms": at }).to_string();
+            let json =
+                |at: u64| serde_json::json!({ "name": p.name, "updated_at_ms": at }).to_string();
             Ok(Some(AccessChange {
                 object: format!("secret/{}", p.name),
-                action: if before.is_some() { "secret.update" } else { "secret.create" },
+                action: if before.is_some() {
+                    "secret.update"
+                } else {
+                    "secret.create"
+                },
                 before: before.map(|b| json(b.updated_at_ms)).unwrap_or_default(),
                 after: json(at_ms),
                 added: true,

@@ -296,9 +296,12 @@ impl ClusterState {
             Ok(Some(change)) => change,
         };
         self.access = Arc::new(next);
-        // A re-seal also covers secrets kept with APIs and budgets (same plain text, so
-        // what the data plane serves does not change).
+        // A re-seal also covers secrets kept with APIs and budgets. Their plain text is the
+        // same, but the data plane opens them when it compiles (key checks, JWT keys), and
+        // a node that compiled an older sealing (read back from its last snapshot) could
+        // not open it: it takes a generation, so every node compiles again.
         if let Some(tollgate_proto::state::v1::identity_command::Op::Reseal(r)) = &i.op {
+            self.generation += 1;
             if !r.jwks.is_empty() {
                 let mut apis = (*self.apis).clone();
                 for (name, jwks) in &r.jwks {

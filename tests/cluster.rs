@@ -297,11 +297,13 @@ async fn bad_writes_are_refused_with_invalid_argument_and_change_nothing() {
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
     assert!(err.to_string().contains("over the limit"), "{err}");
 
-    // Bytes that are not the request message at all.
+    // Bytes that are not the request message at all (from a caller with a token: one
+    // without is refused before its body is read).
     let (status, message) = raw_grpc(
         gw.grpc,
         "/tollgate.node.v1.NodeAdmin/ApplySpec",
         &[0xff; 16],
+        Some(gw.operator_token()),
     )
     .await;
     assert_eq!(status, "3", "{message}");
@@ -355,7 +357,12 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Sends `body` as one gRPC message frame; returns grpc-status and grpc-message.
-async fn raw_grpc(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (String, String) {
+async fn raw_grpc(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> (String, String) {
     use http_body_util::BodyExt;
     let stream = harness::tls_stream(addr).await;
     let (mut send, conn) =
@@ -369,6 +376,10 @@ async fn raw_grpc(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (Strin
     let req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
+        .header(
+            "authorization",
+            format!("Bearer {}", token.unwrap_or_default()),
+        )
         .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
         .unwrap();
     let resp = send.send_request(req).await.unwrap();

@@ -774,3 +774,122 @@ async fn the_sealing_key_rotates_and_the_old_one_can_go() {
         "https://hooks.example.test/… (sealed)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_calls_without_credentials_are_refused_before_their_body_is_read() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(1, &tagged_spec(up.addr, "0"), &[]).await;
+    let (ca, gw) = (ca(&c), c.node(1));
+    let rss_before = gw.rss();
+    // Twelve 60 MiB specs at once, without a token.
+    let spec = "# ".to_string() + &"x".repeat(60 << 20);
+    let mut calls = Vec::new();
+    for _ in 0..12 {
+        let ch = channel(gw.grpc, &ca, None).await;
+        let spec = spec.clone();
+        calls.push(tokio::spawn(async move {
+            let mut client = node::node_admin_client::NodeAdminClient::new(ch)
+                .max_encoding_message_size(usize::MAX);
+            client
+                .apply_spec(node::ApplySpecRequest {
+                    spec_yaml: spec,
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    let mut unauthenticated = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Err(e) if e.code() == tonic::Code::Unauthenticated => unauthenticated += 1,
+            // The node answered at the headers and hung up on the body: fine too.
+            Err(_) => {}
+            Ok(_) => panic!("applied without a token"),
+        }
+    }
+    assert!(unauthenticated >= 1, "none said UNAUTHENTICATED");
+    let grown = gw.rss().saturating_sub(rss_before);
+    assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
+    // With the operator token, a spec over --max-spec-bytes is refused by size.
+    let mut client = c.client(1).await;
+    let err = client
+        .apply_spec("# ".to_string() + &"x".repeat(8 << 20), false, "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Some(
+                tonic::Code::OutOfRange
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::ResourceExhausted
+            )
+        ),
+        "{err}"
+    );
+    assert!(writes(&c, 1, up.addr, "after").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_quota_keys_from_a_member_are_refused_and_memory_stays_bounded() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(2, &tagged_spec(up.addr, "0"), &[]).await;
+    let ca = ca(&c);
+    let target = c.node(1);
+    let rss_before = target.rss();
+    // Even a member's certificate (a compromised member) cannot make the owner keep state
+    // for quotas its spec does not have: 10 exchanges of 20,000 unique keys each.
+    let mut member = actor::actors_client::ActorsClient::new(
+        channel(target.grpc, &ca, Some(node_identity(&c, 2))).await,
+    );
+    for round in 0..10 {
+        let quotas = (0..20_000)
+            .map(|i| actor::QuotaReport {
+                key: format!("junk#{round:04}{i:08}/victim-{i}"),
+                limit: 30,
+                window_ms: 60_000,
+                used: 1000,
+                want: 10,
+                ..Default::default()
+            })
+            .collect();
+        let resp = member
+            .exchange(actor::ExchangeRequest {
+                from: 2,
+                quotas,
+                circuits: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            resp.grants.iter().all(|g| g.tokens == 0),
+            "nothing granted for junk"
+        );
+    }
+    // One report too many in one exchange is refused whole.
+    let too_many = (0..20_001)
+        .map(|i| actor::QuotaReport {
+            key: format!("k{i}"),
+            ..Default::default()
+        })
+        .collect();
+    let err = member
+        .exchange(actor::ExchangeRequest {
+            from: 2,
+            quotas: too_many,
+            circuits: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let m = target.metrics().await;
+    let refused: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("tollgate_actor_reports_refused_total{reason=\"unknown_quota\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 200_000.0, "{m}");
+    let grown = target.rss().saturating_sub(rss_before);
+    assert!(grown < 96 << 20, "RSS grew by {} MiB", grown >> 20);
+}

@@ -493,7 +493,7 @@ async fn owner_loop(
     mut rx: mpsc::Receiver<Exchange>,
     stop: CancellationToken,
 ) {
-    let mut ledgers: HashMap<String, Ledger> = HashMap::new();
+    let mut ledgers = Ledgers::default();
     let mut books: HashMap<String, CircuitBook> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -502,12 +502,12 @@ async fn owner_loop(
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
                 let now = wall_ms();
+                let snapshot = actors.shared.snapshot.load();
                 let grants = msg
                     .quotas
                     .iter()
-                    .map(|r| answer(&mut ledgers, now, msg.from, r))
+                    .map(|r| answer(&mut ledgers, &snapshot, now, msg.from, r))
                     .collect();
-                let snapshot = actors.shared.snapshot.load();
                 let circuits = msg
                     .circuits
                     .iter()
@@ -517,9 +517,9 @@ async fn owner_loop(
             }
             _ = sweep.tick() => {
                 let now = wall_ms();
-                ledgers.retain(|_, l| !l.expired(now));
+                ledgers.sweep(now);
                 let mut owned: HashMap<String, (u64, u64)> = HashMap::new();
-                for (key, l) in &ledgers {
+                for (key, (l, _)) in &ledgers.by_key {
                     let name = key.split('#').next().unwrap_or(key).to_string();
                     let e = owned.entry(name).or_default();
                     e.0 += 1;
@@ -539,9 +539,44 @@ async fn owner_loop(
     }
 }
 
-/// The owner's answer to one report (nothing for a report that does not make sense).
+/// Most reports one exchange may carry.
+pub const MAX_REPORTS: usize = 20_000;
+
+/// Most ledgers an owner holds, and most of them one peer's reports may have made: past
+/// these, reports for keys the owner does not hold yet are refused (and counted) until
+/// ledgers expire. Each is a few hundred bytes.
+pub const MAX_LEDGERS: usize = 500_000;
+pub const MAX_LEDGERS_PER_PEER: usize = 200_000;
+/// The longest quota key a report may name (`quota#digest@region/value`).
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// The quota ledgers this node owns, with who made each (its first report's sender).
+#[derive(Default)]
+struct Ledgers {
+    by_key: HashMap<String, (Ledger, u64)>,
+    per_peer: HashMap<u64, usize>,
+}
+
+impl Ledgers {
+    fn sweep(&mut self, now: u64) {
+        self.by_key.retain(|_, (l, _)| !l.expired(now));
+        self.per_peer.clear();
+        for (_, from) in self.by_key.values() {
+            *self.per_peer.entry(*from).or_default() += 1;
+        }
+    }
+}
+
+/// Why a report was refused, for `tollgate_actor_reports_refused_total`.
+fn refused(reason: &'static str) {
+    metrics::counter!("tollgate_actor_reports_refused_total", "reason" => reason).increment(1);
+}
+
+/// The owner's answer to one report (nothing for a report that does not make sense, names
+/// a quota this node's spec does not have, or would need a ledger past the limits).
 fn answer(
-    ledgers: &mut HashMap<String, Ledger>,
+    ledgers: &mut Ledgers,
+    snapshot: &Snapshot,
     now: u64,
     from: u64,
     r: &pb::QuotaReport,
@@ -556,12 +591,35 @@ fn answer(
         1 => Algorithm::Gcra,
         _ => return nothing,
     };
-    if r.limit == 0 || r.window_ms == 0 || r.key.is_empty() {
+    if r.limit == 0 || r.window_ms == 0 || r.key.is_empty() || r.key.len() > MAX_KEY_BYTES {
+        refused("malformed");
         return nothing;
     }
-    let ledger = ledgers
-        .entry(r.key.clone())
-        .or_insert_with(|| Ledger::new(algorithm, r.limit, r.burst, r.window_ms, now));
+    if !ledgers.by_key.contains_key(&r.key) {
+        // A new key must belong to a quota of the spec this node serves, with its limit.
+        let id = r.key.split(['@', '/']).next().unwrap_or_default();
+        let known = snapshot
+            .routing
+            .quotas
+            .iter()
+            .any(|q| q.id == id && q.limit == r.limit);
+        if !known {
+            refused("unknown_quota");
+            return nothing;
+        }
+        let mine = ledgers.per_peer.get(&from).copied().unwrap_or(0);
+        if ledgers.by_key.len() >= MAX_LEDGERS || mine >= MAX_LEDGERS_PER_PEER {
+            refused("too_many_keys");
+            return nothing;
+        }
+        *ledgers.per_peer.entry(from).or_default() += 1;
+    }
+    let (ledger, _) = ledgers.by_key.entry(r.key.clone()).or_insert_with(|| {
+        (
+            Ledger::new(algorithm, r.limit, r.burst, r.window_ms, now),
+            from,
+        )
+    });
     let g = ledger.exchange(
         now,
         from,
@@ -713,6 +771,11 @@ impl ActorsRpc for ActorService {
             )
         })?;
         let req = req.into_inner();
+        if req.quotas.len() + req.circuits.len() > MAX_REPORTS {
+            return Err(Status::invalid_argument(format!(
+                "an exchange carries at most {MAX_REPORTS} reports"
+            )));
+        }
         if self.peers.faults.is_isolated(req.from) {
             return Err(Status::unavailable(format!(
                 "node {} is isolated by fault injection",

@@ -336,6 +336,10 @@ pub async fn serve(
     let raft = service.cluster.raft_service();
     let actors = service.actors.service(&service.cluster);
     let identity = service.cluster.identity.clone();
+    let gate = service.cluster.clone();
+    // The largest admin message: a spec (or a version's content) at --max-spec-bytes, and
+    // room for the rest of the request.
+    let max_admin = service.cluster.max_spec_bytes + 256 * 1024;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeAdminServer<AdminService>>().await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
@@ -358,12 +362,13 @@ pub async fn serve(
             crate::telemetry::traces::grpc_server_span(req, &["tollgate.node.v1.NodeAdmin"])
         })
         .layer(SayWhatToChange::layer(NODE_GRPC))
+        .layer(Gatekeeper::layer(gate))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(
             NodeAdminServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(max_admin)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(actors)
@@ -391,6 +396,108 @@ pub async fn serve(
             .await?;
     }
     Ok(())
+}
+
+/// Refuses a call before its body is read when its caller cannot be allowed it: node-to-
+/// node calls (Raft, actor exchanges, Join) without a member's certificate, and the state
+/// calls without a token (or a member's certificate). A caller without credentials then
+/// never makes the node allocate for a message it sent.
+#[derive(Clone)]
+pub struct Gatekeeper<S> {
+    inner: S,
+    cluster: Arc<Cluster>,
+}
+
+impl<S> Gatekeeper<S> {
+    pub fn layer(cluster: Arc<Cluster>) -> impl tower::Layer<S, Service = Gatekeeper<S>> + Clone {
+        tower::layer::layer_fn(move |inner| Gatekeeper {
+            inner,
+            cluster: cluster.clone(),
+        })
+    }
+}
+
+/// What a call must carry before its body is read.
+enum Needs {
+    Nothing,
+    /// A member's certificate.
+    Member,
+    /// A token, or a member's certificate.
+    TokenOrMember,
+}
+
+fn needs(path: &str) -> Needs {
+    if path.starts_with("/tollgate.raft.v1.Raft/")
+        || path.starts_with("/tollgate.actor.v1.Actors/")
+        || path == "/tollgate.node.v1.NodeAdmin/Join"
+    {
+        return Needs::Member;
+    }
+    match path.strip_prefix("/tollgate.node.v1.NodeAdmin/") {
+        Some("Status" | "ClusterStatus" | "Enroll" | "SetFaults") | None => Needs::Nothing,
+        Some(_) => Needs::TokenOrMember,
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Gatekeeper<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let need = needs(req.uri().path());
+        // Whether the caller is a member, by its certificate (why not, when it is not).
+        let member = || -> Result<(), Status> {
+            let certs =
+                req.extensions()
+                    .get::<tonic::transport::server::TlsConnectInfo<
+                        tonic::transport::server::TcpConnectInfo,
+                    >>()
+                    .and_then(|i| i.peer_certs());
+            let subject = self.cluster.state_machine.read(|a| {
+                self.cluster
+                    .identity
+                    .peer(certs.as_deref().map(Vec::as_slice), &a.state.access)
+            })?;
+            match subject {
+                crate::identity::ca::Subject::Node(_) => Ok(()),
+                other => Err(Status::permission_denied(format!(
+                    "{other}'s certificate does not speak for a node"
+                ))),
+            }
+        };
+        let secure = self.cluster.identity.secure;
+        let refusal = match need {
+            Needs::Nothing => None,
+            Needs::Member if secure => member().err(),
+            Needs::TokenOrMember
+                if !(req.headers().contains_key("authorization")
+                    || (secure && member().is_ok())) =>
+            {
+                Some(Status::unauthenticated(
+                    "this call needs a token: send `authorization: Bearer <token>` (the \
+                     operator token printed at bootstrap, or a tenant token from `tollgate token \
+                     create`)",
+                ))
+            }
+            _ => None,
+        };
+        if let Some(status) = refusal {
+            metrics::counter!("tollgate_grpc_refused_before_body_total").increment(1);
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let fut = self.inner.call(req);
+        Box::pin(fut)
+    }
 }
 
 /// Turns tonic's bare answers into ones that say what to change:

@@ -5,6 +5,7 @@
 //! cargo bench --bench raft_cluster -- latency [--n 500] [--blocks 10]
 //! cargo bench --bench raft_cluster -- failover [--iterations 5]
 //! cargo bench --bench raft_cluster -- revoke [--n 50]
+//! cargo bench --bench raft_cluster -- mtls [--rounds 3] [--n 200] [--iterations 3]
 //! ```
 //!
 //! - propagation: for each of N sequential applies, the time from its acknowledgement to
@@ -146,9 +147,15 @@ async fn propagation(n: usize) {
     println!("{}", summary("ack -> served on all 3 nodes", all));
 }
 
-async fn latency(n: usize, blocks: usize, nodes: u64) {
+async fn latency(
+    n: usize,
+    blocks: usize,
+    nodes: u64,
+    flags: &[&str],
+    print: bool,
+) -> [Vec<f64>; 2] {
     let up = Upstream::start("a").await;
-    let c = TestCluster::start(nodes, &tagged_spec(up.addr, "0"), &[]).await;
+    let c = TestCluster::start(nodes, &tagged_spec(up.addr, "0"), flags).await;
     let leader = c.leader(Duration::from_secs(10)).await;
     let follower = c
         .ids()
@@ -187,6 +194,9 @@ async fn latency(n: usize, blocks: usize, nodes: u64) {
     }
     let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
     let writes = (lat[0].len() + lat[1].len()) as f64;
+    if !print {
+        return lat;
+    }
     println!("## write latency: sequential applies, one in flight\n");
     println!(
         "CPU (user+sys) of all {nodes} node processes per write: {:.2} ms",
@@ -208,11 +218,12 @@ async fn latency(n: usize, blocks: usize, nodes: u64) {
             std::mem::take(&mut lat[1])
         )
     );
+    lat
 }
 
-async fn failover(iterations: usize) {
+async fn failover(iterations: usize, flags: &[&str], print: bool) -> [Vec<f64>; 2] {
     let up = Upstream::start("a").await;
-    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let mut c = TestCluster::start(3, &tagged_spec(up.addr, "0"), flags).await;
     let mut first_ok = Vec::new();
     let mut new_leader = Vec::new();
     let mut seq = 0u64;
@@ -282,6 +293,9 @@ async fn failover(iterations: usize) {
         c.wait_serving(g, Duration::from_secs(30)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    if !print {
+        return [first_ok, new_leader];
+    }
     println!("## failover: kill -9 of the leader\n");
     println!(
         "3 nodes, {iterations} iterations; applies fired at a survivor every 20 ms, 2 s deadline each.\n"
@@ -289,15 +303,16 @@ async fn failover(iterations: usize) {
     println!("{HEADER}");
     println!(
         "{}",
-        summary("first acknowledged apply after the kill", first_ok)
+        summary("first acknowledged apply after the kill", first_ok.clone())
     );
     println!(
         "{}",
         summary(
             "(new leader known by the survivor, polled after)",
-            new_leader
+            new_leader.clone()
         )
     );
+    [first_ok, new_leader]
 }
 
 /// The status of a GET with an API key.
@@ -446,10 +461,58 @@ async fn revoke(n: usize) {
     );
 }
 
+/// Mutual TLS between nodes against `--insecure-cluster`, in the same run: write latency
+/// (through the leader and through a follower) and failover, the two modes alternating
+/// round by round so the machine's noise falls on both.
+async fn mtls(rounds: usize, n: usize, iterations: usize) {
+    const MODES: [(&str, &[&str]); 2] = [("mTLS", &[]), ("plain", &["--insecure-cluster"])];
+    let mut samples: [[Vec<f64>; 4]; 2] = Default::default();
+    for round in 0..rounds {
+        for k in 0..2 {
+            // Alternate which mode goes first.
+            let m = (k + round) % 2;
+            let (name, flags) = MODES[m];
+            eprintln!("round {round}: {name}");
+            let [leader, follower] = latency(n, 10, 3, flags, false).await;
+            let [first_ok, _] = failover(iterations, flags, false).await;
+            samples[m][0].extend(leader);
+            samples[m][1].extend(follower);
+            samples[m][2].extend(first_ok);
+        }
+    }
+    println!("## mutual TLS between nodes against --insecure-cluster\n");
+    println!(
+        "3 nodes each; {rounds} rounds, each mode once per round (order alternating); per round \
+         {n} sequential applies per path and {iterations} leader kills.\n"
+    );
+    println!("| measure | mTLS p50 | plain p50 | ratio | mTLS p99 | plain p99 |");
+    println!("|---|---|---|---|---|---|");
+    for (i, what) in [
+        "apply via leader",
+        "apply via follower (forwarded)",
+        "failover: first acknowledged apply",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut a = samples[0][i].clone();
+        let mut b = samples[1][i].clone();
+        a.sort_by(f64::total_cmp);
+        b.sort_by(f64::total_cmp);
+        let (a50, b50) = (pct(&a, 50.0), pct(&b, 50.0));
+        println!(
+            "| {what} | {a50:.2} ms | {b50:.2} ms | {:.3} | {:.2} ms | {:.2} ms |",
+            a50 / b50,
+            pct(&a, 99.0),
+            pct(&b, 99.0)
+        );
+    }
+}
+
 fn main() {
     let mode = std::env::args()
         .skip(1)
-        .find(|a| ["propagation", "latency", "failover", "revoke"].contains(&a.as_str()));
+        .find(|a| ["propagation", "latency", "failover", "revoke", "mtls"].contains(&a.as_str()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -463,10 +526,15 @@ fn main() {
                     arg("--n", 500),
                     arg("--blocks", 10),
                     arg("--nodes", 3) as u64,
+                    &[],
+                    true,
                 )
-                .await
+                .await;
             }
-            Some("failover") => failover(arg("--iterations", 5)).await,
+            Some("failover") => {
+                failover(arg("--iterations", 5), &[], true).await;
+            }
+            Some("mtls") => mtls(arg("--rounds", 3), arg("--n", 200), arg("--iterations", 3)).await,
             Some("revoke") => revoke(arg("--n", 50)).await,
             // `cargo bench` with no mode (e.g. all benches): a short propagation run.
             _ => propagation(50).await,

@@ -893,3 +893,91 @@ async fn junk_quota_keys_from_a_member_are_refused_and_memory_stays_bounded() {
     let grown = target.rss().saturating_sub(rss_before);
     assert!(grown < 96 << 20, "RSS grew by {} MiB", grown >> 20);
 }
+
+/// Sends raw bytes to `addr` and reads the answer until the server closes.
+async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_refuses_two_hosts_strips_our_headers_and_takes_realistic_header_counts() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&harness::one_route_spec(&up, "")).await;
+    // Two Host headers: 400, nothing sent upstream.
+    let hits = up.hits();
+    let answer = raw_http(
+        gw.proxy,
+        b"GET /x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("more than one Host"), "{answer}");
+    assert_eq!(up.hits(), hits);
+    // Client-sent x-tollgate-* headers never reach the upstream of a spec route.
+    let req = http::Request::get(gw.url("/x"))
+        .header("x-tollgate-tenant", "victim")
+        .header("x-tollgate-api-version", "9.9.9")
+        .header("x-other", "kept")
+        .body(harness::full(""))
+        .unwrap();
+    assert_eq!(gw.send(req).await.status, 200);
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert!(!seen.contains_key("x-tollgate-tenant"), "{seen:?}");
+    assert!(!seen.contains_key("x-tollgate-api-version"), "{seen:?}");
+    assert_eq!(seen["x-other"], "kept");
+    // 150 header lines (a browser behind a few proxies) pass; 250 get 431.
+    let many = |n: usize| {
+        let mut r = http::Request::get(gw.url("/x"));
+        for i in 0..n {
+            r = r.header(format!("x-h{i}"), "v");
+        }
+        r.body(harness::full("")).unwrap()
+    };
+    assert_eq!(gw.send(many(150)).await.status, 200);
+    let answer = {
+        let mut text = String::from("GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for i in 0..250 {
+            text.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        text.push_str("\r\n");
+        raw_http(gw.proxy, text.as_bytes()).await
+    };
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_yaml_is_refused_at_once_and_the_leader_stays() {
+    let up = Upstream::start("a").await;
+    let c = TestCluster::start(3, &tagged_spec(up.addr, "0"), &[]).await;
+    let leader = c.leader(T).await;
+    let cpp = harness::cp::CpProcess::start(&[c.node(leader).grpc]).await;
+    let cp = cpp.sdk(&c.token);
+    cp.create_tenant("acme").await.unwrap();
+    cp.create_api("deep", "acme", None).await.unwrap();
+    let started = Instant::now();
+    // 100,000 levels: under the 1 MiB limit, and what took the parser 20 s before.
+    let deep = format!("routes: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let err = cp.create_version("deep", "1.0.0", &deep).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("nest deeper"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let spec = format!("routes: {}{}", "{a: ".repeat(100_000), "}".repeat(100_000));
+    let err = c
+        .client(leader)
+        .await
+        .apply_spec(spec, false, "")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert_eq!(c.leader(T).await, leader, "the leader kept its leadership");
+    assert!(writes(&c, leader, up.addr, "after").await);
+}

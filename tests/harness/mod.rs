@@ -560,6 +560,9 @@ impl Upstream {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| serve(req, s.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
+                        // More than hyper's 100 header lines: the gateway's own limit
+                        // is what tests look at.
+                        .max_headers(500)
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades()
                         .await;

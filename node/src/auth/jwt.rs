@@ -135,6 +135,8 @@ impl JwtValidator {
             validation.set_audience(&[audience]);
             validation.set_required_spec_claims(&["exp", "iss", "aud"]);
             validation.leeway = 30;
+            // A token not valid yet (`nbf` in the future, past the leeway) is refused.
+            validation.validate_nbf = true;
             keys.push(Key {
                 kid: k.common.key_id.clone(),
                 key: DecodingKey::from_jwk(k).map_err(|e| e.to_string())?,
@@ -219,6 +221,13 @@ mod tests {
         let mut expired = good.clone();
         expired["exp"] = (exp - 7200).into();
         assert!(v.verify(&token(secret, expired)).is_err());
+        // Not valid yet: `nbf` an hour ahead is refused; within the 30 s leeway it is not.
+        let mut early = good.clone();
+        early["nbf"] = (exp - 600 + 3600).into();
+        assert!(v.verify(&token(secret, early)).is_err());
+        let mut now = good.clone();
+        now["nbf"] = (exp - 600 + 10).into();
+        assert_eq!(v.verify(&token(secret, now)).unwrap(), "acme");
         assert!(
             v.verify(&token(b"another-secret-another-secret-xx", good))
                 .is_err()

@@ -57,6 +57,18 @@ fn present(headers: &HeaderMap) -> u8 {
     bits
 }
 
+/// Removes every `x-tollgate-*` header a client sent: upstreams trust those (the tenant,
+/// the API version) only from the gateway, which sets its own after this.
+pub fn strip_ours(headers: &mut HeaderMap) {
+    while let Some(name) = headers
+        .keys()
+        .find(|k| k.as_str().starts_with("x-tollgate-"))
+        .cloned()
+    {
+        headers.remove(&name);
+    }
+}
+
 /// Removes hop-by-hop headers; with `upgrade`, keeps what an upgrade needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let bits = present(headers);

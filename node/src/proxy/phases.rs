@@ -690,6 +690,14 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
 /// The host the client asked for, without port: `:authority` (HTTP/2, absolute URIs) or
 /// the `Host` header.
 fn request_host(req: &Request<Incoming>) -> Result<&str, ProxyError> {
+    // Two Host headers: routed by one, read by an upstream as the other. Refused
+    // (RFC 9112 §3.2: a server responds 400 to more than one Host field).
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request has more than one Host header; send exactly one".into(),
+        ));
+    }
     let raw = match req.uri().authority() {
         Some(a) => a.as_str(),
         None => match req.headers().get(header::HOST) {
@@ -796,6 +804,7 @@ fn transform_request(
     };
     let host = headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut headers, upgrade);
+    headers::strip_ours(&mut headers);
     headers::add_forwarded(&mut headers, &peer.ip, host);
     route.request_headers.apply(&mut headers);
     Ok(UpstreamHead {

@@ -154,6 +154,10 @@ async fn run_worker(
     let worker = Rc::new(Worker::new(shared.clone(), AccessLog::new(sink)));
     let limits = shared.limits.clone();
 
+    /// Most header lines an HTTP/1.1 request may have (hyper's default is 100, which real
+    /// browsers behind a few proxies reach; Envoy allows 100, nginx counts bytes only).
+    /// The bytes are bounded by --max-header-bytes either way.
+    const MAX_REQUEST_HEADERS: usize = 200;
     let mut builder = auto::Builder::new(LocalExec);
     builder
         .http1()
@@ -161,6 +165,7 @@ async fn run_worker(
         .header_read_timeout(limits.header_read_timeout)
         // Room for our own 431 check (with its JSON answer) before hyper's bare one.
         .max_buf_size((limits.max_header_bytes * 2).max(16 * 1024))
+        .max_headers(MAX_REQUEST_HEADERS)
         .keep_alive(true);
     builder
         .http2()

@@ -967,3 +967,36 @@ fn bad_circuit_breakers_are_refused_at_their_field() {
         "invalid duration",
     );
 }
+
+#[test]
+fn deep_nesting_is_refused_before_parsing_and_fast() {
+    let started = std::time::Instant::now();
+    let flow = format!("routes: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let e = parse_yaml(&flow).unwrap_err().to_string();
+    assert!(e.contains("nest deeper than 64"), "{e}");
+    let maps = format!("routes: {}x{}", "{a: ".repeat(100_000), "}".repeat(100_000));
+    assert!(parse_yaml(&maps).is_err());
+    let mut block = String::new();
+    for i in 0..200 {
+        block.push_str(&" ".repeat(i));
+        block.push_str("a:\n");
+    }
+    let e = parse_yaml(&block).unwrap_err().to_string();
+    assert!(e.contains("line 65"), "{e}");
+    let dashes = format!("routes:\n  {}x\n", "- ".repeat(100));
+    assert!(parse_yaml(&dashes).is_err());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // What real specs look like passes: every example of the docs, and brackets or `#`
+    // inside quotes or comments.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        check_nesting(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    check_nesting("a: \"[[[[\" # {{{{\nb: '{'\n").unwrap();
+}

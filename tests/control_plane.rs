@@ -221,6 +221,7 @@ async fn two_replicas_run_the_lifecycle_through_a_leader_kill_and_lose_nothing()
     let listed = a
         .list_apis(cp::ListApisRequest {
             tenant: "acme".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -663,9 +664,12 @@ async fn bad_input_on_every_lifecycle_call_is_refused_and_changes_nothing() {
         ),
         (
             "list: oversized tenant",
-            c.list_apis(cp::ListApisRequest { tenant: long })
-                .await
-                .map(|_| tonic::Response::new(cp::ApiReply::default())),
+            c.list_apis(cp::ListApisRequest {
+                tenant: long,
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(cp::ApiReply::default())),
             InvalidArgument,
         ),
     ];

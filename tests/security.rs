@@ -981,3 +981,87 @@ async fn deeply_nested_yaml_is_refused_at_once_and_the_leader_stays() {
     assert_eq!(c.leader(T).await, leader, "the leader kept its leadership");
     assert!(writes(&c, leader, up.addr, "after").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_drafts_are_capped_and_listings_page_past_the_message_limit() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    let cpp = harness::cp::CpProcess::start(&[gw.grpc]).await;
+    let cp = cpp.sdk(gw.operator_token());
+    cp.create_tenant("acme").await.unwrap();
+    let padded = |kib: usize| format!("routes: {{}}\n# {}\n", "x".repeat(kib * 1024));
+    // Three APIs of 5 drafts of 600 KiB each: 9 MB in all, over the 4 MiB a gRPC message
+    // may hold, under the caps.
+    for api in ["big-a", "big-b", "big-c"] {
+        cp.create_api(
+            api,
+            "acme",
+            Some(tollgate_sdk::state::ApiSettings {
+                base_path: format!("/{api}"),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        for v in 1..=5 {
+            cp.create_version(api, &format!("{v}.0.0"), &padded(600))
+                .await
+                .unwrap();
+        }
+    }
+    // The sixth 600 KiB draft would take big-a past the 3 MiB an API may hold.
+    let err = cp
+        .create_version("big-a", "6.0.0", &padded(600))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("an API may hold"), "{err}");
+    // Small drafts: the tenant's 21st is refused.
+    cp.create_api(
+        "small",
+        "acme",
+        Some(tollgate_sdk::state::ApiSettings {
+            base_path: "/small".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    for v in 1..=5 {
+        cp.create_version("small", &format!("{v}.0.0"), "routes: {}\n")
+            .await
+            .unwrap();
+    }
+    let err = cp
+        .create_version("small", "6.0.0", "routes: {}\n")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("more than 20 drafts"), "{err}");
+    // Every listing still works: through the control plane, the node, and the CLI.
+    let listed = cp.list_apis("").await.unwrap();
+    assert_eq!(listed.len(), 4);
+    let node = gw.sdk().await.list_apis(false, "").await.unwrap();
+    assert_eq!(node.apis.len(), 4);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["api", "list", "--cp", &cpp.addr.to_string()])
+        .env("TOLLGATE_CA", gw.ca_file())
+        .env("TOLLGATE_TOKEN", gw.operator_token())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Discarding is never capped.
+    cp.transition(
+        "small",
+        "5.0.0",
+        tollgate_sdk::state::version_transition::To::Discard(Default::default()),
+    )
+    .await
+    .unwrap();
+    cp.create_version("small", "6.0.0", "routes: {}\n")
+        .await
+        .unwrap();
+}

@@ -455,8 +455,21 @@ impl ApiLifecycle for Service {
         let t = token(&req);
         let r = req.into_inner();
         check_size("the tenant name", &r.tenant, 256)?;
-        let list = self.list(&t, &r.tenant).await?;
-        Ok(Response::new(cp::ListApisReply { apis: list.apis }))
+        check_size("after", &r.after, 256)?;
+        // One page at a time: a whole listing may not fit in one message.
+        let page = self
+            .inner
+            .nodes
+            .call(|c| {
+                let (tenant, after) = (r.tenant.clone(), r.after.clone());
+                let mut c = c.with_authorization(t.clone());
+                async move { c.list_apis_page(false, &tenant, &after).await }
+            })
+            .await?;
+        Ok(Response::new(cp::ListApisReply {
+            apis: page.apis,
+            next: page.next,
+        }))
     }
 
     async fn create_version(

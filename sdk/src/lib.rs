@@ -756,9 +756,30 @@ impl NodeClient {
         local: bool,
         tenant: &str,
     ) -> Result<ListApisResponse, Error> {
+        let mut all = ListApisResponse::default();
+        loop {
+            let page = self.list_apis_page(local, tenant, &all.next).await?;
+            all.apis.extend(page.apis);
+            all.generation = page.generation;
+            all.next = page.next;
+            if all.next.is_empty() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of [`NodeClient::list_apis`]: the APIs after `after` (by name), and in
+    /// `next` where the next page starts (empty: this was the last).
+    pub async fn list_apis_page(
+        &mut self,
+        local: bool,
+        tenant: &str,
+        after: &str,
+    ) -> Result<ListApisResponse, Error> {
         let req = ListApisRequest {
             local,
             tenant: tenant.to_string(),
+            after: after.to_string(),
         };
         self.unary(req, |mut c, r| async move { c.list_apis(r).await })
             .await
@@ -1011,16 +1032,25 @@ impl ControlPlaneClient {
 
     /// Every API the token may see, or one tenant's (`tenant` non-empty).
     pub async fn list_apis(&self, tenant: &str) -> Result<Vec<state::ApiState>, Error> {
-        let req = cp::ListApisRequest {
-            tenant: tenant.into(),
-        };
-        Ok(self
-            .call(
-                req,
-                |ch, r| async move { Lifecycle::new(ch).list_apis(r).await },
-            )
-            .await?
-            .apis)
+        let mut apis = Vec::new();
+        let mut after = String::new();
+        loop {
+            let req = cp::ListApisRequest {
+                tenant: tenant.into(),
+                after: after.clone(),
+            };
+            let page = self
+                .call(
+                    req,
+                    |ch, r| async move { Lifecycle::new(ch).list_apis(r).await },
+                )
+                .await?;
+            apis.extend(page.apis);
+            if page.next.is_empty() {
+                return Ok(apis);
+            }
+            after = page.next;
+        }
     }
 
     pub async fn create_version(

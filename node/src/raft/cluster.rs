@@ -47,6 +47,10 @@ pub const FORWARDED_METADATA: &str = "x-tollgate-forwarded-by";
 /// from its certificate, and refuses the key from anyone else.
 pub const AS_NODE_METADATA: &str = "x-tollgate-as-node";
 
+/// The most bytes of APIs one ListApis page holds (under gRPC's 4 MiB default, with room;
+/// an API holds at most 3 MiB of versions, so one always fits).
+const LIST_PAGE_BYTES: usize = 3_500_000;
+
 /// How long a write may wait for a leader to be elected before UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How long a write may wait to be committed.
@@ -1286,22 +1290,39 @@ impl Cluster {
             return Ok(resp);
         }
         let p = self.principal(caller)?;
-        Ok(self.state_machine.read(|a| api::ListApisResponse {
-            apis: a
+        Ok(self.state_machine.read(|a| {
+            use std::ops::Bound::{Excluded, Unbounded};
+            let start = if req.after.is_empty() {
+                Unbounded
+            } else {
+                Excluded(req.after.clone())
+            };
+            let mut page = api::ListApisResponse {
+                generation: a.state.generation,
+                ..Default::default()
+            };
+            let mut bytes = 0;
+            for x in a
                 .state
                 .apis
-                .values()
+                .range((start, Unbounded))
+                .map(|(_, x)| x)
                 .filter(|x| req.tenant.is_empty() || x.tenant == req.tenant)
                 .filter(|x| p.sees(&x.tenant))
-                .map(|x| {
-                    let mut api = x.to_proto();
-                    if let Some(settings) = api.settings.as_mut() {
-                        crate::auth::jwt::redact_settings(settings);
-                    }
-                    api
-                })
-                .collect(),
-            generation: a.state.generation,
+            {
+                let mut api = x.to_proto();
+                if let Some(settings) = api.settings.as_mut() {
+                    crate::auth::jwt::redact_settings(settings);
+                }
+                let size = prost::Message::encoded_len(&api);
+                if !page.apis.is_empty() && bytes + size > LIST_PAGE_BYTES {
+                    page.next = page.apis.last().map(|a| a.name.clone()).unwrap_or_default();
+                    break;
+                }
+                bytes += size;
+                page.apis.push(api);
+            }
+            page
         }))
     }
 

@@ -871,8 +871,83 @@ pub fn apply_command(
     if &api == existing {
         return Ok(Vec::new());
     }
+    // Only what adds content is checked: discarding and retiring always go through.
+    use pb::version_transition::To as Grow;
+    let grows = match op {
+        Op::CreateVersion(_) => true,
+        Op::Transition(t) => matches!(t.to, Some(Grow::Edit(_) | Grow::Publish(_))),
+        _ => false,
+    };
+    if grows {
+        check_caps(apis, &api)?;
+    }
     apis.insert(cmd.api.clone(), api);
     Ok(vec![changed])
+}
+
+/// Most versions one API keeps (retired ones count: discard drafts, the rest stay).
+pub const MAX_VERSIONS_PER_API: usize = 200;
+/// Most bytes of version content (and its compiled form) one API holds: every listing of
+/// it fits in one gRPC message.
+pub const MAX_API_BYTES: usize = 3 << 20;
+/// Most drafts a tenant has at once, across its APIs.
+pub const MAX_DRAFTS_PER_TENANT: usize = 20;
+/// Most bytes of version content a tenant holds, across its APIs.
+pub const MAX_TENANT_BYTES: usize = 16 << 20;
+
+fn api_bytes(api: &Api) -> usize {
+    api.versions
+        .values()
+        .map(|v| v.content.len() + v.compiled.len())
+        .sum()
+}
+
+fn drafts(api: &Api) -> usize {
+    api.versions
+        .values()
+        .filter(|v| v.stage == Stage::Draft)
+        .count()
+}
+
+/// Refuses a change that would take an API or its tenant past the caps: one tenant's
+/// versions cannot crowd out the cluster's state or its listings.
+fn check_caps(apis: &BTreeMap<String, Api>, api: &Api) -> Result<(), Refusal> {
+    if api.versions.len() > MAX_VERSIONS_PER_API {
+        return Err(Refusal::Precondition(format!(
+            "API {} would have more than {MAX_VERSIONS_PER_API} versions; discard drafts you \
+             do not need",
+            api.name
+        )));
+    }
+    let bytes = api_bytes(api);
+    if bytes > MAX_API_BYTES {
+        return Err(Refusal::Precondition(format!(
+            "API {}'s versions would hold {bytes} bytes, over the {MAX_API_BYTES} an API may \
+             hold; discard drafts you do not need, or make the content smaller",
+            api.name
+        )));
+    }
+    let others = apis
+        .values()
+        .filter(|a| a.tenant == api.tenant && a.name != api.name);
+    let (tenant_drafts, tenant_bytes) = others.fold((drafts(api), bytes), |(d, b), a| {
+        (d + drafts(a), b + api_bytes(a))
+    });
+    if tenant_drafts > MAX_DRAFTS_PER_TENANT {
+        return Err(Refusal::Precondition(format!(
+            "tenant {} would have more than {MAX_DRAFTS_PER_TENANT} drafts; publish or discard \
+             some first",
+            api.tenant
+        )));
+    }
+    if tenant_bytes > MAX_TENANT_BYTES {
+        return Err(Refusal::Precondition(format!(
+            "tenant {}'s versions would hold {tenant_bytes} bytes, over the {MAX_TENANT_BYTES} a \
+             tenant may hold; discard drafts or retire versions you do not need",
+            api.tenant
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses settings that would mount an API where another one already answers.

@@ -1087,6 +1087,7 @@ pub fn run(args: CpArgs) -> anyhow::Result<()> {
 /// Runs the control plane on a listener already open (see [`bind`]) until SIGTERM or
 /// Ctrl-C.
 pub fn run_on(args: CpArgs, listener: std::net::TcpListener) -> anyhow::Result<()> {
+    tollgate_node::identity::tls::install_default_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

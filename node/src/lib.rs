@@ -81,6 +81,7 @@ impl Node {
     /// Opens the node's store, binds every listener, starts Raft and every thread. Fails
     /// (listing every spec error) without serving anything if the `--spec` file is invalid.
     pub fn start(settings: Settings, metrics: PrometheusHandle) -> anyhow::Result<Node> {
+        identity::tls::install_default_provider();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tollgate-cluster")

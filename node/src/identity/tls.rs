@@ -33,6 +33,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring rustls's process-wide provider, for the clients that take the default
+/// (reqwest: webhooks, the OTLP HTTP exporter). Call once at start; later calls do nothing.
+#[allow(deprecated)]
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

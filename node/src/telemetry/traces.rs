@@ -314,6 +314,8 @@ pub fn global() -> Option<&'static Arc<Tracing>> {
 /// Starts trace export for this process (once; a second call keeps the first) and returns
 /// it. Fails when the exporter cannot be built (an endpoint the OTLP client refuses).
 pub fn install(config: &TraceConfig, identity: &Identity) -> anyhow::Result<Arc<Tracing>> {
+    // The HTTP exporter's client (reqwest) takes rustls's process-wide provider.
+    crate::identity::tls::install_default_provider();
     if let Some(t) = GLOBAL.get() {
         return Ok(t.clone());
     }

@@ -157,14 +157,17 @@ async fn pipeline(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     // accept: the limits that need no route.
     let limits = &worker.shared.limits;
-    check_head_size(&req, limits.max_header_bytes)?;
+    let host = check_head(
+        req.uri(),
+        req.headers(),
+        req.version(),
+        limits.max_header_bytes,
+    )?;
     if declared_length(&req)?.is_some_and(|len| len > limits.max_request_body) {
         return Err(ProxyError::BodyTooLarge);
     }
 
     // match route
-    check_path(req.uri().path())?;
-    let host = request_host(&req)?;
     let routing = &*snapshot.routing;
     let found = routing
         .matcher
@@ -646,9 +649,27 @@ async fn tunnel(
     }
 }
 
-fn check_head_size(req: &Request<Incoming>, limit: usize) -> Result<(), ProxyError> {
-    let mut size = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-    for (name, value) in req.headers() {
+/// The checks a request head passes before it is routed (431 over `max_header_bytes`,
+/// 400 for dot segments and for a Host that is missing, repeated or not a host), and the
+/// host it is routed on. Pure, so the fuzz target `request_head` drives it directly.
+pub fn check_head<'a>(
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    version: Version,
+    max_header_bytes: usize,
+) -> Result<&'a str, ProxyError> {
+    check_head_size(uri, headers, max_header_bytes)?;
+    check_path(uri.path())?;
+    request_host(uri, headers, version)
+}
+
+fn check_head_size(
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    limit: usize,
+) -> Result<(), ProxyError> {
+    let mut size = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    for (name, value) in headers {
         size += name.as_str().len() + value.len() + 4;
     }
     if size > limit {
@@ -689,22 +710,26 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
 
 /// The host the client asked for, without port: `:authority` (HTTP/2, absolute URIs) or
 /// the `Host` header.
-fn request_host(req: &Request<Incoming>) -> Result<&str, ProxyError> {
+fn request_host<'a>(
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    version: Version,
+) -> Result<&'a str, ProxyError> {
     // Two Host headers: routed by one, read by an upstream as the other. Refused
     // (RFC 9112 §3.2: a server responds 400 to more than one Host field).
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let mut hosts = headers.get_all(header::HOST).iter();
     if hosts.next().is_some() && hosts.next().is_some() {
         return Err(ProxyError::BadRequest(
             "the request has more than one Host header; send exactly one".into(),
         ));
     }
-    let raw = match req.uri().authority() {
+    let raw = match uri.authority() {
         Some(a) => a.as_str(),
-        None => match req.headers().get(header::HOST) {
+        None => match headers.get(header::HOST) {
             Some(h) => h
                 .to_str()
                 .map_err(|_| ProxyError::BadRequest("the Host header is not ASCII".into()))?,
-            None if req.version() == Version::HTTP_11 => {
+            None if version == Version::HTTP_11 => {
                 return Err(ProxyError::BadRequest(
                     "HTTP/1.1 requests need a Host header".into(),
                 ));

@@ -493,6 +493,24 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     write().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
 
+/// Asks the node at `addr` for a certificate (an enrollment with a join token, or a
+/// renewal with the certificate `tls` presents), verifying the node with what `tls`
+/// trusts (the CA, or the fingerprint a join token pins).
+pub async fn request_certificate(
+    tls: &Arc<TlsState>,
+    addr: &str,
+    req: tollgate_proto::node::v1::EnrollRequest,
+) -> Result<tollgate_proto::node::v1::EnrollResponse, Status> {
+    let config = tls.client_config().map_err(Status::internal)?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::invalid_argument(format!("invalid node address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15));
+    let channel = endpoint.connect_with_connector_lazy(tls::Connector { config });
+    let mut client = tollgate_proto::node::v1::node_admin_client::NodeAdminClient::new(channel);
+    client.enroll(req).await.map(|r| r.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,22 +530,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Asks the node at `addr` for a certificate (an enrollment with a join token, or a
-/// renewal with the certificate `tls` presents), verifying the node with what `tls`
-/// trusts (the CA, or the fingerprint a join token pins).
-pub async fn request_certificate(
-    tls: &Arc<TlsState>,
-    addr: &str,
-    req: tollgate_proto::node::v1::EnrollRequest,
-) -> Result<tollgate_proto::node::v1::EnrollResponse, Status> {
-    let config = tls.client_config().map_err(Status::internal)?;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::invalid_argument(format!("invalid node address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(15));
-    let channel = endpoint.connect_with_connector_lazy(tls::Connector { config });
-    let mut client = tollgate_proto::node::v1::node_admin_client::NodeAdminClient::new(channel);
-    client.enroll(req).await.map(|r| r.into_inner())
 }

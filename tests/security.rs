@@ -1065,3 +1065,47 @@ async fn a_tenants_drafts_are_capped_and_listings_page_past_the_message_limit() 
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_token_create_prints_the_token_alone_or_as_json() {
+    let up = Upstream::start("a").await;
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["cluster", "join-token"])
+            .args(args)
+            .args(["--node", &gw.grpc.to_string()])
+            .env("TOLLGATE_CA", gw.ca_file())
+            .env("TOLLGATE_TOKEN", gw.operator_token())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let alone = cli(&["create", "--ttl", "10m", "--uses", "2"]);
+    assert!(
+        tollgate_node::identity::JoinToken::parse(alone.trim()).is_ok(),
+        "{alone:?}"
+    );
+    assert_eq!(alone.lines().count(), 1, "the token alone: {alone:?}");
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&["create", "--output", "json"])).unwrap();
+    let token = json["token"].as_str().unwrap();
+    assert!(tollgate_node::identity::JoinToken::parse(token).is_ok());
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["list", "--output", "json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let id = &token[4..20];
+    cli(&["revoke", id]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["list", "--output", "json"])).unwrap();
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "a revoked token is not listed without --all"
+    );
+}

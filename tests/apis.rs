@@ -460,7 +460,7 @@ async fn rollback_and_key_revocation_reach_every_node_of_a_cluster() {
     let secret = key.secret.rsplit('_').next().unwrap().as_bytes().to_vec();
     for id in c.ids() {
         let dir = c.node(id).dir.join("data");
-        for entry in walk(&dir) {
+        for entry in harness::walk(&dir) {
             let bytes = std::fs::read(&entry).unwrap_or_default();
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
@@ -504,21 +504,6 @@ async fn rollback_and_key_revocation_reach_every_node_of_a_cluster() {
         acked.as_secs_f64() * 1000.0,
         last.as_secs_f64() * 1000.0
     );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Each case: what was called, and its result (only the status matters).

@@ -70,6 +70,58 @@ async fn generations(c: &TestCluster) -> Vec<u64> {
     out
 }
 
+/// Waits until every node serves the generation the leader has now; returns it.
+async fn served_everywhere(c: &TestCluster, leader: u64) -> u64 {
+    let want = c
+        .client(leader)
+        .await
+        .read_spec(false)
+        .await
+        .unwrap()
+        .generation;
+    c.wait_serving(want, T).await;
+    want
+}
+
+/// The state's hash key and CA key, read from a stopped node's data directory (its last
+/// snapshot) and opened with its sealing key.
+fn opened_secrets(data: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let ring = tollgate_node::identity::seal::Keyring::parse(
+        &std::fs::read_to_string(data.join("sealing-key")).unwrap(),
+    )
+    .unwrap();
+    let db = tollgate_node::raft::open_db(data).unwrap();
+    let state = tollgate_node::raft::state_machine::StateMachineStore::open(&db).unwrap();
+    let (hash_key, ca_key) = state.read(|a| {
+        (
+            a.state.access.hash_key.clone(),
+            a.state.access.ca_key.clone(),
+        )
+    });
+    (
+        ring.open(tollgate_node::identity::HASH_KEY, &hash_key)
+            .unwrap(),
+        ring.open(tollgate_node::identity::CA_KEY, &ca_key).unwrap(),
+    )
+}
+
+/// No file of `data` but the sealing key holds any of `secrets`.
+fn assert_nowhere_in_clear(data: &std::path::Path, secrets: &[(&str, Vec<u8>)]) {
+    for file in harness::walk(data)
+        .iter()
+        .filter(|f| !f.ends_with("sealing-key"))
+    {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        for (what, secret) in secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+                "{} holds {what} in the clear",
+                file.display()
+            );
+        }
+    }
+}
+
 /// A write through `via`, acknowledged within 5 s.
 async fn writes(c: &TestCluster, via: u64, up: SocketAddr, tag: &str) -> bool {
     let mut client = c.client(via).await;
@@ -304,14 +356,7 @@ async fn forged_raft_traffic_is_refused_and_the_replicas_stay_equal() {
     assert_eq!(c.leader(T).await, leader, "no election");
 
     // Every node applied the same: no divergence.
-    let want = c
-        .client(leader)
-        .await
-        .read_spec(false)
-        .await
-        .unwrap()
-        .generation;
-    c.wait_serving(want, T).await;
+    let want = served_everywhere(&c, leader).await;
     assert_eq!(generations(&c).await, vec![want; 3]);
 }
 
@@ -476,14 +521,7 @@ async fn node_certificates_renew_before_they_expire() {
             "a write through node {id}"
         );
     }
-    let want = c
-        .client(leader)
-        .await
-        .read_spec(false)
-        .await
-        .unwrap()
-        .generation;
-    c.wait_serving(want, T).await;
+    served_everywhere(&c, leader).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,24 +556,7 @@ async fn a_copy_of_the_state_holds_no_usable_secret() {
     let opts = gw.kill9();
     let data = opts.dir.clone().unwrap().join("data");
     // What the state holds, opened with the node's sealing key.
-    let ring = tollgate_node::identity::seal::Keyring::parse(
-        &std::fs::read_to_string(data.join("sealing-key")).unwrap(),
-    )
-    .unwrap();
-    let db = tollgate_node::raft::open_db(&data).unwrap();
-    let state = tollgate_node::raft::state_machine::StateMachineStore::open(&db).unwrap();
-    let (hash_key, ca_key) = state.read(|a| {
-        (
-            a.state.access.hash_key.clone(),
-            a.state.access.ca_key.clone(),
-        )
-    });
-    drop(state);
-    drop(db);
-    let hash_key = ring
-        .open(tollgate_node::identity::HASH_KEY, &hash_key)
-        .unwrap();
-    let ca_key = ring.open(tollgate_node::identity::CA_KEY, &ca_key).unwrap();
+    let (hash_key, ca_key) = opened_secrets(&data);
     assert_eq!(hash_key.len(), 32);
     let secrets: Vec<(&str, Vec<u8>)> = vec![
         ("the hash key", hash_key),
@@ -545,36 +566,12 @@ async fn a_copy_of_the_state_holds_no_usable_secret() {
         ("the join token's secret", token.as_bytes()[21..64].to_vec()),
         ("the API key's secret", key.as_bytes()[21..].to_vec()),
     ];
-    let files = walk(&data);
+    let files = harness::walk(&data);
     assert!(
         files.iter().any(|f| f.to_string_lossy().contains("raft")),
         "{files:?}"
     );
-    for file in files.iter().filter(|f| !f.ends_with("sealing-key")) {
-        let bytes = std::fs::read(file).unwrap_or_default();
-        for (what, secret) in &secrets {
-            assert!(
-                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
-                "{} holds {what} in the clear",
-                file.display()
-            );
-        }
-    }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    assert_nowhere_in_clear(&data, &secrets);
 }
 
 /// An HS256 key set, with its key's bytes.
@@ -690,30 +687,9 @@ async fn every_kind_of_secret_is_sealed_in_every_file() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let data = gw.dir.join("data");
     let opts = gw.kill9();
-    let ring = tollgate_node::identity::seal::Keyring::parse(
-        &std::fs::read_to_string(data.join("sealing-key")).unwrap(),
-    )
-    .unwrap();
-    let db = tollgate_node::raft::open_db(&data).unwrap();
-    let state = tollgate_node::raft::state_machine::StateMachineStore::open(&db).unwrap();
-    let hash_key = state.read(|a| a.state.access.hash_key.clone());
-    drop(state);
-    drop(db);
-    secrets.push((
-        "the hash key",
-        ring.open(tollgate_node::identity::HASH_KEY, &hash_key)
-            .unwrap(),
-    ));
-    for file in walk(&data).iter().filter(|f| !f.ends_with("sealing-key")) {
-        let bytes = std::fs::read(file).unwrap_or_default();
-        for (what, secret) in &secrets {
-            assert!(
-                !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
-                "{} holds {what} in the clear",
-                file.display()
-            );
-        }
-    }
+    let (hash_key, _) = opened_secrets(&data);
+    secrets.push(("the hash key", hash_key));
+    assert_nowhere_in_clear(&data, &secrets);
     drop(opts);
 }
 

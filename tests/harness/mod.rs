@@ -370,6 +370,22 @@ impl GatewayProcess {
     }
 }
 
+/// Every file under `dir`, in its subdirectories too.
+pub fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// What a test knows of the cluster a node's gRPC address belongs to: its CA and the
 /// operator token (to make join tokens for control planes and new nodes).
 #[derive(Debug, Clone)]

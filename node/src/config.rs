@@ -79,6 +79,26 @@ pub struct NodeArgs {
     /// Most client connections open at once; more are answered 503 and closed [default: 10000]
     #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most connection slots one client address may hold (`/64` for IPv6; an HTTP/2
+    /// stream beside another on its connection takes a slot too); 0: no per-client limit.
+    /// Behind a load balancer that hides client addresses, set 0 [default: 1000]
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<usize>,
+    /// Close a client connection with no request in flight for this long, e.g. `60s` [default: 60s]
+    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Close a client connection that takes nothing of a response for this long (a client
+    /// that stopped reading, or an HTTP/2 window held at zero), e.g. `30s` [default: 30s]
+    #[arg(long, env = "TOLLGATE_SEND_TIMEOUT", value_parser = parse_duration)]
+    pub send_timeout: Option<Duration>,
+    /// Slowest average rate, in bytes per second, a request body may arrive at once its
+    /// grace period is over; slower gets 408 (gRPC bodies are exempt); 0: off [default: 256]
+    #[arg(long, env = "TOLLGATE_MIN_REQUEST_BODY_RATE")]
+    pub min_request_body_rate: Option<u64>,
+    /// How long a request body may take before its rate is held to
+    /// --min-request-body-rate, e.g. `10s` [default: 10s]
+    #[arg(long, env = "TOLLGATE_REQUEST_BODY_GRACE", value_parser = parse_duration)]
+    pub request_body_grace: Option<Duration>,
     /// Largest request body in bytes; larger ones get 413 [default: 10485760]
     #[arg(long, env = "TOLLGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<u64>,
@@ -201,6 +221,14 @@ pub struct FileSettings {
     pub workers: Option<usize>,
     pub cpu_scheduling: Option<CpuScheduling>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub send_timeout: Option<Duration>,
+    pub min_request_body_rate: Option<u64>,
+    #[serde(default, with = "opt_duration")]
+    pub request_body_grace: Option<Duration>,
     pub max_request_body: Option<u64>,
     pub max_header_bytes: Option<usize>,
     #[serde(default, with = "opt_duration")]
@@ -253,6 +281,11 @@ pub struct Settings {
     pub workers: usize,
     pub cpu_scheduling: CpuScheduling,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub min_request_body_rate: u64,
+    pub request_body_grace: Duration,
     pub max_request_body: u64,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
@@ -299,6 +332,11 @@ impl Default for Settings {
             workers: 0,
             cpu_scheduling: CpuScheduling::Batch,
             max_connections: 10_000,
+            max_connections_per_client: 1000,
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
+            min_request_body_rate: 256,
+            request_body_grace: Duration::from_secs(10),
             max_request_body: 10 * 1024 * 1024,
             max_header_bytes: 32 * 1024,
             header_read_timeout: Duration::from_secs(10),
@@ -359,6 +397,26 @@ impl Settings {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
+            max_connections_per_client: args
+                .max_connections_per_client
+                .or(file.max_connections_per_client)
+                .unwrap_or(d.max_connections_per_client),
+            idle_timeout: args
+                .idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(d.idle_timeout),
+            send_timeout: args
+                .send_timeout
+                .or(file.send_timeout)
+                .unwrap_or(d.send_timeout),
+            min_request_body_rate: args
+                .min_request_body_rate
+                .or(file.min_request_body_rate)
+                .unwrap_or(d.min_request_body_rate),
+            request_body_grace: args
+                .request_body_grace
+                .or(file.request_body_grace)
+                .unwrap_or(d.request_body_grace),
             max_request_body: args
                 .max_request_body
                 .or(file.max_request_body)
@@ -469,6 +527,9 @@ impl Settings {
         }
         if self.header_read_timeout.is_zero() {
             problems.push("header_read_timeout must be greater than zero");
+        }
+        if self.idle_timeout.is_zero() || self.send_timeout.is_zero() {
+            problems.push("idle_timeout and send_timeout must be greater than zero");
         }
         if self.id == 0 {
             problems.push("id must be at least 1");

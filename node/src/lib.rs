@@ -94,6 +94,11 @@ impl Node {
         let mut shared = Shared::new(
             Limits {
                 max_connections: settings.max_connections,
+                max_connections_per_client: settings.max_connections_per_client,
+                idle_timeout: settings.idle_timeout,
+                send_timeout: settings.send_timeout,
+                min_request_body_rate: settings.min_request_body_rate,
+                request_body_grace: settings.request_body_grace,
                 max_request_body: settings.max_request_body,
                 max_header_bytes: settings.max_header_bytes,
                 header_read_timeout: settings.header_read_timeout,

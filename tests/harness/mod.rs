@@ -539,6 +539,8 @@ pub struct UpstreamState {
     pub health_checks: AtomicUsize,
     pub last_headers: Mutex<Option<http::HeaderMap>>,
     pub last_version: Mutex<Option<http::Version>>,
+    /// Connections open to this upstream now.
+    pub open: AtomicUsize,
 }
 
 /// An HTTP/1.1 upstream server in the test process.
@@ -565,6 +567,7 @@ impl Upstream {
             health_checks: AtomicUsize::new(0),
             last_headers: Mutex::new(None),
             last_version: Mutex::new(None),
+            open: AtomicUsize::new(0),
         });
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -573,7 +576,9 @@ impl Upstream {
                     continue;
                 };
                 let s = s.clone();
+                s.open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    let state = s.clone();
                     let svc = service_fn(move |req| serve(req, s.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         // More than hyper's 100 header lines: the gateway's own limit
@@ -582,6 +587,7 @@ impl Upstream {
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades()
                         .await;
+                    state.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -599,6 +605,11 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections open to it now.
+    pub fn open(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
     }
 
     pub fn stop(&self) {

@@ -18,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::proxy::client::PooledSender;
+use crate::proxy::guard::StreamGuard;
 use crate::proxy::phases::Tail;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,27 +28,95 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds the limit of {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// Raised by [`RequestBody`] when the client sends slower than the minimum rate.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body arrived slower than {0} bytes per second")]
+pub struct BodyTooSlow(pub u64);
+
 /// What a request body did, shared between it and the request that owns it.
 #[derive(Debug, Default)]
 pub struct BodyStats {
     pub bytes: Cell<u64>,
     pub too_large: Cell<bool>,
+    /// Non-zero: cut off for arriving slower than this many bytes per second.
+    pub too_slow: Cell<u64>,
     /// Read to its end (an upstream connection is reusable only after that).
     pub finished: Cell<bool>,
     /// The client's side of the body failed (it went away mid-upload, or sent a bad chunk).
     pub client_error: Cell<bool>,
 }
 
-/// The client's request body, streamed upstream with a size limit.
+/// The client's request body, streamed upstream with a size limit and a minimum rate.
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Option<Incoming>,
     limit: u64,
     stats: Rc<BodyStats>,
+    rate: Option<Box<MinRate>>,
+}
+
+/// The minimum rate a body must arrive at (like Kestrel's `MinRequestBodyDataRate`): after
+/// the grace period, the bytes received must keep up with `bytes_per_sec` times the time
+/// spent waiting for them. Only time spent waiting on the client counts, so an upstream
+/// that reads slowly does not make its client late. Nothing is timed while a body arrives
+/// with its head.
+#[derive(Debug)]
+pub struct MinRate {
+    bytes_per_sec: u64,
+    grace: Duration,
+    /// Time spent waiting for the client so far (not counting the wait in progress).
+    waited: Duration,
+    wait_started: Option<tokio::time::Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl MinRate {
+    pub fn new(bytes_per_sec: u64, grace: Duration) -> Option<Box<MinRate>> {
+        (bytes_per_sec > 0).then(|| {
+            Box::new(MinRate {
+                bytes_per_sec,
+                grace,
+                waited: Duration::ZERO,
+                wait_started: None,
+                sleep: None,
+            })
+        })
+    }
+
+    /// The client delivered: the wait in progress ends.
+    fn arrived(&mut self) {
+        if let Some(started) = self.wait_started.take() {
+            self.waited += started.elapsed();
+        }
+    }
+
+    /// The client has nothing for now: Ready when it has fallen below the rate.
+    fn poll_late(&mut self, received: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let started = *self
+            .wait_started
+            .get_or_insert_with(tokio::time::Instant::now);
+        let allowed = self.grace.max(Duration::from_secs_f64(
+            received as f64 / self.bytes_per_sec as f64,
+        ));
+        let deadline = started + allowed.saturating_sub(self.waited);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, stats: Rc<BodyStats>) -> Self {
+    /// `rate`: the minimum rate it must arrive at (None: any).
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        stats: Rc<BodyStats>,
+        rate: Option<Box<MinRate>>,
+    ) -> Self {
         if inner.is_end_stream() {
             stats.finished.set(true);
         }
@@ -55,6 +124,7 @@ impl RequestBody {
             inner: Some(inner),
             limit,
             stats,
+            rate,
         }
     }
 
@@ -65,6 +135,7 @@ impl RequestBody {
             inner: None,
             limit: 0,
             stats,
+            rate: None,
         }
     }
 }
@@ -83,6 +154,9 @@ impl Body for RequestBody {
         };
         match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(rate) = &mut this.rate {
+                    rate.arrived();
+                }
                 if let Some(data) = frame.data_ref() {
                     let total = this.stats.bytes.get() + data.len() as u64;
                     this.stats.bytes.set(total);
@@ -105,7 +179,17 @@ impl Body for RequestBody {
                 this.stats.finished.set(true);
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if let Some(rate) = &mut this.rate
+                    && rate.poll_late(this.stats.bytes.get(), cx).is_ready()
+                {
+                    let min = rate.bytes_per_sec;
+                    this.stats.too_slow.set(min);
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyTooSlow(min)))));
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -126,6 +210,8 @@ pub struct ResponseBody {
     kind: Kind,
     /// Boxed: the response is moved several times on its way out, and the tail is large.
     tail: Option<Box<Tail>>,
+    /// The request's place on its connection, given back when the body is done.
+    stream: Option<StreamGuard>,
 }
 
 enum Kind {
@@ -184,6 +270,7 @@ impl ResponseBody {
                 },
             },
             tail: None,
+            stream: None,
         }
     }
 
@@ -192,6 +279,7 @@ impl ResponseBody {
         Self {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             tail: None,
+            stream: None,
         }
     }
 
@@ -199,11 +287,16 @@ impl ResponseBody {
         Self {
             kind: Kind::Full(None),
             tail: None,
+            stream: None,
         }
     }
 
     pub fn set_tail(&mut self, tail: Box<Tail>) {
         self.tail = Some(tail);
+    }
+
+    pub fn set_stream(&mut self, stream: StreamGuard) {
+        self.stream = Some(stream);
     }
 }
 
@@ -216,6 +309,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(stream) = &this.stream {
+            stream.polled();
+        }
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, conn, idle } => match Pin::new(&mut *body).poll_frame(cx) {
@@ -249,10 +345,15 @@ impl Body for ResponseBody {
                 }
             },
         };
-        if let (Poll::Ready(Some(Ok(frame))), Some(tail)) = (&polled, &mut this.tail)
+        if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            tail.add_response_bytes(data.len() as u64);
+            if let Some(tail) = &mut this.tail {
+                tail.add_response_bytes(data.len() as u64);
+            }
+            if let Some(stream) = &this.stream {
+                stream.handed_over();
+            }
         }
         polled
     }

@@ -360,6 +360,11 @@ pub async fn forward(
                 if stats.too_large.get() {
                     return Err(ProxyError::BodyTooLarge);
                 }
+                if stats.too_slow.get() > 0 {
+                    return Err(ProxyError::RequestBodyTooSlow {
+                        min_rate: stats.too_slow.get(),
+                    });
+                }
                 if stats.client_error.get() {
                     // The client's upload failed, not the upstream: no ejection, no retry.
                     return Err(ProxyError::BadRequest(

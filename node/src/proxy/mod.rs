@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod client;
+pub mod guard;
 pub mod headers;
 pub mod phases;
 pub mod respond;
@@ -24,6 +25,11 @@ use crate::telemetry::traces::Tracing;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub min_request_body_rate: u64,
+    pub request_body_grace: Duration,
     pub max_request_body: u64,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
@@ -35,6 +41,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub limits: Limits,
     pub open_connections: AtomicUsize,
+    /// Slots held per client address (`--max-connections-per-client`).
+    pub clients: guard::ClientSlots,
     /// Connections being refused right now (over the cap).
     pub refusing: AtomicUsize,
     /// False while draining on shutdown.
@@ -56,6 +64,7 @@ impl Shared {
     pub fn new(limits: Limits, quotas: Arc<Quotas>) -> Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            clients: guard::ClientSlots::new(limits.max_connections_per_client),
             limits,
             open_connections: AtomicUsize::new(0),
             refusing: AtomicUsize::new(0),
@@ -70,32 +79,39 @@ impl Shared {
     }
 }
 
-/// One open client connection in the counts (`open_connections`, the gauge), for as long
-/// as it lives. An upgraded connection (WebSocket) takes a new one when hyper lets go of it.
-pub struct OpenConnection(Arc<Shared>);
+/// One open client connection in the counts (`open_connections`, its client's slots, the
+/// gauge), for as long as it lives. An upgraded connection (WebSocket) takes a new one
+/// when hyper lets go of it.
+pub struct OpenConnection {
+    shared: Arc<Shared>,
+    client: guard::ClientKey,
+}
 
 impl OpenConnection {
-    /// Counts a connection whose slot was already taken in `open_connections` (the accept
-    /// loop takes it first, to compare with the cap).
-    pub fn counted(shared: Arc<Shared>) -> OpenConnection {
+    /// Counts a connection whose slots were already taken in `open_connections` and for
+    /// its client (the accept loop takes them first, to compare with the limits).
+    pub fn counted(shared: Arc<Shared>, client: guard::ClientKey) -> OpenConnection {
         shared.open_gauge.increment(1.0);
-        OpenConnection(shared)
+        OpenConnection { shared, client }
     }
 
-    /// Takes a slot and counts it.
-    pub fn open(shared: Arc<Shared>) -> OpenConnection {
+    /// Takes the slots (even past the limits: the connection it replaces just gave its
+    /// own back) and counts them.
+    pub fn open(shared: Arc<Shared>, client: guard::ClientKey) -> OpenConnection {
         shared
             .open_connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        OpenConnection::counted(shared)
+        shared.clients.take(client);
+        OpenConnection::counted(shared, client)
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0
+        self.shared
             .open_connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.0.open_gauge.decrement(1.0);
+        self.shared.clients.release(self.client);
+        self.shared.open_gauge.decrement(1.0);
     }
 }

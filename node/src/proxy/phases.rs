@@ -30,7 +30,7 @@ use crate::actor::quota::Admit;
 use crate::actor::quotas::Quotas;
 use crate::actor::wall_ms;
 use crate::auth::{AuthError, AuthTable, strip_bearer};
-use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
+use crate::proxy::body::{BodyStats, MinRate, RequestBody, ResponseBody};
 use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
 use crate::proxy::headers;
 use crate::proxy::respond::{ProxyError, error_response};
@@ -104,6 +104,8 @@ impl Worker {
 #[derive(Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The address the per-client limit counts this client under.
+    pub client: crate::proxy::guard::ClientKey,
     /// The client IP as a header value, for `X-Forwarded-For`.
     pub ip: HeaderValue,
 }
@@ -112,7 +114,11 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Peer { addr, ip }
+        Peer {
+            addr,
+            client: crate::proxy::guard::ClientKey::of(addr.ip()),
+            ip,
+        }
     }
 }
 
@@ -227,7 +233,13 @@ async fn pipeline(
         head.headers.insert(TRACEPARENT, tp);
     }
     let stats = tail.request_stats.clone();
-    let body = RequestBody::new(body, limits.max_request_body, stats.clone());
+    // gRPC streams may rightly send nothing for a long time: no minimum rate for them.
+    let rate = if is_grpc(&head.headers) {
+        None
+    } else {
+        MinRate::new(limits.min_request_body_rate, limits.request_body_grace)
+    };
+    let body = RequestBody::new(body, limits.max_request_body, stats.clone(), rate);
 
     // forward
     let started = Instant::now();
@@ -271,7 +283,7 @@ async fn pipeline(
     {
         let upstream_upgrade = hyper::upgrade::on(&mut fwd.response);
         // hyper lets go of the client connection now; the tunnel keeps it in the counts.
-        let slot = OpenConnection::open(worker.shared.clone());
+        let slot = OpenConnection::open(worker.shared.clone(), peer.client);
         tokio::task::spawn_local(tunnel(client_upgrade, upstream_upgrade, slot));
         let (parts, _) = fwd.response.into_parts();
         tail.guards = Some(fwd.guards);
@@ -627,6 +639,13 @@ fn circuit(
             _ => Ok(false),
         },
     }
+}
+
+/// A gRPC request (`content-type: application/grpc`, `application/grpc+proto`, ...).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Splices the client's and the upstream's upgraded connections together.

@@ -43,6 +43,10 @@ pub enum ProxyError {
     TooManyConnections(usize),
     #[error("the request body stopped arriving for {after:?}")]
     RequestBodyStalled { after: Duration },
+    #[error("the request body arrived slower than the minimum of {min_rate} bytes per second")]
+    RequestBodyTooSlow { min_rate: u64 },
+    #[error("this client address holds its limit of {0} connections and streams; retry shortly")]
+    TooManyClientConnections(usize),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -102,7 +106,10 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::RequestBodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RequestBodyStalled { .. } | ProxyError::RequestBodyTooSlow { .. } => {
+                StatusCode::REQUEST_TIMEOUT
+            }
+            ProxyError::TooManyClientConnections(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::VersionNotFound(_) => StatusCode::NOT_FOUND,
@@ -126,7 +133,10 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream_error",
             ProxyError::TooManyConnections(_) => "too_many_connections",
-            ProxyError::RequestBodyStalled { .. } => "request_timeout",
+            ProxyError::RequestBodyStalled { .. } | ProxyError::RequestBodyTooSlow { .. } => {
+                "request_timeout"
+            }
+            ProxyError::TooManyClientConnections(_) => "too_many_client_connections",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::VersionNotFound(_) => "version_not_found",

@@ -6,14 +6,15 @@
 //! Each connection speaks HTTP/1.1 or h2c (prior knowledge), chosen from its first bytes.
 //! A connection that has not delivered a first request within `header_read_timeout` is
 //! dropped (this covers protocol detection and HTTP/2), and hyper's own header read timeout
-//! covers every HTTP/1.1 request head after that. Connections past
-//! `max_connections` are answered 503 (JSON) and closed.
+//! covers every HTTP/1.1 request head after that. The limits of [`guard`](super::guard)
+//! apply to every connection: slots past `max_connections` are answered 503 (JSON), past
+//! the client's share 429; idle connections and those whose client stopped reading are
+//! closed; HTTP/2 control-frame floods end the connection.
 //!
 //! On shutdown a thread stops accepting, asks its connections to finish (HTTP/1.1 closes
 //! after the response in flight, HTTP/2 sends GOAWAY), and waits for them until the drain
 //! deadline.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,17 +25,21 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::CpuScheduling;
 use crate::proxy::body::ResponseBody;
+use crate::proxy::guard::{ClientKey, ConnState, FrameGuard, Refused, Verdict};
 use crate::proxy::phases::{self, Worker};
 use crate::proxy::respond::{ProxyError, error_response};
 use crate::proxy::{OpenConnection, Shared};
 use crate::telemetry::access_log::{AccessLog, Sink};
+
+/// Most streams one HTTP/2 connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Most connections answered "too many connections" at once; past this they are just
 /// closed, so a flood cannot make the refusals themselves unbounded.
@@ -173,10 +178,12 @@ async fn run_worker(
         // Find dead HTTP/2 peers (an HTTP/1.1 idle connection ends at the header timeout).
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .max_header_list_size((limits.max_header_bytes * 2).min(u32::MAX as usize) as u32);
+        .max_header_list_size((limits.max_header_bytes * 2).min(u32::MAX as usize) as u32)
+        // nginx's default; each stream past the first also takes a --max-connections slot.
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
 
     let builder = Rc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let housekeeping = tokio::task::spawn_local(housekeeping(worker.clone()));
 
     loop {
@@ -194,56 +201,102 @@ async fn run_worker(
             },
         };
         let _ = stream.set_nodelay(true);
+        let client = ClientKey::of(peer.ip());
         let open = shared.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
         if open > limits.max_connections {
             shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            ::metrics::counter!("tollgate_connections_rejected_total").increment(1);
-            refuse(stream, shared.clone());
+            refuse(
+                stream,
+                shared.clone(),
+                Refused::Node(limits.max_connections),
+            );
+            continue;
+        }
+        if !shared.clients.try_take(client) {
+            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            refuse(
+                stream,
+                shared.clone(),
+                Refused::Client(shared.clients.limit()),
+            );
             continue;
         }
         ::metrics::counter!("tollgate_connections_total").increment(1);
-        let guard = OpenConnection::counted(shared.clone());
-
-        let w = worker.clone();
-        let peer = phases::Peer::new(peer);
-        // Set by the first request: until then the connection is on a deadline.
-        let first_request = Rc::new(Cell::new(false));
-        let seen = first_request.clone();
-        let service = service_fn(move |req| {
-            seen.set(true);
-            phases::handle(req, w.clone(), peer.clone())
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let first_request_timeout = limits.header_read_timeout;
-        tokio::task::spawn_local(async move {
-            let _guard = guard;
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = watcher.watch(conn);
-            tokio::pin!(conn);
-            // hyper's header read timeout only starts once HTTP/1 is chosen. A client that
-            // sends nothing, part of the HTTP/2 preface, or no first request is dropped here.
-            let result = tokio::select! {
-                result = &mut conn => result,
-                _ = tokio::time::sleep(first_request_timeout) => {
-                    if first_request.get() {
-                        conn.await
-                    } else {
-                        ::metrics::counter!("tollgate_http_protocol_errors_total", "kind" => "header_read_timeout")
-                            .increment(1);
-                        return;
+        let slot = OpenConnection::counted(shared.clone(), client);
+        let state = ConnState::new(shared.clone(), client);
+        let service = {
+            let (w, state) = (worker.clone(), state.clone());
+            let peer = phases::Peer::new(peer);
+            service_fn(move |req| {
+                let stream = state.start_stream();
+                let (w, peer) = (w.clone(), peer.clone());
+                async move {
+                    match stream {
+                        Ok(stream) => {
+                            let mut resp = phases::handle(req, w, peer).await?;
+                            resp.body_mut().set_stream(stream);
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                        Err(refused) => {
+                            count_refused(refused);
+                            Ok(refused_response(refused, &w.shared))
+                        }
                     }
                 }
+            })
+        };
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn_local(async move {
+            let _slot = slot;
+            let io = TokioIo::new(FrameGuard::new(stream));
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            tokio::pin!(conn);
+            let every = ConnState::check_every(&state.limits());
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut closing = false;
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    result = conn.as_mut() => break Some(result),
+                    _ = shutdown.cancelled(), if !closing => {
+                        // HTTP/1.1 closes after the response in flight, HTTP/2 sends GOAWAY.
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = tick.tick() => match state.check(std::time::Instant::now()) {
+                        Verdict::Keep => {}
+                        Verdict::NoFirstRequest => {
+                            // Covers protocol detection and HTTP/2, which hyper's header
+                            // read timeout does not.
+                            protocol_error("header_read_timeout");
+                            break None;
+                        }
+                        Verdict::ClientNotReading => {
+                            protocol_error("send_timeout");
+                            break None;
+                        }
+                        // Asked to close once already and still here: close it now.
+                        Verdict::Idle if closing => break None,
+                        Verdict::Idle => {
+                            ::metrics::counter!("tollgate_connections_idle_closed_total").increment(1);
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    },
+                }
             };
-            if let Err(e) = result {
+            if let Some(Err(e)) = result {
                 count_protocol_error(&*e);
             }
         });
     }
 
     drop(listener);
+    connections.close();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = connections.wait() => {}
         _ = tokio::time::sleep(limits.drain_timeout) => {
             tracing::warn!("drain deadline passed with connections still open; closing them");
         }
@@ -251,6 +304,28 @@ async fn run_worker(
     housekeeping.abort();
     worker.pool.clear();
     worker.access_log.flush();
+}
+
+fn protocol_error(kind: &'static str) {
+    ::metrics::counter!("tollgate_http_protocol_errors_total", "kind" => kind).increment(1);
+}
+
+/// The answer to a connection or stream past a limit.
+fn refused_response(refused: Refused, shared: &Shared) -> http::Response<ResponseBody> {
+    let err = match refused {
+        Refused::Node(limit) => ProxyError::TooManyConnections(limit),
+        Refused::Client(limit) => ProxyError::TooManyClientConnections(limit),
+    };
+    error_response(&err, shared.limits.max_request_body)
+}
+
+/// Counts a connection or stream refused for a limit.
+fn count_refused(refused: Refused) {
+    let reason = match refused {
+        Refused::Node(_) => "node",
+        Refused::Client(_) => "client",
+    };
+    ::metrics::counter!("tollgate_connections_rejected_total", "reason" => reason).increment(1);
 }
 
 /// Flushes the access log and closes expired pooled connections, on a timer.
@@ -267,25 +342,29 @@ async fn housekeeping(worker: Rc<Worker>) {
     }
 }
 
-/// Answers every request on an over-the-cap connection with 503 and closes it.
-fn refuse(stream: TcpStream, shared: Arc<Shared>) {
+/// Answers every request on a connection past a limit (503 for the node's, 429 for the
+/// client's) and closes it.
+fn refuse(stream: TcpStream, shared: Arc<Shared>, refused: Refused) {
+    count_refused(refused);
     if shared.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
         shared.refusing.fetch_sub(1, Ordering::Relaxed);
         return; // dropping the stream closes it
     }
-    let limit = shared.limits.max_connections;
-    let body_limit = shared.limits.max_request_body;
     tokio::task::spawn_local(async move {
-        let service = service_fn(move |_req| async move {
-            let resp: http::Response<ResponseBody> =
-                error_response(&ProxyError::TooManyConnections(limit), body_limit);
-            Ok::<_, std::convert::Infallible>(resp)
+        let answer = shared.clone();
+        let service = service_fn(move |_req| {
+            let resp = refused_response(refused, &answer);
+            async move { Ok::<_, std::convert::Infallible>(resp) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
+        // HTTP/2 clients get their answer over HTTP/2 too.
+        let mut builder = auto::Builder::new(LocalExec);
+        builder
+            .http1()
             .keep_alive(false)
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(2))
-            .serve_connection(TokioIo::new(stream), service);
+            .header_read_timeout(Duration::from_secs(2));
+        builder.http2().max_concurrent_streams(1);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
         let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         shared.refusing.fetch_sub(1, Ordering::Relaxed);
     });

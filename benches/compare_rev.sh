@@ -5,6 +5,7 @@
 #
 #   benches/compare_rev.sh REV                 # e.g. 0240937 (the end of issue 2)
 #   ROUNDS=3 DURATION=5 benches/compare_rev.sh REV
+#   H2_ROUNDS=5 benches/compare_rev.sh REV     # also HTTP/2 with h2load, interleaved
 #
 # REV is built in a worktree under $BASELINE_WORK (its own target dir, kept between runs),
 # unless OLD_BIN names a binary already built from it.
@@ -84,3 +85,23 @@ python3 "$BASE/http_bench.py" --only \
   --rounds "$ROUNDS" --duration "$DURATION" --tag "$TAG" \
   --note "tollgate-old: $REV; tollgate-new: $(git -C "$ROOT" rev-parse --short HEAD)"
 echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"
+
+# HTTP/2 (h2c, prior knowledge) with h2load: H2_ROUNDS interleaved rounds of H2_SECS
+# seconds per binary, order alternating; the median of per-round new/old ratios.
+H2_ROUNDS=${H2_ROUNDS:-0}; H2_SECS=${H2_SECS:-5}
+if ((H2_ROUNDS > 0)); then
+  command -v h2load >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
+  h2rate() { # URL: requests/s over H2_SECS s, 16 connections x 32 streams
+    h2load -t 2 -c 16 -m 32 -D "$H2_SECS" --warm-up-time 1 "$1" 2>/dev/null |
+      awk '/^finished in/ { gsub(",", "", $4); print $4 }'
+  }
+  ratios=()
+  for r in $(seq "$H2_ROUNDS"); do
+    if ((r % 2)); then old=$(h2rate http://127.0.0.1:18086/); sleep 1; new=$(h2rate http://127.0.0.1:18087/)
+    else new=$(h2rate http://127.0.0.1:18087/); sleep 1; old=$(h2rate http://127.0.0.1:18086/); fi
+    ratio=$(python3 -c "print(f'{$new / $old:.3f}')")
+    echo "h2 round $r: old $old req/s, new $new req/s, new/old $ratio"
+    ratios+=("$ratio"); sleep 1
+  done
+  echo "h2 median new/old: $(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+fi

@@ -29,7 +29,7 @@ use super::network::{Faults, MAX_MESSAGE_BYTES, Network, Peers};
 use super::service::{RaftService, now_ms};
 use super::state_machine::StateMachineStore;
 use super::{NodeId, NodeInfo, Raft, RaftSettings};
-use crate::auth::principal::{Caller, Principal, authenticate, authorize};
+use crate::auth::principal::{Caller, Principal, authenticate, authorize, stamp};
 use crate::identity::ca::{Ca, Subject};
 use crate::identity::{self, Identity, JoinToken};
 use crate::state::access::{self, KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
@@ -569,8 +569,11 @@ impl Cluster {
             return Ok(resp);
         }
         let principal = self.principal(caller)?;
-        self.state_machine
-            .read(|a| authorize(&principal, &cmd, &a.state))?;
+        self.state_machine.read(|a| {
+            authorize(&principal, &cmd, &a.state)?;
+            stamp(&principal, &mut cmd, &a.state);
+            Ok::<_, Status>(())
+        })?;
         let secret = self.fill_in(&mut cmd).await?;
         cmd.actor = principal.actor();
         cmd.at_ms = now_ms();
@@ -1352,6 +1355,39 @@ impl Cluster {
                 .map(tenant_to_proto)
                 .collect(),
             generation: a.state.generation,
+        }))
+    }
+
+    /// Subscriptions, active and waiting for consent; a tenant token sees its tenant's and
+    /// those to the APIs it owns.
+    pub async fn list_subscriptions(
+        &self,
+        req: api::ListSubscriptionsRequest,
+        forwarded: bool,
+        caller: &Caller,
+    ) -> Result<api::ListSubscriptionsResponse, Status> {
+        let forward =
+            |mut c: NodeAdminClient<Channel>, r| async move { c.list_subscriptions(r).await };
+        if !req.local
+            && let Some(resp) = self
+                .read_on_leader(&req, forwarded, caller, forward)
+                .await?
+        {
+            return Ok(resp);
+        }
+        let p = self.principal(caller)?;
+        Ok(self.state_machine.read(|a| {
+            let apis = &a.state.apis;
+            api::ListSubscriptionsResponse {
+                subscriptions: crate::state::access::subscription_views(
+                    &a.state.access,
+                    p.tenant(),
+                    &|name| apis.get(name).map(|x| x.tenant.clone()),
+                    &req.tenant,
+                    &req.api,
+                ),
+                generation: a.state.generation,
+            }
         }))
     }
 

@@ -251,8 +251,8 @@ mod tests {
     #[test]
     fn a_token_is_checked_for_signature_issuer_audience_and_expiry() {
         let secret = b"0123456789abcdef0123456789abcdef";
-        let v = JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "tenant", "acme")
-            .unwrap();
+        let v =
+            JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "tenant", "acme").unwrap();
         let exp = chrono::Utc::now().timestamp() + 600;
         let good = serde_json::json!({"iss": "https://idp", "aud": "orders", "exp": exp, "tenant": "acme"});
         assert_eq!(v.verify(&token(secret, good.clone())), Ok(()));
@@ -303,8 +303,8 @@ mod tests {
             v.verify(&claims(serde_json::json!({"tenant": ["beta"]}))),
             Err(JwtRefusal::Invalid(_))
         ));
-        let org = JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "org", "acme")
-            .unwrap();
+        let org =
+            JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "org", "acme").unwrap();
         // Only the claim the API names is checked: `tenant` means nothing to this one.
         assert_eq!(
             org.verify(&claims(serde_json::json!({"tenant": "beta"}))),

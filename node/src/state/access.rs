@@ -784,10 +784,7 @@ pub fn subscription_views(
             continue;
         }
         let active = t.subscriptions.iter().map(|(a, v)| (a, v, None));
-        let waiting = t
-            .pending
-            .iter()
-            .map(|(a, p)| (a, &p.versions, Some(p)));
+        let waiting = t.pending.iter().map(|(a, p)| (a, &p.versions, Some(p)));
         for (name, versions, pending) in active.chain(waiting) {
             if !api.is_empty() && name != api {
                 continue;
@@ -800,8 +797,8 @@ pub fn subscription_views(
             if !mine && !owned {
                 continue;
             }
-            let hide_owner = !owned
-                && pending.is_some_and(|p| p.asked_by == pb::SubscriptionParty::Subscriber);
+            let hide_owner =
+                !owned && pending.is_some_and(|p| p.asked_by == pb::SubscriptionParty::Subscriber);
             out.push(pb::SubscriptionView {
                 tenant: t.name.clone(),
                 api: name.clone(),
@@ -981,7 +978,11 @@ mod tests {
         let seen = |viewer: Option<&str>| subscription_views(&a, viewer, &owner, "", "");
         let beta = seen(Some("beta"));
         assert_eq!(
-            (beta[0].status.as_str(), beta[0].owner.as_str(), beta[0].asked_at_ms),
+            (
+                beta[0].status.as_str(),
+                beta[0].owner.as_str(),
+                beta[0].asked_at_ms
+            ),
             ("requested", "", 9)
         );
         assert_eq!(seen(Some("acme"))[0].owner, "acme");

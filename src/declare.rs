@@ -384,7 +384,7 @@ pub fn plan(
             let versions = if versions.is_empty() { "*" } else { versions };
             if current.get(api).map(String::as_str) != Some(versions) {
                 let waits = if requested(api, versions) {
-                    "; requested, waiting for the API's owner"
+                    "; requested, not accepted yet"
                 } else {
                     ""
                 };

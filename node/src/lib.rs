@@ -841,9 +841,11 @@ impl Compiler {
     fn build_routing(&self, next: &Published, parsed: Parsed) -> Result<Routing, SpecErrors> {
         let spec = parsed.spec.and_then(Spec::from_value)?;
         let policy = &spec.tenant_upstreams;
-        let own = (!parsed.versions.is_empty())
-            .then(|| state::egress::OwnAddrs::resolve(&(self.members)()))
-            .unwrap_or_default();
+        let own = if parsed.versions.is_empty() {
+            state::egress::OwnAddrs::default()
+        } else {
+            state::egress::OwnAddrs::resolve(&(self.members)())
+        };
         let mut versions = Vec::with_capacity(parsed.versions.len());
         for (name, version, doc) in parsed.versions {
             let api = &next.apis[&name];

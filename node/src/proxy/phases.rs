@@ -29,7 +29,6 @@ use hyper_util::rt::TokioIo;
 use crate::actor::quota::Admit;
 use crate::actor::quotas::Quotas;
 use crate::actor::wall_ms;
-use crate::auth::jwt::JwtRefusal;
 use crate::auth::{AuthError, AuthTable, strip_bearer};
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
 use crate::proxy::client::{self, AttemptLog, Guards, Pool, UpstreamHead};
@@ -499,8 +498,8 @@ fn authenticate<'s>(
                 ))
             })?;
             validator.verify(token).map_err(|e| match e {
-                JwtRefusal::Invalid(m) => ProxyError::Unauthorized(m),
-                JwtRefusal::OtherTenant(m) => ProxyError::Forbidden(m),
+                crate::auth::jwt::JwtRefusal::Invalid(m) => ProxyError::Unauthorized(m),
+                crate::auth::jwt::JwtRefusal::OtherTenant(m) => ProxyError::Forbidden(m),
             })?;
             Ok(Some(ApiCaller {
                 tenant: mount.owner.clone(),

@@ -1,5 +1,6 @@
-//! `tollgate tenant|key|token|audit ...`: tenants, their API keys and control-plane tokens,
-//! subscriptions, and the audit log, through the control plane over the sdk.
+//! `tollgate tenant|subscription|key|token|audit ...`: tenants, their API keys and
+//! control-plane tokens, subscriptions, and the audit log, through the control plane over
+//! the sdk.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -27,7 +28,10 @@ pub enum TenantCommand {
         #[command(flatten)]
         cp: CpArg,
     },
-    /// Let a tenant's keys call versions of an API (operator or the API's owner).
+    /// Let a tenant's keys call versions of an API. With the operator token it is granted;
+    /// with the API owner's token it is offered (the tenant accepts with `tollgate
+    /// subscription accept`); with the tenant's own token it is requested (the owner
+    /// accepts).
     Subscribe {
         tenant: String,
         api: String,
@@ -37,8 +41,41 @@ pub enum TenantCommand {
         #[command(flatten)]
         cp: CpArg,
     },
-    /// Take a subscription away.
+    /// End a subscription, or withdraw or decline one that waits (either side, or the
+    /// operator).
     Unsubscribe {
+        tenant: String,
+        api: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+}
+
+/// `tollgate subscription ...`: subscriptions between tenants, which both sides agree to.
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionCommand {
+    /// Subscriptions, active and waiting: all (operator), or your tenant's and those to
+    /// your APIs (tenant token).
+    List {
+        /// Only this subscribing tenant's.
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Only subscriptions to this API.
+        #[arg(long, default_value = "")]
+        api: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Accept what the other side asked for: an offer of API to TENANT (with TENANT's
+    /// token), or TENANT's request (with the API owner's token).
+    Accept {
+        tenant: String,
+        api: String,
+        #[command(flatten)]
+        cp: CpArg,
+    },
+    /// Decline an offer or a request that waits (or withdraw your own).
+    Decline {
         tenant: String,
         api: String,
         #[command(flatten)]
@@ -123,6 +160,39 @@ fn tenant_json(t: &state::TenantState) -> serde_json::Value {
     })
 }
 
+fn subscription_json(s: &state::SubscriptionView) -> serde_json::Value {
+    json!({
+        "tenant": s.tenant,
+        "api": s.api,
+        "owner": if s.owner.is_empty() { None } else { Some(&s.owner) },
+        "versions": s.versions,
+        "status": s.status,
+        "asked_at": if s.asked_at_ms == 0 { None } else { Some(ms_text(s.asked_at_ms)) },
+    })
+}
+
+/// What a subscribe did, in words, with the next step when one side must still agree.
+fn subscription_outcome(tenant: &str, api: &str, s: Option<&state::SubscriptionView>) -> String {
+    match s {
+        Some(s) if s.status == "offered" => format!(
+            "offered API {api} (versions {}) to tenant {tenant}; waiting for {tenant} to accept \
+             (`tollgate subscription accept {tenant} {api}` with a token of {tenant})",
+            s.versions
+        ),
+        Some(s) if s.status == "requested" => format!(
+            "asked for tenant {tenant}'s subscription to API {api} (versions {}); waiting for \
+             the API's owner to accept (`tollgate subscription accept {tenant} {api}` with the \
+             owner's token)",
+            s.versions
+        ),
+        Some(s) => format!(
+            "tenant {tenant} may call versions {} of API {api}",
+            s.versions
+        ),
+        None => format!("the subscription of tenant {tenant} to API {api} was changed"),
+    }
+}
+
 fn credential_json(c: &state::CredentialState) -> serde_json::Value {
     json!({
         "id": c.id,
@@ -149,17 +219,13 @@ pub async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
             cp,
         } => {
             let r = client(&cp)?.subscribe(&tenant, &api, &versions).await?;
-            let v = if versions.is_empty() { "*" } else { &versions };
-            println!(
-                "tenant {tenant} may call versions {v} of API {api} (generation {})",
-                r.generation
-            );
-            return Ok(());
+            return show_subscription(&tenant, &api, &r, cp.output);
         }
         TenantCommand::Unsubscribe { tenant, api, cp } => {
             let r = client(&cp)?.unsubscribe(&tenant, &api).await?;
             println!(
-                "tenant {tenant} is no longer subscribed to API {api} (generation {})",
+                "tenant {tenant} is no longer subscribed to API {api}, and no subscription to \
+                 it waits (generation {})",
                 r.generation
             );
             return Ok(());
@@ -204,6 +270,86 @@ pub async fn tenant(cmd: TenantCommand) -> anyhow::Result<()> {
         other => print_value(&tenant_json(&t), other)?,
     }
     Ok(())
+}
+
+fn show_subscription(
+    tenant: &str,
+    api: &str,
+    reply: &cp::TenantReply,
+    output: Output,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Table => println!(
+            "{} (generation {})",
+            subscription_outcome(tenant, api, reply.subscription.as_ref()),
+            reply.generation
+        ),
+        other => print_value(
+            &reply
+                .subscription
+                .as_ref()
+                .map(subscription_json)
+                .unwrap_or_default(),
+            other,
+        )?,
+    }
+    Ok(())
+}
+
+pub async fn subscription(cmd: SubscriptionCommand) -> anyhow::Result<()> {
+    match cmd {
+        SubscriptionCommand::List { tenant, api, cp } => {
+            let list = client(&cp)?.list_subscriptions(&tenant, &api).await?;
+            if cp.output != Output::Table {
+                return print_value(
+                    &serde_json::Value::Array(list.iter().map(subscription_json).collect()),
+                    cp.output,
+                );
+            }
+            println!(
+                "{:<20} {:<20} {:<20} {:<12} {:<10} ASKED",
+                "TENANT", "API", "OWNER", "VERSIONS", "STATUS"
+            );
+            for s in &list {
+                println!(
+                    "{:<20} {:<20} {:<20} {:<12} {:<10} {}",
+                    s.tenant,
+                    s.api,
+                    if s.owner.is_empty() { "-" } else { &s.owner },
+                    s.versions,
+                    s.status,
+                    ms_text(s.asked_at_ms)
+                );
+            }
+            Ok(())
+        }
+        SubscriptionCommand::Accept { tenant, api, cp } => {
+            let r = client(&cp)?.accept_subscription(&tenant, &api).await?;
+            show_subscription(&tenant, &api, &r, cp.output)
+        }
+        SubscriptionCommand::Decline { tenant, api, cp } => {
+            let c = client(&cp)?;
+            // Only what waits: an active subscription is ended with `tenant unsubscribe`.
+            let listed = c.list_subscriptions(&tenant, &api).await?;
+            match listed.first() {
+                Some(s) if s.status == "active" => anyhow::bail!(
+                    "tenant {tenant}'s subscription to API {api} is active, not waiting; to end \
+                     it: tollgate tenant unsubscribe {tenant} {api}"
+                ),
+                Some(_) => {}
+                None => anyhow::bail!(
+                    "no subscription of tenant {tenant} to API {api} waits (or this token may \
+                     not see it): `tollgate subscription list` shows what does"
+                ),
+            }
+            let r = c.unsubscribe(&tenant, &api).await?;
+            println!(
+                "the subscription of tenant {tenant} to API {api} no longer waits (generation {})",
+                r.generation
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `kind`: "key" or "token".

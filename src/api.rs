@@ -107,7 +107,8 @@ pub struct SettingsArgs {
     pub jwt_audience: String,
     #[arg(long)]
     pub jwt_jwks: Option<PathBuf>,
-    /// For --auth jwt: the claim that names the tenant.
+    /// For --auth jwt: a claim a token may leave out or set to the API's owner (a token
+    /// naming another tenant there is refused). Requests are always charged to the owner.
     #[arg(long, default_value = "tenant")]
     pub jwt_tenant_claim: String,
 }

@@ -158,7 +158,14 @@ pub enum JoinTokenCommand {
 
 /// What a file for `tollgate apply` may have at its top: the spec's parts, then the
 /// tenants and APIs the CLI turns into control-plane steps.
-const TOP_LEVEL_KEYS: [&str; 5] = ["upstreams", "routes", "quotas", "tenants", "apis"];
+const TOP_LEVEL_KEYS: [&str; 6] = [
+    "upstreams",
+    "routes",
+    "quotas",
+    "tenant_upstreams",
+    "tenants",
+    "apis",
+];
 
 /// Splits a file into its spec part (upstreams, routes; `None` when it has neither) and
 /// its `tenants`/`apis` part (`None` when it has neither).
@@ -178,7 +185,8 @@ pub fn split_file(text: &str) -> anyhow::Result<(Option<String>, Option<Declared
     if !unknown.is_empty() {
         anyhow::bail!(
             "the file was refused, nothing was applied: unknown top-level field(s) {}; \
-             expected `upstreams`, `routes`, `quotas`, `tenants` or `apis` (docs/spec.md)",
+             expected `upstreams`, `routes`, `quotas`, `tenant_upstreams`, `tenants` or `apis` \
+             (docs/spec.md)",
             unknown.join(", ")
         );
     }

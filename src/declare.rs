@@ -27,7 +27,9 @@ pub struct Declared {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantDecl {
-    /// API name -> semver requirement; when given, exactly these subscriptions.
+    /// API name -> semver requirement; when given, exactly these subscriptions. With a
+    /// tenant's token they are asked for (the API's owner accepts); with the operator's,
+    /// granted. Offers and requests still waiting that the file leaves out are left alone.
     #[serde(default)]
     pub subscriptions: Option<BTreeMap<String, String>>,
 }
@@ -358,9 +360,8 @@ pub fn plan(
         let Some(subs) = &t.subscriptions else {
             continue;
         };
-        let current: BTreeMap<String, String> = tenants
-            .iter()
-            .find(|x| &x.name == name)
+        let found = tenants.iter().find(|x| &x.name == name);
+        let current: BTreeMap<String, String> = found
             .map(|x| {
                 x.subscriptions
                     .iter()
@@ -368,17 +369,34 @@ pub fn plan(
                     .collect()
             })
             .unwrap_or_default();
+        // Asked for already by this tenant, waiting for the API's owner: asking again with
+        // a tenant's token changes nothing, and the operator's grants it; the plan says so.
+        let requested = |api: &str, versions: &str| {
+            found.is_some_and(|x| {
+                x.pending.iter().any(|p| {
+                    p.api == api
+                        && p.versions == versions
+                        && p.asked_by() == state::SubscriptionParty::Subscriber
+                })
+            })
+        };
         for (api, versions) in subs {
             let versions = if versions.is_empty() { "*" } else { versions };
             if current.get(api).map(String::as_str) != Some(versions) {
+                let waits = if requested(api, versions) {
+                    "; requested, not accepted yet"
+                } else {
+                    ""
+                };
                 phases[SUBSCRIPTIONS].push(Step {
                     mark: '~',
-                    what: format!("tenant/{name} (subscribe {api} {versions})"),
+                    what: format!("tenant/{name} (subscribe {api} {versions}{waits})"),
                     command: access_cmd(
                         name,
                         access_command::Op::Subscribe(state::Subscribe {
                             api: api.clone(),
                             versions: versions.to_string(),
+                            ..Default::default()
                         }),
                     ),
                 });
@@ -390,7 +408,10 @@ pub fn plan(
                 what: format!("tenant/{name} (subscription to {api})"),
                 command: access_cmd(
                     name,
-                    access_command::Op::Unsubscribe(state::Unsubscribe { api: api.clone() }),
+                    access_command::Op::Unsubscribe(state::Unsubscribe {
+                        api: api.clone(),
+                        ..Default::default()
+                    }),
                 ),
             });
         }

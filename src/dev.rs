@@ -88,6 +88,12 @@ routes:
     upstream: echo
     request_headers:
       set: {{ x-tollgate-route: user }}
+
+# Where tenants' API versions may send requests (docs/security.md). Loopback is closed to
+# them by default; this dev box runs its demo upstream (and the README tour's API) on
+# 127.0.0.1, so loopback is opened here. The node's own ports stay closed whatever this says.
+tenant_upstreams:
+  allow: [127.0.0.0/8, "::1"]
 "#
     )
 }

@@ -1,8 +1,8 @@
 //! `tollgate`: the command-line tool. `tollgate dev` runs a whole gateway in one process;
 //! `tollgate node` runs a gateway node; `tollgate validate` checks a spec file;
 //! `tollgate apply` and `tollgate cluster` talk to a running cluster; `tollgate cp` runs
-//! the control plane; `tollgate api|version|tenant|key|token|audit|plan|budget|usage|costs`
-//! talk to it.
+//! the control plane; `tollgate api|version|tenant|subscription|key|token|audit|plan|budget|
+//! usage|costs` talk to it.
 
 mod access;
 mod api;
@@ -48,6 +48,9 @@ enum Command {
     /// Tenants and subscriptions: create, delete, list, subscribe, unsubscribe.
     #[command(subcommand)]
     Tenant(access::TenantCommand),
+    /// Subscriptions between tenants: list, accept and decline offers and requests.
+    #[command(subcommand)]
+    Subscription(access::SubscriptionCommand),
     /// Data-plane API keys: create (shown once), list, revoke.
     #[command(subcommand)]
     Key(access::CredentialCommand),
@@ -156,6 +159,7 @@ fn main() -> ExitCode {
         Command::Circuit(cmd) => run_client(circuit::circuit(cmd)),
         Command::Secret(cmd) => run_client(secret::secret(cmd)),
         Command::Tenant(cmd) => run_client(access::tenant(cmd)),
+        Command::Subscription(cmd) => run_client(access::subscription(cmd)),
         Command::Key(cmd) => run_client(access::credential("key", cmd)),
         Command::Token(cmd) => run_client(access::credential("token", cmd)),
         Command::Audit(args) => run_client(access::audit(args)),

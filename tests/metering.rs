@@ -22,11 +22,13 @@ use tollgate_sdk::{ControlPlaneClient, cp, state};
 
 const T: Duration = Duration::from_secs(30);
 
+/// The cluster's spec: one plain route; loopback opened to API versions, which send
+/// requests to test upstreams on 127.0.0.1 (`harness::allowing_loopback`).
 fn spec(up: &Upstream) -> String {
-    format!(
+    harness::allowing_loopback(&format!(
         "upstreams:\n  u: {{ endpoints: [{{ address: \"{}\" }}] }}\nroutes:\n  plain: {{ match: {{ path: {{ prefix: /plain }} }}, upstream: u }}\n",
         up.addr
-    )
+    ))
 }
 
 /// API `name` of tenant acme at `/<name>`, version 1.0.0 published: one route, paths

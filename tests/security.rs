@@ -663,8 +663,9 @@ async fn every_kind_of_secret(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_secret_is_sealed_in_every_file() {
     let up = Upstream::start("v1").await;
-    let gw =
-        GatewayProcess::start_with(&tagged_spec(up.addr, "0"), &["--snapshot-every", "1"]).await;
+    // The JWT API's version sends requests to the test upstream on loopback: opened.
+    let spec = harness::allowing_loopback(&tagged_spec(up.addr, "0"));
+    let gw = GatewayProcess::start_with(&spec, &["--snapshot-every", "1"]).await;
     let (_cpp, mut secrets) = every_kind_of_secret(&gw, up.addr).await;
     // The JWT API answers with its sealed key opened on the data plane.
     let (_, jwt_key) = hs256_jwks();
@@ -696,7 +697,8 @@ async fn every_kind_of_secret_is_sealed_in_every_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sealing_key_rotates_and_the_old_one_can_go() {
     let up = Upstream::start("v1").await;
-    let gw = GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    // The JWT API's version sends requests to the test upstream on loopback: opened.
+    let gw = GatewayProcess::start(&harness::allowing_loopback(&tagged_spec(up.addr, "0"))).await;
     let (cpp, _) = every_kind_of_secret(&gw, up.addr).await;
     drop(cpp);
     let data = gw.dir.join("data");
@@ -1084,4 +1086,497 @@ async fn join_token_create_prints_the_token_alone_or_as_json() {
         1,
         "a revoked token is not listed without --all"
     );
+}
+
+// === tenant boundaries ===
+
+/// `tollgate ARGS` against the control plane at `cp` with `token`: (success, stdout,
+/// stderr).
+fn tollgate(cp: SocketAddr, ca: &std::path::Path, token: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .args(["--cp", &cp.to_string()])
+        .env("TOLLGATE_CA", ca)
+        .env("TOLLGATE_TOKEN", token)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// GET `path` through `gw` with an API key; the status.
+async fn with_key(gw: &GatewayProcess, path: &str, key: &str) -> u16 {
+    let req = http::Request::get(gw.url(path))
+        .header("x-api-key", key)
+        .body(harness::full(""))
+        .unwrap();
+    gw.send(req).await.status.as_u16()
+}
+
+/// A version's content: every path to `addr` (written as given: an address or a name).
+fn onto(addr: &str) -> String {
+    format!(
+        "upstreams: {{ u: {{ endpoints: [{{ address: \"{addr}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }}\n"
+    )
+}
+
+fn mounted_at(base: &str) -> Option<tollgate_sdk::state::ApiSettings> {
+    Some(tollgate_sdk::state::ApiSettings {
+        base_path: base.into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_subscribe_another_without_its_consent() {
+    use tollgate_sdk::state::{self, SubscriptionParty};
+    let up = Upstream::start("orders").await;
+    // acme's API sends requests to the test upstream on loopback: opened.
+    let gw = GatewayProcess::start(&harness::allowing_loopback(&tagged_spec(up.addr, "0"))).await;
+    let cpp = harness::cp::CpProcess::start(&[gw.grpc]).await;
+    let op = cpp.sdk(gw.operator_token());
+    let mut tokens = std::collections::HashMap::new();
+    let mut keys = std::collections::HashMap::new();
+    for t in ["acme", "beta", "gamma", "delta"] {
+        op.create_tenant(t).await.unwrap();
+        tokens.insert(t, op.create_token(t, "ops", "").await.unwrap().secret);
+        keys.insert(t, op.create_key(t, "k", "").await.unwrap().secret);
+    }
+    let acme = cpp.sdk(&tokens["acme"]);
+    acme.create_api("orders", "acme", mounted_at("/orders"))
+        .await
+        .unwrap();
+    acme.create_version("orders", "1.0.0", &onto(&up.addr.to_string()))
+        .await
+        .unwrap();
+    acme.publish("orders", "1.0.0").await.unwrap();
+    acme.promote("orders", "1.0.0").await.unwrap();
+    eventually("acme's API to be served", T, async || {
+        with_key(&gw, "/orders/x", &keys["acme"]).await == 200
+    })
+    .await;
+
+    // The attack: acme subscribes beta with its own token, even through a raw write that
+    // claims to come from the operator. Both are an offer, which lets nothing through.
+    let mut forged = state::Subscribe {
+        api: "orders".into(),
+        ..Default::default()
+    };
+    forged.set_party(SubscriptionParty::Operator);
+    let mut raw = gw.sdk().await.with_token(Some(&tokens["acme"])).unwrap();
+    raw.write(state::Command {
+        kind: Some(state::command::Kind::Access(state::AccessCommand {
+            tenant: "beta".into(),
+            op: Some(state::access_command::Op::Subscribe(forged)),
+        })),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let offered = acme.subscribe("beta", "orders", "").await.unwrap();
+    let view = offered.subscription.unwrap();
+    assert_eq!(
+        (view.status.as_str(), view.owner.as_str()),
+        ("offered", "acme")
+    );
+    // Nothing reached the data plane: beta's key is still refused once every change is in.
+    let generation = offered.generation;
+    eventually("the offer to be served", T, async || {
+        gw.sdk().await.status().await.unwrap().spec_generation >= generation
+    })
+    .await;
+    assert_eq!(with_key(&gw, "/orders/x", &keys["beta"]).await, 403);
+    let audit = op
+        .audit(tollgate_sdk::cp::AuditQuery {
+            object_prefix: "tenant/beta".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    assert!(
+        actions.contains(&"subscription.offer") && !actions.contains(&"subscription.grant"),
+        "{actions:?}"
+    );
+
+    // beta sees the offer and accepts it with its own token (the CLI, as a user would).
+    let (ok, listed) = tollgate(
+        cpp.addr,
+        &gw.ca_file(),
+        &tokens["beta"],
+        &["subscription", "list"],
+    );
+    assert!(
+        ok && listed.contains("offered") && listed.contains("acme"),
+        "{listed}"
+    );
+    let (ok, out) = tollgate(
+        cpp.addr,
+        &gw.ca_file(),
+        &tokens["beta"],
+        &["subscription", "accept", "beta", "orders"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("tenant beta may call versions * of API orders"),
+        "{out}"
+    );
+    eventually(
+        "beta's consented subscription to be served",
+        T,
+        async || with_key(&gw, "/orders/x", &keys["beta"]).await == 200,
+    )
+    .await;
+
+    // The other way round: gamma asks; acme accepts. gamma does not learn the owner's
+    // name from its own waiting request.
+    let gamma = cpp.sdk(&tokens["gamma"]);
+    let asked = gamma.subscribe("gamma", "orders", "^1").await.unwrap();
+    let view = asked.subscription.unwrap();
+    assert_eq!(
+        (view.status.as_str(), view.owner.as_str()),
+        ("requested", "")
+    );
+    assert_eq!(with_key(&gw, "/orders/x", &keys["gamma"]).await, 403);
+    // gamma cannot accept its own request.
+    let err = gamma
+        .accept_subscription("gamma", "orders")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    let seen = acme.list_subscriptions("gamma", "").await.unwrap();
+    assert_eq!(seen[0].status, "requested");
+    acme.accept_subscription("gamma", "orders").await.unwrap();
+    eventually("gamma's subscription to be served", T, async || {
+        with_key(&gw, "/orders/x", &keys["gamma"]).await == 200
+    })
+    .await;
+
+    // An offer delta declines never lets delta's key in; the CLI says who must act.
+    let (ok, out) = tollgate(
+        cpp.addr,
+        &gw.ca_file(),
+        &tokens["acme"],
+        &["tenant", "subscribe", "delta", "orders"],
+    );
+    assert!(ok && out.contains("waiting for delta to accept"), "{out}");
+    let (ok, out) = tollgate(
+        cpp.addr,
+        &gw.ca_file(),
+        &tokens["delta"],
+        &["subscription", "decline", "delta", "orders"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        op.list_subscriptions("delta", "").await.unwrap().is_empty(),
+        "nothing left"
+    );
+    let err = cpp
+        .sdk(&tokens["delta"])
+        .accept_subscription("delta", "orders")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert_eq!(with_key(&gw, "/orders/x", &keys["delta"]).await, 403);
+
+    // A tenant cannot subscribe a third tenant to an API it does not own.
+    let err = gamma.subscribe("beta", "orders", "").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    // The operator grants at once.
+    let granted = op.subscribe("delta", "orders", "").await.unwrap();
+    assert_eq!(granted.subscription.unwrap().status, "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_naming_another_tenant_never_bills_it() {
+    use tollgate_sdk::{cp, state};
+    let up = Upstream::start("pay").await;
+    // The APIs' versions send requests to the test upstream on loopback: opened.
+    let gw = GatewayProcess::start_with(
+        &harness::allowing_loopback(&tagged_spec(up.addr, "0")),
+        &["--meter-interval", "200ms"],
+    )
+    .await;
+    let cpp = harness::cp::CpProcess::start(&[gw.grpc]).await;
+    let op = cpp.sdk(gw.operator_token());
+    for t in ["acme", "beta"] {
+        op.create_tenant(t).await.unwrap();
+    }
+    // beta pays 1.00 a request, with a hard cap at 5.00, and has an API of its own.
+    op.put_plan(
+        "metered",
+        state::PlanPrices {
+            per_1k_requests: "1000".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    op.assign_plan("beta", "metered").await.unwrap();
+    op.set_budget(state::SetBudget {
+        tenant: "beta".into(),
+        monthly_limit: "5".into(),
+        hard_cap: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let beta_key = op.create_key("beta", "k", "").await.unwrap().secret;
+    op.create_api("shop", "beta", mounted_at("/shop"))
+        .await
+        .unwrap();
+    op.create_version("shop", "1.0.0", &onto(&up.addr.to_string()))
+        .await
+        .unwrap();
+    op.publish("shop", "1.0.0").await.unwrap();
+    op.promote("shop", "1.0.0").await.unwrap();
+
+    // acme, with its own token, runs a JWT API whose issuer (and HS256 key) it chose.
+    let acme = cpp.sdk(&op.create_token("acme", "ops", "").await.unwrap().secret);
+    let (jwks, secret) = hs256_jwks();
+    acme.create_api("pay", "acme", Some(jwt_settings(&jwks)))
+        .await
+        .unwrap();
+    acme.create_version("pay", "1.0.0", &onto(&up.addr.to_string()))
+        .await
+        .unwrap();
+    acme.publish("pay", "1.0.0").await.unwrap();
+    acme.promote("pay", "1.0.0").await.unwrap();
+    // Even a subscription beta agreed to changes nothing below.
+    acme.subscribe("beta", "pay", "").await.unwrap();
+    cpp.sdk(&op.create_token("beta", "ops", "").await.unwrap().secret)
+        .accept_subscription("beta", "pay")
+        .await
+        .unwrap();
+    let jwt = |claims: serde_json::Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        h.kid = Some("k1".into());
+        let key = jsonwebtoken::EncodingKey::from_secret(&secret).unwrap();
+        format!(
+            "Bearer {}",
+            jsonwebtoken::encode(&h, &claims, &key).unwrap()
+        )
+    };
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let base = serde_json::json!({"iss": "https://idp.test", "aud": "pay", "exp": exp});
+    let mut naming_beta = base.clone();
+    naming_beta["tenant"] = "beta".into();
+    let (naming_beta, plain) = (jwt(naming_beta), jwt(base));
+    let call = async |token: &str| {
+        let req = http::Request::get(gw.url("/pay/charge"))
+            .header("authorization", token)
+            .body(harness::full(""))
+            .unwrap();
+        gw.send(req).await
+    };
+    eventually("acme's API to be served", T, async || {
+        call(&plain).await.status == 200
+    })
+    .await;
+
+    // The attack of the review: 80 requests with JWTs naming beta. Refused, every one.
+    for _ in 0..80 {
+        let r = call(&naming_beta).await;
+        assert_eq!(
+            (r.status.as_u16(), r.error_code().as_str()),
+            (403, "forbidden")
+        );
+    }
+    // acme's tokens are acme's to pay for; beta's own key is beta's.
+    for _ in 0..4 {
+        assert_eq!(call(&plain).await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(with_key(&gw, "/shop/x", &beta_key).await, 200);
+    }
+
+    // Metered: beta pays for its 3 requests to its own API only; acme for every request
+    // its issuer's tokens made (the warm-up included).
+    let usage = async || {
+        op.usage(cp::UsageQuery {
+            since: "1h".into(),
+            group_by: "api".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .lines
+    };
+    let requests = |lines: &[cp::UsageLine], tenant: &str, api: &str| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l.tenant == tenant && l.group == api)
+            .map(|l| l.counts.as_ref().unwrap().requests)
+            .sum()
+    };
+    eventually("the requests to be metered", T, async || {
+        let lines = usage().await;
+        requests(&lines, "beta", "shop") == 3 && requests(&lines, "acme", "pay") >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = usage().await;
+    assert_eq!(requests(&lines, "beta", "pay"), 0, "{lines:?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.tenant == "beta")
+            .map(|l| l.counts.as_ref().unwrap().requests)
+            .sum::<u64>(),
+        3,
+        "beta is billed for its own requests only: {lines:?}"
+    );
+    // beta's budget (5.00) holds: its key keeps working.
+    let budgets = op.list_budgets().await.unwrap();
+    assert!(
+        !budgets.budgets[0].budget.as_ref().unwrap().capped,
+        "{budgets:?}"
+    );
+    assert_eq!(with_key(&gw, "/shop/x", &beta_key).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_upstream_cannot_reach_the_nodes_or_loopback() {
+    use tonic::Code::{InvalidArgument, PermissionDenied};
+    let up = Upstream::start("inside").await;
+    // The operator's own spec points at loopback: the operator's to choose.
+    let gw = GatewayProcess::start(&tagged_spec(up.addr, "0")).await;
+    let cpp = harness::cp::CpProcess::start(&[gw.grpc]).await;
+    let op = cpp.sdk(gw.operator_token());
+    op.create_tenant("acme").await.unwrap();
+    let acme = cpp.sdk(&op.create_token("acme", "ops", "").await.unwrap().secret);
+    acme.create_api(
+        "evil",
+        "acme",
+        Some(tollgate_sdk::state::ApiSettings {
+            base_path: "/evil".into(),
+            auth: "none".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let refused = async |target: &str, code: tonic::Code, says: &[&str]| {
+        let err = acme
+            .create_version("evil", "1.0.0", &onto(target))
+            .await
+            .expect_err(target);
+        assert_eq!(err.code(), Some(code), "{target}: {err}");
+        for s in says {
+            assert!(err.to_string().contains(s), "{target}: {err}");
+        }
+    };
+    let at = "upstreams.u.endpoints[0].address";
+    // The review's attack: the node's admin port (its /metrics and /quotas), then the
+    // others, then loopback, a name for loopback, and the cloud metadata address.
+    refused(
+        &gw.admin.to_string(),
+        PermissionDenied,
+        &[at, "admin port of node 1"],
+    )
+    .await;
+    refused(
+        &gw.grpc.to_string(),
+        PermissionDenied,
+        &["gRPC port of node 1"],
+    )
+    .await;
+    refused(
+        &gw.proxy.to_string(),
+        PermissionDenied,
+        &["proxy port of node 1"],
+    )
+    .await;
+    let port = up.addr.port();
+    refused(
+        &up.addr.to_string(),
+        PermissionDenied,
+        &["loopback", "tenant_upstreams.allow"],
+    )
+    .await;
+    refused(
+        &format!("localhost:{port}"),
+        PermissionDenied,
+        &["localhost", "resolves to", "loopback"],
+    )
+    .await;
+    refused("169.254.169.254:80", PermissionDenied, &["link-local"]).await;
+    refused("0.0.0.0:80", PermissionDenied, &["unspecified"]).await;
+    // A version cannot open the list for itself.
+    let own_list = format!(
+        "{}tenant_upstreams: {{ allow: [0.0.0.0/0] }}\n",
+        onto("10.9.9.9:80")
+    );
+    let err = acme
+        .create_version("evil", "1.0.0", &own_list)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(InvalidArgument), "{err}");
+
+    // The operator's spec may point anywhere, the node's admin port included.
+    let admin_route = format!(
+        "{}upstreams: {{ admin: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ metrics: {{ match: {{ path: {{ exact: /metrics }} }}, upstream: admin }} }}\n",
+        "", gw.admin
+    );
+    let mut node = gw.sdk().await;
+    node.apply_spec(admin_route, false, "").await.unwrap();
+    eventually("the operator's route to the admin port", T, async || {
+        gw.get("/metrics").await.status == 200
+    })
+    .await;
+
+    // The operator opens loopback (but 127.0.0.2) to tenants: loopback upstreams are
+    // taken, the node's own ports still never.
+    let opened = format!(
+        "{}tenant_upstreams: {{ allow: [127.0.0.0/8], deny: [127.0.0.2] }}\n",
+        tagged_spec(up.addr, "1")
+    );
+    node.apply_spec(opened, false, "").await.unwrap();
+    refused(
+        &gw.admin.to_string(),
+        PermissionDenied,
+        &["admin port of node 1"],
+    )
+    .await;
+    refused(
+        &format!("127.0.0.2:{port}"),
+        PermissionDenied,
+        &["127.0.0.2/32", "tenant_upstreams.deny"],
+    )
+    .await;
+    acme.create_version("evil", "1.0.0", &onto(&up.addr.to_string()))
+        .await
+        .unwrap();
+    acme.publish("evil", "1.0.0").await.unwrap();
+    acme.promote("evil", "1.0.0").await.unwrap();
+    eventually(
+        "the tenant's loopback upstream to be served",
+        T,
+        async || gw.get("/evil/x").await.status == 200,
+    )
+    .await;
+
+    // Every node checks again what it compiles, against the address a name resolves to
+    // then: with loopback closed again, the published version is not served (a name
+    // that turned into a loopback address later is caught the same way).
+    node.apply_spec(tagged_spec(up.addr, "2"), false, "")
+        .await
+        .unwrap();
+    eventually("the version to be taken out", T, async || {
+        let r = gw.get("/evil/x").await;
+        r.status == 503 && r.error_code() == "version_unavailable"
+    })
+    .await;
+    let log = gw.log();
+    assert!(
+        log.contains("version 1.0.0 of API evil") && log.contains("loopback"),
+        "{log}"
+    );
+    let hits = up.hits();
+    assert_eq!(gw.get("/evil/x").await.status, 503);
+    assert_eq!(up.hits(), hits, "nothing reached the upstream");
 }

@@ -21,8 +21,10 @@ const T: Duration = Duration::from_secs(20);
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
+/// The cluster's spec, with loopback opened to API versions: the traced API's version
+/// sends requests to a test upstream on 127.0.0.1 (`harness::allowing_loopback`).
 fn spec(up: &Upstream) -> String {
-    format!(
+    harness::allowing_loopback(&format!(
         r#"
 upstreams:
   u: {{ endpoints: [{{ address: "{addr}" }}] }}
@@ -33,7 +35,7 @@ quotas:
   one: {{ scope: key, limit: 1, window: minute, routes: [limited] }}
 "#,
         addr = up.addr
-    )
+    ))
 }
 
 async fn get(gw: &GatewayProcess, path: &str, headers: &[(&str, &str)]) -> TestResponse {

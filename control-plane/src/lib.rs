@@ -292,7 +292,32 @@ impl Service {
         Ok(cp::TenantReply {
             tenant: list.tenants.into_iter().find(|t| t.name == name),
             generation: generation.max(list.generation),
+            subscription: None,
         })
+    }
+
+    /// The subscriptions the token may see, of `tenant` to `api` (empty: all).
+    async fn subscriptions(
+        &self,
+        token: &Token,
+        tenant: &str,
+        api: &str,
+    ) -> Result<Vec<state::SubscriptionView>, Status> {
+        let req = tollgate_sdk::NodeListSubscriptionsRequest {
+            local: false,
+            tenant: tenant.to_string(),
+            api: api.to_string(),
+        };
+        Ok(self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(token.clone());
+                let req = req.clone();
+                async move { c.list_subscriptions(req).await }
+            })
+            .await?
+            .subscriptions)
     }
 
     async fn credentials(
@@ -558,6 +583,7 @@ impl Access for Service {
         Ok(Response::new(cp::TenantReply {
             tenant: None,
             generation: written.generation,
+            subscription: None,
         }))
     }
 
@@ -650,15 +676,38 @@ impl Access for Service {
         let r = req.into_inner();
         check_size("the API name", &r.api, 256)?;
         check_size("the versions", &r.versions, 256)?;
+        // Who asks (the operator, the API's owner, the tenant) is the node's to say, from
+        // the token: never sent from here.
         let op = state::access_command::Op::Subscribe(state::Subscribe {
-            api: r.api,
+            api: r.api.clone(),
             versions: r.versions,
+            accept: r.accept,
+            ..Default::default()
         });
         let written = self.access(&t, &r.tenant, op).await?;
+        let subscription = self
+            .subscriptions(&t, &r.tenant, &r.api)
+            .await?
+            .into_iter()
+            .next();
         Ok(Response::new(cp::TenantReply {
             // The API's owner may not see the subscribing tenant itself.
             tenant: None,
             generation: written.generation,
+            subscription,
+        }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        req: Request<cp::ListSubscriptionsRequest>,
+    ) -> Result<Response<cp::ListSubscriptionsReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        check_size("the tenant name", &r.tenant, 256)?;
+        check_size("the API name", &r.api, 256)?;
+        Ok(Response::new(cp::ListSubscriptionsReply {
+            subscriptions: self.subscriptions(&t, &r.tenant, &r.api).await?,
         }))
     }
 
@@ -669,11 +718,15 @@ impl Access for Service {
         let t = token(&req);
         let r = req.into_inner();
         check_size("the API name", &r.api, 256)?;
-        let op = state::access_command::Op::Unsubscribe(state::Unsubscribe { api: r.api });
+        let op = state::access_command::Op::Unsubscribe(state::Unsubscribe {
+            api: r.api,
+            ..Default::default()
+        });
         let written = self.access(&t, &r.tenant, op).await?;
         Ok(Response::new(cp::TenantReply {
             tenant: None,
             generation: written.generation,
+            subscription: None,
         }))
     }
 }

@@ -209,7 +209,9 @@ impl Node {
         // plane has drained, so /readyz can say "draining" meanwhile.
         let shutdown = CancellationToken::new();
         let control = CancellationToken::new();
+        let members = cluster.clone();
         let compiler = Arc::new(Compiler {
+            members: Box::new(move || members.members()),
             identity: identity.clone(),
             shared: shared.clone(),
             registry: EndpointRegistry::default(),
@@ -724,6 +726,8 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
 /// and off the data-plane threads, and swaps it in. Routing is rebuilt only when the spec
 /// or the APIs changed; keys and subscriptions alone rebuild only the auth table.
 struct Compiler {
+    /// Every member's listeners, which tenants' API versions may never reach.
+    members: Box<dyn Fn() -> Vec<state::egress::Member> + Send + Sync>,
     /// Opens the state's hash key for the data plane's key checks.
     identity: Arc<identity::Identity>,
     shared: Arc<Shared>,
@@ -807,8 +811,11 @@ impl Compiler {
                 let this = self.clone();
                 let reuse = self.reusable(&next);
                 let parsed = (!reuse).then(|| Parsed::of(&next));
-                // Building may resolve endpoint names (blocking): then off this thread.
-                if parsed.as_ref().is_some_and(Parsed::needs_dns) {
+                // Building may resolve endpoint and member names (blocking): then off this
+                // thread.
+                if parsed.as_ref().is_some_and(|p| {
+                    p.needs_dns() || state::egress::members_need_dns(&(self.members)())
+                }) {
                     let _ = tokio::task::spawn_blocking(move || this.swap_in(&next, parsed)).await;
                 } else {
                     this.swap_in(&next, parsed);
@@ -831,13 +838,28 @@ impl Compiler {
     /// Fails only when the spec itself does not compile here. A version that does not is
     /// left unavailable (503) and logged: one tenant's content cannot stop this node from
     /// taking everyone else's changes.
+    ///
+    /// A version's endpoints are checked again here, as they resolve on this node now,
+    /// against the cluster spec's `tenant_upstreams` and the members' listeners: one that
+    /// may not be reached (a name that resolves somewhere else than when it was checked,
+    /// or a list the operator changed since) leaves the version unavailable (503).
     fn build_routing(&self, next: &Published, parsed: Parsed) -> Result<Routing, SpecErrors> {
         let spec = parsed.spec.and_then(Spec::from_value)?;
+        let policy = &spec.tenant_upstreams;
+        let own = if parsed.versions.is_empty() {
+            state::egress::OwnAddrs::default()
+        } else {
+            state::egress::OwnAddrs::resolve(&(self.members)())
+        };
         let mut versions = Vec::with_capacity(parsed.versions.len());
         for (name, version, doc) in parsed.versions {
             let api = &next.apis[&name];
             let v = &api.versions[&version];
-            let (spec, available) = match doc.map(|d| d.and_then(Spec::from_value)) {
+            let checked = doc.map(|d| {
+                d.and_then(Spec::from_value)
+                    .and_then(|s| state::egress::check_spec(policy, &own, &s).map(|()| s))
+            });
+            let (spec, available) = match checked {
                 None => (None, true),
                 Some(Ok(spec)) => (Some(spec), true),
                 Some(Err(e)) => {

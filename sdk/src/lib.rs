@@ -793,6 +793,16 @@ impl NodeClient {
         .await
     }
 
+    /// Subscriptions, active and waiting for consent (a tenant token sees its tenant's
+    /// and those to the APIs it owns).
+    pub async fn list_subscriptions(
+        &mut self,
+        req: NodeListSubscriptionsRequest,
+    ) -> Result<ListSubscriptionsResponse, Error> {
+        self.unary(req, |mut c, r| async move { c.list_subscriptions(r).await })
+            .await
+    }
+
     /// API keys (`kind` "key") or tokens ("token") of one tenant or all, without hashes.
     pub async fn list_credentials(
         &mut self,
@@ -881,6 +891,7 @@ impl NodeClient {
 pub use tollgate_proto::cp::v1 as cp;
 pub use tollgate_proto::node::v1::{
     AuditRequest as NodeAuditRequest, ListCredentialsRequest as NodeListCredentialsRequest,
+    ListSubscriptionsRequest as NodeListSubscriptionsRequest, ListSubscriptionsResponse,
     UsageRequest as NodeUsageRequest,
 };
 
@@ -1262,8 +1273,11 @@ impl ControlPlaneClient {
         .await
     }
 
-    /// Lets `tenant`'s keys call the versions of `api` that match `versions` ("2", "^2.1",
-    /// "*"; empty: all).
+    /// Asks for `tenant`'s keys to call the versions of `api` that match `versions`
+    /// ("2", "^2.1", "*"; empty: all). With the operator token it is granted at once; with
+    /// a token of the API's owner it is an offer `tenant` must accept, with a token of
+    /// `tenant` a request the owner must accept ([`Self::accept_subscription`]). The
+    /// reply's `subscription.status` says which: "active", "offered" or "requested".
     pub async fn subscribe(
         &self,
         tenant: &str,
@@ -1274,11 +1288,50 @@ impl ControlPlaneClient {
             tenant: tenant.into(),
             api: api.into(),
             versions: versions.into(),
+            accept: false,
         };
         self.call(req, |ch, r| async move {
             AccessClient::new(ch).subscribe(r).await
         })
         .await
+    }
+
+    /// Accepts the subscription of `tenant` to `api` that the other side asked for: an
+    /// offer (with a token of `tenant`) or a request (with a token of the API's owner).
+    pub async fn accept_subscription(
+        &self,
+        tenant: &str,
+        api: &str,
+    ) -> Result<cp::TenantReply, Error> {
+        let req = cp::SubscribeRequest {
+            tenant: tenant.into(),
+            api: api.into(),
+            versions: String::new(),
+            accept: true,
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).subscribe(r).await
+        })
+        .await
+    }
+
+    /// Subscriptions, active and waiting for consent, that the token may see (its
+    /// tenant's and those to its APIs); `tenant` and `api` narrow them (empty: all).
+    pub async fn list_subscriptions(
+        &self,
+        tenant: &str,
+        api: &str,
+    ) -> Result<Vec<state::SubscriptionView>, Error> {
+        let req = cp::ListSubscriptionsRequest {
+            tenant: tenant.into(),
+            api: api.into(),
+        };
+        Ok(self
+            .call(req, |ch, r| async move {
+                AccessClient::new(ch).list_subscriptions(r).await
+            })
+            .await?
+            .subscriptions)
     }
 
     pub async fn unsubscribe(&self, tenant: &str, api: &str) -> Result<cp::TenantReply, Error> {

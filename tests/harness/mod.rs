@@ -57,6 +57,15 @@ pub fn one_route_spec(up: &Upstream, upstream_extra: &str) -> String {
     )
 }
 
+/// `spec` (ending in a newline) with loopback opened to tenants' API versions. Every test
+/// upstream listens on 127.0.0.1, which API versions may not reach by default (their
+/// upstreams are a tenant's to choose, and the node's own ports are on loopback:
+/// docs/security.md); a test that publishes API versions onto them opens it, as `tollgate
+/// dev` does. The nodes' own ports stay closed whatever the list says.
+pub fn allowing_loopback(spec: &str) -> String {
+    format!("{spec}tenant_upstreams: {{ allow: [127.0.0.0/8] }}\n")
+}
+
 // === the gateway process ===
 
 /// A `tollgate node` child process, killed when dropped.

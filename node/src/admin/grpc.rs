@@ -227,6 +227,18 @@ impl NodeAdmin for AdminService {
         ))
     }
 
+    async fn list_subscriptions(
+        &self,
+        req: Request<ListSubscriptionsRequest>,
+    ) -> Result<Response<ListSubscriptionsResponse>, Status> {
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
+        Ok(Response::new(
+            self.cluster
+                .list_subscriptions(req.into_inner(), fwd, &caller)
+                .await?,
+        ))
+    }
+
     async fn list_credentials(
         &self,
         req: Request<ListCredentialsRequest>,

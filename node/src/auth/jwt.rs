@@ -1,5 +1,12 @@
 //! JWT validation for APIs with `auth: jwt`: signature against a static JWKS, `exp`,
-//! `iss` and `aud` required and checked, the tenant read from a claim.
+//! `iss` and `aud` required and checked.
+//!
+//! Who pays is never read from the token. The issuer and its keys are set in the API's
+//! settings by the API's owner, so the issuer is registered to that tenant, and every
+//! request a valid token lets in is charged to it (as Kong charges a JWT to the Consumer
+//! that owns the credential, whatever the claims say). The tenant claim (`tenant` unless
+//! the API names another) is only checked: a token that names another tenant there is
+//! refused, since its issuer cannot speak for that tenant (docs/decisions.md).
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -103,7 +110,19 @@ struct Key {
 /// A compiled validator for one API.
 pub struct JwtValidator {
     keys: Vec<Key>,
+    /// The claim that, when a token carries it, must name the API's owner.
     tenant_claim: String,
+    /// The API's owner: the tenant the issuer is registered to.
+    owner: String,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtRefusal {
+    /// Not a valid token of this API's issuer (401).
+    Invalid(String),
+    /// Valid, but it names another tenant than the one its issuer is registered to (403).
+    OtherTenant(String),
 }
 
 impl std::fmt::Debug for JwtValidator {
@@ -111,16 +130,19 @@ impl std::fmt::Debug for JwtValidator {
         f.debug_struct("JwtValidator")
             .field("keys", &self.keys.len())
             .field("tenant_claim", &self.tenant_claim)
+            .field("owner", &self.owner)
             .finish()
     }
 }
 
 impl JwtValidator {
+    /// A validator for an API owned by `owner`, whose settings register `issuer`.
     pub fn new(
         jwks: &str,
         issuer: &str,
         audience: &str,
         tenant_claim: &str,
+        owner: &str,
     ) -> Result<JwtValidator, String> {
         let set = parse_jwks(jwks)?;
         let mut keys = Vec::with_capacity(set.keys.len());
@@ -145,14 +167,20 @@ impl JwtValidator {
         }
         Ok(JwtValidator {
             keys,
-            tenant_claim: tenant_claim.to_string(),
+            tenant_claim: if tenant_claim.is_empty() {
+                "tenant".into()
+            } else {
+                tenant_claim.to_string()
+            },
+            owner: owner.to_string(),
         })
     }
 
-    /// The tenant a valid token names, or why the token is refused.
-    pub fn verify(&self, token: &str) -> Result<String, String> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| format!("malformed JWT: {e}"))?;
+    /// Checks a token. A valid one's requests are charged to the API's owner (the tenant
+    /// the issuer is registered to), so nothing of the token is returned.
+    pub fn verify(&self, token: &str) -> Result<(), JwtRefusal> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| JwtRefusal::Invalid(format!("malformed JWT: {e}")))?;
         let candidates: Vec<&Key> = match &header.kid {
             Some(kid) => self
                 .keys
@@ -162,7 +190,9 @@ impl JwtValidator {
             None => self.keys.iter().collect(),
         };
         if candidates.is_empty() {
-            return Err("the JWT's kid names no key of this API".into());
+            return Err(JwtRefusal::Invalid(
+                "the JWT's kid names no key of this API".into(),
+            ));
         }
         let mut last = String::from("the JWT's algorithm matches no key of this API");
         for k in candidates {
@@ -170,20 +200,30 @@ impl JwtValidator {
                 continue;
             }
             match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &k.validation) {
-                Ok(data) => {
-                    return data
-                        .claims
-                        .get(&self.tenant_claim)
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string)
-                        .ok_or_else(|| {
-                            format!("the JWT has no string claim {:?}", self.tenant_claim)
-                        });
-                }
+                Ok(data) => return self.check_tenant(&data.claims),
                 Err(e) => last = format!("the JWT is not valid: {e}"),
             }
         }
-        Err(last)
+        Err(JwtRefusal::Invalid(last))
+    }
+
+    /// A token may leave the tenant claim out, or name the owner in it; anything else asks
+    /// to be charged to someone the issuer cannot speak for.
+    fn check_tenant(&self, claims: &serde_json::Value) -> Result<(), JwtRefusal> {
+        match claims.get(&self.tenant_claim) {
+            None | Some(serde_json::Value::Null) => Ok(()),
+            Some(serde_json::Value::String(t)) if *t == self.owner => Ok(()),
+            Some(serde_json::Value::String(t)) => Err(JwtRefusal::OtherTenant(format!(
+                "the JWT's {:?} claim names tenant {t:?}, but this API's issuer is registered \
+                 to the API's owner, which every request its tokens sign is charged to; a \
+                 token cannot name another tenant (leave the claim out, or name the owner)",
+                self.tenant_claim
+            ))),
+            Some(_) => Err(JwtRefusal::Invalid(format!(
+                "the JWT's {:?} claim is not a string",
+                self.tenant_claim
+            ))),
+        }
     }
 }
 
@@ -211,10 +251,11 @@ mod tests {
     #[test]
     fn a_token_is_checked_for_signature_issuer_audience_and_expiry() {
         let secret = b"0123456789abcdef0123456789abcdef";
-        let v = JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "tenant").unwrap();
+        let v =
+            JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "tenant", "acme").unwrap();
         let exp = chrono::Utc::now().timestamp() + 600;
         let good = serde_json::json!({"iss": "https://idp", "aud": "orders", "exp": exp, "tenant": "acme"});
-        assert_eq!(v.verify(&token(secret, good.clone())).unwrap(), "acme");
+        assert_eq!(v.verify(&token(secret, good.clone())), Ok(()));
         let mut wrong_aud = good.clone();
         wrong_aud["aud"] = "other".into();
         assert!(v.verify(&token(secret, wrong_aud)).is_err());
@@ -227,12 +268,52 @@ mod tests {
         assert!(v.verify(&token(secret, early)).is_err());
         let mut now = good.clone();
         now["nbf"] = (exp - 600 + 10).into();
-        assert_eq!(v.verify(&token(secret, now)).unwrap(), "acme");
+        assert_eq!(v.verify(&token(secret, now)), Ok(()));
         assert!(
             v.verify(&token(b"another-secret-another-secret-xx", good))
                 .is_err()
         );
         assert!(v.verify("not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn a_token_is_charged_to_the_owner_and_cannot_name_another_tenant() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let exp = chrono::Utc::now().timestamp() + 600;
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"iss": "https://idp", "aud": "orders", "exp": exp});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            token(secret, c)
+        };
+        // The default claim is `tenant`; an API may name another.
+        let v = JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "", "acme").unwrap();
+        assert_eq!(v.verify(&claims(serde_json::json!({}))), Ok(()));
+        assert_eq!(
+            v.verify(&claims(serde_json::json!({"tenant": "acme"}))),
+            Ok(())
+        );
+        let other = v.verify(&claims(serde_json::json!({"tenant": "beta"})));
+        assert!(
+            matches!(&other, Err(JwtRefusal::OtherTenant(m)) if m.contains("\"beta\"")),
+            "{other:?}"
+        );
+        assert!(matches!(
+            v.verify(&claims(serde_json::json!({"tenant": ["beta"]}))),
+            Err(JwtRefusal::Invalid(_))
+        ));
+        let org =
+            JwtValidator::new(&hs_jwks(secret), "https://idp", "orders", "org", "acme").unwrap();
+        // Only the claim the API names is checked: `tenant` means nothing to this one.
+        assert_eq!(
+            org.verify(&claims(serde_json::json!({"tenant": "beta"}))),
+            Ok(())
+        );
+        assert!(matches!(
+            org.verify(&claims(serde_json::json!({"org": "beta"}))),
+            Err(JwtRefusal::OtherTenant(_))
+        ));
     }
 
     #[test]

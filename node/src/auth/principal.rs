@@ -199,7 +199,15 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
                     "tenants are created and deleted with the operator token",
                 ))
             }
-            // The API's owner grants (or takes back) access to its API.
+            // The API's owner offers (or takes back) access to its API; a tenant asks for
+            // (or gives up) a subscription of its own. Neither alone makes one active:
+            // the state machine waits for the other side's consent (`stamp` says who
+            // asks).
+            Some(access_command::Op::Subscribe(_) | access_command::Op::Unsubscribe(_))
+                if a.tenant == tenant =>
+            {
+                Ok(())
+            }
             Some(access_command::Op::Subscribe(s)) => api_owned(&s.api),
             Some(access_command::Op::Unsubscribe(u)) => api_owned(&u.api),
             _ if a.tenant != tenant => Err(Status::not_found(format!(
@@ -212,5 +220,30 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
             "circuit breakers are forced with the operator token",
         )),
         _ => Ok(()),
+    }
+}
+
+/// Fills in what a command carries about who asks, from the authenticated caller (on the
+/// leader, after [`authorize`]); whatever a client put there is overwritten. Today: which
+/// side of a subscription the caller is.
+pub fn stamp(p: &Principal, cmd: &mut Command, state: &ClusterState) {
+    use tollgate_proto::state::v1::SubscriptionParty as Party;
+    let Some(command::Kind::Access(a)) = &mut cmd.kind else {
+        return;
+    };
+    let api = match &a.op {
+        Some(access_command::Op::Subscribe(s)) => s.api.clone(),
+        Some(access_command::Op::Unsubscribe(u)) => u.api.clone(),
+        _ => return,
+    };
+    let party = match p.tenant() {
+        None => Party::Operator,
+        Some(t) if state.apis.get(&api).is_some_and(|x| x.tenant == t) => Party::Owner,
+        Some(_) => Party::Subscriber,
+    };
+    match &mut a.op {
+        Some(access_command::Op::Subscribe(s)) => s.set_party(party),
+        Some(access_command::Op::Unsubscribe(u)) => u.set_party(party),
+        _ => {}
     }
 }

@@ -450,8 +450,9 @@ fn api_route<'s>(
     ))
 }
 
-/// Who called an API: the tenant, and the key id when an API key was used (borrowed from
-/// the snapshot's key table; a JWT's tenant is its own).
+/// Who called an API: the tenant charged, and the key id when an API key was used
+/// (borrowed from the snapshot's key table). A JWT's requests are charged to the API's
+/// owner, the tenant its issuer is registered to, never to a name the token carries.
 struct ApiCaller<'s> {
     tenant: Arc<str>,
     key: Option<&'s Arc<str>>,
@@ -508,9 +509,12 @@ fn authenticate<'s>(
                     mount.api
                 ))
             })?;
-            let tenant = validator.verify(token).map_err(ProxyError::Unauthorized)?;
+            validator.verify(token).map_err(|e| match e {
+                crate::auth::jwt::JwtRefusal::Invalid(m) => ProxyError::Unauthorized(m),
+                crate::auth::jwt::JwtRefusal::OtherTenant(m) => ProxyError::Forbidden(m),
+            })?;
             Ok(Some(ApiCaller {
-                tenant: Arc::from(tenant),
+                tenant: mount.owner.clone(),
                 key: None,
             }))
         }

@@ -29,10 +29,11 @@ use super::network::{Faults, MAX_MESSAGE_BYTES, Network, Peers};
 use super::service::{RaftService, now_ms};
 use super::state_machine::StateMachineStore;
 use super::{NodeId, NodeInfo, Raft, RaftSettings};
-use crate::auth::principal::{Caller, Principal, authenticate, authorize};
+use crate::auth::principal::{Caller, Principal, authenticate, authorize, stamp};
 use crate::identity::ca::{Ca, Subject};
 use crate::identity::{self, Identity, JoinToken};
 use crate::state::access::{self, KEY_PREFIX, TOKEN_PREFIX, mint, new_hash_key, tenant_to_proto};
+use crate::state::egress::{Member, OwnAddrs, TenantUpstreams, members_need_dns};
 use crate::state::lifecycle::{Stage, content_digest, parse_version};
 use crate::state::machine::{Applied, CheckedSpec, check_parsed, parse_checked, put_spec_command};
 use crate::state::spec::needs_dns;
@@ -569,8 +570,11 @@ impl Cluster {
             return Ok(resp);
         }
         let principal = self.principal(caller)?;
-        self.state_machine
-            .read(|a| authorize(&principal, &cmd, &a.state))?;
+        self.state_machine.read(|a| {
+            authorize(&principal, &cmd, &a.state)?;
+            stamp(&principal, &mut cmd, &a.state);
+            Ok::<_, Status>(())
+        })?;
         let secret = self.fill_in(&mut cmd).await?;
         cmd.actor = principal.actor();
         cmd.at_ms = now_ms();
@@ -646,11 +650,13 @@ impl Cluster {
                 }
                 match &mut a.op {
                     Some(ApiOp::CreateVersion(c)) => {
-                        check_version_content(&c.content, self.max_spec_bytes).await?;
+                        let egress = self.egress().await?;
+                        check_version_content(&c.content, self.max_spec_bytes, &egress).await?;
                     }
                     Some(ApiOp::Transition(t)) => match &mut t.to {
                         Some(To::Edit(content)) => {
-                            check_version_content(content, self.max_spec_bytes).await?;
+                            let egress = self.egress().await?;
+                            check_version_content(content, self.max_spec_bytes, &egress).await?;
                         }
                         Some(To::Publish(p)) => {
                             // The draft may have been written through an earlier leader:
@@ -668,8 +674,10 @@ impl Cluster {
                             p.compiled.clear();
                             p.content_digest.clear();
                             if let Some(content) = content {
+                                let egress = self.egress().await?;
                                 p.compiled =
-                                    check_version_content(&content, self.max_spec_bytes).await?;
+                                    check_version_content(&content, self.max_spec_bytes, &egress)
+                                        .await?;
                                 p.content_digest = content_digest(&content);
                             }
                         }
@@ -681,6 +689,47 @@ impl Cluster {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Every member's listeners as the membership advertises them, this node's included
+    /// (before it is a member too).
+    pub fn members(&self) -> Vec<Member> {
+        let member = |id: NodeId, n: &NodeInfo| Member {
+            id,
+            proxy: n.proxy_addr.clone(),
+            grpc: n.grpc_addr.clone(),
+            admin: n.admin_addr.clone(),
+        };
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let mut out: Vec<Member> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| member(*id, n))
+            .collect();
+        if !out.iter().any(|x| x.id == self.id) {
+            out.push(member(self.id, &self.info));
+        }
+        out
+    }
+
+    /// What tenants' API versions may reach, as this node knows it now: the cluster
+    /// spec's `tenant_upstreams` and every member's listeners (resolved off the async
+    /// threads when a member is known by name).
+    async fn egress(&self) -> Result<(TenantUpstreams, OwnAddrs), Status> {
+        let policy = self
+            .state_machine
+            .read(|a| TenantUpstreams::of_spec_yaml(&a.state.spec_yaml));
+        let members = self.members();
+        let own = if members_need_dns(&members) {
+            tokio::task::spawn_blocking(move || OwnAddrs::resolve(&members))
+                .await
+                .map_err(|e| Status::internal(format!("resolving the members failed: {e}")))?
+        } else {
+            OwnAddrs::resolve(&members)
+        };
+        Ok((policy, own))
     }
 
     /// Who is calling, checked against this node's applied state.
@@ -1355,6 +1404,39 @@ impl Cluster {
         }))
     }
 
+    /// Subscriptions, active and waiting for consent; a tenant token sees its tenant's and
+    /// those to the APIs it owns.
+    pub async fn list_subscriptions(
+        &self,
+        req: api::ListSubscriptionsRequest,
+        forwarded: bool,
+        caller: &Caller,
+    ) -> Result<api::ListSubscriptionsResponse, Status> {
+        let forward =
+            |mut c: NodeAdminClient<Channel>, r| async move { c.list_subscriptions(r).await };
+        if !req.local
+            && let Some(resp) = self
+                .read_on_leader(&req, forwarded, caller, forward)
+                .await?
+        {
+            return Ok(resp);
+        }
+        let p = self.principal(caller)?;
+        Ok(self.state_machine.read(|a| {
+            let apis = &a.state.apis;
+            api::ListSubscriptionsResponse {
+                subscriptions: crate::state::access::subscription_views(
+                    &a.state.access,
+                    p.tenant(),
+                    &|name| apis.get(name).map(|x| x.tenant.clone()),
+                    &req.tenant,
+                    &req.api,
+                ),
+                generation: a.state.generation,
+            }
+        }))
+    }
+
     /// Keys or tokens (never their hashes); a tenant token sees its own tenant's only.
     pub async fn list_credentials(
         &self,
@@ -2000,21 +2082,39 @@ async fn check_text(yaml: String, max: usize, what: &'static str) -> Result<Chec
 }
 
 /// Checks a version's content (its routes and upstreams, a spec document) and returns it
-/// compiled: canonical JSON of the checked document, what every data plane serves.
-async fn check_version_content(content: &str, max: usize) -> Result<String, Status> {
+/// compiled: canonical JSON of the checked document, what every data plane serves. Its
+/// endpoints must be ones tenants' API versions may reach (`egress`: the cluster spec's
+/// `tenant_upstreams` and the members' listeners; `state::egress`).
+async fn check_version_content(
+    content: &str,
+    max: usize,
+    egress: &(TenantUpstreams, OwnAddrs),
+) -> Result<String, Status> {
     let checked = check_text(content.to_string(), max, "the version's content").await?;
     if let Some(name) = checked.spec.quotas.keys().next() {
         return Err(Status::invalid_argument(format!(
             "quotas.{name}: quotas are set in the cluster's spec (name the API in their `apis`), not in a version's content"
         )));
     }
+    let doc = crate::state::spec::parse_yaml(content)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if doc.get("tenant_upstreams").is_some() {
+        return Err(Status::invalid_argument(
+            "tenant_upstreams: where API versions may send requests is set by the operator in \
+             the cluster's spec, not in a version's content",
+        ));
+    }
     crate::state::snapshot::check_routes(&checked.spec).map_err(|errors| {
         Status::invalid_argument(format!(
             "the version's content was refused, nothing was applied. {errors}"
         ))
     })?;
-    let doc = crate::state::spec::parse_yaml(content)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    crate::state::egress::check_spec(&egress.0, &egress.1, &checked.spec).map_err(|errors| {
+        Status::permission_denied(format!(
+            "the version's content was refused, nothing was applied: an API version may not \
+             send requests there (docs/security.md). {errors}"
+        ))
+    })?;
     serde_json::to_string(&doc).map_err(|e| {
         Status::invalid_argument(format!("the version's content cannot be compiled: {e}"))
     })

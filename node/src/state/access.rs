@@ -1,6 +1,11 @@
 //! Who may call what: tenants, their API keys (data plane) and control-plane tokens, and
 //! the subscriptions that let a tenant's keys call another tenant's API.
 //!
+//! A subscription needs both sides' consent, since the subscribing tenant pays for what
+//! its keys call: the API's owner offers and the tenant accepts, or the tenant requests
+//! and the owner accepts; the operator grants at once. Who asks is set by the leader from
+//! the authenticated caller ([`pb::SubscriptionParty`]), never taken from a client.
+//!
 //! Secrets are never stored. A credential is `<prefix>_<id>_<secret>`: the id is public
 //! and indexes the credential; the state keeps HMAC-SHA256(hash key, secret), where the
 //! hash key is 32 random bytes made once at bootstrap and replicated with the state. A
@@ -62,8 +67,29 @@ pub struct NamedSecret {
 pub struct Tenant {
     pub name: String,
     pub created_at_ms: u64,
-    /// API name -> semver requirement of the versions its keys may call.
+    /// API name -> semver requirement of the versions its keys may call: both sides
+    /// agreed, or the operator granted it.
     pub subscriptions: BTreeMap<String, String>,
+    /// API name -> a subscription one side asked for and the other has not agreed to. An
+    /// API is in `subscriptions` or here, never both.
+    pub pending: BTreeMap<String, Pending>,
+}
+
+/// A subscription waiting for the other side's consent: it lets nothing through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub versions: String,
+    /// `Owner` (an offer) or `Subscriber` (a request).
+    pub asked_by: pb::SubscriptionParty,
+    pub asked_at_ms: u64,
+}
+
+/// Who waits for whom, in words: "offered" or "requested".
+pub fn pending_status(asked_by: pb::SubscriptionParty) -> &'static str {
+    match asked_by {
+        pb::SubscriptionParty::Owner => "offered",
+        _ => "requested",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -218,9 +244,21 @@ pub struct AccessChange {
 
 fn tenant_json(t: Option<&Tenant>) -> String {
     t.map(|t| {
+        let pending: BTreeMap<&String, serde_json::Value> = t
+            .pending
+            .iter()
+            .map(|(api, p)| {
+                let v = serde_json::json!({
+                    "versions": p.versions,
+                    "status": pending_status(p.asked_by),
+                });
+                (api, v)
+            })
+            .collect();
         serde_json::json!({
             "name": t.name,
             "subscriptions": t.subscriptions,
+            "pending": pending,
         })
         .to_string()
     })
@@ -241,14 +279,14 @@ fn credential_json(c: Option<&Credential>) -> String {
     .unwrap_or_default()
 }
 
-/// Applies one access command. Deterministic; a refusal changes nothing. `api_exists`
-/// says whether an API name exists (subscriptions must name one); `owns_apis` whether a
-/// tenant still owns any (it cannot be deleted then).
+/// Applies one access command. Deterministic; a refusal changes nothing. `api_owner`
+/// names an API's owning tenant (None: no such API; subscriptions must name one);
+/// `owns_apis` says whether a tenant still owns any (it cannot be deleted then).
 pub fn apply_command(
     access: &mut Access,
     cmd: &pb::AccessCommand,
     at_ms: u64,
-    api_exists: &dyn Fn(&str) -> bool,
+    api_owner: &dyn Fn(&str) -> Option<String>,
     owns_apis: &dyn Fn(&str) -> bool,
 ) -> Result<Option<AccessChange>, Refusal> {
     use pb::access_command::Op;
@@ -268,7 +306,7 @@ pub fn apply_command(
         let t = Tenant {
             name: tenant.to_string(),
             created_at_ms: at_ms,
-            subscriptions: BTreeMap::new(),
+            ..Tenant::default()
         };
         let after = tenant_json(Some(&t));
         access.tenants.insert(tenant.to_string(), t);
@@ -313,23 +351,13 @@ pub fn apply_command(
         }
         Op::Subscribe(s) => {
             check_name("API", &s.api)?;
-            parse_requirement(&s.versions)?;
-            if !api_exists(&s.api) {
-                return Err(Refusal::NotFound(format!("there is no API {}", s.api)));
-            }
             let t = access.tenants.get_mut(tenant).expect("checked above");
-            let versions = if s.versions.is_empty() {
-                "*".to_string()
-            } else {
-                s.versions.clone()
-            };
-            if t.subscriptions.get(&s.api) == Some(&versions) {
+            let Some(action) = subscribe(t, s, at_ms, api_owner)? else {
                 return Ok(None);
-            }
-            t.subscriptions.insert(s.api.clone(), versions);
+            };
             Ok(Some(AccessChange {
                 object: format!("tenant/{tenant}"),
-                action: "tenant.subscribe",
+                action,
                 before: before_tenant,
                 after: tenant_json(Some(t)),
                 added: false,
@@ -337,15 +365,25 @@ pub fn apply_command(
         }
         Op::Unsubscribe(u) => {
             let t = access.tenants.get_mut(tenant).expect("checked above");
-            if t.subscriptions.remove(&u.api).is_none() {
+            let action = if t.subscriptions.remove(&u.api).is_some() {
+                "subscription.end"
+            } else if let Some(p) = t.pending.remove(&u.api) {
+                match (p.asked_by, u.party()) {
+                    (asked, by) if asked == by => "subscription.withdraw",
+                    (_, pb::SubscriptionParty::Owner | pb::SubscriptionParty::Subscriber) => {
+                        "subscription.decline"
+                    }
+                    _ => "subscription.cancel",
+                }
+            } else {
                 return Err(Refusal::NotFound(format!(
-                    "tenant {tenant} is not subscribed to API {}",
+                    "tenant {tenant} is not subscribed to API {}, and no subscription to it waits",
                     u.api
                 )));
-            }
+            };
             Ok(Some(AccessChange {
                 object: format!("tenant/{tenant}"),
-                action: "tenant.unsubscribe",
+                action,
                 before: before_tenant,
                 after: tenant_json(Some(t)),
                 added: false,
@@ -418,6 +456,123 @@ pub fn apply_command(
                 after: credential_json(Some(cred)),
                 added: false,
             }))
+        }
+    }
+}
+
+/// A subscribe on tenant `t`'s side: what it did (the audit action), or None when it
+/// changed nothing.
+///
+/// - The operator (and a command of an older leader, whose party is unspecified) grants:
+///   the subscription is active with the versions asked for, whatever waited.
+/// - The API's owner or the tenant itself, when nothing exists yet: it waits (an offer,
+///   or a request) and lets nothing through.
+/// - The other side then agrees (`accept`, or the same versions): it is active. Other
+///   versions replace what waits: a counter-offer, waiting for the first side.
+/// - An active subscription's versions are the owner's to change (the tenant already
+///   agreed to pay for what its keys call there); the tenant asks the owner instead.
+fn subscribe(
+    t: &mut Tenant,
+    s: &pb::Subscribe,
+    at_ms: u64,
+    api_owner: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<&'static str>, Refusal> {
+    use pb::SubscriptionParty as Party;
+    if s.accept && !s.versions.is_empty() {
+        return Err(Refusal::Invalid(
+            "accept takes the versions the other side asked for: leave versions empty (or \
+             give versions without accept to ask for others)"
+                .into(),
+        ));
+    }
+    parse_requirement(&s.versions)?;
+    let Some(owner) = api_owner(&s.api) else {
+        return Err(Refusal::NotFound(format!("there is no API {}", s.api)));
+    };
+    let (tenant, api) = (t.name.clone(), s.api.as_str());
+    if owner == tenant {
+        return Err(Refusal::Precondition(format!(
+            "tenant {tenant} owns API {api}: its keys call every version without a subscription"
+        )));
+    }
+    let versions = if s.versions.is_empty() {
+        "*".to_string()
+    } else {
+        s.versions.clone()
+    };
+    let party = s.party();
+    let waiting = t.pending.get(api).cloned();
+    let activate = |t: &mut Tenant, versions: String| {
+        t.pending.remove(api);
+        t.subscriptions.insert(api.to_string(), versions);
+    };
+    if s.accept {
+        return match waiting {
+            Some(p) if p.asked_by != party => {
+                activate(t, p.versions);
+                Ok(Some("subscription.accept"))
+            }
+            Some(p) => Err(Refusal::Precondition(format!(
+                "the subscription of tenant {tenant} to API {api} was {} by this side; it waits \
+                 for {} to accept",
+                pending_status(p.asked_by),
+                if p.asked_by == Party::Owner {
+                    format!("tenant {tenant}")
+                } else {
+                    "the API's owner".to_string()
+                }
+            ))),
+            None if t.subscriptions.contains_key(api) => Ok(None),
+            None => Err(Refusal::NotFound(format!(
+                "nothing waits to be accepted: no subscription of tenant {tenant} to API {api} \
+                 was offered or requested"
+            ))),
+        };
+    }
+    match party {
+        Party::Unspecified | Party::Operator => {
+            if waiting.is_none() && t.subscriptions.get(api) == Some(&versions) {
+                return Ok(None);
+            }
+            activate(t, versions);
+            Ok(Some("subscription.grant"))
+        }
+        Party::Owner | Party::Subscriber => {
+            if let Some(active) = t.subscriptions.get_mut(api) {
+                if *active == versions {
+                    return Ok(None);
+                }
+                if party == Party::Subscriber {
+                    return Err(Refusal::Precondition(format!(
+                        "tenant {tenant} is subscribed to versions {active} of API {api}; the \
+                         API's owner changes them (or unsubscribe, and request again)"
+                    )));
+                }
+                *active = versions;
+                return Ok(Some("subscription.change"));
+            }
+            match waiting {
+                Some(p) if p.asked_by != party && p.versions == versions => {
+                    activate(t, versions);
+                    Ok(Some("subscription.accept"))
+                }
+                Some(p) if p.asked_by == party && p.versions == versions => Ok(None),
+                _ => {
+                    t.pending.insert(
+                        api.to_string(),
+                        Pending {
+                            versions,
+                            asked_by: party,
+                            asked_at_ms: at_ms,
+                        },
+                    );
+                    Ok(Some(if party == Party::Owner {
+                        "subscription.offer"
+                    } else {
+                        "subscription.request"
+                    }))
+                }
+            }
         }
     }
 }
@@ -575,6 +730,16 @@ pub fn tenant_to_proto(t: &Tenant) -> pb::TenantState {
                 versions: versions.clone(),
             })
             .collect(),
+        pending: t
+            .pending
+            .iter()
+            .map(|(api, p)| pb::PendingSubscription {
+                api: api.clone(),
+                versions: p.versions.clone(),
+                asked_by: p.asked_by.into(),
+                asked_at_ms: p.asked_at_ms,
+            })
+            .collect(),
     }
 }
 
@@ -587,7 +752,66 @@ fn tenant_from_proto(t: &pb::TenantState) -> Tenant {
             .iter()
             .map(|s| (s.api.clone(), s.versions.clone()))
             .collect(),
+        pending: t
+            .pending
+            .iter()
+            .map(|p| {
+                let pending = Pending {
+                    versions: p.versions.clone(),
+                    asked_by: p.asked_by(),
+                    asked_at_ms: p.asked_at_ms,
+                };
+                (p.api.clone(), pending)
+            })
+            .collect(),
     }
+}
+
+/// The subscriptions `sees_tenant` lets a caller see, as listings show them: a tenant
+/// sees its own and those to the APIs it owns (`owner_of` names an API's owner). The owner
+/// of an API is left out of a waiting request the caller made itself: the owner gives
+/// its name by answering.
+pub fn subscription_views(
+    access: &Access,
+    viewer: Option<&str>,
+    owner_of: &dyn Fn(&str) -> Option<String>,
+    tenant: &str,
+    api: &str,
+) -> Vec<pb::SubscriptionView> {
+    let mut out = Vec::new();
+    for t in access.tenants.values() {
+        if !tenant.is_empty() && t.name != tenant {
+            continue;
+        }
+        let active = t.subscriptions.iter().map(|(a, v)| (a, v, None));
+        let waiting = t.pending.iter().map(|(a, p)| (a, &p.versions, Some(p)));
+        for (name, versions, pending) in active.chain(waiting) {
+            if !api.is_empty() && name != api {
+                continue;
+            }
+            let owner = owner_of(name).unwrap_or_default();
+            let (mine, owned) = match viewer {
+                None => (true, true),
+                Some(v) => (v == t.name, v == owner),
+            };
+            if !mine && !owned {
+                continue;
+            }
+            let hide_owner =
+                !owned && pending.is_some_and(|p| p.asked_by == pb::SubscriptionParty::Subscriber);
+            out.push(pb::SubscriptionView {
+                tenant: t.name.clone(),
+                api: name.clone(),
+                owner: if hide_owner { String::new() } else { owner },
+                versions: versions.clone(),
+                status: pending
+                    .map_or("active", |p| pending_status(p.asked_by))
+                    .into(),
+                asked_at_ms: pending.map_or(0, |p| p.asked_at_ms),
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -618,6 +842,152 @@ mod tests {
         assert!(!String::from_utf8_lossy(&m.hash).contains(&m.secret));
         table.get_mut(&m.id).unwrap().revoked_at_ms = 5;
         assert!(check(&table, &key, KEY_PREFIX, &m.secret, 6).is_none());
+    }
+
+    /// Access with tenants acme (owning API orders) and beta, and a subscribe applier.
+    fn two_tenants() -> Access {
+        let mut a = Access::default();
+        for t in ["acme", "beta"] {
+            let cmd = pb::AccessCommand {
+                tenant: t.into(),
+                op: Some(pb::access_command::Op::CreateTenant(pb::CreateTenant {})),
+            };
+            apply_command(&mut a, &cmd, 1, &|_| None, &|_| false).unwrap();
+        }
+        a
+    }
+
+    fn subscribe(
+        a: &mut Access,
+        party: pb::SubscriptionParty,
+        versions: &str,
+        accept: bool,
+    ) -> Result<Option<&'static str>, Refusal> {
+        let mut s = pb::Subscribe {
+            api: "orders".into(),
+            versions: versions.into(),
+            accept,
+            ..Default::default()
+        };
+        s.set_party(party);
+        let cmd = pb::AccessCommand {
+            tenant: "beta".into(),
+            op: Some(pb::access_command::Op::Subscribe(s)),
+        };
+        let owner = |api: &str| (api == "orders").then(|| "acme".to_string());
+        apply_command(a, &cmd, 7, &owner, &|_| false).map(|c| c.map(|c| c.action))
+    }
+
+    fn active(a: &Access) -> Option<&str> {
+        a.tenants["beta"]
+            .subscriptions
+            .get("orders")
+            .map(String::as_str)
+    }
+
+    #[test]
+    fn a_subscription_is_active_only_once_both_sides_agree() {
+        use pb::SubscriptionParty::{Operator, Owner, Subscriber, Unspecified};
+        // The owner offers: nothing active until beta accepts.
+        let mut a = two_tenants();
+        assert_eq!(
+            subscribe(&mut a, Owner, "^2", false),
+            Ok(Some("subscription.offer"))
+        );
+        assert_eq!(active(&a), None);
+        assert_eq!(subscribe(&mut a, Owner, "^2", false), Ok(None), "again");
+        // The side that asked cannot accept its own offer.
+        assert!(matches!(
+            subscribe(&mut a, Owner, "", true),
+            Err(Refusal::Precondition(_))
+        ));
+        assert_eq!(
+            subscribe(&mut a, Subscriber, "", true),
+            Ok(Some("subscription.accept"))
+        );
+        assert_eq!(active(&a), Some("^2"));
+        assert!(a.tenants["beta"].pending.is_empty());
+        // Changing an active one's versions is the owner's; beta asks the owner instead.
+        assert!(matches!(
+            subscribe(&mut a, Subscriber, "*", false),
+            Err(Refusal::Precondition(_))
+        ));
+        assert_eq!(
+            subscribe(&mut a, Owner, "^3", false),
+            Ok(Some("subscription.change"))
+        );
+        assert_eq!(active(&a), Some("^3"));
+
+        // beta requests; a counter-offer with other versions waits for beta; the same
+        // versions from the other side make it active.
+        let mut a = two_tenants();
+        assert_eq!(
+            subscribe(&mut a, Subscriber, "*", false),
+            Ok(Some("subscription.request"))
+        );
+        assert_eq!(
+            subscribe(&mut a, Owner, "^1", false),
+            Ok(Some("subscription.offer"))
+        );
+        assert_eq!(active(&a), None);
+        assert_eq!(
+            subscribe(&mut a, Subscriber, "^1", false),
+            Ok(Some("subscription.accept"))
+        );
+        assert_eq!(active(&a), Some("^1"));
+
+        // Nothing to accept; accept with versions is refused; the owner cannot subscribe
+        // itself.
+        let mut a = two_tenants();
+        assert!(matches!(
+            subscribe(&mut a, Subscriber, "", true),
+            Err(Refusal::NotFound(_))
+        ));
+        assert!(matches!(
+            subscribe(&mut a, Subscriber, "^2", true),
+            Err(Refusal::Invalid(_))
+        ));
+        // The operator grants at once, as a command of an older leader (no party) does.
+        assert_eq!(
+            subscribe(&mut a, Operator, "^2", false),
+            Ok(Some("subscription.grant"))
+        );
+        assert_eq!(active(&a), Some("^2"));
+        let mut a = two_tenants();
+        assert_eq!(
+            subscribe(&mut a, Unspecified, "", false),
+            Ok(Some("subscription.grant"))
+        );
+        assert_eq!(active(&a), Some("*"));
+    }
+
+    #[test]
+    fn listings_show_each_side_its_own_and_hide_the_owner_of_a_waiting_request() {
+        let mut a = two_tenants();
+        let mut s = pb::Subscribe {
+            api: "orders".into(),
+            ..Default::default()
+        };
+        s.set_party(pb::SubscriptionParty::Subscriber);
+        let cmd = pb::AccessCommand {
+            tenant: "beta".into(),
+            op: Some(pb::access_command::Op::Subscribe(s)),
+        };
+        let owner = |api: &str| (api == "orders").then(|| "acme".to_string());
+        apply_command(&mut a, &cmd, 9, &owner, &|_| false).unwrap();
+        let seen = |viewer: Option<&str>| subscription_views(&a, viewer, &owner, "", "");
+        let beta = seen(Some("beta"));
+        assert_eq!(
+            (
+                beta[0].status.as_str(),
+                beta[0].owner.as_str(),
+                beta[0].asked_at_ms
+            ),
+            ("requested", "", 9)
+        );
+        assert_eq!(seen(Some("acme"))[0].owner, "acme");
+        assert_eq!(seen(None).len(), 1);
+        assert!(seen(Some("gamma")).is_empty());
     }
 
     #[test]

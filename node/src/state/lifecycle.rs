@@ -140,7 +140,7 @@ pub enum AuthMode {
     /// An API key of a tenant that owns or subscribes to the API.
     #[default]
     Key,
-    /// A JWT from the API's issuer; a claim names the tenant.
+    /// A JWT from the API's issuer, registered to the API's owner, which is charged.
     Jwt,
     /// Anyone.
     None,

@@ -258,7 +258,7 @@ impl ClusterState {
             &mut next,
             a,
             cmd.at_ms,
-            &|name| apis.contains_key(name),
+            &|name| apis.get(name).map(|a| a.tenant.clone()),
             &|tenant| apis.values().any(|x| x.tenant == tenant),
         );
         if matches!(result, Ok(Some(_))) {

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod billing;
 pub mod circuit;
+pub mod egress;
 pub mod identity;
 pub mod lifecycle;
 pub mod machine;

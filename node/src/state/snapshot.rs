@@ -494,7 +494,13 @@ impl Routing {
                     (AuthMode::Jwt, Some(j)) => {
                         let jwks = open_jwks(&j.jwks);
                         let validator = jwks.and_then(|jwks| {
-                            JwtValidator::new(&jwks, &j.issuer, &j.audience, &j.tenant_claim)
+                            JwtValidator::new(
+                                &jwks,
+                                &j.issuer,
+                                &j.audience,
+                                &j.tenant_claim,
+                                &api.tenant,
+                            )
                         });
                         match validator {
                             Ok(v) => MountAuth::Jwt(Box::new(v)),

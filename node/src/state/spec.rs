@@ -23,6 +23,8 @@ pub struct Spec {
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: BTreeMap<String, RouteSpec>,
     pub quotas: BTreeMap<String, QuotaSpec>,
+    /// Where tenants' API versions may send requests (the cluster's spec only).
+    pub tenant_upstreams: crate::state::egress::TenantUpstreams,
 }
 
 // === quotas ===
@@ -778,11 +780,24 @@ impl Spec {
                 Some("quotas") => {
                     spec.quotas = objects(value, "quotas", &mut Vec::new(), &mut errors)
                 }
+                Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
+                    Ok(t) => spec.tenant_upstreams = t,
+                    Err(e) => {
+                        let inner = e.path().to_string();
+                        let path = if inner == "." || inner.is_empty() {
+                            "tenant_upstreams".to_string()
+                        } else {
+                            format!("tenant_upstreams.{inner}")
+                        };
+                        errors.push(path, e.into_inner().to_string());
+                    }
+                },
                 _ => errors.push(
                     "spec",
                     format!(
-                        "unknown field {}, expected `upstreams`, `routes` or `quotas` \
-                         (a file for `tollgate apply` may also have `tenants` and `apis`)",
+                        "unknown field {}, expected `upstreams`, `routes`, `quotas` or \
+                         `tenant_upstreams` (a file for `tollgate apply` may also have \
+                         `tenants` and `apis`)",
                         key_text(&key)
                     ),
                 ),

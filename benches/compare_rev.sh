@@ -91,17 +91,27 @@ echo "summary: $BASELINE_WORK/out/http-$TAG/summary.md"
 H2_ROUNDS=${H2_ROUNDS:-0}; H2_SECS=${H2_SECS:-5}
 if ((H2_ROUNDS > 0)); then
   command -v h2load >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }
-  h2rate() { # URL: requests/s over H2_SECS s, 16 connections x 32 streams
-    h2load -t 2 -c 16 -m 32 -D "$H2_SECS" --warm-up-time 1 "$1" 2>/dev/null |
-      awk '/^finished in/ { gsub(",", "", $4); print $4 }'
+  ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user+sys CPU, in clock ticks
+  h2rate() { # URL PID: "requests/s CPU-µs-per-request" over H2_SECS s, 16 connections x 32 streams
+    local before after out
+    before=$(ticks "$2")
+    out=$(h2load -t 2 -c 16 -m 32 -D "$H2_SECS" --warm-up-time 1 "$1" 2>/dev/null)
+    after=$(ticks "$2")
+    awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+      /^finished in/ { gsub(",", "", $4); rps = $4 }
+      /^requests:/ { done = $6 }
+      END { printf "%s %.1f\n", rps, t / hz * 1e6 / (done > 0 ? done : 1) }' <<<"$out"
   }
-  ratios=()
+  ratios=(); cpu_ratios=()
   for r in $(seq "$H2_ROUNDS"); do
-    if ((r % 2)); then old=$(h2rate http://127.0.0.1:18086/); sleep 1; new=$(h2rate http://127.0.0.1:18087/)
-    else new=$(h2rate http://127.0.0.1:18087/); sleep 1; old=$(h2rate http://127.0.0.1:18086/); fi
-    ratio=$(python3 -c "print(f'{$new / $old:.3f}')")
-    echo "h2 round $r: old $old req/s, new $new req/s, new/old $ratio"
-    ratios+=("$ratio"); sleep 1
+    if ((r % 2)); then old=$(h2rate http://127.0.0.1:18086/ "$OLD_PID"); sleep 1; new=$(h2rate http://127.0.0.1:18087/ "$NEW_PID")
+    else new=$(h2rate http://127.0.0.1:18087/ "$NEW_PID"); sleep 1; old=$(h2rate http://127.0.0.1:18086/ "$OLD_PID"); fi
+    read -r old_rps old_cpu <<<"$old"; read -r new_rps new_cpu <<<"$new"
+    ratio=$(python3 -c "print(f'{$new_rps / $old_rps:.3f}')")
+    cpu_ratio=$(python3 -c "print(f'{$new_cpu / $old_cpu:.3f}')")
+    echo "h2 round $r: old $old_rps req/s ${old_cpu} µs CPU/req, new $new_rps req/s ${new_cpu} µs CPU/req; new/old req/s $ratio, CPU/req $cpu_ratio"
+    ratios+=("$ratio"); cpu_ratios+=("$cpu_ratio"); sleep 1
   done
-  echo "h2 median new/old: $(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+  median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+  echo "h2 median new/old: req/s $(median "${ratios[@]}"), CPU per request $(median "${cpu_ratios[@]}")"
 fi

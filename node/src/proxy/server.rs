@@ -252,7 +252,7 @@ async fn run_worker(
             let io = TokioIo::new(FrameGuard::new(stream));
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
-            let every = ConnState::check_every(&state.limits());
+            let every = ConnState::check_every(state.limits());
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut closing = false;

@@ -691,8 +691,22 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
         ),
     }
     let Some(spec) = spec else { return Ok(()) };
+    // Right after a restart the leader may not confirm its leadership at once (its peers'
+    // connections are new, or the host is busy): an UNAVAILABLE read is asked again, for
+    // a bounded time, before the node gives up on knowing.
     let read = tollgate_proto::node::v1::ReadSpecRequest { local: false };
-    match cluster.read_spec(read, false, &Caller::Node).await {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let current = loop {
+        match cluster.read_spec(read.clone(), false, &Caller::Node).await {
+            Err(e)
+                if e.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
+    match current {
         Ok(current) if current.generation > 0 => {
             tracing::info!(
                 generation = current.generation,

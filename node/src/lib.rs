@@ -697,7 +697,7 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
     let read = tollgate_proto::node::v1::ReadSpecRequest { local: false };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let current = loop {
-        match cluster.read_spec(read.clone(), false, &Caller::Node).await {
+        match cluster.read_spec(read, false, &Caller::Node).await {
             Err(e)
                 if e.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
             {

@@ -19,7 +19,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -104,6 +103,7 @@ impl ClientSlots {
     }
 
     /// Slots `client` holds now.
+    #[cfg(test)]
     pub fn held(&self, client: ClientKey) -> usize {
         let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         taken.get(&client).copied().unwrap_or(0)
@@ -169,16 +169,7 @@ impl ConnState {
         self.first_request.set(true);
         let extra = self.active.get() > 0;
         if extra {
-            let limits = &self.shared.limits;
-            let open = self.shared.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
-            if open > limits.max_connections {
-                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                return Err(Refused::Node(limits.max_connections));
-            }
-            if !self.shared.clients.try_take(self.client) {
-                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                return Err(Refused::Client(self.shared.clients.limit()));
-            }
+            self.shared.take_slot(self.client)?;
         }
         self.active.set(self.active.get() + 1);
         let key = self.waits.borrow_mut().insert(None);
@@ -266,8 +257,7 @@ impl Drop for StreamGuard {
             conn.idle_since.set(Instant::now());
         }
         if self.extra {
-            conn.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            conn.shared.clients.release(conn.client);
+            conn.shared.release_slot(conn.client);
         }
     }
 }

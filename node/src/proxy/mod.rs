@@ -79,6 +79,31 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Takes one slot for `client`, unless the node's (`max_connections`) or the client's
+    /// (`max_connections_per_client`) are all taken.
+    pub fn take_slot(&self, client: guard::ClientKey) -> Result<(), guard::Refused> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let max = self.limits.max_connections;
+        if self.open_connections.fetch_add(1, Relaxed) + 1 > max {
+            self.open_connections.fetch_sub(1, Relaxed);
+            return Err(guard::Refused::Node(max));
+        }
+        if !self.clients.try_take(client) {
+            self.open_connections.fetch_sub(1, Relaxed);
+            return Err(guard::Refused::Client(self.clients.limit()));
+        }
+        Ok(())
+    }
+
+    /// Gives back a slot taken with [`take_slot`](Self::take_slot) (or forced).
+    pub fn release_slot(&self, client: guard::ClientKey) {
+        self.open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.clients.release(client);
+    }
+}
+
 /// One open client connection in the counts (`open_connections`, its client's slots, the
 /// gauge), for as long as it lives. An upgraded connection (WebSocket) takes a new one
 /// when hyper lets go of it.
@@ -108,10 +133,7 @@ impl OpenConnection {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.shared
-            .open_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.shared.clients.release(self.client);
+        self.shared.release_slot(self.client);
         self.shared.open_gauge.decrement(1.0);
     }
 }

@@ -202,23 +202,8 @@ async fn run_worker(
         };
         let _ = stream.set_nodelay(true);
         let client = ClientKey::of(peer.ip());
-        let open = shared.open_connections.fetch_add(1, Ordering::Relaxed) + 1;
-        if open > limits.max_connections {
-            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            refuse(
-                stream,
-                shared.clone(),
-                Refused::Node(limits.max_connections),
-            );
-            continue;
-        }
-        if !shared.clients.try_take(client) {
-            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            refuse(
-                stream,
-                shared.clone(),
-                Refused::Client(shared.clients.limit()),
-            );
+        if let Err(refused) = shared.take_slot(client) {
+            refuse(stream, shared.clone(), refused);
             continue;
         }
         ::metrics::counter!("tollgate_connections_total").increment(1);

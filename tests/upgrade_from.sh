@@ -110,6 +110,14 @@ step "step 2: start once with --insecure-cluster: the leader makes the CA and se
 node "$NEW" insecure-node.log --insecure-cluster --sealing-key-file "$RUN/sealing-key"
 wait_log "$RUN/insecure-node.log" "made the cluster CA"
 wait_log "$RUN/insecure-node.log" "sealed the cluster's hash key"
+# This version's API uses a loopback upstream, which tenants' versions may no longer reach
+# unless the cluster's spec allows it (docs/security.md, "Tenant upstreams").
+wait_log "$RUN/insecure-node.log" "is a loopback address"
+printf 'tenant_upstreams:\n  allow: ["127.0.0.0/8"]\n' >"$RUN/allow.yaml"
+"$NEW" apply --insecure -f "$RUN/allow.yaml" --node 127.0.0.1:$G >/dev/null || fail "apply tenant_upstreams"
+for _ in $(seq 50); do
+  [[ $(status "http://127.0.0.1:$P/orders/v1/hello" -H "x-api-key: $KEY") == 200 ]] && break; sleep 0.1
+done
 [[ $(status "http://127.0.0.1:$P/orders/v1/hello" -H "x-api-key: $KEY") == 200 ]] || fail "the key made by the old version no longer works"
 stop "$NODE_PID"
 
@@ -120,7 +128,7 @@ wait_log "$RUN/secure-node.log" "issued this node's certificate"
 export TOLLGATE_CA=$D/cluster-ca.pem TOLLGATE_NODE=127.0.0.1:$G
 [[ $(status "http://127.0.0.1:$P/orders/v1/hello" -H "x-api-key: $KEY") == 200 ]] || fail "the old key does not work on the secure cluster"
 "$NEW" cluster status >/dev/null || fail "the CLI cannot reach the node over TLS"
-"$NEW" --insecure cluster status >/dev/null 2>&1 && fail "the node still answers plain gRPC"
+"$NEW" cluster status --insecure >/dev/null 2>&1 && fail "the node still answers plain gRPC"
 
 step "a control plane enrolls with a join token; the CLI manages the upgraded state through it"
 JT=$("$NEW" cluster join-token create --uses 1)

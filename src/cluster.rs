@@ -291,6 +291,9 @@ async fn apply_spec(
             Err(e) => return Err(e.into()),
         }
     };
+    for w in &resp.warnings {
+        eprintln!("warning: {w}");
+    }
     match args.output {
         Output::Json | Output::Yaml => print_value(
             &json!({
@@ -300,6 +303,7 @@ async fn apply_spec(
                 "added": resp.added,
                 "changed": resp.changed,
                 "removed": resp.removed,
+                "warnings": resp.warnings,
             }),
             args.output,
         )?,

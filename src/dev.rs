@@ -15,6 +15,10 @@ pub struct DevArgs {
     /// Proxy listener.
     #[arg(long, default_value = "127.0.0.1:8080")]
     proxy_addr: SocketAddr,
+    /// HTTPS proxy listener, with a certificate for `localhost` from a development CA
+    /// (written to `<data dir>/dev-ca.pem`).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    https_addr: SocketAddr,
     /// Node gRPC listener.
     #[arg(long, default_value = "127.0.0.1:7070")]
     grpc_addr: SocketAddr,
@@ -41,8 +45,12 @@ pub struct DevArgs {
 }
 
 /// The sample spec: three routes onto the echo server that show matching, rewrites and
-/// header transforms.
-fn sample_spec(echo: SocketAddr) -> String {
+/// header transforms, and the development certificate for `localhost` (`chain`, PEM).
+fn sample_spec(echo: SocketAddr, chain: &str) -> String {
+    let chain = chain
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect::<String>();
     format!(
         r#"# Tollgate sample spec, written by `tollgate dev` and applied on its first start.
 # Edit it, then apply it with
@@ -94,8 +102,42 @@ routes:
 # 127.0.0.1, so loopback is opened here. The node's own ports stay closed whatever this says.
 tenant_upstreams:
   allow: [127.0.0.0/8, "::1"]
-"#
+
+# HTTPS on the proxy (docs/tls.md): a certificate for localhost from this dev box's own CA
+# ({DEV_CA_FILE} beside this file). Its private key is the sealed secret {DEV_KEY_SECRET}.
+certificates:
+  localhost:
+    key_secret: {DEV_KEY_SECRET}
+    default: true
+    chain: |
+{chain}"#
     )
+}
+
+/// The development CA's certificate, in the data directory.
+const DEV_CA_FILE: &str = "dev-ca.pem";
+/// The named secret that holds the `localhost` certificate's key.
+const DEV_KEY_SECRET: &str = "dev-localhost-key";
+
+/// A development CA and a certificate it signs for localhost (valid for ten years): the CA
+/// is written to `ca_path`, the certificate goes into the sample spec, and its key into the
+/// cluster as a sealed secret. The CA's own key is thrown away.
+fn dev_certificate(ca_path: &Path) -> anyhow::Result<tollgate_node::identity::ca::EdgeCert> {
+    use tollgate_node::identity::ca::EdgeCa;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let ca = EdgeCa::generate("Tollgate dev CA", now).map_err(|e| anyhow::anyhow!(e))?;
+    let ten_years = 10 * 365 * 24 * 3600 * 1000;
+    let cert = ca
+        .issue(
+            &["localhost", "127.0.0.1", "::1"],
+            now - 3600 * 1000,
+            now + ten_years,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+    std::fs::write(ca_path, &ca.cert_pem)?;
+    Ok(cert)
 }
 
 /// The tour's version content (README.md step 5), written beside the spec so the
@@ -119,6 +161,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let settings = Settings {
         data_dir: args.data_dir.clone(),
         proxy_addr: args.proxy_addr,
+        https_addr: Some(args.https_addr),
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         access_log: args.access_log.clone(),
@@ -137,8 +180,12 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         )
     })?;
     let spec_path = args.data_dir.join("dev-spec.yaml");
+    let ca_path = args.data_dir.join(DEV_CA_FILE);
+    let mut bootstrap_secrets = Vec::new();
     if !spec_path.exists() {
-        std::fs::write(&spec_path, sample_spec(args.echo_addr))?;
+        let cert = dev_certificate(&ca_path)?;
+        std::fs::write(&spec_path, sample_spec(args.echo_addr, &cert.chain_pem))?;
+        bootstrap_secrets.push((DEV_KEY_SECRET.to_string(), cert.key_pem.into_bytes()));
     }
     let orders_path = args.data_dir.join("orders-v1.yaml");
     if !orders_path.exists() {
@@ -151,6 +198,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let cp_listener = tollgate_control_plane::bind(args.cp_addr, "--cp-addr");
     let settings = Settings {
         spec: Some(spec_path.clone()),
+        bootstrap_secrets,
         ..settings
     };
     let token_file = args.data_dir.join(tollgate_node::OPERATOR_TOKEN_FILE);
@@ -201,6 +249,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let banner = Banner {
         data: &args.data_dir,
         proxy: a.proxy,
+        https: a.https,
+        ca: &ca_path,
         admin: a.admin,
         grpc: a.grpc,
         cp: cp_addr,
@@ -230,6 +280,9 @@ struct Tour {
 struct Banner<'a> {
     data: &'a Path,
     proxy: SocketAddr,
+    https: Option<SocketAddr>,
+    /// The development CA's certificate.
+    ca: &'a Path,
     admin: SocketAddr,
     grpc: SocketAddr,
     cp: SocketAddr,
@@ -280,6 +333,13 @@ impl Banner<'_> {
                 "HTTP/1.1 and h2c".to_string(),
             ),
             (
+                "https",
+                self.https
+                    .map(|a| format!("https://localhost:{}", a.port()))
+                    .unwrap_or_default(),
+                "HTTP/1.1 and h2 (ALPN); a dev CA signs its certificate".to_string(),
+            ),
+            (
                 "admin",
                 format!("http://{}", self.admin),
                 "/healthz /readyz /metrics".into(),
@@ -323,11 +383,18 @@ impl Banner<'_> {
                 "curl -s http://{proxy}/api/orders/7        # the /api prefix route: goes up as /v1/orders/7"
             ),
             format!("curl -s http://{proxy}/nowhere             # a JSON 404"),
-            format!(
-                "curl -s http://{}/metrics | grep tollgate_requests_total",
-                self.admin
-            ),
         ];
+        if let Some(https) = self.https {
+            tryit.push(format!(
+                "curl -s --cacert {} https://localhost:{}/echo/hello   # over HTTPS",
+                shell_path(self.ca),
+                https.port()
+            ));
+        }
+        tryit.extend([format!(
+            "curl -s http://{}/metrics | grep tollgate_requests_total",
+            self.admin
+        )]);
         // The CLI: this binary, the token, and the addresses when they are not the defaults.
         let bin = std::env::current_exe()
             .ok()
@@ -411,6 +478,8 @@ mod tests {
         Banner {
             data: dir,
             proxy: "127.0.0.1:8080".parse().unwrap(),
+            https: Some("127.0.0.1:8443".parse().unwrap()),
+            ca: &dir.join("dev-ca.pem"),
             admin: "127.0.0.1:7071".parse().unwrap(),
             grpc: "127.0.0.1:7070".parse().unwrap(),
             cp: "127.0.0.1:7080".parse().unwrap(),
@@ -446,6 +515,11 @@ mod tests {
         }
         assert!(banner.contains("tgt_x_y"));
         assert!(banner.contains("tollgate tenant create demo"));
+        assert!(banner.contains("--cacert"), "{banner}");
+        assert!(
+            banner.contains("https://localhost:8443/echo/hello"),
+            "{banner}"
+        );
     }
 
     #[test]

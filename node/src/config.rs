@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// Proxy listener, HTTP/1.1 and h2c [default: 127.0.0.1:8080]
     #[arg(long, env = "TOLLGATE_PROXY_ADDR")]
     pub proxy_addr: Option<SocketAddr>,
+    /// HTTPS proxy listener (HTTP/1.1 and h2 by ALPN), serving the spec's certificates
+    /// [default: none]
+    #[arg(long, env = "TOLLGATE_HTTPS_ADDR")]
+    pub https_addr: Option<SocketAddr>,
     /// Node gRPC listener (node admin API and Raft) [default: 127.0.0.1:7070]
     #[arg(long, env = "TOLLGATE_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -212,6 +216,7 @@ pub struct FileSettings {
     pub id: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub proxy_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub region: Option<String>,
@@ -272,6 +277,10 @@ pub struct Settings {
     pub id: u64,
     pub data_dir: PathBuf,
     pub proxy_addr: SocketAddr,
+    pub https_addr: Option<SocketAddr>,
+    /// Named secrets a bootstrapping node stores before it applies its first spec (`tollgate
+    /// dev`'s certificate key); never from flags.
+    pub bootstrap_secrets: Vec<(String, Vec<u8>)>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub region: String,
@@ -323,6 +332,8 @@ impl Default for Settings {
             id: 1,
             data_dir: PathBuf::from("./tollgate-data"),
             proxy_addr: ([127, 0, 0, 1], 8080).into(),
+            https_addr: None,
+            bootstrap_secrets: Vec::new(),
             grpc_addr: ([127, 0, 0, 1], 7070).into(),
             admin_addr: ([127, 0, 0, 1], 7071).into(),
             region: "default".into(),
@@ -382,6 +393,8 @@ impl Settings {
             id: args.id.or(file.id).unwrap_or(d.id),
             data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             proxy_addr: args.proxy_addr.or(file.proxy_addr).unwrap_or(d.proxy_addr),
+            https_addr: args.https_addr.or(file.https_addr),
+            bootstrap_secrets: Vec::new(),
             grpc_addr: args.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
             admin_addr: args.admin_addr.or(file.admin_addr).unwrap_or(d.admin_addr),
             region: args.region.or(file.region).unwrap_or(d.region),

@@ -60,6 +60,8 @@ use crate::telemetry::access_log::Sink;
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct BoundAddrs {
     pub proxy: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https: Option<SocketAddr>,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -109,6 +111,20 @@ impl Node {
         if settings.metering {
             shared.meter = Some(Arc::new(metering::Meter::default()));
         }
+        let https_listeners = match settings.https_addr {
+            Some(addr) => proxy::server::bind_listeners(
+                addr,
+                settings.worker_threads(),
+                "HTTPS proxy",
+                "--https-addr",
+            )?,
+            None => Vec::new(),
+        };
+        let https_addr = match https_listeners.first() {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        shared.https_port = https_addr.map(|a| a.port());
         let shared = Arc::new(shared);
         // A bad bootstrap spec stops the node before it serves anything.
         let bootstrap_spec = match &settings.spec {
@@ -121,8 +137,12 @@ impl Node {
         let db = raft::open_db(&settings.data_dir)?;
 
         let sink = Sink::open(&settings.access_log)?;
-        let listeners =
-            proxy::server::bind_listeners(settings.proxy_addr, settings.worker_threads())?;
+        let listeners = proxy::server::bind_listeners(
+            settings.proxy_addr,
+            settings.worker_threads(),
+            "proxy",
+            "--proxy-addr",
+        )?;
         let proxy_addr = listeners[0].local_addr()?;
         let (admin_listener, grpc_listener) = runtime.block_on(async {
             let admin = tokio::net::TcpListener::bind(settings.admin_addr)
@@ -135,6 +155,7 @@ impl Node {
         })?;
         let addrs = BoundAddrs {
             proxy: proxy_addr,
+            https: https_addr,
             admin: admin_listener.local_addr()?,
             grpc: grpc_listener.local_addr()?,
         };
@@ -279,6 +300,7 @@ impl Node {
                 &cluster,
                 bootstrap_spec.as_deref(),
                 &settings.data_dir,
+                &settings.bootstrap_secrets,
             ))?;
             if let Some(file) = &settings.bootstrap_join_token_file {
                 runtime.block_on(write_bootstrap_join_token(
@@ -386,6 +408,7 @@ impl Node {
 
         let workers = proxy::server::spawn_workers(
             listeners,
+            https_listeners,
             shared,
             sink,
             settings.cpu_scheduling,
@@ -670,7 +693,12 @@ async fn fetch_keys_insecure(cluster: &Cluster, peer: &str) -> Result<(), String
 /// the bootstrap spec if the cluster has none, as a linearizable read on the leader says.
 /// (The local state alone cannot say: after a restart it may not have re-applied its log
 /// yet.)
-async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> anyhow::Result<()> {
+async fn bootstrap(
+    cluster: &Cluster,
+    spec: Option<&str>,
+    data_dir: &Path,
+    secrets: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
     if cluster.bootstrap().await? {
         tracing::info!(node = cluster.id, "bootstrapped a new cluster");
     }
@@ -722,6 +750,12 @@ async fn bootstrap(cluster: &Cluster, spec: Option<&str>, data_dir: &Path) -> an
             );
             return Ok(());
         }
+    }
+    for (name, value) in secrets {
+        cluster
+            .put_secret_as_node(name, value)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot store secret {name}: {}", e.message()))?;
     }
     let req = tollgate_proto::node::v1::ApplySpecRequest {
         spec_yaml: spec.to_string(),
@@ -905,6 +939,17 @@ impl Compiler {
         Routing::build(&spec, &versions, &self.registry, &open_jwks)
     }
 
+    /// Serves the certificates of `routing`'s spec with the keys of `next`'s state.
+    fn update_tls(&self, routing: &Routing, next: &Published) {
+        let ring = self.identity.keyring();
+        self.shared.tls.update(
+            &routing.certificates,
+            &next.access.secrets,
+            ring.as_deref(),
+            raft::service::now_ms(),
+        );
+    }
+
     fn swap_in(&self, next: &Published, parsed: Option<Parsed>) {
         let (routing, auth) = {
             let built = self.built.lock().expect("lock");
@@ -936,6 +981,7 @@ impl Compiler {
                             "cannot compile the applied spec on this node; still serving the routes of generation {}. {errors}",
                             current.generation
                         );
+                        self.update_tls(&current.routing, next);
                         self.shared.snapshot.store(Arc::new(Snapshot {
                             generation: current.generation,
                             routing: current.routing.clone(),
@@ -961,6 +1007,7 @@ impl Compiler {
             let old = std::mem::replace(&mut *self.health_checks.lock().expect("lock"), checks);
             old.cancel();
         }
+        self.update_tls(&routing, next);
         self.shared.snapshot.store(snapshot);
         self.shared.synced.store(true, Ordering::Relaxed);
         *self.built.lock().expect("lock") = Some(Built {

@@ -185,6 +185,83 @@ impl Ca {
     }
 }
 
+/// A certificate authority for HTTPS on the proxy where no public one is at hand
+/// (`tollgate dev`, tests): its own CA and the server certificates it signs.
+pub struct EdgeCa {
+    pub cert_pem: String,
+    key: KeyPair,
+}
+
+/// A server certificate and its key, in PEM.
+pub struct EdgeCert {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl EdgeCa {
+    /// A new CA named `common_name`, valid for ten years.
+    pub fn generate(common_name: &str, now_ms: u64) -> Result<EdgeCa, String> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tollgate");
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = time_at(now_ms.saturating_sub(BACKDATE.as_millis() as u64))?;
+        params.not_after = time_at(now_ms + CA_LIFETIME.as_millis() as u64)?;
+        params.serial_number = Some(serial(now_ms)?.into());
+        let cert = params.self_signed(&key).map_err(err)?;
+        Ok(EdgeCa {
+            cert_pem: cert.pem(),
+            key,
+        })
+    }
+
+    /// A server certificate for `names` (DNS names, wildcards or IP addresses), valid from
+    /// `not_before_ms` to `not_after_ms`, chained to this CA.
+    pub fn issue(
+        &self,
+        names: &[&str],
+        not_before_ms: u64,
+        not_after_ms: u64,
+    ) -> Result<EdgeCert, String> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("tollgate"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = time_at(not_before_ms)?;
+        params.not_after = time_at(not_after_ms)?;
+        params.serial_number = Some(serial(not_before_ms)?.into());
+        params.use_authority_key_identifier_extension = true;
+        for name in names {
+            params.subject_alt_names.push(match name.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.to_string()
+                        .try_into()
+                        .map_err(|e| format!("{name:?} is not a host name: {e}"))?,
+                ),
+            });
+        }
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(err)?;
+        let cert = params.signed_by(&key, &issuer).map_err(err)?;
+        Ok(EdgeCert {
+            // The leaf only: clients hold the CA itself (`curl --cacert`).
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// A new key pair and a CSR for it (the CA fills in everything but the key).
 pub fn new_key_and_csr() -> Result<(KeyPair, String), String> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;

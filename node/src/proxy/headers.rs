@@ -5,8 +5,7 @@
 //!   and `Upgrade`, except that a WebSocket (or other) upgrade keeps `Upgrade` and
 //!   `Connection: upgrade` so the upstream can accept it.
 //! - `X-Forwarded-For` gets the client address appended; `X-Forwarded-Proto` and
-//!   `X-Forwarded-Host` are set to what the client used (the gateway terminates only
-//!   cleartext today, so the protocol is always `http`).
+//!   `X-Forwarded-Host` are set to what the client used (`https` when it came over TLS).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -104,7 +103,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Adds the `X-Forwarded-*` headers.
 /// `client` is the client's IP address as a header value.
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<HeaderValue>) {
+/// `tls` says whether the client connected over TLS.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    host: Option<HeaderValue>,
+    tls: bool,
+) {
     // Earlier hops may have sent several header lines; keep them all, in order.
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -120,7 +125,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option
         HeaderValue::from_str(&joined).unwrap_or_else(|_| client.clone())
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         // Never pass on a client's own claim.
@@ -172,6 +178,7 @@ mod tests {
             &mut h,
             &HeaderValue::from_static("127.0.0.1"),
             Some(HeaderValue::from_static("api.example.com")),
+            false,
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
@@ -185,7 +192,8 @@ mod tests {
             "x-forwarded-for",
             HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
         );
-        add_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), None);
+        add_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), None, true);
+        assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(
             h["x-forwarded-for"],
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"

@@ -9,6 +9,7 @@ pub mod headers;
 pub mod phases;
 pub mod respond;
 pub mod server;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -58,6 +59,10 @@ pub struct Shared {
     pub tracing: Option<Arc<Tracing>>,
     /// Usage counting, unless `--metering off`.
     pub meter: Option<Arc<crate::metering::Meter>>,
+    /// Certificates and session tickets for the HTTPS listener.
+    pub tls: Arc<tls::EdgeTls>,
+    /// The HTTPS port, for redirects (`--https-addr`); none without it.
+    pub https_port: Option<u16>,
 }
 
 impl Shared {
@@ -75,6 +80,8 @@ impl Shared {
             quotas,
             tracing: crate::telemetry::traces::global().cloned(),
             meter: None,
+            tls: Arc::new(tls::EdgeTls::new()),
+            https_port: None,
         }
     }
 }

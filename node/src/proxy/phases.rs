@@ -108,6 +108,8 @@ pub struct Peer {
     pub client: crate::proxy::guard::ClientKey,
     /// The client IP as a header value, for `X-Forwarded-For`.
     pub ip: HeaderValue,
+    /// Whether the connection came over TLS (the HTTPS listener).
+    pub tls: bool,
 }
 
 impl Peer {
@@ -118,6 +120,7 @@ impl Peer {
             addr,
             client: crate::proxy::guard::ClientKey::of(addr.ip()),
             ip,
+            tls: false,
         }
     }
 }
@@ -142,6 +145,14 @@ pub async fn handle(
         received,
         trace,
     ));
+    // HSTS is sent on HTTPS answers only (RFC 6797 §7.2), errors included.
+    let hsts = match peer.tls && !snapshot.routing.hosts.is_empty() {
+        true => request_host(req.uri(), req.headers(), req.version())
+            .ok()
+            .and_then(|h| snapshot.routing.hosts.find(h))
+            .and_then(|r| r.hsts.clone()),
+        false => None,
+    };
     let mut resp = match pipeline(req, &snapshot, &worker, &peer, &mut tail).await {
         Ok(resp) => resp,
         Err(err) => {
@@ -149,9 +160,35 @@ pub async fn handle(
             error_response(&err, worker.shared.limits.max_request_body)
         }
     };
+    if let Some(hsts) = hsts {
+        resp.headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+    }
     tail.status = resp.status().as_u16();
     resp.body_mut().set_tail(tail);
     Ok(resp)
+}
+
+/// A permanent redirect (308: the method and body are kept) to the same URL over HTTPS
+/// on `port` (left out when 443).
+fn https_redirect(host: &str, port: u16, uri: &http::Uri) -> Response<ResponseBody> {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = Response::new(ResponseBody::empty());
+    *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, location);
+    }
+    resp
 }
 
 async fn pipeline(
@@ -171,6 +208,16 @@ async fn pipeline(
     )?;
     if declared_length(&req)?.is_some_and(|len| len > limits.max_request_body) {
         return Err(ProxyError::BodyTooLarge);
+    }
+    if !peer.tls
+        && let Some(port) = worker.shared.https_port
+        && snapshot
+            .routing
+            .hosts
+            .find(host)
+            .is_some_and(|r| r.https_redirect)
+    {
+        return Ok(https_redirect(host, port, req.uri()));
     }
 
     // match route
@@ -853,7 +900,7 @@ fn transform_request(
     let host = headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut headers, upgrade);
     headers::strip_ours(&mut headers);
-    headers::add_forwarded(&mut headers, &peer.ip, host);
+    headers::add_forwarded(&mut headers, &peer.ip, host, peer.tls);
     route.request_headers.apply(&mut headers);
     Ok(UpstreamHead {
         method,

@@ -47,9 +47,12 @@ const MAX_REFUSING: usize = 256;
 
 /// Binds `count` listeners on one address with `SO_REUSEPORT`, so the kernel spreads new
 /// connections across the data-plane threads. Port 0 picks one free port for all.
+/// `what` and `flag` name the listener in errors ("proxy", "--proxy-addr").
 pub fn bind_listeners(
     addr: SocketAddr,
     count: usize,
+    what: &str,
+    flag: &str,
 ) -> anyhow::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(count);
     // SO_REUSEPORT would let this process share a port another Tollgate holds the same
@@ -60,7 +63,7 @@ pub fn bind_listeners(
         probe.set_reuse_address(true)?;
         probe
             .bind(&addr.into())
-            .map_err(|e| crate::listen_error("proxy", addr, "--proxy-addr", e))?;
+            .map_err(|e| crate::listen_error(what, addr, flag, e))?;
         let bound = probe.local_addr()?.as_socket();
         bound.unwrap_or(addr)
     };
@@ -71,7 +74,7 @@ pub fn bind_listeners(
         socket.set_nonblocking(true)?;
         socket
             .bind(&addr.into())
-            .map_err(|e| crate::listen_error("proxy", addr, "--proxy-addr", e))?;
+            .map_err(|e| crate::listen_error(what, addr, flag, e))?;
         socket.listen(4096)?;
         let listener: std::net::TcpListener = socket.into();
         addr = listener.local_addr()?;
@@ -80,16 +83,20 @@ pub fn bind_listeners(
     Ok(out)
 }
 
-/// Starts one data-plane thread per listener.
+/// Starts one data-plane thread per plain listener; thread `i` also serves HTTPS
+/// listener `i`, when there are HTTPS listeners (as many).
 pub fn spawn_workers(
     listeners: Vec<std::net::TcpListener>,
+    https: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
     sink: Sink,
     scheduling: CpuScheduling,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
+    let mut https = https.into_iter();
     for (i, listener) in listeners.into_iter().enumerate() {
+        let tls_listener = https.next();
         let shared = shared.clone();
         let sink = sink.clone();
         let shutdown = shutdown.clone();
@@ -102,7 +109,10 @@ pub fn spawn_workers(
                     .build()
                     .expect("a current-thread runtime builds");
                 let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, run_worker(listener, shared, sink, shutdown));
+                local.block_on(
+                    &rt,
+                    run_worker(listener, tls_listener, shared, sink, shutdown),
+                );
             })?;
         threads.push(handle);
     }
@@ -143,19 +153,33 @@ where
     }
 }
 
+/// What every connection of one data-plane thread shares.
+struct ThreadCtx {
+    worker: Rc<Worker>,
+    builder: auto::Builder<LocalExec>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 async fn run_worker(
     listener: std::net::TcpListener,
+    tls_listener: Option<std::net::TcpListener>,
     shared: Arc<Shared>,
     sink: Sink,
     shutdown: CancellationToken,
 ) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
+    let register = |l: std::net::TcpListener| match TcpListener::from_std(l) {
+        Ok(l) => Some(l),
         Err(e) => {
-            tracing::error!("failed to register the proxy listener: {e}");
-            return;
+            tracing::error!("failed to register a proxy listener: {e}");
+            None
         }
     };
+    let Some(listener) = register(listener) else {
+        return;
+    };
+    let tls_listener = tls_listener.and_then(register);
     let worker = Rc::new(Worker::new(shared.clone(), AccessLog::new(sink)));
     let limits = shared.limits.clone();
 
@@ -182,20 +206,32 @@ async fn run_worker(
         // nginx's default; each stream past the first also takes a --max-connections slot.
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
 
-    let builder = Rc::new(builder);
-    let connections = TaskTracker::new();
+    let ctx = Rc::new(ThreadCtx {
+        worker: worker.clone(),
+        builder,
+        connections: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+        tls: tls_listener
+            .is_some()
+            .then(|| tokio_rustls::TlsAcceptor::from(shared.tls.config())),
+    });
     let housekeeping = tokio::task::spawn_local(housekeeping(worker.clone()));
 
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, tls) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok((s, p)) => (s, p, false),
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            accepted = accept_opt(tls_listener.as_ref()) => match accepted {
+                Ok((s, p)) => (s, p, true),
+                Err(e) => {
+                    accept_failed(e).await;
                     continue;
                 }
             },
@@ -203,85 +239,59 @@ async fn run_worker(
         let _ = stream.set_nodelay(true);
         let client = ClientKey::of(peer.ip());
         if let Err(refused) = shared.take_slot(client) {
-            refuse(stream, shared.clone(), refused);
+            if tls {
+                // Past a limit before any handshake: closed (an answer would cost one).
+                count_refused(refused);
+            } else {
+                refuse(stream, shared.clone(), refused);
+            }
             continue;
         }
         ::metrics::counter!("tollgate_connections_total").increment(1);
         let slot = OpenConnection::counted(shared.clone(), client);
-        let state = ConnState::new(shared.clone(), client);
-        let service = {
-            let (w, state) = (worker.clone(), state.clone());
-            let peer = phases::Peer::new(peer);
-            service_fn(move |req| {
-                let stream = state.start_stream();
-                let (w, peer) = (w.clone(), peer.clone());
-                async move {
-                    match stream {
-                        Ok(stream) => {
-                            let mut resp = phases::handle(req, w, peer).await?;
-                            resp.body_mut().set_stream(stream);
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                        Err(refused) => {
-                            count_refused(refused);
-                            Ok(refused_response(refused, &w.shared))
-                        }
-                    }
-                }
-            })
-        };
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn_local(async move {
+        let ctx2 = ctx.clone();
+        ctx.connections.spawn_local(async move {
             let _slot = slot;
-            let io = TokioIo::new(FrameGuard::new(stream));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            tokio::pin!(conn);
-            let every = ConnState::check_every(state.limits());
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut closing = false;
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    result = conn.as_mut() => break Some(result),
-                    _ = shutdown.cancelled(), if !closing => {
-                        // HTTP/1.1 closes after the response in flight, HTTP/2 sends GOAWAY.
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ = tick.tick() => match state.check(std::time::Instant::now()) {
-                        Verdict::Keep => {}
-                        Verdict::NoFirstRequest => {
-                            // Covers protocol detection and HTTP/2, which hyper's header
-                            // read timeout does not.
-                            protocol_error("header_read_timeout");
-                            break None;
-                        }
-                        Verdict::ClientNotReading => {
-                            protocol_error("send_timeout");
-                            break None;
-                        }
-                        // Asked to close once already and still here: close it now.
-                        Verdict::Idle if closing => break None,
-                        Verdict::Idle => {
-                            ::metrics::counter!("tollgate_connections_idle_closed_total").increment(1);
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                    },
-                }
-            };
-            if let Some(Err(e)) = result {
-                count_protocol_error(&*e);
+            let ctx = ctx2;
+            let state = ConnState::new(ctx.worker.shared.clone(), client);
+            let mut peer = phases::Peer::new(peer);
+            if !tls {
+                serve(&ctx, stream, peer, state).await;
+                return;
             }
+            let acceptor = ctx.tls.clone().expect("an HTTPS listener has an acceptor");
+            let handshake = tokio::time::timeout(
+                ctx.worker.shared.limits.header_read_timeout,
+                acceptor.accept(stream),
+            );
+            let stream = tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tls_failed("refused");
+                        tracing::debug!(peer = %peer.addr, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tls_failed("timeout");
+                        return;
+                    }
+                },
+                _ = ctx.shutdown.cancelled() => return,
+            };
+            ::metrics::counter!("tollgate_tls_handshakes_total",
+                "resumed" => if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) { "true" } else { "false" })
+                .increment(1);
+            peer.tls = true;
+            serve(&ctx, stream, peer, state).await;
         });
     }
 
     drop(listener);
-    connections.close();
+    drop(tls_listener);
+    ctx.connections.close();
     tokio::select! {
-        _ = connections.wait() => {}
+        _ = ctx.connections.wait() => {}
         _ = tokio::time::sleep(limits.drain_timeout) => {
             tracing::warn!("drain deadline passed with connections still open; closing them");
         }
@@ -289,6 +299,93 @@ async fn run_worker(
     housekeeping.abort();
     worker.pool.clear();
     worker.access_log.flush();
+}
+
+/// Accepts on the listener, or waits forever without one.
+async fn accept_opt(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Out of file descriptors and the like: back off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+fn tls_failed(reason: &'static str) {
+    ::metrics::counter!("tollgate_tls_handshake_failures_total", "reason" => reason).increment(1);
+}
+
+/// Serves one connection (plain or after its TLS handshake) until it ends, under the
+/// limits of [`guard`](super::guard).
+async fn serve<I>(ctx: &ThreadCtx, io: I, peer: phases::Peer, state: Rc<ConnState>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let (w, state) = (ctx.worker.clone(), state.clone());
+        service_fn(move |req| {
+            let stream = state.start_stream();
+            let (w, peer) = (w.clone(), peer.clone());
+            async move {
+                match stream {
+                    Ok(stream) => {
+                        let mut resp = phases::handle(req, w, peer).await?;
+                        resp.body_mut().set_stream(stream);
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                    Err(refused) => {
+                        count_refused(refused);
+                        Ok(refused_response(refused, &w.shared))
+                    }
+                }
+            }
+        })
+    };
+    let io = TokioIo::new(FrameGuard::new(io));
+    let conn = ctx.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let every = ConnState::check_every(state.limits());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => break Some(result),
+            _ = ctx.shutdown.cancelled(), if !closing => {
+                // HTTP/1.1 closes after the response in flight, HTTP/2 sends GOAWAY.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tick.tick() => match state.check(std::time::Instant::now()) {
+                Verdict::Keep => {}
+                Verdict::NoFirstRequest => {
+                    // Covers protocol detection and HTTP/2, which hyper's header
+                    // read timeout does not.
+                    protocol_error("header_read_timeout");
+                    break None;
+                }
+                Verdict::ClientNotReading => {
+                    protocol_error("send_timeout");
+                    break None;
+                }
+                // Asked to close once already and still here: close it now.
+                Verdict::Idle if closing => break None,
+                Verdict::Idle => {
+                    ::metrics::counter!("tollgate_connections_idle_closed_total").increment(1);
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            },
+        }
+    };
+    if let Some(Err(e)) = result {
+        count_protocol_error(&*e);
+    }
 }
 
 fn protocol_error(kind: &'static str) {

@@ -476,6 +476,7 @@ impl Cluster {
                 .require_operator("planning a spec")?;
             let checked = check_text(req.spec_yaml, self.max_spec_bytes, "the spec").await?;
             self.check_quota_apis(&checked)?;
+            let warnings = self.check_certificates(&checked)?;
             let (plan, generation) = self
                 .state_machine
                 .read(|a| (a.state.plan(&checked.objects), a.state.generation));
@@ -486,6 +487,7 @@ impl Cluster {
                 generation,
                 log_index: 0,
                 dry_run: true,
+                warnings,
             });
         }
         // Forwarded unchecked: the leader checks it, checking here too would only add latency.
@@ -497,10 +499,19 @@ impl Cluster {
         principal.require_operator("applying the spec")?;
         let checked = check_text(req.spec_yaml, self.max_spec_bytes, "the spec").await?;
         self.check_quota_apis(&checked)?;
+        let warnings = self.check_certificates(&checked)?;
         let mut cmd = put_spec_command(&checked, &req.request_id);
         cmd.actor = principal.actor();
         cmd.at_ms = now_ms();
         let applied = self.write(cmd).await?;
+        // The first certificate: ticket keys now rather than at the next identity tick, so
+        // clients resume across nodes from the start.
+        if let Err(e) = self.rotate_ticket_keys().await {
+            tracing::warn!(
+                "could not make the TLS session-ticket keys: {}",
+                e.message()
+            );
+        }
         Ok(api::ApplySpecResponse {
             added: applied.added,
             changed: applied.changed,
@@ -508,7 +519,44 @@ impl Cluster {
             generation: applied.generation,
             log_index: applied.log_index,
             dry_run: false,
+            warnings,
         })
+    }
+
+    /// The checks of the spec's certificates that need the time and the keys (the rest are
+    /// the spec's own): each key opens and matches its certificate, and each certificate
+    /// is valid now. Returns the warnings (expiring soon).
+    fn check_certificates(&self, checked: &CheckedSpec) -> Result<Vec<String>, Status> {
+        if checked.spec.certificates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let secrets = self.state_machine.read(|a| a.state.access.secrets.clone());
+        let ring = self.identity.keyring();
+        let open = |name: &str| -> Result<Vec<u8>, String> {
+            let secret = secrets.get(name).ok_or_else(|| {
+                format!(
+                    "there is no secret {name}: store the key first with \
+                     `tollgate secret set {name} --from-file key.pem`"
+                )
+            })?;
+            let ring = ring.as_ref().ok_or("this node has no sealing key")?;
+            ring.open(&identity::secret_purpose(name), &secret.value)
+                .map_err(|e| format!("secret {name} cannot be opened here: {e}"))
+        };
+        let mut errors = crate::state::spec::SpecErrors::default();
+        let notes = crate::state::tls::check_at_apply(
+            &checked.spec.certificates,
+            now_ms(),
+            &open,
+            &mut errors,
+        );
+        if errors.is_empty() {
+            Ok(notes.warnings)
+        } else {
+            Err(Status::invalid_argument(format!(
+                "the spec was refused, nothing was applied. {errors}"
+            )))
+        }
     }
 
     /// A quota may only name APIs that exist (the spec alone cannot tell).
@@ -881,6 +929,7 @@ impl Cluster {
                     "sealed the cluster's hash key (an older version stored it in the clear)"
                 );
             }
+            self.rotate_ticket_keys().await?;
         }
         if self.identity.secure
             && self.identity.keyring().is_some()
@@ -907,6 +956,54 @@ impl Cluster {
     }
 
     /// Proposes an identity command as this node (on the leader).
+    /// On the leader, while the spec has certificates: makes the first session-ticket key,
+    /// then a new one every [`TICKET_ROTATION_MS`](crate::proxy::tls::TICKET_ROTATION_MS)
+    /// (keeping the one before), in a sealed secret every node serves from.
+    async fn rotate_ticket_keys(&self) -> Result<(), Status> {
+        use crate::proxy::tls::{TICKET_ROTATION_MS, TICKET_SECRET, rotate_ticket_keys};
+        let (has_certificates, current) = self.state_machine.read(|a| {
+            (
+                a.state
+                    .objects
+                    .keys()
+                    .any(|k| k.starts_with("certificate/")),
+                a.state.access.secrets.get(TICKET_SECRET).cloned(),
+            )
+        });
+        let due = current
+            .as_ref()
+            .is_none_or(|s| now_ms().saturating_sub(s.updated_at_ms) >= TICKET_ROTATION_MS);
+        if !has_certificates || !due {
+            return Ok(());
+        }
+        let purpose = identity::secret_purpose(TICKET_SECRET);
+        // Keys that cannot be opened (sealed under a key since removed) are replaced.
+        let old = match (current, self.identity.keyring()) {
+            (Some(s), Some(ring)) => ring.open(&purpose, &s.value).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let value = rotate_ticket_keys(&old).map_err(Status::internal)?;
+        let op = IdentityOp::PutSecret(tollgate_proto::state::v1::PutSecret {
+            name: TICKET_SECRET.to_string(),
+            value: self.identity.seal(&purpose, &value)?,
+        });
+        self.identity_write(op).await?;
+        tracing::info!("made a new TLS session-ticket key for the cluster");
+        Ok(())
+    }
+
+    /// Stores a named secret as this node (`tollgate dev`'s certificate key, before its
+    /// first spec). On the leader only.
+    pub async fn put_secret_as_node(&self, name: &str, value: &[u8]) -> Result<(), Status> {
+        crate::state::lifecycle::check_name("secret", name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let op = IdentityOp::PutSecret(tollgate_proto::state::v1::PutSecret {
+            name: name.to_string(),
+            value: self.identity.seal(&identity::secret_purpose(name), value)?,
+        });
+        self.identity_write(op).await.map(|_| ())
+    }
+
     async fn identity_write(&self, op: IdentityOp) -> Result<Applied, Status> {
         let cmd = tollgate_proto::state::v1::Command {
             kind: Some(tollgate_proto::state::v1::command::Kind::Identity(
@@ -2098,6 +2195,14 @@ async fn check_version_content(
     }
     let doc = crate::state::spec::parse_yaml(content)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    for field in ["certificates", "hosts"] {
+        if doc.get(field).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "{field}: TLS at the edge (certificates, HTTPS redirects, HSTS) is set by the \
+                 operator in the cluster's spec, not in a version's content"
+            )));
+        }
+    }
     if doc.get("tenant_upstreams").is_some() {
         return Err(Status::invalid_argument(
             "tenant_upstreams: where API versions may send requests is set by the operator in \

@@ -267,9 +267,9 @@ impl ClusterState {
         self.access_result(log_index, cmd, result)
     }
 
-    /// Node identity (join tokens, the CA, revocations): audited and recorded in the
-    /// history (a retried request id is applied once), but it takes no generation:
-    /// nothing the data plane serves changes.
+    /// Node identity (join tokens, the CA, revocations, named secrets): audited and
+    /// recorded in the history (a retried request id is applied once). Only what the data
+    /// plane serves with takes a generation: a re-seal, a named secret.
     fn identity_command(
         &mut self,
         log_index: u64,
@@ -300,7 +300,16 @@ impl ClusterState {
         // same, but the data plane opens them when it compiles (key checks, JWT keys), and
         // a node that compiled an older sealing (read back from its last snapshot) could
         // not open it: it takes a generation, so every node compiles again.
-        if let Some(tollgate_proto::state::v1::identity_command::Op::Reseal(r)) = &i.op {
+        // Named secrets hold what the data plane serves with (certificates' keys, the
+        // session-ticket keys): a change takes a generation too.
+        use tollgate_proto::state::v1::identity_command::Op as IdentityOp;
+        if matches!(
+            i.op,
+            Some(IdentityOp::PutSecret(_) | IdentityOp::DeleteSecret(_))
+        ) {
+            self.generation += 1;
+        }
+        if let Some(IdentityOp::Reseal(r)) = &i.op {
             self.generation += 1;
             if !r.jwks.is_empty() {
                 let mut apis = (*self.apis).clone();

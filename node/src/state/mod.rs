@@ -11,4 +11,5 @@ pub mod lifecycle;
 pub mod machine;
 pub mod snapshot;
 pub mod spec;
+pub mod tls;
 pub mod usage;

@@ -47,6 +47,10 @@ pub struct Routing {
     pub clusters: Vec<Arc<Cluster>>,
     /// The spec's quotas; routes name the ones that count them by index.
     pub quotas: Vec<Arc<QuotaDef>>,
+    /// The spec's per-host rules (HTTPS redirect, HSTS).
+    pub hosts: crate::proxy::tls::HostRules,
+    /// The spec's certificates (compiled with their keys by [`crate::proxy::tls::EdgeTls`]).
+    pub certificates: std::collections::BTreeMap<String, crate::state::tls::CertificateSpec>,
 }
 
 /// Set in a matcher id that names a [`Mount`] rather than a route.
@@ -271,6 +275,8 @@ impl Snapshot {
                 mounts: Vec::new(),
                 clusters: Vec::new(),
                 quotas: Vec::new(),
+                hosts: Default::default(),
+                certificates: Default::default(),
             }),
             auth: Arc::new(AuthTable::default()),
             circuits: Arc::default(),
@@ -580,6 +586,8 @@ impl Routing {
             mounts,
             clusters,
             quotas: b.quotas,
+            hosts: crate::proxy::tls::HostRules::build(&spec.hosts),
+            certificates: spec.certificates.clone(),
         })
     }
 }

@@ -25,6 +25,10 @@ pub struct Spec {
     pub quotas: BTreeMap<String, QuotaSpec>,
     /// Where tenants' API versions may send requests (the cluster's spec only).
     pub tenant_upstreams: crate::state::egress::TenantUpstreams,
+    /// Certificates the proxy serves over HTTPS (the cluster's spec only).
+    pub certificates: BTreeMap<String, crate::state::tls::CertificateSpec>,
+    /// Per host name: HTTPS redirect and HSTS (the cluster's spec only).
+    pub hosts: BTreeMap<String, crate::state::tls::HostSpec>,
 }
 
 // === quotas ===
@@ -780,6 +784,13 @@ impl Spec {
                 Some("quotas") => {
                     spec.quotas = objects(value, "quotas", &mut Vec::new(), &mut errors)
                 }
+                Some("certificates") => {
+                    spec.certificates =
+                        objects(value, "certificates", &mut Vec::new(), &mut errors)
+                }
+                Some("hosts") => {
+                    spec.hosts = objects(value, "hosts", &mut Vec::new(), &mut errors)
+                }
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -795,8 +806,8 @@ impl Spec {
                 _ => errors.push(
                     "spec",
                     format!(
-                        "unknown field {}, expected `upstreams`, `routes`, `quotas` or \
-                         `tenant_upstreams` (a file for `tollgate apply` may also have \
+                        "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
+                         `certificates`, `hosts` or `tenant_upstreams` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),
@@ -806,6 +817,7 @@ impl Spec {
         declared_upstreams.sort();
         spec.resolve_endpoints(&mut errors);
         spec.check(&declared_upstreams, &mut errors);
+        crate::state::tls::check_static(&spec.certificates, &spec.hosts, &mut errors);
         if errors.is_empty() {
             Ok(spec)
         } else {

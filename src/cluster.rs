@@ -158,11 +158,13 @@ pub enum JoinTokenCommand {
 
 /// What a file for `tollgate apply` may have at its top: the spec's parts, then the
 /// tenants and APIs the CLI turns into control-plane steps.
-const TOP_LEVEL_KEYS: [&str; 6] = [
+const TOP_LEVEL_KEYS: [&str; 8] = [
     "upstreams",
     "routes",
     "quotas",
     "tenant_upstreams",
+    "certificates",
+    "hosts",
     "tenants",
     "apis",
 ];
@@ -185,7 +187,8 @@ pub fn split_file(text: &str) -> anyhow::Result<(Option<String>, Option<Declared
     if !unknown.is_empty() {
         anyhow::bail!(
             "the file was refused, nothing was applied: unknown top-level field(s) {}; \
-             expected `upstreams`, `routes`, `quotas`, `tenant_upstreams`, `tenants` or `apis` \
+             expected `upstreams`, `routes`, `quotas`, `tenant_upstreams`, `certificates`, \
+             `hosts`, `tenants` or `apis` \
              (docs/spec.md)",
             unknown.join(", ")
         );

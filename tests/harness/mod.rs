@@ -77,6 +77,8 @@ pub struct GatewayProcess {
     /// How clients verify this node: the cluster CA (plain text for --insecure-cluster).
     pub tls: tollgate_sdk::Tls,
     pub proxy: SocketAddr,
+    /// The HTTPS listener, when the node was started with `--https-addr`.
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub grpc: SocketAddr,
     pub spec_path: PathBuf,
@@ -260,6 +262,7 @@ impl GatewayProcess {
             token,
             child,
             proxy: addr("proxy"),
+            https: addrs["https"].as_str().map(|a| a.parse().unwrap()),
             admin: addr("admin"),
             grpc,
             dir: dir.clone(),

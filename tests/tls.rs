@@ -1,0 +1,816 @@
+//! End-to-end: HTTPS on the proxy, checked with real clients (curl, `openssl s_client`,
+//! Python's ssl module): certificates chosen by SNI (exact, wildcard, default), refused at
+//! apply when they cannot be served, swapped under load without a failed request, sessions
+//! resumed on another node, per-host redirects and HSTS, and the plain port's behaviour
+//! (errors, streaming, WebSocket, h2, limits) over TLS.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use harness::cluster::TestCluster;
+use harness::{GatewayProcess, NodeOpts, Upstream};
+use tollgate_node::identity::ca::{EdgeCa, EdgeCert};
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A test CA, written to a file for the clients' `--cacert`.
+struct TestCa {
+    ca: EdgeCa,
+    file: PathBuf,
+}
+
+impl TestCa {
+    fn new(dir: &Path, name: &str) -> TestCa {
+        let ca = EdgeCa::generate(name, now_ms()).unwrap();
+        let file = dir.join(format!("{name}.pem"));
+        std::fs::write(&file, &ca.cert_pem).unwrap();
+        TestCa { ca, file }
+    }
+
+    /// A certificate for `names`, valid from a day ago for `days`.
+    fn issue(&self, names: &[&str], days: u64) -> EdgeCert {
+        let now = now_ms();
+        self.ca
+            .issue(names, now - DAY_MS, now + days * DAY_MS)
+            .unwrap()
+    }
+}
+
+/// The base64 body of the first certificate in a PEM text (to compare certificates).
+fn leaf_of(pem: &str) -> String {
+    let start = pem
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let end = pem[start..].find("-----END CERTIFICATE-----").unwrap() + start;
+    pem[start + 27..end].split_whitespace().collect()
+}
+
+/// A `certificates:` entry, the chain indented for YAML.
+fn cert_entry(name: &str, cert: &EdgeCert, secret: &str, extra: &str) -> String {
+    let chain: String = cert
+        .chain_pem
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    format!("  {name}:\n    key_secret: {secret}\n{extra}    chain: |\n{chain}")
+}
+
+fn https_node_flags() -> Vec<&'static str> {
+    vec!["--https-addr", "127.0.0.1:0"]
+}
+
+/// What `openssl s_client` is served: the leaf certificate (base64) and the protocol, for
+/// `sni` (None: no SNI at all).
+fn openssl_served(addr: std::net::SocketAddr, sni: Option<&str>) -> (String, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &addr.to_string()]);
+    match sni {
+        Some(name) => cmd.args(["-servername", name]),
+        None => cmd.arg("-noservername"),
+    };
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs (install the openssl package)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let protocol = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Protocol  : "))
+        .or_else(|| {
+            text.lines().find_map(|l| {
+                l.strip_prefix("New, ")
+                    .map(|r| r.split(',').next().unwrap())
+            })
+        })
+        .unwrap_or("")
+        .to_string();
+    let leaf = if text.contains("-----BEGIN CERTIFICATE-----") {
+        leaf_of(&text)
+    } else {
+        String::new()
+    };
+    (leaf, protocol)
+}
+
+/// `curl` over HTTPS to `host` (resolved to the node): (status, HTTP version, body).
+fn curl(
+    node: &GatewayProcess,
+    ca: &Path,
+    host: &str,
+    path: &str,
+    args: &[&str],
+) -> (String, String, String) {
+    let https = node.https.expect("an HTTPS listener");
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{}:127.0.0.1", https.port())])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(args)
+        .arg(format!("https://{host}:{}{path}", https.port()))
+        .output()
+        .expect("curl runs (install the curl package)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let (status, version) = tail.split_once(' ').unwrap_or((tail, ""));
+    (status.to_string(), version.to_string(), body.to_string())
+}
+
+async fn put_secret(node: &GatewayProcess, name: &str, value: &str) {
+    node.sdk()
+        .await
+        .put_secret(name, value.as_bytes().to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("secret {name}: {e}"));
+}
+
+/// Applies `spec`; the warnings, or the refusal's message.
+async fn apply(node: &GatewayProcess, spec: &str) -> Result<Vec<String>, String> {
+    node.sdk()
+        .await
+        .apply_spec(spec, false, "")
+        .await
+        .map(|r| r.warnings)
+        .map_err(|e| e.to_string())
+}
+
+fn routes(up: &Upstream) -> String {
+    format!(
+        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: a }} }}\n",
+        up.addr
+    )
+}
+
+/// A node serving three certificates: `a.example.test` (exact), `*.w.example.test`
+/// (wildcard) and a default one for `d.example.test`.
+struct ThreeCerts {
+    node: GatewayProcess,
+    ca: TestCa,
+    exact: EdgeCert,
+    wild: EdgeCert,
+    default: EdgeCert,
+    _up: Upstream,
+}
+
+async fn three_certs() -> ThreeCerts {
+    let up = Upstream::start("a").await;
+    let node = GatewayProcess::start_with(&routes(&up), &https_node_flags()).await;
+    let ca = TestCa::new(&node.dir, "test-ca");
+    let exact = ca.issue(&["a.example.test"], 90);
+    let wild = ca.issue(&["*.w.example.test"], 90);
+    let default = ca.issue(&["d.example.test"], 90);
+    for (name, c) in [
+        ("exact-key", &exact),
+        ("wild-key", &wild),
+        ("default-key", &default),
+    ] {
+        put_secret(&node, name, &c.key_pem).await;
+    }
+    let spec = format!(
+        "{}certificates:\n{}{}{}",
+        routes(&up),
+        cert_entry("exact", &exact, "exact-key", ""),
+        cert_entry("wild", &wild, "wild-key", ""),
+        cert_entry("fallback", &default, "default-key", "    default: true\n"),
+    );
+    apply(&node, &spec).await.expect("the certificates apply");
+    let https = node.https.unwrap();
+    let want = leaf_of(&exact.chain_pem);
+    harness::eventually(
+        "the certificates are served",
+        Duration::from_secs(5),
+        async || openssl_served(https, Some("a.example.test")).0 == want,
+    )
+    .await;
+    ThreeCerts {
+        node,
+        ca,
+        exact,
+        wild,
+        default,
+        _up: up,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_chosen_by_sni_with_wildcards_and_a_default() {
+    let t = three_certs().await;
+    let https = t.node.https.unwrap();
+    let (exact, wild, default) = (
+        leaf_of(&t.exact.chain_pem),
+        leaf_of(&t.wild.chain_pem),
+        leaf_of(&t.default.chain_pem),
+    );
+    // openssl: exact, wildcard, default for an unknown name and for no SNI at all.
+    assert_eq!(openssl_served(https, Some("a.example.test")).0, exact);
+    assert_eq!(openssl_served(https, Some("x.w.example.test")).0, wild);
+    assert_eq!(openssl_served(https, Some("unknown.test")).0, default);
+    assert_eq!(openssl_served(https, Some("a.b.w.example.test")).0, default);
+    assert_eq!(openssl_served(https, None).0, default);
+
+    // curl verifies the chain and the name, over HTTP/1.1 and h2 (chosen by ALPN).
+    let (status, version, body) = curl(
+        &t.node,
+        &t.ca.file,
+        "a.example.test",
+        "/hello",
+        &["--http1.1"],
+    );
+    assert_eq!(
+        (status.as_str(), version.as_str()),
+        ("200", "1.1"),
+        "{body}"
+    );
+    let (status, version, _) = curl(
+        &t.node,
+        &t.ca.file,
+        "x.w.example.test",
+        "/hello",
+        &["--http2"],
+    );
+    assert_eq!((status.as_str(), version.as_str()), ("200", "2"));
+    let (status, version, _) = curl(&t.node, &t.ca.file, "d.example.test", "/", &[]);
+    assert_eq!((status.as_str(), version.as_str()), ("200", "2"));
+    // A name the served certificate does not cover fails curl's check.
+    let (status, _, _) = curl(&t.node, &t.ca.file, "unknown.test", "/", &[]);
+    assert_eq!(
+        status, "000",
+        "curl must refuse a certificate for another name"
+    );
+
+    // Python's ssl module: the wildcard, verified, with TLS 1.3 and TLS 1.2.
+    for version in ["TLSv1_3", "TLSv1_2"] {
+        let script = format!(
+            "import ssl, socket\n\
+             ctx = ssl.create_default_context(cafile={ca:?})\n\
+             ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.{version}\n\
+             ctx.set_alpn_protocols(['h2', 'http/1.1'])\n\
+             s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='x.w.example.test')\n\
+             print(s.version(), s.selected_alpn_protocol(), s.cipher()[0], dict(x[0] for x in s.getpeercert()['subject'])['commonName'])\n",
+            ca = t.ca.file.display().to_string(),
+            port = https.port(),
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = version.replace('_', ".").replace("TLSv1.", "TLSv1.");
+        assert!(
+            text.starts_with(&want.replace("TLSv1.3", "TLSv1.3")),
+            "{text}"
+        );
+        assert!(text.contains(" h2 "), "{text}");
+        assert!(text.trim_end().ends_with("*.w.example.test"), "{text}");
+    }
+
+    // Mozilla intermediate: nothing below TLS 1.2, no CBC or RSA key exchange.
+    let old = Command::new("openssl")
+        .args(["s_client", "-connect", &https.to_string(), "-tls1_1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&old.stdout).contains("BEGIN CERTIFICATE"));
+    let cbc = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &https.to_string(),
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-ECDSA-AES128-SHA256:AES128-GCM-SHA256",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&cbc.stdout).contains("BEGIN CERTIFICATE"));
+    let metrics = t.node.metrics().await;
+    assert!(
+        metrics
+            .contains("tollgate_tls_certificate_expiry_timestamp_seconds{certificate=\"exact\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_that_cannot_be_served_are_refused_at_apply() {
+    let up = Upstream::start("a").await;
+    let node = GatewayProcess::start_with(&routes(&up), &https_node_flags()).await;
+    let ca = TestCa::new(&node.dir, "test-ca");
+    let good = ca.issue(&["a.example.test"], 90);
+    let other = ca.issue(&["a.example.test"], 90);
+    let now = now_ms();
+    let expired = ca
+        .ca
+        .issue(&["a.example.test"], now - 90 * DAY_MS, now - DAY_MS)
+        .unwrap();
+    let later = ca
+        .ca
+        .issue(&["a.example.test"], now + DAY_MS, now + 90 * DAY_MS)
+        .unwrap();
+    let soon = ca.issue(&["a.example.test"], 10);
+    put_secret(&node, "good-key", &good.key_pem).await;
+    put_secret(&node, "other-key", &other.key_pem).await;
+    put_secret(&node, "expired-key", &expired.key_pem).await;
+    put_secret(&node, "later-key", &later.key_pem).await;
+    put_secret(&node, "soon-key", &soon.key_pem).await;
+    put_secret(&node, "not-a-key", "hello").await;
+    let spec = |entry: String| format!("{}certificates:\n{entry}", routes(&up));
+    let cases = [
+        (
+            cert_entry("c", &good, "other-key", ""),
+            "does not match the certificate",
+        ),
+        (cert_entry("c", &expired, "expired-key", ""), "expired at"),
+        (cert_entry("c", &later, "later-key", ""), "not valid before"),
+        (
+            cert_entry("c", &good, "good-key", "    names: [b.example.test]\n"),
+            "does not cover \"b.example.test\"",
+        ),
+        (
+            cert_entry("c", &good, "missing-key", ""),
+            "there is no secret missing-key",
+        ),
+        (
+            cert_entry("c", &good, "not-a-key", ""),
+            "not a PEM private key",
+        ),
+    ];
+    for (entry, reason) in cases {
+        let refused = apply(&node, &spec(entry)).await.expect_err("refused");
+        assert!(refused.contains(reason), "wanted {reason:?} in: {refused}");
+        assert!(refused.contains("certificates.c"), "{refused}");
+    }
+    let garbage = format!(
+        "{}certificates:\n  c:\n    key_secret: good-key\n    chain: not a certificate\n",
+        routes(&up)
+    );
+    let refused = apply(&node, &garbage).await.expect_err("refused");
+    assert!(refused.contains("certificates.c.chain"), "{refused}");
+    assert!(
+        node.https
+            .map(|a| openssl_served(a, Some("a.example.test")).0.is_empty())
+            .unwrap(),
+        "nothing refused is served"
+    );
+
+    // One that expires within 30 days is served, with a warning and its expiry metric.
+    let warnings = apply(&node, &spec(cert_entry("c", &soon, "soon-key", "")))
+        .await
+        .expect("applies");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("certificate c expires") && w.contains("in 9 days")),
+        "{warnings:?}"
+    );
+    std::fs::write(
+        node.dir.join("soon.yaml"),
+        spec(cert_entry("c", &soon, "soon-key", "")),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["apply", "--dry-run", "-f"])
+        .arg(node.dir.join("soon.yaml"))
+        .env("TOLLGATE_NODE", node.grpc.to_string())
+        .env("TOLLGATE_TOKEN", node.operator_token())
+        .env("TOLLGATE_CA", node.ca_file())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("warning: certificate c expires"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let https = node.https.unwrap();
+    harness::eventually(
+        "the certificate is served",
+        Duration::from_secs(5),
+        async || openssl_served(https, Some("a.example.test")).0 == leaf_of(&soon.chain_pem),
+    )
+    .await;
+    let metrics = node.metrics().await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("tollgate_tls_certificate_expiry_timestamp_seconds{certificate=\"c\"}")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let at: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let days = (at * 1000.0 - now_ms() as f64) / DAY_MS as f64;
+    assert!((9.0..10.1).contains(&days), "{line}");
+    assert!(
+        node.log().contains("certificate c expires"),
+        "a warning in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_swapped_under_load_fails_no_request() {
+    let t = three_certs().await;
+    let https = t.node.https.unwrap();
+    let renewed = t.ca.issue(&["a.example.test"], 180);
+    put_secret(&t.node, "exact-key-2", &renewed.key_pem).await;
+    // curl in 3 loops, each request on a new connection (a new handshake), until stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut loops = Vec::new();
+    for _ in 0..3 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let ca = t.ca.file.clone();
+        loops.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let out = Command::new("curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "--max-time",
+                        "5",
+                        "-w",
+                        "%{http_code}",
+                        "--cacert",
+                    ])
+                    .arg(&ca)
+                    .args([
+                        "--resolve",
+                        &format!("a.example.test:{}:127.0.0.1", https.port()),
+                    ])
+                    .arg(format!("https://a.example.test:{}/hello", https.port()))
+                    .output()
+                    .unwrap();
+                let code = String::from_utf8_lossy(&out.stdout).to_string();
+                if code == "200" {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    failures.push(code);
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = ok.load(Ordering::Relaxed);
+    let spec = format!(
+        "{}certificates:\n{}{}{}",
+        routes(&t._up),
+        cert_entry("exact", &renewed, "exact-key-2", ""),
+        cert_entry("wild", &t.wild, "wild-key", ""),
+        cert_entry("fallback", &t.default, "default-key", "    default: true\n"),
+    );
+    let applied = Instant::now();
+    apply(&t.node, &spec)
+        .await
+        .expect("the renewed certificate applies");
+    let want = leaf_of(&renewed.chain_pem);
+    harness::eventually(
+        "the renewed certificate is served",
+        Duration::from_secs(5),
+        async || openssl_served(https, Some("a.example.test")).0 == want,
+    )
+    .await;
+    let took = applied.elapsed();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = loops.into_iter().flat_map(|l| l.join().unwrap()).collect();
+    let served = ok.load(Ordering::Relaxed);
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(
+        before >= 3 && served > before + 3,
+        "{before} then {served} requests"
+    );
+    assert!(took < Duration::from_secs(1), "served after {took:?}");
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_on_another_node() {
+    let up = Upstream::start("a").await;
+    let cluster = TestCluster::start(2, &routes(&up), &https_node_flags()).await;
+    let first = cluster.node(1);
+    let second = cluster.node(2);
+    let ca = TestCa::new(&first.dir, "test-ca");
+    let cert = ca.issue(&["a.example.test"], 90);
+    put_secret(first, "a-key", &cert.key_pem).await;
+    let spec = format!(
+        "{}certificates:\n{}",
+        routes(&up),
+        cert_entry("a", &cert, "a-key", "")
+    );
+    apply(first, &spec).await.expect("applies");
+    let want = leaf_of(&cert.chain_pem);
+    for node in [first, second] {
+        let https = node.https.unwrap();
+        harness::eventually(
+            "the certificate is served",
+            Duration::from_secs(10),
+            async || openssl_served(https, Some("a.example.test")).0 == want,
+        )
+        .await;
+    }
+    for version in ["-tls1_3", "-tls1_2"] {
+        let session = first.dir.join(format!("session{version}.pem"));
+        let s_client = |addr: std::net::SocketAddr, sess: &str| {
+            // Stays open a moment: TLS 1.3 tickets come after the handshake.
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "sleep 1 | openssl s_client -connect {addr} -servername a.example.test -CAfile {} {version} {sess} {}",
+                    ca.file.display(),
+                    session.display()
+                ))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let made = s_client(first.https.unwrap(), "-sess_out");
+        assert!(made.contains("New, TLSv1."), "{made}");
+        let resumed = s_client(second.https.unwrap(), "-sess_in");
+        assert!(
+            resumed.contains("Reused, TLSv1."),
+            "{version}: the session from node 1 did not resume on node 2:\n{resumed}"
+        );
+    }
+    assert!(
+        second
+            .metrics()
+            .await
+            .contains("tollgate_tls_handshakes_total{resumed=\"true\"} 2"),
+        "{}",
+        second.metrics().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_redirect_plain_http_and_send_hsts() {
+    let t = three_certs().await;
+    let https = t.node.https.unwrap();
+    let spec = format!(
+        "{}certificates:\n{}{}{}hosts:\n  a.example.test: {{ https_redirect: true, hsts: {{ max_age: 1d, include_subdomains: true }} }}\n",
+        routes(&t._up),
+        cert_entry("exact", &t.exact, "exact-key", ""),
+        cert_entry("wild", &t.wild, "wild-key", ""),
+        cert_entry("fallback", &t.default, "default-key", "    default: true\n"),
+    );
+    apply(&t.node, &spec).await.expect("applies");
+    let plain = |host: &'static str| {
+        let node = &t.node;
+        async move {
+            node.send(
+                http::Request::get(node.url("/path?q=1"))
+                    .header("host", host)
+                    .body(harness::full(""))
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    harness::eventually(
+        "the host rule is served",
+        Duration::from_secs(5),
+        async || plain("a.example.test").await.status == 308,
+    )
+    .await;
+    let resp = plain("a.example.test").await;
+    assert_eq!(
+        resp.header("location"),
+        Some(format!("https://a.example.test:{}/path?q=1", https.port()).as_str())
+    );
+    // Another host is served over plain HTTP as before.
+    assert_eq!(plain("d.example.test").await.status, 200);
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--cacert"])
+        .arg(&t.ca.file)
+        .args([
+            "--resolve",
+            &format!("a.example.test:{}:127.0.0.1", https.port()),
+        ])
+        .arg(format!("https://a.example.test:{}/x", https.port()))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        head.contains("strict-transport-security: max-age=86400; includesubdomains"),
+        "{head}"
+    );
+    // Following the redirect lands on HTTPS.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-L",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{url_effective}",
+            "--cacert",
+        ])
+        .arg(&t.ca.file)
+        .args([
+            "--resolve",
+            &format!("a.example.test:{}:127.0.0.1", https.port()),
+        ])
+        .args([
+            "--resolve",
+            &format!("a.example.test:{}:127.0.0.1", t.node.proxy.port()),
+        ])
+        .arg(format!("http://a.example.test:{}/y", t.node.proxy.port()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        format!("200 https://a.example.test:{}/y", https.port())
+    );
+}
+
+/// A rustls client stream to the node's HTTPS port, trusting `ca`, for `host`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &TestCa,
+    host: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tollgate_node::identity::ca::pem_certs(&ca.ca.cert_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(tollgate_node::identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from(host.to_string()).unwrap(),
+            tcp,
+        )
+        .await
+        .expect("TLS handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_what_the_plain_port_does() {
+    let up = Upstream::start("a").await;
+    let mut opts = NodeOpts::single(&routes(&up), &https_node_flags());
+    opts.extra
+        .extend(["--max-connections-per-client", "4"].map(String::from));
+    let node = GatewayProcess::launch(opts).await;
+    let ca = TestCa::new(&node.dir, "test-ca");
+    let cert = ca.issue(&["a.example.test"], 90);
+    put_secret(&node, "a-key", &cert.key_pem).await;
+    let spec = format!(
+        "{}certificates:\n{}",
+        routes(&up),
+        cert_entry("a", &cert, "a-key", "    default: true\n")
+    );
+    apply(&node, &spec).await.expect("applies");
+    let https = node.https.unwrap();
+    harness::eventually(
+        "the certificate is served",
+        Duration::from_secs(5),
+        async || !openssl_served(https, Some("a.example.test")).0.is_empty(),
+    )
+    .await;
+
+    // A JSON error, over h2.
+    let spec_404 = format!(
+        "upstreams: {{ a: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ r: {{ match: {{ path: {{ prefix: /only }} }}, upstream: a }} }}\ncertificates:\n{}",
+        up.addr,
+        cert_entry("a", &cert, "a-key", "    default: true\n")
+    );
+    apply(&node, &spec_404).await.expect("applies");
+    harness::eventually(
+        "the new routes are served",
+        Duration::from_secs(5),
+        async || curl(&node, &ca.file, "a.example.test", "/elsewhere", &[]).0 == "404",
+    )
+    .await;
+    let (status, version, body) = curl(&node, &ca.file, "a.example.test", "/elsewhere", &[]);
+    assert_eq!((status.as_str(), version.as_str()), ("404", "2"));
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(v["error"]["code"], "route_not_found", "{body}");
+
+    // The upstream sees that the client used HTTPS.
+    let (status, _, _) = curl(&node, &ca.file, "a.example.test", "/only/x", &[]);
+    assert_eq!(status, "200");
+    let seen = up
+        .state
+        .last_headers
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the upstream was called");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+
+    // Server-sent events arrive one by one over TLS.
+    let spec_all = format!(
+        "{}certificates:\n{}",
+        routes(&up),
+        cert_entry("a", &cert, "a-key", "    default: true\n")
+    );
+    apply(&node, &spec_all).await.expect("applies");
+    harness::eventually(
+        "every path is routed again",
+        Duration::from_secs(5),
+        async || curl(&node, &ca.file, "a.example.test", "/elsewhere", &[]).0 == "200",
+    )
+    .await;
+    let started = Instant::now();
+    let (status, _, body) = curl(&node, &ca.file, "a.example.test", "/sse/3/300", &["-N"]);
+    assert_eq!(status, "200");
+    assert_eq!(body.matches("data: event").count(), 3, "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(550));
+
+    // A WebSocket over TLS (HTTP/1.1 by ALPN).
+    let stream = tls_connect(https, &ca, "a.example.test", &[b"http/1.1"]).await;
+    let (mut ws, resp) = tokio_tungstenite::client_async(
+        format!("wss://a.example.test:{}/ws", https.port()),
+        stream,
+    )
+    .await
+    .expect("a WebSocket handshake over TLS");
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("over tls"))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo within 5s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "over tls");
+    drop(ws);
+
+    // The per-client connection limit holds for TLS connections: past 4, closed.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tls_connect(https, &ca, "a.example.test", &[b"h2"]).await);
+    }
+    harness::eventually(
+        "the WebSocket is closed",
+        Duration::from_secs(5),
+        async || {
+            node.metrics()
+                .await
+                .contains("tollgate_open_connections 4\n")
+        },
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            tollgate_node::identity::ca::pem_certs(&ca.ca.cert_pem)
+                .unwrap()
+                .remove(0),
+        )
+        .unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(tollgate_node::identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(
+            rustls_pki_types::ServerName::try_from("a.example.test").unwrap(),
+            tcp,
+        ),
+    )
+    .await
+    .expect("an answer within 5s");
+    assert!(refused.is_err(), "the fifth connection is closed");
+    assert!(
+        node.metrics()
+            .await
+            .contains("tollgate_connections_rejected_total{reason=\"client\"} 1"),
+        "{}",
+        node.metrics().await
+    );
+    drop(held);
+}

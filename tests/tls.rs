@@ -273,9 +273,9 @@ async fn certificates_are_chosen_by_sni_with_wildcards_and_a_default() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let want = version.replace('_', ".").replace("TLSv1.", "TLSv1.");
+        let want = version.replace('_', ".");
         assert!(
-            text.starts_with(&want.replace("TLSv1.3", "TLSv1.3")),
+            text.starts_with(&want),
             "{text}"
         );
         assert!(text.contains(" h2 "), "{text}");

@@ -99,6 +99,10 @@ pub enum CredentialCommand {
         /// Print only the secret, for scripts: `KEY=$(tollgate key create --tenant acme -q)`.
         #[arg(short, long)]
         quiet: bool,
+        /// Keys only: a client certificate (PEM file) that is the key, for APIs with `auth:
+        /// mtls` (docs/tls.md). No secret is made; the key expires with the certificate.
+        #[arg(long, value_name = "PEM_FILE")]
+        client_cert: Option<std::path::PathBuf>,
         #[command(flatten)]
         cp: CpArg,
     },
@@ -201,6 +205,7 @@ fn credential_json(c: &state::CredentialState) -> serde_json::Value {
         "created_at": ms_text(c.created_at_ms),
         "expires_at": if c.expires_at_ms == 0 { None } else { Some(ms_text(c.expires_at_ms)) },
         "revoked_at": if c.revoked_at_ms == 0 { None } else { Some(ms_text(c.revoked_at_ms)) },
+        "client_certificate": c.client_certificate,
     })
 }
 
@@ -360,14 +365,30 @@ pub async fn credential(kind: &str, cmd: CredentialCommand) -> anyhow::Result<()
             name,
             expires,
             quiet,
+            client_cert,
             cp,
         } => {
             let c = client(&cp)?;
-            let reply = if kind == "key" {
-                c.create_key(&tenant, &name, &expires).await?
-            } else {
-                c.create_token(&tenant, &name, &expires).await?
+            let reply = match (kind, client_cert) {
+                ("key", Some(file)) => {
+                    let pem = std::fs::read_to_string(&file)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+                    c.create_certificate_key(&tenant, &name, &expires, &pem)
+                        .await?
+                }
+                (_, Some(_)) => anyhow::bail!(
+                    "--client-cert makes an API key; a control-plane token cannot be a certificate"
+                ),
+                ("key", None) => c.create_key(&tenant, &name, &expires).await?,
+                _ => c.create_token(&tenant, &name, &expires).await?,
             };
+            if quiet && reply.secret.is_empty() {
+                println!(
+                    "{}",
+                    reply.credential.as_ref().map_or("", |c| c.id.as_str())
+                );
+                return Ok(());
+            }
             if quiet {
                 println!("{}", reply.secret);
                 return Ok(());
@@ -438,6 +459,14 @@ fn show_created(kind: &str, reply: &cp::CredentialReply, output: Output) -> anyh
         anyhow::bail!("the control plane answered without the {kind}");
     };
     match output {
+        Output::Table if c.client_certificate => {
+            println!(
+                "{kind} {} created for tenant {}: the client certificate is the key (it expires {}).",
+                c.id,
+                c.tenant,
+                ms_text(c.expires_at_ms)
+            );
+        }
         Output::Table => {
             println!("{kind} {} created for tenant {}.", c.id, c.tenant);
             println!();

@@ -274,10 +274,7 @@ async fn certificates_are_chosen_by_sni_with_wildcards_and_a_default() {
             String::from_utf8_lossy(&out.stderr)
         );
         let want = version.replace('_', ".");
-        assert!(
-            text.starts_with(&want),
-            "{text}"
-        );
+        assert!(text.starts_with(&want), "{text}");
         assert!(text.contains(" h2 "), "{text}");
         assert!(text.trim_end().ends_with("*.w.example.test"), "{text}");
     }
@@ -813,4 +810,225 @@ async fn tls_serves_what_the_plain_port_does() {
         node.metrics().await
     );
     drop(held);
+}
+
+/// curl to `host` on the node's HTTPS port with `args` (a client certificate, headers):
+/// the status ("000" when the handshake failed) and the body.
+fn curl_as(
+    node: &GatewayProcess,
+    ca: &Path,
+    host: &str,
+    path: &str,
+    args: &[&str],
+) -> (String, String) {
+    let (status, _, body) = curl(node, ca, host, path, args);
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_asked_for_checked_passed_on_and_map_to_tenants() {
+    use harness::cp::CpProcess;
+    let up = Upstream::start("a").await;
+    let node = GatewayProcess::start_with(
+        &harness::allowing_loopback(&routes(&up)),
+        &https_node_flags(),
+    )
+    .await;
+    let server_ca = TestCa::new(&node.dir, "server-ca");
+    let client_ca = TestCa::new(&node.dir, "client-ca");
+    let stranger_ca = TestCa::new(&node.dir, "stranger-ca");
+    let server = server_ca.issue(&["m.example.test", "p.example.test"], 90);
+    put_secret(&node, "server-key", &server.key_pem).await;
+    let now = now_ms();
+    let write_pair = |name: &str, c: &EdgeCert| {
+        std::fs::write(node.dir.join(format!("{name}.pem")), &c.chain_pem).unwrap();
+        std::fs::write(node.dir.join(format!("{name}.key")), &c.key_pem).unwrap();
+    };
+    let alice = client_ca
+        .ca
+        .issue_client(
+            &["alice", "spiffe://acme/alice"],
+            now - DAY_MS,
+            now + 30 * DAY_MS,
+        )
+        .unwrap();
+    let bob = client_ca
+        .ca
+        .issue_client(&["bob"], now - DAY_MS, now + 30 * DAY_MS)
+        .unwrap();
+    let mallory = stranger_ca
+        .ca
+        .issue_client(
+            &["alice", "spiffe://acme/alice"],
+            now - DAY_MS,
+            now + 30 * DAY_MS,
+        )
+        .unwrap();
+    write_pair("alice", &alice);
+    write_pair("bob", &bob);
+    write_pair("mallory", &mallory);
+    let ca_pem: String = client_ca
+        .ca
+        .cert_pem
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    let spec = harness::allowing_loopback(&format!(
+        "{}certificates:\n{}hosts:\n  m.example.test:\n    client_certificates:\n      subject_header: x-client-subject\n      san_header: x-client-san\n      ca: |\n{ca_pem}",
+        routes(&up),
+        cert_entry("server", &server, "server-key", ""),
+    ));
+    apply(&node, &spec).await.expect("applies");
+    let https = node.https.unwrap();
+    let want = leaf_of(&server.chain_pem);
+    harness::eventually(
+        "the certificate is served",
+        Duration::from_secs(5),
+        async || openssl_served(https, Some("p.example.test")).0 == want,
+    )
+    .await;
+    let cert = |name: &str| -> Vec<String> {
+        vec![
+            "--cert".into(),
+            node.dir.join(format!("{name}.pem")).display().to_string(),
+            "--key".into(),
+            node.dir.join(format!("{name}.key")).display().to_string(),
+        ]
+    };
+    let args = |v: &[String], extra: &[&str]| -> Vec<String> {
+        v.iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let run = |host: &str, path: &str, a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        curl_as(&node, &server_ca.file, host, path, &a)
+    };
+
+    // Alice's certificate chains to the host's CA: served, and her subject and SANs go
+    // upstream in the named headers, replacing what the client sent in them.
+    let (status, body) = run(
+        "m.example.test",
+        "/who",
+        args(&cert("alice"), &["-H", "x-client-subject: CN=admin"]),
+    );
+    assert_eq!(status, "200", "{body}");
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-client-subject"], "CN=alice");
+    assert_eq!(seen["x-client-san"], "DNS:alice, URI:spiffe://acme/alice");
+    // No certificate, or one from another CA: the handshake is refused.
+    assert_eq!(run("m.example.test", "/who", Vec::new()).0, "000");
+    assert_eq!(run("m.example.test", "/who", cert("mallory")).0, "000");
+    // A host without the rule asks for nothing; the headers are the client's own there.
+    assert_eq!(run("p.example.test", "/who", Vec::new()).0, "200");
+    // The host with the rule on a connection made for another name: 421, so the client
+    // connects again; and never over plain HTTP.
+    let (status, body) = run(
+        "p.example.test",
+        "/who",
+        vec![
+            "-H".into(),
+            "host: m.example.test".into(),
+            "--http1.1".into(),
+        ],
+    );
+    assert_eq!(status, "421", "{body}");
+    assert!(body.contains("misdirected_request"), "{body}");
+    let plain = node
+        .send(
+            http::Request::get(node.url("/who"))
+                .header("host", "m.example.test")
+                .body(harness::full(""))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(plain.status, 403);
+
+    // auth: mtls. Alice's certificate is registered as an API key of tenant acme; Bob's is
+    // not; a revoked one is refused.
+    let cpp = CpProcess::start(&[node.grpc]).await;
+    let cp = cpp.sdk(node.operator_token());
+    cp.create_tenant("acme").await.unwrap();
+    cp.create_api(
+        "secure",
+        "acme",
+        Some(tollgate_sdk::state::ApiSettings {
+            base_path: "/secure".into(),
+            hosts: vec!["m.example.test".into()],
+            auth: "mtls".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let content = format!(
+        "upstreams: {{ u: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: u }} }}\n",
+        up.addr
+    );
+    cp.create_version("secure", "1.0.0", &content)
+        .await
+        .unwrap();
+    cp.publish("secure", "1.0.0").await.unwrap();
+    cp.set_split("secure", &[("1.0.0", 100)]).await.unwrap();
+    // Through the CLI, as an operator would.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "key",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "alice",
+            "--client-cert",
+        ])
+        .arg(node.dir.join("alice.pem"))
+        .args(["--cp", &cpp.addr.to_string()])
+        .env("TOLLGATE_TOKEN", node.operator_token())
+        .env("TOLLGATE_CA", node.ca_file())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("the client certificate is the key"), "{said}");
+    let key_id = said.split_whitespace().nth(1).unwrap().to_string();
+    // The same certificate twice is refused.
+    let again = cp
+        .create_certificate_key("acme", "again", "", &alice.chain_pem)
+        .await
+        .expect_err("a certificate is one key");
+    assert!(again.to_string().contains("already"), "{again}");
+
+    harness::eventually(
+        "alice's key is served",
+        Duration::from_secs(5),
+        async || run("m.example.test", "/secure/v1/x", cert("alice")).0 == "200",
+    )
+    .await;
+    let (status, body) = run("m.example.test", "/secure/v1/x", cert("bob"));
+    assert_eq!(status, "401", "{body}");
+    assert!(body.contains("not registered"), "{body}");
+    // Over a host that does not ask for certificates there is none to check.
+    let (status, body) = run(
+        "p.example.test",
+        "/secure/v1/x",
+        vec!["-H".into(), "host: m.example.test".into()],
+    );
+    assert_eq!(status, "421", "{body}");
+    cp.revoke_key("acme", &key_id).await.unwrap();
+    harness::eventually(
+        "the revoked key is refused",
+        Duration::from_secs(5),
+        async || run("m.example.test", "/secure/v1/x", cert("alice")).0 == "401",
+    )
+    .await;
+    let metrics = node.metrics().await;
+    assert!(
+        metrics.contains("tollgate_tls_handshake_failures_total{reason=\"refused\"}"),
+        "{metrics}"
+    );
 }

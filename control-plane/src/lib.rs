@@ -384,9 +384,20 @@ impl Service {
                 .timestamp_millis()
                 .max(1) as u64,
         };
+        check_size(
+            "the client certificate",
+            &r.client_certificate,
+            tollgate_node::state::tls::MAX_CLIENT_CERTIFICATE_BYTES,
+        )?;
+        if !r.client_certificate.is_empty() && kind != "key" {
+            return Err(Status::invalid_argument(
+                "only an API key can be a client certificate; leave client_certificate empty",
+            ));
+        }
         let cred = state::CreateCredential {
             name: r.name,
             expires_at_ms,
+            client_certificate: r.client_certificate,
             ..Default::default()
         };
         let op = if kind == "key" {

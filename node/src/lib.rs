@@ -942,6 +942,7 @@ impl Compiler {
     /// Serves the certificates of `routing`'s spec with the keys of `next`'s state.
     fn update_tls(&self, routing: &Routing, next: &Published) {
         let ring = self.identity.keyring();
+        self.shared.tls.update_hosts(&routing.host_specs);
         self.shared.tls.update(
             &routing.certificates,
             &next.access.secrets,

@@ -1192,6 +1192,7 @@ impl ControlPlaneClient {
             tenant: tenant.into(),
             name: name.into(),
             expires_at: expires_at.into(),
+            client_certificate: String::new(),
         };
         self.call(req, |ch, r| async move {
             AccessClient::new(ch).create_key(r).await
@@ -1227,6 +1228,28 @@ impl ControlPlaneClient {
         .await
     }
 
+    /// A new API key that is a client certificate (PEM), for APIs with `auth: mtls`: the
+    /// caller proves it holds the certificate's key in the TLS handshake, so the reply
+    /// has no secret. It expires with the certificate at the latest.
+    pub async fn create_certificate_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        expires_at: &str,
+        certificate_pem: &str,
+    ) -> Result<cp::CredentialReply, Error> {
+        let req = cp::CreateCredentialRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            expires_at: expires_at.into(),
+            client_certificate: certificate_pem.into(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).create_key(r).await
+        })
+        .await
+    }
+
     /// A new control-plane token scoped to `tenant`; the reply's `secret` is the token.
     pub async fn create_token(
         &self,
@@ -1238,6 +1261,7 @@ impl ControlPlaneClient {
             tenant: tenant.into(),
             name: name.into(),
             expires_at: expires_at.into(),
+            client_certificate: String::new(),
         };
         self.call(req, |ch, r| async move {
             AccessClient::new(ch).create_token(r).await

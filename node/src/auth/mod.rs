@@ -16,6 +16,8 @@ pub struct AuthTable {
     hash_key: Vec<u8>,
     /// Keys that are not revoked, by id. Expiry is checked per request.
     keys: HashMap<String, KeyEntry>,
+    /// Keys that are client certificates, by SHA-256 fingerprint (`auth: mtls`).
+    certificates: HashMap<[u8; 32], KeyEntry>,
     /// Tenant -> API -> which versions its keys may call.
     subscriptions: HashMap<String, HashMap<String, semver::VersionReq>>,
 }
@@ -48,12 +50,24 @@ pub fn strip_bearer(value: &str) -> Option<&str> {
 impl AuthTable {
     /// `hash_key` is the state's hash key, opened.
     pub fn build(access: &Access, hash_key: &[u8]) -> AuthTable {
+        let entry = |k: &crate::state::access::Credential| KeyEntry {
+            id: Arc::from(k.id.as_str()),
+            tenant: Arc::from(k.tenant.as_str()),
+            hash: k.hash.clone(),
+            expires_at_ms: k.expires_at_ms,
+        };
         AuthTable {
             hash_key: hash_key.to_vec(),
+            certificates: access
+                .keys
+                .values()
+                .filter(|k| k.revoked_at_ms == 0 && k.client_certificate)
+                .filter_map(|k| Some((k.hash.as_slice().try_into().ok()?, entry(k))))
+                .collect(),
             keys: access
                 .keys
                 .values()
-                .filter(|k| k.revoked_at_ms == 0)
+                .filter(|k| k.revoked_at_ms == 0 && !k.client_certificate)
                 .map(|k| {
                     (
                         k.id.clone(),
@@ -92,6 +106,23 @@ impl AuthTable {
         if !verify_secret(&self.hash_key, secret, &entry.hash) {
             return Err(AuthError::Unknown);
         }
+        if entry.expires_at_ms != 0 && now_ms >= entry.expires_at_ms {
+            return Err(AuthError::Expired);
+        }
+        Ok((&entry.id, &entry.tenant))
+    }
+
+    /// The tenant and key id of a client certificate (its SHA-256 fingerprint), verified
+    /// in the TLS handshake.
+    pub fn certificate(
+        &self,
+        fingerprint: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<(&Arc<str>, &Arc<str>), AuthError> {
+        let entry = self
+            .certificates
+            .get(fingerprint)
+            .ok_or(AuthError::Unknown)?;
         if entry.expires_at_ms != 0 && now_ms >= entry.expires_at_ms {
             return Err(AuthError::Expired);
         }

@@ -110,6 +110,10 @@ pub struct Peer {
     pub ip: HeaderValue,
     /// Whether the connection came over TLS (the HTTPS listener).
     pub tls: bool,
+    /// The host whose client-certificate rule the TLS handshake applied (by SNI).
+    pub tls_host: Option<Arc<str>>,
+    /// The client certificate the handshake verified.
+    pub client_cert: Option<Arc<crate::state::tls::ClientCert>>,
 }
 
 impl Peer {
@@ -121,6 +125,8 @@ impl Peer {
             client: crate::proxy::guard::ClientKey::of(addr.ip()),
             ip,
             tls: false,
+            tls_host: None,
+            client_cert: None,
         }
     }
 }
@@ -209,15 +215,27 @@ async fn pipeline(
     if declared_length(&req)?.is_some_and(|len| len > limits.max_request_body) {
         return Err(ProxyError::BodyTooLarge);
     }
-    if !peer.tls
-        && let Some(port) = worker.shared.https_port
-        && snapshot
-            .routing
-            .hosts
-            .find(host)
-            .is_some_and(|r| r.https_redirect)
-    {
-        return Ok(https_redirect(host, port, req.uri()));
+    let host_rule = snapshot.routing.hosts.find(host);
+    if let Some(rule) = host_rule {
+        if !peer.tls
+            && rule.https_redirect
+            && let Some(port) = worker.shared.https_port
+        {
+            return Ok(https_redirect(host, port, req.uri()));
+        }
+        // A host that asks for client certificates is served only on a connection whose
+        // handshake applied its rule: not one made for another name (SNI) and reused, as
+        // HTTP/2 clients do for every name a certificate covers (RFC 9113 §9.1.1).
+        if rule.client_certificates.is_some() {
+            if !peer.tls {
+                return Err(ProxyError::Forbidden(format!(
+                    "host {host} asks for client certificates, so it is served over HTTPS only"
+                )));
+            }
+            if peer.tls_host.as_deref() != Some(&*rule.pattern) {
+                return Err(ProxyError::Misdirected(host.to_string()));
+            }
+        }
     }
 
     // match route
@@ -243,7 +261,7 @@ async fn pipeline(
             mount: index,
             ..ApiUse::default()
         });
-        let (matched, api) = api_route(mount, &req, host, found, snapshot, used)?;
+        let (matched, api) = api_route(mount, &req, host, found, snapshot, used, peer)?;
         if let Some(tenant) = &api.tenant
             && !snapshot.capped.is_empty()
         {
@@ -271,6 +289,9 @@ async fn pipeline(
     let (parts, body) = req.into_parts();
     let below = api.as_ref().map(|a| a.below);
     let mut head = transform_request(parts, route, matched, below, peer, upgrade)?;
+    if let Some(headers) = host_rule.and_then(|r| r.client_certificates.as_ref()) {
+        headers.apply(&mut head.headers, peer.client_cert.as_deref());
+    }
     if let Some(api) = &api {
         api.identify(&mut head.headers);
     }
@@ -405,6 +426,7 @@ fn api_route<'s>(
     found: Matched,
     snapshot: &'s Snapshot,
     used: &mut ApiUse,
+    peer: &Peer,
 ) -> Result<(Matched, ApiRequest<'s>), ProxyError> {
     let full = req.uri().path();
     let mut below = &full[found.prefix_len.min(full.len())..];
@@ -416,7 +438,7 @@ fn api_route<'s>(
             below = after;
         }
     }
-    let caller = authenticate(mount, req, &snapshot.auth)?;
+    let caller = authenticate(mount, req, &snapshot.auth, peer)?;
     if let Some(c) = &caller {
         used.tenant = Some(c.tenant.clone());
         used.key = c.key.cloned();
@@ -511,6 +533,7 @@ fn authenticate<'s>(
     mount: &Mount,
     req: &Request<Incoming>,
     auth: &'s AuthTable,
+    peer: &Peer,
 ) -> Result<Option<ApiCaller<'s>>, ProxyError> {
     let bearer = || {
         req.headers()
@@ -546,6 +569,28 @@ fn authenticate<'s>(
                 )),
                 Err(_) => Err(ProxyError::Unauthorized(
                     "the API key is not known or was revoked".into(),
+                )),
+            }
+        }
+        MountAuth::Mtls => {
+            let cert = peer.client_cert.as_ref().ok_or_else(|| {
+                ProxyError::Unauthorized(format!(
+                    "API {} needs a client certificate registered as an API key: connect over \
+                     HTTPS to a host that asks for client certificates, and present it",
+                    mount.api
+                ))
+            })?;
+            match auth.certificate(&cert.fingerprint, wall_ms()) {
+                Ok((id, tenant)) => Ok(Some(ApiCaller {
+                    tenant: tenant.clone(),
+                    key: Some(id),
+                })),
+                Err(AuthError::Expired) => Err(ProxyError::Unauthorized(
+                    "the client certificate's key has expired; register a new certificate".into(),
+                )),
+                Err(_) => Err(ProxyError::Unauthorized(
+                    "the client certificate is not registered as an API key (or was revoked)"
+                        .into(),
                 )),
             }
         }

@@ -47,6 +47,10 @@ pub enum ProxyError {
     RequestBodyTooSlow { min_rate: u64 },
     #[error("this client address holds its limit of {0} connections and streams; retry shortly")]
     TooManyClientConnections(usize),
+    #[error(
+        "host {0} needs a TLS connection made for it (its SNI): this connection was made for another host; connect again"
+    )]
+    Misdirected(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -110,6 +114,7 @@ impl ProxyError {
                 StatusCode::REQUEST_TIMEOUT
             }
             ProxyError::TooManyClientConnections(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::VersionNotFound(_) => StatusCode::NOT_FOUND,
@@ -137,6 +142,7 @@ impl ProxyError {
                 "request_timeout"
             }
             ProxyError::TooManyClientConnections(_) => "too_many_client_connections",
+            ProxyError::Misdirected(_) => "misdirected_request",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::VersionNotFound(_) => "version_not_found",

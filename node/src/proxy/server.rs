@@ -159,7 +159,6 @@ struct ThreadCtx {
     builder: auto::Builder<LocalExec>,
     connections: TaskTracker,
     shutdown: CancellationToken,
-    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 async fn run_worker(
@@ -211,9 +210,6 @@ async fn run_worker(
         builder,
         connections: TaskTracker::new(),
         shutdown: shutdown.clone(),
-        tls: tls_listener
-            .is_some()
-            .then(|| tokio_rustls::TlsAcceptor::from(shared.tls.config())),
     });
     let housekeeping = tokio::task::spawn_local(housekeeping(worker.clone()));
 
@@ -259,12 +255,11 @@ async fn run_worker(
                 serve(&ctx, stream, peer, state).await;
                 return;
             }
-            let acceptor = ctx.tls.clone().expect("an HTTPS listener has an acceptor");
             let handshake = tokio::time::timeout(
                 ctx.worker.shared.limits.header_read_timeout,
-                acceptor.accept(stream),
+                handshake(&ctx.worker.shared, stream),
             );
-            let stream = tokio::select! {
+            let (stream, host) = tokio::select! {
                 done = handshake => match done {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -279,9 +274,17 @@ async fn run_worker(
                 },
                 _ = ctx.shutdown.cancelled() => return,
             };
+            let conn = stream.get_ref().1;
+            let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             ::metrics::counter!("tollgate_tls_handshakes_total",
-                "resumed" => if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) { "true" } else { "false" })
-                .increment(1);
+                "resumed" => if resumed { "true" } else { "false" })
+            .increment(1);
+            peer.tls_host = host;
+            peer.client_cert = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::state::tls::ClientCert::of(c))
+                .map(Arc::new);
             peer.tls = true;
             serve(&ctx, stream, peer, state).await;
         });
@@ -299,6 +302,18 @@ async fn run_worker(
     housekeeping.abort();
     worker.pool.clear();
     worker.access_log.flush();
+}
+
+/// The TLS handshake, with the config the client's SNI asks for (some hosts ask for a
+/// client certificate); also says which host's client-certificate rule it applied.
+async fn handshake(
+    shared: &Shared,
+    stream: TcpStream,
+) -> std::io::Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<Arc<str>>)> {
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    let (config, host) = shared.tls.config_for(start.client_hello().server_name());
+    Ok((start.into_stream(config).await?, host))
 }
 
 /// Accepts on the listener, or waits forever without one.

@@ -21,7 +21,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::identity::seal::Keyring;
 use crate::state::access::NamedSecret;
-use crate::state::tls::{CertificateSpec, HostSpec};
+use crate::state::tls::{CertificateSpec, ClientCertSpec, HostSpec};
 
 /// The named secret that holds the session-ticket keys (written by the leader).
 pub const TICKET_SECRET: &str = "tollgate-tls-session-tickets";
@@ -201,8 +201,25 @@ impl ProducesTickets for ClusterTickets {
 pub struct EdgeTls {
     certs: Arc<ArcSwap<CertIndex>>,
     tickets: Arc<ClusterTickets>,
+    /// For every host without its own client-certificate rule.
     config: Arc<rustls::ServerConfig>,
+    /// Hosts that ask for client certificates, each with its own config (by SNI).
+    mutual: ArcSwap<MutualHosts>,
     ticket_value: Mutex<Vec<u8>>,
+}
+
+/// The hosts with `client_certificates`, by SNI name (wildcards one label up).
+#[derive(Default)]
+struct MutualHosts {
+    exact: HashMap<String, Arc<MutualHost>>,
+    wildcard: HashMap<String, Arc<MutualHost>>,
+    specs: BTreeMap<String, ClientCertSpec>,
+}
+
+struct MutualHost {
+    /// The host as the spec names it (`*.example.com` for a wildcard).
+    pattern: Arc<str>,
+    config: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for EdgeTls {
@@ -224,27 +241,62 @@ impl EdgeTls {
     pub fn new() -> EdgeTls {
         let certs = Arc::new(ArcSwap::from_pointee(CertIndex::default()));
         let tickets = Arc::new(ClusterTickets::new());
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(crate::identity::tls::provider())
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .expect("the ring provider supports TLS 1.2 and 1.3")
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(Resolver(certs.clone())));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.ticketer = tickets.clone();
-        // Stateful resumption on this node too, for clients that do not take tickets.
-        config.session_storage = rustls::server::ServerSessionMemoryCache::new(32 * 1024);
+        let config = server_config(&certs, &tickets, None);
         EdgeTls {
             certs,
             tickets,
-            config: Arc::new(config),
+            config,
+            mutual: ArcSwap::from_pointee(MutualHosts::default()),
             ticket_value: Mutex::new(Vec::new()),
         }
     }
 
-    /// The server config every HTTPS handshake uses.
-    pub fn config(&self) -> Arc<rustls::ServerConfig> {
-        self.config.clone()
+    /// The server config for a handshake that names `sni`, and the host pattern whose
+    /// client-certificate rule it applies (None: no client certificate asked for).
+    pub fn config_for(&self, sni: Option<&str>) -> (Arc<rustls::ServerConfig>, Option<Arc<str>>) {
+        let mutual = self.mutual.load();
+        let found = sni.and_then(|name| {
+            mutual.exact.get(name).or_else(|| {
+                let (_, parent) = name.split_once('.')?;
+                mutual.wildcard.get(parent)
+            })
+        });
+        match found {
+            Some(h) => (h.config.clone(), Some(h.pattern.clone())),
+            None => (self.config.clone(), None),
+        }
+    }
+
+    /// Builds a config per host with `client_certificates` (when they changed).
+    pub fn update_hosts(&self, hosts: &BTreeMap<String, HostSpec>) {
+        let specs: BTreeMap<String, ClientCertSpec> = hosts
+            .iter()
+            .filter_map(|(h, s)| Some((h.clone(), s.client_certificates.clone()?)))
+            .collect();
+        if self.mutual.load().specs == specs {
+            return;
+        }
+        let mut next = MutualHosts::default();
+        for (host, spec) in &specs {
+            let verifier = match crate::state::tls::client_verifier(spec) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Checked at apply: only a change in this build could get here.
+                    tracing::error!("host {host}: client certificates cannot be checked: {e}");
+                    continue;
+                }
+            };
+            let h = Arc::new(MutualHost {
+                pattern: Arc::from(host.as_str()),
+                config: server_config(&self.certs, &self.tickets, Some(verifier)),
+            });
+            match host.strip_prefix("*.") {
+                Some(parent) => next.wildcard.insert(parent.to_string(), h),
+                None => next.exact.insert(host.clone(), h),
+            };
+        }
+        next.specs = specs;
+        self.mutual.store(Arc::new(next));
     }
 
     /// Whether any certificate is served.
@@ -385,6 +437,29 @@ impl EdgeTls {
     }
 }
 
+/// A server config on the shared certificates and tickets; `verifier` asks for client
+/// certificates. Each config has its own session cache: a session is resumed only under
+/// the config (and so the client-certificate rule) it was made with.
+fn server_config(
+    certs: &Arc<ArcSwap<CertIndex>>,
+    tickets: &Arc<ClusterTickets>,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Arc<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(crate::identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("the ring provider supports TLS 1.2 and 1.3");
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(Resolver(certs.clone())));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer = tickets.clone();
+    // Stateful resumption on this node too, for clients that do not take tickets.
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(32 * 1024);
+    Arc::new(config)
+}
+
 fn compile(
     spec: &CertificateSpec,
     sealed: Option<&[u8]>,
@@ -430,8 +505,40 @@ pub struct HostRules {
 
 #[derive(Debug, Clone)]
 pub struct HostRule {
+    /// The host as the spec names it.
+    pub pattern: Arc<str>,
     pub https_redirect: bool,
     pub hsts: Option<HeaderValue>,
+    /// Set when the host asks for client certificates.
+    pub client_certificates: Option<CertHeaders>,
+}
+
+/// Where a host passes its verified client certificate upstream.
+#[derive(Debug, Clone)]
+pub struct CertHeaders {
+    pub subject: Option<http::HeaderName>,
+    pub san: Option<http::HeaderName>,
+}
+
+impl CertHeaders {
+    /// Replaces the named headers with the connection's certificate (a client's own
+    /// values are never passed on).
+    pub fn apply(
+        &self,
+        headers: &mut http::HeaderMap,
+        cert: Option<&crate::state::tls::ClientCert>,
+    ) {
+        for (name, value) in [
+            (&self.subject, cert.map(|c| c.subject.as_str())),
+            (&self.san, cert.map(|c| c.sans.as_str())),
+        ] {
+            let Some(name) = name else { continue };
+            headers.remove(name);
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(name.clone(), v);
+            }
+        }
+    }
 }
 
 impl HostRules {
@@ -439,11 +546,22 @@ impl HostRules {
         let mut out = HostRules::default();
         for (name, h) in hosts {
             let rule = HostRule {
+                pattern: Arc::from(name.as_str()),
                 https_redirect: h.https_redirect,
                 hsts: h
                     .hsts
                     .as_ref()
                     .and_then(|s| HeaderValue::from_str(&s.header_value()).ok()),
+                client_certificates: h.client_certificates.as_ref().map(|c| CertHeaders {
+                    subject: c
+                        .subject_header
+                        .as_ref()
+                        .and_then(|n| http::HeaderName::from_bytes(n.as_bytes()).ok()),
+                    san: c
+                        .san_header
+                        .as_ref()
+                        .and_then(|n| http::HeaderName::from_bytes(n.as_bytes()).ok()),
+                }),
             };
             match name.strip_prefix("*.") {
                 Some(parent) => out.wildcard.insert(parent.to_string(), rule),

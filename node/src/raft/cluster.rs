@@ -671,6 +671,22 @@ impl Cluster {
                     Some(AccessOp::CreateToken(c)) => (c, TOKEN_PREFIX),
                     _ => return Ok(None),
                 };
+                if !cred.client_certificate.is_empty() {
+                    let (fingerprint, not_after_ms) =
+                        crate::state::tls::client_certificate_key(&cred.client_certificate)
+                            .map_err(|e| {
+                                Status::invalid_argument(format!("client_certificate: {e}"))
+                            })?;
+                    cred.id = fingerprint[..8]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    cred.hash = fingerprint.to_vec();
+                    if cred.expires_at_ms == 0 || cred.expires_at_ms > not_after_ms {
+                        cred.expires_at_ms = not_after_ms;
+                    }
+                    return Ok(Some((cred.id.clone(), String::new())));
+                }
                 let minted = mint(prefix, &self.hash_key()?).map_err(Status::internal)?;
                 cred.id = minted.id.clone();
                 cred.hash = minted.hash;
@@ -864,6 +880,7 @@ impl Cluster {
                         hash: minted.hash,
                         name: "operator".into(),
                         expires_at_ms: 0,
+                        client_certificate: String::new(),
                     }),
                     ca_cert_pem: ca.cert_pem.clone(),
                     ca_key: self.identity.seal(identity::CA_KEY, &ca.key_der())?,

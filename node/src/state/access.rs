@@ -108,6 +108,8 @@ pub struct Credential {
     pub uses: u32,
     pub used: u32,
     pub used_by: Vec<String>,
+    /// An API key that is a client certificate: `hash` is its SHA-256 fingerprint.
+    pub client_certificate: bool,
 }
 
 impl Credential {
@@ -136,6 +138,7 @@ impl Credential {
             uses: self.uses,
             used: self.used,
             used_by: self.used_by.clone(),
+            client_certificate: self.client_certificate,
         }
     }
 
@@ -151,6 +154,7 @@ impl Credential {
             uses: p.uses,
             used: p.used,
             used_by: p.used_by.clone(),
+            client_certificate: p.client_certificate,
         }
     }
 }
@@ -395,6 +399,22 @@ pub fn apply_command(
                 _ => (&mut access.tokens, "token"),
             };
             check_credential(c)?;
+            let by_certificate = !c.client_certificate.is_empty();
+            if by_certificate && kind != "key" {
+                return Err(Refusal::Invalid(
+                    "only an API key can be a client certificate".into(),
+                ));
+            }
+            if by_certificate
+                && let Some(other) = table
+                    .values()
+                    .find(|k| k.client_certificate && k.hash == c.hash && k.revoked_at_ms == 0)
+            {
+                return Err(Refusal::Precondition(format!(
+                    "this certificate is key {} of tenant {} already; revoke that one first",
+                    other.id, other.tenant
+                )));
+            }
             if table.contains_key(&c.id) {
                 return Err(Refusal::Precondition(format!(
                     "a {kind} with id {} already exists",
@@ -413,6 +433,7 @@ pub fn apply_command(
                 hash: c.hash.clone(),
                 created_at_ms: at_ms,
                 expires_at_ms: c.expires_at_ms,
+                client_certificate: by_certificate,
                 ..Credential::default()
             };
             let after = credential_json(Some(&cred));

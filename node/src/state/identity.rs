@@ -47,6 +47,7 @@ pub fn apply(
                 hash: c.hash.clone(),
                 name: c.name.clone(),
                 expires_at_ms: c.expires_at_ms,
+                client_certificate: String::new(),
             })?;
             if c.uses == 0 || c.uses > MAX_USES {
                 return Err(Refusal::Invalid(format!(

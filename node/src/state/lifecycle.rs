@@ -142,6 +142,9 @@ pub enum AuthMode {
     Key,
     /// A JWT from the API's issuer, registered to the API's owner, which is charged.
     Jwt,
+    /// A client certificate registered as a key of a tenant that owns or subscribes to the
+    /// API, presented in the TLS handshake.
+    Mtls,
     /// Anyone.
     None,
 }
@@ -151,6 +154,7 @@ impl AuthMode {
         match self {
             AuthMode::Key => "key",
             AuthMode::Jwt => "jwt",
+            AuthMode::Mtls => "mtls",
             AuthMode::None => "none",
         }
     }
@@ -211,10 +215,11 @@ impl ApiSettings {
         let auth = match p.auth.as_str() {
             "" | "key" => AuthMode::Key,
             "jwt" => AuthMode::Jwt,
+            "mtls" => AuthMode::Mtls,
             "none" => AuthMode::None,
             other => {
                 return Err(Refusal::Invalid(format!(
-                    "auth {other:?} is not known; use key, jwt or none"
+                    "auth {other:?} is not known; use key, jwt, mtls or none"
                 )));
             }
         };

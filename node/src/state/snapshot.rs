@@ -51,6 +51,9 @@ pub struct Routing {
     pub hosts: crate::proxy::tls::HostRules,
     /// The spec's certificates (compiled with their keys by [`crate::proxy::tls::EdgeTls`]).
     pub certificates: std::collections::BTreeMap<String, crate::state::tls::CertificateSpec>,
+    /// The spec's `hosts` as written (their client-certificate rules are compiled into
+    /// TLS configs by [`crate::proxy::tls::EdgeTls`]).
+    pub host_specs: std::collections::BTreeMap<String, crate::state::tls::HostSpec>,
 }
 
 /// Set in a matcher id that names a [`Mount`] rather than a route.
@@ -75,6 +78,8 @@ pub struct Mount {
 #[derive(Debug)]
 pub enum MountAuth {
     Key,
+    /// A client certificate registered as a key.
+    Mtls,
     Jwt(Box<JwtValidator>),
     None,
     /// The API's auth settings could not be compiled here: every request answers 503.
@@ -277,6 +282,7 @@ impl Snapshot {
                 quotas: Vec::new(),
                 hosts: Default::default(),
                 certificates: Default::default(),
+                host_specs: Default::default(),
             }),
             auth: Arc::new(AuthTable::default()),
             circuits: Arc::default(),
@@ -497,6 +503,7 @@ impl Routing {
                 });
                 let auth = match (&api.settings.auth, &api.settings.jwt) {
                     (AuthMode::None, _) => MountAuth::None,
+                    (AuthMode::Mtls, _) => MountAuth::Mtls,
                     (AuthMode::Jwt, Some(j)) => {
                         let jwks = open_jwks(&j.jwks);
                         let validator = jwks.and_then(|jwks| {
@@ -588,6 +595,7 @@ impl Routing {
             quotas: b.quotas,
             hosts: crate::proxy::tls::HostRules::build(&spec.hosts),
             certificates: spec.certificates.clone(),
+            host_specs: spec.hosts.clone(),
         })
     }
 }

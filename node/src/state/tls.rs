@@ -51,6 +51,30 @@ pub struct HostSpec {
     /// Send `Strict-Transport-Security` on HTTPS responses.
     #[serde(default)]
     pub hsts: Option<HstsSpec>,
+    /// Ask HTTPS clients of this host (by SNI) for a certificate.
+    #[serde(default)]
+    pub client_certificates: Option<ClientCertSpec>,
+}
+
+/// Mutual TLS for one host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertSpec {
+    /// The CAs (PEM) that client certificates must chain to.
+    pub ca: String,
+    /// Refuse the handshake without a certificate (default); false: ask, verify when sent.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// A request header to pass the verified certificate's subject upstream in (RFC 4514).
+    #[serde(default)]
+    pub subject_header: Option<String>,
+    /// A request header to pass its subjectAltNames upstream in (`DNS:a.example, URI:...`).
+    #[serde(default)]
+    pub san_header: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -251,6 +275,24 @@ pub fn check_static(
         if let Err(e) = check_host_name(name) {
             errors.push(at.clone(), e);
         }
+        if let Some(c) = &h.client_certificates {
+            if let Err(e) = client_verifier(c) {
+                errors.push(format!("{at}.client_certificates.ca"), e);
+            }
+            for (field, header) in [
+                ("subject_header", &c.subject_header),
+                ("san_header", &c.san_header),
+            ] {
+                if let Some(name) = header
+                    && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                {
+                    errors.push(
+                        format!("{at}.client_certificates.{field}"),
+                        format!("{name:?} is not a header name"),
+                    );
+                }
+            }
+        }
         if let Some(hsts) = &h.hsts
             && hsts.preload
             && (hsts.max_age < 365 * 24 * 3600 || !hsts.include_subdomains)
@@ -260,6 +302,74 @@ pub fn check_static(
                 "browsers' preload lists need max_age of at least 1 year and include_subdomains",
             );
         }
+    }
+}
+
+/// The verifier of a host's client certificates.
+pub fn client_verifier(
+    spec: &ClientCertSpec,
+) -> Result<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::identity::ca::pem_certs(&spec.ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("a CA certificate cannot be used: {e}"))?;
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        crate::identity::tls::provider(),
+    );
+    let builder = if spec.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|e| format!("{e}"))
+}
+
+/// What the edge passes upstream of a verified client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-256 of the leaf's DER: what `auth: mtls` looks the key up by.
+    pub fingerprint: [u8; 32],
+    /// The subject, RFC 4514 (`CN=client,O=Acme`).
+    pub subject: String,
+    /// The subjectAltNames, `DNS:a.example, URI:spiffe://...`.
+    pub sans: String,
+}
+
+impl ClientCert {
+    pub fn of(der: &[u8]) -> Option<ClientCert> {
+        use sha2::Digest;
+        use x509_parser::prelude::*;
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let mut sans = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(n) => sans.push(format!("DNS:{n}")),
+                    GeneralName::URI(u) => sans.push(format!("URI:{u}")),
+                    GeneralName::RFC822Name(m) => sans.push(format!("email:{m}")),
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => sans.push(format!(
+                            "IP:{}",
+                            std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?)
+                        )),
+                        16 => sans.push(format!(
+                            "IP:{}",
+                            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?)
+                        )),
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Some(ClientCert {
+            fingerprint: sha2::Sha256::digest(der).into(),
+            subject: cert.subject().to_string(),
+            sans: sans.join(", "),
+        })
     }
 }
 
@@ -342,6 +452,34 @@ pub fn check_at_apply(
         }
     }
     notes
+}
+
+/// Most bytes of a client certificate given as a key.
+pub const MAX_CLIENT_CERTIFICATE_BYTES: usize = 16 * 1024;
+
+/// The SHA-256 fingerprint of a client certificate given as an API key (PEM, the first
+/// certificate), and when it expires (ms); refused when it does not parse or has expired.
+pub fn client_certificate_key(pem: &str) -> Result<([u8; 32], u64), String> {
+    use sha2::Digest;
+    if pem.len() > MAX_CLIENT_CERTIFICATE_BYTES {
+        return Err(format!(
+            "at most {MAX_CLIENT_CERTIFICATE_BYTES} bytes of PEM"
+        ));
+    }
+    let (chain, leaf) = parse_chain(pem)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    if leaf.not_after_ms <= now {
+        return Err(format!(
+            "the certificate expired at {}",
+            format_ms(leaf.not_after_ms)
+        ));
+    }
+    Ok((
+        sha2::Sha256::digest(&chain[0]).into(),
+        leaf.not_after_ms.max(1) as u64,
+    ))
 }
 
 /// RFC 3339, to the second.

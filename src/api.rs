@@ -94,7 +94,8 @@ pub struct SettingsArgs {
     /// The path the API is mounted at, e.g. /orders (default: /).
     #[arg(long, default_value = "/")]
     pub base_path: String,
-    /// How callers are let in: key (API keys), jwt or none.
+    /// How callers are let in: key (API keys), jwt, mtls (client certificates registered
+    /// as keys) or none.
     #[arg(long, default_value = "key")]
     pub auth: String,
     /// Keep each API key on one version of a split.

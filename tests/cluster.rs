@@ -580,6 +580,16 @@ async fn tollgate_apply_prints_the_plan_and_refuses_a_bad_spec_whole() {
     );
 }
 
+/// A child process killed when dropped, so a failing test leaves none behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -592,7 +602,7 @@ fn free_port() -> u16 {
 async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
     let dir = std::env::temp_dir().join(format!("tollgate-dev-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let ports: Vec<String> = (0..5)
+    let ports: Vec<String> = (0..6)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
     let start = || {
@@ -611,6 +621,8 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
                 &ports[3],
                 "--cp-addr",
                 &ports[4],
+                "--https-addr",
+                &ports[5],
                 "--access-log",
                 "off",
             ])
@@ -619,6 +631,7 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
+            .map(KillOnDrop)
             .unwrap()
     };
     let ca = dir.join("cluster-ca.pem");
@@ -654,8 +667,8 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
         client.apply_spec(spec, false, "").await.unwrap().generation,
         2
     );
-    dev.kill().unwrap();
-    dev.wait().unwrap();
+    dev.0.kill().unwrap();
+    dev.0.wait().unwrap();
 
     let mut dev = start();
     generation(2).await;
@@ -678,8 +691,8 @@ async fn tollgate_dev_keeps_what_was_applied_across_a_restart() {
         404,
         "the sample spec is not re-applied"
     );
-    dev.kill().unwrap();
-    dev.wait().unwrap();
+    dev.0.kill().unwrap();
+    dev.0.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1032,3 +1032,304 @@ async fn client_certificates_are_asked_for_checked_passed_on_and_map_to_tenants(
         "{metrics}"
     );
 }
+
+// === HTTPS upstreams ===
+
+/// What a TLS origin saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    version: http::Version,
+    sni: Option<String>,
+    client: Option<String>,
+}
+
+/// An HTTPS origin in the test process: `cert` for its names, ALPN h2 and http/1.1, and
+/// client certificates from `client_ca` required when given.
+struct TlsOrigin {
+    addr: std::net::SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+}
+
+async fn tls_origin(cert: &EdgeCert, client_ca: Option<&str>) -> TlsOrigin {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let chain = tollgate_node::identity::ca::pem_certs(&cert.chain_pem).unwrap();
+    let key = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap()
+    };
+    let builder =
+        rustls::ServerConfig::builder_with_provider(tollgate_node::identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+    let builder = match client_ca {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in tollgate_node::identity::ca::pem_certs(pem).unwrap() {
+                roots.add(c).unwrap();
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    tollgate_node::identity::tls::provider(),
+                )
+                .build()
+                .unwrap(),
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let conn = tls.get_ref().1;
+                let sni = conn.server_name().map(str::to_string);
+                let client = conn.peer_certificates().and_then(|c| {
+                    tollgate_node::state::tls::ClientCert::of(&c[0]).map(|c| c.subject)
+                });
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = Seen {
+                            path: req.uri().path().to_string(),
+                            version: req.version(),
+                            sni: sni.clone(),
+                            client: client.clone(),
+                        };
+                        let body = format!("{:?} {}", seen.version, req.uri().path());
+                        log.lock().unwrap().push(seen);
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(harness::full(
+                                body,
+                            )))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    TlsOrigin { addr, seen }
+}
+
+fn pem_block(pem: &str, indent: usize) -> String {
+    pem.lines()
+        .map(|l| format!("{}{l}\n", " ".repeat(indent)))
+        .collect()
+}
+
+/// A spec with upstream `o` at `address` with `tls` (YAML lines at 4 spaces), every path.
+fn origin_spec(address: &str, tls: &str) -> String {
+    format!(
+        "upstreams:\n  o:\n    endpoints: [{{ address: \"{address}\" }}]\n{tls}routes: {{ r: {{ match: {{ path: {{ prefix: / }} }}, upstream: o }} }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_verify_their_certificates_and_speak_h2() {
+    let node = GatewayProcess::start("").await;
+    let ca = TestCa::new(&node.dir, "origin-ca");
+    let other = TestCa::new(&node.dir, "other-ca");
+    let origin = tls_origin(&ca.issue(&["origin.test", "localhost"], 90), None).await;
+    let port = origin.addr.port();
+    let ca_block = pem_block(&ca.ca.cert_pem, 8);
+
+    // By the CA in the spec, with the SNI it names: HTTP/2, agreed by ALPN.
+    let tls = format!("    tls:\n      server_name: origin.test\n      ca: |\n{ca_block}");
+    apply(&node, &origin_spec(&format!("127.0.0.1:{port}"), &tls))
+        .await
+        .unwrap();
+    harness::eventually("the origin is served", Duration::from_secs(5), async || {
+        node.get("/hello").await.status == 200
+    })
+    .await;
+    let resp = node.get("/a/b").await;
+    assert_eq!(String::from_utf8_lossy(&resp.body), "HTTP/2.0 /a/b");
+    let last = origin.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.sni.as_deref(), Some("origin.test"));
+    // Many requests share the one HTTP/2 connection per thread.
+    for _ in 0..20 {
+        assert_eq!(node.get("/again").await.status, 200);
+    }
+
+    // Health checks go over TLS too (HTTP/1.1), and keep the endpoint in rotation.
+    let tls = format!(
+        "    health_check: {{ path: /healthz, interval: 100ms, timeout: 100ms }}\n    tls:\n      server_name: origin.test\n      ca: |\n{ca_block}"
+    );
+    apply(&node, &origin_spec(&format!("127.0.0.1:{port}"), &tls))
+        .await
+        .unwrap();
+    harness::eventually(
+        "health checks reach the origin",
+        Duration::from_secs(5),
+        async || {
+            origin
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.path == "/healthz" && s.version == http::Version::HTTP_11)
+                .count()
+                >= 3
+        },
+    )
+    .await;
+    assert_eq!(node.get("/still").await.status, 200);
+
+    // An https:// endpoint: the SNI and the name checked are its host; `h2: false` keeps
+    // to HTTP/1.1.
+    let tls = format!("    tls:\n      h2: false\n      ca: |\n{ca_block}");
+    apply(
+        &node,
+        &origin_spec(&format!("https://localhost:{port}"), &tls),
+    )
+    .await
+    .unwrap();
+    harness::eventually(
+        "HTTP/1.1 to the origin",
+        Duration::from_secs(5),
+        async || String::from_utf8_lossy(&node.get("/one").await.body) == "HTTP/1.1 /one",
+    )
+    .await;
+    assert_eq!(
+        origin.seen.lock().unwrap().last().unwrap().sni.as_deref(),
+        Some("localhost")
+    );
+
+    // The wrong CA: 502 with its own code and metric label, and no request reached it.
+    let tls = format!(
+        "    tls:\n      server_name: origin.test\n      ca: |\n{}",
+        pem_block(&other.ca.cert_pem, 8)
+    );
+    apply(&node, &origin_spec(&format!("127.0.0.1:{port}"), &tls))
+        .await
+        .unwrap();
+    harness::eventually(
+        "the wrong CA is refused",
+        Duration::from_secs(5),
+        async || node.get("/x").await.status == 502,
+    )
+    .await;
+    let before = origin.seen.lock().unwrap().len();
+    let resp = node.get("/x").await;
+    assert_eq!(resp.error_code(), "upstream_certificate_invalid");
+    assert!(
+        String::from_utf8_lossy(&resp.body).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert!(
+        node.metrics()
+            .await
+            .contains("tollgate_upstream_errors_total{upstream=\"o\",kind=\"certificate\"}"),
+        "{}",
+        node.metrics().await
+    );
+    // A name the certificate does not have is refused the same way.
+    let tls = format!("    tls:\n      server_name: elsewhere.test\n      ca: |\n{ca_block}");
+    apply(&node, &origin_spec(&format!("127.0.0.1:{port}"), &tls))
+        .await
+        .unwrap();
+    harness::eventually(
+        "the wrong name is refused",
+        Duration::from_secs(5),
+        async || node.get("/x").await.error_code() == "upstream_certificate_invalid",
+    )
+    .await;
+    assert_eq!(origin.seen.lock().unwrap().len(), before);
+
+    // verify: false takes it, with a warning at apply and in the log.
+    let tls = "    tls:\n      verify: false\n".to_string();
+    let warnings = apply(&node, &origin_spec(&format!("127.0.0.1:{port}"), &tls))
+        .await
+        .unwrap();
+    assert!(
+        warnings.iter().any(|w| w.contains("does not verify")),
+        "{warnings:?}"
+    );
+    harness::eventually(
+        "verify: false is served",
+        Duration::from_secs(5),
+        async || node.get("/y").await.status == 200,
+    )
+    .await;
+    assert!(
+        node.log()
+            .contains("does not verify its endpoints' certificates")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_present_a_client_certificate() {
+    let node = GatewayProcess::start("").await;
+    let ca = TestCa::new(&node.dir, "origin-ca");
+    let client_ca = TestCa::new(&node.dir, "client-ca");
+    let now = now_ms();
+    let gateway_cert = client_ca
+        .ca
+        .issue_client(&["gateway"], now - DAY_MS, now + 30 * DAY_MS)
+        .unwrap();
+    let origin = tls_origin(
+        &ca.issue(&["origin.test"], 90),
+        Some(&client_ca.ca.cert_pem),
+    )
+    .await;
+    put_secret(&node, "gateway-key", &gateway_cert.key_pem).await;
+    let base = format!(
+        "    tls:\n      server_name: origin.test\n      ca: |\n{}",
+        pem_block(&ca.ca.cert_pem, 8)
+    );
+    // Without one, the origin refuses the handshake: 502.
+    apply(&node, &origin_spec(&origin.addr.to_string(), &base))
+        .await
+        .unwrap();
+    harness::eventually(
+        "refused without a certificate",
+        Duration::from_secs(5),
+        async || node.get("/x").await.status == 502,
+    )
+    .await;
+    // A key that is not the certificate's is refused at apply.
+    put_secret(&node, "wrong-key", &client_ca.issue(&["x"], 1).key_pem).await;
+    let with = |secret: &str| {
+        format!(
+            "{base}      client_certificate:\n        key_secret: {secret}\n        chain: |\n{}",
+            pem_block(&gateway_cert.chain_pem, 10)
+        )
+    };
+    let refused = apply(
+        &node,
+        &origin_spec(&origin.addr.to_string(), &with("wrong-key")),
+    )
+    .await
+    .expect_err("a key that does not match");
+    assert!(refused.contains("does not match"), "{refused}");
+    apply(
+        &node,
+        &origin_spec(&origin.addr.to_string(), &with("gateway-key")),
+    )
+    .await
+    .unwrap();
+    harness::eventually(
+        "served with the certificate",
+        Duration::from_secs(5),
+        async || node.get("/x").await.status == 200,
+    )
+    .await;
+    let last = origin.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.client.as_deref(), Some("CN=gateway"));
+}

@@ -855,7 +855,13 @@ impl Compiler {
     ) {
         loop {
             let next = applied.borrow_and_update().clone();
-            if next.generation != self.shared.snapshot.load().generation {
+            let secrets_changed = self
+                .built
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .is_some_and(|b| b.access.secrets != next.access.secrets);
+            if next.generation != self.shared.snapshot.load().generation || secrets_changed {
                 let this = self.clone();
                 let reuse = self.reusable(&next);
                 let parsed = (!reuse).then(|| Parsed::of(&next));
@@ -936,7 +942,16 @@ impl Compiler {
                     .map_err(|e| format!("a JWT key cannot be opened: {e}"))
             })
         };
-        Routing::build(&spec, &versions, &self.registry, &open_jwks)
+        let secrets = &next.access.secrets;
+        let open_secret = |name: &str| -> Result<Vec<u8>, String> {
+            let s = secrets
+                .get(name)
+                .ok_or_else(|| format!("there is no secret {name}"))?;
+            let ring = ring.as_ref().ok_or("this node has no sealing key")?;
+            ring.open(&identity::secret_purpose(name), &s.value)
+                .map_err(|e| format!("secret {name} cannot be opened: {e}"))
+        };
+        Routing::build(&spec, &versions, &self.registry, &open_jwks, &open_secret)
     }
 
     /// Serves the certificates of `routing`'s spec with the keys of `next`'s state.

@@ -1,5 +1,6 @@
-//! The upstream side: a per-thread pool of HTTP/1.1 keep-alive connections and the
-//! forwarding loop with timeouts, retries and outlier bookkeeping.
+//! The upstream side: a per-thread pool of upstream connections (HTTP/1.1 keep-alive, or
+//! one shared HTTP/2 connection per endpoint when an HTTPS upstream agrees to h2 in
+//! ALPN) and the forwarding loop with timeouts, retries and outlier bookkeeping.
 //!
 //! Each data-plane thread owns its pool outright (`Rc<RefCell<..>>`, no lock): a
 //! connection is only ever used by the thread that opened it. A connection goes back to
@@ -20,7 +21,8 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::proxy::body::{BodyStats, RequestBody};
@@ -29,39 +31,68 @@ use crate::routing::upstream::{ActiveGuard, Cluster};
 use crate::state::spec::{LbPolicy, RetryOn};
 use crate::telemetry::metrics;
 
-type Sender = SendRequest<RequestBody>;
+type H1Sender = SendRequest<RequestBody>;
+type H2Sender = http2::SendRequest<RequestBody>;
+
+/// A connection to an upstream endpoint: HTTP/1.1 (one request at a time, lent out and
+/// given back) or HTTP/2 (shared by every request of the thread).
+enum Sender {
+    H1(H1Sender),
+    H2(H2Sender),
+}
+
+/// Connections are pooled by endpoint and by how they were made: plain, or TLS under
+/// one upstream's settings (`UpstreamTls::id`), with HTTP/1.1 alone for upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    addr: SocketAddr,
+    tls: u64,
+    h1_only: bool,
+}
 
 struct Idle {
-    sender: Sender,
+    sender: H1Sender,
     expires: Instant,
 }
 
-/// One thread's idle upstream connections, by endpoint address.
+/// One thread's idle upstream connections, by endpoint.
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: RefCell<HashMap<PoolKey, Vec<Idle>>>,
+    /// HTTP/2 connections, one per endpoint, used by many requests at once.
+    shared: RefCell<HashMap<PoolKey, H2Sender>>,
 }
 
 impl Pool {
-    fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
+    fn checkout(&self, key: PoolKey) -> Option<Sender> {
+        if key.tls != 0 && !key.h1_only {
+            let mut shared = self.shared.borrow_mut();
+            match shared.get(&key) {
+                Some(s) if !s.is_closed() => return Some(Sender::H2(s.clone())),
+                Some(_) => {
+                    shared.remove(&key);
+                }
+                None => {}
+            }
+        }
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&key)?;
         let now = Instant::now();
         // Most recently used first: its peer is least likely to have timed it out.
         while let Some(conn) = list.pop() {
             if !conn.sender.is_closed() && conn.expires > now {
-                return Some(conn.sender);
+                return Some(Sender::H1(conn.sender));
             }
         }
         None
     }
 
-    fn put(&self, addr: SocketAddr, sender: Sender, max_idle: usize, idle_timeout: Duration) {
+    fn put(&self, key: PoolKey, sender: H1Sender, max_idle: usize, idle_timeout: Duration) {
         if sender.is_closed() || max_idle == 0 {
             return;
         }
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < max_idle {
             list.push(Idle {
                 sender,
@@ -78,18 +109,20 @@ impl Pool {
             list.retain(|c| !c.sender.is_closed() && c.expires > now);
         }
         idle.retain(|_, list| !list.is_empty());
+        self.shared.borrow_mut().retain(|_, s| !s.is_closed());
     }
 
     /// Drops every idle connection (on shutdown).
     pub fn clear(&self) {
         self.idle.borrow_mut().clear();
+        self.shared.borrow_mut().clear();
     }
 }
 
 /// An upstream connection lent to one response; see [`PooledSender::release`].
 pub struct PooledSender {
     pool: Rc<Pool>,
-    addr: SocketAddr,
+    key: PoolKey,
     sender: Sender,
     max_idle: usize,
     idle_timeout: Duration,
@@ -102,9 +135,12 @@ impl PooledSender {
     /// Gives the connection back to its pool, if it can carry another request. Call once
     /// the response was read to the end.
     pub fn release(self) {
-        if self.request.finished.get() {
+        // An HTTP/2 connection stays in the pool the whole time.
+        if let Sender::H1(sender) = self.sender
+            && self.request.finished.get()
+        {
             self.pool
-                .put(self.addr, self.sender, self.max_idle, self.idle_timeout);
+                .put(self.key, sender, self.max_idle, self.idle_timeout);
         }
     }
 }
@@ -205,6 +241,9 @@ pub async fn forward(
             .iter()
             .any(|r| *r != RetryOn::ConnectFailure);
     let mut body = Some(body);
+    // HTTP/2 here carries no upgrade (WebSocket): those go over HTTP/1.1.
+    let h1_only = crate::proxy::headers::is_upgrade(&head.headers);
+    let tls_id = cluster.tls.as_ref().map_or(0, |t| t.id);
     let mut avoid: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
     let mut _retry: Option<ActiveGuard> = None;
@@ -218,6 +257,11 @@ pub async fn forward(
             });
         };
         let addr = cluster.endpoints[ep].state.addr;
+        let key = PoolKey {
+            addr,
+            tls: tls_id,
+            h1_only,
+        };
         log.attempts = attempts;
         log.endpoint = Some(addr);
         // Only least-request reads per-endpoint counts; others skip the shared atomics.
@@ -227,10 +271,14 @@ pub async fn forward(
         // 1. A connection: pooled, or new.
         let mut pooled = None;
         if stale_conns < 2 {
-            while let Some(mut s) = pool.checkout(addr) {
+            while let Some(mut s) = pool.checkout(key) {
                 // A connection just released may need its task to run once before it
                 // takes the next request; a closed one errors here and is dropped.
-                if s.ready().await.is_ok() {
+                let ready = match &mut s {
+                    Sender::H1(s) => s.ready().await.is_ok(),
+                    Sender::H2(s) => s.ready().await.is_ok(),
+                };
+                if ready {
                     pooled = Some(s);
                     break;
                 }
@@ -238,8 +286,13 @@ pub async fn forward(
         }
         let mut sender = match pooled {
             Some(s) => s,
-            None => match connect(addr, cluster.connect_timeout).await {
-                Ok(s) => s,
+            None => match connect(cluster, ep, cluster.connect_timeout, h1_only).await {
+                Ok(s) => {
+                    if let Sender::H2(h2) = &s {
+                        pool.shared.borrow_mut().insert(key, h2.clone());
+                    }
+                    s
+                }
                 Err(e) => {
                     metrics::upstream_error(&cluster.name, e.kind());
                     eject_if_failing(cluster, ep, true);
@@ -277,7 +330,13 @@ pub async fn forward(
         }
 
         let started = Instant::now();
-        let send = sender.try_send_request(req);
+        let send = match &mut sender {
+            Sender::H1(s) => futures::future::Either::Left(s.try_send_request(req)),
+            Sender::H2(s) => {
+                as_http2(&mut req);
+                futures::future::Either::Right(s.try_send_request(req))
+            }
+        };
         tokio::pin!(send);
         // `timeouts.request` runs from the end of the upload: while the client is still
         // sending (and making progress), the upstream is not late.
@@ -321,7 +380,7 @@ pub async fn forward(
                     response,
                     conn: PooledSender {
                         pool: pool.clone(),
-                        addr,
+                        key,
                         sender,
                         max_idle: cluster.max_idle_per_endpoint,
                         idle_timeout: cluster.idle_timeout,
@@ -337,7 +396,10 @@ pub async fn forward(
                 if let Some(req) = e.take_message() {
                     // Never written: a pooled connection the upstream had closed. Try again
                     // on another connection; this is not a retry.
-                    let (parts, b) = req.into_parts();
+                    let (mut parts, b) = req.into_parts();
+                    if parts.version == Version::HTTP_2 {
+                        from_http2(&mut parts);
+                    }
                     head = UpstreamHead {
                         method: parts.method,
                         uri: parts.uri,
@@ -443,12 +505,15 @@ enum ConnectError {
     Refused(std::io::Error),
     TimedOut(Duration),
     Handshake(hyper::Error),
+    Certificate(String),
+    Tls(String),
 }
 
 impl ConnectError {
     fn kind(&self) -> &'static str {
         match self {
             ConnectError::TimedOut(_) => "connect_timeout",
+            ConnectError::Certificate(_) => "certificate",
             _ => "connect",
         }
     }
@@ -458,6 +523,14 @@ impl ConnectError {
             ConnectError::Refused(e) => e.to_string(),
             ConnectError::TimedOut(d) => format!("no connection within {d:?}"),
             ConnectError::Handshake(e) => e.to_string(),
+            ConnectError::Tls(e) => e,
+            ConnectError::Certificate(detail) => {
+                return ProxyError::UpstreamCertificate {
+                    upstream: upstream.to_string(),
+                    endpoint: addr,
+                    detail,
+                };
+            }
         };
         ProxyError::UpstreamConnect {
             upstream: upstream.to_string(),
@@ -467,13 +540,114 @@ impl ConnectError {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ConnectError::Refused(e)),
-        Err(_) => return Err(ConnectError::TimedOut(timeout)),
-    };
+/// A request for an HTTP/2 connection: the authority in the URI (from `Host`, which
+/// HTTP/2 does not use), the `https` scheme.
+fn as_http2(req: &mut Request<RequestBody>) {
+    *req.version_mut() = Version::HTTP_2;
+    let authority = req.headers_mut().remove(http::header::HOST).and_then(|h| {
+        h.to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+    });
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTPS);
+    if let Some(a) = authority {
+        parts.authority = Some(a);
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// Undoes [`as_http2`] for a request that goes out again on another connection.
+fn from_http2(parts: &mut http::request::Parts) {
+    if let Some(a) = parts.uri.authority()
+        && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    if let Some(pq) = parts.uri.path_and_query()
+        && let Ok(uri) = pq.as_str().parse()
+    {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_11;
+}
+
+/// Spawns `!Send` futures (HTTP/2 streams carry our `Rc` bodies) on the thread's set.
+#[derive(Clone, Copy, Debug)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// A new connection to endpoint `ep`: TCP, then TLS when the upstream has it (HTTP/2 if
+/// both sides agree, unless `h1_only`), all within `timeout`.
+async fn connect(
+    cluster: &Cluster,
+    ep: usize,
+    timeout: Duration,
+    h1_only: bool,
+) -> Result<Sender, ConnectError> {
+    match tokio::time::timeout(timeout, connect_inner(cluster, ep, h1_only)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::TimedOut(timeout)),
+    }
+}
+
+async fn connect_inner(
+    cluster: &Cluster,
+    ep: usize,
+    h1_only: bool,
+) -> Result<Sender, ConnectError> {
+    let endpoint = &cluster.endpoints[ep];
+    let stream = TcpStream::connect(endpoint.state.addr)
+        .await
+        .map_err(ConnectError::Refused)?;
     let _ = stream.set_nodelay(true);
+    let Some(tls) = &cluster.tls else {
+        return h1(stream).await;
+    };
+    let (stream, h2) = tls
+        .connect(stream, &endpoint.server_name, h1_only)
+        .await
+        .map_err(|e| match e {
+            crate::proxy::upstream_tls::TlsConnectError::Certificate(d) => {
+                ConnectError::Certificate(d)
+            }
+            crate::proxy::upstream_tls::TlsConnectError::Other(d) => ConnectError::Tls(d),
+        })?;
+    if !h2 {
+        return h1(stream).await;
+    }
+    let (sender, conn) = http2::Builder::new(LocalExec)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("upstream HTTP/2 connection ended: {e}");
+        }
+    });
+    Ok(Sender::H2(sender))
+}
+
+async fn h1<S>(stream: S) -> Result<Sender, ConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -483,5 +657,5 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectE
             tracing::debug!("upstream connection ended: {e}");
         }
     });
-    Ok(sender)
+    Ok(Sender::H1(sender))
 }

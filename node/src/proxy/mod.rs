@@ -10,6 +10,7 @@ pub mod phases;
 pub mod respond;
 pub mod server;
 pub mod tls;
+pub mod upstream_tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};

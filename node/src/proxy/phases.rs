@@ -325,6 +325,7 @@ async fn pipeline(
             Ok(f) => Some(f.response.status().is_server_error()),
             Err(
                 ProxyError::UpstreamConnect { .. }
+                | ProxyError::UpstreamCertificate { .. }
                 | ProxyError::UpstreamTimeout { .. }
                 | ProxyError::UpstreamProtocol { .. }
                 | ProxyError::NoHealthyUpstream { .. },

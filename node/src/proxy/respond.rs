@@ -35,6 +35,12 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         detail: String,
     },
+    #[error("upstream {upstream:?} at {endpoint}: {detail}")]
+    UpstreamCertificate {
+        upstream: String,
+        endpoint: SocketAddr,
+        detail: String,
+    },
     #[error("upstream {upstream:?} did not answer within {after:?}")]
     UpstreamTimeout { upstream: String, after: Duration },
     #[error("upstream {upstream:?} failed: {detail}")]
@@ -106,9 +112,9 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream { .. } | ProxyError::TooManyConnections(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamProtocol { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamProtocol { .. }
+            | ProxyError::UpstreamCertificate { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBodyStalled { .. } | ProxyError::RequestBodyTooSlow { .. } => {
                 StatusCode::REQUEST_TIMEOUT
@@ -135,6 +141,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NoHealthyUpstream { .. } => "no_healthy_upstream",
             ProxyError::UpstreamConnect { .. } => "upstream_connect_failed",
+            ProxyError::UpstreamCertificate { .. } => "upstream_certificate_invalid",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream_error",
             ProxyError::TooManyConnections(_) => "too_many_connections",

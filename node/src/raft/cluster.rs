@@ -527,7 +527,9 @@ impl Cluster {
     /// the spec's own): each key opens and matches its certificate, and each certificate
     /// is valid now. Returns the warnings (expiring soon).
     fn check_certificates(&self, checked: &CheckedSpec) -> Result<Vec<String>, Status> {
-        if checked.spec.certificates.is_empty() {
+        if checked.spec.certificates.is_empty()
+            && checked.spec.upstreams.values().all(|u| u.tls.is_none())
+        {
             return Ok(Vec::new());
         }
         let secrets = self.state_machine.read(|a| a.state.access.secrets.clone());
@@ -544,11 +546,17 @@ impl Cluster {
                 .map_err(|e| format!("secret {name} cannot be opened here: {e}"))
         };
         let mut errors = crate::state::spec::SpecErrors::default();
-        let notes = crate::state::tls::check_at_apply(
+        let mut notes = crate::state::tls::check_at_apply(
             &checked.spec.certificates,
             now_ms(),
             &open,
             &mut errors,
+        );
+        crate::state::tls::check_upstreams_at_apply(
+            &checked.spec.upstreams,
+            &open,
+            &mut errors,
+            &mut notes,
         );
         if errors.is_empty() {
             Ok(notes.warnings)
@@ -2212,6 +2220,16 @@ async fn check_version_content(
     }
     let doc = crate::state::spec::parse_yaml(content)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Some((name, _)) = checked.spec.upstreams.iter().find(|(_, u)| {
+        u.tls
+            .as_ref()
+            .is_some_and(|t| t.client_certificate.is_some())
+    }) {
+        return Err(Status::invalid_argument(format!(
+            "upstreams.{name}.tls.client_certificate: a client certificate's key is one of the \
+             cluster's secrets, so only the operator's spec may present one"
+        )));
+    }
     for field in ["certificates", "hosts"] {
         if doc.get(field).is_some() {
             return Err(Status::invalid_argument(format!(

@@ -143,9 +143,11 @@ impl StateMachineStore {
         Ok(())
     }
 
+    /// Publishes a new generation, or new named secrets (which the data plane serves
+    /// certificates with, and which take no generation).
     fn publish_if_changed(&self, next: Published) {
         self.publish.send_if_modified(|p| {
-            if p.generation == next.generation {
+            if p.generation == next.generation && p.access.secrets == next.access.secrets {
                 return false;
             }
             *p = next;

@@ -35,10 +35,11 @@ pub fn spawn_checks(
             let spec = spec.clone();
             let name = cluster.name.clone();
             let token = token.clone();
+            let tls = cluster.tls.clone().map(|t| (t, ep.server_name.clone()));
             runtime.spawn(async move {
                 tokio::select! {
                     _ = token.cancelled() => {}
-                    _ = check_loop(name, state, spec) => {}
+                    _ = check_loop(name, state, spec, tls) => {}
                 }
             });
         }
@@ -46,13 +47,24 @@ pub fn spawn_checks(
     token
 }
 
-async fn check_loop(cluster: Arc<str>, state: Arc<EndpointState>, spec: HealthCheckSpec) {
+/// An HTTPS upstream's settings and the endpoint's name, for probes over TLS.
+type ProbeTls = Option<(
+    Arc<crate::proxy::upstream_tls::UpstreamTls>,
+    rustls_pki_types::ServerName<'static>,
+)>;
+
+async fn check_loop(
+    cluster: Arc<str>,
+    state: Arc<EndpointState>,
+    spec: HealthCheckSpec,
+    tls: ProbeTls,
+) {
     let mut interval = tokio::time::interval(spec.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut successes, mut failures) = (0u32, 0u32);
     loop {
         interval.tick().await;
-        let outcome = tokio::time::timeout(spec.timeout, probe(&state, &spec)).await;
+        let outcome = tokio::time::timeout(spec.timeout, probe(&state, &spec, &tls)).await;
         let ok = match outcome {
             Ok(Ok(status)) => {
                 if spec.expected_statuses.is_empty() {
@@ -84,9 +96,35 @@ async fn check_loop(cluster: Arc<str>, state: Arc<EndpointState>, spec: HealthCh
     }
 }
 
-async fn probe(state: &EndpointState, spec: &HealthCheckSpec) -> anyhow::Result<u16> {
+async fn probe(
+    state: &EndpointState,
+    spec: &HealthCheckSpec,
+    tls: &ProbeTls,
+) -> anyhow::Result<u16> {
     let stream = TcpStream::connect(state.addr).await?;
     stream.set_nodelay(true)?;
+    match tls {
+        None => send_probe(stream, state, spec).await,
+        Some((tls, name)) => {
+            let (stream, _) = tls.connect(stream, name, true).await.map_err(|e| {
+                anyhow::anyhow!(match e {
+                    crate::proxy::upstream_tls::TlsConnectError::Certificate(d)
+                    | crate::proxy::upstream_tls::TlsConnectError::Other(d) => d,
+                })
+            })?;
+            send_probe(stream, state, spec).await
+        }
+    }
+}
+
+async fn send_probe<S>(
+    stream: S,
+    state: &EndpointState,
+    spec: &HealthCheckSpec,
+) -> anyhow::Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let host = spec.host.clone().unwrap_or_else(|| state.addr.to_string());
     let req = http::Request::get(spec.path.as_str())

@@ -84,6 +84,8 @@ impl EndpointRegistry {
 pub struct Endpoint {
     pub weight: u32,
     pub state: Arc<EndpointState>,
+    /// The endpoint's host as written (a DNS name or an IP address), for TLS.
+    pub server_name: rustls_pki_types::ServerName<'static>,
 }
 
 /// A compiled upstream cluster.
@@ -104,6 +106,8 @@ pub struct Cluster {
     pub health_check: Option<HealthCheckSpec>,
     /// The cluster-wide circuit breaker's local side, when the spec sets one.
     pub circuit: Option<crate::routing::circuit::CircuitRuntime>,
+    /// HTTPS to the endpoints, when the spec says so.
+    pub tls: Option<Arc<crate::proxy::upstream_tls::UpstreamTls>>,
     /// Smooth weighted round-robin order of endpoint indexes.
     schedule: Vec<u32>,
     /// Consistent-hash ring: (point, endpoint index), sorted by point.
@@ -116,6 +120,43 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn build(name: &str, spec: &UpstreamSpec, registry: &EndpointRegistry) -> Cluster {
+        Cluster::build_with(name, spec, registry, &|s| {
+            Err(format!("secret {s} is not available here"))
+        })
+    }
+
+    /// The same; `open_secret` opens the named secrets the spec refers to (the key of an
+    /// upstream client certificate).
+    pub fn build_with(
+        name: &str,
+        spec: &UpstreamSpec,
+        registry: &EndpointRegistry,
+        open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+    ) -> Cluster {
+        let https = spec.tls.clone().or_else(|| {
+            spec.endpoints
+                .iter()
+                .any(|e| e.scheme == Some(crate::state::spec::Scheme::Https))
+                .then_some(crate::state::spec::UpstreamTlsSpec {
+                    ca: None,
+                    server_name: None,
+                    verify: true,
+                    h2: true,
+                    client_certificate: None,
+                })
+        });
+        let tls = https.map(|t| {
+            if !t.verify {
+                tracing::warn!(
+                    upstream = name,
+                    "upstream {name} does not verify its endpoints' certificates (tls.verify: false)"
+                );
+            }
+            Arc::new(crate::proxy::upstream_tls::UpstreamTls::compile(&t, open_secret))
+        });
+        if let Some(e) = tls.as_ref().and_then(|t| t.broken.as_ref()) {
+            tracing::error!("upstream {name}: TLS cannot be set up on this node: {e}");
+        }
         let endpoints: Vec<Endpoint> = spec
             .endpoints
             .iter()
@@ -131,6 +172,7 @@ impl Cluster {
                 Endpoint {
                     weight: e.weight,
                     state,
+                    server_name: server_name(&e.host, addr),
                 }
             })
             .collect();
@@ -141,6 +183,7 @@ impl Cluster {
             Vec::new()
         };
         Cluster {
+            tls,
             circuit: spec
                 .circuit_breaker
                 .as_ref()
@@ -345,6 +388,13 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 /// A ketama-style ring: 100 points per unit of weight (at most 10,000 per endpoint).
+/// The name TLS checks an endpoint's certificate against: its host as written, or its
+/// address when that is not a DNS name.
+fn server_name(host: &str, addr: std::net::SocketAddr) -> rustls_pki_types::ServerName<'static> {
+    rustls_pki_types::ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| rustls_pki_types::ServerName::IpAddress(addr.ip().into()))
+}
+
 fn build_ring(endpoints: &[Endpoint]) -> Vec<(u64, u32)> {
     let mut ring = Vec::new();
     for (i, e) in endpoints.iter().enumerate() {

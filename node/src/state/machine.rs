@@ -268,8 +268,9 @@ impl ClusterState {
     }
 
     /// Node identity (join tokens, the CA, revocations, named secrets): audited and
-    /// recorded in the history (a retried request id is applied once). Only what the data
-    /// plane serves with takes a generation: a re-seal, a named secret.
+    /// recorded in the history (a retried request id is applied once), but only a re-seal
+    /// takes a generation. Named secrets (certificates' keys) reach the data plane without
+    /// one: the state machine publishes a change of them too.
     fn identity_command(
         &mut self,
         log_index: u64,
@@ -300,15 +301,7 @@ impl ClusterState {
         // same, but the data plane opens them when it compiles (key checks, JWT keys), and
         // a node that compiled an older sealing (read back from its last snapshot) could
         // not open it: it takes a generation, so every node compiles again.
-        // Named secrets hold what the data plane serves with (certificates' keys, the
-        // session-ticket keys): a change takes a generation too.
         use tollgate_proto::state::v1::identity_command::Op as IdentityOp;
-        if matches!(
-            i.op,
-            Some(IdentityOp::PutSecret(_) | IdentityOp::DeleteSecret(_))
-        ) {
-            self.generation += 1;
-        }
         if let Some(IdentityOp::Reseal(r)) = &i.op {
             self.generation += 1;
             if !r.jwks.is_empty() {

@@ -340,13 +340,17 @@ impl Builder {
         prefix: &str,
         api: Option<&Arc<str>>,
         registry: &EndpointRegistry,
+        open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
     ) -> Vec<RouteMatch> {
         let clusters: HashMap<&str, Arc<Cluster>> = spec
             .upstreams
             .iter()
             .map(|(name, up)| {
                 let full = format!("{prefix}{name}");
-                (name.as_str(), Arc::new(Cluster::build(&full, up, registry)))
+                (
+                    name.as_str(),
+                    Arc::new(Cluster::build_with(&full, up, registry, open_secret)),
+                )
             })
             .collect();
         let mut matches = Vec::with_capacity(spec.routes.len());
@@ -476,6 +480,7 @@ impl Routing {
         versions: &[VersionSpec<'_>],
         registry: &EndpointRegistry,
         open_jwks: &dyn Fn(&str) -> Result<String, String>,
+        open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
     ) -> Result<Routing, SpecErrors> {
         let mut b = Builder {
             quotas: spec
@@ -485,7 +490,7 @@ impl Routing {
                 .collect(),
             ..Builder::default()
         };
-        b.add_spec(spec, "", None, registry);
+        b.add_spec(spec, "", None, registry, open_secret);
         let mut mounts: Vec<Mount> = Vec::new();
         for vs in versions {
             let api = vs.api;
@@ -542,7 +547,11 @@ impl Routing {
                 Some(spec) => {
                     let prefix = format!("{}@{}/", api.name, v.version);
                     let api_name = mount.api.clone();
-                    let matches = b.add_spec(spec, &prefix, Some(&api_name), registry);
+                    // A tenant's content never uses the cluster's secrets.
+                    let no_secrets = |name: &str| -> Result<Vec<u8>, String> {
+                        Err(format!("an API version may not use secret {name}"))
+                    };
+                    let matches = b.add_spec(spec, &prefix, Some(&api_name), registry, &no_secrets);
                     match Matcher::build(&matches) {
                         Ok(m) => m,
                         Err(errs) => {

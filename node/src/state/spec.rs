@@ -273,6 +273,44 @@ pub struct UpstreamSpec {
     /// The cluster-wide circuit breaker (off when absent).
     #[serde(default)]
     pub circuit_breaker: Option<CircuitSpec>,
+    /// HTTPS to the endpoints (also implied by `https://` endpoint addresses).
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsSpec>,
+}
+
+/// How the proxy speaks TLS to an upstream's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSpec {
+    /// CAs (PEM) the endpoints' certificates must chain to; default: the system's roots.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// The name sent in SNI and checked against the certificate; default: each
+    /// endpoint's host name (or IP address, then without SNI).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Check the endpoints' certificates (default). `false` takes any certificate, with a
+    /// warning at apply and in the logs.
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// Offer HTTP/2 in ALPN (default); HTTP/1.1 is used when the endpoint does not take it.
+    #[serde(default = "yes")]
+    pub h2: bool,
+    /// A certificate to present to the endpoints (the cluster's spec only).
+    #[serde(default)]
+    pub client_certificate: Option<UpstreamClientCert>,
+}
+
+/// A client certificate for an upstream: its chain and the named secret with its key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamClientCert {
+    pub chain: String,
+    pub key_secret: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A circuit breaker shared by every node: each node reports its outcomes, the circuit's
@@ -362,6 +400,45 @@ pub struct EndpointSpec {
     /// `address`, resolved once by [`Spec::from_yaml`] (never written in a spec).
     #[serde(skip)]
     pub resolved: Option<SocketAddr>,
+    /// The scheme the address was written with (`https://`, `http://`), if any.
+    #[serde(skip)]
+    pub scheme: Option<Scheme>,
+    /// The host part of the address (a name or an IP address), for SNI.
+    #[serde(skip)]
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl EndpointSpec {
+    /// The address without its scheme, with the scheme's port when it had none, and the
+    /// scheme: `https://api.example.com` is `api.example.com:443`.
+    pub fn split_address(address: &str) -> (String, Option<Scheme>) {
+        let (rest, scheme, port) = if let Some(r) = address.strip_prefix("https://") {
+            (r, Some(Scheme::Https), 443)
+        } else if let Some(r) = address.strip_prefix("http://") {
+            (r, Some(Scheme::Http), 80)
+        } else {
+            return (address.to_string(), None);
+        };
+        let rest = rest.trim_end_matches('/');
+        let has_port = match rest.rsplit_once(':') {
+            // [v6]:port, host:port; a bare IPv6 literal is in brackets.
+            Some((h, p)) => {
+                !h.is_empty() && p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']'))
+            }
+            None => false,
+        };
+        if has_port {
+            (rest.to_string(), scheme)
+        } else {
+            (format!("{rest}:{port}"), scheme)
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -829,7 +906,15 @@ impl Spec {
     fn resolve_endpoints(&mut self, errors: &mut SpecErrors) {
         for (name, up) in &mut self.upstreams {
             for (i, ep) in up.endpoints.iter_mut().enumerate() {
-                match resolve(&ep.address) {
+                let (address, scheme) = EndpointSpec::split_address(&ep.address);
+                ep.scheme = scheme;
+                ep.host = address
+                    .rsplit_once(':')
+                    .map_or(address.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                match resolve(&address) {
                     Ok(addr) => ep.resolved = Some(addr),
                     Err(msg) => {
                         errors.push(format!("upstreams.{name}.endpoints[{i}].address"), msg)
@@ -852,6 +937,23 @@ impl Spec {
                 if ep.weight == 0 || ep.weight > 10_000 {
                     errors.push(format!("{at}.weight"), "must be between 1 and 10000");
                 }
+            }
+            let schemes: Vec<Option<Scheme>> = up.endpoints.iter().map(|e| e.scheme).collect();
+            let https = schemes.contains(&Some(Scheme::Https));
+            if https && schemes.iter().any(|s| *s != Some(Scheme::Https)) && up.tls.is_none() {
+                errors.push(
+                    format!("{at}.endpoints"),
+                    "some endpoints are https:// and some are not: write them all with https://, or add a `tls` block",
+                );
+            }
+            if up.tls.is_some() && schemes.contains(&Some(Scheme::Http)) {
+                errors.push(
+                    format!("{at}.endpoints"),
+                    "an http:// endpoint in an upstream with `tls`: write it as https:// or host:port",
+                );
+            }
+            if let Some(tls) = &up.tls {
+                crate::state::tls::check_upstream_tls(tls, &format!("{at}.tls"), errors);
             }
             let lb = &up.load_balancing;
             match (&lb.policy, &lb.hash_header) {

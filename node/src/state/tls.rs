@@ -373,6 +373,79 @@ impl ClientCert {
     }
 }
 
+/// The static checks of an upstream's `tls` block (`at` is its path).
+pub fn check_upstream_tls(
+    tls: &crate::state::spec::UpstreamTlsSpec,
+    at: &str,
+    errors: &mut SpecErrors,
+) {
+    if let Some(ca) = &tls.ca {
+        match crate::identity::ca::pem_certs(ca) {
+            Ok(certs) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in certs {
+                    if let Err(e) = roots.add(c) {
+                        errors.push(
+                            format!("{at}.ca"),
+                            format!("a CA certificate cannot be used: {e}"),
+                        );
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("{at}.ca"), e),
+        }
+    }
+    if let Some(name) = &tls.server_name
+        && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        errors.push(
+            format!("{at}.server_name"),
+            format!("{name:?} is not a DNS name or IP address"),
+        );
+    }
+    if let Some(c) = &tls.client_certificate {
+        if let Err(e) = parse_chain(&c.chain) {
+            errors.push(format!("{at}.client_certificate.chain"), e);
+        }
+        if let Err(e) = crate::state::lifecycle::check_name("secret", &c.key_secret) {
+            errors.push(format!("{at}.client_certificate.key_secret"), e.to_string());
+        }
+    }
+}
+
+/// What applying the upstreams' `tls` blocks says: a client certificate's key must open
+/// and match (an error), and `verify: false` is a warning.
+pub fn check_upstreams_at_apply(
+    upstreams: &BTreeMap<String, crate::state::spec::UpstreamSpec>,
+    open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+    errors: &mut SpecErrors,
+    notes: &mut ApplyNotes,
+) {
+    for (name, up) in upstreams {
+        let Some(tls) = &up.tls else { continue };
+        if !tls.verify {
+            notes.warnings.push(format!(
+                "upstream {name} does not verify its endpoints' certificates (tls.verify: false): \
+                 anyone on the path can impersonate them"
+            ));
+        }
+        if let Some(c) = &tls.client_certificate {
+            let at = format!("upstreams.{name}.tls.client_certificate.key_secret");
+            let Ok((chain, _)) = parse_chain(&c.chain) else {
+                continue;
+            };
+            match open_secret(&c.key_secret) {
+                Err(e) => errors.push(at, e),
+                Ok(key) => {
+                    if let Err(e) = certified_key(chain, &key) {
+                        errors.push(at, e);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A private key from PEM text (PKCS#8, PKCS#1 or SEC1).
 pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
     use rustls_pki_types::pem::PemObject;

@@ -170,11 +170,15 @@ fn a_full_spec_parses_every_field() {
                 address: "127.0.0.1:9001".into(),
                 weight: 3,
                 resolved: Some("127.0.0.1:9001".parse().expect("an address")),
+                scheme: None,
+                host: "127.0.0.1".into(),
             },
             EndpointSpec {
                 address: "127.0.0.1:9002".into(),
                 weight: 1,
                 resolved: Some("127.0.0.1:9002".parse().expect("an address")),
+                scheme: None,
+                host: "127.0.0.1".into(),
             },
         ]
     );
@@ -999,4 +1003,49 @@ fn deep_nesting_is_refused_before_parsing_and_fast() {
         check_nesting(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
     check_nesting("a: \"[[[[\" # {{{{\nb: '{'\n").unwrap();
+}
+
+#[test]
+fn endpoint_addresses_take_a_scheme_and_its_port() {
+    use crate::state::spec::Scheme;
+    let split = EndpointSpec::split_address;
+    assert_eq!(
+        split("https://api.example.com"),
+        ("api.example.com:443".into(), Some(Scheme::Https))
+    );
+    assert_eq!(
+        split("https://api.example.com:8443/"),
+        ("api.example.com:8443".into(), Some(Scheme::Https))
+    );
+    assert_eq!(
+        split("http://10.0.0.1"),
+        ("10.0.0.1:80".into(), Some(Scheme::Http))
+    );
+    assert_eq!(
+        split("https://[::1]"),
+        ("[::1]:443".into(), Some(Scheme::Https))
+    );
+    assert_eq!(
+        split("https://[::1]:9443"),
+        ("[::1]:9443".into(), Some(Scheme::Https))
+    );
+    assert_eq!(split("10.0.0.1:80"), ("10.0.0.1:80".into(), None));
+}
+
+#[test]
+fn mixed_schemes_and_bad_tls_blocks_are_refused() {
+    let errs = Spec::from_yaml(
+        "upstreams:\n  u:\n    endpoints: [{ address: \"https://127.0.0.1:1\" }, { address: \"127.0.0.1:2\" }]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(errs.contains("upstreams.u.endpoints"), "{errs}");
+    let errs = Spec::from_yaml(
+        "upstreams:\n  u:\n    endpoints: [{ address: \"http://127.0.0.1:1\" }]\n    tls: { ca: nope, server_name: \"a b\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(errs.contains("an http:// endpoint"), "{errs}");
+    assert!(errs.contains("upstreams.u.tls.ca"), "{errs}");
+    assert!(errs.contains("upstreams.u.tls.server_name"), "{errs}");
 }

@@ -56,6 +56,16 @@ pub struct NodeArgs {
     /// [default: none]
     #[arg(long, env = "TOLLGATE_HTTPS_ADDR")]
     pub https_addr: Option<SocketAddr>,
+    /// DNS servers for upstream host names, `ip:port`, comma-separated [default: the
+    /// system's, from /etc/resolv.conf]
+    #[arg(long, env = "TOLLGATE_DNS_RESOLVER", value_delimiter = ',')]
+    pub dns_resolver: Option<Vec<SocketAddr>>,
+    /// Re-resolve an upstream host name no sooner than this, whatever its TTL [default: 1s]
+    #[arg(long, env = "TOLLGATE_DNS_MIN_TTL", value_parser = parse_duration)]
+    pub dns_min_ttl: Option<Duration>,
+    /// Re-resolve an upstream host name at least this often, whatever its TTL [default: 5m]
+    #[arg(long, env = "TOLLGATE_DNS_MAX_TTL", value_parser = parse_duration)]
+    pub dns_max_ttl: Option<Duration>,
     /// Node gRPC listener (node admin API and Raft) [default: 127.0.0.1:7070]
     #[arg(long, env = "TOLLGATE_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
@@ -217,6 +227,11 @@ pub struct FileSettings {
     pub data_dir: Option<PathBuf>,
     pub proxy_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
+    pub dns_resolver: Option<Vec<SocketAddr>>,
+    #[serde(default, with = "opt_duration")]
+    pub dns_min_ttl: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub dns_max_ttl: Option<Duration>,
     pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub region: Option<String>,
@@ -278,6 +293,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub proxy_addr: SocketAddr,
     pub https_addr: Option<SocketAddr>,
+    /// How upstream host names are resolved.
+    pub dns: crate::routing::dns::DnsSettings,
     /// Named secrets a bootstrapping node stores before it applies its first spec (`tollgate
     /// dev`'s certificate key); never from flags.
     pub bootstrap_secrets: Vec<(String, Vec<u8>)>,
@@ -333,6 +350,7 @@ impl Default for Settings {
             data_dir: PathBuf::from("./tollgate-data"),
             proxy_addr: ([127, 0, 0, 1], 8080).into(),
             https_addr: None,
+            dns: crate::routing::dns::DnsSettings::default(),
             bootstrap_secrets: Vec::new(),
             grpc_addr: ([127, 0, 0, 1], 7070).into(),
             admin_addr: ([127, 0, 0, 1], 7071).into(),
@@ -394,6 +412,20 @@ impl Settings {
             data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             proxy_addr: args.proxy_addr.or(file.proxy_addr).unwrap_or(d.proxy_addr),
             https_addr: args.https_addr.or(file.https_addr),
+            dns: crate::routing::dns::DnsSettings {
+                servers: args
+                    .dns_resolver
+                    .or(file.dns_resolver)
+                    .unwrap_or(d.dns.servers),
+                min_ttl: args
+                    .dns_min_ttl
+                    .or(file.dns_min_ttl)
+                    .unwrap_or(d.dns.min_ttl),
+                max_ttl: args
+                    .dns_max_ttl
+                    .or(file.dns_max_ttl)
+                    .unwrap_or(d.dns.max_ttl),
+            },
             bootstrap_secrets: Vec::new(),
             grpc_addr: args.grpc_addr.or(file.grpc_addr).unwrap_or(d.grpc_addr),
             admin_addr: args.admin_addr.or(file.admin_addr).unwrap_or(d.admin_addr),
@@ -540,6 +572,9 @@ impl Settings {
         }
         if self.header_read_timeout.is_zero() {
             problems.push("header_read_timeout must be greater than zero");
+        }
+        if self.dns.min_ttl.is_zero() || self.dns.min_ttl > self.dns.max_ttl {
+            problems.push("dns_min_ttl must be greater than zero and at most dns_max_ttl");
         }
         if self.idle_timeout.is_zero() || self.send_timeout.is_zero() {
             problems.push("idle_timeout and send_timeout must be greater than zero");

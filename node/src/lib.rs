@@ -126,6 +126,12 @@ impl Node {
         };
         shared.https_port = https_addr.map(|a| a.port());
         let shared = Arc::new(shared);
+        // Upstream host names: the bootstrap spec below is checked with this resolver too.
+        let dns = {
+            let _context = runtime.enter();
+            routing::dns::Dns::new(settings.dns.clone(), runtime.handle().clone())?
+        };
+        routing::dns::install(dns.clone());
         // A bad bootstrap spec stops the node before it serves anything.
         let bootstrap_spec = match &settings.spec {
             Some(path) => Some(
@@ -231,6 +237,7 @@ impl Node {
         let shutdown = CancellationToken::new();
         let control = CancellationToken::new();
         let members = cluster.clone();
+        runtime.spawn(dns.clone().run(control.clone()));
         let compiler = Arc::new(Compiler {
             members: Box::new(move || members.members()),
             identity: identity.clone(),
@@ -238,6 +245,7 @@ impl Node {
             registry: EndpointRegistry::default(),
             health_checks: Mutex::new(CancellationToken::new()),
             runtime: runtime.handle().clone(),
+            dns: dns.clone(),
             built: Mutex::new(None),
         });
         runtime.spawn(
@@ -782,6 +790,8 @@ struct Compiler {
     registry: EndpointRegistry,
     health_checks: Mutex<CancellationToken>,
     runtime: tokio::runtime::Handle,
+    /// Upstream host names and their current answers.
+    dns: Arc<routing::dns::Dns>,
     /// What the current routing was built from, compared by pointer.
     built: Mutex<Option<Built>>,
 }
@@ -789,6 +799,8 @@ struct Compiler {
 struct Built {
     spec_yaml: Arc<str>,
     apis: Arc<BTreeMap<String, Api>>,
+    /// The DNS answers' version it was built with.
+    dns: u64,
     routing: Arc<Routing>,
     access: Arc<Access>,
     auth: Arc<AuthTable>,
@@ -853,15 +865,25 @@ impl Compiler {
         mut applied: tokio::sync::watch::Receiver<Published>,
         stop: CancellationToken,
     ) {
+        let mut answers = self.dns.subscribe();
         loop {
             let next = applied.borrow_and_update().clone();
+            let dns_changed = self
+                .built
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .is_some_and(|b| b.dns != *answers.borrow_and_update());
             let secrets_changed = self
                 .built
                 .lock()
                 .expect("lock")
                 .as_ref()
                 .is_some_and(|b| b.access.secrets != next.access.secrets);
-            if next.generation != self.shared.snapshot.load().generation || secrets_changed {
+            if next.generation != self.shared.snapshot.load().generation
+                || secrets_changed
+                || dns_changed
+            {
                 let this = self.clone();
                 let reuse = self.reusable(&next);
                 let parsed = (!reuse).then(|| Parsed::of(&next));
@@ -877,15 +899,20 @@ impl Compiler {
             }
             tokio::select! {
                 changed = applied.changed() => if changed.is_err() { return },
+                changed = answers.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
             }
         }
     }
 
-    /// Whether the routing built last still fits `next` (same spec, same APIs).
+    /// Whether the routing built last still fits `next` (same spec, same APIs, same DNS
+    /// answers).
     fn reusable(&self, next: &Published) -> bool {
+        let dns = *self.dns.subscribe().borrow();
         self.built.lock().expect("lock").as_ref().is_some_and(|b| {
-            Arc::ptr_eq(&b.spec_yaml, &next.spec_yaml) && Arc::ptr_eq(&b.apis, &next.apis)
+            Arc::ptr_eq(&b.spec_yaml, &next.spec_yaml)
+                && Arc::ptr_eq(&b.apis, &next.apis)
+                && b.dns == dns
         })
     }
 
@@ -951,7 +978,65 @@ impl Compiler {
             ring.open(&identity::secret_purpose(name), &s.value)
                 .map_err(|e| format!("secret {name} cannot be opened: {e}"))
         };
-        Routing::build(&spec, &versions, &self.registry, &open_jwks, &open_secret)
+        // Every address a host name has now; a tenant's only those it may reach (a name
+        // may come to resolve somewhere the cluster's spec closes to API versions).
+        let dns = &self.dns;
+        let answers = |ep: &state::spec::EndpointSpec| -> Vec<std::net::SocketAddr> {
+            let Some(checked) = ep.resolved else {
+                return Vec::new();
+            };
+            if !routing::dns::is_name(&ep.host) {
+                return Vec::new();
+            }
+            dns.cached(&ep.host)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|ip| std::net::SocketAddr::new(ip, checked.port()))
+                .collect()
+        };
+        let tenant_answers = |ep: &state::spec::EndpointSpec| -> Vec<std::net::SocketAddr> {
+            let (allowed, refused): (Vec<_>, Vec<_>) = answers(ep)
+                .into_iter()
+                .partition(|a| state::egress::check(policy, &own, *a).is_ok());
+            for addr in refused {
+                metrics::counter!("tollgate_dns_addresses_refused_total").increment(1);
+                tracing::warn!(
+                    "{} resolves to {addr}, which API versions may not reach: not used",
+                    ep.address
+                );
+            }
+            allowed
+        };
+        let no_secrets = |name: &str| -> Result<Vec<u8>, String> {
+            Err(format!("an API version may not use secret {name}"))
+        };
+        let mut used = std::collections::HashSet::new();
+        let specs = std::iter::once(&spec).chain(versions.iter().filter_map(|v| v.spec.as_ref()));
+        for s in specs {
+            for up in s.upstreams.values() {
+                used.extend(
+                    up.endpoints
+                        .iter()
+                        .filter(|e| routing::dns::is_name(&e.host))
+                        .map(|e| e.host.to_ascii_lowercase()),
+                );
+            }
+        }
+        self.dns.retain(&used);
+        Routing::build(
+            &spec,
+            &versions,
+            &self.registry,
+            &open_jwks,
+            &routing::upstream::BuildCtx {
+                open_secret: &open_secret,
+                addresses: &answers,
+            },
+            &routing::upstream::BuildCtx {
+                open_secret: &no_secrets,
+                addresses: &tenant_answers,
+            },
+        )
     }
 
     /// Serves the certificates of `routing`'s spec with the keys of `next`'s state.
@@ -967,6 +1052,8 @@ impl Compiler {
     }
 
     fn swap_in(&self, next: &Published, parsed: Option<Parsed>) {
+        // Taken first: an answer that changes while this builds is built again after.
+        let dns_version = *self.dns.subscribe().borrow();
         let (routing, auth) = {
             let built = self.built.lock().expect("lock");
             let auth = built
@@ -1029,6 +1116,7 @@ impl Compiler {
         *self.built.lock().expect("lock") = Some(Built {
             spec_yaml: next.spec_yaml.clone(),
             apis: next.apis.clone(),
+            dns: dns_version,
             routing: routing.clone(),
             access: next.access.clone(),
             auth,

@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod collector;
 pub mod cp;
+pub mod dns;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -568,7 +569,12 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Upstream::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// One listening on `addr` (another loopback address, a port others share).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState {
             name: name.to_string(),

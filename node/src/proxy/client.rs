@@ -101,15 +101,19 @@ impl Pool {
         }
     }
 
-    /// Closes connections idle past their upstream's idle timeout (run every second).
-    pub fn sweep(&self) {
+    /// Closes connections idle past their upstream's idle timeout, and those to addresses
+    /// no upstream has any more (`live`: a host name's answer changed, an endpoint was
+    /// removed). Requests in flight on them finish first: they hold their connection.
+    pub fn sweep(&self, live: &std::collections::HashSet<SocketAddr>) {
         let mut idle = self.idle.borrow_mut();
         let now = Instant::now();
         for list in idle.values_mut() {
             list.retain(|c| !c.sender.is_closed() && c.expires > now);
         }
-        idle.retain(|_, list| !list.is_empty());
-        self.shared.borrow_mut().retain(|_, s| !s.is_closed());
+        idle.retain(|key, list| !list.is_empty() && live.contains(&key.addr));
+        self.shared
+            .borrow_mut()
+            .retain(|key, s| !s.is_closed() && live.contains(&key.addr));
     }
 
     /// Drops every idle connection (on shutdown).

@@ -434,7 +434,9 @@ async fn housekeeping(worker: Rc<Worker>) {
         worker.access_log.flush();
         n += 1;
         if n.is_multiple_of(5) {
-            worker.pool.sweep();
+            worker
+                .pool
+                .sweep(&worker.shared.snapshot.load().routing.addrs);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! checks ([`health`]).
 
 pub mod circuit;
+pub mod dns;
 pub mod health;
 pub mod matcher;
 pub mod upstream;

@@ -118,21 +118,38 @@ pub struct Cluster {
     active_retries: AtomicUsize,
 }
 
+/// What compiling a cluster needs from the node beyond the spec.
+pub struct BuildCtx<'a> {
+    /// Opens the named secrets the spec refers to (an upstream client certificate's key).
+    pub open_secret: &'a dyn Fn(&str) -> Result<Vec<u8>, String>,
+    /// Every address an endpoint has now (a host name's current DNS answer); empty: the
+    /// address it was checked with.
+    pub addresses: &'a dyn Fn(&crate::state::spec::EndpointSpec) -> Vec<std::net::SocketAddr>,
+}
+
+impl BuildCtx<'static> {
+    /// No secrets; each endpoint at the address it was checked with.
+    pub fn plain() -> BuildCtx<'static> {
+        BuildCtx {
+            open_secret: &|s| Err(format!("secret {s} is not available here")),
+            addresses: &|_| Vec::new(),
+        }
+    }
+}
+
 impl Cluster {
     pub fn build(name: &str, spec: &UpstreamSpec, registry: &EndpointRegistry) -> Cluster {
-        Cluster::build_with(name, spec, registry, &|s| {
-            Err(format!("secret {s} is not available here"))
-        })
+        Cluster::build_with(name, spec, registry, &BuildCtx::plain())
     }
 
-    /// The same; `open_secret` opens the named secrets the spec refers to (the key of an
-    /// upstream client certificate).
+    /// The same, with the node's secrets and DNS answers.
     pub fn build_with(
         name: &str,
         spec: &UpstreamSpec,
         registry: &EndpointRegistry,
-        open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+        ctx: &BuildCtx<'_>,
     ) -> Cluster {
+        let open_secret = ctx.open_secret;
         let https = spec.tls.clone().or_else(|| {
             spec.endpoints
                 .iter()
@@ -160,10 +177,17 @@ impl Cluster {
         let endpoints: Vec<Endpoint> = spec
             .endpoints
             .iter()
-            .map(|e| {
-                let addr = e
+            .flat_map(|e| {
+                let checked = e
                     .resolved
                     .expect("Spec::from_yaml resolves every endpoint it accepts");
+                let mut addrs = (ctx.addresses)(e);
+                if addrs.is_empty() {
+                    addrs.push(checked);
+                }
+                addrs.into_iter().map(move |addr| (e, addr))
+            })
+            .map(|(e, addr)| {
                 let state = registry.get(name, addr);
                 if spec.health_check.is_none() {
                     // No checks any more: a verdict from an earlier spec must not linger.

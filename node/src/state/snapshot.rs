@@ -15,7 +15,7 @@ use crate::actor::quotas::QuotaDef;
 use crate::auth::AuthTable;
 use crate::auth::jwt::JwtValidator;
 use crate::routing::matcher::{HeaderCondition, HeaderTest, Matcher, PathMatch, RouteMatch};
-use crate::routing::upstream::{Cluster, EndpointRegistry};
+use crate::routing::upstream::{BuildCtx, Cluster, EndpointRegistry};
 use crate::state::lifecycle::{Api, ApiVersion, AuthMode, Stage};
 use crate::state::spec::{HeaderOpsSpec, PathKind, Spec, SpecErrors};
 use crate::telemetry::metrics::RouteMetrics;
@@ -47,6 +47,8 @@ pub struct Routing {
     pub clusters: Vec<Arc<Cluster>>,
     /// The spec's quotas; routes name the ones that count them by index.
     pub quotas: Vec<Arc<QuotaDef>>,
+    /// Every endpoint address of every cluster: pooled connections to any other drain.
+    pub addrs: std::collections::HashSet<std::net::SocketAddr>,
     /// The spec's per-host rules (HTTPS redirect, HSTS).
     pub hosts: crate::proxy::tls::HostRules,
     /// The spec's certificates (compiled with their keys by [`crate::proxy::tls::EdgeTls`]).
@@ -280,6 +282,7 @@ impl Snapshot {
                 mounts: Vec::new(),
                 clusters: Vec::new(),
                 quotas: Vec::new(),
+                addrs: Default::default(),
                 hosts: Default::default(),
                 certificates: Default::default(),
                 host_specs: Default::default(),
@@ -340,7 +343,7 @@ impl Builder {
         prefix: &str,
         api: Option<&Arc<str>>,
         registry: &EndpointRegistry,
-        open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+        ctx: &BuildCtx<'_>,
     ) -> Vec<RouteMatch> {
         let clusters: HashMap<&str, Arc<Cluster>> = spec
             .upstreams
@@ -349,7 +352,7 @@ impl Builder {
                 let full = format!("{prefix}{name}");
                 (
                     name.as_str(),
-                    Arc::new(Cluster::build_with(&full, up, registry, open_secret)),
+                    Arc::new(Cluster::build_with(&full, up, registry, ctx)),
                 )
             })
             .collect();
@@ -480,7 +483,8 @@ impl Routing {
         versions: &[VersionSpec<'_>],
         registry: &EndpointRegistry,
         open_jwks: &dyn Fn(&str) -> Result<String, String>,
-        open_secret: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+        operator: &BuildCtx<'_>,
+        tenants: &BuildCtx<'_>,
     ) -> Result<Routing, SpecErrors> {
         let mut b = Builder {
             quotas: spec
@@ -490,7 +494,7 @@ impl Routing {
                 .collect(),
             ..Builder::default()
         };
-        b.add_spec(spec, "", None, registry, open_secret);
+        b.add_spec(spec, "", None, registry, operator);
         let mut mounts: Vec<Mount> = Vec::new();
         for vs in versions {
             let api = vs.api;
@@ -547,11 +551,7 @@ impl Routing {
                 Some(spec) => {
                     let prefix = format!("{}@{}/", api.name, v.version);
                     let api_name = mount.api.clone();
-                    // A tenant's content never uses the cluster's secrets.
-                    let no_secrets = |name: &str| -> Result<Vec<u8>, String> {
-                        Err(format!("an API version may not use secret {name}"))
-                    };
-                    let matches = b.add_spec(spec, &prefix, Some(&api_name), registry, &no_secrets);
+                    let matches = b.add_spec(spec, &prefix, Some(&api_name), registry, tenants);
                     match Matcher::build(&matches) {
                         Ok(m) => m,
                         Err(errs) => {
@@ -596,7 +596,12 @@ impl Routing {
                 .iter()
                 .any(|c| &*c.name == cluster && c.endpoints.iter().any(|e| e.state.addr == addr))
         });
+        let addrs = clusters
+            .iter()
+            .flat_map(|c| c.endpoints.iter().map(|e| e.state.addr))
+            .collect();
         Ok(Routing {
+            addrs,
             matcher,
             routes: b.routes,
             mounts,

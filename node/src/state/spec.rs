@@ -1350,6 +1350,16 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
     if !address.contains(':') {
         return Err(format!("{address:?} needs a port, like {address}:8080"));
     }
+    // In a node, names go to the node's resolver (`--dns-resolver`), which also keeps them
+    // fresh afterwards (routing::dns).
+    if let Some(dns) = crate::routing::dns::global()
+        && let Some((host, port)) = address.rsplit_once(':')
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return dns
+            .resolve_blocking(host, port)
+            .map_err(|e| format!("cannot resolve {address:?}: {e}"));
+    }
     match address.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()

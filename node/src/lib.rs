@@ -298,6 +298,21 @@ impl Node {
         };
         runtime.spawn(metering::alerts::run(cluster.clone(), control.clone()));
         runtime.spawn(telemetry::metrics::upkeep(metrics));
+        // A certificate comes within 30 days of expiring while nothing changes: say so
+        // every 12 hours (each compile says so too).
+        {
+            let (shared, stop) = (shared.clone(), control.clone());
+            runtime.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(12 * 3600)) => {
+                            shared.tls.warn_expiring(raft::service::now_ms());
+                        }
+                    }
+                }
+            });
+        }
         runtime.spawn(telemetry::metrics::raft_metrics(
             cluster.clone(),
             control.clone(),

@@ -83,8 +83,18 @@ impl Dns {
     /// A resolver on `runtime` (lookups and the refresh loop run there).
     pub fn new(settings: DnsSettings, runtime: tokio::runtime::Handle) -> anyhow::Result<Arc<Dns>> {
         let mut builder = if settings.servers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| anyhow::anyhow!("cannot read the system's DNS settings: {e}"))?
+            TokioResolver::builder_tokio().unwrap_or_else(|e| {
+                // No /etc/resolv.conf (a bare container): IP addresses and /etc/hosts
+                // still work; a host name fails its check, saying why.
+                tracing::warn!(
+                    "cannot read the system's DNS settings ({e}); upstream host names will not \
+                     resolve unless --dns-resolver names a server"
+                );
+                TokioResolver::builder_with_config(
+                    ResolverConfig::new(),
+                    TokioConnectionProvider::default(),
+                )
+            })
         } else {
             let mut config = ResolverConfig::new();
             for server in &settings.servers {

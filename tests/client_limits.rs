@@ -219,8 +219,13 @@ async fn h2_streams_with_endless_bodies_take_slots_not_unbounded_upstream_socket
     // Releasing the bodies gives the slots back.
     drop(holds);
     for t in pending {
-        let status = t.await.unwrap().unwrap();
-        assert!(status == 200 || status == 429, "{status}");
+        match t.await.unwrap() {
+            Ok(status) => assert!(status == 200 || status == 429, "{status}"),
+            // A stream answered 429 while its body was still being sent is then reset with
+            // NO_ERROR (RFC 9113 §8.1: the server needs no more of it); the client may see
+            // that reset before it has handed over the response. Anything else fails.
+            Err(e) => assert!(format!("{e:?}").contains("NO_ERROR"), "{e:?}"),
+        }
     }
     assert!(
         counter(

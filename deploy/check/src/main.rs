@@ -153,16 +153,23 @@ async fn run(compose: &Compose) -> Result<()> {
             .await?;
     }
     let mut ok = 0;
+    // What the others got, by node and status (none: no answer), to say which failed how.
+    let mut other: std::collections::BTreeMap<(String, Option<u16>), u32> = Default::default();
     for node in &cluster.nodes {
         for i in 0..100 {
-            if node.get(&format!("/echo/{i}")).await == Some(200) {
-                ok += 1;
+            match node.get(&format!("/echo/{i}")).await {
+                Some(200) => ok += 1,
+                status => *other.entry((node.name.clone(), status)).or_default() += 1,
             }
         }
     }
     report.row(
         "requests through every node (100 each)",
-        format!("{ok} of 300 answered 200"),
+        if other.is_empty() {
+            format!("{ok} of 300 answered 200")
+        } else {
+            format!("{ok} of 300 answered 200; the others: {other:?}")
+        },
         ok == 300,
     );
 

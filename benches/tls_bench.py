@@ -19,7 +19,7 @@ openssl (apt-get install nginx wrk openssl) and a release build (cargo build --r
 import argparse, json, os, re, shutil, signal, statistics, subprocess, sys, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "tollgate")
+BIN = os.environ.get("TOLLGATE_BIN", os.path.join(ROOT, "target", "release", "tollgate"))
 LUA = os.path.join(ROOT, "benches", "baseline", "wrk_json.lua")
 W = os.path.join(os.environ.get("TMPDIR", "/tmp"), "tollgate-tls-bench")
 CLK = os.sysconf("SC_CLK_TCK")

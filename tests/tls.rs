@@ -1117,14 +1117,15 @@ async fn tls_origin(cert: &EdgeCert, client_ca: Option<&str>) -> TlsOrigin {
                         };
                         let body = format!("{:?} {}", seen.version, req.uri().path());
                         log.lock().unwrap().push(seen);
+                        let upgrade = websocket_echo(req);
                         async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(harness::full(
-                                body,
-                            )))
+                            Ok::<_, std::convert::Infallible>(
+                                upgrade.unwrap_or_else(|| http::Response::new(harness::full(body))),
+                            )
                         }
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
                     .await;
             });
         }
@@ -1136,6 +1137,40 @@ async fn tls_origin(cert: &EdgeCert, client_ca: Option<&str>) -> TlsOrigin {
 async fn refused_by_certificate(node: &GatewayProcess) -> bool {
     let r = node.get("/x").await;
     r.status == 502 && r.error_code() == "upstream_certificate_invalid"
+}
+
+/// For a WebSocket handshake: the 101 answer, and an echo of every message once upgraded.
+fn websocket_echo(
+    mut req: http::Request<hyper::body::Incoming>,
+) -> Option<http::Response<harness::Body>> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let key = req.headers().get("sec-websocket-key")?.clone();
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() && ws.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = http::Response::new(harness::full(""));
+    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    h.insert("connection", http::HeaderValue::from_static("upgrade"));
+    h.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+    );
+    Some(resp)
 }
 
 fn pem_block(pem: &str, indent: usize) -> String {
@@ -1201,6 +1236,33 @@ async fn https_upstreams_verify_their_certificates_and_speak_h2() {
     )
     .await;
     assert_eq!(node.get("/still").await.status, 200);
+
+    // A WebSocket through it: HTTP/2 here carries no upgrade, so it goes over a connection
+    // made for HTTP/1.1 alone, beside the shared HTTP/2 one.
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", node.proxy))
+        .await
+        .expect("a WebSocket handshake through an HTTPS upstream");
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("to tls"))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo within 5s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "to tls");
+    let upgrade = origin
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|s| s.path == "/ws")
+        .cloned()
+        .unwrap();
+    assert_eq!(upgrade.version, http::Version::HTTP_11);
+    drop(ws);
 
     // An https:// endpoint: the SNI and the name checked are its host; `h2: false` keeps
     // to HTTP/1.1.

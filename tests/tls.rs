@@ -654,6 +654,18 @@ async fn tls_connect(
     host: &str,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_connect(addr, ca, host, alpn)
+        .await
+        .expect("TLS handshake")
+}
+
+/// The same, or why the handshake failed.
+async fn try_tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &TestCa,
+    host: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in tollgate_node::identity::ca::pem_certs(&ca.ca.cert_pem).unwrap() {
         roots.add(c).unwrap();
@@ -665,14 +677,29 @@ async fn tls_connect(
             .with_root_certificates(roots)
             .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls_pki_types::ServerName::try_from(host.to_string()).unwrap(),
             tcp,
         )
         .await
-        .expect("TLS handshake")
+}
+
+/// Sends `text` on a WebSocket and checks it comes back within 5 s.
+async fn echo_once<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo within 5s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,15 +784,7 @@ async fn tls_serves_what_the_plain_port_does() {
     .await
     .expect("a WebSocket handshake over TLS");
     assert_eq!(resp.status(), 101);
-    ws.send(tokio_tungstenite::tungstenite::Message::text("over tls"))
-        .await
-        .unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("echo within 5s")
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed.into_text().unwrap().as_str(), "over tls");
+    echo_once(&mut ws, "over tls").await;
     drop(ws);
 
     // The per-client connection limit holds for TLS connections: past 4, closed.
@@ -783,27 +802,9 @@ async fn tls_serves_what_the_plain_port_does() {
         },
     )
     .await;
-    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(
-            tollgate_node::identity::ca::pem_certs(&ca.ca.cert_pem)
-                .unwrap()
-                .remove(0),
-        )
-        .unwrap();
-    let config =
-        rustls::ClientConfig::builder_with_provider(tollgate_node::identity::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     let refused = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(
-            rustls_pki_types::ServerName::try_from("a.example.test").unwrap(),
-            tcp,
-        ),
+        try_tls_connect(https, &ca, "a.example.test", &[]),
     )
     .await
     .expect("an answer within 5s");
@@ -1243,15 +1244,7 @@ async fn https_upstreams_verify_their_certificates_and_speak_h2() {
         .await
         .expect("a WebSocket handshake through an HTTPS upstream");
     assert_eq!(resp.status(), 101);
-    ws.send(tokio_tungstenite::tungstenite::Message::text("to tls"))
-        .await
-        .unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("echo within 5s")
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed.into_text().unwrap().as_str(), "to tls");
+    echo_once(&mut ws, "to tls").await;
     let upgrade = origin
         .seen
         .lock()

@@ -80,25 +80,29 @@ fn time_at(ms: u64) -> Result<time::OffsetDateTime, String> {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).map_err(err)
 }
 
+/// A self-signed CA named `common_name` (organization Tollgate), valid for
+/// [`CA_LIFETIME`]: its certificate in PEM and its key.
+fn self_signed_ca(common_name: &str, now_ms: u64) -> Result<(String, KeyPair), String> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tollgate");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = time_at(now_ms.saturating_sub(BACKDATE.as_millis() as u64))?;
+    params.not_after = time_at(now_ms + CA_LIFETIME.as_millis() as u64)?;
+    params.serial_number = Some(serial(now_ms)?.into());
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok((cert.pem(), key))
+}
+
 impl Ca {
     /// A new CA for a new cluster.
     pub fn generate(now_ms: u64) -> Result<Ca, String> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Tollgate");
-        dn.push(DnType::CommonName, "Tollgate cluster CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = time_at(now_ms.saturating_sub(BACKDATE.as_millis() as u64))?;
-        params.not_after = time_at(now_ms + CA_LIFETIME.as_millis() as u64)?;
-        params.serial_number = Some(serial(now_ms)?.into());
-        let cert = params.self_signed(&key).map_err(err)?;
-        Ok(Ca {
-            cert_pem: cert.pem(),
-            key,
-        })
+        let (cert_pem, key) = self_signed_ca("Tollgate cluster CA", now_ms)?;
+        Ok(Ca { cert_pem, key })
     }
 
     /// The CA from its certificate and its private key (PKCS#8 DER, as opened from the
@@ -201,22 +205,8 @@ pub struct EdgeCert {
 impl EdgeCa {
     /// A new CA named `common_name`, valid for ten years.
     pub fn generate(common_name: &str, now_ms: u64) -> Result<EdgeCa, String> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Tollgate");
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = time_at(now_ms.saturating_sub(BACKDATE.as_millis() as u64))?;
-        params.not_after = time_at(now_ms + CA_LIFETIME.as_millis() as u64)?;
-        params.serial_number = Some(serial(now_ms)?.into());
-        let cert = params.self_signed(&key).map_err(err)?;
-        Ok(EdgeCa {
-            cert_pem: cert.pem(),
-            key,
-        })
+        let (cert_pem, key) = self_signed_ca(common_name, now_ms)?;
+        Ok(EdgeCa { cert_pem, key })
     }
 
     /// A server certificate for `names` (DNS names, wildcards or IP addresses), valid from

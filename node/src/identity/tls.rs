@@ -38,7 +38,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Signature checks both verifiers below do the same way, with [`provider`]'s algorithms.
-fn tls12_signature(
+pub(crate) fn tls12_signature(
     message: &[u8],
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
@@ -51,7 +51,7 @@ fn tls12_signature(
     )
 }
 
-fn tls13_signature(
+pub(crate) fn tls13_signature(
     message: &[u8],
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
@@ -64,7 +64,7 @@ fn tls13_signature(
     )
 }
 
-fn signature_schemes() -> Vec<SignatureScheme> {
+pub(crate) fn signature_schemes() -> Vec<SignatureScheme> {
     provider()
         .signature_verification_algorithms
         .supported_schemes()

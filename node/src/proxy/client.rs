@@ -25,6 +25,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::proxy::LocalExec;
 use crate::proxy::body::{BodyStats, RequestBody};
 use crate::proxy::respond::ProxyError;
 use crate::routing::upstream::{ActiveGuard, Cluster};
@@ -579,19 +580,6 @@ fn from_http2(parts: &mut http::request::Parts) {
         parts.uri = uri;
     }
     parts.version = Version::HTTP_11;
-}
-
-/// Spawns `!Send` futures (HTTP/2 streams carry our `Rc` bodies) on the thread's set.
-#[derive(Clone, Copy, Debug)]
-struct LocalExec;
-
-impl<F> hyper::rt::Executor<F> for LocalExec
-where
-    F: std::future::Future + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
-    }
 }
 
 /// A new connection to endpoint `ep`: TCP, then TLS when the upstream has it (HTTP/2 if

@@ -23,6 +23,20 @@ use crate::state::snapshot::Snapshot;
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::traces::Tracing;
 
+/// Spawns `!Send` futures (our services and bodies hold `Rc`s) on the data-plane thread's
+/// `LocalSet`: hyper's executor for client connections and HTTP/2 streams.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
 /// Limits every data-plane thread enforces (from the node settings).
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -35,7 +35,7 @@ use crate::proxy::body::ResponseBody;
 use crate::proxy::guard::{ClientKey, ConnState, FrameGuard, Refused, Verdict};
 use crate::proxy::phases::{self, Worker};
 use crate::proxy::respond::{ProxyError, error_response};
-use crate::proxy::{OpenConnection, Shared};
+use crate::proxy::{LocalExec, OpenConnection, Shared};
 use crate::telemetry::access_log::{AccessLog, Sink};
 
 /// Most streams one HTTP/2 connection may have open at once.
@@ -137,19 +137,6 @@ fn set_scheduling(scheduling: CpuScheduling) {
         tracing::warn!(
             "could not set the data-plane thread's scheduling policy to {scheduling:?}: {e:?}"
         );
-    }
-}
-
-/// Spawns `!Send` futures (our services hold `Rc`s) on the thread's `LocalSet`.
-#[derive(Clone, Copy, Debug)]
-struct LocalExec;
-
-impl<F> hyper::rt::Executor<F> for LocalExec
-where
-    F: std::future::Future + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::task::spawn_local(fut);
     }
 }
 

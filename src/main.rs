@@ -12,6 +12,7 @@ mod cluster;
 mod declare;
 mod dev;
 mod echo;
+mod llm_demo;
 mod secret;
 
 use std::path::PathBuf;
@@ -88,6 +89,20 @@ enum Command {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: std::net::SocketAddr,
+    },
+    /// Run only the demo LLM upstream (what `dev` starts beside the node): it speaks the
+    /// OpenAI, Anthropic and Gemini wire formats, answers deterministically and streams
+    /// word by word; stops on SIGTERM or Ctrl-C.
+    LlmDemo {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: std::net::SocketAddr,
+        /// The API key callers must present (in each format's own header); none: any.
+        #[arg(long, env = "TOLLGATE_LLM_DEMO_KEY")]
+        api_key: Option<String>,
+        /// Threads serving requests.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Check a spec file and list every problem in it (nothing is applied).
     Validate {
@@ -174,6 +189,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::LlmDemo {
+            listen,
+            api_key,
+            threads,
+        } => match llm_demo::spawn(listen, api_key, threads) {
+            Ok(addr) => {
+                println!("demo LLM upstream listening on {addr}");
+                wait_for_stop();
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate llm-demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Validate { file } => validate(&file),
     }
 }
@@ -227,7 +257,11 @@ impl Command {
     fn is_client(&self) -> bool {
         !matches!(
             self,
-            Command::Dev(_) | Command::Node(_) | Command::Cp(_) | Command::Echo { .. }
+            Command::Dev(_)
+                | Command::Node(_)
+                | Command::Cp(_)
+                | Command::Echo { .. }
+                | Command::LlmDemo { .. }
         )
     }
 }

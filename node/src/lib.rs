@@ -24,6 +24,7 @@ pub mod auth;
 pub mod config;
 pub mod hash;
 pub mod identity;
+pub mod llm;
 pub mod metering;
 pub mod proxy;
 pub mod raft;
@@ -125,6 +126,7 @@ impl Node {
             None => None,
         };
         shared.https_port = https_addr.map(|a| a.port());
+        shared.region = Some(Arc::from(settings.region.as_str()));
         let shared = Arc::new(shared);
         // Upstream host names: the bootstrap spec below is checked with this resolver too.
         let dns = {
@@ -1022,13 +1024,19 @@ impl Compiler {
             }
             allowed
         };
-        let no_secrets = |name: &str| -> Result<Vec<u8>, String> {
-            Err(format!("an API version may not use secret {name}"))
+        // A tenant's API versions may use only secrets named `<tenant>.<name>`: the
+        // snapshot builder puts the version's own tenant in front of every name.
+        let tenant_secrets = |name: &str| -> Result<Vec<u8>, String> {
+            if !name.contains('.') {
+                return Err(format!("an API version may not use secret {name}"));
+            }
+            open_secret(name)
         };
         let mut used = std::collections::HashSet::new();
         let specs = std::iter::once(&spec).chain(versions.iter().filter_map(|v| v.spec.as_ref()));
         for s in specs {
-            for up in s.upstreams.values() {
+            let providers = s.providers.values().filter_map(|p| p.upstream.as_ref());
+            for up in s.upstreams.values().chain(providers) {
                 used.extend(
                     up.endpoints
                         .iter()
@@ -1048,7 +1056,7 @@ impl Compiler {
                 addresses: &answers,
             },
             &routing::upstream::BuildCtx {
-                open_secret: &no_secrets,
+                open_secret: &tenant_secrets,
                 addresses: &tenant_answers,
             },
         )

@@ -83,10 +83,16 @@ impl Journal {
 
     /// Moves what the data plane counted into the journal (flushed to disk).
     async fn journal(&self) -> anyhow::Result<usize> {
-        let (entries, latencies) = self.meter.drain();
-        if entries.is_empty() && latencies.is_empty() {
+        let drained = self.meter.drain();
+        if drained.is_empty() {
             return Ok(0);
         }
+        let crate::metering::Drained {
+            entries,
+            latencies,
+            llm,
+        } = drained;
+        let mut llm = Some(llm);
         let mut seq = u64_of(self.tree.get(NEXT_SEQ)?).unwrap_or(1);
         let mut written = 0;
         let mut latencies = Some(latencies);
@@ -104,6 +110,7 @@ impl Journal {
                 entries: chunk,
                 // Histograms are few (per API version and minute): all in the first batch.
                 latencies: latencies.take().unwrap_or_default(),
+                llm: llm.take().unwrap_or_default(),
             };
             batch.insert(&batch_key(seq), b.encode_to_vec());
             seq += 1;

@@ -16,7 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHasher;
-use tollgate_proto::state::v1::{LatencyEntry, UsageCounts, UsageEntry};
+use tollgate_proto::state::v1::{LatencyEntry, LlmEntry, UsageCounts, UsageEntry};
 
 use crate::state::usage::{LATENCY_BUCKETS, latency_bucket};
 
@@ -34,6 +34,42 @@ pub struct Sample<'a> {
     pub response_bytes: u64,
     pub upstream_us: u64,
     pub latency_us: u64,
+    /// An LLM request's model, provider, tokens and calls.
+    pub llm: Option<&'a LlmSample>,
+}
+
+/// What metering counts of an LLM request.
+#[derive(Debug, Default, Clone)]
+pub struct LlmSample {
+    /// The model the caller asked for.
+    pub model: Arc<str>,
+    /// The provider that answered (empty when none did).
+    pub provider: Arc<str>,
+    /// The provider's model id that answered, for per-model prices.
+    pub upstream_model: Arc<str>,
+    pub usage: crate::llm::ir::Usage,
+    pub estimated: bool,
+    /// Each provider call: (deployment, provider, failed). The last is the one that
+    /// answered unless it failed.
+    pub calls: Vec<(Arc<str>, Arc<str>, bool)>,
+    pub ttft_us: Option<u64>,
+    /// Streamed answers: first token to last.
+    pub output_us: Option<u64>,
+    pub incomplete: bool,
+}
+
+/// What a drain takes: usage rows, latency histograms and LLM call entries.
+#[derive(Default)]
+pub struct Drained {
+    pub entries: Vec<UsageEntry>,
+    pub latencies: Vec<LatencyEntry>,
+    pub llm: Vec<LlmEntry>,
+}
+
+impl Drained {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.latencies.is_empty() && self.llm.is_empty()
+    }
 }
 
 /// Every data-plane thread's shard, for the journal task to drain.
@@ -51,7 +87,7 @@ impl Meter {
     }
 
     /// Takes everything counted so far, merged across threads.
-    pub fn drain(&self) -> (Vec<UsageEntry>, Vec<LatencyEntry>) {
+    pub fn drain(&self) -> Drained {
         let shards: Vec<_> = self.shards.lock().expect("meter lock").clone();
         let mut merged = Shard::default();
         for shard in shards {
@@ -68,6 +104,8 @@ struct Row {
     api: Option<Arc<str>>,
     version: Option<Arc<str>>,
     key: Option<Arc<str>>,
+    model: Option<Arc<str>>,
+    provider: Option<Arc<str>>,
     counts: UsageCounts,
 }
 
@@ -84,6 +122,8 @@ pub struct Shard {
     /// By a hash of the row's identity; a collision shares the vector.
     rows: HashMap<u64, Vec<Row>, rustc_hash::FxBuildHasher>,
     latencies: HashMap<u64, Vec<Latency>, rustc_hash::FxBuildHasher>,
+    /// LLM calls by (minute, api, version, model, deployment, provider).
+    llm: HashMap<crate::state::usage::LlmKey, LlmEntry>,
 }
 
 fn text(s: Option<&Arc<str>>) -> &str {
@@ -100,6 +140,11 @@ impl Shard {
         (s.minute, text(s.api), text(s.version)).hash(&mut h);
         let latency_hash = h.finish();
         (text(s.tenant), text(s.key)).hash(&mut h);
+        let model = s.llm.map(|l| &l.model);
+        let provider = s.llm.map(|l| &l.provider);
+        if s.llm.is_some() {
+            (text(model), text(provider)).hash(&mut h);
+        }
         let row_hash = h.finish();
 
         let rows = self.rows.entry(row_hash).or_default();
@@ -109,6 +154,8 @@ impl Shard {
                 && same(&r.api, s.api)
                 && same(&r.version, s.version)
                 && same(&r.key, s.key)
+                && same(&r.model, model)
+                && same(&r.provider, provider)
         }) {
             Some(i) => &mut rows[i],
             None => {
@@ -118,6 +165,8 @@ impl Shard {
                     api: s.api.cloned(),
                     version: s.version.cloned(),
                     key: s.key.cloned(),
+                    model: model.cloned(),
+                    provider: provider.cloned(),
                     counts: UsageCounts::default(),
                 });
                 rows.last_mut().expect("just pushed")
@@ -138,6 +187,21 @@ impl Shard {
         c.request_bytes += s.request_bytes;
         c.response_bytes += s.response_bytes;
         c.upstream_us += s.upstream_us;
+        if let Some(l) = s.llm {
+            let u = &l.usage;
+            c.input_tokens += u.input;
+            c.output_tokens += u.output;
+            c.cached_input_tokens += u.cached_input;
+            c.cache_write_tokens += u.cache_write;
+            c.reasoning_tokens += u.reasoning;
+            if l.estimated {
+                c.estimated += 1;
+            }
+            if u.input + u.output > 0 && !l.upstream_model.is_empty() {
+                *c.tokens.entry(l.upstream_model.to_string()).or_default() += u.input + u.output;
+            }
+            self.record_llm(s, l);
+        }
 
         let latencies = self.latencies.entry(latency_hash).or_default();
         let l = match latencies.iter().position(|l| {
@@ -157,7 +221,45 @@ impl Shard {
         l.buckets[latency_bucket(s.latency_us) as usize] += 1;
     }
 
+    fn record_llm(&mut self, s: &Sample, l: &LlmSample) {
+        let last = l.calls.len().saturating_sub(1);
+        for (i, (deployment, provider, failed)) in l.calls.iter().enumerate() {
+            let key = (
+                s.minute,
+                text(s.api).to_string(),
+                text(s.version).to_string(),
+                l.model.to_string(),
+                deployment.to_string(),
+                provider.to_string(),
+            );
+            let e = self.llm.entry(key).or_default();
+            e.calls += 1;
+            if *failed {
+                e.failures += 1;
+                continue;
+            }
+            if i != last {
+                continue;
+            }
+            e.input_tokens += l.usage.input;
+            e.output_tokens += l.usage.output;
+            if let Some(t) = l.ttft_us {
+                *e.ttft.entry(latency_bucket(t)).or_default() += 1;
+            }
+            if let Some(us) = l.output_us {
+                e.streamed_output_tokens += l.usage.output;
+                e.output_us += us;
+            }
+            if l.incomplete {
+                e.incomplete += 1;
+            }
+        }
+    }
+
     fn merge(&mut self, other: Shard) {
+        for (key, e) in other.llm {
+            crate::state::usage::add_llm(self.llm.entry(key).or_default(), &e);
+        }
         for (hash, rows) in other.rows {
             let mine = self.rows.entry(hash).or_default();
             for row in rows {
@@ -167,6 +269,8 @@ impl Shard {
                         && r.api == row.api
                         && r.version == row.version
                         && r.key == row.key
+                        && r.model == row.model
+                        && r.provider == row.provider
                 }) {
                     Some(r) => crate::state::usage::add_counts(&mut r.counts, &row.counts),
                     None => mine.push(row),
@@ -191,7 +295,7 @@ impl Shard {
         }
     }
 
-    fn into_entries(self) -> (Vec<UsageEntry>, Vec<LatencyEntry>) {
+    fn into_entries(self) -> Drained {
         let owned = |s: Option<Arc<str>>| s.map(|s| s.to_string()).unwrap_or_default();
         let mut entries: Vec<UsageEntry> = self
             .rows
@@ -204,11 +308,29 @@ impl Shard {
                 version: owned(r.version),
                 key: owned(r.key),
                 counts: Some(r.counts),
+                model: owned(r.model),
+                provider: owned(r.provider),
             })
             .collect();
         entries.sort_by(|a, b| {
-            (a.minute, &a.tenant, &a.api, &a.version, &a.key)
-                .cmp(&(b.minute, &b.tenant, &b.api, &b.version, &b.key))
+            (
+                a.minute,
+                &a.tenant,
+                &a.api,
+                &a.version,
+                &a.key,
+                &a.model,
+                &a.provider,
+            )
+                .cmp(&(
+                    b.minute,
+                    &b.tenant,
+                    &b.api,
+                    &b.version,
+                    &b.key,
+                    &b.model,
+                    &b.provider,
+                ))
         });
         let mut latencies: Vec<LatencyEntry> = self
             .latencies
@@ -229,7 +351,25 @@ impl Shard {
             .collect();
         latencies
             .sort_by(|a, b| (a.minute, &a.api, &a.version).cmp(&(b.minute, &b.api, &b.version)));
-        (entries, latencies)
+        let mut llm: Vec<(crate::state::usage::LlmKey, LlmEntry)> = self.llm.into_iter().collect();
+        llm.sort_by(|a, b| a.0.cmp(&b.0));
+        let llm = llm
+            .into_iter()
+            .map(|(k, e)| LlmEntry {
+                minute: k.0,
+                api: k.1,
+                version: k.2,
+                model: k.3,
+                deployment: k.4,
+                provider: k.5,
+                ..e
+            })
+            .collect();
+        Drained {
+            entries,
+            latencies,
+            llm,
+        }
     }
 }
 

@@ -50,6 +50,8 @@ pub struct BodyStats {
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// A body made by the gateway, sent as one frame.
+    full: Option<Bytes>,
     limit: u64,
     stats: Rc<BodyStats>,
     rate: Option<Box<MinRate>>,
@@ -122,6 +124,7 @@ impl RequestBody {
         }
         Self {
             inner: Some(inner),
+            full: None,
             limit,
             stats,
             rate,
@@ -133,7 +136,20 @@ impl RequestBody {
         stats.finished.set(true);
         Self {
             inner: None,
+            full: None,
             limit: 0,
+            stats,
+            rate: None,
+        }
+    }
+
+    /// A body the gateway made (an LLM provider call).
+    pub fn full(bytes: Bytes, stats: Rc<BodyStats>) -> Self {
+        stats.finished.set(true);
+        Self {
+            inner: None,
+            full: (!bytes.is_empty()).then_some(bytes),
+            limit: u64::MAX,
             stats,
             rate: None,
         }
@@ -149,6 +165,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(bytes) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -194,10 +213,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.full.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(bytes) = &self.full {
+            return SizeHint::with_exact(bytes.len() as u64);
+        }
         match &self.inner {
             Some(b) => b.size_hint(),
             None => SizeHint::with_exact(0),
@@ -223,6 +245,8 @@ enum Kind {
     },
     /// A body the gateway made (JSON errors, admin pages).
     Full(Option<Bytes>),
+    /// An LLM provider's stream, relayed event by event.
+    Llm(Box<crate::llm::serve::Relay>),
 }
 
 /// The longest wait for the next piece of an upstream body (nginx's `proxy_read_timeout`).
@@ -283,6 +307,14 @@ impl ResponseBody {
         }
     }
 
+    pub fn llm(relay: Box<crate::llm::serve::Relay>) -> Self {
+        Self {
+            kind: Kind::Llm(relay),
+            tail: None,
+            stream: None,
+        }
+    }
+
     pub fn empty() -> Self {
         Self {
             kind: Kind::Full(None),
@@ -314,6 +346,7 @@ impl Body for ResponseBody {
         }
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Llm(relay) => relay.poll_next(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, conn, idle } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Pending => {
                     if idle.poll_expired(cx).is_ready() {
@@ -361,6 +394,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
+            Kind::Llm(_) => false,
             Kind::Upstream { body, .. } => body.is_end_stream(),
         }
     }
@@ -369,6 +403,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Llm(_) => SizeHint::default(),
         }
     }
 }

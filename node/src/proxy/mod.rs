@@ -78,6 +78,8 @@ pub struct Shared {
     pub tls: Arc<tls::EdgeTls>,
     /// The HTTPS port, for redirects (`--https-addr`); none without it.
     pub https_port: Option<u16>,
+    /// The node's region: LLM deployments of the same region are preferred.
+    pub region: Option<Arc<str>>,
 }
 
 impl Shared {
@@ -97,6 +99,7 @@ impl Shared {
             meter: None,
             tls: Arc::new(tls::EdgeTls::new()),
             https_port: None,
+            region: None,
         }
     }
 }

@@ -163,7 +163,11 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(err) => {
             tail.error = Some(err.code());
-            error_response(&err, worker.shared.limits.max_request_body)
+            let mut resp = error_response(&err, worker.shared.limits.max_request_body);
+            if let Some(dialect) = tail.llm_dialect {
+                crate::llm::serve::into_dialect(dialect, &err, &mut resp);
+            }
+            resp
         }
     };
     if let Some(hsts) = hsts {
@@ -257,6 +261,10 @@ async fn pipeline(
         // Known from here on, even when authentication refuses the request; the caller
         // and the version are added as they become known, so a request refused later
         // (no route in the version, a retired version) is still counted under its tenant.
+        if mount.llm {
+            let below = &req.uri().path()[found.prefix_len.min(req.uri().path().len())..];
+            tail.llm_dialect = Some(crate::llm::dialect_of_path(below));
+        }
         let used = tail.api.insert(ApiUse {
             mount: index,
             ..ApiUse::default()
@@ -281,6 +289,15 @@ async fn pipeline(
         } else {
             "admitted"
         };
+    }
+    if let Some((llm, endpoint)) = &route.llm {
+        let owner = api.as_ref().map_or("", |_| {
+            tail.api
+                .as_ref()
+                .map_or("", |u| &*routing.mounts[u.mount as usize].owner)
+        });
+        let owner = owner.to_string();
+        return crate::llm::serve(req, worker, snapshot, llm, *endpoint, None, &owner, tail).await;
     }
     let probe = circuit(snapshot, route, &mut tail.circuit)?;
     // transform
@@ -432,7 +449,8 @@ fn api_route<'s>(
     let full = req.uri().path();
     let mut below = &full[found.prefix_len.min(full.len())..];
     let mut major = None;
-    if let Some(rest) = below.strip_prefix('/') {
+    // An LLM API's `/v1/...` is the dialect's path: its versions go by header or split.
+    if let Some(rest) = below.strip_prefix('/').filter(|_| !mount.llm) {
         let (seg, after) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         if let Some(m) = version_segment(seg) {
             major = Some(m);
@@ -1000,6 +1018,10 @@ pub struct Tail {
     circuit: &'static str,
     /// The request's trace, when it is sampled.
     trace: Option<Box<RequestTrace>>,
+    /// An LLM request's model, provider and usage.
+    pub llm: Option<Rc<RefCell<crate::llm::serve::Record>>>,
+    /// The request reached an LLM API: its errors are answered in this dialect.
+    pub llm_dialect: Option<crate::llm::Dialect>,
 }
 
 /// The API a request reached: the mount (an index into the snapshot's mounts), the
@@ -1051,7 +1073,14 @@ impl Tail {
             quota: "none",
             circuit: "none",
             trace,
+            llm: None,
+            llm_dialect: None,
         }
+    }
+
+    /// The request's trace, when it is sampled.
+    pub fn trace_mut(&mut self) -> Option<&mut RequestTrace> {
+        self.trace.as_deref_mut()
     }
 
     pub fn add_response_bytes(&mut self, n: u64) {
@@ -1182,6 +1211,7 @@ impl Tail {
         meter: &std::sync::Mutex<crate::metering::Shard>,
         route: Option<&crate::state::snapshot::Route>,
         elapsed: std::time::Duration,
+        llm: Option<&crate::metering::LlmSample>,
     ) {
         let minute = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1209,6 +1239,7 @@ impl Tail {
                 .upstream_time
                 .map_or(0, |d| d.as_micros() as u64),
             latency_us: elapsed.as_micros() as u64,
+            llm,
         };
         if let Ok(mut shard) = meter.lock() {
             shard.record(&sample);
@@ -1236,8 +1267,16 @@ impl Drop for Tail {
             Some(r) => r.metrics.record(self.status, elapsed),
             None => self.worker.shared.unmatched.record(self.status, elapsed),
         }
+        let llm = self.llm.take().and_then(|r| {
+            let mut r = r.borrow_mut();
+            r.settle();
+            r.sample()
+        });
+        if let Some(s) = &llm {
+            crate::llm::serve::record_metrics(s);
+        }
         if let Some(meter) = &self.worker.meter {
-            self.meter(meter, route, elapsed);
+            self.meter(meter, route, elapsed, llm.as_ref());
         }
         if let Some(trace) = self.trace.take()
             && let Some(tracing) = &self.worker.shared.tracing
@@ -1279,6 +1318,15 @@ impl Drop for Tail {
             response_bytes: self.response_bytes,
             duration_ms: millis(elapsed),
             upstream_ms: self.attempts.upstream_time.map(millis),
+            llm: llm
+                .as_ref()
+                .map(|l| crate::telemetry::access_log::LlmFields {
+                    model: &l.model,
+                    provider: &l.provider,
+                    input_tokens: l.usage.input,
+                    output_tokens: l.usage.output,
+                    tokens_estimated: l.estimated,
+                }),
         });
     }
 }

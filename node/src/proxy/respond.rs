@@ -80,6 +80,16 @@ pub enum ProxyError {
         "tenant {tenant} has reached its monthly budget and its requests are refused until the month ends (UTC) or the operator raises the budget"
     )]
     BudgetExceeded { tenant: String },
+    /// An LLM endpoint's own answer (docs/llm.md, "Errors").
+    #[error("{message}")]
+    Llm {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        /// The request field at fault.
+        param: Option<String>,
+        retry_after_s: Option<u64>,
+    },
     #[error("{}", circuit_message(upstream, reason, *retry_after_s))]
     CircuitOpen {
         upstream: String,
@@ -129,6 +139,7 @@ impl ProxyError {
             ProxyError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
+            ProxyError::Llm { status, .. } => *status,
         }
     }
 
@@ -158,6 +169,7 @@ impl ProxyError {
             ProxyError::QuotaExceeded { .. } => "quota_exceeded",
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::BudgetExceeded { .. } => "budget_exceeded",
+            ProxyError::Llm { code, .. } => code,
         }
     }
 
@@ -198,6 +210,14 @@ pub fn error_response(err: &ProxyError, body_limit: u64) -> Response<ResponseBod
                 .insert(header::RETRY_AFTER, HeaderValue::from(*s)),
             None => resp.headers_mut().remove(header::RETRY_AFTER),
         };
+    }
+    if let ProxyError::Llm {
+        retry_after_s: Some(s),
+        ..
+    } = err
+    {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*s));
     }
     if let ProxyError::QuotaExceeded {
         quota,

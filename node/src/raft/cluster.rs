@@ -1020,7 +1020,7 @@ impl Cluster {
     /// Stores a named secret as this node (`tollgate dev`'s certificate key, before its
     /// first spec). On the leader only.
     pub async fn put_secret_as_node(&self, name: &str, value: &[u8]) -> Result<(), Status> {
-        crate::state::lifecycle::check_name("secret", name)
+        crate::state::lifecycle::check_secret_name(name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let op = IdentityOp::PutSecret(tollgate_proto::state::v1::PutSecret {
             name: name.to_string(),
@@ -1116,7 +1116,7 @@ impl Cluster {
                 Ok(None)
             }
             Some(IdentityOp::PutSecret(p)) => {
-                crate::state::lifecycle::check_name("secret", &p.name)
+                crate::state::lifecycle::check_secret_name(&p.name)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 if p.value.len() > crate::state::identity::MAX_SECRET_BYTES {
                     return Err(Status::invalid_argument(format!(

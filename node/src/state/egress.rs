@@ -239,7 +239,16 @@ pub fn check(policy: &TenantUpstreams, own: &OwnAddrs, addr: SocketAddr) -> Resu
 /// listing each one refused with its field path and the address it was written as.
 pub fn check_spec(policy: &TenantUpstreams, own: &OwnAddrs, spec: &Spec) -> Result<(), SpecErrors> {
     let mut errors = SpecErrors::default();
-    for (name, up) in &spec.upstreams {
+    let providers = spec.providers.iter().filter_map(|(name, p)| {
+        p.upstream
+            .as_ref()
+            .map(|u| (format!("providers.{name}.base_url"), u))
+    });
+    let upstreams = spec
+        .upstreams
+        .iter()
+        .map(|(name, up)| (format!("upstreams.{name}.endpoints"), up));
+    for (at, up) in upstreams.chain(providers) {
         for (i, ep) in up.endpoints.iter().enumerate() {
             let Some(addr) = ep.resolved else { continue };
             if let Err(why) = check(policy, own, addr) {
@@ -248,10 +257,12 @@ pub fn check_spec(policy: &TenantUpstreams, own: &OwnAddrs, spec: &Spec) -> Resu
                 } else {
                     format!("{} resolves to {addr}; ", ep.address)
                 };
-                errors.push(
-                    format!("upstreams.{name}.endpoints[{i}].address"),
-                    format!("{written}{why}"),
-                );
+                let at = if at.ends_with("base_url") {
+                    at.clone()
+                } else {
+                    format!("{at}[{i}].address")
+                };
+                errors.push(at, format!("{written}{why}"));
             }
         }
     }

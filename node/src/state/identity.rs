@@ -176,7 +176,7 @@ pub fn apply(
             }))
         }
         Op::PutSecret(p) => {
-            crate::state::lifecycle::check_name("secret", &p.name)?;
+            crate::state::lifecycle::check_secret_name(&p.name)?;
             if !is_sealed(&p.value) || p.value.len() > MAX_SECRET_BYTES + 64 {
                 return Err(Refusal::Invalid(
                     "a secret is sealed by the leader before it is written".into(),

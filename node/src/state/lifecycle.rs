@@ -776,6 +776,18 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
     }
 }
 
+/// Checks a secret's name: a name as [`check_name`] takes it, or `<tenant>.<name>` for a
+/// secret the tenant's API versions may use (docs/llm.md, "Provider keys").
+pub fn check_secret_name(name: &str) -> Result<(), Refusal> {
+    match name.split_once('.') {
+        Some((tenant, rest)) => {
+            check_name("tenant", tenant)?;
+            check_name("secret", rest)
+        }
+        None => check_name("secret", name),
+    }
+}
+
 /// Applies one API command to the set of APIs. Deterministic; a refusal changes nothing.
 /// Returns the names of what changed (for the history).
 pub fn apply_command(

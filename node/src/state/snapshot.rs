@@ -73,6 +73,9 @@ pub struct Mount {
     pub base_path: String,
     /// Published, deprecated and retired versions, oldest first.
     pub versions: Vec<MountedVersion>,
+    /// Some version serves LLM endpoints: `/v1/...` is their path, not a version prefix,
+    /// and errors are answered in the caller's dialect.
+    pub llm: bool,
     /// The split: weight and index into `versions`.
     pub split: Vec<(u32, usize)>,
 }
@@ -223,6 +226,9 @@ pub struct Route {
     /// What usage rows name for a request that reached this route outside an API:
     /// `route/<name>`.
     pub usage_api: Arc<str>,
+    /// An LLM endpoint of a version's `models` (then `cluster` is only its first
+    /// deployment's: each request picks its own).
+    pub llm: Option<(Arc<crate::llm::LlmApi>, crate::llm::Endpoint)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,6 +348,7 @@ impl Builder {
         spec: &Spec,
         prefix: &str,
         api: Option<&Arc<str>>,
+        secret_prefix: &str,
         registry: &EndpointRegistry,
         ctx: &BuildCtx<'_>,
     ) -> Vec<RouteMatch> {
@@ -384,7 +391,49 @@ impl Builder {
                 api: api.cloned(),
                 http_route: Arc::from(http_route(&r.matches.path).as_str()),
                 usage_api: Arc::from(format!("route/{full}")),
+                llm: None,
             });
+        }
+        let llm = crate::llm::compile(spec, prefix, secret_prefix, registry, ctx);
+        if let Some(llm) = llm {
+            let first = llm
+                .models
+                .values()
+                .flat_map(|m| m.deployments.first())
+                .next()
+                .map(|d| d.cluster.clone());
+            for endpoint in crate::llm::Endpoint::SERVED {
+                let Some(cluster) = first.clone() else { break };
+                let id = self.routes.len() as u32;
+                let full = format!("{prefix}llm/{}", endpoint.name());
+                matches.push(RouteMatch {
+                    id,
+                    name: full.clone(),
+                    hosts: Vec::new(),
+                    path: PathMatch::Exact(endpoint.path().to_string()),
+                    methods: vec![endpoint.method()],
+                    headers: Vec::new(),
+                    priority: 0,
+                });
+                self.routes.push(Route {
+                    name: Arc::from(full.as_str()),
+                    cluster,
+                    rewrite: None,
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                    metrics: RouteMetrics::new(&full),
+                    quotas: (0..self.quotas.len() as u16)
+                        .filter(|i| {
+                            let q = &self.quotas[usize::from(*i)];
+                            api.is_some_and(|a| q.covers(None, Some(a)))
+                        })
+                        .collect(),
+                    api: api.cloned(),
+                    http_route: Arc::from(endpoint.path()),
+                    usage_api: Arc::from(format!("route/{full}")),
+                    llm: Some((llm.clone(), endpoint)),
+                });
+            }
         }
         self.clusters.extend(clusters.into_values());
         if prefix.is_empty() {
@@ -494,7 +543,7 @@ impl Routing {
                 .collect(),
             ..Builder::default()
         };
-        b.add_spec(spec, "", None, registry, operator);
+        b.add_spec(spec, "", None, "", registry, operator);
         let mut mounts: Vec<Mount> = Vec::new();
         for vs in versions {
             let api = vs.api;
@@ -542,6 +591,7 @@ impl Routing {
                     base_path: api.settings.base_path.trim_end_matches('/').to_string(),
                     versions: Vec::new(),
                     split: Vec::new(),
+                    llm: false,
                 });
             }
             let mount = mounts.last_mut().expect("pushed above");
@@ -551,7 +601,12 @@ impl Routing {
                 Some(spec) => {
                     let prefix = format!("{}@{}/", api.name, v.version);
                     let api_name = mount.api.clone();
-                    let matches = b.add_spec(spec, &prefix, Some(&api_name), registry, tenants);
+                    let secrets = format!("{}.", api.tenant);
+                    if !spec.models.is_empty() {
+                        mount.llm = true;
+                    }
+                    let matches =
+                        b.add_spec(spec, &prefix, Some(&api_name), &secrets, registry, tenants);
                     match Matcher::build(&matches) {
                         Ok(m) => m,
                         Err(errs) => {

@@ -29,6 +29,10 @@ pub struct Spec {
     pub certificates: BTreeMap<String, crate::state::tls::CertificateSpec>,
     /// Per host name: HTTPS redirect and HSTS (the cluster's spec only).
     pub hosts: BTreeMap<String, crate::state::tls::HostSpec>,
+    /// LLM providers (an API version's content only): docs/llm.md.
+    pub providers: BTreeMap<String, crate::llm::spec::ProviderSpec>,
+    /// Model names callers use, over the providers' deployments (a version's content only).
+    pub models: BTreeMap<String, crate::llm::spec::ModelSpec>,
 }
 
 // === quotas ===
@@ -577,6 +581,17 @@ fn default_retry_on() -> Vec<RetryOn> {
     vec![RetryOn::ConnectFailure]
 }
 
+impl RetrySpec {
+    /// No retries (an LLM provider's calls: its model's fallbacks decide what is tried next).
+    pub fn none() -> RetrySpec {
+        RetrySpec {
+            attempts: 0,
+            on: Vec::new(),
+            budget: RetryBudgetSpec::default(),
+        }
+    }
+}
+
 impl Default for RetrySpec {
     fn default() -> Self {
         Self {
@@ -670,7 +685,7 @@ fn default_unhealthy() -> u32 {
     3
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     let parsed = humantime::parse_duration(text.trim()).map_err(|e| {
         serde::de::Error::custom(format!(
@@ -736,6 +751,27 @@ impl std::error::Error for SpecErrors {}
 /// endpoint address is not an `ip:port` literal. Callers run the check off the async
 /// threads only then.
 pub fn needs_dns(doc: &Value) -> bool {
+    let provider_names = doc
+        .get("providers")
+        .and_then(Value::as_mapping)
+        .is_some_and(|ps| {
+            ps.values().any(|p| {
+                p.get("base_url")
+                    .and_then(Value::as_str)
+                    .and_then(|u| u.parse::<http::Uri>().ok())
+                    .and_then(|u| {
+                        u.host().map(|h| {
+                            h.trim_matches(['[', ']'])
+                                .parse::<std::net::IpAddr>()
+                                .is_err()
+                        })
+                    })
+                    .unwrap_or(false)
+            })
+        });
+    if provider_names {
+        return true;
+    }
     let Some(upstreams) = doc.get("upstreams").and_then(Value::as_mapping) else {
         return false;
     };
@@ -868,6 +904,12 @@ impl Spec {
                 Some("hosts") => {
                     spec.hosts = objects(value, "hosts", &mut Vec::new(), &mut errors)
                 }
+                Some("providers") => {
+                    spec.providers = objects(value, "providers", &mut Vec::new(), &mut errors)
+                }
+                Some("models") => {
+                    spec.models = objects(value, "models", &mut Vec::new(), &mut errors)
+                }
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -884,7 +926,7 @@ impl Spec {
                     "spec",
                     format!(
                         "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
-                         `certificates`, `hosts` or `tenant_upstreams` (a file for `tollgate apply` may also have \
+                         `certificates`, `hosts`, `tenant_upstreams`, `providers` or `models` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),
@@ -893,6 +935,10 @@ impl Spec {
         }
         declared_upstreams.sort();
         spec.resolve_endpoints(&mut errors);
+        for (name, p) in &mut spec.providers {
+            p.resolve(name, &mut errors);
+        }
+        crate::llm::spec::check(&spec.providers, &spec.models, &mut errors);
         spec.check(&declared_upstreams, &mut errors);
         crate::state::tls::check_static(&spec.certificates, &spec.hosts, &mut errors);
         if errors.is_empty() {
@@ -1287,7 +1333,7 @@ fn key_text(v: &Value) -> String {
     }
 }
 
-fn check_name(name: &str, at: &str, errors: &mut SpecErrors) {
+pub(crate) fn check_name(name: &str, at: &str, errors: &mut SpecErrors) {
     if name.starts_with('_') {
         // `_none` labels unmatched requests in the metrics.
         errors.push(at, "names starting with `_` are reserved");
@@ -1343,7 +1389,7 @@ pub(crate) fn check_host(host: &str) -> Result<(), String> {
 }
 
 /// Resolves an endpoint address (`host:port`) to one socket address.
-fn resolve(address: &str) -> Result<SocketAddr, String> {
+pub(crate) fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = address.parse::<SocketAddr>() {
         return Ok(addr);
     }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use tollgate_proto::state::v1::{
-    LatencyEntry, StateSnapshot, UsageBatch, UsageCounts, UsageEntry, UsageSource,
+    LatencyEntry, LlmEntry, StateSnapshot, UsageBatch, UsageCounts, UsageEntry, UsageSource,
 };
 
 /// How long rollups stay per minute before they are folded into hours.
@@ -27,7 +27,13 @@ pub struct RowKey {
     pub api: String,
     pub version: String,
     pub key: String,
+    /// LLM requests: the model asked for and the provider that answered.
+    pub model: String,
+    pub provider: String,
 }
+
+/// An LLM entry's identity: (minute, api, version, model, deployment, provider).
+pub type LlmKey = (u64, String, String, String, String, String);
 
 /// A latency histogram's identity: (minute, api, version).
 pub type LatencyKey = (u64, String, String);
@@ -42,6 +48,8 @@ pub struct Usage {
     pub hours: BTreeMap<RowKey, UsageCounts>,
     pub latency_minutes: BTreeMap<LatencyKey, Histogram>,
     pub latency_hours: BTreeMap<LatencyKey, Histogram>,
+    pub llm_minutes: BTreeMap<LlmKey, LlmEntry>,
+    pub llm_hours: BTreeMap<LlmKey, LlmEntry>,
     /// Minutes before this one have been folded into hours.
     compacted_to: u64,
 }
@@ -60,6 +68,52 @@ pub fn add_counts(into: &mut UsageCounts, from: &UsageCounts) {
     into.upstream_us += from.upstream_us;
     for (model, n) in &from.tokens {
         *into.tokens.entry(model.clone()).or_default() += n;
+    }
+    into.input_tokens += from.input_tokens;
+    into.output_tokens += from.output_tokens;
+    into.cached_input_tokens += from.cached_input_tokens;
+    into.cache_write_tokens += from.cache_write_tokens;
+    into.reasoning_tokens += from.reasoning_tokens;
+    into.estimated += from.estimated;
+}
+
+/// Adds `from`'s counts into `into` (the key fields are `into`'s).
+pub fn add_llm(into: &mut LlmEntry, from: &LlmEntry) {
+    into.calls += from.calls;
+    into.failures += from.failures;
+    into.input_tokens += from.input_tokens;
+    into.output_tokens += from.output_tokens;
+    into.streamed_output_tokens += from.streamed_output_tokens;
+    into.output_us += from.output_us;
+    into.incomplete += from.incomplete;
+    for (&bucket, &n) in &from.ttft {
+        *into
+            .ttft
+            .entry(bucket.min(LATENCY_BUCKETS - 1))
+            .or_default() += n;
+    }
+}
+
+pub fn llm_key(e: &LlmEntry) -> LlmKey {
+    (
+        e.minute,
+        e.api.clone(),
+        e.version.clone(),
+        e.model.clone(),
+        e.deployment.clone(),
+        e.provider.clone(),
+    )
+}
+
+fn llm_row(k: &LlmKey, e: &LlmEntry) -> LlmEntry {
+    LlmEntry {
+        minute: k.0,
+        api: k.1.clone(),
+        version: k.2.clone(),
+        model: k.3.clone(),
+        deployment: k.4.clone(),
+        provider: k.5.clone(),
+        ..e.clone()
     }
 }
 
@@ -133,6 +187,8 @@ impl Usage {
                 api: e.api.clone(),
                 version: e.version.clone(),
                 key: e.key.clone(),
+                model: e.model.clone(),
+                provider: e.provider.clone(),
             };
             add_counts(
                 rows.entry(key).or_default(),
@@ -147,6 +203,16 @@ impl Usage {
             };
             let key = (minute, l.api.clone(), l.version.clone());
             add_histogram(rows.entry(key).or_default(), &l.buckets);
+        }
+        for e in &b.llm {
+            let (rows, minute) = if e.minute < self.compacted_to {
+                (&mut self.llm_hours, e.minute / 60 * 60)
+            } else {
+                (&mut self.llm_minutes, e.minute)
+            };
+            let mut key = llm_key(e);
+            key.0 = minute;
+            add_llm(rows.entry(key).or_default(), e);
         }
         true
     }
@@ -178,6 +244,43 @@ impl Usage {
                 &h,
             );
         }
+        let keep = self.llm_minutes.split_off(&(
+            cutoff,
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ));
+        for (mut key, e) in std::mem::replace(&mut self.llm_minutes, keep) {
+            key.0 = key.0 / 60 * 60;
+            add_llm(self.llm_hours.entry(key).or_default(), &e);
+        }
+    }
+
+    /// LLM entries whose minute (or hour) starts in [since, until), hours first.
+    pub fn llm(&self, since_minute: u64, until_minute: u64) -> Vec<LlmEntry> {
+        let mut out = Vec::new();
+        if since_minute >= until_minute {
+            return out;
+        }
+        let from = (
+            since_minute,
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        );
+        for rows in [&self.llm_hours, &self.llm_minutes] {
+            for (k, e) in rows.range(from.clone()..) {
+                if k.0 >= until_minute {
+                    break;
+                }
+                out.push(llm_row(k, e));
+            }
+        }
+        out
     }
 
     /// Rows whose minute (or hour) starts in [since, until), hours first, as entries.
@@ -241,6 +344,12 @@ impl Usage {
         };
         out.latency_minutes = latencies(&self.latency_minutes);
         out.latency_hours = latencies(&self.latency_hours);
+        out.llm_minutes = self
+            .llm_minutes
+            .iter()
+            .map(|(k, e)| llm_row(k, e))
+            .collect();
+        out.llm_hours = self.llm_hours.iter().map(|(k, e)| llm_row(k, e)).collect();
         out.usage_compacted_to = self.compacted_to;
     }
 
@@ -266,7 +375,16 @@ impl Usage {
             }
             out
         };
+        let llm = |entries: &[LlmEntry]| {
+            let mut out: BTreeMap<LlmKey, LlmEntry> = BTreeMap::new();
+            for e in entries {
+                add_llm(out.entry(llm_key(e)).or_default(), e);
+            }
+            out
+        };
         Usage {
+            llm_minutes: llm(&p.llm_minutes),
+            llm_hours: llm(&p.llm_hours),
             sources: p
                 .usage_sources
                 .iter()
@@ -288,6 +406,8 @@ fn row_key(e: &UsageEntry) -> RowKey {
         api: e.api.clone(),
         version: e.version.clone(),
         key: e.key.clone(),
+        model: e.model.clone(),
+        provider: e.provider.clone(),
     }
 }
 
@@ -299,6 +419,8 @@ fn entry(k: &RowKey, c: &UsageCounts) -> UsageEntry {
         version: k.version.clone(),
         key: k.key.clone(),
         counts: Some(c.clone()),
+        model: k.model.clone(),
+        provider: k.provider.clone(),
     }
 }
 

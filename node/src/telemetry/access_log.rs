@@ -97,6 +97,20 @@ pub struct Entry<'a> {
     pub duration_ms: f64,
     /// Upstream request sent to response head received (last attempt).
     pub upstream_ms: Option<f64>,
+    /// LLM requests: the model asked for, the provider that answered, its tokens and
+    /// whether the gateway counted them.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmFields<'a>>,
+}
+
+/// The access log's LLM fields.
+#[derive(Debug, Serialize)]
+pub struct LlmFields<'a> {
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub tokens_estimated: bool,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -103,6 +103,9 @@ pub enum CredentialCommand {
         /// mtls` (docs/tls.md). No secret is made; the key expires with the certificate.
         #[arg(long, value_name = "PEM_FILE")]
         client_cert: Option<std::path::PathBuf>,
+        /// Keys only: an LLM model the key may use (repeat it; none: every model).
+        #[arg(long = "model", value_name = "MODEL")]
+        models: Vec<String>,
         #[command(flatten)]
         cp: CpArg,
     },
@@ -366,10 +369,18 @@ pub async fn credential(kind: &str, cmd: CredentialCommand) -> anyhow::Result<()
             expires,
             quiet,
             client_cert,
+            models,
             cp,
         } => {
             let c = client(&cp)?;
+            if !models.is_empty() && (kind != "key" || client_cert.is_some()) {
+                anyhow::bail!("--model limits an API key made with a secret; leave it out here");
+            }
             let reply = match (kind, client_cert) {
+                ("key", None) if !models.is_empty() => {
+                    c.create_model_key(&tenant, &name, &expires, &models)
+                        .await?
+                }
                 ("key", Some(file)) => {
                     let pem = std::fs::read_to_string(&file)
                         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;

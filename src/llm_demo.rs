@@ -336,6 +336,29 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
     if path.ends_with("/embeddings") {
         return Ok(embeddings(&demo, &model, &doc));
     }
+    if path.ends_with(":batchEmbedContents") {
+        let texts: Vec<Value> = doc["requests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["content"]["parts"][0]["text"].clone())
+            .collect();
+        let resp = embeddings(&demo, &model, &json!({"input": texts}));
+        let (_, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let embeddings: Vec<Value> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| json!({"values": d["embedding"]}))
+            .collect();
+        return Ok(full(StatusCode::OK, json!({"embeddings": embeddings}), &[]));
+    }
     let input = count_words(&doc);
     if let Some(w) = d.window
         && input > w

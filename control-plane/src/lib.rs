@@ -394,10 +394,16 @@ impl Service {
                 "only an API key can be a client certificate; leave client_certificate empty",
             ));
         }
+        if !r.models.is_empty() && kind != "key" {
+            return Err(Status::invalid_argument(
+                "only an API key can be limited to models; leave models empty",
+            ));
+        }
         let cred = state::CreateCredential {
             name: r.name,
             expires_at_ms,
             client_certificate: r.client_certificate,
+            models: r.models,
             ..Default::default()
         };
         let op = if kind == "key" {

@@ -1193,6 +1193,29 @@ impl ControlPlaneClient {
             name: name.into(),
             expires_at: expires_at.into(),
             client_certificate: String::new(),
+            models: Vec::new(),
+        };
+        self.call(req, |ch, r| async move {
+            AccessClient::new(ch).create_key(r).await
+        })
+        .await
+    }
+
+    /// A new API key that may use only `models` of LLM APIs (docs/llm.md); the reply's
+    /// `secret` is the key, shown this once.
+    pub async fn create_model_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        expires_at: &str,
+        models: &[String],
+    ) -> Result<cp::CredentialReply, Error> {
+        let req = cp::CreateCredentialRequest {
+            tenant: tenant.into(),
+            name: name.into(),
+            expires_at: expires_at.into(),
+            client_certificate: String::new(),
+            models: models.to_vec(),
         };
         self.call(req, |ch, r| async move {
             AccessClient::new(ch).create_key(r).await
@@ -1243,6 +1266,7 @@ impl ControlPlaneClient {
             name: name.into(),
             expires_at: expires_at.into(),
             client_certificate: certificate_pem.into(),
+            models: Vec::new(),
         };
         self.call(req, |ch, r| async move {
             AccessClient::new(ch).create_key(r).await
@@ -1262,6 +1286,7 @@ impl ControlPlaneClient {
             name: name.into(),
             expires_at: expires_at.into(),
             client_certificate: String::new(),
+            models: Vec::new(),
         };
         self.call(req, |ch, r| async move {
             AccessClient::new(ch).create_token(r).await

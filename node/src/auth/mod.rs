@@ -29,6 +29,8 @@ struct KeyEntry {
     tenant: Arc<str>,
     hash: Vec<u8>,
     expires_at_ms: u64,
+    /// The LLM models the key may use (empty: all).
+    models: Arc<[Arc<str>]>,
 }
 
 /// Why a presented key was not let in (401).
@@ -55,6 +57,7 @@ impl AuthTable {
             tenant: Arc::from(k.tenant.as_str()),
             hash: k.hash.clone(),
             expires_at_ms: k.expires_at_ms,
+            models: k.models.iter().map(|m| Arc::from(m.as_str())).collect(),
         };
         AuthTable {
             hash_key: hash_key.to_vec(),
@@ -76,6 +79,7 @@ impl AuthTable {
                             tenant: Arc::from(k.tenant.as_str()),
                             hash: k.hash.clone(),
                             expires_at_ms: k.expires_at_ms,
+                            models: k.models.iter().map(|m| Arc::from(m.as_str())).collect(),
                         },
                     )
                 })
@@ -110,6 +114,14 @@ impl AuthTable {
             return Err(AuthError::Expired);
         }
         Ok((&entry.id, &entry.tenant))
+    }
+
+    /// The LLM models key `id` may use; None: every model.
+    pub fn models_of(&self, id: &str) -> Option<&[Arc<str>]> {
+        self.keys
+            .get(id)
+            .map(|e| &*e.models)
+            .filter(|m| !m.is_empty())
     }
 
     /// The tenant and key id of a client certificate (its SHA-256 fingerprint), verified

@@ -8,8 +8,10 @@
 //! [`LlmApi`]; the only network calls are the provider calls.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod ir;
 pub mod openai;
+pub mod responses;
 pub mod serve;
 pub mod spec;
 pub mod sse;
@@ -32,6 +34,8 @@ pub use serve::serve;
 pub enum Dialect {
     OpenAi,
     Anthropic,
+    /// OpenAI's Responses API (its errors are OpenAI's).
+    Responses,
 }
 
 /// The paths an LLM API serves below its base path.
@@ -56,13 +60,7 @@ impl Endpoint {
     ];
 
     /// The endpoints an LLM version serves now.
-    pub const SERVED: [Endpoint; 5] = [
-        Endpoint::ChatCompletions,
-        Endpoint::Embeddings,
-        Endpoint::Models,
-        Endpoint::Messages,
-        Endpoint::CountTokens,
-    ];
+    pub const SERVED: [Endpoint; 6] = Endpoint::ALL;
 
     pub fn path(self) -> &'static str {
         match self {
@@ -85,6 +83,7 @@ impl Endpoint {
     pub fn dialect(self) -> Dialect {
         match self {
             Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
+            Endpoint::Responses => Dialect::Responses,
             _ => Dialect::OpenAi,
         }
     }
@@ -115,6 +114,8 @@ impl Endpoint {
 pub fn dialect_of_path(below: &str) -> Dialect {
     if below.starts_with("/v1/messages") {
         Dialect::Anthropic
+    } else if below.starts_with("/v1/responses") {
+        Dialect::Responses
     } else {
         Dialect::OpenAi
     }

@@ -17,11 +17,15 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use opentelemetry::KeyValue;
 use serde_json::{Value, json};
 
 use super::ir::{ChatRequest, ChatResponse, Delta, Usage};
 use super::spec::{ModelKind, ProviderKind, RoutingStrategy};
-use super::{Deployment, Dialect, Endpoint, Live, LlmApi, Model, anthropic, openai, sse, tokens};
+use super::{
+    Deployment, Dialect, Endpoint, Live, LlmApi, Model, anthropic, gemini, openai, responses, sse,
+    tokens,
+};
 use crate::proxy::body::{BodyStats, RequestBody, ResponseBody};
 use crate::proxy::client::{self, PooledSender, UpstreamHead};
 use crate::proxy::phases::{Tail, Worker};
@@ -43,6 +47,8 @@ pub struct Record {
     pub deployment: Option<Arc<str>>,
     /// The provider's model id that was called.
     pub upstream_model: Option<Arc<str>>,
+    /// The deployment's upstream cluster.
+    pub cluster: Option<Arc<str>>,
     /// The model and id the provider's answer named.
     pub response_model: String,
     pub response_id: String,
@@ -157,7 +163,44 @@ impl Record {
                 .filter(|_| answered && self.stream)
                 .map(|t| t.as_micros() as u64),
             incomplete: self.incomplete,
+            upstream: self.cluster.clone(),
+            response_id: self.response_id.clone(),
+            response_model: self.response_model.clone(),
+            finish: self.finish.clone(),
         })
+    }
+}
+
+/// The answering call's span gets what the answer said (GenAI conventions).
+pub fn span_answer(c: &mut crate::telemetry::traces::ClientSpan, s: &crate::metering::LlmSample) {
+    c.attributes.extend([
+        KeyValue::new("gen_ai.usage.input_tokens", s.usage.input as i64),
+        KeyValue::new("gen_ai.usage.output_tokens", s.usage.output as i64),
+    ]);
+    if !s.response_model.is_empty() {
+        c.attributes.push(KeyValue::new(
+            "gen_ai.response.model",
+            s.response_model.clone(),
+        ));
+    }
+    if !s.response_id.is_empty() {
+        c.attributes
+            .push(KeyValue::new("gen_ai.response.id", s.response_id.clone()));
+    }
+    if let Some(f) = &s.finish {
+        c.attributes.push(KeyValue::new(
+            "gen_ai.response.finish_reasons",
+            opentelemetry::Value::Array(opentelemetry::Array::String(vec![f.clone().into()])),
+        ));
+    }
+    if s.estimated {
+        c.attributes
+            .push(KeyValue::new("tollgate.llm.usage_estimated", true));
+    }
+    if s.incomplete {
+        c.error = true;
+        c.attributes
+            .push(KeyValue::new("error.type", "stream_incomplete"));
     }
 }
 
@@ -204,7 +247,7 @@ pub fn dialect_error(
     param: Option<&str>,
 ) -> Bytes {
     let mut body = match dialect {
-        Dialect::OpenAi => json!({"error": {
+        Dialect::OpenAi | Dialect::Responses => json!({"error": {
             "message": message,
             "type": openai_type(status),
             "param": param,
@@ -389,6 +432,7 @@ pub async fn serve(
     let chat = match dialect {
         Dialect::OpenAi => openai::parse_chat(&doc),
         Dialect::Anthropic => anthropic::parse_messages(&doc),
+        Dialect::Responses => responses::parse(&doc),
     }
     .map_err(bad)?;
     let chat = Arc::new(chat);
@@ -628,10 +672,15 @@ fn provider_request(
             (format!("{}/v1/messages", p.path), body)
         }
         ProviderKind::Gemini => {
-            return Err(ir_unsupported::Unsupported::new(
-                "model",
-                "the Gemini provider is not built yet (docs/llm.md)",
-            ));
+            let verb = if stream {
+                "streamGenerateContent?alt=sse"
+            } else {
+                "generateContent"
+            };
+            (
+                format!("{}/models/{model}:{verb}", p.path),
+                gemini::build(chat)?,
+            )
         }
     };
     Ok((path, Bytes::from(body.to_string())))
@@ -708,7 +757,16 @@ fn classify(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Failu
         || lower.contains("prompt is too long")
         || lower.contains("maximum context")
         || text.contains("context_length_exceeded");
-    let retry_after_s = retry_after(headers);
+    // Gemini says when to retry in the body (`RetryInfo.retryDelay`, "15s").
+    let retry_after_s = retry_after(headers).or_else(|| {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        v.pointer("/error/details")?
+            .as_array()?
+            .iter()
+            .find_map(|d| d.get("retryDelay")?.as_str())
+            .and_then(|d| humantime::parse_duration(d).ok())
+            .map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
+    });
     let (kind, caller) = match status.as_u16() {
         429 => ("rate_limited", false),
         400 | 413 if context => ("context_window", false),
@@ -877,6 +935,7 @@ async fn dispatch(
             r.provider_kind = Some(d.provider.kind);
             r.deployment = Some(d.name.clone());
             r.upstream_model = Some(d.model.clone());
+            r.cluster = Some(d.cluster.name.clone());
             r.prompt = Some(chat.clone());
         }
         let minute = now / 60_000;
@@ -987,6 +1046,56 @@ async fn call(
         retry_after_s: None,
         caller: false,
     })?;
+    let operation = record.borrow().operation;
+    if let Some(c) = tail.trace_mut().and_then(|t| t.client()) {
+        c.rename(format!("{operation} {}", d.model));
+        c.attributes.extend([
+            KeyValue::new("gen_ai.operation.name", operation),
+            KeyValue::new("gen_ai.provider.name", d.provider.kind.otel_name()),
+            KeyValue::new("gen_ai.request.model", d.model.to_string()),
+            KeyValue::new("gen_ai.request.stream", stream),
+            KeyValue::new("tollgate.llm.model", model.name.to_string()),
+            KeyValue::new("tollgate.llm.deployment", d.name.to_string()),
+            KeyValue::new("tollgate.upstream", d.cluster.name.to_string()),
+        ]);
+        if let Some(t) = chat.temperature {
+            c.attributes
+                .push(KeyValue::new("gen_ai.request.temperature", t));
+        }
+        if let Some(n) = chat.max_tokens {
+            c.attributes
+                .push(KeyValue::new("gen_ai.request.max_tokens", n as i64));
+        }
+    }
+    let result = call_inner(
+        worker, d, model, dialect, chat, head, body, probe, started, record, tail,
+    )
+    .await;
+    if let Err(f) = &result
+        && let Some(c) = tail.trace_mut().and_then(|t| t.client())
+    {
+        c.end();
+        c.error = true;
+        c.attributes.push(KeyValue::new("error.type", f.kind));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn call_inner(
+    worker: &Rc<Worker>,
+    d: &Deployment,
+    model: &Model,
+    dialect: Dialect,
+    chat: &Arc<ChatRequest>,
+    head: UpstreamHead,
+    body: Bytes,
+    probe: bool,
+    started: Instant,
+    record: &Rc<RefCell<Record>>,
+    tail: &mut Tail,
+) -> Result<Response<ResponseBody>, Failure> {
+    let stream = chat.stream;
     let stats = Rc::new(BodyStats::default());
     let sent = Instant::now();
     d.live.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -1050,8 +1159,14 @@ async fn call(
         }
         Ok(Ok(f)) => f,
     };
-    if let Some(client) = tail.trace_mut().and_then(|t| t.client()) {
-        client.end();
+    let endpoint = tail.attempts.endpoint;
+    if let Some(ep) = endpoint
+        && let Some(client) = tail.trace_mut().and_then(|t| t.client())
+    {
+        client.attributes.extend([
+            KeyValue::new("server.address", ep.ip().to_string()),
+            KeyValue::new("server.port", i64::from(ep.port())),
+        ]);
     }
     let status = fwd.response.status();
     let (parts, incoming) = fwd.response.into_parts();
@@ -1087,7 +1202,10 @@ async fn call(
             b.record(false, sent.elapsed(), probe);
         }
         d.live.record_ttft(sent.elapsed().as_micros() as u64);
-        return answer(d, dialect, &bytes, started, record);
+        if record.borrow().operation == "embeddings" {
+            return embedded(d, &bytes, started, record);
+        }
+        return answer(d, dialect, chat, &bytes, started, record);
     }
     // A stream: hold what arrives until the first token, so that a provider that fails
     // before it can still be replaced.
@@ -1097,7 +1215,7 @@ async fn call(
         fwd.guards,
         d,
         dialect,
-        chat.stream_usage,
+        chat,
         record.clone(),
         started,
         model,
@@ -1157,10 +1275,71 @@ async fn read_limited(body: Incoming, max: usize, within: Duration) -> Result<By
     }
 }
 
+/// An embeddings answer, as OpenAI's: passed through from an OpenAI-compatible provider,
+/// written from Gemini's (which reports no usage: the input is counted here).
+fn embedded(
+    d: &Deployment,
+    bytes: &[u8],
+    started: Instant,
+    record: &Rc<RefCell<Record>>,
+) -> Result<Response<ResponseBody>, Failure> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| Failure {
+        kind: "bad_answer",
+        status: StatusCode::BAD_GATEWAY,
+        message: format!(
+            "deployment {} answered something that is not JSON: {e}",
+            d.name
+        ),
+        retry_after_s: None,
+        caller: false,
+    })?;
+    let mut r = record.borrow_mut();
+    r.ttft = Some(started.elapsed());
+    r.response_model = d.model.to_string();
+    let body = match Wire::of(d.provider.kind) {
+        Wire::Gemini => {
+            let input = r.prompt.as_ref().map_or(0, |p| {
+                p.messages
+                    .iter()
+                    .flat_map(|m| &m.parts)
+                    .map(|p| match p {
+                        super::ir::Part::Text(t) => tokens::count(&d.model, t),
+                        _ => 0,
+                    })
+                    .sum()
+            });
+            r.usage.input = input;
+            r.input_reported = true;
+            r.output_reported = true;
+            r.estimated = true;
+            Bytes::from(gemini::embeddings_answer(&v, &d.model, input).to_string())
+        }
+        _ => {
+            if let Some(u) = v.get("usage") {
+                r.usage.input = u["prompt_tokens"].as_u64().unwrap_or(0);
+                r.input_reported = true;
+            }
+            r.output_reported = true;
+            Bytes::copy_from_slice(bytes)
+        }
+    };
+    Ok(json_response_bytes(body))
+}
+
+fn json_response_bytes(body: Bytes) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 /// A whole answer, in the caller's dialect.
 fn answer(
     d: &Deployment,
     dialect: Dialect,
+    chat: &ChatRequest,
     bytes: &[u8],
     started: Instant,
     record: &Rc<RefCell<Record>>,
@@ -1176,13 +1355,11 @@ fn answer(
         caller: false,
     };
     let v: Value = serde_json::from_slice(bytes).map_err(|e| bad_answer(e.to_string()))?;
-    let provider_dialect = match d.provider.kind {
-        ProviderKind::Anthropic => Dialect::Anthropic,
-        _ => Dialect::OpenAi,
-    };
-    let parsed: ChatResponse = match provider_dialect {
-        Dialect::OpenAi => openai::parse_response(&v),
-        Dialect::Anthropic => anthropic::parse_response(&v),
+    let wire = Wire::of(d.provider.kind);
+    let parsed: ChatResponse = match wire {
+        Wire::OpenAi => openai::parse_response(&v),
+        Wire::Anthropic => anthropic::parse_response(&v),
+        Wire::Gemini => gemini::parse_response(&v),
     }
     .map_err(bad_answer)?;
     {
@@ -1191,7 +1368,7 @@ fn answer(
         r.response_id.clone_from(&parsed.id);
         r.response_model.clone_from(&parsed.model);
         r.finish = Some(format!("{:?}", parsed.finish).to_lowercase());
-        if v.get("usage").is_some() {
+        if v.get("usage").is_some() || v.get("usageMetadata").is_some() {
             r.usage = parsed.usage;
             r.input_reported = true;
             r.output_reported = true;
@@ -1207,13 +1384,14 @@ fn answer(
             }
         }
     }
-    let body = if dialect == provider_dialect {
+    let body = if wire.is(dialect) {
         Bytes::copy_from_slice(bytes)
     } else {
         let created = crate::actor::wall_ms() / 1000;
         let out = match dialect {
             Dialect::OpenAi => openai::render_response(&parsed, created),
             Dialect::Anthropic => anthropic::render_response(&parsed).map_err(bad_answer)?,
+            Dialect::Responses => responses::render(&parsed, chat, created),
         };
         Bytes::from(out.to_string())
     };
@@ -1225,9 +1403,36 @@ fn answer(
     Ok(resp)
 }
 
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Wire {
+    fn of(kind: ProviderKind) -> Wire {
+        match kind {
+            ProviderKind::Openai | ProviderKind::AzureOpenai => Wire::OpenAi,
+            ProviderKind::Anthropic => Wire::Anthropic,
+            ProviderKind::Gemini => Wire::Gemini,
+        }
+    }
+
+    /// Whether it is the caller's dialect (then answers pass through).
+    fn is(self, dialect: Dialect) -> bool {
+        matches!(
+            (self, dialect),
+            (Wire::OpenAi, Dialect::OpenAi) | (Wire::Anthropic, Dialect::Anthropic)
+        )
+    }
+}
+
 enum Decode {
     OpenAi(openai::Decoder),
     Anthropic(anthropic::Decoder),
+    Gemini(gemini::Decoder),
 }
 
 enum Encode {
@@ -1237,6 +1442,7 @@ enum Encode {
     },
     OpenAi(openai::Encoder),
     Anthropic(anthropic::Encoder),
+    Responses(Box<responses::Encoder>),
 }
 
 /// A provider's stream relayed to the caller, event by event, translated when the
@@ -1278,21 +1484,20 @@ impl Relay {
         guards: client::Guards,
         d: &Deployment,
         caller: Dialect,
-        usage_asked: bool,
+        chat: &Arc<ChatRequest>,
         record: Rc<RefCell<Record>>,
         started: Instant,
         model: &Model,
     ) -> Relay {
-        let provider = match d.provider.kind {
-            ProviderKind::Anthropic => Dialect::Anthropic,
-            _ => Dialect::OpenAi,
-        };
-        let decode = match provider {
-            Dialect::OpenAi => Decode::OpenAi(openai::Decoder::default()),
-            Dialect::Anthropic => Decode::Anthropic(anthropic::Decoder::default()),
+        let usage_asked = chat.stream_usage;
+        let wire = Wire::of(d.provider.kind);
+        let decode = match wire {
+            Wire::OpenAi => Decode::OpenAi(openai::Decoder::default()),
+            Wire::Anthropic => Decode::Anthropic(anthropic::Decoder::default()),
+            Wire::Gemini => Decode::Gemini(gemini::Decoder::default()),
         };
         let created = crate::actor::wall_ms() / 1000;
-        let encode = if provider == caller {
+        let encode = if wire.is(caller) {
             Encode::Passthrough {
                 strip_usage: caller == Dialect::OpenAi && !usage_asked,
             }
@@ -1300,6 +1505,9 @@ impl Relay {
             match caller {
                 Dialect::OpenAi => Encode::OpenAi(openai::Encoder::new(created, usage_asked)),
                 Dialect::Anthropic => Encode::Anthropic(anthropic::Encoder::default()),
+                Dialect::Responses => {
+                    Encode::Responses(Box::new(responses::Encoder::new(chat.clone(), created)))
+                }
             }
         };
         let deadline = tokio::time::Instant::from_std(started + model.timeout);
@@ -1339,6 +1547,10 @@ impl Relay {
             match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
+                    self.body_ended();
+                    if self.token_seen {
+                        return Poll::Ready(Ok(()));
+                    }
                     return Poll::Ready(Err(
                         "the provider ended its stream before the first token".into(),
                     ));
@@ -1371,10 +1583,49 @@ impl Relay {
             let decoded = match &mut self.decode {
                 Decode::OpenAi(dec) => dec.decode(&ev.data, &mut deltas),
                 Decode::Anthropic(dec) => dec.decode(&ev.event, &ev.data, &mut deltas),
+                Decode::Gemini(dec) => dec.decode(&ev.data, &mut deltas),
             };
             decoded?;
-            let mut pass = true;
-            for delta in &deltas {
+            let pass = self.take_deltas(&deltas);
+            if pass && let Encode::Passthrough { strip_usage } = self.encode {
+                let event = (!ev.event.is_empty()).then_some(ev.event.as_str());
+                if strip_usage {
+                    match openai::strip_added_usage(&ev.data) {
+                        None => {}
+                        Some(None) => self.queue.push_back(sse::write(event, &ev.data)),
+                        Some(Some(stripped)) => self.queue.push_back(sse::write(event, &stripped)),
+                    }
+                } else {
+                    self.queue.push_back(sse::write(event, &ev.data));
+                }
+            }
+            deltas.clear();
+            self.deltas = deltas;
+            if self.ended {
+                break;
+            }
+        }
+        self.events = events;
+        Ok(())
+    }
+
+    /// At the end of the provider's body: a stream whose end is the body's end (Gemini's)
+    /// is complete when it said why it finished.
+    fn body_ended(&mut self) {
+        let mut deltas = Vec::new();
+        if let Decode::Gemini(dec) = &mut self.decode
+            && dec.end(&mut deltas)
+        {
+            self.take_deltas(&deltas);
+        }
+    }
+
+    /// Observes decoded deltas and queues their translation. False when the event they
+    /// came from must not be passed through (an error before the first token).
+    fn take_deltas(&mut self, deltas: &[Delta]) -> bool {
+        let mut pass = true;
+        {
+            for delta in deltas {
                 self.record.borrow_mut().observe(delta, self.started);
                 match delta {
                     Delta::Text(_)
@@ -1410,37 +1661,34 @@ impl Relay {
                     let mut out = Vec::new();
                     enc.encode(delta, &mut out);
                     self.queue.extend(out);
+                } else if let Encode::Responses(enc) = &mut self.encode {
+                    let mut out = Vec::new();
+                    enc.encode(delta, &mut out);
+                    self.queue.extend(out);
                 }
-            }
-            if pass && let Encode::Passthrough { strip_usage } = self.encode {
-                let event = (!ev.event.is_empty()).then_some(ev.event.as_str());
-                if strip_usage {
-                    match openai::strip_added_usage(&ev.data) {
-                        None => {}
-                        Some(None) => self.queue.push_back(sse::write(event, &ev.data)),
-                        Some(Some(stripped)) => self.queue.push_back(sse::write(event, &stripped)),
-                    }
-                } else {
-                    self.queue.push_back(sse::write(event, &ev.data));
-                }
-            }
-            deltas.clear();
-            self.deltas = deltas;
-            if self.ended {
-                break;
             }
         }
-        self.events = events;
-        Ok(())
+        pass
     }
 
     /// Ends the caller's stream with an error event in its dialect: never a clean end for
     /// an answer that is not complete.
     fn terminate(&mut self, kind: &str, message: &str) {
         self.record.borrow_mut().incomplete = true;
-        let event = match self.caller {
-            Dialect::OpenAi => openai::error_event(kind, message),
-            Dialect::Anthropic => anthropic::error_event(kind, message),
+        let event = match (&mut self.encode, self.caller) {
+            (Encode::Responses(enc), _) => {
+                let mut out = Vec::new();
+                enc.encode(
+                    &Delta::Error {
+                        kind: kind.to_string(),
+                        message: message.to_string(),
+                    },
+                    &mut out,
+                );
+                out.into_iter().next().unwrap_or_default()
+            }
+            (_, Dialect::Anthropic) => anthropic::error_event(kind, message),
+            (_, _) => openai::error_event(kind, message),
         };
         self.queue.push_back(event);
         self.ended = true;
@@ -1476,6 +1724,9 @@ impl Relay {
                     self.terminate("api_error", &format!("the provider's stream failed: {e}"));
                 }
                 Poll::Ready(None) => {
+                    if !self.done {
+                        self.body_ended();
+                    }
                     if self.done {
                         self.ended = true;
                         if let Some(conn) = self.conn.take() {
@@ -1578,7 +1829,16 @@ async fn embeddings(
                 )
             }
             ProviderKind::Openai => format!("{}/embeddings", d.provider.path),
-            _ => continue,
+            ProviderKind::Gemini => {
+                let input = doc.get("input").cloned().unwrap_or_default();
+                o = match gemini::build_embeddings(&d.model, &input) {
+                    Ok(Value::Object(b)) => b,
+                    Ok(_) => continue,
+                    Err(e) => return Err(bad(e)),
+                };
+                format!("{}/models/{}:batchEmbedContents", d.provider.path, d.model)
+            }
+            ProviderKind::Anthropic => continue,
         };
         {
             let mut r = record.borrow_mut();
@@ -1586,12 +1846,29 @@ async fn embeddings(
             r.provider_kind = Some(d.provider.kind);
             r.deployment = Some(d.name.clone());
             r.upstream_model = Some(d.model.clone());
+            r.cluster = Some(d.cluster.name.clone());
             if i > 0 {
                 r.fallbacks += 1;
             }
         }
         let body = Bytes::from(Value::Object(o).to_string());
-        let chat = Arc::new(ChatRequest::default());
+        // What the estimate counts, should the provider report no usage (Gemini's).
+        let texts: Vec<super::ir::Part> = match doc.get("input") {
+            Some(Value::String(s)) => vec![super::ir::Part::Text(s.clone())],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(|s| super::ir::Part::Text(s.to_string())))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let chat = Arc::new(ChatRequest {
+            messages: vec![super::ir::Message {
+                role: super::ir::Role::User,
+                parts: texts,
+            }],
+            ..ChatRequest::default()
+        });
+        record.borrow_mut().prompt = Some(chat.clone());
         let outcome = call(
             worker,
             d,

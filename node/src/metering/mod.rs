@@ -56,6 +56,12 @@ pub struct LlmSample {
     /// Streamed answers: first token to last.
     pub output_us: Option<u64>,
     pub incomplete: bool,
+    /// The deployment's upstream cluster (`<api>@<version>/llm/<model>/<deployment>`).
+    pub upstream: Option<Arc<str>>,
+    /// What the provider's answer named: its id, its model, why it stopped.
+    pub response_id: String,
+    pub response_model: String,
+    pub finish: Option<String>,
 }
 
 /// What a drain takes: usage rows, latency histograms and LLM call entries.

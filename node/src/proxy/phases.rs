@@ -297,7 +297,12 @@ async fn pipeline(
                 .map_or("", |u| &*routing.mounts[u.mount as usize].owner)
         });
         let owner = owner.to_string();
-        return crate::llm::serve(req, worker, snapshot, llm, *endpoint, None, &owner, tail).await;
+        let allowed = api
+            .as_ref()
+            .and_then(|a| a.key)
+            .and_then(|k| snapshot.auth.models_of(k));
+        return crate::llm::serve(req, worker, snapshot, llm, *endpoint, allowed, &owner, tail)
+            .await;
     }
     let probe = circuit(snapshot, route, &mut tail.circuit)?;
     // transform
@@ -1282,6 +1287,12 @@ impl Drop for Tail {
             && let Some(tracing) = &self.worker.shared.tracing
         {
             let mut trace = *trace;
+            if let Some(l) = &llm
+                && l.calls.last().is_some_and(|c| !c.2)
+                && let Some(client) = trace.client()
+            {
+                crate::llm::serve::span_answer(client, l);
+            }
             self.server_span_attributes(&mut trace.attributes, route);
             tracing.finish_request(trace, SystemTime::now(), self.status >= 500);
         }
@@ -1307,7 +1318,10 @@ impl Drop for Tail {
             host,
             path: self.uri.path(),
             route: route.map(|r| &*r.name),
-            upstream: route.map(|r| &*r.cluster.name),
+            upstream: llm
+                .as_ref()
+                .and_then(|l| l.upstream.as_deref())
+                .or(route.map(|r| &*r.cluster.name)),
             endpoint: self.attempts.endpoint,
             status: self.status,
             error: self

@@ -889,6 +889,7 @@ impl Cluster {
                         name: "operator".into(),
                         expires_at_ms: 0,
                         client_certificate: String::new(),
+                        models: Vec::new(),
                     }),
                     ca_cert_pem: ca.cert_pem.clone(),
                     ca_key: self.identity.seal(identity::CA_KEY, &ca.key_der())?,

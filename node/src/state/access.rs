@@ -110,6 +110,8 @@ pub struct Credential {
     pub used_by: Vec<String>,
     /// An API key that is a client certificate: `hash` is its SHA-256 fingerprint.
     pub client_certificate: bool,
+    /// Keys only: the LLM models the key may use (empty: all).
+    pub models: Vec<String>,
 }
 
 impl Credential {
@@ -139,6 +141,7 @@ impl Credential {
             used: self.used,
             used_by: self.used_by.clone(),
             client_certificate: self.client_certificate,
+            models: self.models.clone(),
         }
     }
 
@@ -155,6 +158,7 @@ impl Credential {
             used: p.used,
             used_by: p.used_by.clone(),
             client_certificate: p.client_certificate,
+            models: p.models.clone(),
         }
     }
 }
@@ -277,6 +281,7 @@ fn credential_json(c: Option<&Credential>) -> String {
             "name": c.name,
             "expires_at_ms": c.expires_at_ms,
             "revoked_at_ms": c.revoked_at_ms,
+            "models": c.models,
         })
         .to_string()
     })
@@ -434,6 +439,11 @@ pub fn apply_command(
                 created_at_ms: at_ms,
                 expires_at_ms: c.expires_at_ms,
                 client_certificate: by_certificate,
+                models: if kind == "key" {
+                    c.models.clone()
+                } else {
+                    Vec::new()
+                },
                 ..Credential::default()
             };
             let after = credential_json(Some(&cred));
@@ -598,6 +608,9 @@ fn subscribe(
     }
 }
 
+/// Most models one key may be limited to.
+pub const MAX_KEY_MODELS: usize = 64;
+
 pub(crate) fn check_credential(c: &pb::CreateCredential) -> Result<(), Refusal> {
     if c.id.is_empty() || c.hash.len() != 32 {
         return Err(Refusal::Invalid(
@@ -607,6 +620,15 @@ pub(crate) fn check_credential(c: &pb::CreateCredential) -> Result<(), Refusal> 
     if c.name.len() > MAX_LABEL || c.name.chars().any(char::is_control) {
         return Err(Refusal::Invalid(format!(
             "the label must be at most {MAX_LABEL} printable characters"
+        )));
+    }
+    if c.models.len() > MAX_KEY_MODELS
+        || c.models
+            .iter()
+            .any(|m| m.is_empty() || m.len() > 256 || !m.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(Refusal::Invalid(format!(
+            "a key names at most {MAX_KEY_MODELS} models, each 1-256 printable characters without spaces"
         )));
     }
     Ok(())

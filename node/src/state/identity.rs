@@ -48,6 +48,7 @@ pub fn apply(
                 name: c.name.clone(),
                 expires_at_ms: c.expires_at_ms,
                 client_certificate: String::new(),
+                models: Vec::new(),
             })?;
             if c.uses == 0 || c.uses > MAX_USES {
                 return Err(Refusal::Invalid(format!(

@@ -402,7 +402,7 @@ impl Tracing {
                 (!p.trace_state().header().is_empty()).then(|| p.trace_state().clone())
             }),
             start: SystemTime::now(),
-            client: None,
+            clients: Vec::new(),
             attributes: Vec::with_capacity(20),
         }))
     }
@@ -413,9 +413,15 @@ impl Tracing {
         let state = trace.tracestate.clone().unwrap_or_default();
         let server = SpanContext::new(trace.trace_id, trace.span_id, flags, false, state.clone());
         let name = trace.name();
-        if let Some(client) = trace.client {
+        for client in trace.clients {
             self.queue.push(SpanData {
-                span_context: SpanContext::new(trace.trace_id, client.span_id, flags, false, state),
+                span_context: SpanContext::new(
+                    trace.trace_id,
+                    client.span_id,
+                    flags,
+                    false,
+                    state.clone(),
+                ),
                 parent_span_id: trace.span_id,
                 parent_span_is_remote: false,
                 span_kind: SpanKind::Client,
@@ -465,7 +471,8 @@ pub struct RequestTrace {
     parent: Option<SpanId>,
     tracestate: Option<TraceState>,
     start: SystemTime,
-    client: Option<ClientSpan>,
+    /// The upstream calls (more than one for an LLM request that fell back).
+    clients: Vec<ClientSpan>,
     /// The SERVER span's attributes (the HTTP conventions and `tollgate.*`).
     pub attributes: Vec<KeyValue>,
 }
@@ -485,7 +492,7 @@ impl RequestTrace {
     /// `tracestate` passed on unchanged, as the request carried it).
     pub fn start_client(&mut self, method: &http::Method) -> HeaderValue {
         let span_id = new_span_id();
-        self.client = Some(ClientSpan {
+        self.clients.push(ClientSpan {
             span_id,
             name: std::borrow::Cow::Owned(method.as_str().to_string()),
             start: SystemTime::now(),
@@ -501,7 +508,7 @@ impl RequestTrace {
 
     /// The upstream call, once started.
     pub fn client(&mut self) -> Option<&mut ClientSpan> {
-        self.client.as_mut()
+        self.clients.last_mut()
     }
 
     /// The SERVER span's name: `{method} {http.route}` by the HTTP conventions.
@@ -521,6 +528,12 @@ impl RequestTrace {
 }
 
 impl ClientSpan {
+    /// Names the span (the HTTP conventions name it by method; GenAI calls by operation
+    /// and model).
+    pub fn rename(&mut self, name: String) {
+        self.name = std::borrow::Cow::Owned(name);
+    }
+
     /// Ends the call now (its answer's head arrived, or it failed).
     pub fn end(&mut self) {
         if self.end.is_none() {

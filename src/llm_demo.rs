@@ -718,9 +718,10 @@ fn tool_names(doc: &Value, format: Format) -> Vec<(String, Value)> {
             }
             for t in doc["tools"].as_array().into_iter().flatten() {
                 for f in t["functionDeclarations"].as_array().into_iter().flatten() {
+                    let schema = f.get("parametersJsonSchema").unwrap_or(&f["parameters"]);
                     out.push((
                         f["name"].as_str().unwrap_or("tool").to_string(),
-                        f["parameters"].clone(),
+                        schema.clone(),
                     ));
                 }
             }

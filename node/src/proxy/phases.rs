@@ -1318,10 +1318,11 @@ impl Drop for Tail {
             host,
             path: self.uri.path(),
             route: route.map(|r| &*r.name),
-            upstream: llm
-                .as_ref()
-                .and_then(|l| l.upstream.as_deref())
-                .or(route.map(|r| &*r.cluster.name)),
+            upstream: match (&llm, route) {
+                (Some(l), _) => l.upstream.as_deref(),
+                (None, Some(r)) if r.llm.is_none() => Some(&*r.cluster.name),
+                _ => None,
+            },
             endpoint: self.attempts.endpoint,
             status: self.status,
             error: self

@@ -41,9 +41,14 @@ struct Demo {
     /// The key callers must present, when set.
     api_key: Option<String>,
     seq: AtomicU64,
+    /// Every provider request received (the `/_demo/` ones aside).
+    received: AtomicU64,
     /// (remaining, status) of `/_demo/fail`.
     fail: Mutex<(u64, u16)>,
     log: Mutex<VecDeque<Value>>,
+    /// Streams being sent, and those whose client went away before their end.
+    open_streams: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 /// Binds the demo LLM upstream and serves it on a thread of its own. Returns its address.
@@ -228,9 +233,21 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
     } else {
         Format::OpenAi
     };
+    if path == "/_demo/stats" {
+        let v = json!({
+            "requests": demo.received.load(Ordering::Relaxed),
+            "answered": demo.seq.load(Ordering::Relaxed),
+            "open_streams": demo.open_streams.load(Ordering::Relaxed),
+            "cancelled": demo.cancelled.load(Ordering::Relaxed),
+        });
+        return Ok(full(StatusCode::OK, v, &[]));
+    }
     if path == "/_demo/log" {
         let log: Vec<Value> = demo.log.lock().expect("log").iter().cloned().collect();
         return Ok(full(StatusCode::OK, json!(log), &[]));
+    }
+    if !path.starts_with("/_demo/") {
+        demo.received.fetch_add(1, Ordering::Relaxed);
     }
     let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
@@ -713,12 +730,23 @@ fn tool_names(doc: &Value, format: Format) -> Vec<(String, Value)> {
             }
         }
         Format::Gemini => {
-            if doc["toolConfig"]["functionCallingConfig"]["mode"] == "NONE" {
+            let config = &doc["toolConfig"]["functionCallingConfig"];
+            if config["mode"] == "NONE" {
                 return out;
             }
+            let allowed: Vec<&str> = config["allowedFunctionNames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             for t in doc["tools"].as_array().into_iter().flatten() {
                 for f in t["functionDeclarations"].as_array().into_iter().flatten() {
                     let schema = f.get("parametersJsonSchema").unwrap_or(&f["parameters"]);
+                    let name = f["name"].as_str().unwrap_or("tool");
+                    if !allowed.is_empty() && !allowed.contains(&name) {
+                        continue;
+                    }
                     out.push((
                         f["name"].as_str().unwrap_or("tool").to_string(),
                         schema.clone(),
@@ -920,7 +948,19 @@ fn stream_answer(
         "output_tokens": a.output_tokens(), "reported": reported && cut_at.is_none(), "cut": cut_at.is_some(),
         "input_reported": format == Format::Anthropic && !d.no_usage}));
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    demo.open_streams.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
+        struct Open(Arc<Demo>, bool);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+                if !self.1 {
+                    self.0.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Counts as cancelled unless it ends as it meant to (whole, cut or failed).
+        let mut open = Open(demo.clone(), false);
         let send = |b: Bytes| tx.send(Ok(Frame::data(b)));
         for b in head {
             if send(b).await.is_err() {
@@ -932,6 +972,7 @@ fn stream_answer(
         }
         for (i, b) in tokens.into_iter().enumerate() {
             if cut_at == Some(i) {
+                open.1 = true;
                 return; // the connection ends without the stream's end
             }
             if d.error_at == Some(i) {
@@ -946,6 +987,7 @@ fn stream_answer(
                     ),
                 };
                 let _ = send(err).await;
+                open.1 = true;
                 return;
             }
             if d.slow_ms > 0 && i > 0 {
@@ -960,6 +1002,7 @@ fn stream_answer(
                 return;
             }
         }
+        open.1 = true;
     });
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(BodyExt::boxed(body));

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod collector;
 pub mod cp;
 pub mod dns;
+pub mod llm;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -1,0 +1,256 @@
+//! The LLM side of the harness: the demo LLM provider (`tollgate llm-demo`) as a process,
+//! a Python with the official `openai` and `anthropic` SDKs, and an LLM API published
+//! through the control plane.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::GatewayProcess;
+use super::cp::CpProcess;
+
+/// A `tollgate llm-demo` process, killed when dropped.
+pub struct LlmDemo {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl LlmDemo {
+    pub fn start() -> LlmDemo {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> LlmDemo {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["llm-demo", "--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("llm-demo printed {line:?}"));
+        LlmDemo { child, addr }
+    }
+
+    /// `GET /_demo/<what>` as JSON.
+    pub fn get(&self, what: &str) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args(["-s", &format!("http://{}/_demo/{what}", self.addr)])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.get("stats")
+    }
+
+    /// What each request was told it used.
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        self.get("log").as_array().cloned().unwrap_or_default()
+    }
+
+    /// The next `count` requests answer `status`.
+    pub fn fail_next(&self, count: u64, status: u16) {
+        let body = serde_json::json!({"count": count, "status": status}).to_string();
+        let ok = Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                "POST",
+                "-d",
+                &body,
+                &format!("http://{}/_demo/fail", self.addr),
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Providers of every kind at this demo (for a version's content).
+    pub fn providers(&self) -> String {
+        let a = self.addr;
+        format!(
+            "providers:\n  oai: {{ kind: openai, base_url: \"http://{a}/v1\" }}\n  \
+             azure: {{ kind: azure_openai, base_url: \"http://{a}/openai\", api_version: \"2024-10-21\" }}\n  \
+             claude: {{ kind: anthropic, base_url: \"http://{a}\" }}\n  \
+             gem: {{ kind: gemini, base_url: \"http://{a}/v1beta\" }}\n"
+        )
+    }
+}
+
+impl Drop for LlmDemo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Python with the official SDKs: `TOLLGATE_LLM_PYTHON` if set, else a venv this makes
+/// under the target directory (pip from PyPI), once for every test process.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("TOLLGATE_LLM_PYTHON") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("llm-sdk-venv");
+    let python = venv.join("bin/python");
+    let ready = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import openai, anthropic"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready(&python) {
+        return python;
+    }
+    // Tests run in parallel processes: one makes the venv, the others wait for it.
+    let lock = venv.with_extension("lock");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if std::fs::create_dir(&lock).is_ok() {
+            break;
+        }
+        if ready(&python) {
+            return python;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited 10 min for {}",
+            venv.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let made = (|| {
+        if ready(&python) {
+            return true;
+        }
+        let _ = std::fs::remove_dir_all(&venv);
+        Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "openai", "anthropic"])
+                .status()
+                .is_ok_and(|s| s.success())
+    })();
+    let _ = std::fs::remove_dir(&lock);
+    assert!(
+        made,
+        "could not make a venv with openai and anthropic from PyPI"
+    );
+    python
+}
+
+/// Runs a case of `tests/llm_sdk.py` against `base` (the API's URL) with `key`; panics
+/// with its output unless it exits 0. Returns its standard output.
+pub async fn sdk_case(case: &str, base: &str, key: &str, env: &[(&str, &str)]) -> String {
+    let (case, base, key) = (case.to_string(), base.to_string(), key.to_string());
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || run_case(&case, &base, &key, &env))
+        .await
+        .unwrap()
+}
+
+fn run_case(case: &str, base: &str, key: &str, env: &[(String, String)]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/llm_sdk.py");
+    let dir = std::env::temp_dir();
+    let id = format!("{}-{case}-{}", std::process::id(), fastrand_id());
+    let (out_path, err_path) = (
+        dir.join(format!("llm-{id}.out")),
+        dir.join(format!("llm-{id}.err")),
+    );
+    let mut child = Command::new(python())
+        .arg(script)
+        .arg(case)
+        .env("BASE", base)
+        .env("KEY", key)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "case {case} failed ({status:?}; none: it ran past 120 s):\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    stdout
+}
+
+fn fastrand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Tenant `acme` owns API `llm` at `/llm`; version 1.0.0 has `content` and takes all
+/// traffic. Returns the control plane and an API key of acme's.
+pub async fn llm_api(gw: &GatewayProcess, content: &str) -> (CpProcess, String) {
+    let cpp = CpProcess::start(&[gw.grpc]).await;
+    let cp = cpp.sdk(gw.operator_token());
+    cp.create_tenant("acme").await.unwrap();
+    cp.create_api(
+        "llm",
+        "acme",
+        Some(tollgate_sdk::state::ApiSettings {
+            base_path: "/llm".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    cp.create_version("llm", "1.0.0", content).await.unwrap();
+    cp.publish("llm", "1.0.0").await.unwrap();
+    cp.set_split("llm", &[("1.0.0", 100)]).await.unwrap();
+    let key = cp.create_key("acme", "test", "").await.unwrap().secret;
+    // Every node serves it once applied; one request tells.
+    super::eventually(
+        "the LLM API is served",
+        Duration::from_secs(20),
+        async || {
+            let r = gw
+                .send(
+                    http::Request::get(gw.url("/llm/v1/models"))
+                        .header("authorization", format!("Bearer {key}"))
+                        .body(super::full(""))
+                        .unwrap(),
+                )
+                .await;
+            r.status == 200
+        },
+    )
+    .await;
+    (cpp, key)
+}

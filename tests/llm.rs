@@ -1,0 +1,179 @@
+//! The LLM gateway end to end: the official `openai` and `anthropic` Python SDKs (from
+//! PyPI, in a venv the harness makes) call an LLM API of a real node, in front of the demo
+//! provider (`tollgate llm-demo`), which speaks the OpenAI, Azure OpenAI, Anthropic and
+//! Gemini wire formats and misbehaves on request (its model ids' directives).
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::llm::{LlmDemo, llm_api, sdk_case};
+use harness::{GatewayProcess, allowing_loopback, eventually};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A spec with no routes of its own (the API is the point), open to loopback upstreams.
+fn spec() -> String {
+    allowing_loopback("upstreams: {}\nroutes: {}\n")
+}
+
+/// Every provider kind and a model on each, plus the models the error cases need.
+fn content(demo: &LlmDemo) -> String {
+    format!(
+        "{}models:
+  gpt: {{ deployments: [{{ provider: oai, model: gpt-4o-demo }}] }}
+  azure-gpt: {{ deployments: [{{ provider: azure, model: my-deployment }}] }}
+  claude: {{ deployments: [{{ provider: claude, model: claude-demo }}] }}
+  gemini: {{ deployments: [{{ provider: gem, model: gemini-demo }}] }}
+  embed: {{ kind: embedding, deployments: [{{ provider: oai, model: text-embedding-demo }}] }}
+  gembed: {{ kind: embedding, deployments: [{{ provider: gem, model: gembed-demo }}] }}
+  small: {{ deployments: [{{ provider: oai, model: small-demo, context_window: 1000 }}] }}
+  limited: {{ deployments: [{{ provider: oai, model: \"demo+status=429+retry_after=7\" }}] }}
+  broken: {{ deployments: [{{ provider: claude, model: \"demo+status=500\" }}] }}
+",
+        demo.providers()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_sdks_chat_stream_and_call_tools_through_every_provider() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let (_cp, key) = llm_api(&gw, &content(&demo)).await;
+    let base = gw.url("/llm");
+    let out = sdk_case("chat", &base, &key, &[]).await;
+    assert_eq!(out.matches(" ok").count(), 4, "{out}");
+    let out = sdk_case("messages", &base, &key, &[]).await;
+    assert_eq!(out.matches(" ok").count(), 4, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_models_and_the_responses_api_work_with_the_official_sdk() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let (_cp, key) = llm_api(&gw, &content(&demo)).await;
+    let out = sdk_case("embeddings_models_responses", &gw.url("/llm"), &key, &[]).await;
+    assert_eq!(out.matches(" ok").count(), 4, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_provider_failures_raise_the_sdks_typed_exceptions() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let (cpp, key) = llm_api(&gw, &content(&demo)).await;
+    let cp = cpp.sdk(gw.operator_token());
+    let limited = cp
+        .create_model_key("acme", "gpt only", "", &["gpt".to_string()])
+        .await
+        .unwrap()
+        .secret;
+    let before = demo.stats()["requests"].as_u64().unwrap();
+    sdk_case(
+        "errors",
+        &gw.url("/llm"),
+        &key,
+        &[("LIMITED_KEY", limited.as_str())],
+    )
+    .await;
+    // Of all the refused requests only the provider failures (429 and 500, each through
+    // both SDKs) and the limited key's one good request reached the provider.
+    let after = demo.stats()["requests"].as_u64().unwrap();
+    assert_eq!(
+        after - before,
+        5,
+        "only the provider failures and one good request reached the provider"
+    );
+}
+
+/// One provider fault per model: the first deployment fails that way, the second answers.
+fn fallback_content(demo: &LlmDemo) -> String {
+    let chain = |first: &str| {
+        format!(
+            "{{ first_token_timeout: 1s, deployments: [{{ provider: oai, model: \"{first}\", name: bad, priority: 0 }}, {{ provider: claude, model: claude-good, name: good, priority: 1 }}], routing: priority }}"
+        )
+    };
+    format!(
+        "{}  dead: {{ kind: openai, base_url: \"http://127.0.0.1:1/v1\" }}
+models:
+  on-429: {}
+  on-500: {}
+  on-stall: {}
+  on-early-error: {}
+  on-connect: {{ deployments: [{{ provider: dead, model: x, name: bad }}, {{ provider: claude, model: claude-good, name: good, priority: 1 }}], routing: priority }}
+  on-window: {{ deployments: [{{ provider: oai, model: \"demo+window=5\", name: bad, context_window: 5 }}], fallbacks: [big] }}
+  big: {{ deployments: [{{ provider: claude, model: claude-big, context_window: 100000 }}] }}
+",
+        demo.providers(),
+        chain("demo+status=429+retry_after=1"),
+        chain("demo+status=500"),
+        chain("demo+stall=3000"),
+        chain("demo+error_at=0"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallbacks_fire_on_429_5xx_connect_errors_first_token_timeouts_and_context_windows() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let (_cp, key) = llm_api(&gw, &fallback_content(&demo)).await;
+    for model in [
+        "on-429",
+        "on-500",
+        "on-stall",
+        "on-early-error",
+        "on-connect",
+    ] {
+        let out = sdk_case("fallback", &gw.url("/llm"), &key, &[("MODEL", model)]).await;
+        assert!(out.contains("model claude-good"), "{model}: {out}");
+        assert!(out.contains("stream model claude-good"), "{model}: {out}");
+    }
+    // A prompt over the first model's window goes to the fallback with the larger one.
+    let out = sdk_case("fallback", &gw.url("/llm"), &key, &[("MODEL", "on-window")]).await;
+    assert!(out.contains("model claude-big"), "{out}");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_llm_fallbacks_total{model=\"on-429\",reason=\"rate_limited\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_after_its_first_token_ends_with_an_error_event() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let content = format!(
+        "{}models:\n  cut: {{ deployments: [{{ provider: oai, model: \"demo+cut=3\" }}] }}\n  cut-claude: {{ deployments: [{{ provider: claude, model: \"demo+cut=3\" }}] }}\n",
+        demo.providers()
+    );
+    let (_cp, key) = llm_api(&gw, &content).await;
+    for model in ["cut", "cut-claude"] {
+        sdk_case("stream_cut", &gw.url("/llm"), &key, &[("MODEL", model)]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_the_provider_stream_at_once() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let content = format!(
+        "{}models:\n  slow: {{ deployments: [{{ provider: oai, model: \"demo+slow=100\" }}] }}\n  slow-claude: {{ deployments: [{{ provider: claude, model: \"demo+slow=100\" }}] }}\n",
+        demo.providers()
+    );
+    let (_cp, key) = llm_api(&gw, &content).await;
+    for (i, model) in ["slow", "slow-claude"].into_iter().enumerate() {
+        sdk_case("disconnect", &gw.url("/llm"), &key, &[("MODEL", model)]).await;
+        // 50 words at 100 ms: 5 s if nobody stopped it. The provider's stream is dropped
+        // well before that.
+        eventually(
+            "the provider's stream is cancelled",
+            Duration::from_secs(2),
+            async || {
+                let s = demo.stats();
+                s["cancelled"].as_u64() == Some(i as u64 + 1)
+                    && s["open_streams"].as_u64() == Some(0)
+            },
+        )
+        .await;
+    }
+    let _ = T;
+}

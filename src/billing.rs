@@ -24,6 +24,8 @@ pub enum By {
     Api,
     Version,
     Key,
+    /// LLM requests, by model and the provider that answered.
+    Model,
 }
 
 impl By {
@@ -33,6 +35,7 @@ impl By {
             By::Api => "api",
             By::Version => "version",
             By::Key => "key",
+            By::Model => "model",
         }
     }
 }
@@ -245,6 +248,7 @@ fn group_header(by: By) -> &'static str {
         By::Api => "API",
         By::Version => "VERSION",
         By::Key => "KEY",
+        By::Model => "MODEL/PROVIDER",
     }
 }
 
@@ -261,42 +265,62 @@ fn or_dash(s: &str) -> String {
 
 pub async fn usage(args: ReportArgs) -> anyhow::Result<()> {
     let reply = args.conn.client()?.usage(args.query()).await?;
-    let mut rows = vec![with_group(
-        args.by,
-        [
-            "TENANT",
-            "REQUESTS",
-            "2XX",
-            "3XX",
-            "4XX",
-            "5XX",
-            "REFUSED",
-            "REQ BYTES",
-            "RESP BYTES",
-            "UPSTREAM MS",
-        ]
-        .map(String::from)
-        .to_vec(),
-        group_header(args.by),
-    )];
+    let llm = args.by == By::Model;
+    let mut header: Vec<String> = [
+        "TENANT",
+        "REQUESTS",
+        "2XX",
+        "3XX",
+        "4XX",
+        "5XX",
+        "REFUSED",
+        "REQ BYTES",
+        "RESP BYTES",
+        "UPSTREAM MS",
+    ]
+    .map(String::from)
+    .to_vec();
+    if llm {
+        header.truncate(7);
+        header.extend(
+            [
+                "INPUT TOK",
+                "OUTPUT TOK",
+                "CACHED TOK",
+                "REASONING TOK",
+                "ESTIMATED",
+            ]
+            .map(String::from),
+        );
+    }
+    let mut rows = vec![with_group(args.by, header, group_header(args.by))];
     for l in &reply.lines {
         let c = l.counts.clone().unwrap_or_default();
-        rows.push(with_group(
-            args.by,
-            vec![
-                or_dash(&l.tenant),
-                c.requests.to_string(),
-                c.class_2xx.to_string(),
-                c.class_3xx.to_string(),
-                c.class_4xx.to_string(),
-                c.class_5xx.to_string(),
-                c.refused.to_string(),
+        let mut row = vec![
+            or_dash(&l.tenant),
+            c.requests.to_string(),
+            c.class_2xx.to_string(),
+            c.class_3xx.to_string(),
+            c.class_4xx.to_string(),
+            c.class_5xx.to_string(),
+            c.refused.to_string(),
+        ];
+        if llm {
+            row.extend([
+                c.input_tokens.to_string(),
+                c.output_tokens.to_string(),
+                c.cached_input_tokens.to_string(),
+                c.reasoning_tokens.to_string(),
+                c.estimated.to_string(),
+            ]);
+        } else {
+            row.extend([
                 c.request_bytes.to_string(),
                 c.response_bytes.to_string(),
                 (c.upstream_us / 1000).to_string(),
-            ],
-            &or_dash(&l.group),
-        ));
+            ]);
+        }
+        rows.push(with_group(args.by, row, &or_dash(&l.group)));
     }
     if args.output == ReportOutput::Table && reply.lines.is_empty() {
         println!("No usage in this range.");
@@ -549,22 +573,38 @@ pub async fn version_status(
             until,
         })
         .await?;
-    let mut rows = vec![
-        [
-            "VERSION",
-            "STAGE",
-            "REQUESTS",
-            "5XX",
-            "4XX",
-            "ERROR RATE",
-            "P50 MS",
-            "P99 MS",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    // LLM versions get their time to first token and tokens too.
+    let llm = reply
+        .versions
+        .iter()
+        .any(|v| v.input_tokens + v.output_tokens > 0 || v.ttft_p99_ms > 0.0);
+    let mut header = [
+        "VERSION",
+        "STAGE",
+        "REQUESTS",
+        "5XX",
+        "4XX",
+        "ERROR RATE",
+        "P50 MS",
+        "P99 MS",
+    ]
+    .map(String::from)
+    .to_vec();
+    if llm {
+        header.extend(
+            [
+                "TTFT P50 MS",
+                "TTFT P99 MS",
+                "INPUT TOK",
+                "OUTPUT TOK",
+                "OUT TOK/S",
+            ]
+            .map(String::from),
+        );
+    }
+    let mut rows = vec![header];
     for v in &reply.versions {
-        rows.push(vec![
+        let mut row = vec![
             v.version.clone(),
             or_dash(&v.stage),
             v.requests.to_string(),
@@ -573,7 +613,101 @@ pub async fn version_status(
             format!("{:.4}", v.error_rate),
             format!("{:.3}", v.p50_ms),
             format!("{:.3}", v.p99_ms),
-        ]);
+        ];
+        if llm {
+            row.extend([
+                format!("{:.3}", v.ttft_p50_ms),
+                format!("{:.3}", v.ttft_p99_ms),
+                v.input_tokens.to_string(),
+                v.output_tokens.to_string(),
+                format!("{:.1}", v.output_tokens_per_s),
+            ]);
+        }
+        rows.push(row);
     }
     print_rows(&rows, output)
+}
+
+/// `tollgate models list`.
+pub async fn list_models(
+    api: String,
+    since: String,
+    until: String,
+    output: ReportOutput,
+    conn: Connection,
+) -> anyhow::Result<()> {
+    let reply = conn
+        .client()?
+        .list_models(cp::ListModelsRequest { api, since, until })
+        .await?;
+    let mut rows = vec![
+        [
+            "API",
+            "VERSION",
+            "MODEL",
+            "DEPLOYMENT",
+            "PROVIDER",
+            "CALLS",
+            "ERROR RATE",
+            "TTFT P50 MS",
+            "TTFT P99 MS",
+            "TOKENS/MIN",
+            "CIRCUIT",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for m in &reply.models {
+        rows.push(vec![
+            m.api.clone(),
+            m.version.clone(),
+            m.model.clone(),
+            m.deployment.clone(),
+            or_dash(&m.provider),
+            m.calls.to_string(),
+            format!("{:.4}", m.error_rate),
+            format!("{:.3}", m.ttft_p50_ms),
+            format!("{:.3}", m.ttft_p99_ms),
+            format!("{:.1}", m.tokens_per_min),
+            m.circuit.clone(),
+        ]);
+    }
+    if output == ReportOutput::Table && reply.models.is_empty() {
+        println!("No LLM API has models yet.");
+        return Ok(());
+    }
+    print_rows(&rows, output)
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelsCommand {
+    /// Per model and deployment of each LLM API version: calls, error rate, time to first
+    /// token, tokens per minute and circuit state.
+    List {
+        /// Only this API.
+        #[arg(long, default_value = "")]
+        api: String,
+        /// Start: an RFC 3339 time or a duration back from now [default: 1h]
+        #[arg(long, default_value = "")]
+        since: String,
+        /// End: the same forms [default: now]
+        #[arg(long, default_value = "")]
+        until: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: ReportOutput,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+pub async fn models(cmd: ModelsCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelsCommand::List {
+            api,
+            since,
+            until,
+            output,
+            conn,
+        } => list_models(api, since, until, output, conn).await,
+    }
 }

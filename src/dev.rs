@@ -32,6 +32,10 @@ pub struct DevArgs {
     /// a restart.
     #[arg(long, default_value = "127.0.0.1:7090")]
     echo_addr: SocketAddr,
+    /// Demo LLM upstream listener (the OpenAI, Anthropic and Gemini wire formats), behind
+    /// the sample LLM API `ai` at /ai. A fixed port, like the echo server's.
+    #[arg(long, default_value = "127.0.0.1:7091")]
+    llm_addr: SocketAddr,
     /// Where the node keeps its state and the sample spec.
     #[arg(long, default_value = "./tollgate-data")]
     data_dir: PathBuf,
@@ -149,6 +153,13 @@ const ORDERS_V1: &str = include_str!("../docs/examples/orders-v1.yaml");
 const TOUR_TENANT: &str = "demo";
 const TOUR_API: &str = "demo";
 
+/// The sample LLM API (docs/examples/llm-v1.yaml, against the demo LLM upstream), its
+/// tenant, and the file that keeps its API key for the banner (readable by you only).
+const LLM_V1: &str = include_str!("../docs/examples/llm-v1.yaml");
+const LLM_TENANT: &str = "ai";
+const LLM_API: &str = "ai";
+const LLM_KEY_FILE: &str = "ai-api-key";
+
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let traces = tollgate_node::telemetry::traces::resolve(
         &tollgate_node::telemetry::traces::TraceArgs {
@@ -195,6 +206,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     // Every listener is opened before anything serves, but reported after the node's own
     // start: a second `tollgate dev` on the same data directory is told that first.
     let echo_listener = crate::echo::bind(args.echo_addr, "--echo-addr");
+    let llm_listener = std::net::TcpListener::bind(args.llm_addr).map_err(|e| {
+        tollgate_node::listen_error("demo LLM upstream", args.llm_addr, "--llm-addr", e)
+    });
     let cp_listener = tollgate_control_plane::bind(args.cp_addr, "--cp-addr");
     let settings = Settings {
         spec: Some(spec_path.clone()),
@@ -205,6 +219,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let had_token = token_file.exists();
     let node = Node::start(settings, metrics)?;
     let echo = crate::echo::serve(echo_listener?)?;
+    let llm_listener = llm_listener?;
+    llm_listener.set_nonblocking(true)?;
+    let llm = crate::llm_demo::serve(llm_listener, None, 1)?;
     let cp_listener = cp_listener?;
     let cp_addr = cp_listener.local_addr()?;
     let a = node.addrs();
@@ -238,6 +255,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
                 tracing::error!("the control plane stopped: {e:#}");
             }
         })?;
+    let llm_key = sample_llm_api(&args.data_dir, cp_addr, &token_file, llm)?;
     let tour = node.read_state(|s| Tour {
         tenant: s.access.tenants.contains_key(TOUR_TENANT),
         api: s.apis.contains_key(TOUR_API),
@@ -255,6 +273,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         grpc: a.grpc,
         cp: cp_addr,
         echo,
+        llm,
+        llm_key,
         spec: &spec_path,
         orders: &orders_path,
         token_file: &token_file,
@@ -277,6 +297,84 @@ struct Tour {
     version: bool,
 }
 
+/// Publishes the sample LLM API on the first start (tenant `ai`, API `ai` at /ai, the demo
+/// LLM upstream behind it) and makes it an API key, kept in the data directory. Returns
+/// the key (None when it could not be made; the banner then leaves the LLM lines out).
+fn sample_llm_api(
+    data: &Path,
+    cp: SocketAddr,
+    token_file: &Path,
+    llm: SocketAddr,
+) -> anyhow::Result<Option<String>> {
+    let key_file = data.join(LLM_KEY_FILE);
+    if let Ok(key) = std::fs::read_to_string(&key_file) {
+        return Ok(Some(key.trim().to_string()));
+    }
+    let Ok(token) = std::fs::read_to_string(token_file) else {
+        return Ok(None);
+    };
+    let ca = std::fs::read_to_string(data.join("cluster-ca.pem"))?;
+    let content = LLM_V1.replace("127.0.0.1:7091", &llm.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let made = rt.block_on(async {
+        let c = tollgate_sdk::ControlPlaneClient::new(
+            &[&cp.to_string()],
+            &tollgate_sdk::Tls::ca_pem(&ca),
+        )?
+        .with_token(token.trim())?;
+        // The control plane is starting beside us: give it a few seconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match c.create_tenant(LLM_TENANT).await {
+                Ok(_) => break,
+                Err(e) if e.to_string().contains("exists") => break,
+                Err(e) if std::time::Instant::now() > deadline => return Err(anyhow::anyhow!(e)),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+        let settings = tollgate_sdk::state::ApiSettings {
+            base_path: format!("/{LLM_API}"),
+            ..Default::default()
+        };
+        if let Err(e) = c.create_api(LLM_API, LLM_TENANT, Some(settings)).await
+            && !e.to_string().contains("exists")
+        {
+            return Err(anyhow::anyhow!(e));
+        }
+        c.create_version(LLM_API, "1.0.0", &content).await?;
+        c.publish(LLM_API, "1.0.0").await?;
+        c.set_split(LLM_API, &[("1.0.0", 100)]).await?;
+        let key = c.create_key(LLM_TENANT, "dev", "").await?.secret;
+        anyhow::Ok(key)
+    });
+    match made {
+        Ok(key) => {
+            write_private(&key_file, &key)?;
+            Ok(Some(key))
+        }
+        Err(e) => {
+            tracing::warn!("the sample LLM API could not be set up: {e:#}");
+            Ok(None)
+        }
+    }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")
+}
+
 struct Banner<'a> {
     data: &'a Path,
     proxy: SocketAddr,
@@ -287,6 +385,9 @@ struct Banner<'a> {
     grpc: SocketAddr,
     cp: SocketAddr,
     echo: SocketAddr,
+    /// The demo LLM upstream, and the sample LLM API's key.
+    llm: SocketAddr,
+    llm_key: Option<String>,
     spec: &'a Path,
     orders: &'a Path,
     token_file: &'a Path,
@@ -358,6 +459,11 @@ impl Banner<'_> {
                 "demo echo",
                 format!("http://{}", self.echo),
                 "answers with what it received, as JSON".into(),
+            ),
+            (
+                "demo LLM",
+                format!("http://{}", self.llm),
+                "OpenAI, Anthropic and Gemini formats; behind the API at /ai".into(),
             ),
         ];
         let mut out = String::new();
@@ -443,6 +549,32 @@ impl Banner<'_> {
         tryit.push(format!(
             "curl -s http://{proxy}/{TOUR_API}/v1/hello -H \"x-api-key: $KEY\""
         ));
+        if let Some(key) = &self.llm_key {
+            // The LLM API, as the official SDKs see it: these two lines are all they need.
+            tryit.push(String::new());
+            tryit.push(format!(
+                "export OPENAI_BASE_URL=http://{proxy}/{LLM_API}/v1 OPENAI_API_KEY={key}"
+            ));
+            tryit.push(format!(
+                "export ANTHROPIC_BASE_URL=http://{proxy}/{LLM_API} ANTHROPIC_API_KEY={key}"
+            ));
+            tryit.push(format!(
+                "curl -s $OPENAI_BASE_URL/chat/completions -H \"authorization: Bearer $OPENAI_API_KEY\" -d '{{\"model\":\"demo-chat\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
+            ));
+            tryit.push(
+                "python3 -m venv /tmp/tollgate-sdk && /tmp/tollgate-sdk/bin/pip install -q openai anthropic   # the official SDKs"
+                    .into(),
+            );
+            tryit.push(
+                "/tmp/tollgate-sdk/bin/python -c 'from openai import OpenAI; print(OpenAI().chat.completions.create(model=\"demo-chat\", messages=[{\"role\": \"user\", \"content\": \"hello\"}]).choices[0].message.content)'"
+                    .into(),
+            );
+            tryit.push(
+                "/tmp/tollgate-sdk/bin/python -c 'import anthropic; print(anthropic.Anthropic().messages.create(model=\"demo-claude\", max_tokens=64, messages=[{\"role\": \"user\", \"content\": \"hello\"}]).content[0].text)'"
+                    .into(),
+            );
+            tryit.push("tollgate models list".into());
+        }
         let _ = writeln!(out, "\nTry, in another shell:");
         for line in tryit {
             if line.is_empty() {
@@ -484,6 +616,8 @@ mod tests {
             grpc: "127.0.0.1:7070".parse().unwrap(),
             cp: "127.0.0.1:7080".parse().unwrap(),
             echo: "127.0.0.1:7090".parse().unwrap(),
+            llm: "127.0.0.1:7091".parse().unwrap(),
+            llm_key: Some("tgk_ai_key".into()),
             spec: &dir.join("dev-spec.yaml"),
             orders: &dir.join("orders-v1.yaml"),
             token_file: &dir.join(token_file),
@@ -514,6 +648,18 @@ mod tests {
             assert!(banner.contains(short), "{short} missing from:\n{banner}");
         }
         assert!(banner.contains("tgt_x_y"));
+        assert!(
+            banner.contains(
+                "export OPENAI_BASE_URL=http://127.0.0.1:8080/ai/v1 OPENAI_API_KEY=tgk_ai_key"
+            ),
+            "{banner}"
+        );
+        assert!(
+            banner.contains(
+                "export ANTHROPIC_BASE_URL=http://127.0.0.1:8080/ai ANTHROPIC_API_KEY=tgk_ai_key"
+            ),
+            "{banner}"
+        );
         assert!(banner.contains("tollgate tenant create demo"));
         assert!(banner.contains("--cacert"), "{banner}");
         assert!(

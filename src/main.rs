@@ -73,6 +73,9 @@ enum Command {
     /// Upstreams' cluster-wide circuit breakers: list, open, close, auto.
     #[command(subcommand)]
     Circuit(circuit::CircuitCommand),
+    /// LLM models and their deployments: calls, errors, time to first token, tokens.
+    #[command(subcommand)]
+    Models(billing::ModelsCommand),
     /// Requests, status classes, bytes and upstream time per tenant, API, version or key.
     Usage(billing::ReportArgs),
     /// What usage costs per tenant, API, version or key, at the prices it was billed at.
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
         Command::Version(cmd) => run_client(api::version(cmd)),
         Command::Cluster(cmd) => run_client(cluster::cluster(cmd)),
         Command::Circuit(cmd) => run_client(circuit::circuit(cmd)),
+        Command::Models(cmd) => run_client(billing::models(cmd)),
         Command::Secret(cmd) => run_client(secret::secret(cmd)),
         Command::Tenant(cmd) => run_client(access::tenant(cmd)),
         Command::Subscription(cmd) => run_client(access::subscription(cmd)),

@@ -57,16 +57,21 @@ fn group_by(text: &str) -> Result<GroupBy, Status> {
         "api" => Ok(GroupBy::Api),
         "version" => Ok(GroupBy::Version),
         "key" => Ok(GroupBy::Key),
+        "model" => Ok(GroupBy::Model),
         other => Err(Status::invalid_argument(format!(
-            "group_by {other:?} is not one of tenant, api, version, key"
+            "group_by {other:?} is not one of tenant, api, version, key, model"
         ))),
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn usage_llm(resp: &UsageResponse) -> impl Iterator<Item = &state::LlmEntry> {
+    resp.llm.iter()
 }
 
 /// The billing state as a node returned it.
@@ -82,7 +87,11 @@ fn billing_of(resp: &UsageResponse) -> BillingState {
 }
 
 impl Service {
-    async fn node_usage(&self, t: &Token, req: UsageRequest) -> Result<UsageResponse, Status> {
+    pub(crate) async fn node_usage(
+        &self,
+        t: &Token,
+        req: UsageRequest,
+    ) -> Result<UsageResponse, Status> {
         self.inner
             .nodes
             .call(|c| {
@@ -257,6 +266,9 @@ impl Billing for Service {
         let (resp, since_ms, until_ms) = self.usage_range(&t, &q).await?;
         let mut lines: BTreeMap<(String, String), state::UsageCounts> = BTreeMap::new();
         for e in &resp.entries {
+            if by == GroupBy::Model && e.model.is_empty() {
+                continue;
+            }
             let counts = lines
                 .entry((e.tenant.clone(), group_of(by, e)))
                 .or_default();
@@ -378,6 +390,11 @@ impl Billing for Service {
         for l in resp.latencies.iter().filter(|l| l.api == r.api) {
             add_histogram(latency.entry(l.version.clone()).or_default(), &l.buckets);
         }
+        // LLM calls: time to first token and tokens, per version.
+        let mut llm: BTreeMap<String, state::LlmEntry> = BTreeMap::new();
+        for e in usage_llm(&resp).filter(|e| e.api == r.api) {
+            tollgate_node::state::usage::add_llm(llm.entry(e.version.clone()).or_default(), e);
+        }
         let stage = |v: &str| {
             api.versions
                 .iter()
@@ -394,19 +411,32 @@ impl Billing for Service {
             // Requests refused before a version was chosen have none.
             .filter(|(v, _)| !v.is_empty())
             .filter(|(v, _)| r.version.is_empty() || *v == r.version)
-            .map(|(v, c)| cp::VersionHealth {
-                requests: c.requests,
-                errors_5xx: c.class_5xx,
-                client_errors_4xx: c.class_4xx,
-                error_rate: if c.requests == 0 {
-                    0.0
-                } else {
-                    c.class_5xx as f64 / c.requests as f64
-                },
-                p50_ms: ms(latency.get(&v), 0.5),
-                p99_ms: ms(latency.get(&v), 0.99),
-                stage: stage(&v),
-                version: v,
+            .map(|(v, c)| {
+                let l = llm.get(&v).cloned().unwrap_or_default();
+                let ttft: Histogram = l.ttft.iter().map(|(&b, &n)| (b, n)).collect();
+                cp::VersionHealth {
+                    ttft_p50_ms: ms(Some(&ttft), 0.5),
+                    ttft_p99_ms: ms(Some(&ttft), 0.99),
+                    input_tokens: l.input_tokens,
+                    output_tokens: l.output_tokens,
+                    output_tokens_per_s: if l.output_us == 0 {
+                        0.0
+                    } else {
+                        l.streamed_output_tokens as f64 * 1e6 / l.output_us as f64
+                    },
+                    requests: c.requests,
+                    errors_5xx: c.class_5xx,
+                    client_errors_4xx: c.class_4xx,
+                    error_rate: if c.requests == 0 {
+                        0.0
+                    } else {
+                        c.class_5xx as f64 / c.requests as f64
+                    },
+                    p50_ms: ms(latency.get(&v), 0.5),
+                    p99_ms: ms(latency.get(&v), 0.99),
+                    stage: stage(&v),
+                    version: v,
+                }
             })
             .collect();
         Ok(Response::new(cp::VersionStatusReply {

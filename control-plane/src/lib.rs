@@ -14,6 +14,7 @@
 //! holds no secret and makes no access decision of its own.
 
 mod billing;
+mod models;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -232,7 +233,7 @@ impl Service {
         Ok(reply)
     }
 
-    async fn list(
+    pub(crate) async fn list(
         &self,
         token: &Token,
         tenant: &str,
@@ -842,12 +843,13 @@ impl Circuits for Service {
 
 /// The control plane's own gRPC services, as registered: reflection lists them, their
 /// calls are traced, and `tollgate dev`'s banner names them from this list.
-pub const SERVICES: [&str; 5] = [
+pub const SERVICES: [&str; 6] = [
     <ApiLifecycleServer<Service> as NamedService>::NAME,
     <AccessServer<Service> as NamedService>::NAME,
     <AuditServer<Service> as NamedService>::NAME,
     <CircuitsServer<Service> as NamedService>::NAME,
     <BillingServer<Service> as NamedService>::NAME,
+    <tollgate_proto::cp::v1::models_server::ModelsServer<Service> as NamedService>::NAME,
 ];
 
 pub use tollgate_node::admin::grpc::STANDARD_SERVICES;
@@ -895,7 +897,10 @@ pub async fn serve(
         .add_service(AccessServer::new(service.clone()))
         .add_service(AuditServer::new(service.clone()))
         .add_service(CircuitsServer::new(service.clone()))
-        .add_service(BillingServer::new(service));
+        .add_service(BillingServer::new(service.clone()))
+        .add_service(tollgate_proto::cp::v1::models_server::ModelsServer::new(
+            service,
+        ));
     match tls {
         Some(tls) => {
             let config = tls.server_config().map_err(|e| anyhow::anyhow!(e))?;

@@ -1511,4 +1511,18 @@ impl ControlPlaneClient {
         })
         .await
     }
+
+    /// The LLM APIs' models and deployments: calls, error rate, time to first token,
+    /// tokens per minute and each deployment's circuit (docs/llm.md).
+    pub async fn list_models(
+        &self,
+        req: cp::ListModelsRequest,
+    ) -> Result<cp::ListModelsReply, Error> {
+        self.call(req, |ch, r| async move {
+            cp::models_client::ModelsClient::new(ch)
+                .list_models(r)
+                .await
+        })
+        .await
+    }
 }

@@ -1976,6 +1976,12 @@ impl Cluster {
                     .into_iter()
                     .filter(|l| owned(&l.api))
                     .collect(),
+                llm: s
+                    .usage
+                    .llm(since_minute, until_minute)
+                    .into_iter()
+                    .filter(|l| owned(&l.api))
+                    .collect(),
                 plans: billing.plans,
                 assignments: billing
                     .plan_assignments

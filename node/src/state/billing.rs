@@ -686,6 +686,9 @@ pub enum GroupBy {
     Api,
     Version,
     Key,
+    /// LLM requests by the model asked for and the provider that answered
+    /// (`model/provider`); other requests fall in "".
+    Model,
 }
 
 /// The group a usage row falls in: "" by tenant, the API, `api@version` (the API alone
@@ -697,6 +700,9 @@ pub fn group_of(by: GroupBy, e: &UsageEntry) -> String {
         GroupBy::Version if e.version.is_empty() => e.api.clone(),
         GroupBy::Version => format!("{}@{}", e.api, e.version),
         GroupBy::Key => e.key.clone(),
+        GroupBy::Model if e.model.is_empty() => String::new(),
+        GroupBy::Model if e.provider.is_empty() => e.model.clone(),
+        GroupBy::Model => format!("{}/{}", e.model, e.provider),
     }
 }
 

@@ -177,3 +177,83 @@ async fn a_client_that_leaves_cancels_the_provider_stream_at_once() {
     }
     let _ = T;
 }
+
+/// A chat request to `model` on `gw`: the status and the body.
+async fn chat(gw: &GatewayProcess, key: &str, model: &str) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let r = gw
+        .send(
+            http::Request::post(gw.url("/llm/v1/chat/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .body(harness::full(body.to_string()))
+                .unwrap(),
+        )
+        .await;
+    let json = serde_json::from_slice(&r.body).unwrap_or_default();
+    (r.status.as_u16(), json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_keys_are_the_tenants_secrets_and_a_rotation_reaches_every_node() {
+    let demo = LlmDemo::start_with(&["--api-key", "first-key"]);
+    let cluster = harness::cluster::TestCluster::start(2, &spec(), &[]).await;
+    let leader = cluster.leader(T).await;
+    let mut admin = cluster.client(leader).await;
+    admin
+        .put_secret("acme.provider-key", b"first-key".to_vec())
+        .await
+        .unwrap();
+    // Another tenant's secret of the same name, and the operator's own: never used here.
+    admin
+        .put_secret("provider-key", b"operator-key".to_vec())
+        .await
+        .unwrap();
+    let a = demo.addr;
+    let content = format!(
+        "providers:\n  oai: {{ kind: openai, base_url: \"http://{a}/v1\", api_key_secret: provider-key }}\n  claude: {{ kind: anthropic, base_url: \"http://{a}\", api_key_secret: provider-key }}\nmodels:\n  gpt: {{ deployments: [{{ provider: oai, model: gpt-demo }}] }}\n  claude: {{ deployments: [{{ provider: claude, model: claude-demo }}] }}\n"
+    );
+    let gw1 = cluster.node(1);
+    let (_cp, key) = llm_api(gw1, &content).await;
+    for id in cluster.ids() {
+        let gw = cluster.node(id);
+        eventually(
+            "every node calls the provider with acme's key",
+            T,
+            async || {
+                chat(gw, &key, "gpt").await.0 == 200 && chat(gw, &key, "claude").await.0 == 200
+            },
+        )
+        .await;
+    }
+    // The provider's key changes: the provider refuses the old one, and the new secret
+    // reaches every node without a restart.
+    drop(demo);
+    let demo = LlmDemo::start_at(&a.to_string(), &["--api-key", "second-key"]);
+    let (status, body) = chat(cluster.node(2), &key, "gpt").await;
+    assert_eq!(status, 502, "the provider refused the old key: {body}");
+    admin
+        .put_secret("acme.provider-key", b"second-key".to_vec())
+        .await
+        .unwrap();
+    for id in cluster.ids() {
+        let gw = cluster.node(id);
+        eventually("every node uses the rotated key", T, async || {
+            chat(gw, &key, "gpt").await.0 == 200 && chat(gw, &key, "claude").await.0 == 200
+        })
+        .await;
+    }
+    // The key is never in the state as text, nor in a node's logs or access log.
+    for id in cluster.ids() {
+        let log = cluster.node(id).log();
+        assert!(
+            !log.contains("second-key") && !log.contains("first-key"),
+            "{log}"
+        );
+    }
+    let state = admin.list_secrets().await.unwrap();
+    assert!(
+        state.iter().all(|s| s.hash.is_empty()),
+        "secret listings carry no value"
+    );
+    drop(demo);
+}

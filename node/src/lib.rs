@@ -825,6 +825,21 @@ struct Built {
 
 type ParsedDoc = Result<serde_yaml_ng::Value, SpecErrors>;
 
+/// The named secrets routing is built with are the same (the session-ticket keys, which
+/// rotate every 12 hours, are the HTTPS listener's alone).
+fn same_routing_secrets(
+    a: &BTreeMap<String, state::access::NamedSecret>,
+    b: &BTreeMap<String, state::access::NamedSecret>,
+) -> bool {
+    let routing = |m: &'_ BTreeMap<String, state::access::NamedSecret>| {
+        m.iter()
+            .filter(|(k, _)| k.as_str() != proxy::tls::TICKET_SECRET)
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect::<Vec<_>>()
+    };
+    routing(a) == routing(b)
+}
+
 /// The documents of a state, parsed (the spec, then each mounted version's content).
 struct Parsed {
     spec: Result<serde_yaml_ng::Value, SpecErrors>,
@@ -923,13 +938,15 @@ impl Compiler {
     }
 
     /// Whether the routing built last still fits `next` (same spec, same APIs, same DNS
-    /// answers).
+    /// answers, same secrets: an upstream's client key or an LLM provider's API key may
+    /// have been rotated under its name).
     fn reusable(&self, next: &Published) -> bool {
         let dns = *self.dns.subscribe().borrow();
         self.built.lock().expect("lock").as_ref().is_some_and(|b| {
             Arc::ptr_eq(&b.spec_yaml, &next.spec_yaml)
                 && Arc::ptr_eq(&b.apis, &next.apis)
                 && b.dns == dns
+                && same_routing_secrets(&b.access.secrets, &next.access.secrets)
         })
     }
 

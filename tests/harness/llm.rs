@@ -22,9 +22,14 @@ impl LlmDemo {
     }
 
     pub fn start_with(extra: &[&str]) -> LlmDemo {
+        Self::start_at("127.0.0.1:0", extra)
+    }
+
+    /// On a given address (a provider that comes back where it was).
+    pub fn start_at(listen: &str, extra: &[&str]) -> LlmDemo {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["llm-demo", "--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(["llm-demo", "--listen", listen, "--threads", "2"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -569,6 +569,19 @@ impl Cluster {
 
     /// A quota may only name APIs that exist (the spec alone cannot tell).
     fn check_quota_apis(&self, checked: &CheckedSpec) -> Result<(), Status> {
+        // An LLM endpoint is an API (docs/llm.md): its models live in a version's content.
+        for (field, present) in [
+            ("providers", !checked.spec.providers.is_empty()),
+            ("models", !checked.spec.models.is_empty()),
+        ] {
+            if present {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: LLM providers and models are served as an API: put them in an \
+                     API version's content (tollgate version create ... -f content.yaml), \
+                     not in the cluster's spec (docs/llm.md)"
+                )));
+            }
+        }
         let mut errors = crate::state::spec::SpecErrors::default();
         self.state_machine.read(|a| {
             for (name, q) in &checked.spec.quotas {

@@ -49,7 +49,34 @@ struct Demo {
     /// Streams being sent, and those whose client went away before their end.
     open_streams: AtomicU64,
     cancelled: AtomicU64,
+    /// Answers given as they are, to the next requests (`POST /_demo/script`).
+    scripts: Mutex<VecDeque<Script>>,
+    /// The last requests: path and body (`GET /_demo/requests`).
+    requests: Mutex<VecDeque<Value>>,
 }
+
+/// An answer to send byte for byte: a status, a content type, and pieces written one by
+/// one, `delay_ms` apart; the body ends after the last.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Script {
+    #[serde(default = "ok")]
+    status: u16,
+    #[serde(default = "event_stream")]
+    content_type: String,
+    pieces: Vec<String>,
+    #[serde(default)]
+    delay_ms: u64,
+}
+
+fn ok() -> u16 {
+    200
+}
+fn event_stream() -> String {
+    "text/event-stream".into()
+}
+
+/// Requests kept for `/_demo/requests`.
+const MAX_REQUESTS: usize = 100;
 
 /// Binds the demo LLM upstream and serves it on a thread of its own. Returns its address.
 pub fn spawn(
@@ -256,6 +283,47 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(error(format, 413, "the request body is too large", None)),
     };
+    if path == "/_demo/script" {
+        let s: Vec<Script> = match serde_json::from_slice(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(error(
+                    format,
+                    400,
+                    &format!("a script is a list of answers: {e}"),
+                    None,
+                ));
+            }
+        };
+        demo.scripts.lock().expect("scripts").extend(s);
+        return Ok(full(StatusCode::OK, json!({"ok": true}), &[]));
+    }
+    if path == "/_demo/requests" {
+        let r: Vec<Value> = demo
+            .requests
+            .lock()
+            .expect("requests")
+            .iter()
+            .cloned()
+            .collect();
+        return Ok(full(StatusCode::OK, json!(r), &[]));
+    }
+    if !path.starts_with("/_demo/") {
+        let mut r = demo.requests.lock().expect("requests");
+        if r.len() >= MAX_REQUESTS {
+            r.pop_front();
+        }
+        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        r.push_back(json!({"path": path, "query": query, "body": parsed}));
+    }
+    let script = if path.starts_with("/_demo/") {
+        None
+    } else {
+        demo.scripts.lock().expect("scripts").pop_front()
+    };
+    if let Some(s) = script {
+        return Ok(scripted(s));
+    }
     if path == "/_demo/fail" {
         let v: Value = serde_json::from_slice(&body).unwrap_or_default();
         *demo.fail.lock().expect("fail") = (
@@ -807,6 +875,29 @@ fn embeddings(demo: &Demo, model: &str, doc: &Value) -> Response<Body> {
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
         &[],
     )
+}
+
+/// A scripted answer, piece by piece.
+fn scripted(s: Script) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    tokio::spawn(async move {
+        for (i, p) in s.pieces.into_iter().enumerate() {
+            if i > 0 && s.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(s.delay_ms)).await;
+            }
+            if tx.send(Ok(Frame::data(Bytes::from(p)))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )));
+    *resp.status_mut() = StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK);
+    if let Ok(v) = HeaderValue::from_str(&s.content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
 }
 
 /// One SSE event.

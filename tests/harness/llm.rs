@@ -259,3 +259,144 @@ pub async fn llm_api(gw: &GatewayProcess, content: &str) -> (CpProcess, String) 
     .await;
     (cpp, key)
 }
+
+impl LlmDemo {
+    /// Answers the next requests with these bytes: each `(status, pieces, delay_ms)`.
+    pub fn script(&self, answers: &[(u16, Vec<String>, u64)]) {
+        let body: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|(status, pieces, delay)| {
+                serde_json::json!({"status": status, "pieces": pieces, "delay_ms": delay})
+            })
+            .collect();
+        let ok = Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                "POST",
+                "-d",
+                &serde_json::Value::Array(body).to_string(),
+                &format!("http://{}/_demo/script", self.addr),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// The requests it received (path, query, body), oldest first.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.get("requests").as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// One SSE event, as a scripted piece.
+pub fn sse(event: Option<&str>, data: serde_json::Value) -> String {
+    match event {
+        Some(e) => format!("event: {e}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+/// A streamed answer as the client saw it: status, headers, and each piece of the body
+/// with when it arrived (from when the request was sent).
+pub struct Streamed {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub pieces: Vec<(Duration, bytes::Bytes)>,
+    /// The body ended with an error (not a clean end).
+    pub body_error: bool,
+}
+
+impl Streamed {
+    pub fn text(&self) -> String {
+        self.pieces
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    /// The `data:` payloads, in order.
+    pub fn data(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    /// The JSON payloads (not `[DONE]`).
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.data()
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
+    }
+}
+
+/// POSTs `body` to `path` on `gw` with `headers` and reads the answer piece by piece.
+pub async fn stream(
+    gw: &GatewayProcess,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: serde_json::Value,
+) -> Streamed {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::post(path).header("host", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(super::full(body.to_string())).unwrap();
+    let sent = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut body = resp.into_body();
+    let mut pieces = Vec::new();
+    let mut body_error = false;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), body.frame()).await {
+            Err(_) => panic!("the stream stalled for 30 s"),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                body_error = true;
+                break;
+            }
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    pieces.push((sent.elapsed(), d));
+                }
+            }
+        }
+    }
+    Streamed {
+        status,
+        headers,
+        pieces,
+        body_error,
+    }
+}
+
+/// The node's usage rows for LLM requests (model non-empty), once metered.
+pub async fn llm_rows(gw: &GatewayProcess) -> Vec<tollgate_proto::state::v1::UsageEntry> {
+    let mut sdk = gw.sdk().await;
+    let resp = sdk
+        .usage(tollgate_proto::node::v1::UsageRequest {
+            since_ms: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    resp.entries
+        .into_iter()
+        .filter(|e| !e.model.is_empty())
+        .collect()
+}

@@ -465,7 +465,9 @@ pub fn render_response(r: &ChatResponse) -> Result<Value, String> {
             _ => {}
         }
     }
-    let (reason, seq) = stop_reason(&r.finish);
+    let called = r.parts.iter().any(|p| matches!(p, Part::ToolCall { .. }));
+    let finish = r.finish.clone().with_tools(called);
+    let (reason, seq) = stop_reason(&finish);
     Ok(json!({
         "id": msg_id(&r.id),
         "type": "message",
@@ -497,8 +499,8 @@ fn tool_id(id: &str) -> String {
 /// Reads Messages stream events.
 #[derive(Default)]
 pub struct Decoder {
-    /// Content block index -> tool-call index, for tool_use blocks.
-    blocks: Vec<(usize, usize)>,
+    /// Content block index -> (tool-call index, arguments seen), for tool_use blocks.
+    blocks: Vec<(usize, usize, bool)>,
     tools: usize,
 }
 
@@ -527,7 +529,7 @@ impl Decoder {
                     let index = self.tools;
                     self.tools += 1;
                     self.blocks
-                        .push((v["index"].as_u64().unwrap_or(0) as usize, index));
+                        .push((v["index"].as_u64().unwrap_or(0) as usize, index, false));
                     out.push(Delta::ToolStart {
                         index,
                         id: b["id"].as_str().unwrap_or_default().into(),
@@ -547,17 +549,34 @@ impl Decoder {
                     }
                     Some("input_json_delta") => {
                         let block = v["index"].as_u64().unwrap_or(0) as usize;
-                        if let Some(&(_, index)) = self.blocks.iter().find(|(b, _)| *b == block) {
+                        if let Some((_, index, seen)) =
+                            self.blocks.iter_mut().find(|(b, _, _)| *b == block)
+                        {
                             let json = d["partial_json"].as_str().unwrap_or_default();
                             if !json.is_empty() {
+                                *seen = true;
                                 out.push(Delta::ToolArgs {
-                                    index,
+                                    index: *index,
                                     json: json.into(),
                                 });
                             }
                         }
                     }
                     _ => {}
+                }
+            }
+            "content_block_stop" => {
+                // A tool called with no arguments streams none: its arguments are `{}`, not
+                // the empty text the caller could not parse.
+                let block = v["index"].as_u64().unwrap_or(0) as usize;
+                if let Some((_, index, seen)) = self.blocks.iter_mut().find(|(b, _, _)| *b == block)
+                    && !*seen
+                {
+                    *seen = true;
+                    out.push(Delta::ToolArgs {
+                        index: *index,
+                        json: "{}".into(),
+                    });
                 }
             }
             "message_delta" => {
@@ -573,7 +592,7 @@ impl Decoder {
             }
             "message_stop" => out.push(Delta::Done),
             "error" => out.push(Delta::Error {
-                kind: v["error"]["type"].as_str().unwrap_or("api_error").into(),
+                kind: error_kind(v["error"]["type"].as_str().unwrap_or("")),
                 message: v["error"]["message"].as_str().unwrap_or_default().into(),
             }),
             _ => {}
@@ -664,7 +683,12 @@ impl Encoder {
             Delta::Usage(u) => self.usage.merge(u),
             Delta::Done => {
                 self.close_all(out);
-                let (reason, seq) = stop_reason(self.finish.as_ref().unwrap_or(&Finish::Stop));
+                let finish = self
+                    .finish
+                    .clone()
+                    .unwrap_or(Finish::Stop)
+                    .with_tools(!self.tool_blocks.is_empty());
+                let (reason, seq) = stop_reason(&finish);
                 let mut usage = render_usage(&self.usage);
                 usage["output_tokens"] = json!(self.usage.output);
                 out.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": usage})));

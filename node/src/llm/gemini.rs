@@ -264,10 +264,7 @@ impl Decoder {
             serde_json::from_str(data).map_err(|e| format!("a stream chunk is not JSON: {e}"))?;
         if let Some(err) = v.get("error") {
             out.push(Delta::Error {
-                kind: err["status"]
-                    .as_str()
-                    .unwrap_or("api_error")
-                    .to_ascii_lowercase(),
+                kind: error_kind(err["status"].as_str().unwrap_or("")),
                 message: err["message"].as_str().unwrap_or_default().to_string(),
             });
             return Ok(());

@@ -131,6 +131,17 @@ pub enum Finish {
     Other(String),
 }
 
+impl Finish {
+    /// An answer that called tools finished to have them run, whatever the provider said
+    /// (OpenAI-compatible servers end tool turns with `stop`; Gemini with `STOP`).
+    pub fn with_tools(self, called: bool) -> Finish {
+        match self {
+            Finish::Stop if called => Finish::ToolCalls,
+            other => other,
+        }
+    }
+}
+
 /// Tokens, kept apart by kind. `input` counts every input token (cached and cache
 /// writes included); `output` every output token (reasoning included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -198,6 +209,26 @@ pub enum Delta {
         kind: String,
         message: String,
     },
+}
+
+/// An error a provider sent in its stream, by the type both callers' dialects know:
+/// `rate_limit_error`, `overloaded_error`, `invalid_request_error` or `api_error`.
+pub fn error_kind(provider_kind: &str) -> String {
+    let k = provider_kind.to_ascii_lowercase();
+    let kind = if k.contains("rate_limit")
+        || k.contains("resource_exhausted")
+        || k == "requests"
+        || k.contains("quota")
+    {
+        "rate_limit_error"
+    } else if k.contains("overloaded") || k.contains("unavailable") {
+        "overloaded_error"
+    } else if k.contains("invalid") {
+        "invalid_request_error"
+    } else {
+        "api_error"
+    };
+    kind.to_string()
 }
 
 /// A request field that the chosen provider cannot take: answered 400, naming it.

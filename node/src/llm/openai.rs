@@ -534,6 +534,8 @@ pub fn parse_response(v: &Value) -> Result<ChatResponse, String> {
 
 /// The Chat Completions answer for `r`.
 pub fn render_response(r: &ChatResponse, created: u64) -> Value {
+    let called = r.parts.iter().any(|p| matches!(p, Part::ToolCall { .. }));
+    let finish = r.finish.clone().with_tools(called);
     let mut text = String::new();
     let mut calls = Vec::new();
     for p in &r.parts {
@@ -560,7 +562,7 @@ pub fn render_response(r: &ChatResponse, created: u64) -> Value {
         "object": "chat.completion",
         "created": created,
         "model": r.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_name(&r.finish), "logprobs": null}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_name(&finish), "logprobs": null}],
         "usage": render_usage(&r.usage),
     })
 }
@@ -593,7 +595,7 @@ impl Decoder {
             serde_json::from_str(data).map_err(|e| format!("a stream chunk is not JSON: {e}"))?;
         if let Some(err) = v.get("error") {
             out.push(Delta::Error {
-                kind: err["type"].as_str().unwrap_or("api_error").to_string(),
+                kind: error_kind(err["code"].as_str().or(err["type"].as_str()).unwrap_or("")),
                 message: err["message"].as_str().unwrap_or("").to_string(),
             });
             return Ok(());
@@ -656,6 +658,8 @@ pub struct Encoder {
     usage_asked: bool,
     usage: Usage,
     started: bool,
+    /// A tool call was written.
+    tools: bool,
 }
 
 impl Encoder {
@@ -667,6 +671,7 @@ impl Encoder {
             usage_asked,
             usage: Usage::default(),
             started: false,
+            tools: false,
         }
     }
 
@@ -690,18 +695,26 @@ impl Encoder {
                 self.id = chat_id(id);
                 self.model = model.clone();
                 self.started = true;
-                out.push(data(self.chunk(json!({"role": "assistant", "content": ""}), None)));
+                out.push(data(
+                    self.chunk(json!({"role": "assistant", "content": ""}), None),
+                ));
             }
             Delta::Text(t) => out.push(data(self.chunk(json!({"content": t}), None))),
-            Delta::ToolStart { index, id, name } => out.push(data(self.chunk(
+            Delta::ToolStart { index, id, name } => {
+                self.tools = true;
+                out.push(data(self.chunk(
                 json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
                 None,
-            ))),
+            )))
+            }
             Delta::ToolArgs { index, json: a } => out.push(data(self.chunk(
                 json!({"tool_calls": [{"index": index, "function": {"arguments": a}}]}),
                 None,
             ))),
-            Delta::Finish(f) => out.push(data(self.chunk(json!({}), Some(finish_name(f))))),
+            Delta::Finish(f) => {
+                let f = f.clone().with_tools(self.tools);
+                out.push(data(self.chunk(json!({}), Some(finish_name(&f)))))
+            }
             Delta::Usage(u) => self.usage.merge(u),
             Delta::Done => {
                 if self.usage_asked {
@@ -747,7 +760,9 @@ pub fn strip_added_usage(data: &str) -> Option<Option<String>> {
     if usage_only {
         return None;
     }
-    if o.get("usage").is_some_and(Value::is_null) {
+    // `"usage": null` on every chunk, or usage on a chunk that also has choices (some
+    // servers put it on the last one): the caller asked for neither.
+    if o.get("usage").is_some() {
         o.remove("usage");
         return Some(Some(Value::Object(std::mem::take(o)).to_string()));
     }

@@ -110,6 +110,22 @@ impl Record {
         }
     }
 
+    /// Forgets what a failed attempt saw (it answered nothing the caller got).
+    fn new_attempt(&mut self) {
+        self.usage = Usage::default();
+        self.input_reported = false;
+        self.output_reported = false;
+        self.estimated = false;
+        self.ttft = None;
+        self.output_time = None;
+        self.finish = None;
+        self.incomplete = false;
+        self.response_id.clear();
+        self.response_model.clear();
+        self.out_text.clear();
+        self.out_bytes = 0;
+    }
+
     fn first_token(&mut self, since: Instant) {
         if self.ttft.is_none() {
             self.ttft = Some(since.elapsed());
@@ -937,6 +953,7 @@ async fn dispatch(
             r.upstream_model = Some(d.model.clone());
             r.cluster = Some(d.cluster.name.clone());
             r.prompt = Some(chat.clone());
+            r.new_attempt();
         }
         let minute = now / 60_000;
         Live::add_minute(&d.live.minute_requests, minute, 1);
@@ -1776,7 +1793,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        if !self.ended {
+        if self.committed && !self.ended {
             // The caller left mid-stream: the provider's request is cancelled with the
             // dropped connection (or HTTP/2 stream).
             self.record.borrow_mut().incomplete = true;

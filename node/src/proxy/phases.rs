@@ -1341,6 +1341,8 @@ impl Drop for Tail {
                     input_tokens: l.usage.input,
                     output_tokens: l.usage.output,
                     tokens_estimated: l.estimated,
+                    stream_incomplete: l.incomplete,
+                    response_id: &l.response_id,
                 }),
         });
     }

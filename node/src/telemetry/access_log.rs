@@ -111,6 +111,10 @@ pub struct LlmFields<'a> {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub tokens_estimated: bool,
+    /// A stream that ended before the provider's end (cut, failed, or the client left).
+    pub stream_incomplete: bool,
+    /// The provider's id for the answer, to find it in the provider's own records.
+    pub response_id: &'a str,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -558,9 +558,10 @@ impl Banner<'_> {
             tryit.push(format!(
                 "export ANTHROPIC_BASE_URL=http://{proxy}/{LLM_API} ANTHROPIC_API_KEY={key}"
             ));
-            tryit.push(format!(
-                "curl -s $OPENAI_BASE_URL/chat/completions -H \"authorization: Bearer $OPENAI_API_KEY\" -d '{{\"model\":\"demo-chat\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
-            ));
+            tryit.push(
+                "curl -s $OPENAI_BASE_URL/chat/completions -H \"authorization: Bearer $OPENAI_API_KEY\" -d '{\"model\":\"demo-chat\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'"
+                .to_string(),
+            );
             tryit.push(
                 "python3 -m venv /tmp/tollgate-sdk && /tmp/tollgate-sdk/bin/pip install -q openai anthropic   # the official SDKs"
                     .into(),

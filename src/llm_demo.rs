@@ -704,11 +704,11 @@ impl Answer {
                     "usageMetadata": self.usage(format), "modelVersion": self.model, "responseId": id})
             }
         };
-        if d.no_usage {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("usage");
-                o.remove("usageMetadata");
-            }
+        if d.no_usage
+            && let Some(o) = v.as_object_mut()
+        {
+            o.remove("usage");
+            o.remove("usageMetadata");
         }
         v
     }

@@ -352,14 +352,19 @@ fn llm_error(
 }
 
 /// Serves an LLM endpoint. `allowed`: the models the caller's key may use (None: all).
+/// Who calls an LLM endpoint: the models their key may use (None: all) and the API's
+/// owner (what `/v1/models` names).
+pub struct Caller<'a> {
+    pub allowed: Option<&'a [Arc<str>]>,
+    pub owner: &'a str,
+}
+
 pub async fn serve(
     req: Request<Incoming>,
     worker: &Rc<Worker>,
     snapshot: &Snapshot,
-    llm: &LlmApi,
-    endpoint: Endpoint,
-    allowed: Option<&[Arc<str>]>,
-    owner: &str,
+    (llm, endpoint): (&LlmApi, Endpoint),
+    caller: Caller<'_>,
     tail: &mut Tail,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let record = Rc::new(RefCell::new(Record {
@@ -367,6 +372,7 @@ pub async fn serve(
         ..Record::default()
     }));
     tail.llm = Some(record.clone());
+    let Caller { allowed, owner } = caller;
     let may_use = |m: &str| allowed.is_none_or(|a| a.iter().any(|x| &**x == m));
     if endpoint == Endpoint::Models {
         let anthropic = req.headers().contains_key("anthropic-version");

@@ -275,15 +275,13 @@ impl ProviderSpec {
             outlier_detection: None,
             health_check: None,
             circuit_breaker: self.circuit_breaker.clone(),
-            tls: self.tls.clone().or_else(|| {
-                https.then(|| UpstreamTlsSpec {
-                    ca: None,
-                    server_name: None,
-                    verify: true,
-                    h2: true,
-                    client_certificate: None,
-                })
-            }),
+            tls: self.tls.clone().or(https.then_some(UpstreamTlsSpec {
+                ca: None,
+                server_name: None,
+                verify: true,
+                h2: true,
+                client_certificate: None,
+            })),
         });
     }
 }

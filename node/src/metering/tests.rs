@@ -19,6 +19,7 @@ fn sample<'a>(
         response_bytes: 100,
         upstream_us: if status == 429 { 0 } else { 500 },
         latency_us: 1_000,
+        llm: None,
     }
 }
 
@@ -50,7 +51,9 @@ fn threads_count_apart_and_drain_merged_by_row() {
         key: None,
         ..sample(&acme, &orders, &v1, &k1, 200)
     });
-    let (entries, latencies) = meter.drain();
+    let crate::metering::Drained {
+        entries, latencies, ..
+    } = meter.drain();
     assert_eq!(entries.len(), 3);
     let acme_row = entries
         .iter()
@@ -75,5 +78,5 @@ fn threads_count_apart_and_drain_merged_by_row() {
     let total: u64 = latencies.iter().flat_map(|l| l.buckets.values()).sum();
     assert_eq!(total, 7);
     // Drained: the next drain starts from zero.
-    assert_eq!(meter.drain().0.len(), 0);
+    assert_eq!(meter.drain().entries.len(), 0);
 }

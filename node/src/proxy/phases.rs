@@ -301,8 +301,11 @@ async fn pipeline(
             .as_ref()
             .and_then(|a| a.key)
             .and_then(|k| snapshot.auth.models_of(k));
-        return crate::llm::serve(req, worker, snapshot, llm, *endpoint, allowed, &owner, tail)
-            .await;
+        let caller = crate::llm::serve::Caller {
+            allowed,
+            owner: &owner,
+        };
+        return crate::llm::serve(req, worker, snapshot, (llm, *endpoint), caller, tail).await;
     }
     let probe = circuit(snapshot, route, &mut tail.circuit)?;
     // transform

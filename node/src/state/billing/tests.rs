@@ -31,6 +31,7 @@ fn entry(tenant: &str, minute: u64, counts: UsageCounts) -> UsageEntry {
         version: "1.0.0".into(),
         key: format!("tg_{tenant}"),
         counts: Some(counts),
+        ..UsageEntry::default()
     }
 }
 

@@ -21,6 +21,7 @@ fn batch(node_id: u64, journal_id: u64, seq: u64, minute: u64, requests: u64) ->
             version: "1.0.0".into(),
             key: "tg_k1".into(),
             counts: Some(counts(requests, requests * 10)),
+            ..UsageEntry::default()
         }],
         latencies: vec![LatencyEntry {
             minute,
@@ -28,6 +29,7 @@ fn batch(node_id: u64, journal_id: u64, seq: u64, minute: u64, requests: u64) ->
             version: "1.0.0".into(),
             buckets: [(latency_bucket(1000), requests)].into(),
         }],
+        llm: Vec::new(),
     }
 }
 

@@ -520,7 +520,11 @@ impl Decoder {
                     model: m["model"].as_str().unwrap_or_default().into(),
                 });
                 if let Some(u) = m.get("usage") {
-                    out.push(Delta::Usage(parse_usage(u)));
+                    // Its output count is a placeholder (1): the real one comes with
+                    // message_delta, or the stream was not whole.
+                    let mut usage = parse_usage(u);
+                    usage.output = 0;
+                    out.push(Delta::Usage(usage));
                 }
             }
             "content_block_start" => {

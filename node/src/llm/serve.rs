@@ -180,7 +180,11 @@ impl Record {
                 .map(|t| t.as_micros() as u64),
             incomplete: self.incomplete,
             upstream: self.cluster.clone(),
-            response_id: self.response_id.clone(),
+            response_id: if answered {
+                self.response_id.clone()
+            } else {
+                String::new()
+            },
             response_model: self.response_model.clone(),
             finish: self.finish.clone(),
         })

@@ -257,3 +257,140 @@ async fn provider_keys_are_the_tenants_secrets_and_a_rotation_reaches_every_node
     );
     drop(demo);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_in_a_real_collector_shows_each_provider_call_with_the_genai_attributes() {
+    let col = harness::collector::Collector::start().await;
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start_with(&spec(), &["--otlp-endpoint", &col.grpc_url()]).await;
+    let content = format!(
+        "{}models:\n  chat: {{ routing: priority, deployments: [{{ provider: oai, model: \"demo+status=503\", name: down }}, {{ provider: claude, model: claude-demo, name: up, priority: 1 }}] }}\n",
+        demo.providers()
+    );
+    let (_cp, key) = llm_api(&gw, &content).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let body = serde_json::json!({"model": "chat", "stream": true, "temperature": 0.5,
+        "messages": [{"role": "user", "content": "a secret prompt"}]});
+    let s = harness::llm::stream(
+        &gw,
+        "/llm/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01")),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(s.status, 200);
+    let spans = col
+        .wait_for("the server span and both provider calls", |spans| {
+            spans.iter().filter(|s| s.trace_id == trace).count() >= 3
+        })
+        .await;
+    let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    let server = ours.iter().find(|s| s.kind == "SPAN_KIND_SERVER").unwrap();
+    assert_eq!(
+        server.parent_id, "00f067aa0ba902b7",
+        "the client's span is the parent"
+    );
+    let calls: Vec<_> = ours
+        .iter()
+        .filter(|s| s.kind == "SPAN_KIND_CLIENT")
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    for c in &calls {
+        assert_eq!(c.parent_id, server.id);
+        assert_eq!(c.attr("gen_ai.operation.name"), "chat");
+        assert_eq!(c.attr("gen_ai.request.stream"), "true");
+        assert_eq!(c.attr("gen_ai.request.temperature"), "0.5");
+        assert_eq!(c.attr("tollgate.llm.model"), "chat");
+    }
+    let failed = calls
+        .iter()
+        .find(|c| c.attr("tollgate.llm.deployment") == "down")
+        .unwrap();
+    assert_eq!(failed.name, "chat demo+status=503");
+    assert_eq!(failed.attr("gen_ai.provider.name"), "openai");
+    assert_eq!(failed.attr("error.type"), "server_error");
+    let answered = calls
+        .iter()
+        .find(|c| c.attr("tollgate.llm.deployment") == "up")
+        .unwrap();
+    assert_eq!(answered.name, "chat claude-demo");
+    assert_eq!(answered.attr("gen_ai.provider.name"), "anthropic");
+    assert_eq!(answered.attr("gen_ai.request.model"), "claude-demo");
+    assert_eq!(answered.attr("gen_ai.response.model"), "claude-demo");
+    assert!(
+        answered.attr("gen_ai.response.id").starts_with("msg_demo"),
+        "{answered:#?}"
+    );
+    assert!(
+        answered
+            .attr("gen_ai.response.finish_reasons")
+            .contains("stop"),
+        "{answered:#?}"
+    );
+    assert_eq!(answered.attr("gen_ai.usage.input_tokens"), "3");
+    assert_eq!(answered.attr("gen_ai.usage.output_tokens"), "5");
+    // No prompt or completion text unless the operator turns capture on.
+    for s in &ours {
+        assert!(
+            !format!("{:?}", s.attributes).contains("secret prompt"),
+            "{s:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_and_answers_reach_traces_only_when_the_operator_captures_them() {
+    let col = harness::collector::Collector::start().await;
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start_with(
+        &spec(),
+        &[
+            "--otlp-endpoint",
+            &col.grpc_url(),
+            "--llm-capture-content",
+            "on",
+        ],
+    )
+    .await;
+    let content = format!(
+        "{}models:\n  chat: {{ deployments: [{{ provider: gem, model: gemini-demo }}] }}\n",
+        demo.providers()
+    );
+    let (_cp, key) = llm_api(&gw, &content).await;
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let body = serde_json::json!({"model": "chat", "messages": [{"role": "user", "content": "captured words"}]});
+    let r = gw
+        .send(
+            http::Request::post(gw.url("/llm/v1/chat/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+                .body(harness::full(body.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let spans = col
+        .wait_for("the provider call", |spans| {
+            spans
+                .iter()
+                .any(|s| s.trace_id == trace && s.kind == "SPAN_KIND_CLIENT")
+        })
+        .await;
+    let call = spans
+        .iter()
+        .find(|s| s.trace_id == trace && s.kind == "SPAN_KIND_CLIENT")
+        .unwrap();
+    assert!(
+        call.attr("gen_ai.input.messages")
+            .contains("captured words"),
+        "{call:#?}"
+    );
+    assert!(
+        call.attr("gen_ai.output.messages")
+            .contains("You said: captured words"),
+        "{call:#?}"
+    );
+}

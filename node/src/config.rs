@@ -214,6 +214,10 @@ pub struct NodeArgs {
     /// node killed outright can lose, e.g. `1s` [default: 1s]
     #[arg(long, env = "TOLLGATE_METER_INTERVAL", value_parser = parse_duration)]
     pub meter_interval: Option<Duration>,
+    /// Put LLM prompts and answers in the provider calls' spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`): `on` or `off` [default: off]
+    #[arg(long, env = "TOLLGATE_LLM_CAPTURE_CONTENT", value_parser = parse_on_off)]
+    pub llm_capture_content: Option<bool>,
     /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
     #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
@@ -284,6 +288,7 @@ pub struct FileSettings {
     pub metering: Option<bool>,
     #[serde(default, with = "opt_duration")]
     pub meter_interval: Option<Duration>,
+    pub llm_capture_content: Option<bool>,
 }
 
 /// What the node runs with.
@@ -340,6 +345,8 @@ pub struct Settings {
     pub environment: String,
     pub metering: bool,
     pub meter_interval: Duration,
+    /// LLM prompts and answers in traces (off: never).
+    pub llm_capture_content: bool,
     pub enable_fault_injection: bool,
 }
 
@@ -390,6 +397,7 @@ impl Default for Settings {
             environment: "production".into(),
             metering: true,
             meter_interval: Duration::from_secs(1),
+            llm_capture_content: false,
             enable_fault_injection: false,
         }
     }
@@ -553,6 +561,10 @@ impl Settings {
                 .meter_interval
                 .or(file.meter_interval)
                 .unwrap_or(d.meter_interval),
+            llm_capture_content: args
+                .llm_capture_content
+                .or(file.llm_capture_content)
+                .unwrap_or(d.llm_capture_content),
             enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;

@@ -127,6 +127,7 @@ impl Node {
         };
         shared.https_port = https_addr.map(|a| a.port());
         shared.region = Some(Arc::from(settings.region.as_str()));
+        shared.llm_capture = settings.llm_capture_content;
         let shared = Arc::new(shared);
         // Upstream host names: the bootstrap spec below is checked with this resolver too.
         let dns = {

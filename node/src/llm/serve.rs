@@ -73,6 +73,8 @@ pub struct Record {
     prompt: Option<Arc<ChatRequest>>,
     out_text: String,
     out_bytes: u64,
+    /// Content capture is on: the answer's text goes into the span.
+    pub capture: bool,
 }
 
 impl Record {
@@ -137,6 +139,13 @@ impl Record {
         let Some(model) = self.upstream_model.clone() else {
             return;
         };
+        self.count_missing(&model);
+        if !self.capture {
+            self.out_text = String::new();
+        }
+    }
+
+    fn count_missing(&mut self, model: &str) {
         if !self.input_reported
             && let Some(req) = &self.prompt
         {
@@ -151,7 +160,6 @@ impl Record {
             self.estimated = true;
         }
         self.prompt = None;
-        self.out_text = String::new();
     }
 
     /// What metering counts, once settled. None when the request named no model.
@@ -187,8 +195,51 @@ impl Record {
             },
             response_model: self.response_model.clone(),
             finish: self.finish.clone(),
+            output_text: self.capture.then(|| self.out_text.clone()),
         })
     }
+}
+
+/// The prompt as the GenAI conventions' `gen_ai.input.messages` (role and text parts),
+/// for content capture; at most 64 KiB.
+fn input_messages(chat: &ChatRequest) -> String {
+    use super::ir::{Part, Role};
+    let mut out = Vec::new();
+    for s in &chat.system {
+        out.push(json!({"role": "system", "parts": [{"type": "text", "content": s}]}));
+    }
+    for m in &chat.messages {
+        let parts: Vec<Value> = m
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => json!({"type": "text", "content": t}),
+                Part::Image(_) => json!({"type": "image"}),
+                Part::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                } => {
+                    json!({"type": "tool_call", "id": id, "name": name, "arguments": arguments})
+                }
+                Part::ToolResult { id, .. } => json!({"type": "tool_call_response", "id": id}),
+            })
+            .collect();
+        let role = match m.role {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        out.push(json!({"role": role, "parts": parts}));
+    }
+    let mut text = Value::Array(out).to_string();
+    if text.len() > 64 * 1024 {
+        let mut cut = 64 * 1024;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
 }
 
 /// The answering call's span gets what the answer said (GenAI conventions).
@@ -216,6 +267,11 @@ pub fn span_answer(c: &mut crate::telemetry::traces::ClientSpan, s: &crate::mete
     if s.estimated {
         c.attributes
             .push(KeyValue::new("tollgate.llm.usage_estimated", true));
+    }
+    if let Some(text) = &s.output_text {
+        let out = json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}]);
+        c.attributes
+            .push(KeyValue::new("gen_ai.output.messages", out.to_string()));
     }
     if s.incomplete {
         c.error = true;
@@ -373,6 +429,7 @@ pub async fn serve(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let record = Rc::new(RefCell::new(Record {
         operation: endpoint.operation(),
+        capture: worker.shared.llm_capture,
         ..Record::default()
     }));
     tail.llm = Some(record.clone());
@@ -1093,6 +1150,10 @@ async fn call(
             c.attributes
                 .push(KeyValue::new("gen_ai.request.max_tokens", n as i64));
         }
+        if worker.shared.llm_capture {
+            c.attributes
+                .push(KeyValue::new("gen_ai.input.messages", input_messages(chat)));
+        }
     }
     let result = call_inner(
         worker, d, model, dialect, chat, head, body, probe, started, record, tail,
@@ -1395,11 +1456,14 @@ fn answer(
         r.response_id.clone_from(&parsed.id);
         r.response_model.clone_from(&parsed.model);
         r.finish = Some(format!("{:?}", parsed.finish).to_lowercase());
-        if v.get("usage").is_some() || v.get("usageMetadata").is_some() {
+        let reported = v.get("usage").is_some() || v.get("usageMetadata").is_some();
+        if reported {
             r.usage = parsed.usage;
             r.input_reported = true;
             r.output_reported = true;
-        } else {
+        }
+        // The text, to count when the provider reported nothing, or for the trace.
+        if !reported || r.capture {
             for p in &parsed.parts {
                 if let super::ir::Part::Text(t) | super::ir::Part::ToolCall { arguments: t, .. } = p
                 {

@@ -62,6 +62,8 @@ pub struct LlmSample {
     pub response_id: String,
     pub response_model: String,
     pub finish: Option<String>,
+    /// The answer's text, kept only when the operator captures content in traces.
+    pub output_text: Option<String>,
 }
 
 /// What a drain takes: usage rows, latency histograms and LLM call entries.

@@ -80,6 +80,8 @@ pub struct Shared {
     pub https_port: Option<u16>,
     /// The node's region: LLM deployments of the same region are preferred.
     pub region: Option<Arc<str>>,
+    /// LLM prompts and answers go into the provider calls' spans.
+    pub llm_capture: bool,
 }
 
 impl Shared {
@@ -100,6 +102,7 @@ impl Shared {
             tls: Arc::new(tls::EdgeTls::new()),
             https_port: None,
             region: None,
+            llm_capture: false,
         }
     }
 }

@@ -394,3 +394,70 @@ async fn prompts_and_answers_reach_traces_only_when_the_operator_captures_them()
         "{call:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_deployment_opens_its_own_cluster_wide_circuit_and_is_passed_over() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&spec()).await;
+    let a = demo.addr;
+    let content = format!(
+        "{}  flaky: {{ kind: openai, base_url: \"http://{a}/v1\", circuit_breaker: {{ consecutive_failures: 3, open_for: 60s }} }}
+models:
+  chat: {{ routing: priority, deployments: [{{ provider: flaky, model: \"demo+status=500\", name: bad }}, {{ provider: claude, model: claude-demo, name: good, priority: 1 }}] }}
+",
+        demo.providers()
+    );
+    let (cpp, key) = llm_api(&gw, &content).await;
+    let to_bad = || {
+        demo.requests()
+            .iter()
+            .filter(|r| r["body"]["model"] == "demo+status=500")
+            .count()
+    };
+    // Every request is answered (by the fallback); the failures open bad's circuit.
+    for _ in 0..3 {
+        assert_eq!(chat(&gw, &key, "chat").await.0, 200);
+    }
+    let cluster_name = "llm@1.0.0/llm/chat/bad";
+    eventually("bad's circuit is committed open", T, async || {
+        let mut sdk = gw.sdk().await;
+        sdk.list_circuits()
+            .await
+            .unwrap()
+            .circuits
+            .iter()
+            .any(|c| c.upstream == cluster_name && c.open)
+    })
+    .await;
+    let before = to_bad();
+    for _ in 0..10 {
+        assert_eq!(chat(&gw, &key, "chat").await.0, 200);
+    }
+    assert_eq!(
+        to_bad(),
+        before,
+        "an open circuit's deployment is not called"
+    );
+    // `tollgate models list` (the control plane's Models service) shows it.
+    let cp = cpp.sdk(gw.operator_token());
+    let models = cp
+        .list_models(tollgate_sdk::cp::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .models;
+    let bad = models.iter().find(|m| m.deployment == "bad").unwrap();
+    let good = models.iter().find(|m| m.deployment == "good").unwrap();
+    assert_eq!(bad.circuit, "open", "{models:?}");
+    assert_eq!(good.circuit, "closed");
+    eventually("the calls are metered", T, async || {
+        let models = cp
+            .list_models(tollgate_sdk::cp::ListModelsRequest::default())
+            .await
+            .unwrap()
+            .models;
+        let bad = models.iter().find(|m| m.deployment == "bad").unwrap();
+        let good = models.iter().find(|m| m.deployment == "good").unwrap();
+        bad.calls == 3 && bad.error_rate == 1.0 && good.calls == 13 && good.ttft_p99_ms > 0.0
+    })
+    .await;
+}

@@ -17,6 +17,9 @@ pub mod spec;
 pub mod sse;
 pub mod tokens;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -243,6 +246,14 @@ pub fn compile(
     if spec.models.is_empty() {
         return None;
     }
+    // The tokenizers load once, off the data plane, on the first node that serves models
+    // (tens of MB: nodes without LLM APIs never load them).
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("tollgate-tokenizers".into())
+            .spawn(tokens::warm_up);
+    });
     let providers: BTreeMap<&str, Arc<Provider>> = spec
         .providers
         .iter()

@@ -626,6 +626,21 @@ fn plan<'a>(
     out
 }
 
+/// The plan's deployments by index into `model.deployments` (for the unit tests).
+#[cfg(test)]
+pub(crate) fn plan_for_tests(llm: &LlmApi, model: &Model, snapshot: &Snapshot) -> Vec<usize> {
+    plan(llm, model, snapshot, None)
+        .into_iter()
+        .map(|(_, d)| {
+            model
+                .deployments
+                .iter()
+                .position(|x| std::ptr::eq(x, d))
+                .expect("the model's own")
+        })
+        .collect()
+}
+
 fn order<'a>(
     model: &'a Model,
     snapshot: &Snapshot,

@@ -396,6 +396,13 @@ impl Builder {
         }
         let llm = crate::llm::compile(spec, prefix, secret_prefix, registry, ctx);
         if let Some(llm) = llm {
+            // Each deployment's cluster is a cluster like any other: its circuit, its
+            // endpoints' state, its pooled connections.
+            self.clusters.extend(
+                llm.models
+                    .values()
+                    .flat_map(|m| m.deployments.iter().map(|d| d.cluster.clone())),
+            );
             let first = llm
                 .models
                 .values()

@@ -45,6 +45,16 @@ async fn official_sdks_chat_stream_and_call_tools_through_every_provider() {
     assert_eq!(out.matches(" ok").count(), 4, "{out}");
     let out = sdk_case("messages", &base, &key, &[]).await;
     assert_eq!(out.matches(" ok").count(), 4, "{out}");
+    // Tokens by model, provider and kind; time to first token and per output token.
+    let metrics = gw.metrics().await;
+    for want in [
+        "tollgate_llm_tokens_total{model=\"gpt\",provider=\"oai\",type=\"input\"}",
+        "tollgate_llm_tokens_total{model=\"claude\",provider=\"claude\",type=\"output\"}",
+        "tollgate_llm_time_to_first_token_seconds_count{model=\"gemini\",provider=\"gem\"}",
+        "tollgate_llm_time_per_output_token_seconds_count{model=\"azure-gpt\",provider=\"azure\"}",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

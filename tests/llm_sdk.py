@@ -195,6 +195,12 @@ def errors():
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     r = httpx.post(BASE + "/v1/messages", content=b"{not json", headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
     assert r.status_code == 400 and r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error", r.text
+    # A body over the node's limit: 413 in each dialect, read no further.
+    huge = b'{"model":"gpt","messages":[{"role":"user","content":"' + b"x" * (11 * 1024 * 1024) + b'"}]}'
+    r = httpx.post(BASE + "/v1/chat/completions", content=huge, headers={"authorization": "Bearer " + KEY}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = httpx.post(BASE + "/v1/messages", content=huge, headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
     # The prompt fits no deployment's window: refused before any call.
     long = " ".join(["word"] * 3000)
     e = expect(openai.BadRequestError, lambda: oai.chat.completions.create(model="small", messages=[{"role": "user", "content": long}]), 400)

@@ -373,7 +373,7 @@ fn tour_dev_banner_commands_work_also_after_a_restart() {
         commands.iter().any(|c| c.contains("tenant create demo")),
         "{banner}"
     );
-    let outcomes = reader.run(&commands, Duration::from_secs(120));
+    let outcomes = reader.run(&commands, Duration::from_secs(300));
     assert_all_succeeded(&outcomes);
     assert!(output_of(&outcomes, "/demo/v1/hello").contains("\"path\": \"/hello\""));
     // The README's tour, after the banner's hints on the same `dev`: they make different
@@ -392,7 +392,7 @@ fn tour_dev_banner_commands_work_also_after_a_restart() {
         !commands.iter().any(|c| c.contains("tenant create")),
         "{restarted}"
     );
-    let outcomes = reader.run(&commands, Duration::from_secs(120));
+    let outcomes = reader.run(&commands, Duration::from_secs(300));
     assert_all_succeeded(&outcomes);
     let log = reader.stop_dev();
     assert_quiet("tollgate dev, restarted", &log);

@@ -470,4 +470,86 @@ models:
         bad.calls == 3 && bad.error_rate == 1.0 && good.calls == 13 && good.ttft_p99_ms > 0.0
     })
     .await;
+    // The version's health has its time to first token and tokens too.
+    let status = cp
+        .version_status(tollgate_sdk::cp::VersionStatusRequest {
+            api: "llm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let v = &status.versions[0];
+    assert!(
+        v.ttft_p50_ms > 0.0
+            && v.ttft_p99_ms >= v.ttft_p50_ms
+            && v.input_tokens > 0
+            && v.output_tokens > 0,
+        "{v:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_over_https_have_their_certificates_checked() {
+    use tollgate_node::identity::ca::EdgeCa;
+    let demo = LlmDemo::start();
+    // A provider behind TLS: a second node terminating HTTPS in front of the demo.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ca = EdgeCa::generate("provider-ca", now).unwrap();
+    let other = EdgeCa::generate("someone-else", now).unwrap();
+    let cert = ca
+        .issue(&["localhost"], now - 3_600_000, now + 86_400_000)
+        .unwrap();
+    let edge = GatewayProcess::start_with("", &["--https-addr", "127.0.0.1:0"]).await;
+    let mut sdk = edge.sdk().await;
+    sdk.put_secret("provider-tls-key", cert.key_pem.clone().into_bytes())
+        .await
+        .unwrap();
+    let chain: String = cert
+        .chain_pem
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    let edge_spec = format!(
+        "upstreams: {{ demo: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes: {{ all: {{ match: {{ path: {{ prefix: / }} }}, upstream: demo }} }}\ncertificates:\n  c:\n    key_secret: provider-tls-key\n    default: true\n    chain: |\n{chain}",
+        demo.addr
+    );
+    sdk.apply_spec(&edge_spec, false, "").await.unwrap();
+    let port = edge.https.unwrap().port();
+    let block = |pem: &str| -> String { pem.lines().map(|l| format!("        {l}\n")).collect() };
+    let gw = GatewayProcess::start(&spec()).await;
+    let content = format!(
+        "providers:
+  trusted:
+    kind: openai
+    base_url: \"https://localhost:{port}/v1\"
+    tls:
+      ca: |
+{}  untrusted:
+    kind: openai
+    base_url: \"https://localhost:{port}/v1\"
+    tls:
+      ca: |
+{}models:
+  good: {{ deployments: [{{ provider: trusted, model: demo-over-tls }}] }}
+  bad: {{ deployments: [{{ provider: untrusted, model: demo-over-tls }}] }}
+",
+        block(&ca.cert_pem),
+        block(&other.cert_pem)
+    );
+    let (_cp, key) = llm_api(&gw, &content).await;
+    eventually("the provider over HTTPS answers", T, async || {
+        chat(&gw, &key, "good").await.0 == 200
+    })
+    .await;
+    let (status, body) = chat(&gw, &key, "good").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "demo-over-tls");
+    // A certificate from another CA: refused, nothing reaches the provider.
+    let (status, body) = chat(&gw, &key, "bad").await;
+    assert_eq!(status, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("certificate"), "{message}");
 }

@@ -119,7 +119,7 @@ async fn ten_thousand_streams_meter_exactly_what_the_provider_reported() {
                     Ok(Ok(resp)) => {
                         o.status = resp.status().as_u16();
                         // One client in ten leaves after a few pieces.
-                        let leave_after = (fastrand_like(i) % 10 == 0).then(|| 1 + fastrand_like(i * 7) % 6);
+                        let leave_after = fastrand_like(i).is_multiple_of(10).then(|| 1 + fastrand_like(i * 7) % 6);
                         let mut body = resp.into_body();
                         let mut n = 0;
                         while let Ok(Some(Ok(_))) =

@@ -360,6 +360,11 @@ fn tour_readme_works_as_written() {
     );
     assert!(output_of(&outcomes, "/api/users/1").contains("circuit_open"));
     assert!(output_of(&outcomes, "cluster status").contains("leader"));
+    // The LLM step: each dialect against a provider of another format.
+    assert!(output_of(&outcomes, "demo-claude").contains("You said: hello"));
+    assert!(output_of(&outcomes, "demo-gemini").contains("data: [DONE]"));
+    assert!(output_of(&outcomes, "demo-gpt").contains("\"type\":\"message\""));
+    assert!(output_of(&outcomes, "models list").contains("demo-chat"));
     let log = reader.stop_dev();
     assert_quiet("tollgate dev", &log);
 }
@@ -376,6 +381,10 @@ fn tour_dev_banner_commands_work_also_after_a_restart() {
     let outcomes = reader.run(&commands, Duration::from_secs(300));
     assert_all_succeeded(&outcomes);
     assert!(output_of(&outcomes, "/demo/v1/hello").contains("\"path\": \"/hello\""));
+    // The LLM lines: curl, and the official SDKs from PyPI with the two exported variables.
+    assert!(output_of(&outcomes, "/chat/completions -H").contains("You said: hello"));
+    assert!(output_of(&outcomes, "from openai import").contains("You said: hello"));
+    assert!(output_of(&outcomes, "import anthropic").contains("You said: hello"));
     // The README's tour, after the banner's hints on the same `dev`: they make different
     // tenants and APIs, so either order works.
     let readme = all_commands(&sh_blocks("README.md", Some("## A five-minute tour")));

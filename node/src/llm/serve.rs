@@ -149,11 +149,11 @@ impl Record {
         if !self.input_reported
             && let Some(req) = &self.prompt
         {
-            self.usage.input = tokens::count_prompt(&model, req);
+            self.usage.input = tokens::count_prompt(model, req);
             self.estimated = true;
         }
         if !self.output_reported && self.out_bytes > 0 {
-            let counted = tokens::count(&model, &self.out_text);
+            let counted = tokens::count(model, &self.out_text);
             // Past what was kept, in proportion to the bytes.
             let kept = self.out_text.len().max(1) as u64;
             self.usage.output = counted * self.out_bytes / kept;

@@ -216,9 +216,6 @@ async fn pipeline(
         req.version(),
         limits.max_header_bytes,
     )?;
-    if declared_length(&req)?.is_some_and(|len| len > limits.max_request_body) {
-        return Err(ProxyError::BodyTooLarge);
-    }
     let host_rule = snapshot.routing.hosts.find(host);
     if let Some(rule) = host_rule {
         if !peer.tls
@@ -252,6 +249,15 @@ async fn pipeline(
             host: host.to_string(),
             path: req.uri().path().to_string(),
         })?;
+    // An LLM API answers in its callers' dialect from here on, a 413 included.
+    if found.route & MOUNT_BIT != 0 && routing.mounts[(found.route & !MOUNT_BIT) as usize].llm {
+        let path = req.uri().path();
+        let below = &path[found.prefix_len.min(path.len())..];
+        tail.llm_dialect = Some(crate::llm::dialect_of_path(below));
+    }
+    if declared_length(&req)?.is_some_and(|len| len > limits.max_request_body) {
+        return Err(ProxyError::BodyTooLarge);
+    }
     // A route of the spec, or an API: then its version's route, below the base path.
     let (matched, api) = if found.route & MOUNT_BIT == 0 {
         (found, None)
@@ -261,10 +267,6 @@ async fn pipeline(
         // Known from here on, even when authentication refuses the request; the caller
         // and the version are added as they become known, so a request refused later
         // (no route in the version, a retired version) is still counted under its tenant.
-        if mount.llm {
-            let below = &req.uri().path()[found.prefix_len.min(req.uri().path().len())..];
-            tail.llm_dialect = Some(crate::llm::dialect_of_path(below));
-        }
         let used = tail.api.insert(ApiUse {
             mount: index,
             ..ApiUse::default()

@@ -747,6 +747,10 @@ pub fn strip_added_usage(data: &str) -> Option<Option<String>> {
     if !data.contains("\"usage\"") {
         return Some(None);
     }
+    // OpenAI writes the null as the chunk's last field: cut it off without parsing.
+    if let Some(head) = data.strip_suffix(",\"usage\":null}") {
+        return Some(Some(format!("{head}}}")));
+    }
     let Ok(mut v) = serde_json::from_str::<Value>(data) else {
         return Some(None);
     };

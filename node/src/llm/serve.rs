@@ -1347,7 +1347,7 @@ async fn call_inner(
             if let Some(t) = record.borrow().ttft {
                 d.live.record_ttft(t.as_micros() as u64);
             }
-            relay.committed = true;
+            relay.commit();
             let mut resp = Response::new(ResponseBody::llm(Box::new(relay)));
             let h = resp.headers_mut();
             h.insert(
@@ -1641,6 +1641,16 @@ impl Relay {
             first_token_at: None,
             early_error: None,
         }
+    }
+
+    /// The first token arrived: from now on the stream is the caller's, and the gap to
+    /// the next event is timed from here.
+    fn commit(&mut self) {
+        self.committed = true;
+        let limit = self.idle_limit;
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + limit);
     }
 
     /// Before the answer is committed: reads until the first token. `Err`: the provider

@@ -1,7 +1,7 @@
 //! The first hour, as written. A reader pastes the README's tour, `tollgate dev`'s banner,
-//! and the walkthroughs of docs/cluster.md, docs/control-plane.md, docs/metering.md and
-//! docs/spec.md into a fresh shell, in order, after the README's two commands; these tests
-//! do exactly that and check every command succeeds.
+//! and the walkthroughs of docs/cluster.md, docs/control-plane.md, docs/metering.md,
+//! docs/spec.md and docs/llm.md into a fresh shell, in order, after the README's two
+//! commands; these tests do exactly that and check every command succeeds.
 //!
 //! Each test works in a fresh temporary directory that looks like the repository to the
 //! commands (`docs/` is the repository's; `target/release/tollgate` is the binary under
@@ -465,7 +465,12 @@ fn tour_control_plane_metering_and_spec_docs_run_against_dev() {
     reader.start_dev();
     // Each doc in a fresh shell of its own, in this order (metering's examples use the
     // tenant and API the control-plane walkthrough made).
-    for doc in ["docs/control-plane.md", "docs/metering.md", "docs/spec.md"] {
+    for doc in [
+        "docs/control-plane.md",
+        "docs/metering.md",
+        "docs/spec.md",
+        "docs/llm.md",
+    ] {
         let outcomes = reader.run(
             &all_commands(&sh_blocks(doc, None)),
             Duration::from_secs(180),

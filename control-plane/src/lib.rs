@@ -233,6 +233,20 @@ impl Service {
         Ok(reply)
     }
 
+    /// Every circuit as committed (a node's answer).
+    pub(crate) async fn circuits(
+        &self,
+        t: &Token,
+    ) -> Result<tollgate_proto::node::v1::ListCircuitsResponse, Status> {
+        self.inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(t.clone());
+                async move { c.list_circuits().await }
+            })
+            .await
+    }
+
     pub(crate) async fn list(
         &self,
         token: &Token,
@@ -799,15 +813,7 @@ impl Circuits for Service {
         &self,
         req: Request<cp::ListCircuitsRequest>,
     ) -> Result<Response<cp::ListCircuitsReply>, Status> {
-        let t = token(&req);
-        let resp = self
-            .inner
-            .nodes
-            .call(|c| {
-                let mut c = c.with_authorization(t.clone());
-                async move { c.list_circuits().await }
-            })
-            .await?;
+        let resp = self.circuits(&token(&req)).await?;
         Ok(Response::new(cp::ListCircuitsReply {
             circuits: resp.circuits,
             now_ms: resp.now_ms,

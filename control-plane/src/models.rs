@@ -93,14 +93,7 @@ impl Models for Service {
                 },
             )
             .await?;
-        let circuits = self
-            .inner
-            .nodes
-            .call(|c| {
-                let mut c = c.with_authorization(t.clone());
-                async move { c.list_circuits().await }
-            })
-            .await?;
+        let circuits = self.circuits(&t).await?;
         let circuits: BTreeMap<&str, &state::CircuitState> = circuits
             .circuits
             .iter()

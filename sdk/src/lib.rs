@@ -1188,21 +1188,11 @@ impl ControlPlaneClient {
         name: &str,
         expires_at: &str,
     ) -> Result<cp::CredentialReply, Error> {
-        let req = cp::CreateCredentialRequest {
-            tenant: tenant.into(),
-            name: name.into(),
-            expires_at: expires_at.into(),
-            client_certificate: String::new(),
-            models: Vec::new(),
-        };
-        self.call(req, |ch, r| async move {
-            AccessClient::new(ch).create_key(r).await
-        })
-        .await
+        self.create_model_key(tenant, name, expires_at, &[]).await
     }
 
-    /// A new API key that may use only `models` of LLM APIs (docs/llm.md); the reply's
-    /// `secret` is the key, shown this once.
+    /// A new API key that may use only `models` of LLM APIs (empty: every model;
+    /// docs/llm.md); the reply's `secret` is the key, shown this once.
     pub async fn create_model_key(
         &self,
         tenant: &str,

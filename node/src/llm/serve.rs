@@ -1053,22 +1053,9 @@ async fn dispatch(
             tail,
         )
         .await;
-        record
-            .borrow_mut()
-            .calls
-            .push((d.name.clone(), d.provider.name.clone(), outcome.is_err()));
         match outcome {
             Ok(resp) => return Ok(resp),
             Err(f) => {
-                metrics::counter!("tollgate_llm_provider_errors_total",
-                    "provider" => d.provider.name.to_string(), "kind" => f.kind)
-                .increment(1);
-                if f.kind == "rate_limited" {
-                    let secs = f.retry_after_s.unwrap_or(1).min(300);
-                    d.live
-                        .cooldown_until_ms
-                        .store(crate::actor::wall_ms() + secs * 1000, Ordering::Relaxed);
-                }
                 if f.caller {
                     return Err(f.into_error());
                 }
@@ -1174,12 +1161,26 @@ async fn call(
         worker, d, model, dialect, chat, head, body, probe, started, record, tail,
     )
     .await;
-    if let Err(f) = &result
-        && let Some(c) = tail.trace_mut().and_then(|t| t.client())
-    {
-        c.end();
-        c.error = true;
-        c.attributes.push(KeyValue::new("error.type", f.kind));
+    record
+        .borrow_mut()
+        .calls
+        .push((d.name.clone(), d.provider.name.clone(), result.is_err()));
+    if let Err(f) = &result {
+        metrics::counter!("tollgate_llm_provider_errors_total",
+            "provider" => d.provider.name.to_string(), "kind" => f.kind)
+        .increment(1);
+        if f.kind == "rate_limited" {
+            // Not called again on this node before its retry-after.
+            let secs = f.retry_after_s.unwrap_or(1).min(300);
+            d.live
+                .cooldown_until_ms
+                .store(crate::actor::wall_ms() + secs * 1000, Ordering::Relaxed);
+        }
+        if let Some(c) = tail.trace_mut().and_then(|t| t.client()) {
+            c.end();
+            c.error = true;
+            c.attributes.push(KeyValue::new("error.type", f.kind));
+        }
     }
     result
 }
@@ -1999,16 +2000,9 @@ async fn embeddings(
             tail,
         )
         .await;
-        record
-            .borrow_mut()
-            .calls
-            .push((d.name.clone(), d.provider.name.clone(), outcome.is_err()));
         match outcome {
             Ok(resp) => return Ok(resp),
             Err(f) => {
-                metrics::counter!("tollgate_llm_provider_errors_total",
-                    "provider" => d.provider.name.to_string(), "kind" => f.kind)
-                .increment(1);
                 if f.caller {
                     return Err(f.into_error());
                 }

@@ -597,6 +597,7 @@ impl Failure {
             "context_window" => "context_length_exceeded",
             "timeout" | "first_token_timeout" => "provider_timeout",
             "invalid_request" => "invalid_request",
+            "circuit_open" => "no_deployment_available",
             _ => "provider_error",
         };
         ProxyError::Llm {

@@ -629,8 +629,13 @@ fn plan<'a>(
 
 /// The plan's deployments by index into `model.deployments` (for the unit tests).
 #[cfg(test)]
-pub(crate) fn plan_for_tests(llm: &LlmApi, model: &Model, snapshot: &Snapshot) -> Vec<usize> {
-    plan(llm, model, snapshot, None)
+pub(crate) fn plan_for_tests(
+    llm: &LlmApi,
+    model: &Model,
+    snapshot: &Snapshot,
+    region: Option<&str>,
+) -> Vec<usize> {
+    plan(llm, model, snapshot, region)
         .into_iter()
         .map(|(_, d)| {
             model
@@ -692,7 +697,11 @@ fn order<'a>(
     }
     if let Some(r) = region {
         // Stable: keeps the strategy's order within each group.
-        ds.sort_by_key(|d| d.region.as_deref().is_some_and(|dr| dr != r));
+        ds.sort_by_key(|d| match d.region.as_deref() {
+            Some(dr) if dr == r => 0,
+            None => 1,
+            Some(_) => 2,
+        });
     }
     ds.sort_by_key(|d| !usable(d));
     out.extend(ds.into_iter().map(|d| (model, d)));

@@ -161,7 +161,8 @@ pub struct DeploymentSpec {
     pub weight: u32,
     #[serde(default)]
     pub priority: u32,
-    /// Preferred by nodes of the same region.
+    /// Tried first by nodes of the same region; after the deployments of no region by
+    /// nodes of another.
     #[serde(default)]
     pub region: Option<String>,
     /// Tokens the model takes in one request; a prompt that cannot fit is not sent here.

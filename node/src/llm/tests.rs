@@ -265,6 +265,10 @@ mod routing {
     }
 
     fn first_of(m: &Model, n: usize) -> Vec<usize> {
+        first_in(m, n, None)
+    }
+
+    fn first_in(m: &Model, n: usize, region: Option<&str>) -> Vec<usize> {
         let api = LlmApi {
             models: Default::default(),
             created: 0,
@@ -272,7 +276,7 @@ mod routing {
         let snapshot = Snapshot::empty();
         let mut counts = vec![0; m.deployments.len()];
         for _ in 0..n {
-            let plan = crate::llm::serve::plan_for_tests(&api, m, &snapshot);
+            let plan = crate::llm::serve::plan_for_tests(&api, m, &snapshot, region);
             counts[plan[0]] += 1;
         }
         counts
@@ -310,6 +314,16 @@ mod routing {
         m.deployments[0].live.record_ttft(50_000);
         m.deployments[1].live.record_ttft(5_000);
         assert_eq!(first_of(&m, 50), vec![0, 50]);
+    }
+
+    #[test]
+    fn a_node_prefers_the_deployments_of_its_region() {
+        let mut m = model(RoutingStrategy::Weighted, &[(1, 0), (1, 0), (1, 0)]);
+        m.deployments[1].region = Some(Arc::from("eu"));
+        assert_eq!(first_in(&m, 50, Some("eu")), vec![0, 50, 0]);
+        // A node of another region tries it after the deployments of no region.
+        let c = first_in(&m, 300, Some("us"));
+        assert!(c[1] == 0 && c[0] > 100 && c[2] > 100, "{c:?}");
     }
 
     #[test]

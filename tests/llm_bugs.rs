@@ -206,19 +206,13 @@ async fn litellm_36168_usage_on_a_final_chunk_that_has_choices_is_kept() {
         json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": msgs("x")}),
     )
     .await;
-    let usage: Vec<&Value> = s
-        .json()
-        .iter()
-        .filter(|c| !c["usage"].is_null())
-        .map(|_| &Value::Null)
-        .collect();
-    assert_eq!(usage.len(), 1, "{}", s.text());
-    let u = s
+    let with_usage: Vec<Value> = s
         .json()
         .into_iter()
-        .find(|c| !c["usage"].is_null())
-        .unwrap()["usage"]
-        .clone();
+        .filter(|c| !c["usage"].is_null())
+        .collect();
+    assert_eq!(with_usage.len(), 1, "{}", s.text());
+    let u = &with_usage[0]["usage"];
     assert_eq!(u["prompt_tokens"], 16111);
     assert_eq!(u["completion_tokens"], 2);
     assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 15872);

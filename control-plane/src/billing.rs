@@ -70,10 +70,6 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn usage_llm(resp: &UsageResponse) -> impl Iterator<Item = &state::LlmEntry> {
-    resp.llm.iter()
-}
-
 /// The billing state as a node returned it.
 fn billing_of(resp: &UsageResponse) -> BillingState {
     BillingState::from_proto(&state::StateSnapshot {
@@ -392,7 +388,7 @@ impl Billing for Service {
         }
         // LLM calls: time to first token and tokens, per version.
         let mut llm: BTreeMap<String, state::LlmEntry> = BTreeMap::new();
-        for e in usage_llm(&resp).filter(|e| e.api == r.api) {
+        for e in resp.llm.iter().filter(|e| e.api == r.api) {
             tollgate_node::state::usage::add_llm(llm.entry(e.version.clone()).or_default(), e);
         }
         let stage = |v: &str| {

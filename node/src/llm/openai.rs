@@ -23,6 +23,36 @@ const CARRIED: &[&str] = &[
     "user",
 ];
 
+/// A function tool's definition (`name`, `description`, `parameters`, `strict`) at `at`:
+/// Chat Completions nests it under `function`, the Responses API writes it flat. `strict`
+/// is carried only between OpenAI dialects (it lands in `untranslatable`).
+pub(crate) fn parse_function(
+    f: &Value,
+    at: &str,
+    untranslatable: &mut Vec<String>,
+) -> Result<Tool, String> {
+    let name = opt_str(f, "name")?.ok_or_else(|| format!("{at}: `name` is required"))?;
+    check_tool_name(name).map_err(|e| format!("{at}.name: {e}"))?;
+    let parameters = match f.get("parameters") {
+        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+        Some(p) => p.clone(),
+    };
+    check_tool_schema(name, &parameters).map_err(|e| format!("{at}.parameters: {e}"))?;
+    if f.get("strict").is_some_and(|s| s == true) {
+        untranslatable.push(format!("{at}.strict"));
+    }
+    Ok(Tool {
+        name: name.to_string(),
+        description: opt_str(f, "description")?.map(str::to_string),
+        parameters,
+    })
+}
+
+/// A tool call as Chat Completions writes it.
+fn tool_call(id: &str, name: &str, arguments: &str) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+}
+
 /// Reads a Chat Completions request. `Err` says what is wrong with it.
 pub fn parse_chat(v: &Value) -> Result<ChatRequest, String> {
     let obj = v
@@ -82,24 +112,8 @@ pub fn parse_chat(v: &Value) -> Result<ChatRequest, String> {
             let f = t
                 .get("function")
                 .ok_or_else(|| format!("tools[{i}]: `function` is required"))?;
-            let name = opt_str(f, "name")?
-                .ok_or_else(|| format!("tools[{i}].function: `name` is required"))?;
-            check_tool_name(name).map_err(|e| format!("tools[{i}].function.name: {e}"))?;
-            let parameters = f
-                .get("parameters")
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-            check_tool_schema(name, &parameters)
-                .map_err(|e| format!("tools[{i}].function.parameters: {e}"))?;
-            if f.get("strict").is_some_and(|s| s == true) {
-                req.untranslatable
-                    .push(format!("tools[{i}].function.strict"));
-            }
-            req.tools.push(Tool {
-                name: name.to_string(),
-                description: opt_str(f, "description")?.map(str::to_string),
-                parameters,
-            });
+            let tool = parse_function(f, &format!("tools[{i}].function"), &mut req.untranslatable)?;
+            req.tools.push(tool);
         }
     }
     req.tool_choice = match v.get("tool_choice") {
@@ -359,10 +373,7 @@ pub fn build_chat(req: &ChatRequest, model: &str) -> Result<Value, Unsupported> 
                             id,
                             name,
                             arguments,
-                        } => calls.push(json!({
-                            "id": id, "type": "function",
-                            "function": {"name": name, "arguments": arguments}
-                        })),
+                        } => calls.push(tool_call(id, name, arguments)),
                         _ => {
                             return Err(Unsupported::new(
                                 format!("messages[{i}]"),
@@ -545,7 +556,7 @@ pub fn render_response(r: &ChatResponse, created: u64) -> Value {
                 id,
                 name,
                 arguments,
-            } => calls.push(json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})),
+            } => calls.push(tool_call(id, name, arguments)),
             _ => {}
         }
     }

@@ -81,21 +81,9 @@ pub fn parse(v: &Value) -> Result<ChatRequest, String> {
             req.untranslatable.push(format!("tools[{i}].type"));
             continue;
         }
-        let name = opt_str(t, "name")?.ok_or_else(|| format!("tools[{i}]: `name` is required"))?;
-        check_tool_name(name).map_err(|e| format!("tools[{i}].name: {e}"))?;
-        let parameters = match t.get("parameters") {
-            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
-            Some(p) => p.clone(),
-        };
-        check_tool_schema(name, &parameters).map_err(|e| format!("tools[{i}].parameters: {e}"))?;
-        if t.get("strict").is_some_and(|s| s == true) {
-            req.untranslatable.push(format!("tools[{i}].strict"));
-        }
-        req.tools.push(Tool {
-            name: name.to_string(),
-            description: opt_str(t, "description")?.map(str::to_string),
-            parameters,
-        });
+        let tool =
+            super::openai::parse_function(t, &format!("tools[{i}]"), &mut req.untranslatable)?;
+        req.tools.push(tool);
     }
     req.tool_choice = match v.get("tool_choice") {
         None | Some(Value::Null) => None,

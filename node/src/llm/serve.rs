@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use opentelemetry::KeyValue;
 use serde_json::{Value, json};
 
-use super::ir::{ChatRequest, ChatResponse, Delta, Usage};
+use super::ir::{ChatRequest, ChatResponse, Delta, Unsupported, Usage};
 use super::spec::{ModelKind, ProviderKind, RoutingStrategy};
 use super::{
     Deployment, Dialect, Endpoint, Live, LlmApi, Model, anthropic, gemini, openai, responses, sse,
@@ -43,7 +43,6 @@ pub struct Record {
     /// The model the caller asked for.
     pub model: Option<Arc<str>>,
     pub provider: Option<Arc<str>>,
-    pub provider_kind: Option<ProviderKind>,
     pub deployment: Option<Arc<str>>,
     /// The provider's model id that was called.
     pub upstream_model: Option<Arc<str>>,
@@ -112,8 +111,13 @@ impl Record {
         }
     }
 
-    /// Forgets what a failed attempt saw (it answered nothing the caller got).
-    fn new_attempt(&mut self) {
+    /// An attempt at deployment `d` begins: what the record names is `d`, and what a
+    /// failed attempt saw is forgotten (it answered nothing the caller got).
+    fn attempt(&mut self, d: &Deployment) {
+        self.provider = Some(d.provider.name.clone());
+        self.deployment = Some(d.name.clone());
+        self.upstream_model = Some(d.model.clone());
+        self.cluster = Some(d.cluster.name.clone());
         self.usage = Usage::default();
         self.input_reported = false;
         self.output_reported = false;
@@ -439,8 +443,8 @@ pub async fn serve(
         let anthropic = req.headers().contains_key("anthropic-version");
         return Ok(list_models(llm, &may_use, owner, anthropic));
     }
-    let (parts, body) = req.into_parts();
     let limits = &worker.shared.limits;
+    let body = req.into_body();
     let body = RequestBody::new(
         body,
         limits.max_request_body,
@@ -522,7 +526,6 @@ pub async fn serve(
     if endpoint == Endpoint::CountTokens {
         return count_tokens(worker, snapshot, model, &doc, &chat, &record, tail).await;
     }
-    let _ = parts;
     dispatch(
         worker,
         snapshot,
@@ -738,7 +741,7 @@ fn provider_request(
     doc: &Value,
     chat: &ChatRequest,
     stream: bool,
-) -> Result<(String, Bytes), ir_unsupported::Unsupported> {
+) -> Result<(String, Bytes), Unsupported> {
     let p = &d.provider;
     let model = &*d.model;
     let (path, body) = match p.kind {
@@ -792,11 +795,6 @@ fn provider_request(
         }
     };
     Ok((path, Bytes::from(body.to_string())))
-}
-
-/// `Unsupported`, under a name that does not clash with this module's.
-mod ir_unsupported {
-    pub use super::super::ir::Unsupported;
 }
 
 fn head_for(
@@ -885,6 +883,12 @@ fn classify(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Failu
         s if s >= 500 => ("server_error", false),
         _ => ("provider_error", false),
     };
+    // The provider's words are the caller's to act on when the mistake is theirs.
+    let message = if caller || kind == "context_window" {
+        message
+    } else {
+        format!("the provider answered {}: {message}", status.as_u16())
+    };
     let status = match kind {
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "context_window" | "invalid_request" => StatusCode::BAD_REQUEST,
@@ -894,28 +898,10 @@ fn classify(status: StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Failu
     Failure {
         kind,
         status,
-        message: format!("the provider answered {}: {message}", status_text(status)),
+        message,
         retry_after_s,
         caller,
     }
-    .with_status_message()
-}
-
-impl Failure {
-    fn with_status_message(mut self) -> Failure {
-        if self.caller || self.kind == "context_window" {
-            // The provider's words are the caller's to act on.
-            self.message = self
-                .message
-                .trim_start_matches("the provider answered ")
-                .to_string();
-        }
-        self
-    }
-}
-
-fn status_text(s: StatusCode) -> String {
-    s.as_u16().to_string()
 }
 
 /// `retry-after` (seconds or an HTTP date) or `retry-after-ms`, in whole seconds.
@@ -986,7 +972,7 @@ async fn dispatch(
         prompt_tokens = Some(n);
     }
     let mut last: Option<Failure> = None;
-    let mut unsupported: Option<ir_unsupported::Unsupported> = None;
+    let mut unsupported: Option<Unsupported> = None;
     let mut attempts = 0u32;
     // After a context-window error only larger windows are worth trying.
     let mut need_window: Option<u64> = prompt_tokens;
@@ -1039,13 +1025,8 @@ async fn dispatch(
         }
         {
             let mut r = record.borrow_mut();
-            r.provider = Some(d.provider.name.clone());
-            r.provider_kind = Some(d.provider.kind);
-            r.deployment = Some(d.name.clone());
-            r.upstream_model = Some(d.model.clone());
-            r.cluster = Some(d.cluster.name.clone());
+            r.attempt(d);
             r.prompt = Some(chat.clone());
-            r.new_attempt();
         }
         let minute = now / 60_000;
         Live::add_minute(&d.live.minute_requests, minute, 1);
@@ -1969,11 +1950,7 @@ async fn embeddings(
         };
         {
             let mut r = record.borrow_mut();
-            r.provider = Some(d.provider.name.clone());
-            r.provider_kind = Some(d.provider.kind);
-            r.deployment = Some(d.name.clone());
-            r.upstream_model = Some(d.model.clone());
-            r.cluster = Some(d.cluster.name.clone());
+            r.attempt(d);
             if i > 0 {
                 r.fallbacks += 1;
             }

@@ -293,20 +293,14 @@ async fn pipeline(
         };
     }
     if let Some((llm, endpoint)) = &route.llm {
-        let owner = api.as_ref().map_or("", |_| {
-            tail.api
-                .as_ref()
-                .map_or("", |u| &*routing.mounts[u.mount as usize].owner)
-        });
-        let owner = owner.to_string();
+        // An LLM route is always a version's: its mount names the API's owner.
+        let mount = tail.api.as_ref().map(|u| u.mount as usize);
+        let owner = mount.map_or("", |m| &*routing.mounts[m].owner);
         let allowed = api
             .as_ref()
             .and_then(|a| a.key)
             .and_then(|k| snapshot.auth.models_of(k));
-        let caller = crate::llm::serve::Caller {
-            allowed,
-            owner: &owner,
-        };
+        let caller = crate::llm::serve::Caller { allowed, owner };
         return crate::llm::serve(req, worker, snapshot, (llm, *endpoint), caller, tail).await;
     }
     let probe = circuit(snapshot, route, &mut tail.circuit)?;

@@ -124,6 +124,12 @@ pub enum PlanCommand {
         /// repeat for several.
         #[arg(long = "per-1k-tokens", value_parser = model_price)]
         per_1k_tokens: Vec<(String, String)>,
+        /// LLM token prices per 1,000,000 tokens of a model (or `MODEL/DEPLOYMENT`, or `*`),
+        /// by kind: `MODEL=input:2.50,output:10,cached_input:1.25,cache_write:3.75,reasoning:10`
+        /// (unnamed cached and cache-write prices are the input price, reasoning the output
+        /// price); repeat for several.
+        #[arg(long = "llm", value_parser = llm_price)]
+        llm: Vec<(String, state::TokenPrices)>,
         /// Flat fee per calendar month on the plan.
         #[arg(long, default_value = "0")]
         monthly: String,
@@ -160,9 +166,15 @@ pub enum BudgetCommand {
         /// Percentages of the limit that raise an alert, e.g. 50,80,100.
         #[arg(long, value_delimiter = ',')]
         thresholds: Vec<u32>,
-        /// At 100%, refuse the tenant's requests (402) until the month ends.
+        /// At 100%, refuse the tenant's requests (402) until the month ends; LLM requests
+        /// reserve their worst case against what is left, cluster-wide, and streams end
+        /// when it is spent.
         #[arg(long)]
         hard_cap: bool,
+        /// While a node cannot reach the budget's owner, let it spend its share of what is
+        /// left (default: refuse what its lease does not cover).
+        #[arg(long)]
+        fail_open: bool,
         /// POST each alert as JSON to this http(s) URL.
         #[arg(long, default_value = "")]
         webhook: String,
@@ -182,6 +194,29 @@ pub enum BudgetCommand {
         #[command(flatten)]
         conn: Connection,
     },
+}
+
+fn llm_price(s: &str) -> Result<(String, state::TokenPrices), String> {
+    let usage = "write it like gpt-4o=input:2.50,output:10 (kinds: input, output, cached_input, cache_write, reasoning)";
+    let (model, kinds) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not MODEL=KIND:PRICE,...; {usage}"))?;
+    let mut p = state::TokenPrices::default();
+    for part in kinds.split(',').filter(|k| !k.trim().is_empty()) {
+        let (kind, price) = part
+            .split_once(':')
+            .ok_or_else(|| format!("{part:?} in {s:?} is not KIND:PRICE; {usage}"))?;
+        let slot = match kind.trim() {
+            "input" => &mut p.input,
+            "output" => &mut p.output,
+            "cached_input" => &mut p.cached_input,
+            "cache_write" => &mut p.cache_write,
+            "reasoning" => &mut p.reasoning,
+            other => return Err(format!("{other:?} is not a token kind; {usage}")),
+        };
+        *slot = price.trim().to_string();
+    }
+    Ok((model.to_string(), p))
 }
 
 fn model_price(s: &str) -> Result<(String, String), String> {
@@ -390,6 +425,31 @@ pub async fn costs(args: CostsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `model=input:2.50,output:10,...` for each model priced (kinds left at their default
+/// are not shown).
+fn llm_prices(llm: &std::collections::BTreeMap<String, state::TokenPrices>) -> Vec<String> {
+    let mut out: Vec<String> = llm
+        .iter()
+        .map(|(m, p)| {
+            let kinds = [
+                ("input", &p.input),
+                ("output", &p.output),
+                ("cached_input", &p.cached_input),
+                ("cache_write", &p.cache_write),
+                ("reasoning", &p.reasoning),
+            ];
+            let text: Vec<String> = kinds
+                .iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| format!("{k}:{v}"))
+                .collect();
+            format!("{m}={}", text.join(","))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
     match cmd {
         PlanCommand::Put {
@@ -397,6 +457,7 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
             per_1k_requests,
             per_gb,
             per_1k_tokens,
+            llm,
             monthly,
             currency,
             conn,
@@ -405,6 +466,7 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
                 per_1k_requests,
                 per_gb,
                 per_1k_tokens: per_1k_tokens.into_iter().collect(),
+                llm: llm.into_iter().collect(),
                 monthly,
                 currency,
             };
@@ -427,6 +489,7 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
                     "PER 1K REQUESTS",
                     "PER GB",
                     "PER 1K TOKENS",
+                    "LLM PER 1M TOKENS",
                     "MONTHLY",
                     "CURRENCY",
                     "TENANTS",
@@ -458,6 +521,7 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
                         prices.per_1k_requests,
                         prices.per_gb,
                         or_dash(&tokens.join(" ")),
+                        or_dash(&llm_prices(&prices.llm).join(" ")),
                         prices.monthly,
                         prices.currency,
                         or_dash(&tenants.join(" ")),
@@ -485,6 +549,7 @@ pub async fn budget(cmd: BudgetCommand) -> anyhow::Result<()> {
             monthly_limit,
             thresholds,
             hard_cap,
+            fail_open,
             webhook,
             conn,
         } => {
@@ -501,6 +566,7 @@ pub async fn budget(cmd: BudgetCommand) -> anyhow::Result<()> {
                     thresholds,
                     hard_cap,
                     webhook,
+                    fail_open,
                 })
                 .await?;
             let cap = if hard_cap { ", hard cap" } else { "" };

@@ -485,6 +485,7 @@ async fn a_budget_cap_is_answered_402_by_every_node_within_5_s() {
         thresholds: vec![50, 100],
         hard_cap: true,
         webhook: format!("http://{}/budget", hook.addr),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -1132,6 +1132,7 @@ impl Compiler {
                             auth: Arc::new(self.auth_table(&next.access)),
                             circuits: next.circuits.clone(),
                             capped: next.capped.clone(),
+                            billing: next.billing.clone(),
                         }));
                         return;
                     }
@@ -1145,6 +1146,7 @@ impl Compiler {
             auth: auth.clone(),
             circuits: next.circuits.clone(),
             capped: next.capped.clone(),
+            billing: next.billing.clone(),
         });
         if new_routing {
             let checks = routing::health::spawn_checks(&routing.clusters, &self.runtime);

@@ -201,13 +201,46 @@ impl Actors {
             .count() as u64;
         self.quotas.set_members(members.len() as u64, in_region);
 
+        // Budgets: what is left of each after the spend this node has applied, and the
+        // spend it has applied since the last tick (no longer counted by its lease).
+        let budgets = if self.shared.snapshot.load().billing.budgets.is_empty() {
+            None
+        } else {
+            Some(cluster.state_machine.read(|s| {
+                let index = s.last_applied.map_or(0, |l| l.index);
+                let left: HashMap<String, u64> =
+                    s.state.billing.budgets_left(now).into_iter().collect();
+                let settled = self
+                    .shared
+                    .meter
+                    .as_ref()
+                    .map(|m| m.spend.settle(index))
+                    .unwrap_or_default();
+                (index, left, settled)
+            }))
+        };
+
         // Every lease's reports, batched by owner.
         let mut batches: HashMap<u64, Batch> = HashMap::new();
         self.quotas.retain(|key, slot| {
+            let mut applied_index = 0;
+            if slot.def.id == quotas::BUDGET
+                && let Some((index, left, settled)) = &budgets
+            {
+                let tenant = key.strip_prefix("budget/").unwrap_or_default();
+                slot.lease.limit = left.get(tenant).copied().unwrap_or(0);
+                if let Some(n) = settled.get(tenant) {
+                    slot.lease.settled(*n);
+                }
+                applied_index = *index;
+            }
             if slot.lease.idle() {
                 return false;
             }
-            let reports = slot.lease.reports(now);
+            let mut reports = slot.lease.reports(now);
+            for r in &mut reports {
+                r.applied_index = applied_index;
+            }
             let scope = |m: &&Member| !slot.def.per_region || m.region == self.quotas.region;
             let size = members.iter().filter(scope).count() as u64;
             let candidates = up.iter().copied().filter(scope).map(|m| m.id);
@@ -591,18 +624,30 @@ fn answer(
         1 => Algorithm::Gcra,
         _ => return nothing,
     };
-    if r.limit == 0 || r.window_ms == 0 || r.key.is_empty() || r.key.len() > MAX_KEY_BYTES {
+    // A budget's limit is what is left of it, which may be nothing.
+    let budget = r.key.strip_prefix("budget/");
+    if (r.limit == 0 && budget.is_none())
+        || r.window_ms == 0
+        || r.key.is_empty()
+        || r.key.len() > MAX_KEY_BYTES
+    {
         refused("malformed");
         return nothing;
     }
     if !ledgers.by_key.contains_key(&r.key) {
-        // A new key must belong to a quota of the spec this node serves, with its limit.
+        // A new key must belong to a quota of the spec this node serves, with its limit
+        // (or to a tenant's hard-capped budget).
         let id = r.key.split(['@', '/']).next().unwrap_or_default();
-        let known = snapshot
-            .routing
-            .quotas
-            .iter()
-            .any(|q| q.id == id && q.limit == r.limit);
+        let known = match budget {
+            Some(tenant) => {
+                algorithm == Algorithm::Window && snapshot.billing.budgets.contains_key(tenant)
+            }
+            None => snapshot
+                .routing
+                .quotas
+                .iter()
+                .any(|q| q.id == id && q.limit == r.limit),
+        };
         if !known {
             refused("unknown_quota");
             return nothing;
@@ -631,6 +676,8 @@ fn answer(
             returned: r.returned,
             unleased: r.unleased,
             want: r.want,
+            limit: r.limit,
+            applied_index: r.applied_index,
         },
     );
     pb::QuotaGrant {

@@ -102,6 +102,10 @@ pub struct Report {
     /// Admitted without a token since the last answered report.
     pub unleased: u64,
     pub want: u64,
+    /// The limit as the sender has it, and (budgets) the Raft log index it was computed
+    /// at: a window ledger takes the limit of the most advanced sender (0: its own).
+    pub limit: u64,
+    pub applied_index: u64,
 }
 
 /// The owner's answer to one report.
@@ -220,6 +224,8 @@ struct Book {
     end_ms: u64,
     nodes: HashMap<u64, NodeBook>,
     asks: Asks,
+    /// Budgets: the limit reported at the highest applied log index, and that index.
+    limit_at: Option<(u64, u64)>,
 }
 
 /// One node in a window, as the owner last heard: used and held by its report, plus what
@@ -254,12 +260,16 @@ impl WindowLedger {
                 granted: 0,
             },
         );
+        if r.applied_index > 0 && book.limit_at.is_none_or(|(i, _)| r.applied_index >= i) {
+            book.limit_at = Some((r.applied_index, r.limit));
+        }
+        let limit = book.limit_at.map_or(self.limit, |(_, l)| l);
         let accounted: u64 = book
             .nodes
             .values()
             .map(|n| n.used + n.held + n.granted)
             .sum();
-        let remaining = self.limit.saturating_sub(accounted);
+        let remaining = limit.saturating_sub(accounted);
         let tokens = book.asks.share(now_ms, node, r.want, remaining);
         book.nodes.get_mut(&node).expect("inserted above").granted = tokens;
         Grant {
@@ -454,33 +464,59 @@ impl Lease {
     /// Whether a request at `now_ms` is admitted. On the request path: no call, no lock
     /// beyond the caller's. `may_wait` false turns [`Admit::Wait`] into [`Admit::No`].
     pub fn admit(&mut self, now_ms: u64, may_wait: bool) -> Admit {
-        self.roll(now_ms);
-        self.seen += 1;
-        let window = self.window;
-        let algorithm = self.algorithm;
-        let spendable = self
+        self.admit_n(now_ms, 1, may_wait)
+    }
+
+    /// Tokens held that can be spent now.
+    fn spendable(&self) -> u64 {
+        let (window, algorithm) = (self.window, self.algorithm);
+        self.held
+            .iter()
+            .filter(|h| algorithm == Algorithm::Gcra || h.window == window)
+            .map(|h| h.tokens)
+            .sum()
+    }
+
+    /// Spends `n` held tokens, soonest to expire first (the caller checked there are).
+    fn spend_held(&mut self, mut n: u64) {
+        let (window, algorithm) = (self.window, self.algorithm);
+        self.held.sort_by_key(|h| h.until_ms);
+        for h in self
             .held
             .iter_mut()
-            .filter(|h| h.tokens > 0 && (algorithm == Algorithm::Gcra || h.window == window))
-            .min_by_key(|h| h.until_ms);
-        if let Some(h) = spendable {
-            h.tokens -= 1;
-            self.used += 1;
+            .filter(|h| algorithm == Algorithm::Gcra || h.window == window)
+        {
+            let take = h.tokens.min(n);
+            h.tokens -= take;
+            n -= take;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Admits `n` units at once (an LLM request's reserved tokens or money), all or none.
+    pub fn admit_n(&mut self, now_ms: u64, n: u64, may_wait: bool) -> Admit {
+        self.roll(now_ms);
+        self.seen += n;
+        if self.spendable() >= n {
+            self.spend_held(n);
+            self.used += n;
             return Admit::Yes;
         }
         let unleased = match self.standing {
-            Standing::New => self.unleased < self.credit,
+            Standing::New => self.unleased + n <= self.credit,
             Standing::Leased => false,
-            Standing::Cutoff => self.fail_open && self.used < self.share,
+            Standing::Cutoff => self.fail_open && self.used + n <= self.share,
         };
         if unleased {
-            self.used += 1;
-            self.unleased += 1;
+            self.used += n;
+            self.unleased += n;
             return Admit::Yes;
         }
         let waiting = match self.standing {
             Standing::New => true,
-            Standing::Leased => self.remaining > 0,
+            Standing::Leased => self.remaining + self.spendable() >= n,
             Standing::Cutoff => false,
         };
         if waiting && may_wait {
@@ -488,6 +524,78 @@ impl Lease {
         } else {
             Admit::No
         }
+    }
+
+    /// Takes as much of `n` as can be had now, without waiting: at least `min`, or
+    /// nothing. For a reservation that may be smaller than its worst case.
+    pub fn admit_up_to(&mut self, now_ms: u64, min: u64, n: u64) -> u64 {
+        self.roll(now_ms);
+        let take = n.min(self.spendable());
+        if take >= min.max(1) {
+            self.seen += take;
+            self.spend_held(take);
+            self.used += take;
+            return take;
+        }
+        0
+    }
+
+    /// Counts `n` units spent whether or not tokens cover them (tokens a provider already
+    /// sent): from what is held first, the rest reported to the owner as spent unleased.
+    pub fn force(&mut self, now_ms: u64, n: u64) {
+        self.roll(now_ms);
+        self.seen += n;
+        let covered = n.min(self.spendable());
+        self.spend_held(covered);
+        self.used += n;
+        self.unleased += n - covered;
+    }
+
+    /// Gives back `n` units a request reserved in `window` and did not spend: they are
+    /// held again (for a window counter; GCRA tokens go back to the owner). A window that
+    /// has ended gets nothing back.
+    pub fn give_back(&mut self, now_ms: u64, window: u64, n: u64) {
+        self.roll(now_ms);
+        if n == 0 || (self.algorithm == Algorithm::Window && window != self.window) {
+            return;
+        }
+        self.used = self.used.saturating_sub(n);
+        match self.algorithm {
+            Algorithm::Gcra => self.returned += n,
+            Algorithm::Window => {
+                let until_ms = self.span.window(now_ms).2;
+                self.held.push(Held {
+                    window,
+                    until_ms,
+                    tokens: n,
+                });
+                self.checked_until = 0;
+            }
+        }
+    }
+
+    /// Budgets: `n` units of this window's spend are now in the committed spend the
+    /// limit is computed from, so they no longer count as used here.
+    pub fn settled(&mut self, n: u64) {
+        self.used = self.used.saturating_sub(n);
+    }
+
+    /// The window (index) the lease counts in now.
+    pub fn window_now(&mut self, now_ms: u64) -> u64 {
+        self.roll(now_ms);
+        self.window
+    }
+
+    /// Whether the owner said it has nothing left to grant and nothing is held here: a
+    /// stream debiting this budget must end.
+    pub fn exhausted(&mut self, now_ms: u64) -> bool {
+        self.roll(now_ms);
+        self.spendable() == 0
+            && match self.standing {
+                Standing::Leased => self.remaining == 0,
+                Standing::Cutoff => !self.fail_open || self.used >= self.share,
+                Standing::New => self.unleased >= self.credit,
+            }
     }
 
     /// Once per tick: what to tell the owner. Two ticks of recent demand (and one token
@@ -547,6 +655,8 @@ impl Lease {
                     returned,
                     unleased,
                     want: want.saturating_sub(held),
+                    limit: self.limit,
+                    applied_index: 0,
                 }]
             }
             Algorithm::Window => {
@@ -559,6 +669,8 @@ impl Lease {
                     returned,
                     unleased,
                     want: want.saturating_sub(held),
+                    limit: self.limit,
+                    applied_index: 0,
                 }];
                 if end.saturating_sub(now_ms) <= 2 * TICK_MS && want > 0 {
                     let (next, _, next_end) = self.span.window(end);
@@ -571,6 +683,8 @@ impl Lease {
                         returned: 0,
                         unleased: 0,
                         want: want.saturating_sub(held),
+                        limit: self.limit,
+                        applied_index: 0,
                     });
                 }
                 out

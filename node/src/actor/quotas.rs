@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use metrics::Counter;
 
 use super::quota::{Admit, Algorithm, Lease, Report, Span};
-use crate::state::spec::{FailMode, QuotaAlgorithm, QuotaPer, QuotaScope, QuotaSpec, QuotaWindow};
+use crate::state::spec::{
+    FailMode, QuotaAlgorithm, QuotaPer, QuotaScope, QuotaSpec, QuotaUnit, QuotaWindow,
+};
 
 const SHARDS: usize = 16;
 
@@ -30,6 +32,7 @@ pub struct QuotaDef {
     /// Which requests count: spec routes and APIs by name (both empty: all).
     pub routes: Vec<String>,
     pub apis: Vec<String>,
+    pub unit: QuotaUnit,
     pub admitted: Counter,
     pub refused: Counter,
     /// Requests that waited for the next exchange (no token here, budget at the owner).
@@ -47,13 +50,14 @@ impl QuotaDef {
             _ => Span::Fixed(q.window_ms()),
         };
         let identity = format!(
-            "{:?}/{}/{:?}/{:?}/{}/{:?}",
+            "{:?}/{}/{:?}/{:?}/{}/{:?}/{:?}",
             q.scope,
             q.limit,
             q.window,
             algorithm,
             q.burst(),
-            q.per
+            q.per,
+            q.unit
         );
         let counter = |result: &'static str| metrics::counter!("tollgate_quota_requests_total", "quota" => name.to_string(), "result" => result);
         QuotaDef {
@@ -71,10 +75,41 @@ impl QuotaDef {
             per_region: q.per == QuotaPer::Region,
             routes: q.routes.clone(),
             apis: q.apis.clone(),
+            unit: q.unit,
             admitted: counter("admitted"),
             refused: counter("refused"),
             waited: metrics::counter!("tollgate_quota_waits_total", "quota" => name.to_string()),
         }
+    }
+
+    /// A tenant's LLM budget as a lease (amounts in nanos of the plan's currency, one
+    /// calendar month): the same lease protocol as a quota, its limit what is left after
+    /// the committed spend.
+    pub fn budget(tenant: &str, fail_open: bool) -> QuotaDef {
+        let counter = |result: &'static str| metrics::counter!("tollgate_budget_reservations_total", "tenant" => tenant.to_string(), "result" => result);
+        QuotaDef {
+            name: Arc::from(BUDGET),
+            id: BUDGET.to_string(),
+            scope: QuotaScope::Tenant,
+            limit: 1,
+            burst: 1,
+            span: Span::Month,
+            algorithm: Algorithm::Window,
+            fail_open,
+            per_region: false,
+            routes: Vec::new(),
+            apis: Vec::new(),
+            unit: QuotaUnit::Requests,
+            admitted: counter("admitted"),
+            refused: counter("refused"),
+            waited: metrics::counter!("tollgate_budget_waits_total", "tenant" => tenant.to_string()),
+        }
+    }
+
+    /// Counted by the LLM gateway once it has read the request (tokens, or per model),
+    /// not at the quota phase.
+    pub fn llm_only(&self) -> bool {
+        self.unit != QuotaUnit::Requests || self.scope == QuotaScope::Model
     }
 
     /// Whether requests to the spec route `route` (or to API `api`) count.
@@ -98,6 +133,9 @@ impl QuotaDef {
         self.span.nominal_ms() / 1000
     }
 }
+
+/// The quota name (and key prefix) of budget leases: `budget/<tenant>`.
+pub const BUDGET: &str = "budget";
 
 /// One key's lease and what the tick needs to report it.
 pub struct Slot {
@@ -154,18 +192,29 @@ impl Quotas {
 
     /// Admits one request under `def` for `value` (an API key id, a tenant, ...).
     pub fn admit(&self, def: &Arc<QuotaDef>, value: &str, now_ms: u64, may_wait: bool) -> Admit {
+        self.with_lease(def, value, |lease| lease.admit(now_ms, may_wait))
+    }
+
+    /// Runs `f` on the lease of `value` under `def`, made (empty) if there is none.
+    /// `limit`: the lease's limit when it is made (a budget's is what is left of it).
+    pub fn with_lease<T>(
+        &self,
+        def: &Arc<QuotaDef>,
+        value: &str,
+        f: impl FnOnce(&mut Lease) -> T,
+    ) -> T {
         KEY.with_borrow_mut(|key| {
             self.key_into(key, def, value);
             let mut shard = self.shard(key).lock().expect("quota shard");
             if let Some(slot) = shard.get_mut(key.as_str()) {
-                return slot.lease.admit(now_ms, may_wait);
+                return f(&mut slot.lease);
             }
             let members = {
                 let m = self.members.lock().expect("members");
                 if def.per_region { m.1 } else { m.0 }
             };
             let mut lease = Lease::new(def.algorithm, def.limit, def.span, def.fail_open, members);
-            let admit = lease.admit(now_ms, may_wait);
+            let out = f(&mut lease);
             shard.insert(
                 key.clone(),
                 Slot {
@@ -174,7 +223,7 @@ impl Quotas {
                     owner: None,
                 },
             );
-            admit
+            out
         })
     }
 
@@ -259,7 +308,7 @@ pub struct LeaseView {
 pub fn to_wire(key: &str, def: &QuotaDef, r: &Report) -> tollgate_proto::actor::v1::QuotaReport {
     tollgate_proto::actor::v1::QuotaReport {
         key: key.to_string(),
-        limit: def.limit,
+        limit: r.limit,
         window_ms: def.span.nominal_ms(),
         algorithm: match def.algorithm {
             Algorithm::Window => 0,
@@ -273,5 +322,12 @@ pub fn to_wire(key: &str, def: &QuotaDef, r: &Report) -> tollgate_proto::actor::
         window_end_ms: r.window_end_ms,
         unleased: r.unleased,
         burst: def.burst,
+        applied_index: r.applied_index,
+    }
+}
+
+impl std::fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quotas").field("node", &self.node).finish()
     }
 }

@@ -10,6 +10,7 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod ir;
+pub mod limits;
 pub mod openai;
 pub mod responses;
 pub mod serve;
@@ -142,6 +143,7 @@ pub struct Model {
     pub first_token_timeout: Duration,
     pub timeout: Duration,
     pub max_attempts: u32,
+    pub max_output_tokens: u64,
 }
 
 impl Model {
@@ -299,6 +301,7 @@ pub fn compile(
                 first_token_timeout: m.first_token_timeout,
                 timeout: m.timeout,
                 max_attempts: m.max_attempts,
+                max_output_tokens: m.max_output_tokens.max(1),
             }),
         );
     }

@@ -74,9 +74,59 @@ pub struct Record {
     out_bytes: u64,
     /// Content capture is on: the answer's text goes into the span.
     pub capture: bool,
+    /// The tenant's prices (for the cost it is told) and what the request holds against
+    /// its budget and token quotas.
+    pub price: Option<Arc<crate::state::billing::PriceNow>>,
+    pub holds: Option<super::limits::Holds>,
+    pub tenant: Option<Arc<str>>,
+}
+
+/// Token counts as billing takes them.
+pub fn llm_tokens(u: &Usage) -> crate::state::billing::LlmTokens {
+    crate::state::billing::LlmTokens {
+        input: u.input,
+        output: u.output,
+        cached_input: u.cached_input,
+        cache_write: u.cache_write,
+        reasoning: u.reasoning,
+    }
 }
 
 impl Record {
+    /// What the request costs at the tenant's prices, as its usage stands (attos), and
+    /// the currency. None: the tenant is on no plan.
+    pub fn cost(&self) -> Option<(u128, &str)> {
+        let p = self.price.as_ref()?;
+        let model = self.model.as_deref()?;
+        let cost = p.prices.request_cost(
+            model,
+            self.deployment.as_deref().unwrap_or(""),
+            self.upstream_model.as_deref().unwrap_or(""),
+            &llm_tokens(&self.usage),
+        );
+        Some((cost, &p.prices.currency))
+    }
+
+    /// The request is over (its usage settled and metered): its holds take the final
+    /// usage; the budget's share is followed into the committed spend.
+    pub fn finish_holds(&mut self, meter: Option<&crate::metering::Meter>) {
+        let Some(holds) = self.holds.take() else {
+            return;
+        };
+        let answered = self.calls.last().is_some_and(|c| !c.2);
+        let spent = holds.finish(
+            self.model.as_deref().unwrap_or(""),
+            self.deployment.as_deref().unwrap_or(""),
+            self.upstream_model.as_deref().unwrap_or(""),
+            self.price.as_deref(),
+            &llm_tokens(&self.usage),
+            answered,
+        );
+        if let (Some((tenant, nanos)), Some(meter)) = (spent, meter) {
+            meter.spend.record(&tenant, nanos);
+        }
+    }
+
     fn observe(&mut self, d: &Delta, since: Instant) {
         match d {
             Delta::Start { id, model } => {
@@ -149,7 +199,7 @@ impl Record {
         }
     }
 
-    fn count_missing(&mut self, model: &str) {
+    pub fn count_missing(&mut self, model: &str) {
         if !self.input_reported
             && let Some(req) = &self.prompt
         {
@@ -174,6 +224,11 @@ impl Record {
             model,
             provider: if answered {
                 self.provider.clone().unwrap_or_else(|| Arc::from(""))
+            } else {
+                Arc::from("")
+            },
+            deployment: if answered {
+                self.deployment.clone().unwrap_or_else(|| Arc::from(""))
             } else {
                 Arc::from("")
             },
@@ -421,6 +476,8 @@ fn llm_error(
 pub struct Caller<'a> {
     pub allowed: Option<&'a [Arc<str>]>,
     pub owner: &'a str,
+    /// Who pays, and the limits on what they may spend.
+    pub spending: super::limits::Spending,
 }
 
 pub async fn serve(
@@ -434,10 +491,16 @@ pub async fn serve(
     let record = Rc::new(RefCell::new(Record {
         operation: endpoint.operation(),
         capture: worker.shared.llm_capture,
+        price: caller.spending.price.clone(),
+        tenant: caller.spending.tenant.clone(),
         ..Record::default()
     }));
     tail.llm = Some(record.clone());
-    let Caller { allowed, owner } = caller;
+    let Caller {
+        allowed,
+        owner,
+        spending,
+    } = caller;
     let may_use = |m: &str| allowed.is_none_or(|a| a.iter().any(|x| &**x == m));
     if endpoint == Endpoint::Models {
         let anthropic = req.headers().contains_key("anthropic-version");
@@ -536,6 +599,7 @@ pub async fn serve(
         bytes.len(),
         chat,
         &record,
+        &spending,
         tail,
     )
     .await
@@ -940,6 +1004,7 @@ async fn dispatch(
     body_len: usize,
     chat: Arc<ChatRequest>,
     record: &Rc<RefCell<Record>>,
+    spending: &super::limits::Spending,
     tail: &mut Tail,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let started = Instant::now();
@@ -970,6 +1035,28 @@ async fn dispatch(
             ));
         }
         prompt_tokens = Some(n);
+    }
+    // Token quotas and the budget: the worst case is taken before any provider is called.
+    let limited = !spending.quotas.is_empty()
+        || (spending.budget.is_some() && spending.price.is_some());
+    if limited && let Some((_, first)) = candidates.first() {
+        let input = match prompt_tokens {
+            Some(n) => n,
+            None => tokens::count_prompt(&first.model, &chat),
+        };
+        let ask = super::limits::Ask {
+            model: &model.name,
+            input,
+            max_output: chat.max_tokens.unwrap_or(model.max_output_tokens),
+            stream,
+            candidates: candidates
+                .iter()
+                .map(|(m, d)| (&*m.name, &*d.name, &*d.model))
+                .collect(),
+        };
+        let holds =
+            super::limits::Holds::reserve(&worker.shared.quotas, spending, &ask).await?;
+        record.borrow_mut().holds = Some(holds);
     }
     let mut last: Option<Failure> = None;
     let mut unsupported: Option<Unsupported> = None;
@@ -1498,7 +1585,43 @@ fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    {
+        let mut r = record.borrow_mut();
+        if r.price.is_some() {
+            r.count_missing(&d.model);
+            cost_headers(&r, resp.headers_mut());
+        }
+    }
     Ok(resp)
+}
+
+/// `x-tollgate-cost` (the request's cost at the tenant's prices, decimal) and
+/// `x-tollgate-cost-currency`, when the tenant is on a plan.
+fn cost_headers(r: &Record, h: &mut http::HeaderMap) {
+    if let Some((cost, currency)) = r.cost()
+        && let (Ok(c), Ok(cur)) = (
+            HeaderValue::from_str(&crate::state::billing::format_atto(cost)),
+            HeaderValue::from_str(currency),
+        )
+    {
+        h.insert("x-tollgate-cost", c);
+        h.insert("x-tollgate-cost-currency", cur);
+    }
+}
+
+/// Adds `"tollgate": {"cost": .., "currency": ..}` to an SSE event's JSON object (the
+/// stream's final usage event): SDKs keep fields they do not know.
+fn with_cost(event: &[u8], cost: u128, currency: &str) -> Option<Bytes> {
+    let at = event.windows(7).position(|w| w == b"data: {")? + 7;
+    let ext = format!(
+        "\"tollgate\":{{\"cost\":\"{}\",\"currency\":\"{currency}\"}},",
+        crate::state::billing::format_atto(cost)
+    );
+    let mut out = Vec::with_capacity(event.len() + ext.len());
+    out.extend_from_slice(&event[..at]);
+    out.extend_from_slice(ext.as_bytes());
+    out.extend_from_slice(&event[at..]);
+    Some(Bytes::from(out))
 }
 
 /// The wire format a provider speaks.
@@ -1572,6 +1695,14 @@ pub struct Relay {
     first_token_at: Option<Instant>,
     /// An error event the provider sent before any token.
     early_error: Option<String>,
+    /// The provider said why it finished; the usage that follows is the final one.
+    finished: bool,
+    /// The final usage arrived: its event gets the request's cost.
+    cost_due: bool,
+    /// The budget is spent: the stream ends after this event.
+    budget_spent: bool,
+    /// Output is debited from a budget as it arrives.
+    metered_output: bool,
 }
 
 impl Relay {
@@ -1588,6 +1719,7 @@ impl Relay {
         model: &Model,
     ) -> Relay {
         let usage_asked = chat.stream_usage;
+        let metered_output = record.borrow().holds.as_ref().is_some_and(|h| h.has_budget());
         let wire = Wire::of(d.provider.kind);
         let decode = match wire {
             Wire::OpenAi => Decode::OpenAi(openai::Decoder::default()),
@@ -1632,6 +1764,10 @@ impl Relay {
             deltas: Vec::new(),
             first_token_at: None,
             early_error: None,
+            finished: false,
+            cost_due: false,
+            budget_spent: false,
+            metered_output,
         }
     }
 
@@ -1687,6 +1823,7 @@ impl Relay {
             .feed(data, &mut events)
             .map_err(|e| e.to_string())?;
         for ev in events.drain(..) {
+            let queued = self.queue.len();
             let mut deltas = std::mem::take(&mut self.deltas);
             let decoded = match &mut self.decode {
                 Decode::OpenAi(dec) => dec.decode(&ev.data, &mut deltas),
@@ -1709,12 +1846,43 @@ impl Relay {
             }
             deltas.clear();
             self.deltas = deltas;
+            if self.cost_due {
+                self.cost_due = false;
+                self.add_cost(queued);
+            }
+            if self.budget_spent && !self.ended {
+                let kind = match self.caller {
+                    Dialect::Anthropic => "billing_error",
+                    _ => "insufficient_quota",
+                };
+                self.terminate(
+                    kind,
+                    "the monthly budget of this API's tenant is spent; the answer was cut here",
+                );
+            }
             if self.ended {
                 break;
             }
         }
         self.events = events;
         Ok(())
+    }
+
+    /// Puts the request's cost into the event queued since `from` that carries usage.
+    fn add_cost(&mut self, from: usize) {
+        let r = self.record.borrow();
+        let Some((cost, currency)) = r.cost() else {
+            return;
+        };
+        for i in (from..self.queue.len()).rev() {
+            let ev = &self.queue[i];
+            if ev.windows(7).any(|w| w == b"\"usage\"")
+                && let Some(with) = with_cost(ev, cost, currency)
+            {
+                self.queue[i] = with;
+                return;
+            }
+        }
     }
 
     /// At the end of the provider's body: a stream whose end is the body's end (Gemini's)
@@ -1732,9 +1900,27 @@ impl Relay {
     /// came from must not be passed through (an error before the first token).
     fn take_deltas(&mut self, deltas: &[Delta]) -> bool {
         let mut pass = true;
+        let mut saw_usage = false;
         {
             for delta in deltas {
                 self.record.borrow_mut().observe(delta, self.started);
+                if self.metered_output
+                    && let Delta::Text(t) | Delta::ToolArgs { json: t, .. } = delta
+                {
+                    let mut r = self.record.borrow_mut();
+                    let model = r.upstream_model.clone().unwrap_or_else(|| Arc::from(""));
+                    let n = tokens::count(&model, t);
+                    if let Some(h) = &mut r.holds
+                        && !h.on_output(n)
+                    {
+                        self.budget_spent = true;
+                    }
+                }
+                match delta {
+                    Delta::Finish(_) => self.finished = true,
+                    Delta::Usage(_) => saw_usage = true,
+                    _ => {}
+                }
                 match delta {
                     Delta::Text(_)
                     | Delta::ToolStart { .. }
@@ -1775,6 +1961,9 @@ impl Relay {
                     self.queue.extend(out);
                 }
             }
+        }
+        if saw_usage && self.finished {
+            self.cost_due = true;
         }
         pass
     }

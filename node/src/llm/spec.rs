@@ -113,6 +113,14 @@ pub struct ModelSpec {
     /// The most provider calls one request makes, fallbacks included (default 3).
     #[serde(default = "max_attempts")]
     pub max_attempts: u32,
+    /// The most output tokens one answer can have when the request sets no `max_tokens`:
+    /// what a budget reserves for its output (default 4096).
+    #[serde(default = "max_output_tokens")]
+    pub max_output_tokens: u64,
+}
+
+fn max_output_tokens() -> u64 {
+    4096
 }
 
 fn first_token_timeout() -> Duration {

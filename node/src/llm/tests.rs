@@ -261,6 +261,7 @@ mod routing {
             first_token_timeout: std::time::Duration::from_secs(1),
             timeout: std::time::Duration::from_secs(1),
             max_attempts: 3,
+            max_output_tokens: 4096,
         }
     }
 

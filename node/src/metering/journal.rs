@@ -85,6 +85,7 @@ impl Journal {
     async fn journal(&self) -> anyhow::Result<usize> {
         let drained = self.meter.drain();
         if drained.is_empty() {
+            self.meter.spend.journaled(None);
             return Ok(0);
         }
         let crate::metering::Drained {
@@ -119,6 +120,7 @@ impl Journal {
         batch.insert(NEXT_SEQ, &seq.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.db.flush_async().await?;
+        self.meter.spend.journaled(Some(seq - 1));
         metrics::gauge!("tollgate_metering_journal_batches").set(self.pending() as f64);
         Ok(written)
     }
@@ -133,13 +135,15 @@ impl Journal {
                 let _ = self.tree.remove(&key);
                 format!("a journaled usage batch does not decode and was dropped: {e}")
             })?;
+            let seq = batch.seq;
             let cmd = Command {
                 kind: Some(command::Kind::Usage(batch)),
                 ..Command::default()
             };
             let req = WriteRequest { command: Some(cmd) };
             match cluster.write_command(req, false, &Caller::Node).await {
-                Ok(_) => {
+                Ok(resp) => {
+                    self.meter.spend.shipped(seq, resp.log_index);
                     // Applied (or a retry of one applied): it may go.
                     self.tree.remove(&key).map_err(|e| e.to_string())?;
                     shipped += 1;

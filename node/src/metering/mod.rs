@@ -43,8 +43,9 @@ pub struct Sample<'a> {
 pub struct LlmSample {
     /// The model the caller asked for.
     pub model: Arc<str>,
-    /// The provider that answered (empty when none did).
+    /// The provider and the deployment that answered (empty when none did).
     pub provider: Arc<str>,
+    pub deployment: Arc<str>,
     /// The provider's model id that answered, for per-model prices.
     pub upstream_model: Arc<str>,
     pub usage: crate::llm::ir::Usage,
@@ -84,6 +85,95 @@ impl Drained {
 #[derive(Default)]
 pub struct Meter {
     shards: Mutex<Vec<Arc<Mutex<Shard>>>>,
+    /// LLM spend against hard-capped budgets on its way into the committed spend.
+    pub spend: Spend,
+}
+
+/// Amounts (nanos) by tenant.
+pub type Amounts = HashMap<Arc<str>, u64>;
+
+/// A node's LLM spend against budgets, followed from the request to the committed spend
+/// (docs/llm.md, budgets): recorded after the request's usage row, then journaled with
+/// the next batch, then shipped at a Raft log index. Once this node has applied that
+/// index, the spend is in the committed spend its budget limits are computed from, and
+/// the budget lease stops counting it ([`Spend::settle`]). A cost is never attributed to
+/// a batch earlier than its usage row's, so it is never settled before it is committed.
+#[derive(Default)]
+pub struct Spend {
+    inner: Mutex<SpendInner>,
+}
+
+#[derive(Default)]
+struct SpendInner {
+    unjournaled: Amounts,
+    /// By the last journal sequence number of the drain that took them.
+    journaled: std::collections::BTreeMap<u64, Amounts>,
+    /// By the log index their batch was committed at.
+    shipped: Vec<(u64, Amounts)>,
+    last_index: u64,
+}
+
+fn merge_amounts(into: &mut Amounts, from: Amounts) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}
+
+impl Spend {
+    /// A request's final spend against `tenant`'s budget (after its usage was recorded).
+    pub fn record(&self, tenant: &Arc<str>, nanos: u64) {
+        if nanos > 0 {
+            let mut s = self.inner.lock().expect("spend lock");
+            *s.unjournaled.entry(tenant.clone()).or_default() += nanos;
+        }
+    }
+
+    /// The journal wrote batches up to `seq` (None: it wrote none).
+    pub fn journaled(&self, seq: Option<u64>) {
+        let mut s = self.inner.lock().expect("spend lock");
+        let taken = std::mem::take(&mut s.unjournaled);
+        if taken.is_empty() {
+            return;
+        }
+        match seq {
+            Some(seq) => merge_amounts(s.journaled.entry(seq).or_default(), taken),
+            None => match s.journaled.last_entry() {
+                // Their rows are in a batch not shipped yet, or already shipped.
+                Some(mut e) => merge_amounts(e.get_mut(), taken),
+                None => {
+                    let index = s.last_index;
+                    s.shipped.push((index, taken));
+                }
+            },
+        }
+    }
+
+    /// The batch with sequence number `seq` was committed at `index`.
+    pub fn shipped(&self, seq: u64, index: u64) {
+        let mut s = self.inner.lock().expect("spend lock");
+        s.last_index = s.last_index.max(index);
+        let later = s.journaled.split_off(&(seq + 1));
+        let done = std::mem::replace(&mut s.journaled, later);
+        for (_, amounts) in done {
+            s.shipped.push((index, amounts));
+        }
+    }
+
+    /// What is committed as of `applied` (this node's last applied log index).
+    pub fn settle(&self, applied: u64) -> Amounts {
+        let mut s = self.inner.lock().expect("spend lock");
+        let mut out = Amounts::default();
+        let mut keep = Vec::new();
+        for (index, amounts) in std::mem::take(&mut s.shipped) {
+            if index <= applied {
+                merge_amounts(&mut out, amounts);
+            } else {
+                keep.push((index, amounts));
+            }
+        }
+        s.shipped = keep;
+        out
+    }
 }
 
 impl Meter {
@@ -114,6 +204,7 @@ struct Row {
     key: Option<Arc<str>>,
     model: Option<Arc<str>>,
     provider: Option<Arc<str>>,
+    deployment: Option<Arc<str>>,
     counts: UsageCounts,
 }
 
@@ -150,8 +241,9 @@ impl Shard {
         (text(s.tenant), text(s.key)).hash(&mut h);
         let model = s.llm.map(|l| &l.model);
         let provider = s.llm.map(|l| &l.provider);
+        let deployment = s.llm.map(|l| &l.deployment);
         if s.llm.is_some() {
-            (text(model), text(provider)).hash(&mut h);
+            (text(model), text(provider), text(deployment)).hash(&mut h);
         }
         let row_hash = h.finish();
 
@@ -164,6 +256,7 @@ impl Shard {
                 && same(&r.key, s.key)
                 && same(&r.model, model)
                 && same(&r.provider, provider)
+                && same(&r.deployment, deployment)
         }) {
             Some(i) => &mut rows[i],
             None => {
@@ -175,6 +268,7 @@ impl Shard {
                     key: s.key.cloned(),
                     model: model.cloned(),
                     provider: provider.cloned(),
+                    deployment: deployment.cloned(),
                     counts: UsageCounts::default(),
                 });
                 rows.last_mut().expect("just pushed")
@@ -279,6 +373,7 @@ impl Shard {
                         && r.key == row.key
                         && r.model == row.model
                         && r.provider == row.provider
+                        && r.deployment == row.deployment
                 }) {
                     Some(r) => crate::state::usage::add_counts(&mut r.counts, &row.counts),
                     None => mine.push(row),
@@ -318,6 +413,7 @@ impl Shard {
                 counts: Some(r.counts),
                 model: owned(r.model),
                 provider: owned(r.provider),
+                deployment: owned(r.deployment),
             })
             .collect();
         entries.sort_by(|a, b| {
@@ -329,6 +425,7 @@ impl Shard {
                 &a.key,
                 &a.model,
                 &a.provider,
+                &a.deployment,
             )
                 .cmp(&(
                     b.minute,
@@ -338,6 +435,7 @@ impl Shard {
                     &b.key,
                     &b.model,
                     &b.provider,
+                    &b.deployment,
                 ))
         });
         let mut latencies: Vec<LatencyEntry> = self

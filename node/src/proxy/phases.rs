@@ -300,7 +300,12 @@ async fn pipeline(
             .as_ref()
             .and_then(|a| a.key)
             .and_then(|k| snapshot.auth.models_of(k));
-        let caller = crate::llm::serve::Caller { allowed, owner };
+        let spending = llm_spending(snapshot, route, api.as_ref(), peer);
+        let caller = crate::llm::serve::Caller {
+            allowed,
+            owner,
+            spending,
+        };
         return crate::llm::serve(req, worker, snapshot, (llm, *endpoint), caller, tail).await;
     }
     let probe = circuit(snapshot, route, &mut tail.circuit)?;
@@ -670,6 +675,10 @@ async fn quota(
     let mut waited = false;
     for &i in &route.quotas {
         let def = &routing.quotas[usize::from(i)];
+        if def.llm_only() {
+            // Counted by the LLM gateway, which knows the model and the tokens.
+            continue;
+        }
         // Callers without a key or tenant are counted by their IP, like Kong's fallback.
         let ip = || peer.ip.to_str().unwrap_or("-");
         let by_version;
@@ -684,6 +693,8 @@ async fn quota(
                 }
                 _ => &route.name,
             },
+            // Skipped above: counted by the LLM gateway.
+            QuotaScope::Model => continue,
         };
         let mut admit = quotas.admit(def, value, wall_ms(), true);
         if admit == Admit::Wait {
@@ -705,6 +716,38 @@ async fn quota(
         }
     }
     Ok(waited)
+}
+
+/// What an LLM request's spending is limited by: its route's token and model quotas, its
+/// tenant's prices and hard-capped budget.
+fn llm_spending(
+    snapshot: &Snapshot,
+    route: &Route,
+    api: Option<&ApiRequest<'_>>,
+    peer: &Peer,
+) -> crate::llm::limits::Spending {
+    let routing = &*snapshot.routing;
+    let tenant = api.and_then(|a| a.tenant.clone());
+    let billing = &snapshot.billing;
+    crate::llm::limits::Spending {
+        price: tenant.as_deref().and_then(|t| billing.prices.get(t).cloned()),
+        budget: tenant.as_deref().and_then(|t| billing.budgets.get(t).cloned()),
+        key: api.and_then(|a| a.key.cloned()),
+        api: route.api.clone(),
+        api_version: match (&route.api, api) {
+            (Some(name), Some(a)) => Some(format!("{name}@{}", a.version.to_str().unwrap_or(""))),
+            _ => None,
+        },
+        ip: peer.ip.to_str().unwrap_or("-").to_string(),
+        quotas: route
+            .quotas
+            .iter()
+            .map(|&i| &routing.quotas[usize::from(i)])
+            .filter(|d| d.llm_only())
+            .cloned()
+            .collect(),
+        tenant,
+    }
 }
 
 /// The longest a request waits for its node's lease to be topped up.
@@ -1271,7 +1314,8 @@ impl Drop for Tail {
             Some(r) => r.metrics.record(self.status, elapsed),
             None => self.worker.shared.unmatched.record(self.status, elapsed),
         }
-        let llm = self.llm.take().and_then(|r| {
+        let record = self.llm.take();
+        let llm = record.as_ref().and_then(|r| {
             let mut r = r.borrow_mut();
             r.settle();
             r.sample()
@@ -1281,6 +1325,12 @@ impl Drop for Tail {
         }
         if let Some(meter) = &self.worker.meter {
             self.meter(meter, route, elapsed, llm.as_ref());
+        }
+        // After the usage row: a budget's spend is never followed into a batch before
+        // the row it is part of.
+        if let Some(r) = record {
+            r.borrow_mut()
+                .finish_holds(self.worker.shared.meter.as_deref());
         }
         if let Some(trace) = self.trace.take()
             && let Some(tracing) = &self.worker.shared.tracing

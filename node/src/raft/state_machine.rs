@@ -48,6 +48,7 @@ pub struct Published {
     pub access: Arc<Access>,
     pub circuits: Arc<crate::state::circuit::Circuits>,
     pub capped: Arc<BTreeMap<String, u64>>,
+    pub billing: Arc<crate::state::billing::BillingView>,
 }
 
 impl Published {
@@ -59,6 +60,7 @@ impl Published {
             access: state.access.clone(),
             circuits: state.circuits.clone(),
             capped: state.capped.clone(),
+            billing: state.billing_view.clone(),
         }
     }
 }

@@ -7,12 +7,13 @@
 //! nothing is ever rounded until a figure is printed, and sums do not depend on order.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use chrono::{Datelike, TimeZone, Utc};
 use tollgate_proto::state::v1::{
     AssignPlan, BillingCommand, BudgetAlert, BudgetState, PlanAssignment, PlanPrices, PlanState,
-    PlanVersion, PutPlan, SetBudget, StateSnapshot, TenantSpend, UsageCounts, UsageEntry,
-    billing_command::Op,
+    PlanVersion, PutPlan, SetBudget, StateSnapshot, TenantSpend, TokenPrices, UsageCounts,
+    UsageEntry, billing_command::Op,
 };
 
 use crate::state::lifecycle::Refusal;
@@ -104,8 +105,109 @@ pub struct Prices {
     pub per_1k_requests: u64,
     pub per_gb: u64,
     pub per_1k_tokens: BTreeMap<String, u64>,
+    /// LLM token prices by model (or `model/deployment`; `*` for any model).
+    pub llm: BTreeMap<String, TokenPrice>,
     pub monthly: u64,
     pub currency: String,
+}
+
+/// Nanos per 1,000,000 tokens of each kind (defaults already filled in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenPrice {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+    /// Which of the above were written (the rest took their defaults), for display.
+    pub written: u8,
+}
+
+impl TokenPrice {
+    fn from_proto(at: &str, p: &TokenPrices) -> Result<TokenPrice, String> {
+        let field = |name: &str, text: &str| -> Result<Option<u64>, String> {
+            if text.trim().is_empty() {
+                Ok(None)
+            } else {
+                parse_amount(&format!("llm[{at}].{name}"), text).map(Some)
+            }
+        };
+        let input = field("input", &p.input)?;
+        let output = field("output", &p.output)?;
+        let cached = field("cached_input", &p.cached_input)?;
+        let write = field("cache_write", &p.cache_write)?;
+        let reasoning = field("reasoning", &p.reasoning)?;
+        if input.is_none() && output.is_none() {
+            return Err(format!(
+                "llm[{at}] names neither an input nor an output price; write at least one, like input=2.50,output=10"
+            ));
+        }
+        let written = [input.is_some(), output.is_some(), cached.is_some(), write.is_some(), reasoning.is_some()]
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (i, &w)| acc | (u8::from(w) << i));
+        let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
+        Ok(TokenPrice {
+            input,
+            output,
+            cached_input: cached.unwrap_or(input),
+            cache_write: write.unwrap_or(input),
+            reasoning: reasoning.unwrap_or(output),
+            written,
+        })
+    }
+
+    fn to_proto(self) -> TokenPrices {
+        let show = |bit: u8, v: u64| {
+            if self.written & (1 << bit) != 0 || bit < 2 {
+                format_nanos(v)
+            } else {
+                String::new()
+            }
+        };
+        TokenPrices {
+            input: show(0, self.input),
+            output: show(1, self.output),
+            cached_input: show(2, self.cached_input),
+            cache_write: show(3, self.cache_write),
+            reasoning: show(4, self.reasoning),
+        }
+    }
+
+    /// What `usage` costs, in attos: n tokens x nanos per 10^6 tokens = n x 10^3 attos.
+    pub fn cost(&self, u: &LlmTokens) -> u128 {
+        let plain_in = u.input.saturating_sub(u.cached_input + u.cache_write);
+        let plain_out = u.output.saturating_sub(u.reasoning);
+        let nanos_x_tokens = u128::from(plain_in) * u128::from(self.input)
+            + u128::from(u.cached_input) * u128::from(self.cached_input)
+            + u128::from(u.cache_write) * u128::from(self.cache_write)
+            + u128::from(plain_out) * u128::from(self.output)
+            + u128::from(u.reasoning) * u128::from(self.reasoning);
+        nanos_x_tokens * 1_000
+    }
+}
+
+/// Token counts by kind, as usage rows and requests carry them (input includes cached
+/// input and cache writes, output includes reasoning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LlmTokens {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+}
+
+impl LlmTokens {
+    pub fn of_counts(c: &UsageCounts) -> LlmTokens {
+        LlmTokens {
+            input: c.input_tokens,
+            output: c.output_tokens,
+            cached_input: c.cached_input_tokens,
+            cache_write: c.cache_write_tokens,
+            reasoning: c.reasoning_tokens,
+        }
+    }
 }
 
 /// What some usage costs, in attos, by what it is for.
@@ -145,6 +247,15 @@ impl Prices {
                 parse_amount(&format!("per_1k_tokens[{model}]"), price)?,
             );
         }
+        let mut llm = BTreeMap::new();
+        for (at, price) in &p.llm {
+            if at.is_empty() || at.len() > 256 || at.chars().any(char::is_control) {
+                return Err(format!(
+                    "llm price key {at:?} must name a model, `model/deployment`, or \"*\""
+                ));
+            }
+            llm.insert(at.clone(), TokenPrice::from_proto(at, price)?);
+        }
         let currency = if p.currency.is_empty() {
             "USD".to_string()
         } else if p.currency.len() == 3 && p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -159,6 +270,7 @@ impl Prices {
             per_1k_requests: parse_amount("per_1k_requests", &p.per_1k_requests)?,
             per_gb: parse_amount("per_gb", &p.per_gb)?,
             per_1k_tokens,
+            llm,
             monthly: parse_amount("monthly", &p.monthly)?,
             currency,
         })
@@ -173,12 +285,86 @@ impl Prices {
                 .iter()
                 .map(|(m, &p)| (m.clone(), format_nanos(p)))
                 .collect(),
+            llm: self
+                .llm
+                .iter()
+                .map(|(m, p)| (m.clone(), p.to_proto()))
+                .collect(),
             monthly: format_nanos(self.monthly),
             currency: self.currency.clone(),
         }
     }
 
-    /// What metered usage costs at these prices (the flat monthly fee is apart).
+    /// The token price of `model` answered by `deployment`: `model/deployment`, then
+    /// `model`, then `*`. None: the plan prices the model's tokens by `per_1k_tokens` (or
+    /// not at all).
+    pub fn llm_price(&self, model: &str, deployment: &str) -> Option<&TokenPrice> {
+        if self.llm.is_empty() || model.is_empty() {
+            return None;
+        }
+        if !deployment.is_empty()
+            && let Some(p) = self
+                .llm
+                .iter()
+                .find(|(k, _)| k.split_once('/') == Some((model, deployment)))
+        {
+            return Some(p.1);
+        }
+        self.llm.get(model).or_else(|| self.llm.get("*"))
+    }
+
+    /// What one LLM request costs, in attos (0 when the plan prices none of it).
+    pub fn llm_cost(&self, model: &str, deployment: &str, t: &LlmTokens) -> u128 {
+        self.llm_price(model, deployment).map_or(0, |p| p.cost(t))
+    }
+
+    /// The most a token of each side (input, output) can cost for this model and
+    /// deployment (`upstream`: the provider's model id, for per-1k prices), in nanos per
+    /// 10^6 tokens.
+    pub fn worst_token_prices(&self, model: &str, deployment: &str, upstream: &str) -> (u64, u64) {
+        match self.llm_price(model, deployment) {
+            Some(p) => (
+                p.input.max(p.cached_input).max(p.cache_write),
+                p.output.max(p.reasoning),
+            ),
+            None => {
+                let per_1k = self.per_1k_token(upstream);
+                (per_1k * 1000, per_1k * 1000)
+            }
+        }
+    }
+
+    fn per_1k_token(&self, upstream: &str) -> u64 {
+        self.per_1k_tokens
+            .get(upstream)
+            .or_else(|| self.per_1k_tokens.get("*"))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// What one LLM request costs, in attos: its tokens (by kind, or at the per-1k price of
+    /// the provider's model) and its per-request price. Bytes are billed in the rollups.
+    pub fn request_cost(&self, model: &str, deployment: &str, upstream: &str, t: &LlmTokens) -> u128 {
+        let tokens = match self.llm_price(model, deployment) {
+            Some(p) => p.cost(t),
+            None => u128::from(t.input + t.output) * u128::from(self.per_1k_token(upstream)) * 1_000_000,
+        };
+        tokens + u128::from(self.per_1k_requests) * 1_000_000
+    }
+
+    /// What a usage row costs at these prices (the flat monthly fee is apart).
+    pub fn metered_entry(&self, e: &UsageEntry) -> Cost {
+        let counts = e.counts.clone().unwrap_or_default();
+        let mut cost = self.metered(&counts);
+        if let Some(p) = self.llm_price(&e.model, &e.deployment) {
+            // Token prices by kind replace the per-1k price of the same tokens.
+            cost.tokens = p.cost(&LlmTokens::of_counts(&counts));
+        }
+        cost
+    }
+
+    /// What metered usage costs at these prices (the flat monthly fee is apart), with
+    /// tokens at their per-1k prices.
     pub fn metered(&self, c: &UsageCounts) -> Cost {
         // n x nanos-per-1000 = n x picos; x 10^6 = attos.
         let requests =
@@ -223,6 +409,7 @@ pub struct Budget {
     pub alerted: BTreeSet<u32>,
     pub capped: bool,
     pub set_at_ms: u64,
+    pub fail_open: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -433,6 +620,7 @@ impl Billing {
                 alerted,
                 capped: false,
                 set_at_ms: at_ms,
+                fail_open: b.fail_open,
             },
         );
         self.check_budget(&b.tenant, at_ms);
@@ -444,6 +632,7 @@ impl Billing {
                 "monthly_limit": format_nanos(limit),
                 "thresholds": thresholds,
                 "hard_cap": b.hard_cap,
+                "fail_open": b.fail_open,
                 "webhook": b.webhook,
             })
             .to_string(),
@@ -462,10 +651,7 @@ impl Billing {
             let Ok(Some((_, v))) = self.price_at(&e.tenant, minute_end, None) else {
                 continue;
             };
-            let cost = v
-                .prices
-                .metered(e.counts.as_ref().unwrap_or(&UsageCounts::default()))
-                .total();
+            let cost = v.prices.metered_entry(e).total();
             if cost == 0 {
                 continue;
             }
@@ -617,6 +803,7 @@ impl Billing {
                             alerted: b.alerted.iter().copied().collect(),
                             capped: b.capped,
                             set_at_ms: b.set_at_ms,
+                            fail_open: b.fail_open,
                         },
                     )
                 })
@@ -637,6 +824,88 @@ impl Billing {
     }
 }
 
+/// What the data plane needs of billing: each tenant's prices now, and the hard-capped
+/// budgets its LLM requests reserve against.
+#[derive(Debug, Default)]
+pub struct BillingView {
+    pub prices: std::collections::HashMap<String, Arc<PriceNow>>,
+    pub budgets: std::collections::HashMap<String, Arc<crate::actor::quotas::QuotaDef>>,
+}
+
+/// Equal when the prices and the budgets' settings are (the states it is part of are
+/// compared in tests).
+impl PartialEq for BillingView {
+    fn eq(&self, o: &BillingView) -> bool {
+        self.prices.len() == o.prices.len()
+            && self.prices.iter().all(|(k, v)| {
+                o.prices
+                    .get(k)
+                    .is_some_and(|w| w.label == v.label && w.prices == v.prices)
+            })
+            && self.budgets.len() == o.budgets.len()
+            && self.budgets.iter().all(|(k, v)| {
+                o.budgets
+                    .get(k)
+                    .is_some_and(|w| w.fail_open == v.fail_open)
+            })
+    }
+}
+
+/// A tenant's prices in force: `plan@version` and the prices.
+#[derive(Debug)]
+pub struct PriceNow {
+    pub label: String,
+    pub prices: Prices,
+}
+
+impl Billing {
+    /// The data plane's view as of `at_ms`.
+    pub fn view(&self, at_ms: u64) -> BillingView {
+        let mut view = BillingView::default();
+        let tenants: BTreeSet<&str> = self.assignments.iter().map(|a| a.tenant.as_str()).collect();
+        for tenant in tenants {
+            if let Ok(Some((plan, v))) = self.price_at(tenant, at_ms, None) {
+                view.prices.insert(
+                    tenant.to_string(),
+                    Arc::new(PriceNow {
+                        label: format!("{plan}@{}", v.version),
+                        prices: v.prices.clone(),
+                    }),
+                );
+            }
+        }
+        for (tenant, b) in &self.budgets {
+            if b.hard_cap {
+                view.budgets.insert(
+                    tenant.clone(),
+                    Arc::new(crate::actor::quotas::QuotaDef::budget(tenant, b.fail_open)),
+                );
+            }
+        }
+        view
+    }
+
+    /// What is left of a hard-capped budget this month, in nanos (rounded down), by
+    /// tenant.
+    pub fn budgets_left(&self, at_ms: u64) -> Vec<(String, u64)> {
+        let month = month_of_ms(at_ms);
+        self.budgets
+            .iter()
+            .filter(|(_, b)| b.hard_cap)
+            .map(|(tenant, b)| {
+                let limit = u128::from(b.limit) * ATTO_PER_NANO;
+                let left = limit.saturating_sub(self.spent(tenant, month)) / ATTO_PER_NANO;
+                (tenant.clone(), left as u64)
+            })
+            .collect()
+    }
+}
+
+/// Attos as nanos, rounded up (what a budget lease debits for a cost).
+pub fn atto_to_nanos_up(atto: u128) -> u64 {
+    atto.div_ceil(ATTO_PER_NANO).min(u128::from(u64::MAX)) as u64
+}
+
 pub fn budget_proto(tenant: &str, b: &Budget) -> BudgetState {
     BudgetState {
         tenant: tenant.to_string(),
@@ -648,6 +917,7 @@ pub fn budget_proto(tenant: &str, b: &Budget) -> BudgetState {
         alerted: b.alerted.iter().copied().collect(),
         capped: b.capped,
         set_at_ms: b.set_at_ms,
+        fail_open: b.fail_open,
     }
 }
 
@@ -656,6 +926,13 @@ fn prices_json(p: &Prices) -> serde_json::Value {
         "per_1k_requests": format_nanos(p.per_1k_requests),
         "per_gb": format_nanos(p.per_gb),
         "per_1k_tokens": p.per_1k_tokens.iter().map(|(m, &n)| (m.clone(), format_nanos(n))).collect::<BTreeMap<_, _>>(),
+        "llm": p.llm.iter().map(|(m, t)| {
+            let t = t.to_proto();
+            (m.clone(), serde_json::json!({
+                "input": t.input, "output": t.output, "cached_input": t.cached_input,
+                "cache_write": t.cache_write, "reasoning": t.reasoning,
+            }))
+        }).collect::<BTreeMap<_, _>>(),
         "monthly": format_nanos(p.monthly),
         "currency": p.currency,
     })
@@ -755,7 +1032,7 @@ pub fn cost_report(
             line.plans.insert(plan.to_string());
             line.price_versions.insert(format!("{plan}@{}", v.version));
             line.currency = v.prices.currency.clone();
-            line.cost.add(&v.prices.metered(&counts));
+            line.cost.add(&v.prices.metered_entry(e));
         }
     }
     // Flat fees: every tenant ever assigned a plan.

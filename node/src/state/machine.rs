@@ -56,6 +56,8 @@ pub struct ClusterState {
     /// `billing::month_of_ms`) it holds for: published to the data plane, which answers
     /// their requests 402.
     pub capped: Arc<BTreeMap<String, u64>>,
+    /// Prices and hard-capped budgets, published to the data plane.
+    pub billing_view: Arc<crate::state::billing::BillingView>,
 }
 
 /// What applying one command did.
@@ -195,6 +197,7 @@ impl ClusterState {
             },
             Ok(change) => {
                 self.capped = Arc::new(self.billing.capped());
+                self.billing_view = Arc::new(self.billing.view(cmd.at_ms));
                 let applied = self.record(
                     log_index,
                     cmd,
@@ -588,6 +591,7 @@ impl ClusterState {
         let billing = Billing::from_proto(&p);
         ClusterState {
             capped: Arc::new(billing.capped()),
+            billing_view: Arc::new(billing.view(crate::raft::service::now_ms())),
             usage,
             billing,
             access,

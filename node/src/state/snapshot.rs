@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub circuits: Arc<crate::state::circuit::Circuits>,
     /// Tenants over their budget's hard cap, with the month it holds for.
     pub capped: Arc<std::collections::BTreeMap<String, u64>>,
+    /// Tenants' prices and hard-capped budgets.
+    pub billing: Arc<crate::state::billing::BillingView>,
 }
 
 /// The compiled route table.
@@ -296,6 +298,7 @@ impl Snapshot {
             auth: Arc::new(AuthTable::default()),
             circuits: Arc::default(),
             capped: Arc::default(),
+            billing: Arc::default(),
         }
     }
 }

@@ -65,6 +65,20 @@ pub struct QuotaSpec {
     pub routes: Vec<String>,
     #[serde(default)]
     pub apis: Vec<String>,
+    /// What the limit counts: requests (default), or an LLM API's tokens (`tokens` for
+    /// input and output together, `input_tokens`, `output_tokens`).
+    #[serde(default)]
+    pub unit: QuotaUnit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaUnit {
+    #[default]
+    Requests,
+    Tokens,
+    InputTokens,
+    OutputTokens,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -78,6 +92,8 @@ pub enum QuotaScope {
     Route,
     /// Each version of an API.
     ApiVersion,
+    /// Each model of an LLM API (the name callers ask for).
+    Model,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1253,6 +1269,13 @@ impl Spec {
                         format!("{api:?} is not an API name"),
                     );
                 }
+            }
+            let llm_only = q.unit != QuotaUnit::Requests || q.scope == QuotaScope::Model;
+            if llm_only && !q.routes.is_empty() {
+                errors.push(
+                    format!("{at}.routes"),
+                    "token units and the model scope count LLM APIs' requests; name the APIs in `apis` (routes of the spec are not LLM APIs)",
+                );
             }
             if q.scope == QuotaScope::ApiVersion && q.apis.is_empty() && !q.routes.is_empty() {
                 errors.push(

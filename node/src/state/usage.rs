@@ -30,6 +30,7 @@ pub struct RowKey {
     /// LLM requests: the model asked for and the provider that answered.
     pub model: String,
     pub provider: String,
+    pub deployment: String,
 }
 
 /// An LLM entry's identity: (minute, api, version, model, deployment, provider).
@@ -189,6 +190,7 @@ impl Usage {
                 key: e.key.clone(),
                 model: e.model.clone(),
                 provider: e.provider.clone(),
+                deployment: e.deployment.clone(),
             };
             add_counts(
                 rows.entry(key).or_default(),
@@ -408,6 +410,7 @@ fn row_key(e: &UsageEntry) -> RowKey {
         key: e.key.clone(),
         model: e.model.clone(),
         provider: e.provider.clone(),
+        deployment: e.deployment.clone(),
     }
 }
 
@@ -421,6 +424,7 @@ fn entry(k: &RowKey, c: &UsageCounts) -> UsageEntry {
         counts: Some(c.clone()),
         model: k.model.clone(),
         provider: k.provider.clone(),
+        deployment: k.deployment.clone(),
     }
 }
 

@@ -177,6 +177,7 @@ fn budgets_alert_at_each_threshold_once_and_cap_at_the_limit() {
             thresholds: vec![],
             hard_cap: true,
             webhook: String::new(),
+            fail_open: false,
         })),
     };
     b.apply(&cmd, T0).unwrap();

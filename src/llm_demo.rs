@@ -9,7 +9,8 @@
 //! `retry_after=2`, `stall=500` (ms before the first token), `slow=20` (ms between tokens),
 //! `cut=3` (drop the connection after 3 tokens), `cut_pct=5` (so for 5% of streams, at a
 //! random token), `error_at=2` (an error event after 2 tokens), `window=100` (a context
-//! window, in words), `no_usage`. `POST /_demo/fail {"count": n, "status": s}` makes the
+//! window, in words), `no_usage`, `words=500` (answer 500 words, up to max_tokens, whatever
+//! the prompt). `POST /_demo/fail {"count": n, "status": s}` makes the
 //! next n requests fail; `GET /_demo/log` lists what each request was told it used.
 
 use std::collections::VecDeque;
@@ -49,6 +50,10 @@ struct Demo {
     /// Streams being sent, and those whose client went away before their end.
     open_streams: AtomicU64,
     cancelled: AtomicU64,
+    /// What answered requests were charged for: input tokens, and output tokens actually
+    /// sent (a cancelled stream's count stops where it was cancelled).
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
     /// Answers given as they are, to the next requests (`POST /_demo/script`).
     scripts: Mutex<VecDeque<Script>>,
     /// The last requests: path and body (`GET /_demo/requests`).
@@ -147,6 +152,8 @@ struct Directives {
     error_at: Option<usize>,
     window: Option<usize>,
     no_usage: bool,
+    /// Answer this many words (up to max_tokens) instead of echoing.
+    words: Option<usize>,
 }
 
 fn directives(model: &str) -> Directives {
@@ -164,6 +171,7 @@ fn directives(model: &str) -> Directives {
             "error_at" => d.error_at = Some(n as usize),
             "window" => d.window = Some(n as usize),
             "no_usage" => d.no_usage = true,
+            "words" => d.words = Some(n as usize),
             _ => {}
         }
     }
@@ -266,6 +274,8 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
             "answered": demo.seq.load(Ordering::Relaxed),
             "open_streams": demo.open_streams.load(Ordering::Relaxed),
             "cancelled": demo.cancelled.load(Ordering::Relaxed),
+            "input_tokens": demo.input_tokens.load(Ordering::Relaxed),
+            "output_tokens": demo.output_tokens.load(Ordering::Relaxed),
         });
         return Ok(full(StatusCode::OK, v, &[]));
     }
@@ -467,7 +477,22 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
         return Ok(full(StatusCode::OK, json!({"input_tokens": input}), &[]));
     }
     let seq = demo.seq.fetch_add(1, Ordering::Relaxed) + 1;
-    let answer = Answer::of(&doc, format, &model, input);
+    let mut answer = Answer::of(&doc, format, &model, input);
+    if let Some(n) = d.words
+        && answer.tools.is_empty()
+    {
+        let max = match format {
+            Format::Gemini => doc["generationConfig"]["maxOutputTokens"].as_u64(),
+            _ => doc["max_completion_tokens"]
+                .as_u64()
+                .or(doc["max_tokens"].as_u64()),
+        }
+        .map_or(n, |m| m as usize);
+        answer.truncated = n > max;
+        answer.words = vec!["word".to_string(); n.min(max)];
+    }
+    demo.input_tokens
+        .fetch_add(input as u64, Ordering::Relaxed);
     let stream = match format {
         Format::Gemini => path.contains(":streamGenerateContent"),
         _ => doc["stream"].as_bool().unwrap_or(false),
@@ -478,6 +503,8 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
             tokio::time::sleep(Duration::from_millis(d.stall_ms)).await;
         }
         demo.record(json!({"id": answer.id(format, seq), "model": model, "stream": false, "input_tokens": input, "output_tokens": answer.output_tokens(), "reported": !d.no_usage, "cut": false}));
+        demo.output_tokens
+            .fetch_add(answer.output_tokens() as u64, Ordering::Relaxed);
         return Ok(full(StatusCode::OK, answer.whole(format, seq, &d), &[]));
     }
     let include_usage = doc["stream_options"]["include_usage"]
@@ -1087,6 +1114,13 @@ fn stream_answer(
             if send(b).await.is_err() {
                 return;
             }
+            if a.tools.is_empty() {
+                demo.output_tokens.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !a.tools.is_empty() {
+            demo.output_tokens
+                .fetch_add(a.output_tokens() as u64, Ordering::Relaxed);
         }
         for b in end {
             if send(b).await.is_err() {

@@ -271,5 +271,91 @@ def fallback():
     print("stream model", chunks[-1].model)
 
 
+def costs():
+    """x-tollgate-cost (and a stream's final usage event) equal a hand computation from
+    the usage the answer reports, at IN and OUT per 10^6 tokens and PER_1K per 1,000
+    requests. Prints the sum, for the cost report."""
+    from decimal import Decimal
+    price_in = Decimal(os.environ["IN"]) / 10**6
+    price_out = Decimal(os.environ["OUT"]) / 10**6
+    per_request = Decimal(os.environ["PER_1K"]) / 1000
+    total = Decimal(0)
+
+    def check(tokens_in, tokens_out, got):
+        want = tokens_in * price_in + tokens_out * price_out + per_request
+        assert Decimal(got) == want, (got, want, tokens_in, tokens_out)
+        return Decimal(got)
+
+    msg = [{"role": "user", "content": "what does this cost"}]
+    for model in CHAT_MODELS:
+        raw = oai.chat.completions.with_raw_response.create(model=model, messages=msg)
+        r = raw.parse()
+        assert raw.headers["x-tollgate-cost-currency"] == "USD", raw.headers
+        total += check(r.usage.prompt_tokens, r.usage.completion_tokens, raw.headers["x-tollgate-cost"])
+        chunks = list(oai.chat.completions.create(model=model, messages=msg, stream=True,
+                                                  stream_options={"include_usage": True}))
+        last = chunks[-1]
+        ext = (last.model_extra or {}).get("tollgate")
+        assert ext, raw_stream("/v1/chat/completions", {"model": model, "stream": True, "messages": msg,
+                                                        "stream_options": {"include_usage": True}})
+        assert ext["currency"] == "USD", ext
+        total += check(last.usage.prompt_tokens, last.usage.completion_tokens, ext["cost"])
+    # Anthropic's dialect: the message_delta event carries it.
+    tokens_in, ext = None, None
+    for ev in ant.messages.create(model="claude", max_tokens=64, messages=msg, stream=True):
+        if ev.type == "message_start":
+            tokens_in = ev.message.usage.input_tokens
+        if ev.type == "message_delta":
+            ext = getattr(ev, "tollgate", None) or ev.model_extra.get("tollgate")
+            tokens_out = ev.usage.output_tokens
+    assert ext, "message_delta has no tollgate field"
+    total += check(tokens_in, tokens_out, ext["cost"])
+    print("costs total", total)
+
+
+def budget():
+    """402 before dispatch when the worst case does not fit; a stream cut where the budget
+    ends, with an error event the SDKs raise."""
+    msg = [{"role": "user", "content": "hello"}]
+    e = expect(openai.APIStatusError, lambda: oai.chat.completions.create(
+        model="gpt", max_tokens=int(os.environ["BIG"]), messages=msg), 402)
+    assert e.code == "insufficient_quota" and e.type == "insufficient_quota", e.body
+    e = expect(anthropic.APIStatusError, lambda: ant.messages.create(
+        model="gpt", max_tokens=int(os.environ["BIG"]), messages=msg), 402)
+    assert e.body["error"]["type"] == "billing_error", e.body
+    got = []
+    e = expect(openai.APIError, lambda: [got.append(c) for c in oai.chat.completions.create(
+        model="long", stream=True, max_tokens=5000, messages=msg)])
+    assert "budget" in str(e), e
+    words = "".join(c.choices[0].delta.content or "" for c in got if c.choices).split()
+    print("streamed words", len(words))
+    # Spent: a stream cannot start either.
+    e = expect(openai.APIStatusError, lambda: list(oai.chat.completions.create(
+        model="long", stream=True, max_tokens=5000, messages=msg)), 402)
+    print("budget ok")
+
+
+def token_limit():
+    """A token quota: requests fit while their worst case does, then 429 with retry-after
+    and the RateLimit fields in each dialect, before any provider call."""
+    msg = [{"role": "user", "content": "count me"}]
+    for _ in range(2):
+        r = oai.chat.completions.create(model="gpt", max_tokens=int(os.environ["FITS"]), messages=msg)
+        assert r.choices[0].message.content
+    e = expect(openai.RateLimitError, lambda: oai.chat.completions.create(
+        model="gpt", max_tokens=int(os.environ["OVER"]), messages=msg), 429)
+    h = e.response.headers
+    # A window counter: the caller may try again when the hour's window ends.
+    assert 1 <= int(h["retry-after"]) <= 3600, h
+    assert h["ratelimit-policy"].startswith('"tpm";q='), h
+    assert h["ratelimit"].startswith('"tpm";r=0;t='), h
+    expect(anthropic.RateLimitError, lambda: ant.messages.create(
+        model="gpt", max_tokens=int(os.environ["OVER"]), messages=msg), 429)
+    e = expect(openai.RateLimitError, lambda: oai.chat.completions.create(
+        model="gpt", max_tokens=100000, messages=msg), 429)
+    assert "more than quota tpm allows" in str(e), e
+    print("token_limit ok")
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()

@@ -1697,8 +1697,11 @@ pub struct Relay {
     early_error: Option<String>,
     /// The provider said why it finished; the usage that follows is the final one.
     finished: bool,
-    /// The final usage arrived: its event gets the request's cost.
+    /// Usage arrived (some providers send it before they say why they finished).
+    usage_seen: bool,
+    /// Finished with usage: the event with the final usage gets the request's cost.
     cost_due: bool,
+    cost_done: bool,
     /// The budget is spent: the stream ends after this event.
     budget_spent: bool,
     /// Output is debited from a budget as it arrives.
@@ -1765,7 +1768,9 @@ impl Relay {
             first_token_at: None,
             early_error: None,
             finished: false,
+            usage_seen: false,
             cost_due: false,
+            cost_done: false,
             budget_spent: false,
             metered_output,
         }
@@ -1846,9 +1851,9 @@ impl Relay {
             }
             deltas.clear();
             self.deltas = deltas;
-            if self.cost_due {
+            if self.cost_due && self.add_cost(queued) {
                 self.cost_due = false;
-                self.add_cost(queued);
+                self.cost_done = true;
             }
             if self.budget_spent && !self.ended {
                 let kind = match self.caller {
@@ -1868,21 +1873,27 @@ impl Relay {
         Ok(())
     }
 
-    /// Puts the request's cost into the event queued since `from` that carries usage.
-    fn add_cost(&mut self, from: usize) {
+    /// Puts the request's cost into the event queued since `from` that carries the final
+    /// usage (an object, not the `null` of other chunks). False: none has been queued yet
+    /// (a translated stream sends it at its end).
+    fn add_cost(&mut self, from: usize) -> bool {
         let r = self.record.borrow();
         let Some((cost, currency)) = r.cost() else {
-            return;
+            return true;
+        };
+        let carries_usage = |ev: &[u8]| {
+            ev.windows(9).any(|w| w == b"\"usage\":{") || ev.windows(10).any(|w| w == b"\"usage\": {")
         };
         for i in (from..self.queue.len()).rev() {
             let ev = &self.queue[i];
-            if ev.windows(7).any(|w| w == b"\"usage\"")
+            if carries_usage(ev)
                 && let Some(with) = with_cost(ev, cost, currency)
             {
                 self.queue[i] = with;
-                return;
+                return true;
             }
         }
+        false
     }
 
     /// At the end of the provider's body: a stream whose end is the body's end (Gemini's)
@@ -1892,7 +1903,12 @@ impl Relay {
         if let Decode::Gemini(dec) = &mut self.decode
             && dec.end(&mut deltas)
         {
+            let queued = self.queue.len();
             self.take_deltas(&deltas);
+            if self.cost_due && self.add_cost(queued) {
+                self.cost_due = false;
+                self.cost_done = true;
+            }
         }
     }
 
@@ -1962,7 +1978,8 @@ impl Relay {
                 }
             }
         }
-        if saw_usage && self.finished {
+        self.usage_seen |= saw_usage;
+        if self.usage_seen && self.finished && !self.cost_done {
             self.cost_due = true;
         }
         pass

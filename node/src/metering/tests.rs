@@ -80,3 +80,24 @@ fn threads_count_apart_and_drain_merged_by_row() {
     // Drained: the next drain starts from zero.
     assert_eq!(meter.drain().entries.len(), 0);
 }
+
+#[test]
+fn budget_spend_is_settled_only_once_its_batch_is_applied_here() {
+    let spend = Spend::default();
+    let acme: Arc<str> = Arc::from("acme");
+    spend.record(&acme, 5);
+    spend.journaled(Some(3));
+    // Recorded after that drain: its row is in a later batch.
+    spend.record(&acme, 7);
+    spend.journaled(Some(4));
+    spend.shipped(3, 100);
+    assert!(spend.settle(99).is_empty());
+    assert_eq!(spend.settle(100).get("acme"), Some(&5));
+    assert!(spend.settle(1_000).is_empty(), "batch 4 is not shipped yet");
+    spend.shipped(4, 101);
+    assert_eq!(spend.settle(101).get("acme"), Some(&7));
+    // A cost whose row went in a batch already shipped settles at the last index.
+    spend.record(&acme, 2);
+    spend.journaled(None);
+    assert_eq!(spend.settle(101).get("acme"), Some(&2));
+}

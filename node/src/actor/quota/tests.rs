@@ -211,3 +211,80 @@ fn calendar_months_have_their_own_lengths() {
     let (_, s, e) = Span::Fixed(86_400_000).window(feb + 5);
     assert_eq!((s, e), (feb, feb + 86_400_000));
 }
+
+fn leased(limit: u64, tokens: u64, remaining: u64) -> Lease {
+    let mut l = Lease::new(Algorithm::Window, limit, Span::Fixed(60_000), false, 1);
+    l.granted(Grant {
+        window: 0,
+        tokens,
+        valid_until_ms: 60_000,
+        remaining,
+    });
+    l
+}
+
+#[test]
+fn amounts_are_taken_whole_or_not_at_all_and_corrected_afterwards() {
+    let mut l = leased(1_000, 100, 0);
+    assert_eq!(l.admit_n(10, 60, true), Admit::Yes);
+    // 40 held, nothing left at the owner: 50 can be neither had nor waited for.
+    assert_eq!(l.admit_n(10, 50, true), Admit::No);
+    assert_eq!(l.used(), 60);
+    // A stream may start on part of its worst case, never below its minimum.
+    assert_eq!(l.admit_up_to(10, 41, 50), 0);
+    assert_eq!(l.admit_up_to(10, 10, 50), 40);
+    assert_eq!(l.held(), 0);
+    assert!(l.exhausted(10));
+    // Tokens already sent are counted even with nothing held.
+    l.force(10, 30);
+    assert_eq!(l.used(), 130);
+    // An answer shorter than its reservation gives the rest back, to be spent again.
+    l.give_back(10, 0, 20);
+    assert_eq!((l.used(), l.held()), (110, 20));
+    assert!(!l.exhausted(10));
+    // Never into a window that has ended.
+    l.give_back(70_000, 0, 20);
+    assert_eq!(l.used(), 0);
+    let r = l.reports(70_000);
+    assert_eq!(r[0].used, 0);
+}
+
+#[test]
+fn while_the_owner_has_budget_left_a_large_ask_waits_for_it() {
+    let mut l = leased(1_000, 10, 500);
+    assert_eq!(l.admit_n(0, 300, true), Admit::Wait);
+    assert_eq!(l.admit_n(0, 600, true), Admit::No);
+    // The wait is counted as demand: the next report asks for it.
+    let r = l.reports(25);
+    assert!(r[0].want >= 300, "{r:?}");
+}
+
+#[test]
+fn a_budget_ledger_takes_the_limit_of_the_most_advanced_reporter() {
+    let mut ledger = Ledger::new(Algorithm::Window, 1, 0, 1000, 0);
+    let report = |used, held, want, limit, applied_index| Report {
+        window: 0,
+        window_end_ms: 10_000,
+        used,
+        held,
+        want,
+        limit,
+        applied_index,
+        ..Report::default()
+    };
+    // Node 1 has applied up to index 10: 1,000 left.
+    let g = ledger.exchange(0, 1, &report(0, 0, 600, 1_000, 10));
+    assert_eq!(g.tokens, 600);
+    // Node 2 lags (index 5): its higher limit is not believed.
+    let g = ledger.exchange(100, 2, &report(0, 0, 600, 1_200, 5));
+    assert_eq!(g.tokens, 400, "{g:?}");
+    // Node 1 spent 500 of its 600 and its batch was committed at index 12: it no longer
+    // counts the 500 as used, and its limit is 500 lower. Nothing is lost or counted twice.
+    let g = ledger.exchange(200, 1, &report(0, 100, 0, 500, 12));
+    assert_eq!((g.tokens, g.remaining), (0, 0), "{g:?}");
+    // Node 2 gives its 400 back: they can be granted again, and no more.
+    let g = ledger.exchange(300, 2, &report(0, 0, 0, 1_200, 6));
+    assert_eq!(g.remaining, 400);
+    let g = ledger.exchange(400, 1, &report(0, 100, 1_000, 500, 12));
+    assert_eq!(g.tokens, 400);
+}

@@ -319,3 +319,78 @@ fn bad_prices_and_budgets_are_refused_with_what_to_write() {
     assert_eq!(format_nanos(400_000_000), "0.40");
     assert_eq!(format_nanos(1), "0.000000001");
 }
+
+#[test]
+fn llm_tokens_are_priced_by_kind_per_model_and_deployment_exactly() {
+    use tollgate_proto::state::v1::TokenPrices;
+    let prices = Prices::from_proto(&PlanPrices {
+        per_1k_requests: "0.40".into(),
+        llm: [
+            (
+                "gpt".to_string(),
+                TokenPrices {
+                    input: "2.50".into(),
+                    output: "10".into(),
+                    cached_input: "1.25".into(),
+                    ..TokenPrices::default()
+                },
+            ),
+            (
+                "gpt/azure-eu".to_string(),
+                TokenPrices {
+                    input: "3".into(),
+                    output: "12".into(),
+                    ..TokenPrices::default()
+                },
+            ),
+        ]
+        .into(),
+        ..PlanPrices::default()
+    })
+    .unwrap();
+    let t = LlmTokens {
+        input: 1_000,
+        cached_input: 200,
+        output: 500,
+        reasoning: 100,
+        ..LlmTokens::default()
+    };
+    // 800 x 2.50 + 200 x 1.25 + 400 x 10 + 100 x 10 (reasoning at the output price),
+    // per 10^6 tokens = 0.00725.
+    assert_eq!(format_atto(prices.llm_cost("gpt", "openai", &t)), "0.00725");
+    // The deployment's own price; unnamed kinds take the input and output prices.
+    assert_eq!(format_atto(prices.llm_cost("gpt", "azure-eu", &t)), "0.009");
+    // The request's cost adds its per-request price (0.40 per 1,000).
+    assert_eq!(
+        format_atto(prices.request_cost("gpt", "openai", "gpt-4o", &t)),
+        "0.00765"
+    );
+    assert_eq!(prices.llm_cost("other", "", &t), 0);
+    assert_eq!(prices.worst_token_prices("gpt", "openai", "x"), (2_500_000_000, 10_000_000_000));
+    // A usage row is priced the same way, and the round trip keeps what was written.
+    let mut e = entry(
+        "acme",
+        1,
+        UsageCounts {
+            requests: 1,
+            class_2xx: 1,
+            input_tokens: 1_000,
+            cached_input_tokens: 200,
+            output_tokens: 500,
+            reasoning_tokens: 100,
+            ..UsageCounts::default()
+        },
+    );
+    e.model = "gpt".into();
+    e.deployment = "openai".into();
+    assert_eq!(format_atto(prices.metered_entry(&e).total()), "0.00765");
+    let back = Prices::from_proto(&prices.to_proto()).unwrap();
+    assert_eq!(back, prices);
+    assert!(prices.to_proto().llm["gpt"].reasoning.is_empty());
+    let err = Prices::from_proto(&PlanPrices {
+        llm: [("m".to_string(), TokenPrices::default())].into(),
+        ..PlanPrices::default()
+    })
+    .unwrap_err();
+    assert!(err.contains("neither an input nor an output"), "{err}");
+}

@@ -491,8 +491,7 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
         answer.truncated = n > max;
         answer.words = vec!["word".to_string(); n.min(max)];
     }
-    demo.input_tokens
-        .fetch_add(input as u64, Ordering::Relaxed);
+    demo.input_tokens.fetch_add(input as u64, Ordering::Relaxed);
     let stream = match format {
         Format::Gemini => path.contains(":streamGenerateContent"),
         _ => doc["stream"].as_bool().unwrap_or(false),

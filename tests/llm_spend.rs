@@ -157,20 +157,21 @@ async fn a_budget_refuses_402_before_dispatch_and_cuts_a_stream_where_it_ends() 
         "{charged_nanos} nanos charged"
     );
     // The committed spend says the same, and the tenant is capped.
-    eventually("the spend is committed", Duration::from_secs(10), async || {
-        let b = cp.list_budgets().await.unwrap();
-        b.budgets
-            .iter()
-            .any(|v| v.budget.as_ref().is_some_and(|s| s.capped))
-    })
+    eventually(
+        "the spend is committed",
+        Duration::from_secs(10),
+        async || {
+            let b = cp.list_budgets().await.unwrap();
+            b.budgets
+                .iter()
+                .any(|v| v.budget.as_ref().is_some_and(|s| s.capped))
+        },
+    )
     .await;
     let b = cp.list_budgets().await.unwrap();
     let spent: f64 = b.budgets[0].spent.parse().unwrap();
     println!("committed spend {spent}");
-    assert!(
-        spent * 1e9 <= 1_000_000.0 + bound_nanos as f64,
-        "{spent}"
-    );
+    assert!(spent * 1e9 <= 1_000_000.0 + bound_nanos as f64, "{spent}");
     let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_budget_reservations_total{result=\"refused\",tenant=\"acme\"}")
@@ -221,5 +222,9 @@ async fn a_token_quota_answers_429_with_retry_after_before_the_provider_is_calle
     )
     .await;
     let after = demo.stats()["requests"].as_u64().unwrap();
-    assert_eq!(after - before, 2, "only the two that fit reached the provider");
+    assert_eq!(
+        after - before,
+        2,
+        "only the two that fit reached the provider"
+    );
 }

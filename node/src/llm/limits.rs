@@ -173,14 +173,16 @@ impl Holds {
                 }
                 let reserved = match admit {
                     Admit::Yes => worst,
-                    // A stream may start on less than its worst case: the input and a
-                    // first step of output; it takes more as it goes, and ends when none
-                    // is left.
+                    // A stream whose worst case does not fit what is left starts on its
+                    // input and one step of output, takes a step more at a time as its
+                    // output arrives, and ends when none is left: near the end of a
+                    // budget, concurrent streams share what is left by what they use
+                    // instead of the first one holding all of it.
                     _ if ask.stream => {
                         let min = atto_to_nanos_up(
                             fixed_atto + out_atto(STREAM_STEP.min(ask.max_output)),
                         );
-                        quotas.with_lease(def, tenant, |l| l.admit_up_to(wall_ms(), min, worst))
+                        quotas.with_lease(def, tenant, |l| l.admit_up_to(wall_ms(), min, min))
                     }
                     _ => 0,
                 };
@@ -301,8 +303,9 @@ impl Holds {
         }
         if let Some(b) = self.budget.take() {
             bound_gauge(&b.tenant).decrement(b.bound as f64);
-            self.quotas
-                .with_lease(&b.def, &b.tenant, |l| l.give_back(now, b.window, b.reserved));
+            self.quotas.with_lease(&b.def, &b.tenant, |l| {
+                l.give_back(now, b.window, b.reserved)
+            });
         }
     }
 }

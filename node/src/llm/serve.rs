@@ -1037,8 +1037,8 @@ async fn dispatch(
         prompt_tokens = Some(n);
     }
     // Token quotas and the budget: the worst case is taken before any provider is called.
-    let limited = !spending.quotas.is_empty()
-        || (spending.budget.is_some() && spending.price.is_some());
+    let limited =
+        !spending.quotas.is_empty() || (spending.budget.is_some() && spending.price.is_some());
     if limited && let Some((_, first)) = candidates.first() {
         let input = match prompt_tokens {
             Some(n) => n,
@@ -1054,8 +1054,7 @@ async fn dispatch(
                 .map(|(m, d)| (&*m.name, &*d.name, &*d.model))
                 .collect(),
         };
-        let holds =
-            super::limits::Holds::reserve(&worker.shared.quotas, spending, &ask).await?;
+        let holds = super::limits::Holds::reserve(&worker.shared.quotas, spending, &ask).await?;
         record.borrow_mut().holds = Some(holds);
     }
     let mut last: Option<Failure> = None;
@@ -1722,7 +1721,11 @@ impl Relay {
         model: &Model,
     ) -> Relay {
         let usage_asked = chat.stream_usage;
-        let metered_output = record.borrow().holds.as_ref().is_some_and(|h| h.has_budget());
+        let metered_output = record
+            .borrow()
+            .holds
+            .as_ref()
+            .is_some_and(|h| h.has_budget());
         let wire = Wire::of(d.provider.kind);
         let decode = match wire {
             Wire::OpenAi => Decode::OpenAi(openai::Decoder::default()),
@@ -1882,7 +1885,8 @@ impl Relay {
             return true;
         };
         let carries_usage = |ev: &[u8]| {
-            ev.windows(9).any(|w| w == b"\"usage\":{") || ev.windows(10).any(|w| w == b"\"usage\": {")
+            ev.windows(9).any(|w| w == b"\"usage\":{")
+                || ev.windows(10).any(|w| w == b"\"usage\": {")
         };
         for i in (from..self.queue.len()).rev() {
             let ev = &self.queue[i];

@@ -730,8 +730,12 @@ fn llm_spending(
     let tenant = api.and_then(|a| a.tenant.clone());
     let billing = &snapshot.billing;
     crate::llm::limits::Spending {
-        price: tenant.as_deref().and_then(|t| billing.prices.get(t).cloned()),
-        budget: tenant.as_deref().and_then(|t| billing.budgets.get(t).cloned()),
+        price: tenant
+            .as_deref()
+            .and_then(|t| billing.prices.get(t).cloned()),
+        budget: tenant
+            .as_deref()
+            .and_then(|t| billing.budgets.get(t).cloned()),
         key: api.and_then(|a| a.key.cloned()),
         api: route.api.clone(),
         api_version: match (&route.api, api) {

@@ -142,10 +142,16 @@ impl TokenPrice {
                 "llm[{at}] names neither an input nor an output price; write at least one, like input=2.50,output=10"
             ));
         }
-        let written = [input.is_some(), output.is_some(), cached.is_some(), write.is_some(), reasoning.is_some()]
-            .iter()
-            .enumerate()
-            .fold(0u8, |acc, (i, &w)| acc | (u8::from(w) << i));
+        let written = [
+            input.is_some(),
+            output.is_some(),
+            cached.is_some(),
+            write.is_some(),
+            reasoning.is_some(),
+        ]
+        .iter()
+        .enumerate()
+        .fold(0u8, |acc, (i, &w)| acc | (u8::from(w) << i));
         let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
         Ok(TokenPrice {
             input,
@@ -344,10 +350,18 @@ impl Prices {
 
     /// What one LLM request costs, in attos: its tokens (by kind, or at the per-1k price of
     /// the provider's model) and its per-request price. Bytes are billed in the rollups.
-    pub fn request_cost(&self, model: &str, deployment: &str, upstream: &str, t: &LlmTokens) -> u128 {
+    pub fn request_cost(
+        &self,
+        model: &str,
+        deployment: &str,
+        upstream: &str,
+        t: &LlmTokens,
+    ) -> u128 {
         let tokens = match self.llm_price(model, deployment) {
             Some(p) => p.cost(t),
-            None => u128::from(t.input + t.output) * u128::from(self.per_1k_token(upstream)) * 1_000_000,
+            None => {
+                u128::from(t.input + t.output) * u128::from(self.per_1k_token(upstream)) * 1_000_000
+            }
         };
         tokens + u128::from(self.per_1k_requests) * 1_000_000
     }
@@ -843,11 +857,10 @@ impl PartialEq for BillingView {
                     .is_some_and(|w| w.label == v.label && w.prices == v.prices)
             })
             && self.budgets.len() == o.budgets.len()
-            && self.budgets.iter().all(|(k, v)| {
-                o.budgets
-                    .get(k)
-                    .is_some_and(|w| w.fail_open == v.fail_open)
-            })
+            && self
+                .budgets
+                .iter()
+                .all(|(k, v)| o.budgets.get(k).is_some_and(|w| w.fail_open == v.fail_open))
     }
 }
 

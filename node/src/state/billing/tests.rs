@@ -366,7 +366,10 @@ fn llm_tokens_are_priced_by_kind_per_model_and_deployment_exactly() {
         "0.00765"
     );
     assert_eq!(prices.llm_cost("other", "", &t), 0);
-    assert_eq!(prices.worst_token_prices("gpt", "openai", "x"), (2_500_000_000, 10_000_000_000));
+    assert_eq!(
+        prices.worst_token_prices("gpt", "openai", "x"),
+        (2_500_000_000, 10_000_000_000)
+    );
     // A usage row is priced the same way, and the round trip keeps what was written.
     let mut e = entry(
         "acme",

@@ -54,6 +54,9 @@ struct Demo {
     /// sent (a cancelled stream's count stops where it was cancelled).
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
+    /// Models with a `tpm` directive: this minute's tokens received (answered or not), the
+    /// most received in any minute, and the requests refused 429.
+    tpm: Mutex<std::collections::HashMap<String, TpmWindow>>,
     /// Answers given as they are, to the next requests (`POST /_demo/script`).
     scripts: Mutex<VecDeque<Script>>,
     /// The last requests: path and body (`GET /_demo/requests`).
@@ -140,6 +143,14 @@ enum Format {
     Gemini,
 }
 
+#[derive(Default, Debug, Clone, Copy)]
+struct TpmWindow {
+    minute: u64,
+    received: u64,
+    max_received: u64,
+    refused: u64,
+}
+
 /// What the model id's directives ask for.
 #[derive(Default, Debug)]
 struct Directives {
@@ -154,6 +165,8 @@ struct Directives {
     no_usage: bool,
     /// Answer this many words (up to max_tokens) instead of echoing.
     words: Option<usize>,
+    /// Tokens per minute (a window per calendar minute): past it, 429 with retry-after.
+    tpm: Option<u64>,
 }
 
 fn directives(model: &str) -> Directives {
@@ -172,6 +185,7 @@ fn directives(model: &str) -> Directives {
             "window" => d.window = Some(n as usize),
             "no_usage" => d.no_usage = true,
             "words" => d.words = Some(n as usize),
+            "tpm" => d.tpm = Some(n),
             _ => {}
         }
     }
@@ -276,6 +290,9 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
             "cancelled": demo.cancelled.load(Ordering::Relaxed),
             "input_tokens": demo.input_tokens.load(Ordering::Relaxed),
             "output_tokens": demo.output_tokens.load(Ordering::Relaxed),
+            "tpm": demo.tpm.lock().expect("tpm").iter().map(|(m, w)| {
+                (m.clone(), json!({"max_received": w.max_received, "refused": w.refused}))
+            }).collect::<serde_json::Map<String, Value>>(),
         });
         return Ok(full(StatusCode::OK, v, &[]));
     }
@@ -491,6 +508,32 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
         answer.truncated = n > max;
         answer.words = vec!["word".to_string(); n.min(max)];
     }
+    if let Some(limit) = d.tpm {
+        // What a provider's limiter sees: every request's tokens, answered or refused.
+        let tokens = (input + answer.output_tokens()) as u64;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_millis() as u64);
+        let minute = now_ms / 60_000;
+        let mut all = demo.tpm.lock().expect("tpm");
+        let w = all.entry(model.clone()).or_default();
+        if w.minute != minute {
+            (w.minute, w.received) = (minute, 0);
+        }
+        w.received += tokens;
+        w.max_received = w.max_received.max(w.received);
+        if w.received > limit {
+            w.refused += 1;
+            let retry = ((minute + 1) * 60_000 - now_ms).div_ceil(1000);
+            drop(all);
+            return Ok(error(
+                format,
+                429,
+                "Rate limit reached for tokens per minute",
+                Some(retry),
+            ));
+        }
+    }
     demo.input_tokens.fetch_add(input as u64, Ordering::Relaxed);
     let stream = match format {
         Format::Gemini => path.contains(":streamGenerateContent"),
@@ -504,7 +547,22 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
         demo.record(json!({"id": answer.id(format, seq), "model": model, "stream": false, "input_tokens": input, "output_tokens": answer.output_tokens(), "reported": !d.no_usage, "cut": false}));
         demo.output_tokens
             .fetch_add(answer.output_tokens() as u64, Ordering::Relaxed);
-        return Ok(full(StatusCode::OK, answer.whole(format, seq, &d), &[]));
+        // What is left this minute, as OpenAI's headers say it.
+        let left: Vec<(&str, String)> = match d.tpm {
+            Some(limit) => {
+                let w = demo.tpm.lock().expect("tpm").get(&model).copied();
+                let used = w.map_or(0, |w| w.received);
+                vec![
+                    ("x-ratelimit-limit-tokens", limit.to_string()),
+                    (
+                        "x-ratelimit-remaining-tokens",
+                        limit.saturating_sub(used).to_string(),
+                    ),
+                ]
+            }
+            None => Vec::new(),
+        };
+        return Ok(full(StatusCode::OK, answer.whole(format, seq, &d), &left));
     }
     let include_usage = doc["stream_options"]["include_usage"]
         .as_bool()

@@ -369,6 +369,7 @@ impl Actors {
                                 tokens: g.tokens,
                                 valid_until_ms: g.valid_until_ms,
                                 remaining: g.remaining,
+                                revoke: g.revoke,
                             })
                         });
                     }
@@ -646,6 +647,7 @@ fn answer(
                 .routing
                 .quotas
                 .iter()
+                .chain(&snapshot.routing.provider_quotas)
                 .any(|q| q.id == id && q.limit == r.limit),
         };
         if !known {
@@ -686,6 +688,7 @@ fn answer(
         tokens: g.tokens,
         valid_until_ms: g.valid_until_ms,
         remaining: g.remaining,
+        revoke: g.revoke,
     }
 }
 

@@ -117,6 +117,8 @@ pub struct Grant {
     pub valid_until_ms: u64,
     /// What the owner has left to grant.
     pub remaining: u64,
+    /// The window is overdrawn: what is held for it must not be spent.
+    pub revoke: bool,
 }
 
 /// The recent asks of every node, for demand-sized shares.
@@ -272,11 +274,14 @@ impl WindowLedger {
         let remaining = limit.saturating_sub(accounted);
         let tokens = book.asks.share(now_ms, node, r.want, remaining);
         book.nodes.get_mut(&node).expect("inserted above").granted = tokens;
+        // Spent (not merely held) past the limit: nothing held may be spent any more.
+        let spent: u64 = book.nodes.values().map(|n| n.used).sum();
         Grant {
             window: r.window,
             tokens,
             valid_until_ms: book.end_ms,
             remaining: remaining - tokens,
+            revoke: spent > limit,
         }
     }
 }
@@ -331,6 +336,7 @@ impl GcraLedger {
             tokens,
             valid_until_ms: until,
             remaining: available - tokens,
+            revoke: false,
         }
     }
 }
@@ -580,6 +586,13 @@ impl Lease {
         self.used = self.used.saturating_sub(n);
     }
 
+    /// What this node could still admit without waiting, plus what the owner said it has
+    /// left: the lease's view of the headroom.
+    pub fn headroom(&mut self, now_ms: u64) -> u64 {
+        self.roll(now_ms);
+        self.spendable() + self.remaining
+    }
+
     /// The window (index) the lease counts in now.
     pub fn window_now(&mut self, now_ms: u64) -> u64 {
         self.roll(now_ms);
@@ -713,6 +726,9 @@ impl Lease {
         self.checked_until = 0;
         self.standing = Standing::Leased;
         self.remaining = grant.remaining;
+        if grant.revoke {
+            self.held.retain(|h| h.window != grant.window);
+        }
         if grant.tokens > 0 {
             self.held.push(Held {
                 window: grant.window,

@@ -106,6 +106,31 @@ impl QuotaDef {
         }
     }
 
+    /// A provider's limit for one deployment (tokens or requests per minute), held by the
+    /// whole cluster: `llm-tpm` or `llm-rpm`.
+    pub fn provider(kind: &'static str, limit: u64, unit: QuotaUnit) -> QuotaDef {
+        let counter = |result: &'static str| metrics::counter!("tollgate_llm_provider_quota_total", "quota" => kind, "result" => result);
+        QuotaDef {
+            name: Arc::from(kind),
+            id: format!("{kind}#{limit}"),
+            scope: QuotaScope::Route,
+            limit: limit.max(1),
+            burst: 1,
+            span: Span::Fixed(60_000),
+            algorithm: Algorithm::Window,
+            // The provider enforces its limit anyway: a node cut off from the owner
+            // spends its share rather than stop calling.
+            fail_open: true,
+            per_region: false,
+            routes: Vec::new(),
+            apis: Vec::new(),
+            unit,
+            admitted: counter("admitted"),
+            refused: counter("refused"),
+            waited: counter("waited"),
+        }
+    }
+
     /// Counted by the LLM gateway once it has read the request (tokens, or per model),
     /// not at the quota phase.
     pub fn llm_only(&self) -> bool {

@@ -44,7 +44,7 @@ pub struct Spending {
 }
 
 #[derive(Debug)]
-struct TokenHold {
+pub struct TokenHold {
     def: Arc<QuotaDef>,
     value: String,
     reserved: u64,
@@ -74,6 +74,8 @@ pub struct Holds {
     quotas: Arc<Quotas>,
     tokens: Vec<TokenHold>,
     budget: Option<BudgetHold>,
+    /// Of the provider limits of the deployment that answered.
+    provider: Vec<TokenHold>,
 }
 
 /// The reservation: the prompt's counted tokens and the most output the answer can have.
@@ -99,6 +101,24 @@ fn budget_spent(tenant: &str) -> ProxyError {
 }
 
 impl Holds {
+    pub fn new(quotas: &Arc<Quotas>) -> Holds {
+        Holds {
+            quotas: quotas.clone(),
+            tokens: Vec::new(),
+            budget: None,
+            provider: Vec::new(),
+        }
+    }
+
+    /// The attempt at a deployment answered: its provider holds are the request's.
+    pub fn keep_provider(&mut self, held: Vec<TokenHold>) {
+        release(
+            &self.quotas,
+            std::mem::replace(&mut self.provider, held),
+            false,
+        );
+    }
+
     /// Takes what the request may spend from every token quota and the budget, waiting
     /// at most two exchange rounds for a lease; refuses with 429 (a quota) or 402 (the
     /// budget) before any provider is called. What was taken is given back if a later
@@ -108,11 +128,7 @@ impl Holds {
         who: &Spending,
         ask: &Ask<'_>,
     ) -> Result<Holds, ProxyError> {
-        let mut holds = Holds {
-            quotas: quotas.clone(),
-            tokens: Vec::new(),
-            budget: None,
-        };
+        let mut holds = Holds::new(quotas);
         for def in &who.quotas {
             let value = scope_value(def, who, ask.model);
             let n = match def.unit {
@@ -261,7 +277,9 @@ impl Holds {
         answered: bool,
     ) -> Option<(Arc<str>, u64)> {
         let now = wall_ms();
-        for t in std::mem::take(&mut self.tokens) {
+        let mut all = std::mem::take(&mut self.tokens);
+        all.append(&mut self.provider);
+        for t in all {
             let used = match t.def.unit {
                 QuotaUnit::Requests => t.reserved,
                 QuotaUnit::Tokens => usage.input + usage.output,
@@ -297,10 +315,9 @@ impl Holds {
     /// Gives back everything taken (a request refused after its reservation).
     fn release(&mut self) {
         let now = wall_ms();
-        for t in self.tokens.drain(..) {
-            self.quotas
-                .with_lease(&t.def, &t.value, |l| l.give_back(now, t.window, t.reserved));
-        }
+        release(&self.quotas, std::mem::take(&mut self.tokens), true);
+        // A provider call was made: its request counts, its tokens come back.
+        release(&self.quotas, std::mem::take(&mut self.provider), false);
         if let Some(b) = self.budget.take() {
             bound_gauge(&b.tenant).decrement(b.bound as f64);
             self.quotas.with_lease(&b.def, &b.tenant, |l| {
@@ -314,6 +331,114 @@ impl Drop for Holds {
     /// A request dropped without its usage (never dispatched) gives back what it took.
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Gives back what `held` reserved (requests too, unless a call was made with them).
+pub fn release(quotas: &Quotas, held: Vec<TokenHold>, requests: bool) {
+    let now = wall_ms();
+    for t in held {
+        if t.def.unit == QuotaUnit::Requests && !requests {
+            continue;
+        }
+        quotas.with_lease(&t.def, &t.value, |l| l.give_back(now, t.window, t.reserved));
+    }
+}
+
+/// Takes a request (and `tokens`, its worst case) from a deployment's provider limits,
+/// waiting for the next exchange (two rounds at most) when this node holds too little but
+/// the owner has some left. `Err`: seconds until the minute's window ends (the deployment
+/// is passed over for the next two exchanges).
+pub async fn provider_take(
+    quotas: &Quotas,
+    d: &super::Deployment,
+    tokens: u64,
+) -> Result<Vec<TokenHold>, u64> {
+    let mut held = Vec::new();
+    for (def, n) in [(&d.rpm_def, 1), (&d.tpm_def, tokens.max(1))] {
+        let Some(def) = def else { continue };
+        let mut admit = quotas.with_lease(def, &d.limit_key, |l| l.admit_n(wall_ms(), n, true));
+        if admit == Admit::Wait {
+            def.waited.increment(1);
+            quotas.wait_rounds(2, WAIT).await;
+            admit = quotas.with_lease(def, &d.limit_key, |l| l.admit_n(wall_ms(), n, false));
+        }
+        let now = wall_ms();
+        if admit != Admit::Yes {
+            def.refused.increment(1);
+            release(quotas, held, true);
+            // Passed over for two exchanges: what other requests give back, or the
+            // owner grants, makes room again.
+            let end = def.span.window(now).2;
+            d.live.limited_until_ms.store(
+                now + 2 * crate::actor::quota::TICK_MS,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            return Err(end.saturating_sub(now).div_ceil(1000).max(1));
+        }
+        def.admitted.increment(1);
+        let window = quotas.with_lease(def, &d.limit_key, |l| l.window_now(now));
+        held.push(TokenHold {
+            def: def.clone(),
+            value: d.limit_key.to_string(),
+            reserved: n,
+            window,
+        });
+    }
+    Ok(held)
+}
+
+/// What a provider said of its limits in an answer's headers (OpenAI's
+/// `x-ratelimit-remaining-*`, Anthropic's `anthropic-ratelimit-*-remaining`): when it has
+/// less left than the cluster's lease thinks, the difference is counted as spent, so the
+/// whole cluster slows down to what the provider has (other users of its key included).
+pub fn provider_feedback(quotas: &Quotas, d: &super::Deployment, headers: &http::HeaderMap) {
+    let read = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| headers.get(*n)?.to_str().ok()?.trim().parse::<u64>().ok())
+    };
+    let said = [
+        (
+            &d.tpm_def,
+            read(&[
+                "x-ratelimit-remaining-tokens",
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-input-tokens-remaining",
+            ]),
+        ),
+        (
+            &d.rpm_def,
+            read(&[
+                "x-ratelimit-remaining-requests",
+                "anthropic-ratelimit-requests-remaining",
+            ]),
+        ),
+    ];
+    let now = wall_ms();
+    for (def, remaining) in said {
+        let (Some(def), Some(remaining)) = (def, remaining) else {
+            continue;
+        };
+        quotas.with_lease(def, &d.limit_key, |l| {
+            let ours = l.headroom(now);
+            if remaining < ours {
+                l.force(now, ours - remaining);
+            }
+        });
+    }
+}
+
+/// The provider answered 429: the cluster stops calling it until the window ends. The
+/// whole limit is counted as spent, so the window is overdrawn at the owner, which tells
+/// every node to drop what it holds (`revoke`) at its next exchange.
+pub fn provider_exhausted(quotas: &Quotas, d: &super::Deployment) {
+    let now = wall_ms();
+    for def in [&d.tpm_def, &d.rpm_def].into_iter().flatten() {
+        quotas.with_lease(def, &d.limit_key, |l| {
+            let held = l.headroom(now);
+            l.force(now, held.max(def.limit));
+        });
     }
 }
 

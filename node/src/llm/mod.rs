@@ -169,6 +169,11 @@ pub struct Deployment {
     pub context_window: Option<u64>,
     pub tpm: Option<u64>,
     pub rpm: Option<u64>,
+    /// The provider's limits as cluster-wide leases (`llm-tpm`, `llm-rpm`), keyed by
+    /// `limit_key` (`<api>/<provider>/<provider model>`: the versions of an API share them).
+    pub tpm_def: Option<Arc<crate::actor::quotas::QuotaDef>>,
+    pub rpm_def: Option<Arc<crate::actor::quotas::QuotaDef>>,
+    pub limit_key: Arc<str>,
     /// The calls' upstream cluster: endpoint, TLS, pool and this deployment's circuit.
     pub cluster: Arc<Cluster>,
     pub live: Live,
@@ -182,9 +187,8 @@ pub struct Live {
     pub ttft_ewma_us: AtomicU64,
     /// Not called before this (ms since the epoch): a 429's `retry-after`.
     pub cooldown_until_ms: AtomicU64,
-    /// This minute's requests and tokens, for `rpm` and `tpm`: (minute << 32 | count).
-    pub minute_requests: AtomicU64,
-    pub minute_tokens: AtomicU64,
+    /// Passed over until then (ms since the epoch): its provider limit had no headroom.
+    pub limited_until_ms: AtomicU64,
 }
 
 impl Live {
@@ -192,29 +196,6 @@ impl Live {
         let old = self.ttft_ewma_us.load(Ordering::Relaxed);
         let new = if old == 0 { us } else { (old * 4 + us) / 5 };
         self.ttft_ewma_us.store(new.max(1), Ordering::Relaxed);
-    }
-
-    /// Adds `n` to a per-minute counter and returns its count this minute.
-    pub fn add_minute(counter: &AtomicU64, minute: u64, n: u64) -> u64 {
-        let mut cur = counter.load(Ordering::Relaxed);
-        loop {
-            let (m, c) = (cur >> 32, cur & 0xffff_ffff);
-            let next_count = if m == minute & 0xffff_ffff { c + n } else { n };
-            let next = ((minute & 0xffff_ffff) << 32) | next_count.min(0xffff_ffff);
-            match counter.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return next_count,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    pub fn minute_count(counter: &AtomicU64, minute: u64) -> u64 {
-        let cur = counter.load(Ordering::Relaxed);
-        if cur >> 32 == minute & 0xffff_ffff {
-            cur & 0xffff_ffff
-        } else {
-            0
-        }
     }
 }
 
@@ -285,6 +266,26 @@ pub fn compile(
                     context_window: d.context_window,
                     tpm: d.tpm,
                     rpm: d.rpm,
+                    tpm_def: d.tpm.map(|n| {
+                        Arc::new(crate::actor::quotas::QuotaDef::provider(
+                            "llm-tpm",
+                            n,
+                            crate::state::spec::QuotaUnit::Tokens,
+                        ))
+                    }),
+                    rpm_def: d.rpm.map(|n| {
+                        Arc::new(crate::actor::quotas::QuotaDef::provider(
+                            "llm-rpm",
+                            n,
+                            crate::state::spec::QuotaUnit::Requests,
+                        ))
+                    }),
+                    limit_key: Arc::from(format!(
+                        "{}/{}/{}",
+                        prefix.split('@').next().unwrap_or(prefix),
+                        d.provider,
+                        d.model
+                    )),
                     cluster: Arc::new(Cluster::build_with(&cluster_name, upstream, registry, ctx)),
                     live: Live::default(),
                 })

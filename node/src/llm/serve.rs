@@ -721,15 +721,12 @@ fn order<'a>(
     out: &mut Vec<(&'a Model, &'a Deployment)>,
 ) {
     let now = crate::actor::wall_ms();
-    let minute = now / 60_000;
     let mut ds: Vec<&Deployment> = model.deployments.iter().collect();
-    // Usable first: not cooling down after a 429, under its rpm/tpm, circuit not open.
+    // Usable first: not cooling down after a 429, with headroom at its provider (as the
+    // cluster-wide lease last said), circuit not open.
     let usable = |d: &Deployment| {
         d.live.cooldown_until_ms.load(Ordering::Relaxed) <= now
-            && d.rpm
-                .is_none_or(|r| Live::minute_count(&d.live.minute_requests, minute) < r)
-            && d.tpm
-                .is_none_or(|t| Live::minute_count(&d.live.minute_tokens, minute) < t)
+            && d.live.limited_until_ms.load(Ordering::Relaxed) <= now
             && circuit_allows(snapshot, d) != CircuitVerdict::Open
             && d.provider.broken.is_none()
     };
@@ -1039,11 +1036,18 @@ async fn dispatch(
     // Token quotas and the budget: the worst case is taken before any provider is called.
     let limited =
         !spending.quotas.is_empty() || (spending.budget.is_some() && spending.price.is_some());
-    if limited && let Some((_, first)) = candidates.first() {
-        let input = match prompt_tokens {
+    let provider_limited = candidates.iter().any(|(_, d)| d.tpm_def.is_some());
+    let mut input = 0;
+    if (limited || provider_limited)
+        && let Some((_, first)) = candidates.first()
+    {
+        input = match prompt_tokens {
             Some(n) => n,
             None => tokens::count_prompt(&first.model, &chat),
         };
+    }
+    let worst_tokens = input + chat.max_tokens.unwrap_or(model.max_output_tokens);
+    if limited {
         let ask = super::limits::Ask {
             model: &model.name,
             input,
@@ -1102,6 +1106,26 @@ async fn dispatch(
                 continue;
             }
         };
+        let quotas = &worker.shared.quotas;
+        let mut provider_held = Vec::new();
+        if d.tpm_def.is_some() || d.rpm_def.is_some() {
+            match super::limits::provider_take(quotas, d, worst_tokens).await {
+                Ok(held) => provider_held = held,
+                Err(retry_after_s) => {
+                    last.get_or_insert(Failure {
+                        kind: "rate_limited",
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                        message: format!(
+                            "deployment {} of `{}` is at its provider's limit for this minute",
+                            d.name, m.name
+                        ),
+                        retry_after_s: Some(retry_after_s),
+                        caller: false,
+                    });
+                    continue;
+                }
+            }
+        }
         attempts += 1;
         if attempts > 1 {
             record.borrow_mut().fallbacks += 1;
@@ -1114,8 +1138,6 @@ async fn dispatch(
             r.attempt(d);
             r.prompt = Some(chat.clone());
         }
-        let minute = now / 60_000;
-        Live::add_minute(&d.live.minute_requests, minute, 1);
         let outcome = call(
             worker,
             d,
@@ -1131,8 +1153,23 @@ async fn dispatch(
         )
         .await;
         match outcome {
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => {
+                if !provider_held.is_empty() {
+                    record
+                        .borrow_mut()
+                        .holds
+                        .get_or_insert_with(|| super::limits::Holds::new(quotas))
+                        .keep_provider(provider_held);
+                }
+                return Ok(resp);
+            }
             Err(f) => {
+                // The call was made: its request counts, its tokens come back; a 429
+                // says the provider has nothing left this window, for the whole cluster.
+                super::limits::release(quotas, provider_held, false);
+                if f.kind == "rate_limited" {
+                    super::limits::provider_exhausted(quotas, d);
+                }
                 if f.caller {
                     return Err(f.into_error());
                 }
@@ -1351,6 +1388,9 @@ async fn call_inner(
     }
     let status = fwd.response.status();
     let (parts, incoming) = fwd.response.into_parts();
+    if status.is_success() && (d.tpm_def.is_some() || d.rpm_def.is_some()) {
+        super::limits::provider_feedback(&worker.shared.quotas, d, &parts.headers);
+    }
     if !status.is_success() {
         let body = read_limited(
             incoming,

@@ -252,6 +252,9 @@ mod routing {
                     context_window: None,
                     tpm: None,
                     rpm: None,
+                    tpm_def: None,
+                    rpm_def: None,
+                    limit_key: Arc::from(""),
                     cluster: Arc::new(Cluster::build(&format!("d{i}"), up, &registry)),
                     live: Live::default(),
                 })
@@ -328,11 +331,12 @@ mod routing {
     }
 
     #[test]
-    fn a_deployment_over_its_requests_per_minute_goes_last() {
-        let mut m = model(RoutingStrategy::Priority, &[(1, 0), (1, 1)]);
-        m.deployments[0].rpm = Some(2);
-        let minute = crate::actor::wall_ms() / 60_000;
-        Live::add_minute(&m.deployments[0].live.minute_requests, minute, 2);
+    fn a_deployment_without_headroom_at_its_provider_goes_last() {
+        let m = model(RoutingStrategy::Priority, &[(1, 0), (1, 1)]);
+        m.deployments[0]
+            .live
+            .limited_until_ms
+            .store(crate::actor::wall_ms() + 60_000, Ordering::Relaxed);
         assert_eq!(first_of(&m, 10), vec![0, 10]);
     }
 }

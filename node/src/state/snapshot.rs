@@ -49,6 +49,8 @@ pub struct Routing {
     pub clusters: Vec<Arc<Cluster>>,
     /// The spec's quotas; routes name the ones that count them by index.
     pub quotas: Vec<Arc<QuotaDef>>,
+    /// LLM deployments' provider limits (`llm-tpm`, `llm-rpm`), which no route counts.
+    pub provider_quotas: Vec<Arc<QuotaDef>>,
     /// Every endpoint address of every cluster: pooled connections to any other drain.
     pub addrs: std::collections::HashSet<std::net::SocketAddr>,
     /// The spec's per-host rules (HTTPS redirect, HSTS).
@@ -290,6 +292,7 @@ impl Snapshot {
                 mounts: Vec::new(),
                 clusters: Vec::new(),
                 quotas: Vec::new(),
+                provider_quotas: Vec::new(),
                 addrs: Default::default(),
                 hosts: Default::default(),
                 certificates: Default::default(),
@@ -533,6 +536,21 @@ fn deprecation_headers(api: &Api, v: &ApiVersion) -> Vec<(HeaderName, HeaderValu
     out
 }
 
+/// Every LLM deployment's provider limits, from the routes that serve them.
+fn clusters_quotas(routes: &[Route]) -> Vec<Arc<QuotaDef>> {
+    let mut out: Vec<Arc<QuotaDef>> = Vec::new();
+    for (llm, _) in routes.iter().filter_map(|r| r.llm.as_ref()) {
+        for d in llm.models.values().flat_map(|m| m.deployments.iter()) {
+            for def in [&d.tpm_def, &d.rpm_def].into_iter().flatten() {
+                if !out.iter().any(|q| q.id == def.id) {
+                    out.push(def.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
 impl Routing {
     /// Compiles the spec and the mounted API versions. Fails only on what needs the whole
     /// table to see (two templates that conflict); such errors name the routes.
@@ -665,7 +683,9 @@ impl Routing {
             .iter()
             .flat_map(|c| c.endpoints.iter().map(|e| e.state.addr))
             .collect();
+        let provider_quotas = clusters_quotas(&b.routes);
         Ok(Routing {
+            provider_quotas,
             addrs,
             matcher,
             routes: b.routes,

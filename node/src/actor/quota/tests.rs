@@ -182,6 +182,7 @@ fn a_lease_follows_the_fail_mode_when_the_owner_is_gone() {
         tokens: 5,
         valid_until_ms: 1000,
         remaining: 50,
+        revoke: false,
     });
     closed.cut_off(3);
     let admitted = (0..100)
@@ -219,6 +220,7 @@ fn leased(limit: u64, tokens: u64, remaining: u64) -> Lease {
         tokens,
         valid_until_ms: 60_000,
         remaining,
+        revoke: false,
     });
     l
 }

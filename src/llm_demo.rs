@@ -508,6 +508,13 @@ async fn handle(demo: Arc<Demo>, req: Request<Incoming>) -> Result<Response<Body
         answer.truncated = n > max;
         answer.words = vec!["word".to_string(); n.min(max)];
     }
+    // Asked for JSON of a schema (structured output, or told so in the system prompt):
+    // an instance of it, as a compliant model would answer.
+    if answer.tools.is_empty()
+        && let Some(schema) = asked_schema(&doc)
+    {
+        answer.words = vec![args_for(&schema).to_string()];
+    }
     if let Some(limit) = d.tpm {
         // What a provider's limiter sees: every request's tokens, answered or refused.
         let tokens = (input + answer.output_tokens()) as u64;
@@ -911,6 +918,31 @@ fn tool_names(doc: &Value, format: Format) -> Vec<(String, Value)> {
 }
 
 /// Arguments that fit a schema: "demo" for strings, 1 for numbers, true for booleans.
+/// The JSON Schema a request asks its answer to satisfy: OpenAI's `response_format`,
+/// Gemini's `responseJsonSchema`, or one given in the system prompt after "JSON Schema: ".
+fn asked_schema(doc: &Value) -> Option<Value> {
+    if let Some(s) = doc["response_format"]["json_schema"].get("schema") {
+        return Some(s.clone());
+    }
+    if let Some(s) = doc["generationConfig"].get("responseJsonSchema") {
+        return Some(s.clone());
+    }
+    let system = match &doc["system"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    };
+    let (_, rest) = system.split_once("JSON Schema: ")?;
+    serde_json::Deserializer::from_str(rest)
+        .into_iter::<Value>()
+        .next()?
+        .ok()
+}
+
 fn args_for(schema: &Value) -> Value {
     let mut out = serde_json::Map::new();
     if let Some(props) = schema["properties"].as_object() {

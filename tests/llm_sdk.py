@@ -357,5 +357,42 @@ def token_limit():
     print("token_limit ok")
 
 
+def prompts():
+    """Prompt APIs through the SDK's own POST: variables in, the answer out as JSON (held
+    to the output schema natively and by instruction), a bad variable's 400 naming it, and
+    a stream when the caller accepts server-sent events."""
+    p = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
+    r = p.post("/greet", body={"name": "Ada"}, cast_to=object)
+    assert r["object"] == "prompt.result" and r["prompt"] == "greet", r
+    assert r["output"] == "You said: Greet Ada in English", r
+    assert r["usage"]["prompt_tokens"] > 0, r
+    for name in ["score", "score-gpt"]:
+        r = p.post("/" + name, body={"text": "fine"}, cast_to=object)
+        assert r["output"] == {"score": 1, "reason": "demo"}, (name, r)
+    e = expect(openai.BadRequestError, lambda: p.post("/greet", body={"language": "French"}, cast_to=object), 400)
+    assert e.param == "name" and e.code == "invalid_variable", e.body
+    e = expect(openai.BadRequestError, lambda: p.post("/greet", body={"name": 5}, cast_to=object), 400)
+    assert e.param == "name", e.body
+    e = expect(openai.BadRequestError, lambda: p.post("/greet", body={"name": "x" * 41}, cast_to=object), 400)
+    assert e.param == "name", e.body
+    e = expect(openai.BadRequestError, lambda: p.post("/greet", body=["Ada"], cast_to=object), 400)
+    with httpx.stream("POST", BASE + "/greet", json={"name": "Bo"}, timeout=30,
+                      headers={"authorization": "Bearer " + KEY, "accept": "text/event-stream"}) as r:
+        assert r.status_code == 200, r.read()
+        text = "".join(r.iter_text())
+    assert "chat.completion.chunk" in text and "data: [DONE]" in text and " Bo" in text, text
+    print("prompts ok")
+
+
+def prompt_versions():
+    """Calls the greet prompt N times; prints how many answers each template gave."""
+    p = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
+    counts = {}
+    for _ in range(int(os.environ["N"])):
+        out = p.post("/greet", body={"name": "Ada"}, cast_to=object)["output"]
+        counts[out] = counts.get(out, 0) + 1
+    print(json.dumps(counts))
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()

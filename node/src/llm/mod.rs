@@ -12,6 +12,7 @@ pub mod gemini;
 pub mod ir;
 pub mod limits;
 pub mod openai;
+pub mod prompt;
 pub mod responses;
 pub mod serve;
 pub mod spec;
@@ -51,6 +52,8 @@ pub enum Endpoint {
     Responses,
     Messages,
     CountTokens,
+    /// A prompt API (`POST <base>/<name>`): not among the fixed endpoints.
+    Prompt,
 }
 
 impl Endpoint {
@@ -74,6 +77,7 @@ impl Endpoint {
             Endpoint::Responses => "/v1/responses",
             Endpoint::Messages => "/v1/messages",
             Endpoint::CountTokens => "/v1/messages/count_tokens",
+            Endpoint::Prompt => "/",
         }
     }
 
@@ -109,6 +113,7 @@ impl Endpoint {
             Endpoint::Responses => "responses",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",
+            Endpoint::Prompt => "prompt",
         }
     }
 }
@@ -129,6 +134,7 @@ pub fn dialect_of_path(below: &str) -> Dialect {
 #[derive(Debug)]
 pub struct LlmApi {
     pub models: BTreeMap<Arc<str>, Arc<Model>>,
+    pub prompts: BTreeMap<Arc<str>, Arc<prompt::Prompt>>,
     /// When the version was compiled (seconds), for `created` in model listings.
     pub created: u64,
 }
@@ -308,6 +314,7 @@ pub fn compile(
     }
     Some(Arc::new(LlmApi {
         models,
+        prompts: prompt::compile(&spec.prompts),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

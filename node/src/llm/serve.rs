@@ -507,6 +507,12 @@ pub async fn serve(
         return Ok(list_models(llm, &may_use, owner, anthropic));
     }
     let limits = &worker.shared.limits;
+    let path = req.uri().path().to_string();
+    let wants_stream = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
     let body = req.into_body();
     let body = RequestBody::new(
         body,
@@ -526,6 +532,19 @@ pub async fn serve(
     let dialect = endpoint.dialect();
     let mut doc: Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
+    if endpoint == Endpoint::Prompt {
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let call = PromptCall {
+            name,
+            variables: doc,
+            stream: wants_stream,
+            body_len: bytes.len(),
+        };
+        return prompt_api(
+            worker, snapshot, llm, call, &may_use, &record, &spending, tail,
+        )
+        .await;
+    }
     let model_name = doc
         .get("model")
         .and_then(Value::as_str)
@@ -603,6 +622,116 @@ pub async fn serve(
         tail,
     )
     .await
+}
+
+/// A call of a prompt API: its name, the caller's variables, whether it streams.
+struct PromptCall<'a> {
+    name: &'a str,
+    variables: Value,
+    stream: bool,
+    body_len: usize,
+}
+
+/// `POST <base>/<name>`: renders the prompt with the variables, calls its model like a
+/// chat completion, and answers `{id, model, prompt, output, finish_reason, usage}` (the
+/// output checked against the prompt's output schema), or streams chat completion chunks.
+#[allow(clippy::too_many_arguments)]
+async fn prompt_api(
+    worker: &Rc<Worker>,
+    snapshot: &Snapshot,
+    llm: &LlmApi,
+    call: PromptCall<'_>,
+    may_use: &dyn Fn(&str) -> bool,
+    record: &Rc<RefCell<Record>>,
+    spending: &super::limits::Spending,
+    tail: &mut Tail,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let prompt = llm.prompts.get(call.name).ok_or_else(|| {
+        llm_error(
+            StatusCode::NOT_FOUND,
+            "prompt_not_found",
+            format!("there is no prompt `{}` in this version", call.name),
+            None,
+        )
+    })?;
+    let model = llm.models.get(&prompt.model).ok_or_else(|| {
+        llm_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_deployment_available",
+            format!("the prompt's model `{}` is not served", prompt.model),
+            None,
+        )
+    })?;
+    if !may_use(&model.name) {
+        return Err(llm_error(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!(
+                "this API key may not use the model `{}` that prompt `{}` calls",
+                model.name, prompt.name
+            ),
+            None,
+        ));
+    }
+    // Structured output where every deployment's provider takes a schema.
+    let native = model
+        .deployments
+        .iter()
+        .all(|d| Wire::of(d.provider.kind) != Wire::Anthropic);
+    let doc = prompt
+        .render(call.variables, call.stream, native)
+        .map_err(|e| {
+            llm_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_variable",
+                e.message,
+                (!e.field.is_empty()).then_some(e.field),
+            )
+        })?;
+    let chat = openai::parse_chat(&doc).map_err(bad)?;
+    record.borrow_mut().model = Some(model.name.clone());
+    let resp = dispatch(
+        worker,
+        snapshot,
+        llm,
+        model,
+        Dialect::OpenAi,
+        doc,
+        call.body_len,
+        Arc::new(chat),
+        record,
+        spending,
+        tail,
+    )
+    .await?;
+    let Some(bytes) = resp.body().full_bytes() else {
+        return Ok(resp); // a stream: chat completion chunks
+    };
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let output = prompt.output(text).map_err(|why| {
+        llm_error(
+            StatusCode::BAD_GATEWAY,
+            "invalid_output",
+            format!("prompt `{}`: {why}", prompt.name),
+            None,
+        )
+    })?;
+    let answer = json!({
+        "id": v["id"],
+        "object": "prompt.result",
+        "prompt": prompt.name.to_string(),
+        "model": v["model"],
+        "output": output,
+        "finish_reason": v["choices"][0]["finish_reason"],
+        "usage": v["usage"],
+    });
+    let (parts, _) = resp.into_parts();
+    let mut out = Response::from_parts(parts, ResponseBody::full(answer.to_string()));
+    out.headers_mut().remove(header::CONTENT_LENGTH);
+    Ok(out)
 }
 
 fn list_models(

@@ -274,6 +274,7 @@ mod routing {
 
     fn first_in(m: &Model, n: usize, region: Option<&str>) -> Vec<usize> {
         let api = LlmApi {
+            prompts: Default::default(),
             models: Default::default(),
             created: 0,
         };

@@ -307,6 +307,14 @@ impl ResponseBody {
         }
     }
 
+    /// The bytes of a whole body made by [`ResponseBody::full`] (None for a stream).
+    pub fn full_bytes(&self) -> Option<Bytes> {
+        match &self.kind {
+            Kind::Full(b) => Some(b.clone().unwrap_or_default()),
+            _ => None,
+        }
+    }
+
     pub fn llm(relay: Box<crate::llm::serve::Relay>) -> Self {
         Self {
             kind: Kind::Llm(relay),

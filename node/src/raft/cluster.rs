@@ -573,6 +573,7 @@ impl Cluster {
         for (field, present) in [
             ("providers", !checked.spec.providers.is_empty()),
             ("models", !checked.spec.models.is_empty()),
+            ("prompts", !checked.spec.prompts.is_empty()),
         ] {
             if present {
                 return Err(Status::invalid_argument(format!(

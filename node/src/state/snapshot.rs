@@ -415,15 +415,25 @@ impl Builder {
                 .flat_map(|m| m.deployments.first())
                 .next()
                 .map(|d| d.cluster.clone());
-            for endpoint in crate::llm::Endpoint::SERVED {
+            let prompts = llm
+                .prompts
+                .keys()
+                .map(|name| (crate::llm::Endpoint::Prompt, format!("/{name}")));
+            let fixed = crate::llm::Endpoint::SERVED
+                .into_iter()
+                .map(|e| (e, e.path().to_string()));
+            for (endpoint, path) in fixed.chain(prompts) {
                 let Some(cluster) = first.clone() else { break };
                 let id = self.routes.len() as u32;
-                let full = format!("{prefix}llm/{}", endpoint.name());
+                let full = match endpoint {
+                    crate::llm::Endpoint::Prompt => format!("{prefix}llm/prompt{path}"),
+                    _ => format!("{prefix}llm/{}", endpoint.name()),
+                };
                 matches.push(RouteMatch {
                     id,
                     name: full.clone(),
                     hosts: Vec::new(),
-                    path: PathMatch::Exact(endpoint.path().to_string()),
+                    path: PathMatch::Exact(path.clone()),
                     methods: vec![endpoint.method()],
                     headers: Vec::new(),
                     priority: 0,
@@ -442,7 +452,7 @@ impl Builder {
                         })
                         .collect(),
                     api: api.cloned(),
-                    http_route: Arc::from(endpoint.path()),
+                    http_route: Arc::from(path.as_str()),
                     usage_api: Arc::from(format!("route/{full}")),
                     llm: Some((llm.clone(), endpoint)),
                 });

@@ -33,6 +33,8 @@ pub struct Spec {
     pub providers: BTreeMap<String, crate::llm::spec::ProviderSpec>,
     /// Model names callers use, over the providers' deployments (a version's content only).
     pub models: BTreeMap<String, crate::llm::spec::ModelSpec>,
+    /// Prompt APIs over the models (a version's content only).
+    pub prompts: BTreeMap<String, crate::llm::prompt::PromptSpec>,
 }
 
 // === quotas ===
@@ -926,6 +928,9 @@ impl Spec {
                 Some("models") => {
                     spec.models = objects(value, "models", &mut Vec::new(), &mut errors)
                 }
+                Some("prompts") => {
+                    spec.prompts = objects(value, "prompts", &mut Vec::new(), &mut errors)
+                }
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -942,7 +947,7 @@ impl Spec {
                     "spec",
                     format!(
                         "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
-                         `certificates`, `hosts`, `tenant_upstreams`, `providers` or `models` (a file for `tollgate apply` may also have \
+                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models` or `prompts` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),
@@ -955,6 +960,7 @@ impl Spec {
             p.resolve(name, &mut errors);
         }
         crate::llm::spec::check(&spec.providers, &spec.models, &mut errors);
+        crate::llm::prompt::check(&spec.prompts, &spec.models, &mut errors);
         spec.check(&declared_upstreams, &mut errors);
         crate::state::tls::check_static(&spec.certificates, &spec.hosts, &mut errors);
         if errors.is_empty() {

@@ -120,6 +120,9 @@ pub enum PlanCommand {
         /// Price per 10^9 bytes of request and response bodies.
         #[arg(long, default_value = "0")]
         per_gb: String,
+        /// Price per 1,000 LLM requests answered from the response cache.
+        #[arg(long, default_value = "0")]
+        per_1k_cached_requests: String,
         /// Price per 1,000 LLM tokens of a model, `MODEL=PRICE` (`*` for any other model);
         /// repeat for several.
         #[arg(long = "per-1k-tokens", value_parser = model_price)]
@@ -456,6 +459,7 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
             name,
             per_1k_requests,
             per_gb,
+            per_1k_cached_requests,
             per_1k_tokens,
             llm,
             monthly,
@@ -464,6 +468,7 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
         } => {
             let prices = state::PlanPrices {
                 per_1k_requests,
+                per_1k_cached_requests,
                 per_gb,
                 per_1k_tokens: per_1k_tokens.into_iter().collect(),
                 llm: llm.into_iter().collect(),

@@ -394,5 +394,38 @@ def prompt_versions():
     print(json.dumps(counts))
 
 
+def cache():
+    """The response cache: a deterministic request misses then hits (whole and streamed,
+    in both dialects); other temperatures and Cache-Control: no-cache bypass it."""
+    msg = [{"role": "user", "content": "cache me please"}]
+
+    def whole(**kw):
+        raw = oai.chat.completions.with_raw_response.create(model="gpt", messages=msg, **kw)
+        return raw.headers.get("x-tollgate-cache"), raw.headers.get("x-tollgate-cost"), raw.parse()
+
+    def streamed(**kw):
+        raw = oai.chat.completions.with_raw_response.create(model="gpt", messages=msg, stream=True, **kw)
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        return raw.headers.get("x-tollgate-cache"), text
+
+    state, _, first = whole(temperature=0)
+    assert state == "miss", state
+    state, cost, again = whole(temperature=0)
+    assert state == "hit" and cost == os.environ["CACHED_COST"], (state, cost)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.id == first.id, "the same answer, replayed"
+    state, text = streamed(temperature=0)
+    assert state == "miss", state
+    state, replay = streamed(temperature=0)
+    assert state == "hit" and replay == text == "You said: cache me please", (state, replay, text)
+    assert whole(temperature=0.7)[0] == "bypass"
+    assert whole(temperature=0, extra_headers={"cache-control": "no-cache"})[0] == "bypass"
+    a1 = ant.messages.with_raw_response.create(model="claude", max_tokens=64, messages=msg, extra_body={"temperature": 0})
+    a2 = ant.messages.with_raw_response.create(model="claude", max_tokens=64, messages=msg, extra_body={"temperature": 0})
+    assert a1.headers["x-tollgate-cache"] == "miss" and a2.headers["x-tollgate-cache"] == "hit"
+    assert a1.parse().content[0].text == a2.parse().content[0].text
+    print("cache ok")
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()

@@ -228,3 +228,67 @@ async fn a_token_quota_answers_429_with_retry_after_before_the_provider_is_calle
         "only the two that fit reached the provider"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_answers_repeats_without_the_provider_and_meters_them_as_cached() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start_with(
+        &allowing_loopback("upstreams: {}\nroutes: {}\n"),
+        &meter_flags(),
+    )
+    .await;
+    let content = format!("{}response_cache: {{ ttl: 3s }}\n", content(&demo));
+    let (cpp, key) = llm_api(&gw, &content).await;
+    let cp = cpp.sdk(gw.operator_token());
+    let mut plan = prices("2.50", "10", "0.40");
+    plan.per_1k_cached_requests = "0.10".into();
+    cp.put_plan("llm", plan).await.unwrap();
+    cp.assign_plan("acme", "llm").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = demo.stats()["requests"].as_u64().unwrap();
+    // A hit costs 0.10 per 1,000: 0.0001.
+    sdk_case("cache", &gw.url("/llm"), &key, &[("CACHED_COST", "0.0001")]).await;
+    let after = demo.stats()["requests"].as_u64().unwrap();
+    // Misses and bypasses only: whole, stream, two bypasses, Anthropic's miss.
+    assert_eq!(after - before, 5);
+    // Metered as cached requests, at their own price.
+    eventually(
+        "the hits are metered",
+        Duration::from_secs(10),
+        async || {
+            let u = cp
+                .usage(cp::UsageQuery {
+                    tenant: "acme".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            u.lines
+                .iter()
+                .map(|l| l.counts.as_ref().map_or(0, |c| c.cached_requests))
+                .sum::<u64>()
+                == 3
+        },
+    )
+    .await;
+    // Past the ttl the entry is gone: the next repeat reaches the provider.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let r = gw
+        .send(
+            http::Request::post(gw.url("/llm/v1/chat/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .body(harness::full(
+                    serde_json::json!({"model": "gpt", "temperature": 0,
+                        "messages": [{"role": "user", "content": "cache me please"}]})
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        r.headers
+            .get("x-tollgate-cache")
+            .map(|v| v.to_str().unwrap()),
+        Some("miss")
+    );
+}

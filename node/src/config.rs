@@ -218,6 +218,10 @@ pub struct NodeArgs {
     /// `gen_ai.output.messages`): `on` or `off` [default: off]
     #[arg(long, env = "TOLLGATE_LLM_CAPTURE_CONTENT", value_parser = parse_on_off)]
     pub llm_capture_content: Option<bool>,
+    /// Bytes of LLM answers this node keeps for API versions with a `response_cache`
+    /// (0: none) [default: 67108864, 64 MiB]
+    #[arg(long, env = "TOLLGATE_LLM_CACHE_BYTES")]
+    pub llm_cache_bytes: Option<u64>,
     /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
     #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
@@ -289,6 +293,7 @@ pub struct FileSettings {
     #[serde(default, with = "opt_duration")]
     pub meter_interval: Option<Duration>,
     pub llm_capture_content: Option<bool>,
+    pub llm_cache_bytes: Option<u64>,
 }
 
 /// What the node runs with.
@@ -347,6 +352,8 @@ pub struct Settings {
     pub meter_interval: Duration,
     /// LLM prompts and answers in traces (off: never).
     pub llm_capture_content: bool,
+    /// The response cache's size on this node (0: off).
+    pub llm_cache_bytes: u64,
     pub enable_fault_injection: bool,
 }
 
@@ -398,6 +405,7 @@ impl Default for Settings {
             metering: true,
             meter_interval: Duration::from_secs(1),
             llm_capture_content: false,
+            llm_cache_bytes: 64 * 1024 * 1024,
             enable_fault_injection: false,
         }
     }
@@ -565,6 +573,10 @@ impl Settings {
                 .llm_capture_content
                 .or(file.llm_capture_content)
                 .unwrap_or(d.llm_capture_content),
+            llm_cache_bytes: args
+                .llm_cache_bytes
+                .or(file.llm_cache_bytes)
+                .unwrap_or(d.llm_cache_bytes),
             enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;

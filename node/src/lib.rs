@@ -128,6 +128,8 @@ impl Node {
         shared.https_port = https_addr.map(|a| a.port());
         shared.region = Some(Arc::from(settings.region.as_str()));
         shared.llm_capture = settings.llm_capture_content;
+        shared.llm_cache = (settings.llm_cache_bytes > 0)
+            .then(|| Arc::new(llm::cache::ResponseCache::new(settings.llm_cache_bytes)));
         let shared = Arc::new(shared);
         // Upstream host names: the bootstrap spec below is checked with this resolver too.
         let dns = {

@@ -8,6 +8,7 @@
 //! [`LlmApi`]; the only network calls are the provider calls.
 
 pub mod anthropic;
+pub mod cache;
 pub mod gemini;
 pub mod ir;
 pub mod limits;
@@ -134,6 +135,9 @@ pub fn dialect_of_path(below: &str) -> Dialect {
 #[derive(Debug)]
 pub struct LlmApi {
     pub models: BTreeMap<Arc<str>, Arc<Model>>,
+    /// `<api>@<version>/`: what the response cache keys by.
+    pub version: Arc<str>,
+    pub cache: Option<cache::Settings>,
     pub prompts: BTreeMap<Arc<str>, Arc<prompt::Prompt>>,
     /// When the version was compiled (seconds), for `created` in model listings.
     pub created: u64,
@@ -314,6 +318,11 @@ pub fn compile(
     }
     Some(Arc::new(LlmApi {
         models,
+        version: Arc::from(prefix),
+        cache: spec.response_cache.map(|c| cache::Settings {
+            ttl: c.ttl,
+            any_temperature: c.any_temperature,
+        }),
         prompts: prompt::compile(&spec.prompts),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -79,6 +79,18 @@ pub struct Record {
     pub price: Option<Arc<crate::state::billing::PriceNow>>,
     pub holds: Option<super::limits::Holds>,
     pub tenant: Option<Arc<str>>,
+    /// Answered from the response cache; or, on a miss, where the answer goes once whole.
+    pub cached: bool,
+    pub cache_fill: Option<CacheFill>,
+}
+
+/// A stream's answer on its way into the response cache (kept only if it ends whole).
+#[derive(Debug)]
+pub struct CacheFill {
+    cache: Arc<super::cache::ResponseCache>,
+    key: [u8; 32],
+    ttl: std::time::Duration,
+    buf: Vec<u8>,
 }
 
 /// Token counts as billing takes them.
@@ -97,6 +109,10 @@ impl Record {
     /// the currency. None: the tenant is on no plan.
     pub fn cost(&self) -> Option<(u128, &str)> {
         let p = self.price.as_ref()?;
+        if self.cached {
+            let cost = u128::from(p.prices.per_1k_cached_requests) * 1_000_000;
+            return Some((cost, &p.prices.currency));
+        }
         let model = self.model.as_deref()?;
         let cost = p.prices.request_cost(
             model,
@@ -255,6 +271,7 @@ impl Record {
             response_model: self.response_model.clone(),
             finish: self.finish.clone(),
             output_text: self.capture.then(|| self.out_text.clone()),
+            cached: self.cached,
         })
     }
 }
@@ -513,6 +530,14 @@ pub async fn serve(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
+    // Only what the response cache reads of the headers, and only when it may.
+    let cache_headers = llm.cache.and(worker.shared.llm_cache.as_ref()).map(|_| {
+        let mut h = http::HeaderMap::new();
+        for v in req.headers().get_all(header::CACHE_CONTROL) {
+            h.append(header::CACHE_CONTROL, v.clone());
+        }
+        h
+    });
     let body = req.into_body();
     let body = RequestBody::new(
         body,
@@ -608,7 +633,64 @@ pub async fn serve(
     if endpoint == Endpoint::CountTokens {
         return count_tokens(worker, snapshot, model, &doc, &chat, &record, tail).await;
     }
-    dispatch(
+    if let (Some(settings), Some(cache), Some(headers)) =
+        (llm.cache, &worker.shared.llm_cache, &cache_headers)
+    {
+        if super::cache::cacheable(&settings, &doc, headers) {
+            let tenant = spending.tenant.as_deref().unwrap_or("");
+            let key = super::cache::key(tenant, &llm.version, endpoint.name(), chat.stream, &doc);
+            if let Some(hit) = cache.get(&key) {
+                metrics::counter!("tollgate_llm_cache_total", "result" => "hit").increment(1);
+                let mut r = record.borrow_mut();
+                (r.cached, r.stream) = (true, chat.stream);
+                let body = if chat.stream {
+                    super::cache::without_cost(&hit.body)
+                } else {
+                    hit.body.clone()
+                };
+                let mut resp = Response::new(ResponseBody::full(body));
+                let h = resp.headers_mut();
+                h.insert(header::CONTENT_TYPE, hit.content_type.clone());
+                h.insert("x-tollgate-cache", HeaderValue::from_static("hit"));
+                cost_headers(&r, h);
+                return Ok(resp);
+            }
+            metrics::counter!("tollgate_llm_cache_total", "result" => "miss").increment(1);
+            if chat.stream {
+                record.borrow_mut().cache_fill = Some(CacheFill {
+                    cache: cache.clone(),
+                    key,
+                    ttl: settings.ttl,
+                    buf: Vec::new(),
+                });
+            }
+            let mut resp = dispatch(
+                worker,
+                snapshot,
+                llm,
+                model,
+                dialect,
+                doc,
+                bytes.len(),
+                chat,
+                &record,
+                &spending,
+                tail,
+            )
+            .await?;
+            if let Some(whole) = resp.body().full_bytes()
+                && resp.status() == StatusCode::OK
+                && let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
+            {
+                cache.insert(key, whole, ct.clone(), settings.ttl);
+            }
+            resp.headers_mut()
+                .insert("x-tollgate-cache", HeaderValue::from_static("miss"));
+            return Ok(resp);
+        }
+        metrics::counter!("tollgate_llm_cache_total", "result" => "bypass").increment(1);
+    }
+    let mut resp = dispatch(
         worker,
         snapshot,
         llm,
@@ -621,7 +703,12 @@ pub async fn serve(
         &spending,
         tail,
     )
-    .await
+    .await?;
+    if cache_headers.is_some() {
+        resp.headers_mut()
+            .insert("x-tollgate-cache", HeaderValue::from_static("bypass"));
+    }
+    Ok(resp)
 }
 
 /// A call of a prompt API: its name, the caller's variables, whether it streams.
@@ -2186,10 +2273,12 @@ impl Relay {
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
             if let Some(b) = self.queue.pop_front() {
+                self.fill(&b);
                 return Poll::Ready(Some(b));
             }
             if self.ended {
                 self.finish_times();
+                self.fill_done();
                 return Poll::Ready(None);
             }
             match Pin::new(&mut self.body).poll_frame(cx) {
@@ -2248,6 +2337,32 @@ impl Relay {
                     return Poll::Pending;
                 }
             }
+        }
+    }
+
+    /// Keeps what the caller got for the response cache, up to an entry's size.
+    fn fill(&mut self, b: &Bytes) {
+        let mut r = self.record.borrow_mut();
+        if let Some(f) = &mut r.cache_fill {
+            if f.buf.len() + b.len() > super::cache::MAX_ENTRY_BYTES {
+                r.cache_fill = None;
+            } else {
+                f.buf.extend_from_slice(b);
+            }
+        }
+    }
+
+    /// The stream is over: a whole answer goes into the response cache.
+    fn fill_done(&mut self) {
+        let mut r = self.record.borrow_mut();
+        let Some(f) = r.cache_fill.take() else { return };
+        if self.done && !r.incomplete {
+            f.cache.insert(
+                f.key,
+                Bytes::from(f.buf),
+                HeaderValue::from_static("text/event-stream; charset=utf-8"),
+                f.ttl,
+            );
         }
     }
 

@@ -119,6 +119,25 @@ pub struct ModelSpec {
     pub max_output_tokens: u64,
 }
 
+/// A version's `response_cache` (docs/llm.md, "Response cache").
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseCacheSpec {
+    /// How long an answer is kept (default 5m).
+    #[serde(
+        default = "cache_ttl",
+        deserialize_with = "crate::state::spec::duration"
+    )]
+    pub ttl: Duration,
+    /// Cache requests of any temperature, not only temperature 0 (default false).
+    #[serde(default)]
+    pub any_temperature: bool,
+}
+
+fn cache_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
 fn max_output_tokens() -> u64 {
     4096
 }

@@ -275,6 +275,8 @@ mod routing {
     fn first_in(m: &Model, n: usize, region: Option<&str>) -> Vec<usize> {
         let api = LlmApi {
             prompts: Default::default(),
+            version: Arc::from(""),
+            cache: None,
             models: Default::default(),
             created: 0,
         };

@@ -65,6 +65,8 @@ pub struct LlmSample {
     pub finish: Option<String>,
     /// The answer's text, kept only when the operator captures content in traces.
     pub output_text: Option<String>,
+    /// Answered from the response cache.
+    pub cached: bool,
 }
 
 /// What a drain takes: usage rows, latency histograms and LLM call entries.
@@ -298,6 +300,9 @@ impl Shard {
             c.reasoning_tokens += u.reasoning;
             if l.estimated {
                 c.estimated += 1;
+            }
+            if l.cached {
+                c.cached_requests += 1;
             }
             if u.input + u.output > 0 && !l.upstream_model.is_empty() {
                 *c.tokens.entry(l.upstream_model.to_string()).or_default() += u.input + u.output;

@@ -82,6 +82,8 @@ pub struct Shared {
     pub region: Option<Arc<str>>,
     /// LLM prompts and answers go into the provider calls' spans.
     pub llm_capture: bool,
+    /// Answers of LLM API versions with a `response_cache` (None: the node keeps none).
+    pub llm_cache: Option<Arc<crate::llm::cache::ResponseCache>>,
 }
 
 impl Shared {
@@ -103,6 +105,7 @@ impl Shared {
             https_port: None,
             region: None,
             llm_capture: false,
+            llm_cache: None,
         }
     }
 }

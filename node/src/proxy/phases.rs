@@ -1282,7 +1282,8 @@ impl Tail {
             version,
             key,
             status: self.status,
-            refused: self.attempts.attempts == 0,
+            // A cache hit reached no upstream but was answered: priced as cached.
+            refused: self.attempts.attempts == 0 && !llm.is_some_and(|l| l.cached),
             request_bytes: self.request_stats.bytes.get(),
             response_bytes: self.response_bytes,
             upstream_us: self

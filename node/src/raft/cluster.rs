@@ -574,6 +574,7 @@ impl Cluster {
             ("providers", !checked.spec.providers.is_empty()),
             ("models", !checked.spec.models.is_empty()),
             ("prompts", !checked.spec.prompts.is_empty()),
+            ("response_cache", checked.spec.response_cache.is_some()),
         ] {
             if present {
                 return Err(Status::invalid_argument(format!(

@@ -103,6 +103,7 @@ pub fn month_start_ms(month: u64) -> u64 {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Prices {
     pub per_1k_requests: u64,
+    pub per_1k_cached_requests: u64,
     pub per_gb: u64,
     pub per_1k_tokens: BTreeMap<String, u64>,
     /// LLM token prices by model (or `model/deployment`; `*` for any model).
@@ -236,9 +237,10 @@ impl Cost {
     }
 }
 
-/// Requests that are billed: those that reached an upstream (refused ones are not).
+/// Requests that are billed: those that reached an upstream (refused ones are not, and
+/// cache hits have a price of their own).
 pub fn billed_requests(c: &UsageCounts) -> u64 {
-    c.requests.saturating_sub(c.refused)
+    c.requests.saturating_sub(c.refused + c.cached_requests)
 }
 
 impl Prices {
@@ -274,6 +276,10 @@ impl Prices {
         };
         Ok(Prices {
             per_1k_requests: parse_amount("per_1k_requests", &p.per_1k_requests)?,
+            per_1k_cached_requests: parse_amount(
+                "per_1k_cached_requests",
+                &p.per_1k_cached_requests,
+            )?,
             per_gb: parse_amount("per_gb", &p.per_gb)?,
             per_1k_tokens,
             llm,
@@ -285,6 +291,7 @@ impl Prices {
     pub fn to_proto(&self) -> PlanPrices {
         PlanPrices {
             per_1k_requests: format_nanos(self.per_1k_requests),
+            per_1k_cached_requests: format_nanos(self.per_1k_cached_requests),
             per_gb: format_nanos(self.per_gb),
             per_1k_tokens: self
                 .per_1k_tokens
@@ -381,8 +388,9 @@ impl Prices {
     /// tokens at their per-1k prices.
     pub fn metered(&self, c: &UsageCounts) -> Cost {
         // n x nanos-per-1000 = n x picos; x 10^6 = attos.
-        let requests =
-            u128::from(billed_requests(c)) * u128::from(self.per_1k_requests) * 1_000_000;
+        let requests = (u128::from(billed_requests(c)) * u128::from(self.per_1k_requests)
+            + u128::from(c.cached_requests) * u128::from(self.per_1k_cached_requests))
+            * 1_000_000;
         let bytes =
             (u128::from(c.request_bytes) + u128::from(c.response_bytes)) * u128::from(self.per_gb);
         let tokens = c
@@ -937,6 +945,7 @@ pub fn budget_proto(tenant: &str, b: &Budget) -> BudgetState {
 fn prices_json(p: &Prices) -> serde_json::Value {
     serde_json::json!({
         "per_1k_requests": format_nanos(p.per_1k_requests),
+        "per_1k_cached_requests": format_nanos(p.per_1k_cached_requests),
         "per_gb": format_nanos(p.per_gb),
         "per_1k_tokens": p.per_1k_tokens.iter().map(|(m, &n)| (m.clone(), format_nanos(n))).collect::<BTreeMap<_, _>>(),
         "llm": p.llm.iter().map(|(m, t)| {

@@ -35,6 +35,8 @@ pub struct Spec {
     pub models: BTreeMap<String, crate::llm::spec::ModelSpec>,
     /// Prompt APIs over the models (a version's content only).
     pub prompts: BTreeMap<String, crate::llm::prompt::PromptSpec>,
+    /// The version's LLM answers are cached on each node (a version's content only).
+    pub response_cache: Option<crate::llm::spec::ResponseCacheSpec>,
 }
 
 // === quotas ===
@@ -931,6 +933,13 @@ impl Spec {
                 Some("prompts") => {
                     spec.prompts = objects(value, "prompts", &mut Vec::new(), &mut errors)
                 }
+                Some("response_cache") => match serde_path_to_error::deserialize(value) {
+                    Ok(c) => spec.response_cache = Some(c),
+                    Err(e) => errors.push(
+                        format!("response_cache.{}", e.path()).trim_end_matches(".."),
+                        e.into_inner().to_string(),
+                    ),
+                },
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -947,7 +956,7 @@ impl Spec {
                     "spec",
                     format!(
                         "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
-                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models` or `prompts` (a file for `tollgate apply` may also have \
+                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts` or `response_cache` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),

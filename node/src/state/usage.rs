@@ -76,6 +76,7 @@ pub fn add_counts(into: &mut UsageCounts, from: &UsageCounts) {
     into.cache_write_tokens += from.cache_write_tokens;
     into.reasoning_tokens += from.reasoning_tokens;
     into.estimated += from.estimated;
+    into.cached_requests += from.cached_requests;
 }
 
 /// Adds `from`'s counts into `into` (the key fields are `into`'s).

@@ -92,3 +92,32 @@ async fn a_new_prompt_version_is_canaried_and_rolled_back() {
         "after the rollback only the old prompt answers"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_guard_masks_pii_and_refuses_secrets_before_any_provider_sees_them() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start(&allowing_loopback("upstreams: {}\nroutes: {}\n")).await;
+    let content = format!(
+        "{}prompt_guard: {{ secrets: refuse, card: refuse, email: mask, phone: mask }}\n",
+        content(&demo, "Greet")
+    );
+    let (_cp, key) = llm_api(&gw, &content).await;
+    let before = demo.stats()["requests"].as_u64().unwrap();
+    sdk_case("guard", &gw.url("/llm"), &key, &[]).await;
+    // Only the masked request reached the provider, and without what was masked.
+    let after = demo.stats()["requests"].as_u64().unwrap();
+    assert_eq!(after - before, 1);
+    let sent = demo.requests().last().unwrap()["body"].to_string();
+    assert!(
+        !sent.contains("ada@example.com") && !sent.contains("7946") && sent.contains("[EMAIL]"),
+        "{sent}"
+    );
+    let metrics = gw.metrics().await;
+    for want in [
+        "tollgate_llm_guard_total{class=\"email\",action=\"mask\"} 1",
+        "tollgate_llm_guard_total{class=\"secret\",action=\"refuse\"} 2",
+        "tollgate_llm_guard_total{class=\"card\",action=\"refuse\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    }
+}

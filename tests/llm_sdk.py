@@ -427,5 +427,24 @@ def cache():
     print("cache ok")
 
 
+def guard():
+    """The prompt guard: emails and phone numbers masked before the provider sees them;
+    secrets and card numbers refused with a 400 that names the class, in both dialects."""
+    def msg(t):
+        return [{"role": "user", "content": t}]
+    r = oai.chat.completions.create(model="gpt", messages=msg("mail ada@example.com or call +44 20 7946 0958"))
+    assert r.choices[0].message.content == "You said: mail [EMAIL] or call [PHONE]", r
+    e = expect(openai.BadRequestError, lambda: oai.chat.completions.create(
+        model="gpt", messages=msg("why does sk-proj-abcdefghijklmnopqrstuvwxyz0123 fail?")), 400)
+    assert e.code == "sensitive_data" and e.param == "secret", e.body
+    e = expect(openai.BadRequestError, lambda: oai.chat.completions.create(
+        model="gpt", messages=msg("charge 4111 1111 1111 1111 please")), 400)
+    assert e.param == "card" and "card number" in e.message, e.body
+    e = expect(anthropic.BadRequestError, lambda: ant.messages.create(
+        model="claude", max_tokens=20, messages=msg("token ghp_" + "a" * 36)), 400)
+    assert e.body["error"]["type"] == "invalid_request_error" and "secret" in e.body["error"]["message"], e.body
+    print("guard ok")
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()

@@ -10,6 +10,7 @@
 pub mod anthropic;
 pub mod cache;
 pub mod gemini;
+pub mod guard;
 pub mod ir;
 pub mod limits;
 pub mod openai;
@@ -138,6 +139,8 @@ pub struct LlmApi {
     /// `<api>@<version>/`: what the response cache keys by.
     pub version: Arc<str>,
     pub cache: Option<cache::Settings>,
+    /// Secrets and PII in prompts (None: not looked for).
+    pub guard: Option<guard::GuardSpec>,
     pub prompts: BTreeMap<Arc<str>, Arc<prompt::Prompt>>,
     /// When the version was compiled (seconds), for `created` in model listings.
     pub created: u64,
@@ -319,6 +322,7 @@ pub fn compile(
     Some(Arc::new(LlmApi {
         models,
         version: Arc::from(prefix),
+        guard: spec.prompt_guard.filter(guard::GuardSpec::is_on),
         cache: spec.response_cache.map(|c| cache::Settings {
             ttl: c.ttl,
             any_temperature: c.any_temperature,

@@ -557,6 +557,11 @@ pub async fn serve(
     let dialect = endpoint.dialect();
     let mut doc: Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))?;
+    if let Some(g) = &llm.guard
+        && endpoint != Endpoint::Prompt
+    {
+        guard(g, &mut doc)?;
+    }
     if endpoint == Endpoint::Prompt {
         let name = path.rsplit('/').next().unwrap_or_default();
         let call = PromptCall {
@@ -711,6 +716,19 @@ pub async fn serve(
     Ok(resp)
 }
 
+/// The version's prompt guard over a request: secrets and PII masked, or a 400 that names
+/// the class found.
+fn guard(g: &super::guard::GuardSpec, doc: &mut Value) -> Result<(), ProxyError> {
+    g.apply(doc).map(|_| ()).map_err(|r| {
+        llm_error(
+            StatusCode::BAD_REQUEST,
+            "sensitive_data",
+            r.message(),
+            Some(r.class.name().to_string()),
+        )
+    })
+}
+
 /// A call of a prompt API: its name, the caller's variables, whether it streams.
 struct PromptCall<'a> {
     name: &'a str,
@@ -775,6 +793,10 @@ async fn prompt_api(
                 (!e.field.is_empty()).then_some(e.field),
             )
         })?;
+    let mut doc = doc;
+    if let Some(g) = &llm.guard {
+        guard(g, &mut doc)?;
+    }
     let chat = openai::parse_chat(&doc).map_err(bad)?;
     record.borrow_mut().model = Some(model.name.clone());
     let resp = dispatch(

@@ -277,6 +277,7 @@ mod routing {
             prompts: Default::default(),
             version: Arc::from(""),
             cache: None,
+            guard: None,
             models: Default::default(),
             created: 0,
         };

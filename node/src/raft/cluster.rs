@@ -575,6 +575,7 @@ impl Cluster {
             ("models", !checked.spec.models.is_empty()),
             ("prompts", !checked.spec.prompts.is_empty()),
             ("response_cache", checked.spec.response_cache.is_some()),
+            ("prompt_guard", checked.spec.prompt_guard.is_some()),
         ] {
             if present {
                 return Err(Status::invalid_argument(format!(

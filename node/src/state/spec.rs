@@ -37,6 +37,8 @@ pub struct Spec {
     pub prompts: BTreeMap<String, crate::llm::prompt::PromptSpec>,
     /// The version's LLM answers are cached on each node (a version's content only).
     pub response_cache: Option<crate::llm::spec::ResponseCacheSpec>,
+    /// Secrets and PII in prompts are masked or refused (a version's content only).
+    pub prompt_guard: Option<crate::llm::guard::GuardSpec>,
 }
 
 // === quotas ===
@@ -940,6 +942,13 @@ impl Spec {
                         e.into_inner().to_string(),
                     ),
                 },
+                Some("prompt_guard") => match serde_path_to_error::deserialize(value) {
+                    Ok(g) => spec.prompt_guard = Some(g),
+                    Err(e) => errors.push(
+                        format!("prompt_guard.{}", e.path()).trim_end_matches(".."),
+                        e.into_inner().to_string(),
+                    ),
+                },
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -956,7 +965,7 @@ impl Spec {
                     "spec",
                     format!(
                         "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
-                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts` or `response_cache` (a file for `tollgate apply` may also have \
+                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts`, `response_cache` or `prompt_guard` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),

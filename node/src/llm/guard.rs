@@ -386,7 +386,10 @@ mod tests {
     /// Per class: (found, positives, false positives, negatives) on a labelled set (every
     /// line `label<TAB>text`, the label the class the text holds, `none` for none), and
     /// what went wrong.
-    fn rates(corpus: &str) -> ([(usize, usize, usize, usize); 4], Vec<String>) {
+    /// (found, positives, false positives, negatives)
+    type Rate = (usize, usize, usize, usize);
+
+    fn rates(corpus: &str) -> ([Rate; 4], Vec<String>) {
         let mut out = [(0, 0, 0, 0); 4];
         let mut wrong = Vec::new();
         for line in corpus

@@ -10,6 +10,12 @@
      proxied route of Tollgate (no LLM logic), through the LLM API, and through LiteLLM's
      proxy (PyPI litellm[proxy], 2 workers) when --litellm is given.
   4. Memory: node RSS idle, then with 1,000 concurrent slow streams open through it.
+  5. Spend checks (--only spend): the same LLM API with a hard-capped budget (large enough
+     never to refuse) and a token quota on, against both off, toggled between interleaved
+     rounds: closed-loop requests/s and p99 at 1,000 req/s.
+  6. Response cache (--only cache): a version with a response cache; the same
+     deterministic request, so all but the first are hits: p99 at 1,000 req/s next to the
+     provider's own, and closed-loop requests/s on hits.
 
 Everything listens on 127.0.0.1; every run is bounded in time. Needs h2load (apt-get install
 nghttp2-client) and a release build (cargo build --release).
@@ -116,6 +122,11 @@ routes:
     with open(os.path.join(W, "spec.yaml"), "w") as f:
         f.write(spec)
     cli("apply", "-f", os.path.join(W, "spec.yaml"))
+    # A plan that prices the demo's tokens (the cost header and budgets need one).
+    cli("plan", "put", "llm-bench", "--llm", "*=input:2.50,output:10")
+    cli("plan", "assign", "ai", "llm-bench")
+    global CLI, SPEC
+    CLI, SPEC = cli, spec
     body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hello there, how are you"}]})
     for path in ["/ai/v1/chat/completions", "/v1/chat/completions"]:
         deadline = time.time() + 20
@@ -173,7 +184,7 @@ general_settings:
 def h2load(url, key, body, conns, duration, rps=None, stream=False):
     """Per-request times (ms) and requests/s; rps: the rate (None: as fast as it goes)."""
     bodyf = os.path.join(W, "body-stream.json" if stream else "body.json")
-    b = {"model": "demo", "messages": [{"role": "user", "content": "hello there, how are you"}]}
+    b = body or {"model": "demo", "messages": [{"role": "user", "content": "hello there, how are you"}]}
     if stream:
         b["stream"] = True
     with open(bodyf, "w") as f:
@@ -267,12 +278,76 @@ def memory(dev, key):
     return idle, during
 
 
+def limits(on):
+    """Turns tenant ai's hard-capped budget (1,000,000 a month: never reached here) and a
+    token quota (10^9 tokens a minute) on or off."""
+    if on:
+        CLI("budget", "set", "ai", "--monthly-limit", "1000000", "--hard-cap")
+        spec = SPEC + "\nquotas:\n  tpm:\n    scope: tenant\n    limit: 1000000000\n    window: minute\n    unit: tokens\n    apis: [ai]\n"
+    else:
+        CLI("budget", "remove", "ai")
+        spec = SPEC
+    path = os.path.join(W, "spec-limits.yaml")
+    with open(path, "w") as f:
+        f.write(spec)
+    CLI("apply", "-f", path)
+    time.sleep(1)
+
+
+def spend_checks(a, llm, key):
+    rows = []
+    for r in range(a.rounds):
+        out = {}
+        for on in (False, True):
+            limits(on)
+            _, rate, f1, _ = h2load(llm, key, None, 8, a.duration)
+            t, _, f2, _ = h2load(llm, key, None, 8, a.duration, 1000)
+            out[on] = (rate, pct(t, .99), f1 + f2)
+        rows.append(out)
+        print(f"spend checks round {r+1}: off {out[False][0]:.0f} req/s p99 {out[False][1]:.3f} ms"
+              f" | on {out[True][0]:.0f} req/s p99 {out[True][1]:.3f} ms"
+              f" | ratio {out[True][0]/out[False][0]:.3f}, failed {out[False][2] + out[True][2]}", flush=True)
+    limits(False)
+    med = lambda on, i: statistics.median(x[on][i] for x in rows)
+    return {"off_rps": med(False, 0), "on_rps": med(True, 0),
+            "ratio": statistics.median(x[True][0] / x[False][0] for x in rows),
+            "off_p99_ms": med(False, 1), "on_p99_ms": med(True, 1)}
+
+
+def cache_hits(a, direct, key):
+    content = os.path.join(W, "llm-cache.yaml")
+    with open(content, "w") as f:
+        f.write(f"""providers:
+  demo: {{ kind: openai, base_url: "http://127.0.0.1:{DEMO}/v1" }}
+models:
+  demo: {{ deployments: [{{ provider: demo, model: demo }}] }}
+response_cache: {{ ttl: 10m }}
+""")
+    CLI("version", "create", "ai", "2.1.0", "-f", content)
+    CLI("version", "publish", "ai", "2.1.0")
+    CLI("api", "promote", "ai", "2.1.0")
+    time.sleep(1)
+    body = {"model": "demo", "temperature": 0, "messages": [{"role": "user", "content": "hello there, how are you"}]}
+    llm = f"http://127.0.0.1:{PROXY}/ai/v1/chat/completions"
+    h2load(llm, key, dict(body), 1, 1)  # the miss that fills it
+    rows = []
+    for r in range(a.rounds):
+        d, _, df, _ = h2load(direct, "sk", dict(body), 8, a.duration, 1000)
+        g, _, gf, _ = h2load(llm, key, dict(body), 8, a.duration, 1000)
+        _, rate, rf, _ = h2load(llm, key, dict(body), 8, a.duration)
+        rows.append((pct(d, .5), pct(d, .99), pct(g, .5), pct(g, .99), rate, df + gf + rf))
+        print(f"cache hits round {r+1}: provider p50 {rows[-1][0]:.3f} p99 {rows[-1][1]:.3f} ms"
+              f" | hit p50 {rows[-1][2]:.3f} p99 {rows[-1][3]:.3f} ms | hits {rate:.0f} req/s, failed {rows[-1][5]}", flush=True)
+    med = lambda i: statistics.median(x[i] for x in rows)
+    return {"provider_p99_ms": med(1), "hit_p50_ms": med(2), "hit_p99_ms": med(3), "hit_rps": med(4)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--litellm", action="store_true")
-    ap.add_argument("--only", choices=["overhead", "ttft", "rate", "memory"])
+    ap.add_argument("--only", choices=["overhead", "ttft", "rate", "memory", "spend", "cache"])
     a = ap.parse_args()
     try:
         dev, key = setup()
@@ -327,6 +402,10 @@ def main():
                                  "per_stream_kb": (during - idle) / 1000}
             print(f"memory: idle {idle/1024:.1f} MiB, with 1,000 streams open {during/1024:.1f} MiB, "
                   f"{(during-idle)/1000:.1f} KiB per stream", flush=True)
+        if a.only == "spend":
+            results["spend checks"] = spend_checks(a, llm, key)
+        if a.only == "cache":
+            results["response cache"] = cache_hits(a, direct, key)
         print(json.dumps(results, indent=2))
     finally:
         stop_all()

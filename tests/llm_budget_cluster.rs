@@ -236,6 +236,67 @@ async fn fifty_streams_on_three_nodes_never_spend_past_the_budget_and_its_bound(
     }
     println!("{}", report.join("\n"));
     println!("worst overshoot: {worst_over} tokens");
+
+    // The naive design, for comparison: each node checks the tenant's spend as it knows it
+    // (the committed spend plus what it spent itself) before a request, and counts a
+    // request's cost when it ends, as gateways that check a budget and increment it later
+    // do. Built here, in front of the cluster, with the budget's cap off.
+    settled_spend().await;
+    cp.set_budget(state::SetBudget {
+        tenant: "acme".into(),
+        monthly_limit: "1000000".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let limit_tokens = BUDGET_TOKENS;
+    let local = std::sync::Arc::new(std::sync::Mutex::new([0u64; 3]));
+    let before = demo.stats();
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let (client, key, proxy, local) =
+            (client.clone(), key.clone(), proxies[i % 3], local.clone());
+        // The spend this node knows of: committed (none yet this round) and its own.
+        let known = local.lock().unwrap()[i % 3];
+        if known >= limit_tokens {
+            continue;
+        }
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"model": "long", "stream": true, "max_tokens": WORDS,
+                "messages": [{"role": "user", "content": "go on"}]});
+            let req = http::Request::post(format!("http://{proxy}/llm/v1/chat/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .body(full(body.to_string()))
+                .unwrap();
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(20), client.request(req)).await
+            {
+                let mut body = resp.into_body();
+                while let Ok(Some(Ok(_))) =
+                    tokio::time::timeout(Duration::from_secs(20), body.frame()).await
+                {
+                }
+            }
+            // Counted when it ends.
+            local.lock().unwrap()[i % 3] += WORDS + 2;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = demo.stats();
+    let charged = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let naive = charged("input_tokens") + charged("output_tokens");
+    println!(
+        "naive per-node check: {naive} tokens charged against a budget of {limit_tokens} (over by {}); tollgate's worst: over by {worst_over}",
+        naive as i64 - limit_tokens as i64
+    );
+    assert!(
+        naive > 2 * limit_tokens,
+        "the naive design overspends under concurrency: {naive}"
+    );
 }
 
 /// A node's `tollgate_budget_overshoot_bound_nanos` for acme (0 when it has none).

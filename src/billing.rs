@@ -160,9 +160,12 @@ pub enum PlanCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BudgetCommand {
-    /// Set a tenant's monthly budget.
+    /// Set a tenant's monthly budget (or, with --key, one of its API keys').
     Set {
         tenant: String,
+        /// The budget of this API key of the tenant (its public id), beside the tenant's.
+        #[arg(long, default_value = "")]
+        key: String,
         /// The limit per calendar month (UTC), in the tenant's plan currency.
         #[arg(long)]
         monthly_limit: String,
@@ -184,9 +187,11 @@ pub enum BudgetCommand {
         #[command(flatten)]
         conn: Connection,
     },
-    /// Remove a tenant's budget (and lift its cap).
+    /// Remove a tenant's budget (or, with --key, a key's), and lift its cap.
     Remove {
         tenant: String,
+        #[arg(long, default_value = "")]
+        key: String,
         #[command(flatten)]
         conn: Connection,
     },
@@ -547,12 +552,22 @@ pub async fn plan(cmd: PlanCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// "acme", or "acme's key k1".
+fn whose(tenant: &str, key: &str) -> String {
+    if key.is_empty() {
+        tenant.to_string()
+    } else {
+        format!("{tenant}'s key {key}")
+    }
+}
+
 pub async fn budget(cmd: BudgetCommand) -> anyhow::Result<()> {
     match cmd {
         BudgetCommand::Set {
             tenant,
             monthly_limit,
             thresholds,
+            key,
             hard_cap,
             fail_open,
             webhook,
@@ -572,28 +587,33 @@ pub async fn budget(cmd: BudgetCommand) -> anyhow::Result<()> {
                     hard_cap,
                     webhook,
                     fail_open,
+                    key: key.clone(),
                 })
                 .await?;
             let cap = if hard_cap { ", hard cap" } else { "" };
+            let whose = whose(&tenant, &key);
             println!(
-                "Budget of {tenant}: {monthly_limit} per month{cap} (generation {generation})."
+                "Budget of {whose}: {monthly_limit} per month{cap} (generation {generation})."
             );
         }
-        BudgetCommand::Remove { tenant, conn } => {
+        BudgetCommand::Remove { tenant, key, conn } => {
             let generation = conn
                 .client()?
                 .set_budget(state::SetBudget {
                     tenant: tenant.clone(),
+                    key: key.clone(),
                     ..state::SetBudget::default()
                 })
                 .await?;
-            println!("Budget of {tenant} removed (generation {generation}).");
+            let whose = whose(&tenant, &key);
+            println!("Budget of {whose} removed (generation {generation}).");
         }
         BudgetCommand::List { output, conn } => {
             let reply = conn.client()?.list_budgets().await?;
             let mut rows = vec![
                 [
                     "TENANT",
+                    "KEY",
                     "MONTHLY LIMIT",
                     "SPENT",
                     "USED %",
@@ -612,6 +632,7 @@ pub async fn budget(cmd: BudgetCommand) -> anyhow::Result<()> {
                 };
                 rows.push(vec![
                     s.tenant.clone(),
+                    or_dash(&s.key),
                     s.monthly_limit.clone(),
                     b.spent.clone(),
                     format!("{:.1}", b.used_percent),

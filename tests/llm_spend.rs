@@ -292,3 +292,69 @@ async fn the_response_cache_answers_repeats_without_the_provider_and_meters_them
         Some("miss")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_keys_budget_holds_for_that_key_alone() {
+    let demo = LlmDemo::start();
+    let gw = GatewayProcess::start_with(
+        &allowing_loopback("upstreams: {}\nroutes: {}\n"),
+        &meter_flags(),
+    )
+    .await;
+    let (cpp, _) = llm_api(&gw, &content(&demo)).await;
+    let cp = cpp.sdk(gw.operator_token());
+    cp.put_plan("llm", prices("10", "10", "0")).await.unwrap();
+    cp.assign_plan("acme", "llm").await.unwrap();
+    let limited = cp.create_key("acme", "limited", "").await.unwrap();
+    let limited_id = limited.credential.clone().unwrap().id;
+    let other = cp.create_key("acme", "other", "").await.unwrap().secret;
+    // The tenant's budget is large; this key's is 100 tokens' worth.
+    for (key, limit) in [("", "1000"), (limited_id.as_str(), "0.001")] {
+        cp.set_budget(state::SetBudget {
+            tenant: "acme".into(),
+            key: key.into(),
+            monthly_limit: limit.into(),
+            hard_cap: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The limited key: 402 before dispatch, a stream cut where its budget ends.
+    sdk_case(
+        "budget",
+        &gw.url("/llm"),
+        &limited.secret,
+        &[("BIG", "500")],
+    )
+    .await;
+    // Another key of the same tenant is not held by it.
+    let r = gw
+        .send(
+            http::Request::post(gw.url("/llm/v1/chat/completions"))
+                .header("authorization", format!("Bearer {other}"))
+                .body(harness::full(
+                    serde_json::json!({"model": "gpt", "max_tokens": 500,
+                        "messages": [{"role": "user", "content": "hello"}]})
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The key's spend is committed and its cap reached; the tenant's is not.
+    eventually("the key is capped", Duration::from_secs(10), async || {
+        let b = cp.list_budgets().await.unwrap();
+        b.budgets.iter().any(|v| {
+            v.budget
+                .as_ref()
+                .is_some_and(|s| s.key == limited_id && s.capped)
+        }) && b.budgets.iter().any(|v| {
+            v.budget
+                .as_ref()
+                .is_some_and(|s| s.key.is_empty() && !s.capped)
+        })
+    })
+    .await;
+}

@@ -208,6 +208,7 @@ impl Billing for Service {
         let t = token(&req);
         let r = req.into_inner();
         check_size("the tenant name", &r.tenant, 256)?;
+        check_size("the key id", &r.key, 256)?;
         check_size("the webhook", &r.webhook, 2048)?;
         if !r.monthly_limit.trim().is_empty() {
             billing::parse_amount("monthly_limit", &r.monthly_limit)
@@ -231,7 +232,7 @@ impl Billing for Service {
             .budgets
             .iter()
             .map(|budget| {
-                let spent = b.spent(&budget.tenant, month);
+                let spent = b.spent(&billing::subject(&budget.tenant, &budget.key), month);
                 let limit = billing::parse_amount("limit", &budget.monthly_limit).unwrap_or(0);
                 let used_percent = if limit == 0 {
                     0.0

@@ -483,10 +483,32 @@ impl Lease {
             .sum()
     }
 
+    /// Adds `n` tokens good until `until_ms` in `window` to what is held: to the entry of
+    /// the same window and expiry when there is one (a window counter's tokens all expire
+    /// at the window's end), so the list stays a few entries long however many requests
+    /// give tokens back.
+    fn hold(&mut self, window: u64, until_ms: u64, n: u64) {
+        match self
+            .held
+            .iter_mut()
+            .find(|h| h.window == window && h.until_ms == until_ms)
+        {
+            Some(h) => h.tokens += n,
+            None => {
+                self.held.push(Held {
+                    window,
+                    until_ms,
+                    tokens: n,
+                });
+                self.held.sort_by_key(|h| h.until_ms);
+                self.checked_until = self.checked_until.min(until_ms);
+            }
+        }
+    }
+
     /// Spends `n` held tokens, soonest to expire first (the caller checked there are).
     fn spend_held(&mut self, mut n: u64) {
         let (window, algorithm) = (self.window, self.algorithm);
-        self.held.sort_by_key(|h| h.until_ms);
         for h in self
             .held
             .iter_mut()
@@ -568,15 +590,7 @@ impl Lease {
         self.used = self.used.saturating_sub(n);
         match self.algorithm {
             Algorithm::Gcra => self.returned += n,
-            Algorithm::Window => {
-                let until_ms = self.span.window(now_ms).2;
-                self.held.push(Held {
-                    window,
-                    until_ms,
-                    tokens: n,
-                });
-                self.checked_until = 0;
-            }
+            Algorithm::Window => self.hold(window, self.span.window(now_ms).2, n),
         }
     }
 
@@ -730,11 +744,7 @@ impl Lease {
             self.held.retain(|h| h.window != grant.window);
         }
         if grant.tokens > 0 {
-            self.held.push(Held {
-                window: grant.window,
-                until_ms: grant.valid_until_ms,
-                tokens: grant.tokens,
-            });
+            self.hold(grant.window, grant.valid_until_ms, grant.tokens);
         }
     }
 

@@ -39,8 +39,9 @@ pub struct Spending {
     pub quotas: Vec<Arc<QuotaDef>>,
     /// The tenant's prices in force.
     pub price: Option<Arc<PriceNow>>,
-    /// The tenant's hard-capped budget.
-    pub budget: Option<Arc<QuotaDef>>,
+    /// The hard-capped budgets the request spends from: the tenant's, and its API key's
+    /// (`key:<id>`), each with its lease's definition.
+    pub budgets: Vec<(Arc<str>, Arc<QuotaDef>)>,
 }
 
 #[derive(Debug)]
@@ -54,7 +55,8 @@ pub struct TokenHold {
 #[derive(Debug)]
 struct BudgetHold {
     def: Arc<QuotaDef>,
-    tenant: Arc<str>,
+    /// The tenant, or `key:<id>`.
+    subject: Arc<str>,
     /// Nanos taken from the lease so far.
     reserved: u64,
     window: u64,
@@ -73,7 +75,7 @@ struct BudgetHold {
 pub struct Holds {
     quotas: Arc<Quotas>,
     tokens: Vec<TokenHold>,
-    budget: Option<BudgetHold>,
+    budgets: Vec<BudgetHold>,
     /// Of the provider limits of the deployment that answered.
     provider: Vec<TokenHold>,
 }
@@ -88,12 +90,16 @@ pub struct Ask<'a> {
     pub candidates: Vec<(&'a str, &'a str, &'a str)>,
 }
 
-fn budget_spent(tenant: &str) -> ProxyError {
+fn budget_spent(subject: &str) -> ProxyError {
+    let whose = match subject.strip_prefix("key:") {
+        Some(key) => format!("API key {key}"),
+        None => format!("tenant {subject}"),
+    };
     ProxyError::Llm {
         status: http::StatusCode::PAYMENT_REQUIRED,
         code: "insufficient_quota",
         message: format!(
-            "tenant {tenant} has spent its monthly budget (or what is left of it does not cover this request's worst case: its prompt and max_tokens); lower max_tokens, or ask the operator to raise the budget"
+            "{whose} has spent its monthly budget (or what is left of it does not cover this request's worst case: its prompt and max_tokens); lower max_tokens, or ask the operator to raise the budget"
         ),
         param: None,
         retry_after_s: None,
@@ -105,7 +111,7 @@ impl Holds {
         Holds {
             quotas: quotas.clone(),
             tokens: Vec::new(),
-            budget: None,
+            budgets: Vec::new(),
             provider: Vec::new(),
         }
     }
@@ -168,7 +174,11 @@ impl Holds {
                 window,
             });
         }
-        if let (Some(def), Some(tenant), Some(price)) = (&who.budget, &who.tenant, &who.price) {
+        let Some(price) = &who.price else {
+            return Ok(holds);
+        };
+        for (subject, def) in &who.budgets {
+            let tenant = subject;
             let (mut in_price, mut out_price) = (0u64, 0u64);
             for (model, deployment, upstream) in &ask.candidates {
                 let (i, o) = price.prices.worst_token_prices(model, deployment, upstream);
@@ -215,9 +225,9 @@ impl Holds {
                     0
                 };
                 bound_gauge(tenant).increment(bound as f64);
-                holds.budget = Some(BudgetHold {
+                holds.budgets.push(BudgetHold {
                     def: def.clone(),
-                    tenant: tenant.clone(),
+                    subject: tenant.clone(),
                     reserved,
                     window,
                     fixed_atto,
@@ -232,15 +242,20 @@ impl Holds {
 
     /// Whether the request holds part of a budget (a stream's output is then counted).
     pub fn has_budget(&self) -> bool {
-        self.budget.is_some()
+        !self.budgets.is_empty()
     }
 
-    /// A stream's output so far grew by `tokens`: takes more of the budget when what it
-    /// holds runs short. False: the budget is spent and the stream must end.
+    /// A stream's output so far grew by `tokens`: takes more of each budget when what it
+    /// holds runs short. False: a budget is spent and the stream must end.
     pub fn on_output(&mut self, tokens: u64) -> bool {
-        let Some(b) = &mut self.budget else {
-            return true;
-        };
+        let mut fine = true;
+        for b in &mut self.budgets {
+            fine &= Self::take_output(&self.quotas, b, tokens);
+        }
+        fine
+    }
+
+    fn take_output(quotas: &Quotas, b: &mut BudgetHold, tokens: u64) -> bool {
         b.out_tokens += tokens;
         let out = |t: u64| u128::from(t) * u128::from(b.out_price) * 1_000;
         let spent = atto_to_nanos_up(b.fixed_atto + out(b.out_tokens));
@@ -250,7 +265,7 @@ impl Holds {
         }
         let step = atto_to_nanos_up(out(STREAM_STEP)).max(1);
         let now = wall_ms();
-        let (got, exhausted) = self.quotas.with_lease(&b.def, &b.tenant, |l| {
+        let (got, exhausted) = quotas.with_lease(&b.def, &b.subject, |l| {
             let got = l.admit_up_to(now, 1, step);
             if got == 0 && spent > b.reserved {
                 // Tokens the provider already sent are spent, covered or not.
@@ -264,9 +279,9 @@ impl Holds {
         !exhausted
     }
 
-    /// The request is over: every quota and the budget take its final usage (what was
+    /// The request is over: every quota and budget takes its final usage (what was
     /// reserved and not used is given back; what was used past it is counted). Returns
-    /// the budget's tenant and the nanos spent, to follow into the committed spend.
+    /// each budget's subject and the nanos spent, to follow into the committed spend.
     pub fn finish(
         mut self,
         model: &str,
@@ -275,7 +290,7 @@ impl Holds {
         price: Option<&PriceNow>,
         usage: &LlmTokens,
         answered: bool,
-    ) -> Option<(Arc<str>, u64)> {
+    ) -> Vec<(Arc<str>, u64)> {
         let now = wall_ms();
         let mut all = std::mem::take(&mut self.tokens);
         all.append(&mut self.provider);
@@ -294,22 +309,25 @@ impl Holds {
                 }
             });
         }
-        let b = self.budget.take()?;
-        bound_gauge(&b.tenant).decrement(b.bound as f64);
         let cost = match price {
             Some(p) if answered => {
                 atto_to_nanos_up(p.prices.request_cost(model, deployment, upstream, usage))
             }
             _ => 0,
         };
-        self.quotas.with_lease(&b.def, &b.tenant, |l| {
-            if cost > b.reserved {
-                l.force(now, cost - b.reserved);
-            } else {
-                l.give_back(now, b.window, b.reserved - cost);
-            }
-        });
-        Some((b.tenant, cost))
+        let mut spent = Vec::new();
+        for b in std::mem::take(&mut self.budgets) {
+            bound_gauge(&b.subject).decrement(b.bound as f64);
+            self.quotas.with_lease(&b.def, &b.subject, |l| {
+                if cost > b.reserved {
+                    l.force(now, cost - b.reserved);
+                } else {
+                    l.give_back(now, b.window, b.reserved - cost);
+                }
+            });
+            spent.push((b.subject, cost));
+        }
+        spent
     }
 
     /// Gives back everything taken (a request refused after its reservation).
@@ -318,9 +336,9 @@ impl Holds {
         release(&self.quotas, std::mem::take(&mut self.tokens), true);
         // A provider call was made: its request counts, its tokens come back.
         release(&self.quotas, std::mem::take(&mut self.provider), false);
-        if let Some(b) = self.budget.take() {
-            bound_gauge(&b.tenant).decrement(b.bound as f64);
-            self.quotas.with_lease(&b.def, &b.tenant, |l| {
+        for b in std::mem::take(&mut self.budgets) {
+            bound_gauge(&b.subject).decrement(b.bound as f64);
+            self.quotas.with_lease(&b.def, &b.subject, |l| {
                 l.give_back(now, b.window, b.reserved)
             });
         }
@@ -443,7 +461,8 @@ pub fn provider_exhausted(quotas: &Quotas, d: &super::Deployment) {
 }
 
 /// `tollgate_budget_overshoot_bound_nanos{tenant}`: how far this node's running streams
-/// could take the tenant's spend past its cap (one step ahead and one provider event each).
+/// could take a budget's spend past its cap (one step ahead and one provider event each);
+/// `tenant` is the tenant, or `key:<id>` for a key's budget.
 fn bound_gauge(tenant: &str) -> metrics::Gauge {
     metrics::gauge!("tollgate_budget_overshoot_bound_nanos", "tenant" => tenant.to_string())
 }

@@ -138,8 +138,10 @@ impl Record {
             &llm_tokens(&self.usage),
             answered,
         );
-        if let (Some((tenant, nanos)), Some(meter)) = (spent, meter) {
-            meter.spend.record(&tenant, nanos);
+        if let Some(meter) = meter {
+            for (subject, nanos) in spent {
+                meter.spend.record(&subject, nanos);
+            }
         }
     }
 
@@ -1273,7 +1275,7 @@ async fn dispatch(
     }
     // Token quotas and the budget: the worst case is taken before any provider is called.
     let limited =
-        !spending.quotas.is_empty() || (spending.budget.is_some() && spending.price.is_some());
+        !spending.quotas.is_empty() || (!spending.budgets.is_empty() && spending.price.is_some());
     let provider_limited = candidates.iter().any(|(_, d)| d.tpm_def.is_some());
     let mut input = 0;
     if (limited || provider_limited)

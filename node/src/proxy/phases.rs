@@ -275,7 +275,7 @@ async fn pipeline(
         if let Some(tenant) = &api.tenant
             && !snapshot.capped.is_empty()
         {
-            budget(&snapshot.capped, tenant)?;
+            budget(&snapshot.capped, tenant, api.key)?;
         }
         (matched, Some(api))
     };
@@ -645,26 +645,6 @@ fn authenticate<'s>(
 /// call leaves the node. A request that finds no token while the owner still had budget
 /// waits for the next exchange (two rounds at most), then is admitted or refused. Says
 /// whether the request waited.
-/// A tenant over its budget's hard cap this month is refused (402).
-fn budget(
-    capped: &std::collections::BTreeMap<String, u64>,
-    tenant: &Arc<str>,
-) -> Result<(), ProxyError> {
-    let Some(&month) = capped.get(&**tenant) else {
-        return Ok(());
-    };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    if crate::state::billing::month_of_ms(now) != month {
-        // The cap was for a month that has ended.
-        return Ok(());
-    }
-    Err(ProxyError::BudgetExceeded {
-        tenant: tenant.to_string(),
-    })
-}
-
 async fn quota(
     quotas: &Quotas,
     routing: &Routing,
@@ -729,14 +709,26 @@ fn llm_spending(
     let routing = &*snapshot.routing;
     let tenant = api.and_then(|a| a.tenant.clone());
     let billing = &snapshot.billing;
+    let key = api.and_then(|a| a.key.cloned());
+    // The tenant's budget, and its key's if it has one.
+    let budgets = match tenant.as_deref() {
+        None => Vec::new(),
+        Some(t) => [
+            Some(Arc::<str>::from(t)),
+            key.as_deref()
+                .map(|k| Arc::from(crate::state::billing::subject(t, k))),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| billing.budgets.get(&*s).map(|d| (s, d.clone())))
+        .collect(),
+    };
     crate::llm::limits::Spending {
         price: tenant
             .as_deref()
             .and_then(|t| billing.prices.get(t).cloned()),
-        budget: tenant
-            .as_deref()
-            .and_then(|t| billing.budgets.get(t).cloned()),
-        key: api.and_then(|a| a.key.cloned()),
+        budgets,
+        key,
         api: route.api.clone(),
         api_version: match (&route.api, api) {
             (Some(name), Some(a)) => Some(format!("{name}@{}", a.version.to_str().unwrap_or(""))),
@@ -752,6 +744,32 @@ fn llm_spending(
             .collect(),
         tenant,
     }
+}
+
+/// A tenant, or an API key, over its budget's hard cap this month is refused (402).
+fn budget(
+    capped: &std::collections::BTreeMap<String, u64>,
+    tenant: &Arc<str>,
+    key: Option<&Arc<str>>,
+) -> Result<(), ProxyError> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let month = crate::state::billing::month_of_ms(now);
+    // A cap holds for the month it was reached in.
+    if capped.get(&**tenant) == Some(&month) {
+        return Err(ProxyError::BudgetExceeded {
+            tenant: tenant.to_string(),
+        });
+    }
+    if let Some(k) = key
+        && capped.get(&crate::state::billing::subject(tenant, k)) == Some(&month)
+    {
+        return Err(ProxyError::BudgetExceeded {
+            tenant: format!("{tenant} (API key {k})"),
+        });
+    }
+    Ok(())
 }
 
 /// The longest a request waits for its node's lease to be topped up.

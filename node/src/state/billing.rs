@@ -421,8 +421,20 @@ pub struct Version {
     pub prices: Prices,
 }
 
+/// What a budget is for: `tenant`, or `key:<id>` for an API key's.
+pub fn subject(tenant: &str, key: &str) -> String {
+    if key.is_empty() {
+        tenant.to_string()
+    } else {
+        format!("key:{key}")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
+    /// The tenant it belongs to, and the key for a key's budget.
+    pub tenant: String,
+    pub key: String,
     pub limit: u64,
     pub thresholds: Vec<u32>,
     pub hard_cap: bool,
@@ -440,7 +452,8 @@ pub struct Billing {
     /// Oldest first; a tenant's plan at a time is its last assignment at or before it.
     pub assignments: Vec<PlanAssignment>,
     pub budgets: BTreeMap<String, Budget>,
-    /// Metered spend by (tenant, month), attos.
+    /// Metered spend by (subject, month), attos: each tenant's, and each API key's
+    /// (`key:<id>`).
     pub spend: BTreeMap<(String, u64), u128>,
     pub alerts: VecDeque<BudgetAlert>,
     pub alert_seq: u64,
@@ -589,11 +602,15 @@ impl Billing {
 
     fn set_budget(&mut self, b: &SetBudget, at_ms: u64) -> Result<BillingChange, Refusal> {
         check_name("tenant", &b.tenant)?;
+        if !b.key.is_empty() {
+            check_name("key", &b.key)?;
+        }
+        let subject = subject(&b.tenant, &b.key);
         if b.monthly_limit.trim().is_empty() {
-            self.budgets.remove(&b.tenant);
+            self.budgets.remove(&subject);
             return Ok(BillingChange {
                 action: "budget.remove",
-                object: format!("budget/{}", b.tenant),
+                object: format!("budget/{subject}"),
                 tenant: b.tenant.clone(),
                 after: String::new(),
             });
@@ -627,13 +644,15 @@ impl Billing {
         // Alerts already raised this month stay raised (no repeat on an edit).
         let alerted = self
             .budgets
-            .get(&b.tenant)
+            .get(&subject)
             .filter(|old| old.month == month)
             .map(|old| old.alerted.clone())
             .unwrap_or_default();
         self.budgets.insert(
-            b.tenant.clone(),
+            subject.clone(),
             Budget {
+                tenant: b.tenant.clone(),
+                key: b.key.clone(),
                 limit,
                 thresholds: thresholds.clone(),
                 hard_cap: b.hard_cap,
@@ -645,10 +664,10 @@ impl Billing {
                 fail_open: b.fail_open,
             },
         );
-        self.check_budget(&b.tenant, at_ms);
+        self.check_budget(&subject, at_ms);
         Ok(BillingChange {
             action: "budget.set",
-            object: format!("budget/{}", b.tenant),
+            object: format!("budget/{subject}"),
             tenant: b.tenant.clone(),
             after: serde_json::json!({
                 "monthly_limit": format_nanos(limit),
@@ -680,6 +699,11 @@ impl Billing {
             let month = month_of_ms(e.minute * 60_000);
             *self.spend.entry((e.tenant.clone(), month)).or_default() += cost;
             touched.insert(e.tenant.clone());
+            if !e.key.is_empty() {
+                let key = subject(&e.tenant, &e.key);
+                *self.spend.entry((key.clone(), month)).or_default() += cost;
+                touched.insert(key);
+            }
         }
         let oldest = month_of_ms(at_ms).saturating_sub(SPEND_MONTHS);
         self.spend.retain(|(_, m), _| *m >= oldest);
@@ -690,16 +714,16 @@ impl Billing {
         changed
     }
 
-    /// Raises the alerts a tenant's spend has crossed this month and sets or clears its
-    /// cap. True when the cap changed.
-    fn check_budget(&mut self, tenant: &str, at_ms: u64) -> bool {
+    /// Raises the alerts a subject's (tenant's or key's) spend has crossed this month and
+    /// sets or clears its cap. True when the cap changed.
+    fn check_budget(&mut self, subject: &str, at_ms: u64) -> bool {
         let month = month_of_ms(at_ms);
         let spent = self
             .spend
-            .get(&(tenant.to_string(), month))
+            .get(&(subject.to_string(), month))
             .copied()
             .unwrap_or(0);
-        let Some(b) = self.budgets.get_mut(tenant) else {
+        let Some(b) = self.budgets.get_mut(subject) else {
             return false;
         };
         let was = b.capped;
@@ -717,18 +741,20 @@ impl Billing {
         }
         b.capped = b.hard_cap && spent >= limit;
         let (limit_text, webhook) = (format_nanos(b.limit), b.webhook.clone());
+        let (tenant, key) = (b.tenant.clone(), b.key.clone());
         let changed = was != b.capped;
         for threshold in raised {
             self.alert_seq += 1;
             self.alerts.push_back(BudgetAlert {
                 seq: self.alert_seq,
                 at_ms,
-                tenant: tenant.to_string(),
+                tenant: tenant.clone(),
                 threshold,
                 spent: format_atto(spent),
                 limit: limit_text.clone(),
                 webhook: webhook.clone(),
                 month,
+                key: key.clone(),
             });
             if self.alerts.len() > ALERT_LIMIT {
                 self.alerts.pop_front();
@@ -737,7 +763,8 @@ impl Billing {
         changed
     }
 
-    /// Tenants whose hard cap is reached, with the month it holds for.
+    /// Subjects (tenants, `key:<id>`) whose hard cap is reached, with the month it holds
+    /// for.
     pub fn capped(&self) -> BTreeMap<String, u64> {
         self.budgets
             .iter()
@@ -746,9 +773,10 @@ impl Billing {
             .collect()
     }
 
-    pub fn spent(&self, tenant: &str, month: u64) -> u128 {
+    /// A subject's (tenant's or `key:<id>`'s) spend in `month`.
+    pub fn spent(&self, subject: &str, month: u64) -> u128 {
         self.spend
-            .get(&(tenant.to_string(), month))
+            .get(&(subject.to_string(), month))
             .copied()
             .unwrap_or(0)
     }
@@ -770,11 +798,7 @@ impl Billing {
             })
             .collect();
         out.plan_assignments = self.assignments.clone();
-        out.budgets = self
-            .budgets
-            .iter()
-            .map(|(tenant, b)| budget_proto(tenant, b))
-            .collect();
+        out.budgets = self.budgets.iter().map(|(_, b)| budget_proto(b)).collect();
         out.spend = self
             .spend
             .iter()
@@ -815,8 +839,10 @@ impl Billing {
                 .iter()
                 .map(|b| {
                     (
-                        b.tenant.clone(),
+                        subject(&b.tenant, &b.key),
                         Budget {
+                            tenant: b.tenant.clone(),
+                            key: b.key.clone(),
                             limit: parse_amount("monthly_limit", &b.monthly_limit).unwrap_or(0),
                             thresholds: b.thresholds.clone(),
                             hard_cap: b.hard_cap,
@@ -927,9 +953,10 @@ pub fn atto_to_nanos_up(atto: u128) -> u64 {
     atto.div_ceil(ATTO_PER_NANO).min(u128::from(u64::MAX)) as u64
 }
 
-pub fn budget_proto(tenant: &str, b: &Budget) -> BudgetState {
+pub fn budget_proto(b: &Budget) -> BudgetState {
     BudgetState {
-        tenant: tenant.to_string(),
+        tenant: b.tenant.clone(),
+        key: b.key.clone(),
         monthly_limit: format_nanos(b.limit),
         thresholds: b.thresholds.clone(),
         hard_cap: b.hard_cap,

@@ -178,6 +178,7 @@ fn budgets_alert_at_each_threshold_once_and_cap_at_the_limit() {
             hard_cap: true,
             webhook: String::new(),
             fail_open: false,
+            key: String::new(),
         })),
     };
     b.apply(&cmd, T0).unwrap();
@@ -396,4 +397,55 @@ fn llm_tokens_are_priced_by_kind_per_model_and_deployment_exactly() {
     })
     .unwrap_err();
     assert!(err.contains("neither an input nor an output"), "{err}");
+}
+
+#[test]
+fn an_api_keys_budget_counts_that_keys_spend_alone() {
+    let mut b = two_plans();
+    for (key, limit) in [("", "100"), ("k1", "1")] {
+        b.apply(
+            &BillingCommand {
+                op: Some(Op::SetBudget(SetBudget {
+                    tenant: "acme".into(),
+                    key: key.into(),
+                    monthly_limit: limit.into(),
+                    hard_cap: true,
+                    ..SetBudget::default()
+                })),
+            },
+            T0,
+        )
+        .unwrap();
+    }
+    let minute = T0 / 60_000;
+    // 4,000 requests at 0.50 per 1,000 = 2.00, all with key k1.
+    let mut e = entry(
+        "acme",
+        minute,
+        UsageCounts {
+            requests: 4_000,
+            class_2xx: 4_000,
+            ..UsageCounts::default()
+        },
+    );
+    e.key = "k1".into();
+    assert!(b.add_usage(&[e], T0 + 1));
+    let month = month_of_ms(T0);
+    assert_eq!(format_atto(b.spent("acme", month)), "2.00");
+    assert_eq!(format_atto(b.spent(&subject("acme", "k1"), month)), "2.00");
+    let capped = b.capped();
+    assert!(
+        capped.contains_key("key:k1") && !capped.contains_key("acme"),
+        "{capped:?}"
+    );
+    // The key's budget survives the state's round trip, as the key's.
+    let mut out = StateSnapshot::default();
+    b.to_proto(&mut out);
+    assert!(
+        out.budgets
+            .iter()
+            .any(|s| s.tenant == "acme" && s.key == "k1")
+    );
+    assert_eq!(Billing::from_proto(&out), b);
+    assert!(b.view(T0).budgets.contains_key("key:k1"));
 }

@@ -798,7 +798,7 @@ impl Billing {
             })
             .collect();
         out.plan_assignments = self.assignments.clone();
-        out.budgets = self.budgets.iter().map(|(_, b)| budget_proto(b)).collect();
+        out.budgets = self.budgets.values().map(budget_proto).collect();
         out.spend = self
             .spend
             .iter()

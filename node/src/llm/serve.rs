@@ -1283,7 +1283,7 @@ async fn dispatch(
     {
         input = match prompt_tokens {
             Some(n) => n,
-            None => tokens::count_prompt(&first.model, &chat),
+            None => tokens::reserve_prompt(&first.model, &chat),
         };
     }
     let worst_tokens = input + chat.max_tokens.unwrap_or(model.max_output_tokens);

@@ -84,6 +84,43 @@ pub fn count_prompt(model: &str, req: &ChatRequest) -> u64 {
     n
 }
 
+/// Prompts whose bound is at most this are reserved at the bound, not counted.
+pub const SHORT_PROMPT: u64 = 1024;
+
+/// What a prompt's tokens are reserved at: [`count_prompt`]'s count for a long prompt; for
+/// a short one (bound at most [`SHORT_PROMPT`]), the bound itself, which [`count_prompt`]
+/// never exceeds (every token is at least a byte) and which costs no tokenizer pass. What
+/// the reservation holds over the count comes back when the request ends.
+pub fn reserve_prompt(model: &str, req: &ChatRequest) -> u64 {
+    let bound = prompt_bound(req);
+    if bound <= SHORT_PROMPT {
+        bound
+    } else {
+        count_prompt(model, req)
+    }
+}
+
+/// [`count_prompt`] with every token a byte: an upper bound of it.
+pub fn prompt_bound(req: &ChatRequest) -> u64 {
+    let text = |t: &str| t.len() as u64;
+    let mut n = 3;
+    for s in &req.system {
+        n += 3 + text(s);
+    }
+    for m in &req.messages {
+        n += 3;
+        for p in &m.parts {
+            n += part_tokens(p, &text);
+        }
+    }
+    for t in &req.tools {
+        n += text(&t.name)
+            + text(t.description.as_deref().unwrap_or(""))
+            + text(&t.parameters.to_string());
+    }
+    n
+}
+
 fn part_tokens(p: &Part, text: &dyn Fn(&str) -> u64) -> u64 {
     match p {
         Part::Text(t) => text(t),
@@ -108,5 +145,38 @@ mod tests {
         // "hello world" is two tokens in both encodings.
         assert_eq!(super::count("gpt-4o", "hello world"), 2);
         assert_eq!(super::count("gpt-3.5-turbo", "hello world"), 2);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+    use crate::llm::ir::{Message, Role};
+
+    #[test]
+    fn a_short_prompt_is_reserved_at_a_bound_no_count_exceeds() {
+        let req = ChatRequest {
+            system: vec!["Be brief.".into()],
+            messages: vec![Message {
+                role: Role::User,
+                parts: vec![Part::Text("hello there, how are you? 12345 ünïcödé".into())],
+            }],
+            ..ChatRequest::default()
+        };
+        for model in ["gpt-4o", "gpt-4", "claude-x"] {
+            assert!(prompt_bound(&req) >= count_prompt(model, &req));
+        }
+        assert_eq!(reserve_prompt("gpt-4o", &req), prompt_bound(&req));
+        let long = ChatRequest {
+            messages: vec![Message {
+                role: Role::User,
+                parts: vec![Part::Text("word ".repeat(400))],
+            }],
+            ..ChatRequest::default()
+        };
+        assert_eq!(
+            reserve_prompt("gpt-4o", &long),
+            count_prompt("gpt-4o", &long)
+        );
     }
 }

@@ -149,11 +149,18 @@ impl Holds {
                 holds.release();
                 return Err(too_large(def, n));
             }
-            let mut admit = quotas.with_lease(def, &value, |l| l.admit_n(wall_ms(), n, true));
+            // One lock for the admission and the window it counts in.
+            let take = |may_wait| {
+                quotas.with_lease(def, &value, |l| {
+                    let now = wall_ms();
+                    (l.admit_n(now, n, may_wait), l.window_now(now))
+                })
+            };
+            let (mut admit, mut window) = take(true);
             if admit == Admit::Wait {
                 def.waited.increment(1);
                 quotas.wait_rounds(2, WAIT).await;
-                admit = quotas.with_lease(def, &value, |l| l.admit_n(wall_ms(), n, false));
+                (admit, window) = take(false);
             }
             if admit != Admit::Yes {
                 def.refused.increment(1);
@@ -166,7 +173,6 @@ impl Holds {
                 });
             }
             def.admitted.increment(1);
-            let window = quotas.with_lease(def, &value, |l| l.window_now(wall_ms()));
             holds.tokens.push(TokenHold {
                 def: def.clone(),
                 value,
@@ -190,12 +196,17 @@ impl Holds {
             let out_atto = |tokens: u64| u128::from(tokens) * u128::from(out_price) * 1_000;
             let worst = atto_to_nanos_up(fixed_atto + out_atto(ask.max_output));
             if worst > 0 {
-                let now = wall_ms();
-                let mut admit = quotas.with_lease(def, tenant, |l| l.admit_n(now, worst, true));
+                let take = |may_wait| {
+                    quotas.with_lease(def, tenant, |l| {
+                        let now = wall_ms();
+                        (l.admit_n(now, worst, may_wait), l.window_now(now))
+                    })
+                };
+                let (mut admit, window) = take(true);
                 if admit == Admit::Wait {
                     def.waited.increment(1);
                     quotas.wait_rounds(2, WAIT).await;
-                    admit = quotas.with_lease(def, tenant, |l| l.admit_n(wall_ms(), worst, false));
+                    admit = take(false).0;
                 }
                 let reserved = match admit {
                     Admit::Yes => worst,
@@ -218,13 +229,14 @@ impl Holds {
                     return Err(budget_spent(tenant));
                 }
                 def.admitted.increment(1);
-                let window = quotas.with_lease(def, tenant, |l| l.window_now(wall_ms()));
                 let bound = if ask.stream {
                     atto_to_nanos_up(out_atto(STREAM_STEP + EVENT_TOKENS))
                 } else {
                     0
                 };
-                bound_gauge(tenant).increment(bound as f64);
+                if bound > 0 {
+                    bound_gauge(tenant).increment(bound as f64);
+                }
                 holds.budgets.push(BudgetHold {
                     def: def.clone(),
                     subject: tenant.clone(),
@@ -317,7 +329,9 @@ impl Holds {
         };
         let mut spent = Vec::new();
         for b in std::mem::take(&mut self.budgets) {
-            bound_gauge(&b.subject).decrement(b.bound as f64);
+            if b.bound > 0 {
+                bound_gauge(&b.subject).decrement(b.bound as f64);
+            }
             self.quotas.with_lease(&b.def, &b.subject, |l| {
                 if cost > b.reserved {
                     l.force(now, cost - b.reserved);
@@ -337,7 +351,9 @@ impl Holds {
         // A provider call was made: its request counts, its tokens come back.
         release(&self.quotas, std::mem::take(&mut self.provider), false);
         for b in std::mem::take(&mut self.budgets) {
-            bound_gauge(&b.subject).decrement(b.bound as f64);
+            if b.bound > 0 {
+                bound_gauge(&b.subject).decrement(b.bound as f64);
+            }
             self.quotas.with_lease(&b.def, &b.subject, |l| {
                 l.give_back(now, b.window, b.reserved)
             });

@@ -723,6 +723,13 @@ fn llm_spending(
         .filter_map(|s| billing.budgets.get(&*s).map(|d| (s, d.clone())))
         .collect(),
     };
+    let quotas: Vec<_> = route
+        .quotas
+        .iter()
+        .map(|&i| &routing.quotas[usize::from(i)])
+        .filter(|d| d.llm_only())
+        .cloned()
+        .collect();
     crate::llm::limits::Spending {
         price: tenant
             .as_deref()
@@ -730,18 +737,19 @@ fn llm_spending(
         budgets,
         key,
         api: route.api.clone(),
+        // Only quotas read these: made only for them.
         api_version: match (&route.api, api) {
-            (Some(name), Some(a)) => Some(format!("{name}@{}", a.version.to_str().unwrap_or(""))),
+            (Some(name), Some(a)) if !quotas.is_empty() => {
+                Some(format!("{name}@{}", a.version.to_str().unwrap_or("")))
+            }
             _ => None,
         },
-        ip: peer.ip.to_str().unwrap_or("-").to_string(),
-        quotas: route
-            .quotas
-            .iter()
-            .map(|&i| &routing.quotas[usize::from(i)])
-            .filter(|d| d.llm_only())
-            .cloned()
-            .collect(),
+        ip: if quotas.is_empty() {
+            String::new()
+        } else {
+            peer.ip.to_str().unwrap_or("-").to_string()
+        },
+        quotas,
         tenant,
     }
 }

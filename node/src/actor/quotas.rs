@@ -232,6 +232,8 @@ impl Quotas {
             self.key_into(key, def, value);
             let mut shard = self.shard(key).lock().expect("quota shard");
             if let Some(slot) = shard.get_mut(key.as_str()) {
+                // A budget's key outlives an edit of its fail mode.
+                slot.lease.fail_open = def.fail_open;
                 return f(&mut slot.lease);
             }
             let members = {

@@ -13,8 +13,8 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::cluster::TestCluster;
-use harness::llm::{LlmDemo, llm_api};
-use harness::{allowing_loopback, eventually, full};
+use harness::llm::{LlmDemo, llm_api, wait_served};
+use harness::{allowing_loopback, full};
 use http_body_util::BodyExt;
 use serde_json::json;
 use tollgate_sdk::state;
@@ -65,28 +65,8 @@ async fn fifty_streams_on_three_nodes_never_spend_past_the_budget_and_its_bound(
     .unwrap();
     cp.assign_plan("acme", "llm").await.unwrap();
     let mut proxies: Vec<std::net::SocketAddr> = (1..=3).map(|id| cluster.node(id).proxy).collect();
-    for p in &proxies {
-        let gw = cluster.node(1);
-        eventually(
-            "every node serves the API",
-            Duration::from_secs(20),
-            async || {
-                let r = gw
-                    .send(
-                        http::Request::get(format!("http://{p}/llm/v1/models"))
-                            .header("authorization", format!("Bearer {key}"))
-                            .body(full(""))
-                            .unwrap(),
-                    )
-                    .await;
-                r.status == 200
-            },
-        )
-        .await;
-    }
-    let client: hyper_util::client::legacy::Client<_, harness::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    wait_served(cluster.node(1), &proxies, &key).await;
+    let client = harness::llm::client();
 
     // The committed spend once metering is done shipping: unchanged over a second.
     let settled_spend = async || -> f64 {

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use harness::cluster::TestCluster;
-use harness::llm::{LlmDemo, llm_api};
-use harness::{allowing_loopback, eventually, full};
+use harness::llm::{LlmDemo, llm_api, wait_served};
+use harness::{allowing_loopback, full};
 use http_body_util::BodyExt;
 use serde_json::json;
 
@@ -51,28 +51,8 @@ async fn three_nodes_keep_a_deployment_under_its_providers_limit_and_move_the_re
         TestCluster::start(3, &allowing_loopback("upstreams: {}\nroutes: {}\n"), &[]).await;
     let (_cpp, key) = llm_api(cluster.node(1), &content(&demo)).await;
     let proxies: Vec<std::net::SocketAddr> = (1..=3).map(|id| cluster.node(id).proxy).collect();
-    for p in &proxies {
-        let gw = cluster.node(1);
-        eventually(
-            "every node serves the API",
-            Duration::from_secs(20),
-            async || {
-                let r = gw
-                    .send(
-                        http::Request::get(format!("http://{p}/llm/v1/models"))
-                            .header("authorization", format!("Bearer {key}"))
-                            .body(full(""))
-                            .unwrap(),
-                    )
-                    .await;
-                r.status == 200
-            },
-        )
-        .await;
-    }
-    let client: hyper_util::client::legacy::Client<_, harness::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    wait_served(cluster.node(1), &proxies, &key).await;
+    let client = harness::llm::client();
     // `n` chat requests for `model` over `nodes`, `at_once` at a time; their statuses.
     let send = async |model: &'static str, n: usize, nodes: &[usize], at_once: usize| -> Vec<u16> {
         let next = Arc::new(AtomicUsize::new(0));

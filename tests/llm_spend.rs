@@ -44,20 +44,36 @@ fn meter_flags() -> [&'static str; 2] {
     ["--meter-interval", "100ms"]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_answer_carries_its_cost_and_the_report_by_model_adds_up_to_it() {
-    let demo = LlmDemo::start();
+/// A node (metering every 100 ms) serving `content` as API `llm` of tenant `acme`, with
+/// acme on plan `llm` at `plan` when given: the node, its control plane, an SDK client of
+/// it, and an API key of acme's.
+async fn priced(
+    content: &str,
+    plan: Option<state::PlanPrices>,
+) -> (
+    GatewayProcess,
+    harness::cp::CpProcess,
+    tollgate_sdk::ControlPlaneClient,
+    String,
+) {
     let gw = GatewayProcess::start_with(
         &allowing_loopback("upstreams: {}\nroutes: {}\n"),
         &meter_flags(),
     )
     .await;
-    let (cpp, key) = llm_api(&gw, &content(&demo)).await;
+    let (cpp, key) = llm_api(&gw, content).await;
     let cp = cpp.sdk(gw.operator_token());
-    cp.put_plan("llm", prices("2.50", "10", "0.40"))
-        .await
-        .unwrap();
-    cp.assign_plan("acme", "llm").await.unwrap();
+    if let Some(plan) = plan {
+        cp.put_plan("llm", plan).await.unwrap();
+        cp.assign_plan("acme", "llm").await.unwrap();
+    }
+    (gw, cpp, cp, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_its_cost_and_the_report_by_model_adds_up_to_it() {
+    let demo = LlmDemo::start();
+    let (gw, cpp, cp, key) = priced(&content(&demo), Some(prices("2.50", "10", "0.40"))).await;
     // The node prices with what it applied: wait for the plan to be there.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = sdk_case(
@@ -114,16 +130,8 @@ async fn every_answer_carries_its_cost_and_the_report_by_model_adds_up_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_refuses_402_before_dispatch_and_cuts_a_stream_where_it_ends() {
     let demo = LlmDemo::start();
-    let gw = GatewayProcess::start_with(
-        &allowing_loopback("upstreams: {}\nroutes: {}\n"),
-        &meter_flags(),
-    )
-    .await;
-    let (cpp, key) = llm_api(&gw, &content(&demo)).await;
-    let cp = cpp.sdk(gw.operator_token());
     // 10 per 10^6 tokens: 10,000 nanos a token; a budget of 0.001 is 100 tokens.
-    cp.put_plan("llm", prices("10", "10", "0")).await.unwrap();
-    cp.assign_plan("acme", "llm").await.unwrap();
+    let (gw, _cpp, cp, key) = priced(&content(&demo), Some(prices("10", "10", "0"))).await;
     cp.set_budget(state::SetBudget {
         tenant: "acme".into(),
         monthly_limit: "0.001".into(),
@@ -198,12 +206,7 @@ async fn a_token_quota_answers_429_with_retry_after_before_the_provider_is_calle
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let demo = LlmDemo::start();
-    let gw = GatewayProcess::start_with(
-        &allowing_loopback("upstreams: {}\nroutes: {}\n"),
-        &meter_flags(),
-    )
-    .await;
-    let (_cpp, key) = llm_api(&gw, &content(&demo)).await;
+    let (gw, _cpp, _cp, key) = priced(&content(&demo), None).await;
     // The quota names the API, so it comes once the API is there.
     let spec = allowing_loopback(
         "upstreams: {}\nroutes: {}\nquotas:\n  tpm: { scope: tenant, limit: 300, window: hour, unit: tokens, apis: [llm] }\n",
@@ -230,18 +233,10 @@ async fn a_token_quota_answers_429_with_retry_after_before_the_provider_is_calle
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_cache_answers_repeats_without_the_provider_and_meters_them_as_cached() {
     let demo = LlmDemo::start();
-    let gw = GatewayProcess::start_with(
-        &allowing_loopback("upstreams: {}\nroutes: {}\n"),
-        &meter_flags(),
-    )
-    .await;
     let content = format!("{}response_cache: {{ ttl: 3s }}\n", content(&demo));
-    let (cpp, key) = llm_api(&gw, &content).await;
-    let cp = cpp.sdk(gw.operator_token());
     let mut plan = prices("2.50", "10", "0.40");
     plan.per_1k_cached_requests = "0.10".into();
-    cp.put_plan("llm", plan).await.unwrap();
-    cp.assign_plan("acme", "llm").await.unwrap();
+    let (gw, _cpp, cp, key) = priced(&content, Some(plan)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = demo.stats()["requests"].as_u64().unwrap();
     // A hit costs 0.10 per 1,000: 0.0001.
@@ -294,15 +289,7 @@ async fn the_response_cache_answers_repeats_without_the_provider_and_meters_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_keys_budget_holds_for_that_key_alone() {
     let demo = LlmDemo::start();
-    let gw = GatewayProcess::start_with(
-        &allowing_loopback("upstreams: {}\nroutes: {}\n"),
-        &meter_flags(),
-    )
-    .await;
-    let (cpp, _) = llm_api(&gw, &content(&demo)).await;
-    let cp = cpp.sdk(gw.operator_token());
-    cp.put_plan("llm", prices("10", "10", "0")).await.unwrap();
-    cp.assign_plan("acme", "llm").await.unwrap();
+    let (gw, _cpp, cp, _) = priced(&content(&demo), Some(prices("10", "10", "0"))).await;
     let limited = cp.create_key("acme", "limited", "").await.unwrap();
     let limited_id = limited.credential.clone().unwrap().id;
     let other = cp.create_key("acme", "other", "").await.unwrap().secret;

@@ -400,3 +400,34 @@ pub async fn llm_rows(gw: &GatewayProcess) -> Vec<tollgate_proto::state::v1::Usa
         .filter(|e| !e.model.is_empty())
         .collect()
 }
+
+/// Waits until each of `proxies` (nodes' proxy addresses) serves the LLM API at `/llm`
+/// to `key`, asking through `gw`'s client.
+pub async fn wait_served(gw: &GatewayProcess, proxies: &[SocketAddr], key: &str) {
+    for p in proxies {
+        super::eventually(
+            "every node serves the API",
+            Duration::from_secs(20),
+            async || {
+                let r = gw
+                    .send(
+                        http::Request::get(format!("http://{p}/llm/v1/models"))
+                            .header("authorization", format!("Bearer {key}"))
+                            .body(super::full(""))
+                            .unwrap(),
+                    )
+                    .await;
+                r.status == 200
+            },
+        )
+        .await;
+    }
+}
+
+/// A plain HTTP/1.1 client, for many requests and streams at once.
+pub fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    super::Body,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}

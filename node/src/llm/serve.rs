@@ -640,6 +640,7 @@ pub async fn serve(
     if endpoint == Endpoint::CountTokens {
         return count_tokens(worker, snapshot, model, &doc, &chat, &record, tail).await;
     }
+    let mut miss = None;
     if let (Some(settings), Some(cache), Some(headers)) =
         (llm.cache, &worker.shared.llm_cache, &cache_headers)
     {
@@ -671,31 +672,10 @@ pub async fn serve(
                     buf: Vec::new(),
                 });
             }
-            let mut resp = dispatch(
-                worker,
-                snapshot,
-                llm,
-                model,
-                dialect,
-                doc,
-                bytes.len(),
-                chat,
-                &record,
-                &spending,
-                tail,
-            )
-            .await?;
-            if let Some(whole) = resp.body().full_bytes()
-                && resp.status() == StatusCode::OK
-                && let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
-            {
-                cache.insert(key, whole, ct.clone(), settings.ttl);
-            }
-            resp.headers_mut()
-                .insert("x-tollgate-cache", HeaderValue::from_static("miss"));
-            return Ok(resp);
+            miss = Some((cache.clone(), key, settings.ttl));
+        } else {
+            metrics::counter!("tollgate_llm_cache_total", "result" => "bypass").increment(1);
         }
-        metrics::counter!("tollgate_llm_cache_total", "result" => "bypass").increment(1);
     }
     let mut resp = dispatch(
         worker,
@@ -711,9 +691,18 @@ pub async fn serve(
         tail,
     )
     .await?;
+    // A whole answer goes into the cache now; a stream's once it ended whole (the relay).
+    if let Some((cache, key, ttl)) = &miss
+        && let Some(whole) = resp.body().full_bytes()
+        && resp.status() == StatusCode::OK
+        && let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
+    {
+        cache.insert(*key, whole, ct.clone(), *ttl);
+    }
     if cache_headers.is_some() {
+        let state = if miss.is_some() { "miss" } else { "bypass" };
         resp.headers_mut()
-            .insert("x-tollgate-cache", HeaderValue::from_static("bypass"));
+            .insert("x-tollgate-cache", HeaderValue::from_static(state));
     }
     Ok(resp)
 }

@@ -65,7 +65,12 @@ const IMAGE_TOKENS: u64 = 85;
 /// the reply's priming 3 more; tool definitions are counted as their JSON.
 pub fn count_prompt(model: &str, req: &ChatRequest) -> u64 {
     let bpe = encoding(model);
-    let text = |t: &str| bpe.encode_ordinary(t).len() as u64;
+    prompt_size(req, &|t: &str| bpe.encode_ordinary(t).len() as u64)
+}
+
+/// A prompt's size with `text` the size of a piece of text: 3 per message and 3 for the
+/// reply, tools counted as their JSON.
+fn prompt_size(req: &ChatRequest, text: &dyn Fn(&str) -> u64) -> u64 {
     let mut n = 3;
     for s in &req.system {
         n += 3 + text(s);
@@ -73,7 +78,7 @@ pub fn count_prompt(model: &str, req: &ChatRequest) -> u64 {
     for m in &req.messages {
         n += 3;
         for p in &m.parts {
-            n += part_tokens(p, &text);
+            n += part_tokens(p, text);
         }
     }
     for t in &req.tools {
@@ -102,23 +107,7 @@ pub fn reserve_prompt(model: &str, req: &ChatRequest) -> u64 {
 
 /// [`count_prompt`] with every token a byte: an upper bound of it.
 pub fn prompt_bound(req: &ChatRequest) -> u64 {
-    let text = |t: &str| t.len() as u64;
-    let mut n = 3;
-    for s in &req.system {
-        n += 3 + text(s);
-    }
-    for m in &req.messages {
-        n += 3;
-        for p in &m.parts {
-            n += part_tokens(p, &text);
-        }
-    }
-    for t in &req.tools {
-        n += text(&t.name)
-            + text(t.description.as_deref().unwrap_or(""))
-            + text(&t.parameters.to_string());
-    }
-    n
+    prompt_size(req, &|t: &str| t.len() as u64)
 }
 
 fn part_tokens(p: &Part, text: &dyn Fn(&str) -> u64) -> u64 {

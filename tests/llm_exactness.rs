@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::cluster::TestCluster;
-use harness::llm::{LlmDemo, llm_api};
-use harness::{allowing_loopback, eventually, full};
+use harness::llm::{LlmDemo, llm_api, wait_served};
+use harness::{allowing_loopback, full};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
@@ -54,29 +54,10 @@ async fn ten_thousand_streams_meter_exactly_what_the_provider_reported() {
     }
     let proxies: Vec<std::net::SocketAddr> = (1..=3).map(|id| cluster.node(id).proxy).collect();
     for (i, p) in proxies.iter().enumerate() {
-        let gw = cluster.node(i as u64 + 1);
-        let key = keys[i].clone();
-        eventually(
-            "every node serves the API",
-            Duration::from_secs(20),
-            async || {
-                let r = gw
-                    .send(
-                        http::Request::get(format!("http://{p}/llm/v1/models"))
-                            .header("authorization", format!("Bearer {key}"))
-                            .body(full(""))
-                            .unwrap(),
-                    )
-                    .await;
-                r.status == 200
-            },
-        )
-        .await;
+        wait_served(cluster.node(i as u64 + 1), &[*p], &keys[i]).await;
     }
 
-    let client: hyper_util::client::legacy::Client<_, harness::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let client = harness::llm::client();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();

@@ -240,23 +240,8 @@ pub async fn llm_api(gw: &GatewayProcess, content: &str) -> (CpProcess, String) 
     cp.publish("llm", "1.0.0").await.unwrap();
     cp.set_split("llm", &[("1.0.0", 100)]).await.unwrap();
     let key = cp.create_key("acme", "test", "").await.unwrap().secret;
-    // Every node serves it once applied; one request tells.
-    super::eventually(
-        "the LLM API is served",
-        Duration::from_secs(20),
-        async || {
-            let r = gw
-                .send(
-                    http::Request::get(gw.url("/llm/v1/models"))
-                        .header("authorization", format!("Bearer {key}"))
-                        .body(super::full(""))
-                        .unwrap(),
-                )
-                .await;
-            r.status == 200
-        },
-    )
-    .await;
+    // Served once applied; one request tells.
+    wait_served(gw, &[gw.proxy], &key).await;
     (cpp, key)
 }
 

@@ -184,7 +184,6 @@ impl Holds {
             return Ok(holds);
         };
         for (subject, def) in &who.budgets {
-            let tenant = subject;
             let (mut in_price, mut out_price) = (0u64, 0u64);
             for (model, deployment, upstream) in &ask.candidates {
                 let (i, o) = price.prices.worst_token_prices(model, deployment, upstream);
@@ -197,7 +196,7 @@ impl Holds {
             let worst = atto_to_nanos_up(fixed_atto + out_atto(ask.max_output));
             if worst > 0 {
                 let take = |may_wait| {
-                    quotas.with_lease(def, tenant, |l| {
+                    quotas.with_lease(def, subject, |l| {
                         let now = wall_ms();
                         (l.admit_n(now, worst, may_wait), l.window_now(now))
                     })
@@ -219,14 +218,14 @@ impl Holds {
                         let min = atto_to_nanos_up(
                             fixed_atto + out_atto(STREAM_STEP.min(ask.max_output)),
                         );
-                        quotas.with_lease(def, tenant, |l| l.admit_up_to(wall_ms(), min, min))
+                        quotas.with_lease(def, subject, |l| l.admit_up_to(wall_ms(), min, min))
                     }
                     _ => 0,
                 };
                 if reserved == 0 {
                     def.refused.increment(1);
                     holds.release();
-                    return Err(budget_spent(tenant));
+                    return Err(budget_spent(subject));
                 }
                 def.admitted.increment(1);
                 let bound = if ask.stream {
@@ -235,11 +234,11 @@ impl Holds {
                     0
                 };
                 if bound > 0 {
-                    bound_gauge(tenant).increment(bound as f64);
+                    bound_gauge(subject).increment(bound as f64);
                 }
                 holds.budgets.push(BudgetHold {
                     def: def.clone(),
-                    subject: tenant.clone(),
+                    subject: subject.clone(),
                     reserved,
                     window,
                     fixed_atto,

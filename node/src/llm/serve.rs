@@ -78,7 +78,6 @@ pub struct Record {
     /// its budget and token quotas.
     pub price: Option<Arc<crate::state::billing::PriceNow>>,
     pub holds: Option<super::limits::Holds>,
-    pub tenant: Option<Arc<str>>,
     /// Answered from the response cache; or, on a miss, where the answer goes once whole.
     pub cached: bool,
     pub cache_fill: Option<CacheFill>,
@@ -511,7 +510,6 @@ pub async fn serve(
         operation: endpoint.operation(),
         capture: worker.shared.llm_capture,
         price: caller.spending.price.clone(),
-        tenant: caller.spending.tenant.clone(),
         ..Record::default()
     }));
     tail.llm = Some(record.clone());
@@ -1275,12 +1273,13 @@ async fn dispatch(
             None => tokens::reserve_prompt(&first.model, &chat),
         };
     }
-    let worst_tokens = input + chat.max_tokens.unwrap_or(model.max_output_tokens);
+    let max_output = chat.max_tokens.unwrap_or(model.max_output_tokens);
+    let worst_tokens = input + max_output;
     if limited {
         let ask = super::limits::Ask {
             model: &model.name,
             input,
-            max_output: chat.max_tokens.unwrap_or(model.max_output_tokens),
+            max_output,
             stream,
             candidates: candidates
                 .iter()

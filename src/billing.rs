@@ -58,7 +58,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn client(&self) -> anyhow::Result<tollgate_sdk::ControlPlaneClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<tollgate_sdk::ControlPlaneClient> {
         client(&CpArg {
             cp: self.cp.clone(),
             token: self.token.clone(),

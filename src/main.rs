@@ -13,6 +13,7 @@ mod declare;
 mod dev;
 mod echo;
 mod llm_demo;
+mod logs;
 mod secret;
 
 use std::path::PathBuf;
@@ -80,6 +81,9 @@ enum Command {
     Usage(billing::ReportArgs),
     /// What usage costs per tenant, API, version or key, at the prices it was billed at.
     Costs(billing::CostsArgs),
+    /// Every call the nodes served, searchable: by time, API, version, tenant, key, status,
+    /// error, trace or request id, duration; --slowest N; --follow.
+    Logs(logs::LogsArgs),
     /// Plans and their prices: put, list, assign a tenant.
     #[command(subcommand)]
     Plan(billing::PlanCommand),
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => run_client(cluster::apply(args)),
         Command::Usage(args) => run_client(billing::usage(args)),
         Command::Costs(args) => run_client(billing::costs(args)),
+        Command::Logs(args) => run_client(logs::logs(args)),
         Command::Plan(cmd) => run_client(billing::plan(cmd)),
         Command::Budget(cmd) => run_client(billing::budget(cmd)),
         Command::Api(cmd) => run_client(api::api(cmd)),

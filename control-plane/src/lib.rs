@@ -14,6 +14,7 @@
 //! holds no secret and makes no access decision of its own.
 
 mod billing;
+mod calls;
 mod models;
 
 use std::net::SocketAddr;
@@ -849,20 +850,21 @@ impl Circuits for Service {
 
 /// The control plane's own gRPC services, as registered: reflection lists them, their
 /// calls are traced, and `tollgate dev`'s banner names them from this list.
-pub const SERVICES: [&str; 6] = [
+pub const SERVICES: [&str; 7] = [
     <ApiLifecycleServer<Service> as NamedService>::NAME,
     <AccessServer<Service> as NamedService>::NAME,
     <AuditServer<Service> as NamedService>::NAME,
     <CircuitsServer<Service> as NamedService>::NAME,
     <BillingServer<Service> as NamedService>::NAME,
     <tollgate_proto::cp::v1::models_server::ModelsServer<Service> as NamedService>::NAME,
+    <tollgate_proto::cp::v1::calls_server::CallsServer<Service> as NamedService>::NAME,
 ];
 
 pub use tollgate_node::admin::grpc::STANDARD_SERVICES;
 
 /// This server, as named in its UNIMPLEMENTED answers.
 const THIS: &str = "the Tollgate control plane (tollgate.cp.v1: ApiLifecycle, Access, Audit, \
-     Circuits, Billing)";
+     Circuits, Billing, Models, Calls)";
 
 /// Serves the control plane on `listener` until `shutdown`.
 pub async fn serve(
@@ -878,6 +880,9 @@ pub async fn serve(
     health.set_serving::<AuditServer<Service>>().await;
     health.set_serving::<CircuitsServer<Service>>().await;
     health.set_serving::<BillingServer<Service>>().await;
+    health
+        .set_serving::<tollgate_proto::cp::v1::calls_server::CallsServer<Service>>()
+        .await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
     // Python's grpcio-reflection still ask for it.
     let reflection = || {
@@ -904,6 +909,9 @@ pub async fn serve(
         .add_service(AuditServer::new(service.clone()))
         .add_service(CircuitsServer::new(service.clone()))
         .add_service(BillingServer::new(service.clone()))
+        .add_service(tollgate_proto::cp::v1::calls_server::CallsServer::new(
+            service.clone(),
+        ))
         .add_service(tollgate_proto::cp::v1::models_server::ModelsServer::new(
             service,
         ));

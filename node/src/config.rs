@@ -222,6 +222,17 @@ pub struct NodeArgs {
     /// (0: none) [default: 67108864, 64 MiB]
     #[arg(long, env = "TOLLGATE_LLM_CACHE_BYTES")]
     pub llm_cache_bytes: Option<u64>,
+    /// Record every request this node serves in its call log (`tollgate logs`): `on` or
+    /// `off` [default: on]
+    #[arg(long, env = "TOLLGATE_CALL_LOG", value_parser = parse_on_off)]
+    pub call_log: Option<bool>,
+    /// Keep call-log records this long, e.g. `7d` or `12h` [default: 7d]
+    #[arg(long, env = "TOLLGATE_CALL_LOG_RETENTION", value_parser = parse_duration)]
+    pub call_log_retention: Option<Duration>,
+    /// Most bytes of call-log records this node keeps on disk; the oldest go first (the
+    /// indexes add up to about a quarter more) [default: 1073741824, 1 GiB]
+    #[arg(long, env = "TOLLGATE_CALL_LOG_MAX_BYTES")]
+    pub call_log_max_bytes: Option<u64>,
     /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
     #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
@@ -294,6 +305,10 @@ pub struct FileSettings {
     pub meter_interval: Option<Duration>,
     pub llm_capture_content: Option<bool>,
     pub llm_cache_bytes: Option<u64>,
+    pub call_log: Option<bool>,
+    #[serde(default, with = "opt_duration")]
+    pub call_log_retention: Option<Duration>,
+    pub call_log_max_bytes: Option<u64>,
 }
 
 /// What the node runs with.
@@ -354,6 +369,7 @@ pub struct Settings {
     pub llm_capture_content: bool,
     /// The response cache's size on this node (0: off).
     pub llm_cache_bytes: u64,
+    pub call_log: crate::calls::CallLogSettings,
     pub enable_fault_injection: bool,
 }
 
@@ -406,6 +422,7 @@ impl Default for Settings {
             meter_interval: Duration::from_secs(1),
             llm_capture_content: false,
             llm_cache_bytes: 64 * 1024 * 1024,
+            call_log: crate::calls::CallLogSettings::default(),
             enable_fault_injection: false,
         }
     }
@@ -577,6 +594,20 @@ impl Settings {
                 .llm_cache_bytes
                 .or(file.llm_cache_bytes)
                 .unwrap_or(d.llm_cache_bytes),
+            call_log: crate::calls::CallLogSettings {
+                enabled: args
+                    .call_log
+                    .or(file.call_log)
+                    .unwrap_or(d.call_log.enabled),
+                retention: args
+                    .call_log_retention
+                    .or(file.call_log_retention)
+                    .unwrap_or(d.call_log.retention),
+                max_bytes: args
+                    .call_log_max_bytes
+                    .or(file.call_log_max_bytes)
+                    .unwrap_or(d.call_log.max_bytes),
+            },
             enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;
@@ -593,6 +624,12 @@ impl Settings {
         }
         if self.region.is_empty() {
             problems.push("region must not be empty");
+        }
+        if self.call_log.retention < Duration::from_secs(1) {
+            problems.push("call_log_retention must be at least 1s");
+        }
+        if self.call_log.max_bytes < 1 << 20 {
+            problems.push("call_log_max_bytes must be at least 1048576 (1 MiB)");
         }
         if self.header_read_timeout.is_zero() {
             problems.push("header_read_timeout must be greater than zero");

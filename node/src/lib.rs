@@ -21,6 +21,7 @@
 pub mod actor;
 pub mod admin;
 pub mod auth;
+pub mod calls;
 pub mod config;
 pub mod hash;
 pub mod identity;
@@ -78,6 +79,7 @@ pub struct Node {
     journal: Option<Arc<metering::journal::Journal>>,
     /// Stops the journal's periodic shipping (before its last tick at shutdown).
     journal_stop: CancellationToken,
+    calls: Option<Arc<calls::CallLog>>,
 }
 
 impl Node {
@@ -130,7 +132,21 @@ impl Node {
         shared.llm_capture = settings.llm_capture_content;
         shared.llm_cache = (settings.llm_cache_bytes > 0)
             .then(|| Arc::new(llm::cache::ResponseCache::new(settings.llm_cache_bytes)));
+        if settings.call_log.enabled {
+            std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the data directory {} ({e}); choose another with --data-dir",
+                    settings.data_dir.display()
+                )
+            })?;
+            shared.calls = Some(calls::CallLog::open(
+                &settings.data_dir,
+                settings.id,
+                &settings.call_log,
+            )?);
+        }
         let shared = Arc::new(shared);
+        let calls = shared.calls.clone();
         // Upstream host names: the bootstrap spec below is checked with this resolver too.
         let dns = {
             let _context = runtime.enter();
@@ -277,6 +293,7 @@ impl Node {
             region: settings.region.clone(),
             proxy_addr: proxy_shown,
             admin_addr: admin_shown,
+            calls: shared.calls.clone(),
         };
         let grpc_shutdown = control.clone();
         runtime.spawn(async move {
@@ -464,6 +481,7 @@ impl Node {
             cluster,
             journal,
             journal_stop,
+            calls,
         })
     }
 
@@ -513,6 +531,10 @@ impl Node {
             }
         }
         self.compiler.health_checks.lock().expect("lock").cancel();
+        if let Some(calls) = &self.calls {
+            // The threads handed over their last records as they ended.
+            calls.close();
+        }
         if let Some(journal) = &self.journal {
             // Every request has been answered: journal the last counts (and try to ship
             // them; what is not shipped now is shipped at the next start). The periodic

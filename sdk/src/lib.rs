@@ -827,6 +827,15 @@ impl NodeClient {
             .await
     }
 
+    /// This node's call log (see the node's `QueryCalls` RPC).
+    pub async fn query_calls(
+        &mut self,
+        req: tollgate_proto::node::v1::CallQuery,
+    ) -> Result<tollgate_proto::node::v1::CallQueryResponse, Error> {
+        self.unary(req, |mut c, r| async move { c.query_calls(r).await })
+            .await
+    }
+
     /// Every upstream's circuit breaker as committed (only those that ever changed).
     pub async fn list_circuits(
         &mut self,
@@ -889,6 +898,7 @@ impl NodeClient {
 }
 
 pub use tollgate_proto::cp::v1 as cp;
+pub use tollgate_proto::node::v1 as node;
 pub use tollgate_proto::node::v1::{
     AuditRequest as NodeAuditRequest, ListCredentialsRequest as NodeListCredentialsRequest,
     ListSubscriptionsRequest as NodeListSubscriptionsRequest, ListSubscriptionsResponse,
@@ -1498,6 +1508,29 @@ impl ControlPlaneClient {
     ) -> Result<cp::VersionStatusReply, Error> {
         self.call(req, |ch, r| async move {
             BillingClient::new(ch).version_status(r).await
+        })
+        .await
+    }
+
+    /// The call log of every node, merged: newest first, or slowest first (docs/calls.md).
+    pub async fn query_calls(
+        &self,
+        q: tollgate_proto::node::v1::CallQuery,
+    ) -> Result<cp::CallsReply, Error> {
+        self.call(q, |ch, r| async move {
+            cp::calls_client::CallsClient::new(ch).query_calls(r).await
+        })
+        .await
+    }
+
+    /// New call-log records from every node as they are written, until the stream is
+    /// dropped.
+    pub async fn follow_calls(
+        &self,
+        q: tollgate_proto::node::v1::CallQuery,
+    ) -> Result<tonic::Streaming<cp::CallsReply>, Error> {
+        self.call(q, |ch, r| async move {
+            cp::calls_client::CallsClient::new(ch).follow_calls(r).await
         })
         .await
     }

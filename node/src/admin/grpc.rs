@@ -31,6 +31,8 @@ pub struct AdminService {
     pub region: String,
     pub proxy_addr: String,
     pub admin_addr: String,
+    /// This node's call log (None: `--call-log false`).
+    pub calls: Option<Arc<crate::calls::CallLog>>,
 }
 
 impl AdminService {
@@ -287,6 +289,34 @@ impl NodeAdmin for AdminService {
         Ok(Response::new(HistoryResponse {
             changes: self.cluster.history(),
         }))
+    }
+
+    async fn query_calls(
+        &self,
+        req: Request<CallQuery>,
+    ) -> Result<Response<CallQueryResponse>, Status> {
+        let principal = self.cluster.principal(&self.caller(&req)?)?;
+        let mut q = req.into_inner();
+        if let Some(tenant) = principal.tenant() {
+            if !q.tenant.is_empty() && q.tenant != tenant {
+                return Err(Status::permission_denied(format!(
+                    "a token of tenant {tenant} sees only its own calls; leave out --tenant or give {tenant}"
+                )));
+            }
+            q.tenant = tenant.to_string();
+        }
+        let Some(calls) = &self.calls else {
+            return Err(Status::failed_precondition(format!(
+                "node {} runs with --call-log false: it keeps no call log",
+                self.cluster.id
+            )));
+        };
+        let calls = calls.clone();
+        // Reads the store: off the async workers.
+        tokio::task::spawn_blocking(move || calls.query(&q))
+            .await
+            .map_err(|e| Status::internal(format!("the call log query failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn list_circuits(

@@ -44,6 +44,9 @@ pub struct BodyStats {
     pub finished: Cell<bool>,
     /// The client's side of the body failed (it went away mid-upload, or sent a bad chunk).
     pub client_error: Cell<bool>,
+    /// The call log keeps up to this many of its first bytes (0: none).
+    pub capture_cap: Cell<usize>,
+    pub captured: std::cell::RefCell<Vec<u8>>,
 }
 
 /// The client's request body, streamed upstream with a size limit and a minimum rate.
@@ -179,6 +182,12 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     let total = this.stats.bytes.get() + data.len() as u64;
                     this.stats.bytes.set(total);
+                    let cap = this.stats.capture_cap.get();
+                    if cap > 0 {
+                        let mut kept = this.stats.captured.borrow_mut();
+                        let n = cap.saturating_sub(kept.len()).min(data.len());
+                        kept.extend_from_slice(&data[..n]);
+                    }
                     if total > this.limit {
                         this.stats.too_large.set(true);
                         this.inner = None;
@@ -391,6 +400,7 @@ impl Body for ResponseBody {
         {
             if let Some(tail) = &mut this.tail {
                 tail.add_response_bytes(data.len() as u64);
+                tail.capture_response(data);
             }
             if let Some(stream) = &this.stream {
                 stream.handed_over();

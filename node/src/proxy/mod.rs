@@ -84,6 +84,8 @@ pub struct Shared {
     pub llm_capture: bool,
     /// Answers of LLM API versions with a `response_cache` (None: the node keeps none).
     pub llm_cache: Option<Arc<crate::llm::cache::ResponseCache>>,
+    /// The call log (None: off).
+    pub calls: Option<Arc<crate::calls::CallLog>>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ impl Shared {
             region: None,
             llm_capture: false,
             llm_cache: None,
+            calls: None,
         }
     }
 }

@@ -48,6 +48,7 @@ use opentelemetry::KeyValue;
 
 /// The W3C trace-context header the upstream gets.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// A thread's handle on the shared snapshot: requests clone the non-atomic `Rc`, so they
 /// do not bounce the `Arc`'s counter between cores on every request.
@@ -66,12 +67,14 @@ pub struct Worker {
     current: RefCell<Rc<Arc<Snapshot>>>,
     /// This thread's usage counts (uncontended but for the journal's drain).
     meter: Option<Arc<std::sync::Mutex<crate::metering::Shard>>>,
+    /// This thread's call-log records waiting to be handed to the writer.
+    calls: Option<crate::calls::CallBuffer>,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         // The last requests' tails hold the worker: this runs after every one has logged.
-        self.access_log.flush();
+        self.flush_logs();
     }
 }
 
@@ -79,12 +82,22 @@ impl Worker {
     pub fn new(shared: Arc<Shared>, access_log: AccessLog) -> Worker {
         let current = RefCell::new(Rc::new(shared.snapshot.load_full()));
         let meter = shared.meter.as_ref().map(|m| m.shard());
+        let calls = shared.calls.clone().map(crate::calls::CallBuffer::new);
         Worker {
             meter,
+            calls,
             shared,
             pool: Rc::new(Pool::default()),
             access_log,
             current,
+        }
+    }
+
+    /// Writes out the access log's buffer and hands the call log its records.
+    pub fn flush_logs(&self) {
+        self.access_log.flush();
+        if let Some(c) = &self.calls {
+            c.flush();
         }
     }
 
@@ -175,6 +188,12 @@ pub async fn handle(
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts);
     }
     tail.status = resp.status().as_u16();
+    if let Some(id) = &tail.request_id {
+        resp.headers_mut().insert(X_REQUEST_ID, id.clone());
+    }
+    if let Some(c) = &mut tail.capture {
+        c.response_headers = c.spec.headers(resp.headers());
+    }
     resp.body_mut().set_tail(tail);
     Ok(resp)
 }
@@ -272,6 +291,13 @@ async fn pipeline(
             ..ApiUse::default()
         });
         let (matched, api) = api_route(mount, &req, host, found, snapshot, used, peer)?;
+        if let Some(spec) = used
+            .version
+            .and_then(|v| mount.versions[v as usize].capture.as_ref())
+            && tail.request_id.is_some()
+        {
+            tail.start_capture(spec, req.headers());
+        }
         if let Some(tenant) = &api.tenant
             && !snapshot.capped.is_empty()
         {
@@ -320,6 +346,10 @@ async fn pipeline(
     }
     if let Some(api) = &api {
         api.identify(&mut head.headers);
+    }
+    // The upstream's logs can name the same request.
+    if let Some(id) = &tail.request_id {
+        head.headers.insert(X_REQUEST_ID, id.clone());
     }
     // The upstream call continues the trace: a CLIENT span, child of this request's.
     if let Some(trace) = tail.trace.as_deref_mut() {
@@ -1099,6 +1129,20 @@ pub struct Tail {
     pub llm: Option<Rc<RefCell<crate::llm::serve::Record>>>,
     /// The request reached an LLM API: its errors are answered in this dialect.
     pub llm_dialect: Option<crate::llm::Dialect>,
+    /// The request's id (`x-request-id`), when the call log is on.
+    pub request_id: Option<HeaderValue>,
+    /// The caller's trace, when the request is not traced here but carried one.
+    carried_trace: Option<u128>,
+    /// What the call log keeps beyond the record, when the version asks for it.
+    capture: Option<Box<Captured>>,
+}
+
+/// Headers and a response body kept for the call log (`call_log:` in the version).
+struct Captured {
+    spec: Arc<crate::calls::capture::Capture>,
+    request_headers: Vec<tollgate_proto::node::v1::CapturedHeader>,
+    response_headers: Vec<tollgate_proto::node::v1::CapturedHeader>,
+    response_body: Vec<u8>,
 }
 
 /// The API a request reached: the mount (an index into the snapshot's mounts), the
@@ -1120,7 +1164,21 @@ impl Tail {
         received: Instant,
         trace: Option<Box<RequestTrace>>,
     ) -> Tail {
-        let logging = worker.access_log.enabled() || trace.is_some();
+        let calls = worker.calls.is_some();
+        let logging = worker.access_log.enabled() || trace.is_some() || calls;
+        let carried_trace = match (&trace, calls) {
+            (None, true) => req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| crate::telemetry::traces::parse_traceparent(v.as_bytes()))
+                .map(|cx| u128::from_be_bytes(cx.trace_id().to_bytes())),
+            _ => None,
+        };
+        let request_id = calls.then(|| {
+            let id = format!("{:032x}", crate::calls::new_request_id());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+                .expect("hex digits are a valid header value")
+        });
         Tail {
             worker,
             snapshot,
@@ -1152,6 +1210,9 @@ impl Tail {
             trace,
             llm: None,
             llm_dialect: None,
+            request_id,
+            carried_trace,
+            capture: None,
         }
     }
 
@@ -1162,6 +1223,33 @@ impl Tail {
 
     pub fn add_response_bytes(&mut self, n: u64) {
         self.response_bytes += n;
+    }
+
+    /// Keeps the response body's first bytes when the version's call log asks for them.
+    pub fn capture_response(&mut self, data: &[u8]) {
+        if let Some(c) = &mut self.capture
+            && c.spec.bodies
+        {
+            let n = c
+                .spec
+                .max_body
+                .saturating_sub(c.response_body.len())
+                .min(data.len());
+            c.response_body.extend_from_slice(&data[..n]);
+        }
+    }
+
+    /// Starts keeping what the version's call log asks for (its headers, its bodies).
+    fn start_capture(&mut self, spec: &Arc<crate::calls::capture::Capture>, h: &http::HeaderMap) {
+        if spec.bodies {
+            self.request_stats.capture_cap.set(spec.max_body);
+        }
+        self.capture = Some(Box::new(Captured {
+            request_headers: spec.headers(h),
+            spec: spec.clone(),
+            response_headers: Vec::new(),
+            response_body: Vec::new(),
+        }));
     }
 
     pub fn upstream_body_failed(&mut self) {
@@ -1333,6 +1421,7 @@ impl Drop for Tail {
             self.error = Some("client_closed");
         }
         let elapsed = self.received.elapsed();
+        let capture = self.capture.take();
         let route = self
             .route
             .map(|r| &self.snapshot.routing.routes[r as usize]);
@@ -1351,6 +1440,14 @@ impl Drop for Tail {
             r.settle();
             r.sample()
         });
+        let cost_nanos = record
+            .as_ref()
+            .and_then(|r| {
+                r.borrow()
+                    .cost()
+                    .map(|(attos, _)| (attos / 1_000_000_000) as i64)
+            })
+            .unwrap_or(0);
         if let Some(s) = &llm {
             crate::llm::serve::record_metrics(s);
         }
@@ -1375,6 +1472,17 @@ impl Drop for Tail {
             }
             self.server_span_attributes(&mut trace.attributes, route);
             tracing.finish_request(trace, SystemTime::now(), self.status >= 500);
+        }
+        if let Some(calls) = &self.worker.calls {
+            let r = self.call_record(
+                calls.node_id(),
+                route,
+                elapsed,
+                llm.as_ref(),
+                cost_nanos,
+                capture,
+            );
+            calls.push(r);
         }
         let log = &self.worker.access_log;
         if !log.enabled() {
@@ -1425,6 +1533,102 @@ impl Drop for Tail {
                     response_id: &l.response_id,
                 }),
         });
+    }
+}
+
+impl Tail {
+    /// The request's call-log record.
+    fn call_record(
+        &self,
+        node_id: u64,
+        route: Option<&Route>,
+        elapsed: std::time::Duration,
+        llm: Option<&crate::metering::LlmSample>,
+        cost_nanos: i64,
+        capture: Option<Box<Captured>>,
+    ) -> tollgate_proto::node::v1::CallRecord {
+        let (api, version, tenant, key) = match &self.api {
+            Some(u) => {
+                let mount = &self.snapshot.routing.mounts[u.mount as usize];
+                let version = u.version.map(|v| &*mount.versions[v as usize].name);
+                (&*mount.api, version, u.tenant.as_deref(), u.key.as_deref())
+            }
+            None => ("", None, None, None),
+        };
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| self.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let trace_id = self
+            .trace
+            .as_ref()
+            .map(|t| u128::from_be_bytes(t.trace_id.to_bytes()))
+            .or(self.carried_trace)
+            .map_or_else(String::new, |t| format!("{t:032x}"));
+        let mut r = tollgate_proto::node::v1::CallRecord {
+            time_us: crate::calls::now_us(),
+            node_id,
+            request_id: self
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            trace_id,
+            tenant: tenant.unwrap_or("").to_string(),
+            api: api.to_string(),
+            version: version.unwrap_or("").to_string(),
+            key_id: key.unwrap_or("").to_string(),
+            route: route.map_or_else(String::new, |r| r.name.to_string()),
+            method: self.method.as_str().to_string(),
+            host: host.to_string(),
+            path: self.uri.path().to_string(),
+            protocol: match self.version {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }
+            .to_string(),
+            status: u32::from(self.status),
+            error: self
+                .error
+                .or(self.upstream_failed.then_some("upstream_body_failed"))
+                .unwrap_or("")
+                .to_string(),
+            duration_us: elapsed.as_micros() as u64,
+            upstream_us: self.attempts.upstream_time.map(|d| d.as_micros() as u64),
+            request_bytes: self.request_stats.bytes.get(),
+            response_bytes: self.response_bytes,
+            client: self.peer.to_string(),
+            upstream: match (llm, route) {
+                (Some(l), _) => l.upstream.as_deref().unwrap_or("").to_string(),
+                (None, Some(r)) if r.llm.is_none() => r.cluster.name.to_string(),
+                _ => String::new(),
+            },
+            attempts: self.attempts.attempts,
+            cost_nanos,
+            ..Default::default()
+        };
+        if let Some(l) = llm {
+            r.model = l.model.to_string();
+            r.provider = l.provider.to_string();
+            r.input_tokens = l.usage.input;
+            r.output_tokens = l.usage.output;
+        }
+        if let Some(c) = capture {
+            r.request_headers = c.request_headers;
+            r.response_headers = c.response_headers;
+            if c.spec.bodies {
+                let kept = std::mem::take(&mut *self.request_stats.captured.borrow_mut());
+                (r.request_body, r.request_body_truncated) =
+                    c.spec.body(&kept, self.request_stats.bytes.get());
+                (r.response_body, r.response_body_truncated) =
+                    c.spec.body(&c.response_body, self.response_bytes);
+            }
+        }
+        r
     }
 }
 

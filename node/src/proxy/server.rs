@@ -288,7 +288,7 @@ async fn run_worker(
     }
     housekeeping.abort();
     worker.pool.clear();
-    worker.access_log.flush();
+    worker.flush_logs();
 }
 
 /// The TLS handshake, with the config the client's SNI asks for (some hosts ask for a
@@ -418,7 +418,7 @@ async fn housekeeping(worker: Rc<Worker>) {
     let mut n = 0u32;
     loop {
         tick.tick().await;
-        worker.access_log.flush();
+        worker.flush_logs();
         n += 1;
         if n.is_multiple_of(5) {
             worker

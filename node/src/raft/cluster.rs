@@ -576,7 +576,15 @@ impl Cluster {
             ("prompts", !checked.spec.prompts.is_empty()),
             ("response_cache", checked.spec.response_cache.is_some()),
             ("prompt_guard", checked.spec.prompt_guard.is_some()),
+            ("call_log", checked.spec.call_log.is_some()),
         ] {
+            if present && field == "call_log" {
+                return Err(Status::invalid_argument(
+                    "call_log: what the call log keeps is set per API version: put it in an \
+                     API version's content (tollgate version create ... -f content.yaml), \
+                     not in the cluster's spec (docs/calls.md)",
+                ));
+            }
             if present {
                 return Err(Status::invalid_argument(format!(
                     "{field}: LLM providers and models are served as an API: put them in an \

@@ -112,6 +112,8 @@ pub struct MountedVersion {
     /// False when its content could not be compiled on this node (a name that does not
     /// resolve here, say): it answers 503 and the rest of the cluster's state is served.
     pub available: bool,
+    /// What the call log keeps of its calls beyond the record (`call_log:`).
+    pub capture: Option<Arc<crate::calls::capture::Capture>>,
 }
 
 impl Mount {
@@ -677,6 +679,12 @@ impl Routing {
                 matcher,
                 deprecation: deprecation_headers(api, v),
                 available,
+                capture: vs
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.call_log.as_ref())
+                    .and_then(|c| c.compile())
+                    .map(Arc::new),
             });
         }
         let matcher = Matcher::build(&b.matches);

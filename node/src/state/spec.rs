@@ -39,6 +39,9 @@ pub struct Spec {
     pub response_cache: Option<crate::llm::spec::ResponseCacheSpec>,
     /// Secrets and PII in prompts are masked or refused (a version's content only).
     pub prompt_guard: Option<crate::llm::guard::GuardSpec>,
+    /// What the call log keeps of the version's calls beyond the record (a version's
+    /// content only): docs/calls.md.
+    pub call_log: Option<crate::calls::capture::CallLogSpec>,
 }
 
 // === quotas ===
@@ -949,6 +952,22 @@ impl Spec {
                         e.into_inner().to_string(),
                     ),
                 },
+                Some("call_log") => {
+                    match serde_path_to_error::deserialize::<_, crate::calls::capture::CallLogSpec>(
+                        value,
+                    ) {
+                        Ok(c) => {
+                            for (path, msg) in c.check() {
+                                errors.push(format!("call_log.{path}"), msg);
+                            }
+                            spec.call_log = Some(c);
+                        }
+                        Err(e) => errors.push(
+                            format!("call_log.{}", e.path()).trim_end_matches(".."),
+                            e.into_inner().to_string(),
+                        ),
+                    }
+                }
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -965,7 +984,7 @@ impl Spec {
                     "spec",
                     format!(
                         "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
-                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts`, `response_cache` or `prompt_guard` (a file for `tollgate apply` may also have \
+                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts`, `response_cache`, `prompt_guard` or `call_log` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),

@@ -5,11 +5,12 @@
 //! cargo bench --bench telemetry -- [--rounds 9] [--secs 2] [--workers 16]
 //! ```
 //!
-//! Three single-node gateways on one upstream, each serving the same route:
-//! - `base`: `--metering off`, no traces;
-//! - `metering`: metering on (the default), no traces;
-//! - `traces`: `--metering off`, every request traced (ratio 1) and exported over OTLP/gRPC
-//!   to a real collector (rotel, receiving and dropping).
+//! Four single-node gateways on one upstream, each serving the same route:
+//! - `base`: `--metering off --call-log off`, no traces;
+//! - `metering`: metering on (the default), no call log, no traces;
+//! - `traces`: `--metering off --call-log off`, every request traced (ratio 1) and exported
+//!   over OTLP/gRPC to a real collector (rotel, receiving and dropping);
+//! - `calls`: `--metering off`, the call log on (the default), no traces.
 //!
 //! 1. Requests/s, closed loop, `--workers` clients, `--rounds` rounds of `--secs`, the order
 //!    rotated each round; the ratios to `base` per round and their medians.
@@ -113,12 +114,16 @@ fn main() {
         let up = Upstream::start("u").await;
         let mut collector = Collector::start_quiet().await;
         let endpoint = collector.grpc_url();
-        let base = GatewayProcess::start_with(&spec(&up), &["--metering", "off"]).await;
-        let metering = GatewayProcess::start_with(&spec(&up), &[]).await;
+        let base =
+            GatewayProcess::start_with(&spec(&up), &["--metering", "off", "--call-log", "off"])
+                .await;
+        let metering = GatewayProcess::start_with(&spec(&up), &["--call-log", "off"]).await;
         let traces = GatewayProcess::start_with(
             &spec(&up),
             &[
                 "--metering",
+                "off",
+                "--call-log",
                 "off",
                 "--otlp-endpoint",
                 &endpoint,
@@ -127,11 +132,21 @@ fn main() {
             ],
         )
         .await;
-        let contenders = [("base", &base), ("metering", &metering), ("traces", &traces)];
+        let calls = GatewayProcess::start_with(&spec(&up), &["--metering", "off"]).await;
+        let contenders = [
+            ("base", &base),
+            ("metering", &metering),
+            ("traces", &traces),
+            ("calls", &calls),
+        ];
+        let n = contenders.len();
         // `hold NAME`: only load NAME for 20 s (to profile it), printing its pid.
         if let Some(i) = std::env::args().position(|a| a == "hold") {
             let name = std::env::args().nth(i + 1).unwrap_or_else(|| "traces".into());
-            let (_, gw) = contenders.iter().find(|(n, _)| *n == name).expect("base, metering or traces");
+            let (_, gw) = contenders
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("base, metering, traces or calls");
             println!("holding {name}: pid {}, collector pid {}", gw.pid(), collector.pid());
             let (r, failed, _) = closed(&http, &gw.url("/x"), workers, 20.0).await;
             println!("{r:.0}/s, {failed} failed");
@@ -144,15 +159,15 @@ fn main() {
         println!(
             "## Requests/s, closed loop, {workers} workers, {rounds} rounds of {secs} s (order rotated each round)\n"
         );
-        let mut rps: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        let mut rps: Vec<Vec<f64>> = vec![Vec::new(); n];
         // Node CPU seconds and requests per contender, and the collector's CPU while
         // `traces` ran: what each costs apart from the others on this shared machine.
-        let mut cpu = [0.0f64; 3];
-        let mut served = [0.0f64; 3];
+        let mut cpu = vec![0.0f64; n];
+        let mut served = vec![0.0f64; n];
         let mut collector_cpu = 0.0;
         for round in 0..rounds {
-            for k in 0..3 {
-                let i = (round + k) % 3;
+            for k in 0..n {
+                let i = (round + k) % n;
                 let (node_before, col_before) =
                     (cpu_seconds(contenders[i].1.pid()), cpu_seconds(collector.pid()));
                 let (r, failed, _) = closed(&http, &contenders[i].1.url("/x"), workers, secs).await;
@@ -165,37 +180,53 @@ fn main() {
                 rps[i].push(r);
             }
         }
-        println!("| round | base | metering | traces 100% | metering / base | traces / base |");
-        println!("|---|---|---|---|---|---|");
-        for (r, ((base, metering), traces)) in rps[0].iter().zip(&rps[1]).zip(&rps[2]).enumerate() {
+        println!(
+            "| round | base | metering | traces 100% | call log | metering / base | traces / base | call log / base |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in 0..rounds {
+            let v = |i: usize| rps[i].get(r).copied().unwrap_or(f64::NAN);
             println!(
-                "| {} | {base:.0} | {metering:.0} | {traces:.0} | {:.3} | {:.3} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} |",
                 r + 1,
-                metering / base,
-                traces / base
+                v(0),
+                v(1),
+                v(2),
+                v(3),
+                v(1) / v(0),
+                v(2) / v(0),
+                v(3) / v(0)
             );
         }
         let ratio = |i: usize| median((0..rounds).map(|r| rps[i][r] / rps[0][r]).collect());
         println!(
-            "\nmedians: base {:.0}/s, metering {:.0}/s, traces {:.0}/s; median per-round ratio metering/base {:.3} (target >= 0.97), traces/base {:.3} (target >= 0.85); ratio of medians {:.3} and {:.3}",
+            "\nmedians: base {:.0}/s, metering {:.0}/s, traces {:.0}/s, call log {:.0}/s; median per-round ratio metering/base {:.3} (target >= 0.97), traces/base {:.3} (target >= 0.85), call log/base {:.3} (target >= 0.95); ratio of medians {:.3}, {:.3} and {:.3}",
             median(rps[0].clone()),
             median(rps[1].clone()),
             median(rps[2].clone()),
+            median(rps[3].clone()),
             ratio(1),
             ratio(2),
+            ratio(3),
             median(rps[1].clone()) / median(rps[0].clone()),
             median(rps[2].clone()) / median(rps[0].clone()),
+            median(rps[3].clone()) / median(rps[0].clone()),
         );
         let us = |i: usize| cpu[i] / served[i] * 1e6;
         println!(
-            "node CPU per request: base {:.1} us, metering {:.1} us ({:+.1}%), traces {:.1} us ({:+.1}%); the collector used {:.1} us per traced request",
+            "node CPU per request: base {:.1} us, metering {:.1} us ({:+.1}%), traces {:.1} us ({:+.1}%), call log {:.1} us ({:+.1}%); the collector used {:.1} us per traced request",
             us(0),
             us(1),
             (us(1) / us(0) - 1.0) * 100.0,
             us(2),
             (us(2) / us(0) - 1.0) * 100.0,
+            us(3),
+            (us(3) / us(0) - 1.0) * 100.0,
             collector_cpu / served[2] * 1e6
         );
+        let recorded = metric(&calls, "tollgate_call_log_records_total").await;
+        let lost = metric(&calls, "tollgate_call_log_dropped_total").await;
+        println!("call log: {recorded} records written, {lost} dropped");
         let exported = metric(&traces, "tollgate_trace_spans_total{outcome=\"exported\"}").await;
         let dropped = metric(&traces, "tollgate_trace_spans_total{outcome=\"dropped").await;
         println!("spans so far: {exported} exported, {dropped} dropped");

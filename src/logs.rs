@@ -124,7 +124,7 @@ impl LogsArgs {
     }
 }
 
-fn time_text(us: u64) -> String {
+pub fn time_text(us: u64) -> String {
     humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + Duration::from_micros(us)).to_string()
 }
 

@@ -5,6 +5,7 @@
 //! usage|costs` talk to it.
 
 mod access;
+mod analyze;
 mod api;
 mod billing;
 mod circuit;
@@ -84,6 +85,9 @@ enum Command {
     /// Every call the nodes served, searchable: by time, API, version, tenant, key, status,
     /// error, trace or request id, duration; --slowest N; --follow.
     Logs(logs::LogsArgs),
+    /// Requests, errors, latency, tokens and cost per API, version, key, tenant or model
+    /// over a range, bucket by bucket, against a baseline.
+    Analyze(analyze::AnalyzeArgs),
     /// Plans and their prices: put, list, assign a tenant.
     #[command(subcommand)]
     Plan(billing::PlanCommand),
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
         Command::Usage(args) => run_client(billing::usage(args)),
         Command::Costs(args) => run_client(billing::costs(args)),
         Command::Logs(args) => run_client(logs::logs(args)),
+        Command::Analyze(args) => run_client(analyze::analyze(args)),
         Command::Plan(cmd) => run_client(billing::plan(cmd)),
         Command::Budget(cmd) => run_client(billing::budget(cmd)),
         Command::Api(cmd) => run_client(api::api(cmd)),

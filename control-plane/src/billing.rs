@@ -71,7 +71,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// The billing state as a node returned it.
-fn billing_of(resp: &UsageResponse) -> BillingState {
+pub(crate) fn billing_of(resp: &UsageResponse) -> BillingState {
     BillingState::from_proto(&state::StateSnapshot {
         plans: resp.plans.clone(),
         plan_assignments: resp.assignments.clone(),

@@ -122,13 +122,11 @@ fn sort(q: &CallQuery, records: &mut Vec<CallRecord>) {
         q.limit
     } as usize;
     if q.slowest > 0 {
-        records.sort_by(|a, b| {
-            (b.duration_us, b.time_us, b.node_id).cmp(&(a.duration_us, a.time_us, a.node_id))
-        });
+        records.sort_by_key(|r| std::cmp::Reverse((r.duration_us, r.time_us, r.node_id)));
     } else if q.follow {
         records.sort_by_key(|r| (r.time_us, r.node_id));
     } else {
-        records.sort_by(|a, b| (b.time_us, b.node_id).cmp(&(a.time_us, a.node_id)));
+        records.sort_by_key(|r| std::cmp::Reverse((r.time_us, r.node_id)));
     }
     // A follower gets everything each node returned (their cursors moved past it).
     if !q.follow {

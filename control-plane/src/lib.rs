@@ -13,6 +13,7 @@
 //! authenticates it and scopes what the caller sees (docs/security.md): the control plane
 //! holds no secret and makes no access decision of its own.
 
+mod analysis;
 mod billing;
 mod calls;
 mod models;
@@ -850,7 +851,7 @@ impl Circuits for Service {
 
 /// The control plane's own gRPC services, as registered: reflection lists them, their
 /// calls are traced, and `tollgate dev`'s banner names them from this list.
-pub const SERVICES: [&str; 7] = [
+pub const SERVICES: [&str; 8] = [
     <ApiLifecycleServer<Service> as NamedService>::NAME,
     <AccessServer<Service> as NamedService>::NAME,
     <AuditServer<Service> as NamedService>::NAME,
@@ -858,13 +859,14 @@ pub const SERVICES: [&str; 7] = [
     <BillingServer<Service> as NamedService>::NAME,
     <tollgate_proto::cp::v1::models_server::ModelsServer<Service> as NamedService>::NAME,
     <tollgate_proto::cp::v1::calls_server::CallsServer<Service> as NamedService>::NAME,
+    <tollgate_proto::cp::v1::analysis_server::AnalysisServer<Service> as NamedService>::NAME,
 ];
 
 pub use tollgate_node::admin::grpc::STANDARD_SERVICES;
 
 /// This server, as named in its UNIMPLEMENTED answers.
 const THIS: &str = "the Tollgate control plane (tollgate.cp.v1: ApiLifecycle, Access, Audit, \
-     Circuits, Billing, Models, Calls)";
+     Circuits, Billing, Models, Calls, Analysis)";
 
 /// Serves the control plane on `listener` until `shutdown`.
 pub async fn serve(
@@ -882,6 +884,9 @@ pub async fn serve(
     health.set_serving::<BillingServer<Service>>().await;
     health
         .set_serving::<tollgate_proto::cp::v1::calls_server::CallsServer<Service>>()
+        .await;
+    health
+        .set_serving::<tollgate_proto::cp::v1::analysis_server::AnalysisServer<Service>>()
         .await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
     // Python's grpcio-reflection still ask for it.
@@ -912,6 +917,7 @@ pub async fn serve(
         .add_service(tollgate_proto::cp::v1::calls_server::CallsServer::new(
             service.clone(),
         ))
+        .add_service(tollgate_proto::cp::v1::analysis_server::AnalysisServer::new(service.clone()))
         .add_service(tollgate_proto::cp::v1::models_server::ModelsServer::new(
             service,
         ));

@@ -29,6 +29,7 @@ pub mod llm;
 pub mod metering;
 pub mod proxy;
 pub mod raft;
+pub mod rollout;
 pub mod routing;
 pub mod state;
 pub mod telemetry;

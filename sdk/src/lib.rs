@@ -1512,6 +1512,17 @@ impl ControlPlaneClient {
         .await
     }
 
+    /// What the usage rollups say per API, version, key, tenant or model over a range,
+    /// bucket by bucket, against a baseline (docs/hypercare.md).
+    pub async fn analyze(&self, q: cp::AnalyzeQuery) -> Result<cp::AnalyzeReply, Error> {
+        self.call(q, |ch, r| async move {
+            cp::analysis_client::AnalysisClient::new(ch)
+                .analyze(r)
+                .await
+        })
+        .await
+    }
+
     /// The call log of every node, merged: newest first, or slowest first (docs/calls.md).
     pub async fn query_calls(
         &self,

@@ -485,7 +485,7 @@ impl Store {
             found.records = kept.into_values().collect();
             found
                 .records
-                .sort_by(|a, b| (b.duration_us, b.time_us).cmp(&(a.duration_us, a.time_us)));
+                .sort_by_key(|r| std::cmp::Reverse((r.duration_us, r.time_us)));
         }
         Ok(found)
     }

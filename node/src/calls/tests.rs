@@ -9,18 +9,18 @@ pub(super) fn record(i: u64, time_us: u64) -> CallRecord {
         time_us,
         node_id: 1,
         request_id: format!("{:032x}", 0x1000 + i),
-        trace_id: if i % 10 == 0 {
+        trace_id: if i.is_multiple_of(10) {
             format!("{:032x}", 0xabc0_0000 + i / 100)
         } else {
             String::new()
         },
         tenant: ["acme", "globex"][(i % 2) as usize].into(),
         api: "orders".into(),
-        version: ["1.0.0", "1.1.0"][(i % 3 == 0) as usize].into(),
+        version: ["1.0.0", "1.1.0"][i.is_multiple_of(3) as usize].into(),
         key_id: format!("k{}", i % 4),
         method: "GET".into(),
         path: format!("/orders/{i}"),
-        status: if i % 7 == 0 { 503 } else { 200 },
+        status: if i.is_multiple_of(7) { 503 } else { 200 },
         duration_us: (i * 7919) % 100_000,
         ..Default::default()
     }
@@ -163,7 +163,7 @@ fn the_slowest_match_a_full_sort() {
             },
         );
         let mut want: Vec<&CallRecord> = all.iter().filter(|r| r.time_us >= since).collect();
-        want.sort_by(|a, b| (b.duration_us, b.time_us).cmp(&(a.duration_us, a.time_us)));
+        want.sort_by_key(|r| std::cmp::Reverse((r.duration_us, r.time_us)));
         let want: Vec<u64> = want
             .iter()
             .take(n as usize)
@@ -182,7 +182,7 @@ fn the_slowest_match_a_full_sort() {
         },
     );
     let mut want: Vec<&CallRecord> = all.iter().filter(|r| r.version == "1.1.0").collect();
-    want.sort_by(|a, b| (b.duration_us, b.time_us).cmp(&(a.duration_us, a.time_us)));
+    want.sort_by_key(|r| std::cmp::Reverse((r.duration_us, r.time_us)));
     let got: Vec<u64> = r.records.iter().map(|r| r.duration_us).collect();
     let want: Vec<u64> = want.iter().take(10).map(|r| r.duration_us).collect();
     assert_eq!(got, want);

@@ -34,6 +34,8 @@ pub struct Sample<'a> {
     pub response_bytes: u64,
     pub upstream_us: u64,
     pub latency_us: u64,
+    /// The gateway's error code, when it answered by itself.
+    pub error: Option<&'static str>,
     /// An LLM request's model, provider, tokens and calls.
     pub llm: Option<&'a LlmSample>,
 }
@@ -291,6 +293,12 @@ impl Shard {
         c.request_bytes += s.request_bytes;
         c.response_bytes += s.response_bytes;
         c.upstream_us += s.upstream_us;
+        *c.latency.entry(latency_bucket(s.latency_us)).or_default() += 1;
+        match (s.error, s.status) {
+            (Some(code), _) => *c.errors.entry(code.to_string()).or_default() += 1,
+            (None, 400..) => *c.errors.entry(format!("status_{}", s.status)).or_default() += 1,
+            _ => {}
+        }
         if let Some(l) = s.llm {
             let u = &l.usage;
             c.input_tokens += u.input;

@@ -19,6 +19,7 @@ fn sample<'a>(
         response_bytes: 100,
         upstream_us: if status == 429 { 0 } else { 500 },
         latency_us: 1_000,
+        error: (status == 429).then_some("quota_exceeded"),
         llm: None,
     }
 }
@@ -68,6 +69,17 @@ fn threads_count_apart_and_drain_merged_by_row() {
     assert_eq!(acme_row.request_bytes, 50);
     assert_eq!(acme_row.response_bytes, 500);
     assert_eq!(acme_row.upstream_us, 2_000);
+    // Errors by kind: the gateway's code, else the upstream's status.
+    assert_eq!(
+        acme_row.errors,
+        [
+            ("quota_exceeded".to_string(), 1),
+            ("status_503".to_string(), 1)
+        ]
+        .into()
+    );
+    // Each row's own latency: five requests of 1 ms.
+    assert_eq!(acme_row.latency.values().sum::<u64>(), 5);
     let anonymous = entries.iter().find(|e| e.tenant.is_empty()).unwrap();
     assert_eq!(
         (anonymous.version.as_str(), anonymous.key.as_str()),

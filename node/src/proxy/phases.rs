@@ -1405,6 +1405,9 @@ impl Tail {
                 .upstream_time
                 .map_or(0, |d| d.as_micros() as u64),
             latency_us: elapsed.as_micros() as u64,
+            error: self
+                .error
+                .or(self.upstream_failed.then_some("upstream_body_failed")),
             llm,
         };
         if let Ok(mut shard) = meter.lock() {

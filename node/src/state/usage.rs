@@ -77,6 +77,15 @@ pub fn add_counts(into: &mut UsageCounts, from: &UsageCounts) {
     into.reasoning_tokens += from.reasoning_tokens;
     into.estimated += from.estimated;
     into.cached_requests += from.cached_requests;
+    for (code, n) in &from.errors {
+        *into.errors.entry(code.clone()).or_default() += n;
+    }
+    for (&bucket, &n) in &from.latency {
+        *into
+            .latency
+            .entry(bucket.min(LATENCY_BUCKETS - 1))
+            .or_default() += n;
+    }
 }
 
 /// Adds `from`'s counts into `into` (the key fields are `into`'s).

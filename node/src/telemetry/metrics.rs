@@ -240,6 +240,18 @@ fn describe() {
         "tollgate_spec_reloads_total",
         "Spec loads, by result (ok, invalid)"
     );
+    describe_counter!(
+        "tollgate_call_log_records_total",
+        "Call-log records written"
+    );
+    describe_counter!(
+        "tollgate_call_log_dropped_total",
+        "Call-log records dropped because the writer was behind or a write failed"
+    );
+    describe_gauge!(
+        "tollgate_call_log_disk_bytes",
+        "The call log's size on disk"
+    );
 }
 
 /// Counts a response the gateway made itself.

@@ -41,7 +41,11 @@ fn record(i: u64, time_us: u64) -> CallRecord {
         host: "api.example.com".into(),
         path: format!("/api-{api}/v1/items/{i}"),
         protocol: "HTTP/1.1".into(),
-        status: if (r >> 44).is_multiple_of(100) { 503 } else { 200 },
+        status: if (r >> 44).is_multiple_of(100) {
+            503
+        } else {
+            200
+        },
         error: if (r >> 44).is_multiple_of(100) {
             "upstream_unavailable".into()
         } else {

@@ -33,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".tollgate.state.v1.UsageCounts")
         .btree_map(".tollgate.state.v1.LatencyEntry")
         .btree_map(".tollgate.state.v1.PlanPrices")
+        .btree_map(".tollgate.state.v1.MetricEvidence")
+        .btree_map(".tollgate.actor.v1.VersionCounts")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -15,6 +15,7 @@ mod dev;
 mod echo;
 mod llm_demo;
 mod logs;
+mod rollout;
 mod secret;
 
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ enum Command {
     /// Requests, errors, latency, tokens and cost per API, version, key, tenant or model
     /// over a range, bucket by bucket, against a baseline.
     Analyze(analyze::AnalyzeArgs),
+    /// Canary rollouts judged by the cluster: start, status (--watch), pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Plans and their prices: put, list, assign a tenant.
     #[command(subcommand)]
     Plan(billing::PlanCommand),
@@ -179,6 +183,7 @@ fn main() -> ExitCode {
         Command::Costs(args) => run_client(billing::costs(args)),
         Command::Logs(args) => run_client(logs::logs(args)),
         Command::Analyze(args) => run_client(analyze::analyze(args)),
+        Command::Rollout(cmd) => run_client(rollout::rollout(cmd)),
         Command::Plan(cmd) => run_client(billing::plan(cmd)),
         Command::Budget(cmd) => run_client(billing::budget(cmd)),
         Command::Api(cmd) => run_client(api::api(cmd)),

@@ -17,6 +17,7 @@ mod analysis;
 mod billing;
 mod calls;
 mod models;
+mod rollouts;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -851,7 +852,7 @@ impl Circuits for Service {
 
 /// The control plane's own gRPC services, as registered: reflection lists them, their
 /// calls are traced, and `tollgate dev`'s banner names them from this list.
-pub const SERVICES: [&str; 8] = [
+pub const SERVICES: [&str; 9] = [
     <ApiLifecycleServer<Service> as NamedService>::NAME,
     <AccessServer<Service> as NamedService>::NAME,
     <AuditServer<Service> as NamedService>::NAME,
@@ -860,13 +861,14 @@ pub const SERVICES: [&str; 8] = [
     <tollgate_proto::cp::v1::models_server::ModelsServer<Service> as NamedService>::NAME,
     <tollgate_proto::cp::v1::calls_server::CallsServer<Service> as NamedService>::NAME,
     <tollgate_proto::cp::v1::analysis_server::AnalysisServer<Service> as NamedService>::NAME,
+    <tollgate_proto::cp::v1::rollouts_server::RolloutsServer<Service> as NamedService>::NAME,
 ];
 
 pub use tollgate_node::admin::grpc::STANDARD_SERVICES;
 
 /// This server, as named in its UNIMPLEMENTED answers.
 const THIS: &str = "the Tollgate control plane (tollgate.cp.v1: ApiLifecycle, Access, Audit, \
-     Circuits, Billing, Models, Calls, Analysis)";
+     Circuits, Billing, Models, Calls, Analysis, Rollouts)";
 
 /// Serves the control plane on `listener` until `shutdown`.
 pub async fn serve(
@@ -887,6 +889,9 @@ pub async fn serve(
         .await;
     health
         .set_serving::<tollgate_proto::cp::v1::analysis_server::AnalysisServer<Service>>()
+        .await;
+    health
+        .set_serving::<tollgate_proto::cp::v1::rollouts_server::RolloutsServer<Service>>()
         .await;
     // Reflection lists exactly what this server serves; v1alpha too, since grpcurl and
     // Python's grpcio-reflection still ask for it.
@@ -918,6 +923,7 @@ pub async fn serve(
             service.clone(),
         ))
         .add_service(tollgate_proto::cp::v1::analysis_server::AnalysisServer::new(service.clone()))
+        .add_service(tollgate_proto::cp::v1::rollouts_server::RolloutsServer::new(service.clone()))
         .add_service(tollgate_proto::cp::v1::models_server::ModelsServer::new(
             service,
         ));

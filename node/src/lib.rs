@@ -320,6 +320,7 @@ impl Node {
             None => None,
         };
         runtime.spawn(metering::alerts::run(cluster.clone(), control.clone()));
+        runtime.spawn(rollout::notify::run(cluster.clone(), control.clone()));
         runtime.spawn(telemetry::metrics::upkeep(metrics));
         // A certificate comes within 30 days of expiring while nothing changes: say so
         // every 12 hours (each compile says so too).
@@ -1158,6 +1159,11 @@ impl Compiler {
                             circuits: next.circuits.clone(),
                             capped: next.capped.clone(),
                             billing: next.billing.clone(),
+                            rollouts: next.rollouts.clone(),
+                            rollout_counters: Arc::new(rollout::counters::for_rollouts(
+                                &next.rollouts,
+                                &current.rollout_counters,
+                            )),
                         }));
                         return;
                     }
@@ -1165,6 +1171,10 @@ impl Compiler {
             }
         };
         let auth = auth.unwrap_or_else(|| Arc::new(self.auth_table(&next.access)));
+        let counters = rollout::counters::for_rollouts(
+            &next.rollouts,
+            &self.shared.snapshot.load().rollout_counters,
+        );
         let snapshot = Arc::new(Snapshot {
             generation: next.generation,
             routing: routing.clone(),
@@ -1172,6 +1182,8 @@ impl Compiler {
             circuits: next.circuits.clone(),
             capped: next.capped.clone(),
             billing: next.billing.clone(),
+            rollouts: next.rollouts.clone(),
+            rollout_counters: Arc::new(counters),
         });
         if new_routing {
             let checks = routing::health::spawn_checks(&routing.clusters, &self.runtime);

@@ -827,6 +827,15 @@ impl NodeClient {
             .await
     }
 
+    /// Canary rollouts (see the node's `Rollouts` RPC).
+    pub async fn rollouts(
+        &mut self,
+        req: tollgate_proto::node::v1::RolloutsRequest,
+    ) -> Result<tollgate_proto::node::v1::RolloutsResponse, Error> {
+        self.unary(req, |mut c, r| async move { c.rollouts(r).await })
+            .await
+    }
+
     /// This node's call log (see the node's `QueryCalls` RPC).
     pub async fn query_calls(
         &mut self,
@@ -1508,6 +1517,55 @@ impl ControlPlaneClient {
     ) -> Result<cp::VersionStatusReply, Error> {
         self.call(req, |ch, r| async move {
             BillingClient::new(ch).version_status(r).await
+        })
+        .await
+    }
+
+    /// Starts a canary rollout of `api` (docs/hypercare.md).
+    pub async fn start_rollout(
+        &self,
+        api: &str,
+        rollout: state::StartRollout,
+    ) -> Result<cp::RolloutReply, Error> {
+        let req = cp::StartRolloutRequest {
+            api: api.into(),
+            rollout: Some(rollout),
+        };
+        self.call(req, |ch, r| async move {
+            cp::rollouts_client::RolloutsClient::new(ch)
+                .start_rollout(r)
+                .await
+        })
+        .await
+    }
+
+    /// The API's current or last rollout, with its decisions and evidence.
+    pub async fn get_rollout(&self, api: &str) -> Result<cp::RolloutReply, Error> {
+        let req = cp::GetRolloutRequest { api: api.into() };
+        self.call(req, |ch, r| async move {
+            cp::rollouts_client::RolloutsClient::new(ch)
+                .get_rollout(r)
+                .await
+        })
+        .await
+    }
+
+    /// pause, resume or abort the API's rollout.
+    pub async fn control_rollout(
+        &self,
+        api: &str,
+        action: &str,
+        reason: &str,
+    ) -> Result<cp::RolloutReply, Error> {
+        let req = cp::ControlRolloutRequest {
+            api: api.into(),
+            action: action.into(),
+            reason: reason.into(),
+        };
+        self.call(req, |ch, r| async move {
+            cp::rollouts_client::RolloutsClient::new(ch)
+                .control_rollout(r)
+                .await
         })
         .await
     }

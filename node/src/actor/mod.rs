@@ -58,6 +58,7 @@ struct Exchange {
     from: u64,
     quotas: Vec<pb::QuotaReport>,
     circuits: Vec<pb::CircuitReport>,
+    rollouts: Vec<pb::RolloutReport>,
     reply: oneshot::Sender<pb::ExchangeResponse>,
 }
 
@@ -128,6 +129,7 @@ impl Actors {
         from: u64,
         quotas: Vec<pb::QuotaReport>,
         circuits: Vec<pb::CircuitReport>,
+        rollouts: Vec<pb::RolloutReport>,
     ) -> Result<pb::ExchangeResponse, String> {
         let (reply, rx) = oneshot::channel();
         self.mailbox
@@ -135,6 +137,7 @@ impl Actors {
                 from,
                 quotas,
                 circuits,
+                rollouts,
                 reply,
             })
             .await
@@ -308,6 +311,28 @@ impl Actors {
             batch.circuit_sent.push((c.clone(), outcomes));
         }
 
+        // Every running rollout's counts since the last tick, to its judge (sent even when
+        // nothing was counted: the judge then knows the rollout is alive but idle).
+        for (api, counters) in snapshot.rollout_counters.iter() {
+            let key = format!("rollout/{api}#{}", counters.id);
+            let owner = ownership::owner(key.as_bytes(), up.iter().map(|m| m.id));
+            let Some(owner) = owner.filter(|_| quorum) else {
+                continue;
+            };
+            let report = pb::RolloutReport {
+                api: api.to_string(),
+                rollout: counters.id,
+                step: counters.step,
+                versions: vec![
+                    counters.canary_counts.take(&counters.canary),
+                    counters.stable_counts.take(&counters.stable),
+                ],
+            };
+            let batch = batches.entry(owner).or_default();
+            batch.rollouts.push(report);
+            batch.rollout_sent.push(counters.clone());
+        }
+
         // Peers that are up but own nothing this node holds get an empty exchange: it is
         // how this node learns it can still reach a majority.
         for m in &up {
@@ -329,7 +354,10 @@ impl Actors {
                     std::mem::take(&mut batch.wire),
                     std::mem::take(&mut batch.circuits),
                 );
-                let res = this.exchange(&cluster, owner, &addr, wire, circuits).await;
+                let rollouts = batch.rollouts.clone();
+                let res = this
+                    .exchange(&cluster, owner, &addr, wire, circuits, rollouts)
+                    .await;
                 (owner, batch, res)
             }
         });
@@ -376,6 +404,13 @@ impl Actors {
                 }
                 Err(e) => {
                     tracing::debug!(owner, "exchange failed: {e}");
+                    for (report, counters) in batch.rollouts.iter().zip(&batch.rollout_sent) {
+                        for v in &report.versions {
+                            if let Some(c) = counters.of(&v.version) {
+                                c.restore(v);
+                            }
+                        }
+                    }
                     // The next owner gets these outcomes and reports.
                     for (c, outcomes) in &batch.circuit_sent {
                         if let Some(breaker) = &c.circuit {
@@ -408,7 +443,7 @@ impl Actors {
             let (this, cluster, id, addr) = (self.clone(), cluster.clone(), m.id, m.addr.clone());
             tokio::spawn(async move {
                 let ok = this
-                    .exchange(&cluster, id, &addr, Vec::new(), Vec::new())
+                    .exchange(&cluster, id, &addr, Vec::new(), Vec::new(), Vec::new())
                     .await
                     .is_ok();
                 this.note(id, ok);
@@ -447,9 +482,10 @@ impl Actors {
         addr: &str,
         quotas: Vec<pb::QuotaReport>,
         circuits: Vec<pb::CircuitReport>,
+        rollouts: Vec<pb::RolloutReport>,
     ) -> Result<pb::ExchangeResponse, String> {
         if owner == self.quotas.node {
-            return self.to_owner(owner, quotas, circuits).await;
+            return self.to_owner(owner, quotas, circuits, rollouts).await;
         }
         if cluster.peers.faults.is_isolated(owner) {
             return Err(format!("node {owner} is isolated by fault injection"));
@@ -459,6 +495,7 @@ impl Actors {
             from: self.quotas.node,
             quotas,
             circuits,
+            rollouts,
         };
         let mut client = ActorsClient::new(channel);
         let call = client.exchange(req);
@@ -517,6 +554,9 @@ struct Batch {
     circuits: Vec<pb::CircuitReport>,
     /// Per circuit report: the upstream cluster and what was taken from its counters.
     circuit_sent: Vec<(Arc<UpstreamCluster>, Outcomes)>,
+    rollouts: Vec<pb::RolloutReport>,
+    /// Per rollout report: the counters it was taken from (put back if undelivered).
+    rollout_sent: Vec<Arc<crate::rollout::counters::RolloutCounters>>,
 }
 
 /// The owner's mailbox: one task holds every ledger this node owns, so a ledger is only
@@ -529,6 +569,7 @@ async fn owner_loop(
 ) {
     let mut ledgers = Ledgers::default();
     let mut books: HashMap<String, CircuitBook> = HashMap::new();
+    let mut judges = crate::rollout::judge::Judges::default();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -548,9 +589,13 @@ async fn owner_loop(
                     .map(|r| decide(&mut books, &snapshot, &cluster, now, r))
                     .collect();
                 let _ = msg.reply.send(pb::ExchangeResponse { grants, circuits });
+                for r in &msg.rollouts {
+                    judges.report(&cluster, &actors.shared, r, now);
+                }
             }
             _ = sweep.tick() => {
                 let now = wall_ms();
+                judges.tick(&cluster, &actors.shared, now);
                 ledgers.sweep(now);
                 let mut owned: HashMap<String, (u64, u64)> = HashMap::new();
                 for (key, (l, _)) in &ledgers.by_key {
@@ -821,7 +866,7 @@ impl ActorsRpc for ActorService {
             )
         })?;
         let req = req.into_inner();
-        if req.quotas.len() + req.circuits.len() > MAX_REPORTS {
+        if req.quotas.len() + req.circuits.len() + req.rollouts.len() > MAX_REPORTS {
             return Err(Status::invalid_argument(format!(
                 "an exchange carries at most {MAX_REPORTS} reports"
             )));
@@ -834,7 +879,7 @@ impl ActorsRpc for ActorService {
         }
         let answer = self
             .actors
-            .to_owner(req.from, req.quotas, req.circuits)
+            .to_owner(req.from, req.quotas, req.circuits, req.rollouts)
             .await
             .map_err(Status::unavailable)?;
         Ok(Response::new(answer))

@@ -291,6 +291,18 @@ impl NodeAdmin for AdminService {
         }))
     }
 
+    async fn rollouts(
+        &self,
+        req: Request<RolloutsRequest>,
+    ) -> Result<Response<RolloutsResponse>, Status> {
+        let (fwd, caller) = (self.forwarded(&req), self.caller(&req)?);
+        Ok(Response::new(
+            self.cluster
+                .rollouts(req.into_inner(), fwd, &caller)
+                .await?,
+        ))
+    }
+
     async fn query_calls(
         &self,
         req: Request<CallQuery>,

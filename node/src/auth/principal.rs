@@ -136,6 +136,21 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
              `tollgate circuit open|close|auto` instead",
         ));
     }
+    if let Some(command::Kind::Rollout(r)) = &cmd.kind
+        && matches!(
+            r.op,
+            Some(
+                tollgate_proto::state::v1::rollout_command::Op::Verdict(_)
+                    | tollgate_proto::state::v1::rollout_command::Op::Checkpoint(_)
+            )
+        )
+        && !matches!(p, Principal::Node(_))
+    {
+        return Err(Status::permission_denied(
+            "rollout verdicts are decided by the rollout's judge node; pause, resume or abort \
+             it with `tollgate rollout pause|resume|abort` instead",
+        ));
+    }
     if let Some(command::Kind::Usage(_)) = &cmd.kind
         && !matches!(p, Principal::Node(_))
     {
@@ -184,6 +199,7 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
             .ok_or_else(|| no_api(name))
     };
     match &cmd.kind {
+        Some(command::Kind::Rollout(r)) => api_owned(&r.api),
         Some(command::Kind::Api(a)) => match &a.op {
             Some(api_command::Op::CreateApi(c)) if c.tenant != tenant => {
                 Err(Status::permission_denied(format!(

@@ -59,7 +59,7 @@ pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
 
 /// The webhook URL of an alert, opened (the state keeps it sealed); empty when there is
 /// none or it cannot be opened (said once per alert).
-fn open_webhook(identity: &crate::identity::Identity, text: &str) -> String {
+pub fn open_webhook(identity: &crate::identity::Identity, text: &str) -> String {
     if !crate::identity::seal::is_sealed_text(text) {
         return text.to_string();
     }

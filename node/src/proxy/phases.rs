@@ -1451,6 +1451,23 @@ impl Drop for Tail {
                     .map(|(attos, _)| (attos / 1_000_000_000) as i64)
             })
             .unwrap_or(0);
+        // A running rollout's judge counts its two versions' answers.
+        if !self.snapshot.rollout_counters.is_empty()
+            && let Some(u) = &self.api
+            && let Some(v) = u.version
+        {
+            let mount = &self.snapshot.routing.mounts[u.mount as usize];
+            if let Some(c) = self.snapshot.rollout_counters.get(&mount.api)
+                && let Some(counter) = c.of(&mount.versions[v as usize].name)
+            {
+                counter.record(
+                    self.status,
+                    elapsed.as_micros() as u64,
+                    llm.as_ref().and_then(|l| l.ttft_us),
+                    llm.as_ref().map(|_| cost_nanos.max(0) as u64),
+                );
+            }
+        }
         if let Some(s) = &llm {
             crate::llm::serve::record_metrics(s);
         }

@@ -725,6 +725,20 @@ impl Cluster {
                 Ok(Some((minted.id, minted.secret)))
             }
             Some(Kind::Identity(i)) => self.fill_in_identity(i),
+            Some(Kind::Rollout(r)) => {
+                use tollgate_proto::state::v1::rollout_command::Op as RolloutOp;
+                if let Some(RolloutOp::Start(s)) = &mut r.op
+                    && !s.webhook.is_empty()
+                {
+                    if !(s.webhook.starts_with("http://") || s.webhook.starts_with("https://")) {
+                        return Err(Status::invalid_argument(
+                            "webhook: an http:// or https:// URL",
+                        ));
+                    }
+                    s.webhook = self.seal_webhook(&s.webhook)?;
+                }
+                Ok(None)
+            }
             Some(Kind::Billing(b)) => {
                 use tollgate_proto::state::v1::billing_command::Op as BillingOp;
                 if let Some(BillingOp::SetBudget(budget)) = &mut b.op
@@ -2060,6 +2074,60 @@ impl Cluster {
             generation: a.state.generation,
             spec_yaml: a.state.spec_yaml.to_string(),
             applied_index: a.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    /// Canary rollouts (linearizable unless `local`): a tenant token sees its own APIs'.
+    /// Webhooks are shown as their origin only.
+    pub async fn rollouts(
+        &self,
+        req: api::RolloutsRequest,
+        forwarded: bool,
+        caller: &Caller,
+    ) -> Result<api::RolloutsResponse, Status> {
+        let forward = |mut c: NodeAdminClient<Channel>, r| async move { c.rollouts(r).await };
+        if !req.local
+            && let Some(resp) = self
+                .read_on_leader(&req, forwarded, caller, forward)
+                .await?
+        {
+            return Ok(resp);
+        }
+        let p = self.principal(caller)?;
+        let ring = self.identity.keyring();
+        let shown = |mut r: tollgate_proto::state::v1::RolloutState| {
+            if !r.webhook.is_empty() {
+                r.webhook = match (&ring, crate::identity::seal::is_sealed_text(&r.webhook)) {
+                    (Some(ring), true) => ring
+                        .open_text(identity::WEBHOOK, &r.webhook)
+                        .map(|u| format!("{}/… (sealed)", crate::metering::alerts::origin(&u)))
+                        .unwrap_or_else(|_| "(sealed)".into()),
+                    _ => "(sealed)".into(),
+                };
+            }
+            r
+        };
+        let wanted = |r: &tollgate_proto::state::v1::RolloutState| {
+            (req.api.is_empty() || r.api == req.api) && p.sees(&r.tenant)
+        };
+        Ok(self.state_machine.read(|a| api::RolloutsResponse {
+            rollouts: a
+                .state
+                .rollouts
+                .values()
+                .filter(|r| wanted(r))
+                .cloned()
+                .map(shown)
+                .collect(),
+            history: a
+                .state
+                .rollout_history
+                .iter()
+                .filter(|r| wanted(r))
+                .cloned()
+                .map(shown)
+                .collect(),
+            now_ms: now_ms(),
         }))
     }
 

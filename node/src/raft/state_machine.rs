@@ -49,6 +49,7 @@ pub struct Published {
     pub circuits: Arc<crate::state::circuit::Circuits>,
     pub capped: Arc<BTreeMap<String, u64>>,
     pub billing: Arc<crate::state::billing::BillingView>,
+    pub rollouts: Arc<BTreeMap<String, tollgate_proto::state::v1::RolloutState>>,
 }
 
 impl Published {
@@ -61,6 +62,7 @@ impl Published {
             circuits: state.circuits.clone(),
             capped: state.capped.clone(),
             billing: state.billing_view.clone(),
+            rollouts: state.rollouts.clone(),
         }
     }
 }
@@ -289,6 +291,7 @@ fn apply_span(index: u64, cmd: &tollgate_proto::state::v1::Command) -> tracing::
         Some(Kind::Usage(_)) => "usage",
         Some(Kind::Billing(_)) => "billing",
         Some(Kind::Identity(_)) => "identity",
+        Some(Kind::Rollout(_)) => "rollout",
         None => "unknown",
     };
     let span = tracing::info_span!(

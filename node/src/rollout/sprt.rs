@@ -134,6 +134,20 @@ impl Judge {
         self.totals.stable_bad += ks;
     }
 
+    /// The mixture's components (log-likelihood ratios), to store and resume.
+    pub fn components(&self) -> (Vec<f64>, Vec<f64>) {
+        (self.worse.to_vec(), self.within.to_vec())
+    }
+
+    /// Resumes stored components (ignored unless they have the mixtures' sizes).
+    pub fn restore(&mut self, worse: &[f64], within: &[f64], totals: Counts) {
+        if worse.len() == self.worse.len() && within.len() == self.within.len() {
+            self.worse.copy_from_slice(worse);
+            self.within.copy_from_slice(within);
+            self.totals = totals;
+        }
+    }
+
     /// ln of the "worse" statistic.
     pub fn worse(&self) -> f64 {
         log_mean_exp(&self.worse)

@@ -28,6 +28,11 @@ pub const HISTORY_LIMIT: usize = 10_000;
 /// How many audit entries the state keeps (oldest dropped first).
 pub const AUDIT_LIMIT: usize = 10_000;
 
+/// Finished rollouts kept beside each API's last one, and rollout events kept for the
+/// leader to tell.
+pub const ROLLOUT_HISTORY: usize = 200;
+pub const ROLLOUT_EVENTS: usize = 1_000;
+
 /// The cluster's state.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
@@ -56,6 +61,13 @@ pub struct ClusterState {
     /// `billing::month_of_ms`) it holds for: published to the data plane, which answers
     /// their requests 402.
     pub capped: Arc<BTreeMap<String, u64>>,
+    /// Each API's current or last canary rollout (shared with the data plane).
+    pub rollouts: Arc<BTreeMap<String, tollgate_proto::state::v1::RolloutState>>,
+    /// Finished rollouts a newer one replaced, oldest first (bounded).
+    pub rollout_history: VecDeque<tollgate_proto::state::v1::RolloutState>,
+    /// Rollout transitions for the leader to tell (bounded), and the last seq.
+    pub rollout_events: VecDeque<tollgate_proto::state::v1::RolloutEvent>,
+    pub rollout_event_seq: u64,
     /// Prices and hard-capped budgets, published to the data plane.
     pub billing_view: Arc<crate::state::billing::BillingView>,
 }
@@ -119,6 +131,7 @@ impl ClusterState {
             Some(command::Kind::Usage(b)) => self.usage_batch(log_index, cmd, b),
             Some(command::Kind::Billing(b)) => self.billing_command(log_index, cmd, b),
             Some(command::Kind::Identity(i)) => self.identity_command(log_index, cmd, i),
+            Some(command::Kind::Rollout(r)) => self.rollout_command(log_index, cmd, r),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (docs/architecture.md, decision 2).
             None => Applied {
@@ -479,6 +492,90 @@ impl ClusterState {
         }
     }
 
+    /// A rollout command: a transition sets the API's split (a generation, audited, told by
+    /// the leader); a checkpoint only stores the judge's evidence.
+    fn rollout_command(
+        &mut self,
+        log_index: u64,
+        cmd: &Command,
+        r: &tollgate_proto::state::v1::RolloutCommand,
+    ) -> Applied {
+        use crate::rollout::state::Outcome;
+        let before = self.apis.get(&r.api).map(Api::audit_json);
+        let mut apis = (*self.apis).clone();
+        let mut rollouts = (*self.rollouts).clone();
+        let mut finished = Vec::new();
+        let result = crate::rollout::state::apply(
+            &mut apis,
+            &mut rollouts,
+            &mut finished,
+            r,
+            cmd,
+            log_index,
+        );
+        let unchanged = Applied {
+            generation: self.generation,
+            log_index,
+            ..Applied::default()
+        };
+        match result {
+            Err(refusal) => Applied {
+                refusal: Some(refusal),
+                ..unchanged
+            },
+            Ok(Outcome::Nothing) => unchanged,
+            Ok(Outcome::Checkpoint) => {
+                self.rollouts = Arc::new(rollouts);
+                unchanged
+            }
+            Ok(Outcome::Transition { action }) => {
+                self.apis = Arc::new(apis);
+                self.rollouts = Arc::new(rollouts);
+                self.rollout_history.extend(finished);
+                while self.rollout_history.len() > ROLLOUT_HISTORY {
+                    self.rollout_history.pop_front();
+                }
+                let object = format!("apis/{}", r.api);
+                let applied =
+                    self.record(log_index, cmd, Vec::new(), vec![object.clone()], Vec::new());
+                if let Some(ro) = self.rollouts.get(&r.api)
+                    && let Some(d) = ro.decisions.last()
+                {
+                    self.rollout_event_seq += 1;
+                    self.rollout_events
+                        .push_back(tollgate_proto::state::v1::RolloutEvent {
+                            seq: self.rollout_event_seq,
+                            at_ms: cmd.at_ms,
+                            api: r.api.clone(),
+                            rollout: ro.id,
+                            action: d.action.clone(),
+                            step: d.step,
+                            weight: d.weight,
+                            reason: d.reason.clone(),
+                            webhook: ro.webhook.clone(),
+                            canary: ro.canary.clone(),
+                            stable: ro.stable.clone(),
+                        });
+                    while self.rollout_events.len() > ROLLOUT_EVENTS {
+                        self.rollout_events.pop_front();
+                    }
+                }
+                let after = self.apis.get(&r.api);
+                let tenant = after.map(|a| a.tenant.clone()).unwrap_or_default();
+                let after = after.map(Api::audit_json).unwrap_or_default();
+                self.audit(
+                    cmd,
+                    &format!("rollout.{action}"),
+                    object,
+                    tenant,
+                    before.unwrap_or_default(),
+                    after,
+                );
+                applied
+            }
+        }
+    }
+
     /// Takes the next generation and records the change in the bounded history.
     fn record(
         &mut self,
@@ -577,6 +674,10 @@ impl ClusterState {
             audit: self.audit.iter().cloned().collect(),
             audit_seq: self.audit_seq,
             circuits: self.circuits.values().cloned().collect(),
+            rollouts: self.rollouts.values().cloned().collect(),
+            rollout_history: self.rollout_history.iter().cloned().collect(),
+            rollout_events: self.rollout_events.iter().cloned().collect(),
+            rollout_event_seq: self.rollout_event_seq,
             ..StateSnapshot::default()
         };
         self.access.to_proto(&mut out);
@@ -603,6 +704,15 @@ impl ClusterState {
                     .map(|c| (c.upstream.clone(), c.clone()))
                     .collect(),
             ),
+            rollouts: Arc::new(
+                p.rollouts
+                    .iter()
+                    .map(|r| (r.api.clone(), r.clone()))
+                    .collect(),
+            ),
+            rollout_history: p.rollout_history.into(),
+            rollout_events: p.rollout_events.into(),
+            rollout_event_seq: p.rollout_event_seq,
             generation: p.generation,
             spec_yaml: Arc::from(p.spec_yaml),
             objects: p.objects.into_iter().collect(),

@@ -36,6 +36,9 @@ pub struct Snapshot {
     pub capped: Arc<std::collections::BTreeMap<String, u64>>,
     /// Tenants' prices and hard-capped budgets.
     pub billing: Arc<crate::state::billing::BillingView>,
+    /// Each API's current or last canary rollout, and the running ones' counters.
+    pub rollouts: Arc<std::collections::BTreeMap<String, tollgate_proto::state::v1::RolloutState>>,
+    pub rollout_counters: Arc<crate::rollout::counters::Counters>,
 }
 
 /// The compiled route table.
@@ -302,6 +305,8 @@ impl Snapshot {
             }),
             auth: Arc::new(AuthTable::default()),
             circuits: Arc::default(),
+            rollouts: Arc::default(),
+            rollout_counters: Arc::default(),
             capped: Arc::default(),
             billing: Arc::default(),
         }

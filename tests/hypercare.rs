@@ -223,3 +223,181 @@ async fn analyze_compares_a_version_with_the_one_before_from_the_rollups() {
     assert_eq!(g["figures"]["errors"], 10);
     assert_eq!(g["baseline_of"], "1.0.0");
 }
+
+/// A version at 0% errors that starts failing 30% of its calls is alerted on after the
+/// minute is over: through the webhook (a named secret of its tenant), the audit log, with
+/// sample calls and the logs command; and only once (the quiet period bounds flapping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_starts_failing_raises_one_alert_with_its_calls() {
+    use std::sync::{Arc, Mutex};
+    let ok = Upstream::start("ok").await;
+    let flaky = Upstream::start("flaky").await;
+    // The webhook: a server that keeps what it is sent.
+    let hooked: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    {
+        let hooked = hooked.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = hook.accept().await else {
+                    return;
+                };
+                let hooked = hooked.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let hooked = hooked.clone();
+                            async move {
+                                let body = http_body_util::BodyExt::collect(req.into_body())
+                                    .await
+                                    .unwrap()
+                                    .to_bytes();
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    hooked.lock().unwrap().push(v);
+                                }
+                                Ok::<_, std::convert::Infallible>(http::Response::new(full("")))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let gw = GatewayProcess::start_with(
+        &harness::allowing_loopback("upstreams: {}\nroutes: {}\n"),
+        &["--meter-interval", "100ms"],
+    )
+    .await;
+    let cpp = CpProcess::start(&[gw.grpc]).await;
+    let cp = cpp.sdk(gw.operator_token());
+    cp.create_tenant("acme").await.unwrap();
+    gw.sdk()
+        .await
+        .with_token(Some(gw.operator_token()))
+        .unwrap()
+        .put_secret(
+            "acme.hook",
+            format!("http://{hook_addr}/alerts").into_bytes(),
+        )
+        .await
+        .unwrap();
+    cp.create_api(
+        "orders",
+        "acme",
+        Some(state::ApiSettings {
+            base_path: "/orders".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    // Calls to /e/0 .. /e/29 go to `flaky`, the rest to `ok`.
+    let mut routes = String::new();
+    for j in 0..30 {
+        routes +=
+            &format!("  f{j}: {{ match: {{ path: {{ prefix: /e/{j} }} }}, upstream: flaky }}\n");
+    }
+    let content = format!(
+        "upstreams: {{ ok: {{ endpoints: [{{ address: \"{}\" }}] }}, flaky: {{ endpoints: [{{ address: \"{}\" }}] }} }}\nroutes:\n{routes}  rest: {{ match: {{ path: {{ prefix: / }} }}, upstream: ok }}\nalerts: {{ metrics: [errors], baseline: 10m, quiet_for: 1h, webhook_secret: hook }}\n",
+        ok.addr, flaky.addr
+    );
+    cp.create_version("orders", "1.0.0", &content)
+        .await
+        .unwrap();
+    cp.publish("orders", "1.0.0").await.unwrap();
+    let key = cp.create_key("acme", "a", "").await.unwrap().secret;
+    let c: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
+    let k = key.clone();
+    eventually("served", T, async || {
+        get(&c, &gw.url("/orders/v1/e/50"), &k).await == 200
+    })
+    .await;
+    // Healthy into the next minute (the history is the complete minutes before the
+    // current one), then failing.
+    let minute_of = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 60
+    };
+    let first = minute_of();
+    let secs_left = 60
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 60;
+    // A history of at least 10 s of healthy calls (about 200).
+    let flip_at = if secs_left < 10 { first + 2 } else { first + 1 };
+    let mut i = 0u64;
+    let mut failing = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if !failing && minute_of() >= flip_at {
+            flaky
+                .state
+                .fail_with
+                .store(503, std::sync::atomic::Ordering::SeqCst);
+            failing = true;
+        }
+        if failing && !hooked.lock().unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no alert");
+        let _ = get(&c, &gw.url(&format!("/orders/v1/e/{}", i % 100)), &key).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let event = hooked.lock().unwrap()[0].clone();
+    assert_eq!(event["kind"], "alert");
+    assert_eq!(event["action"], "raise");
+    assert_eq!(
+        (
+            event["api"].as_str(),
+            event["version"].as_str(),
+            event["metric"].as_str()
+        ),
+        (Some("orders"), Some("1.0.0"), Some("errors"))
+    );
+    // Stored with its calls and the command that lists the rest, and audited.
+    let mut node = gw
+        .sdk()
+        .await
+        .with_token(Some(gw.operator_token()))
+        .unwrap();
+    let alerts = node
+        .rollouts(tollgate_sdk::node::RolloutsRequest {
+            api: "orders".into(),
+            local: false,
+        })
+        .await
+        .unwrap()
+        .alerts;
+    assert_eq!(alerts.len(), 1);
+    let a = &alerts[0];
+    assert!(a.firing);
+    let raise = a.raise.as_ref().unwrap();
+    assert!(raise.statistic >= raise.log_threshold);
+    assert!(!raise.calls.is_empty() && raise.calls.iter().all(|c| c.status == 503));
+    assert!(
+        raise
+            .logs_command
+            .starts_with("tollgate logs --api orders --api-version 1.0.0"),
+        "{}",
+        raise.logs_command
+    );
+    let audit = cp.audit(cp::AuditQuery::default()).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "alert.raise" && e.object == "orders@1.0.0/errors")
+    );
+    // One alert, however long it keeps failing (the quiet period): a few more seconds.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(hooked.lock().unwrap().len(), 1);
+}

@@ -471,6 +471,7 @@ fn tour_control_plane_metering_and_spec_docs_run_against_dev() {
         "docs/spec.md",
         "docs/llm.md",
         "docs/calls.md",
+        "docs/hypercare.md",
     ] {
         let outcomes = reader.run(
             &all_commands(&sh_blocks(doc, None)),

@@ -321,6 +321,11 @@ impl Node {
         };
         runtime.spawn(metering::alerts::run(cluster.clone(), control.clone()));
         runtime.spawn(rollout::notify::run(cluster.clone(), control.clone()));
+        runtime.spawn(rollout::anomaly::run(
+            cluster.clone(),
+            shared.clone(),
+            control.clone(),
+        ));
         runtime.spawn(telemetry::metrics::upkeep(metrics));
         // A certificate comes within 30 days of expiring while nothing changes: say so
         // every 12 hours (each compile says so too).

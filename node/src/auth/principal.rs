@@ -151,6 +151,13 @@ pub fn authorize(p: &Principal, cmd: &Command, state: &ClusterState) -> Result<(
              it with `tollgate rollout pause|resume|abort` instead",
         ));
     }
+    if let Some(command::Kind::Alert(_)) = &cmd.kind
+        && !matches!(p, Principal::Node(_))
+    {
+        return Err(Status::permission_denied(
+            "anomaly alerts are raised by the leader's detector, not sent",
+        ));
+    }
     if let Some(command::Kind::Usage(_)) = &cmd.kind
         && !matches!(p, Principal::Node(_))
     {

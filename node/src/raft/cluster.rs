@@ -577,13 +577,14 @@ impl Cluster {
             ("response_cache", checked.spec.response_cache.is_some()),
             ("prompt_guard", checked.spec.prompt_guard.is_some()),
             ("call_log", checked.spec.call_log.is_some()),
+            ("alerts", checked.spec.alerts.is_some()),
         ] {
-            if present && field == "call_log" {
-                return Err(Status::invalid_argument(
-                    "call_log: what the call log keeps is set per API version: put it in an \
-                     API version's content (tollgate version create ... -f content.yaml), \
-                     not in the cluster's spec (docs/calls.md)",
-                ));
+            if present && matches!(field, "call_log" | "alerts") {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: this is set per API version: put it in an API version's content \
+                     (tollgate version create ... -f content.yaml), not in the cluster's spec \
+                     (docs/calls.md, docs/hypercare.md)"
+                )));
             }
             if present {
                 return Err(Status::invalid_argument(format!(
@@ -2128,6 +2129,13 @@ impl Cluster {
                 .map(shown)
                 .collect(),
             now_ms: now_ms(),
+            alerts: a
+                .state
+                .alerts
+                .values()
+                .filter(|x| (req.api.is_empty() || x.api == req.api) && p.sees(&x.tenant))
+                .cloned()
+                .collect(),
         }))
     }
 

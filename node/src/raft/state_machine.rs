@@ -292,6 +292,7 @@ fn apply_span(index: u64, cmd: &tollgate_proto::state::v1::Command) -> tracing::
         Some(Kind::Billing(_)) => "billing",
         Some(Kind::Identity(_)) => "identity",
         Some(Kind::Rollout(_)) => "rollout",
+        Some(Kind::Alert(_)) => "alert",
         None => "unknown",
     };
     let span = tracing::info_span!(

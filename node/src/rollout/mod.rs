@@ -3,6 +3,7 @@
 //! tests ([`sprt`], [`judge`]) and commits each verdict through Raft, where it is applied
 //! ([`state`]) and told ([`notify`]).
 
+pub mod anomaly;
 pub mod counters;
 pub mod judge;
 pub mod notify;

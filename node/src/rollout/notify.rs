@@ -44,14 +44,54 @@ pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
                 continue;
             }
             told = event.seq;
-            let webhook = open_webhook(&cluster.identity, &event.webhook);
+            let webhook = if event.kind == "alert" {
+                open_named(&cluster, &event.tenant, &event.webhook_secret)
+            } else {
+                open_webhook(&cluster.identity, &event.webhook)
+            };
             tell(&event, &webhook, client.as_ref()).await;
         }
     }
 }
 
+/// An alert's webhook: the URL in the tenant's named secret (empty when none, or when it
+/// cannot be opened, which is said).
+fn open_named(cluster: &Cluster, tenant: &str, name: &str) -> String {
+    if name.is_empty() {
+        return String::new();
+    }
+    let full = format!("{tenant}.{name}");
+    let sealed = cluster
+        .state_machine
+        .read(|a| a.state.access.secrets.get(&full).map(|s| s.value.clone()));
+    let opened = match (sealed, cluster.identity.keyring()) {
+        (Some(value), Some(ring)) => ring
+            .open(&crate::identity::secret_purpose(&full), &value)
+            .map_err(|e| e.to_string())
+            .and_then(|v| String::from_utf8(v).map_err(|e| e.to_string())),
+        (None, _) => Err(format!("there is no secret {full}")),
+        (_, None) => Err("this node has no sealing key".into()),
+    };
+    opened.unwrap_or_else(|e| {
+        tracing::warn!("an alert's webhook cannot be opened: {e}");
+        String::new()
+    })
+}
+
 /// The event as its webhook receives it.
 pub fn event_json(e: &RolloutEvent) -> serde_json::Value {
+    if e.kind == "alert" {
+        return serde_json::json!({
+            "kind": "alert",
+            "seq": e.seq,
+            "at_ms": e.at_ms,
+            "api": e.api,
+            "version": e.canary,
+            "metric": e.stable,
+            "action": e.action,
+            "summary": e.reason,
+        });
+    }
     serde_json::json!({
         "kind": "rollout",
         "seq": e.seq,
@@ -68,6 +108,26 @@ pub fn event_json(e: &RolloutEvent) -> serde_json::Value {
 }
 
 async fn tell(e: &RolloutEvent, webhook: &str, client: Option<&reqwest::Client>) {
+    if e.kind == "alert" {
+        tracing::warn!(api = %e.api, version = %e.canary, metric = %e.stable, action = %e.action, "anomaly alert: {}", e.reason);
+        metrics::counter!(
+            "tollgate_alerts_total",
+            "api" => e.api.clone(),
+            "version" => e.canary.clone(),
+            "metric" => e.stable.clone(),
+            "action" => e.action.clone()
+        )
+        .increment(1);
+        metrics::gauge!(
+            "tollgate_alert_firing",
+            "api" => e.api.clone(),
+            "version" => e.canary.clone(),
+            "metric" => e.stable.clone()
+        )
+        .set(if e.action == "raise" { 1.0 } else { 0.0 });
+        post(e, webhook, client).await;
+        return;
+    }
     tracing::warn!(
         api = %e.api,
         action = %e.action,
@@ -85,6 +145,10 @@ async fn tell(e: &RolloutEvent, webhook: &str, client: Option<&reqwest::Client>)
         "action" => e.action.clone()
     )
     .increment(1);
+    post(e, webhook, client).await;
+}
+
+async fn post(e: &RolloutEvent, webhook: &str, client: Option<&reqwest::Client>) {
     let (Some(client), false) = (client, webhook.is_empty()) else {
         return;
     };

@@ -68,6 +68,8 @@ pub struct ClusterState {
     /// Rollout transitions for the leader to tell (bounded), and the last seq.
     pub rollout_events: VecDeque<tollgate_proto::state::v1::RolloutEvent>,
     pub rollout_event_seq: u64,
+    /// Anomaly alerts by `api@version/metric`.
+    pub alerts: BTreeMap<String, tollgate_proto::state::v1::VersionAlert>,
     /// Prices and hard-capped budgets, published to the data plane.
     pub billing_view: Arc<crate::state::billing::BillingView>,
 }
@@ -132,6 +134,7 @@ impl ClusterState {
             Some(command::Kind::Billing(b)) => self.billing_command(log_index, cmd, b),
             Some(command::Kind::Identity(i)) => self.identity_command(log_index, cmd, i),
             Some(command::Kind::Rollout(r)) => self.rollout_command(log_index, cmd, r),
+            Some(command::Kind::Alert(a)) => self.alert_command(log_index, cmd, a),
             // A command from a newer node that this one does not know: nothing to do here,
             // and never fatal (docs/architecture.md, decision 2).
             None => Applied {
@@ -555,6 +558,9 @@ impl ClusterState {
                             webhook: ro.webhook.clone(),
                             canary: ro.canary.clone(),
                             stable: ro.stable.clone(),
+                            kind: "rollout".into(),
+                            webhook_secret: String::new(),
+                            tenant: ro.tenant.clone(),
                         });
                     while self.rollout_events.len() > ROLLOUT_EVENTS {
                         self.rollout_events.pop_front();
@@ -574,6 +580,94 @@ impl ClusterState {
                 applied
             }
         }
+    }
+
+    /// An anomaly alert raised or resolved: stored, audited and told by the leader. It
+    /// takes no generation (nothing the data plane serves changes). A raise within the
+    /// quiet period after the last one, or of an alert already firing, changes nothing.
+    fn alert_command(
+        &mut self,
+        log_index: u64,
+        cmd: &Command,
+        a: &tollgate_proto::state::v1::AlertCommand,
+    ) -> Applied {
+        use tollgate_proto::state::v1::alert_command::Op;
+        let unchanged = Applied {
+            generation: self.generation,
+            log_index,
+            ..Applied::default()
+        };
+        let tenant = match self.apis.get(&a.api) {
+            Some(api) => api.tenant.clone(),
+            None => return unchanged,
+        };
+        let key = format!("{}@{}/{}", a.api, a.version, a.metric);
+        let alert = self.alerts.entry(key.clone()).or_insert_with(|| {
+            tollgate_proto::state::v1::VersionAlert {
+                api: a.api.clone(),
+                version: a.version.clone(),
+                metric: a.metric.clone(),
+                tenant: tenant.clone(),
+                ..Default::default()
+            }
+        });
+        let (action, summary, webhook_secret) = match &a.op {
+            Some(Op::Raise(r)) => {
+                if alert.firing
+                    || (alert.raised_ms != 0 && cmd.at_ms < alert.raised_ms + r.quiet_ms)
+                {
+                    return unchanged;
+                }
+                alert.firing = true;
+                alert.raised_ms = cmd.at_ms;
+                alert.count += 1;
+                alert.raise = Some(r.clone());
+                ("raise", r.summary.clone(), r.webhook_secret.clone())
+            }
+            Some(Op::Resolve(r)) => {
+                if !alert.firing {
+                    return unchanged;
+                }
+                alert.firing = false;
+                alert.resolved_ms = cmd.at_ms;
+                alert.resolve_summary = r.summary.clone();
+                let secret = alert
+                    .raise
+                    .as_ref()
+                    .map(|r| r.webhook_secret.clone())
+                    .unwrap_or_default();
+                ("resolve", r.summary.clone(), secret)
+            }
+            None => return unchanged,
+        };
+        self.rollout_event_seq += 1;
+        self.rollout_events
+            .push_back(tollgate_proto::state::v1::RolloutEvent {
+                seq: self.rollout_event_seq,
+                at_ms: cmd.at_ms,
+                api: a.api.clone(),
+                action: action.into(),
+                reason: summary,
+                canary: a.version.clone(),
+                kind: "alert".into(),
+                webhook_secret,
+                tenant: tenant.clone(),
+                stable: a.metric.clone(),
+                ..Default::default()
+            });
+        while self.rollout_events.len() > ROLLOUT_EVENTS {
+            self.rollout_events.pop_front();
+        }
+        let after = format!("{{\"firing\":{}}}", action == "raise");
+        self.audit(
+            cmd,
+            &format!("alert.{action}"),
+            key,
+            tenant,
+            String::new(),
+            after,
+        );
+        unchanged
     }
 
     /// Takes the next generation and records the change in the bounded history.
@@ -678,6 +772,7 @@ impl ClusterState {
             rollout_history: self.rollout_history.iter().cloned().collect(),
             rollout_events: self.rollout_events.iter().cloned().collect(),
             rollout_event_seq: self.rollout_event_seq,
+            alerts: self.alerts.values().cloned().collect(),
             ..StateSnapshot::default()
         };
         self.access.to_proto(&mut out);
@@ -713,6 +808,11 @@ impl ClusterState {
             rollout_history: p.rollout_history.into(),
             rollout_events: p.rollout_events.into(),
             rollout_event_seq: p.rollout_event_seq,
+            alerts: p
+                .alerts
+                .iter()
+                .map(|a| (format!("{}@{}/{}", a.api, a.version, a.metric), a.clone()))
+                .collect(),
             generation: p.generation,
             spec_yaml: Arc::from(p.spec_yaml),
             objects: p.objects.into_iter().collect(),

@@ -117,6 +117,8 @@ pub struct MountedVersion {
     pub available: bool,
     /// What the call log keeps of its calls beyond the record (`call_log:`).
     pub capture: Option<Arc<crate::calls::capture::Capture>>,
+    /// Anomaly alert rules (`alerts:`).
+    pub alerts: Option<Arc<crate::rollout::anomaly::AlertSpec>>,
 }
 
 impl Mount {
@@ -689,6 +691,11 @@ impl Routing {
                     .as_ref()
                     .and_then(|s| s.call_log.as_ref())
                     .and_then(|c| c.compile())
+                    .map(Arc::new),
+                alerts: vs
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.alerts.clone())
                     .map(Arc::new),
             });
         }

@@ -42,6 +42,8 @@ pub struct Spec {
     /// What the call log keeps of the version's calls beyond the record (a version's
     /// content only): docs/calls.md.
     pub call_log: Option<crate::calls::capture::CallLogSpec>,
+    /// Anomaly alerts on the version's own history (a version's content only).
+    pub alerts: Option<crate::rollout::anomaly::AlertSpec>,
 }
 
 // === quotas ===
@@ -968,6 +970,22 @@ impl Spec {
                         ),
                     }
                 }
+                Some("alerts") => {
+                    match serde_path_to_error::deserialize::<_, crate::rollout::anomaly::AlertSpec>(
+                        value,
+                    ) {
+                        Ok(a) => {
+                            for (path, msg) in a.check() {
+                                errors.push(format!("alerts.{path}"), msg);
+                            }
+                            spec.alerts = Some(a);
+                        }
+                        Err(e) => errors.push(
+                            format!("alerts.{}", e.path()).trim_end_matches(".."),
+                            e.into_inner().to_string(),
+                        ),
+                    }
+                }
                 Some("tenant_upstreams") => match serde_path_to_error::deserialize(value) {
                     Ok(t) => spec.tenant_upstreams = t,
                     Err(e) => {
@@ -984,7 +1002,7 @@ impl Spec {
                     "spec",
                     format!(
                         "unknown field {}, expected `upstreams`, `routes`, `quotas`, \
-                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts`, `response_cache`, `prompt_guard` or `call_log` (a file for `tollgate apply` may also have \
+                         `certificates`, `hosts`, `tenant_upstreams`, `providers`, `models`, `prompts`, `response_cache`, `prompt_guard`, `call_log` or `alerts` (a file for `tollgate apply` may also have \
                          `tenants` and `apis`)",
                         key_text(&key)
                     ),

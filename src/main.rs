@@ -15,6 +15,7 @@ mod dev;
 mod echo;
 mod llm_demo;
 mod logs;
+mod report;
 mod rollout;
 mod secret;
 
@@ -92,6 +93,9 @@ enum Command {
     /// Canary rollouts judged by the cluster: start, status (--watch), pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// The hypercare report: rollouts and their verdicts, per-version figures, top errors,
+    /// slowest routes, cost per tenant and model, alerts; Markdown or HTML.
+    Report(report::ReportArgs),
     /// Plans and their prices: put, list, assign a tenant.
     #[command(subcommand)]
     Plan(billing::PlanCommand),
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => run_client(logs::logs(args)),
         Command::Analyze(args) => run_client(analyze::analyze(args)),
         Command::Rollout(cmd) => run_client(rollout::rollout(cmd)),
+        Command::Report(args) => run_client(report::report(args)),
         Command::Plan(cmd) => run_client(billing::plan(cmd)),
         Command::Budget(cmd) => run_client(billing::budget(cmd)),
         Command::Api(cmd) => run_client(api::api(cmd)),

@@ -222,6 +222,73 @@ async fn analyze_compares_a_version_with_the_one_before_from_the_rollups() {
         .unwrap();
     assert_eq!(g["figures"]["errors"], 10);
     assert_eq!(g["baseline_of"], "1.0.0");
+
+    // The hypercare report: every section, with the rollups' figures.
+    let report = |format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["report", "--since", &since, "--format", format])
+            .args([
+                "--cp",
+                &cpp.addr.to_string(),
+                "--token",
+                gw.operator_token(),
+            ])
+            .env("TOLLGATE_CA", gw.ca_file())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let md = report("md");
+    for section in [
+        "# Hypercare report",
+        "## Summary",
+        "## Releases and rollouts",
+        "## Versions",
+        "## Top errors",
+        "## Slowest routes",
+        "## Cost",
+        "## Alerts",
+    ] {
+        assert!(md.contains(section), "{section} missing:\n{md}");
+    }
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| orders@2.0.0 | "))
+        .unwrap_or_else(|| panic!("no row for 2.0.0:\n{md}"));
+    let cells: Vec<&str> = row.split(" | ").collect();
+    assert_eq!(cells[1], f.requests.to_string(), "{row}");
+    assert!(row.contains("upstream_connect_failed 10"), "{row}");
+    let errors_row = md
+        .lines()
+        .find(|l| l.starts_with("| orders@2.0.0 | upstream_connect_failed | 10 |"))
+        .unwrap_or_else(|| panic!("no top-error row:\n{md}"));
+    assert!(
+        errors_row.matches(char::is_alphanumeric).count() > 40,
+        "sample calls: {errors_row}"
+    );
+    let acme_cost = md
+        .lines()
+        .find(|l| l.starts_with("| acme | "))
+        .unwrap_or_else(|| panic!("no cost row for acme:\n{md}"));
+    assert!(
+        acme_cost.contains(&line.total),
+        "{acme_cost} against {}",
+        line.total
+    );
+    let html = report("html");
+    assert!(
+        html.starts_with("<!doctype html>") && html.contains("<svg"),
+        "{html}"
+    );
+    assert!(
+        !html.contains("src=") && !html.contains("href="),
+        "no external assets"
+    );
 }
 
 /// A version at 0% errors that starts failing 30% of its calls is alerted on after the

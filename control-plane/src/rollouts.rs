@@ -84,6 +84,33 @@ impl Rollouts for Service {
         Ok(Response::new(self.rollout_reply(&t, &r.api, 0).await?))
     }
 
+    async fn list_rollouts(
+        &self,
+        req: Request<cp::GetRolloutRequest>,
+    ) -> Result<Response<cp::ListRolloutsReply>, Status> {
+        let t = token(&req);
+        let r = req.into_inner();
+        check_size("the API name", &r.api, 256)?;
+        let resp = self
+            .inner
+            .nodes
+            .call(|c| {
+                let mut c = c.with_authorization(t.clone());
+                let req = RolloutsRequest {
+                    api: r.api.clone(),
+                    local: false,
+                };
+                async move { c.rollouts(req).await }
+            })
+            .await?;
+        Ok(Response::new(cp::ListRolloutsReply {
+            rollouts: resp.rollouts,
+            history: resp.history,
+            alerts: resp.alerts,
+            now_ms: resp.now_ms,
+        }))
+    }
+
     async fn control_rollout(
         &self,
         req: Request<cp::ControlRolloutRequest>,

@@ -1550,6 +1550,17 @@ impl ControlPlaneClient {
         .await
     }
 
+    /// Every API's current or last rollout, the finished ones, and the anomaly alerts.
+    pub async fn list_rollouts(&self, api: &str) -> Result<cp::ListRolloutsReply, Error> {
+        let req = cp::GetRolloutRequest { api: api.into() };
+        self.call(req, |ch, r| async move {
+            cp::rollouts_client::RolloutsClient::new(ch)
+                .list_rollouts(r)
+                .await
+        })
+        .await
+    }
+
     /// pause, resume or abort the API's rollout.
     pub async fn control_rollout(
         &self,

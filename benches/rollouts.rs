@@ -140,10 +140,9 @@ fn flagger(
     weight: f64,
     canary_rate: f64,
     checks: u32,
-    interval_s: f64,
-    threshold: u32,
-    min_success: f64,
 ) -> Option<f64> {
+    // Flagger's documented example: a 1-minute interval, threshold 5, success rate >= 99%.
+    let (interval_s, threshold, min_success) = (60.0, 5, 0.99);
     let mut failed = 0;
     for i in 1..=checks {
         let total = poisson(rng, rps * interval_s);
@@ -202,7 +201,7 @@ fn main() {
         "\n## Flagger's default rule on the same traffic (1-minute interval, threshold 5, success rate >= 99%)\n"
     );
     let mut ftimes: Vec<f64> = (0..runs)
-        .filter_map(|_| flagger(&mut rng, 100.0, 0.1, 0.05, 30, 60.0, 5, 0.99))
+        .filter_map(|_| flagger(&mut rng, 100.0, 0.1, 0.05, 30))
         .collect();
     ftimes.sort_by(f64::total_cmp);
     println!(
@@ -221,7 +220,7 @@ fn main() {
     let healthy_runs = (runs / 5).max(50);
     for rps in [0.5, 2.0, 10.0, 50.0] {
         let fl = (0..healthy_runs)
-            .filter(|_| flagger(&mut rng, rps, 0.1, 0.01, 10, 60.0, 5, 0.99).is_some())
+            .filter(|_| flagger(&mut rng, rps, 0.1, 0.01, 10).is_some())
             .count();
         let judged = (0..healthy_runs)
             .filter(|_| {

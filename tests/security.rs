@@ -436,6 +436,7 @@ async fn usage_and_outcomes_are_taken_only_from_the_node_that_reports_them() {
             ..Default::default()
         }],
         circuits: vec![],
+        rollouts: vec![],
     };
     let mut anon =
         actor::actors_client::ActorsClient::new(channel(c.node(1).grpc, &ca, None).await);
@@ -836,6 +837,7 @@ async fn junk_quota_keys_from_a_member_are_refused_and_memory_stays_bounded() {
                 from: 2,
                 quotas,
                 circuits: vec![],
+                rollouts: vec![],
             })
             .await
             .unwrap()
@@ -857,6 +859,7 @@ async fn junk_quota_keys_from_a_member_are_refused_and_memory_stays_bounded() {
             from: 2,
             quotas: too_many,
             circuits: vec![],
+            rollouts: vec![],
         })
         .await
         .unwrap_err();

@@ -133,6 +133,8 @@ impl Node {
         shared.llm_capture = settings.llm_capture_content;
         shared.llm_cache = (settings.llm_cache_bytes > 0)
             .then(|| Arc::new(llm::cache::ResponseCache::new(settings.llm_cache_bytes)));
+        // The Raft store first: it says so when another process holds the data directory.
+        let db = raft::open_db(&settings.data_dir)?;
         if settings.call_log.enabled {
             std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
                 anyhow::anyhow!(
@@ -162,7 +164,6 @@ impl Node {
             ),
             None => None,
         };
-        let db = raft::open_db(&settings.data_dir)?;
 
         let sink = Sink::open(&settings.access_log)?;
         let listeners = proxy::server::bind_listeners(

@@ -128,17 +128,32 @@ async fn tell(e: &RolloutEvent, webhook: &str, client: Option<&reqwest::Client>)
         post(e, webhook, client).await;
         return;
     }
-    tracing::warn!(
-        api = %e.api,
-        action = %e.action,
-        canary = %e.canary,
-        weight = e.weight,
-        "rollout of {} to {}: {} ({})",
-        e.api,
-        e.canary,
-        e.action,
-        e.reason
-    );
+    // A rollback is worth a look; the other transitions are the rollout going as planned.
+    if e.action == "rollback" {
+        tracing::warn!(
+            api = %e.api,
+            action = %e.action,
+            canary = %e.canary,
+            weight = e.weight,
+            "rollout of {} to {}: {} ({})",
+            e.api,
+            e.canary,
+            e.action,
+            e.reason
+        );
+    } else {
+        tracing::info!(
+            api = %e.api,
+            action = %e.action,
+            canary = %e.canary,
+            weight = e.weight,
+            "rollout of {} to {}: {} ({})",
+            e.api,
+            e.canary,
+            e.action,
+            e.reason
+        );
+    }
     metrics::counter!(
         "tollgate_rollout_transitions_total",
         "api" => e.api.clone(),

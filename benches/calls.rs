@@ -62,12 +62,8 @@ fn record(i: u64, time_us: u64) -> CallRecord {
         upstream_us: Some(400),
         request_bytes: 120,
         response_bytes: 2048,
-        client: format!(
-            "10.0.{}.{}:{}",
-            (r >> 12) % 256,
-            (r >> 20) % 256,
-            30000 + (r >> 28) % 30000
-        ),
+        client_ip: vec![10, 0, ((r >> 12) % 256) as u8, ((r >> 20) % 256) as u8],
+        client_port: (30000 + (r >> 28) % 30000) as u32,
         upstream: format!("api-{api}@1.0.0/o"),
         attempts: 1,
         ..Default::default()

@@ -154,7 +154,7 @@ fn record_json(r: &tollgate_sdk::node::CallRecord) -> Value {
         "upstream_ms": r.upstream_us.map(ms),
         "request_bytes": r.request_bytes,
         "response_bytes": r.response_bytes,
-        "client": r.client,
+        "client": tollgate_node::calls::client_text(r),
         "upstream": r.upstream,
         "attempts": r.attempts,
         "model": r.model,

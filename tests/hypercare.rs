@@ -296,44 +296,10 @@ async fn analyze_compares_a_version_with_the_one_before_from_the_rollups() {
 /// sample calls and the logs command; and only once (the quiet period bounds flapping).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_that_starts_failing_raises_one_alert_with_its_calls() {
-    use std::sync::{Arc, Mutex};
     let ok = Upstream::start("ok").await;
     let flaky = Upstream::start("flaky").await;
     // The webhook: a server that keeps what it is sent.
-    let hooked: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook_addr = hook.local_addr().unwrap();
-    {
-        let hooked = hooked.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = hook.accept().await else {
-                    return;
-                };
-                let hooked = hooked.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let hooked = hooked.clone();
-                            async move {
-                                let body = http_body_util::BodyExt::collect(req.into_body())
-                                    .await
-                                    .unwrap()
-                                    .to_bytes();
-                                if let Ok(v) = serde_json::from_slice(&body) {
-                                    hooked.lock().unwrap().push(v);
-                                }
-                                Ok::<_, std::convert::Infallible>(http::Response::new(full("")))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-    }
+    let (hook_addr, hooked) = harness::webhook_sink().await;
     let gw = GatewayProcess::start_with(
         &harness::allowing_loopback("upstreams: {}\nroutes: {}\n"),
         &["--meter-interval", "100ms"],

@@ -176,6 +176,7 @@ async fn a_faulty_canary_is_rolled_back_on_every_node_with_its_evidence() {
     let cp = cpp.sdk(&cluster.token);
     let key = api(&cp, &up, "shop", 1, 5).await;
     let proxies: Vec<_> = (1..=3).map(|id| cluster.node(id).proxy).collect();
+    let (hook, hooked) = harness::webhook_sink().await;
     let load = traffic(proxies, "shop", &key, 100.0);
     // Warm: the stable's latency baseline.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -186,6 +187,7 @@ async fn a_faulty_canary_is_rolled_back_on_every_node_with_its_evidence() {
             state::StartRollout {
                 canary: "2.0.0".into(),
                 steps: steps(&[10, 50], 120_000, 100),
+                webhook: format!("http://{hook}/rollouts"),
                 ..Default::default()
             },
         )
@@ -243,6 +245,17 @@ async fn a_faulty_canary_is_rolled_back_on_every_node_with_its_evidence() {
         .unwrap();
     assert_eq!(logged.records.len(), 1);
     assert_eq!(logged.records[0].version, "2.0.0");
+    // Each transition POSTed to the webhook once, by the leader.
+    let h = &hooked;
+    eventually("the webhook told of both transitions", T, async || {
+        h.lock().unwrap().len() >= 2
+    })
+    .await;
+    let events = hooked.lock().unwrap().clone();
+    let actions: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["start", "rollback"], "{events:?}");
+    assert_eq!(events[1]["kind"], "rollout");
+    assert_eq!(events[1]["canary_weight"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

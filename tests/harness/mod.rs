@@ -856,3 +856,39 @@ pub async fn write_retrying(
         }
     }
 }
+
+/// A webhook receiver on loopback that keeps every JSON body POSTed to it.
+#[allow(dead_code)] // not every test binary that includes the harness uses it
+pub async fn webhook_sink() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    let kept: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let k = kept.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let k = k.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let k = k.clone();
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        if let Ok(v) = serde_json::from_slice(&body.unwrap_or_default()) {
+                            k.lock().unwrap().push(v);
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(full("")))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, kept)
+}

@@ -505,6 +505,29 @@ impl Filter {
     }
 }
 
+/// `id` as 32 lowercase hex digits (without the formatting machinery: once per request).
+pub fn hex_id(id: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(32);
+    for byte in id.to_be_bytes() {
+        out.push(DIGITS[(byte >> 4) as usize] as char);
+        out.push(DIGITS[(byte & 15) as usize] as char);
+    }
+    out
+}
+
+/// The client's address of a record, as text (empty when it has none).
+pub fn client_text(r: &CallRecord) -> String {
+    let ip = if let Ok(b) = <[u8; 4]>::try_from(r.client_ip.as_slice()) {
+        std::net::IpAddr::from(b)
+    } else if let Ok(b) = <[u8; 16]>::try_from(r.client_ip.as_slice()) {
+        std::net::IpAddr::from(b)
+    } else {
+        return String::new();
+    };
+    std::net::SocketAddr::new(ip, r.client_port as u16).to_string()
+}
+
 /// A new request id: 32 hex digits, random (never zero).
 pub fn new_request_id() -> u128 {
     loop {

@@ -246,3 +246,25 @@ fn followers_get_each_new_record_once_and_are_told_what_they_missed() {
     assert_eq!(late.records.len(), MAX_LIMIT as usize);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn ids_and_addresses_print_as_they_should() {
+    for id in [
+        1u128,
+        0xabc,
+        u128::MAX,
+        0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+    ] {
+        assert_eq!(hex_id(id), format!("{id:032x}"));
+    }
+    let mut r = CallRecord {
+        client_ip: vec![10, 0, 0, 7],
+        client_port: 4242,
+        ..Default::default()
+    };
+    assert_eq!(client_text(&r), "10.0.0.7:4242");
+    r.client_ip = std::net::Ipv6Addr::LOCALHOST.octets().to_vec();
+    assert_eq!(client_text(&r), "[::1]:4242");
+    r.client_ip.clear();
+    assert_eq!(client_text(&r), "");
+}

@@ -36,6 +36,8 @@ pub struct Sample<'a> {
     pub latency_us: u64,
     /// The gateway's error code, when it answered by itself.
     pub error: Option<&'static str>,
+    /// An LLM request's cost at its tenant's prices (nanos), when the tenant is on a plan.
+    pub cost_nanos: Option<u64>,
     /// An LLM request's model, provider, tokens and calls.
     pub llm: Option<&'a LlmSample>,
 }
@@ -311,6 +313,12 @@ impl Shard {
             }
             if l.cached {
                 c.cached_requests += 1;
+            }
+            *c.tokens_per_request
+                .entry(latency_bucket(u.input + u.output))
+                .or_default() += 1;
+            if let Some(cost) = s.cost_nanos {
+                *c.cost_per_request.entry(latency_bucket(cost)).or_default() += 1;
             }
             if u.input + u.output > 0 && !l.upstream_model.is_empty() {
                 *c.tokens.entry(l.upstream_model.to_string()).or_default() += u.input + u.output;

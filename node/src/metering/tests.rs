@@ -20,6 +20,7 @@ fn sample<'a>(
         upstream_us: if status == 429 { 0 } else { 500 },
         latency_us: 1_000,
         error: (status == 429).then_some("quota_exceeded"),
+        cost_nanos: None,
         llm: None,
     }
 }

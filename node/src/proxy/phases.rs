@@ -1175,7 +1175,7 @@ impl Tail {
             _ => None,
         };
         let request_id = calls.then(|| {
-            let id = format!("{:032x}", crate::calls::new_request_id());
+            let id = crate::calls::hex_id(crate::calls::new_request_id());
             HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
                 .expect("hex digits are a valid header value")
         });
@@ -1377,6 +1377,7 @@ impl Tail {
         route: Option<&crate::state::snapshot::Route>,
         elapsed: std::time::Duration,
         llm: Option<&crate::metering::LlmSample>,
+        cost_nanos: Option<u64>,
     ) {
         let minute = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1408,6 +1409,7 @@ impl Tail {
             error: self
                 .error
                 .or(self.upstream_failed.then_some("upstream_body_failed")),
+            cost_nanos,
             llm,
         };
         if let Ok(mut shard) = meter.lock() {
@@ -1472,7 +1474,14 @@ impl Drop for Tail {
             crate::llm::serve::record_metrics(s);
         }
         if let Some(meter) = &self.worker.meter {
-            self.meter(meter, route, elapsed, llm.as_ref());
+            let priced = record.as_ref().is_some_and(|r| r.borrow().cost().is_some());
+            self.meter(
+                meter,
+                route,
+                elapsed,
+                llm.as_ref(),
+                priced.then_some(cost_nanos.max(0) as u64),
+            );
         }
         // After the usage row: a budget's spend is never followed into a batch before
         // the row it is part of.
@@ -1586,7 +1595,7 @@ impl Tail {
             .as_ref()
             .map(|t| u128::from_be_bytes(t.trace_id.to_bytes()))
             .or(self.carried_trace)
-            .map_or_else(String::new, |t| format!("{t:032x}"));
+            .map_or_else(String::new, crate::calls::hex_id);
         let mut r = tollgate_proto::node::v1::CallRecord {
             time_us: crate::calls::now_us(),
             node_id,
@@ -1621,7 +1630,11 @@ impl Tail {
             upstream_us: self.attempts.upstream_time.map(|d| d.as_micros() as u64),
             request_bytes: self.request_stats.bytes.get(),
             response_bytes: self.response_bytes,
-            client: self.peer.to_string(),
+            client_ip: match self.peer.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+            },
+            client_port: u32::from(self.peer.port()),
             upstream: match (llm, route) {
                 (Some(l), _) => l.upstream.as_deref().unwrap_or("").to_string(),
                 (None, Some(r)) if r.llm.is_none() => r.cluster.name.to_string(),

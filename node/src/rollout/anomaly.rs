@@ -23,7 +23,8 @@ use crate::state::usage::{Histogram, add_counts, latency_bucket, percentile_us};
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertSpec {
-    /// errors and/or latency (default both).
+    /// errors, latency, and for LLM APIs tokens and cost per request (default errors and
+    /// latency).
     #[serde(default = "default_metrics")]
     pub metrics: Vec<String>,
     /// The significance level per hour and metric (default 0.001).
@@ -69,17 +70,17 @@ impl AlertSpec {
     pub fn check(&self) -> Vec<(String, String)> {
         let mut errors = Vec::new();
         for (i, m) in self.metrics.iter().enumerate() {
-            if !matches!(m.as_str(), "errors" | "latency") {
+            if !matches!(m.as_str(), "errors" | "latency" | "tokens" | "cost") {
                 errors.push((
                     format!("metrics[{i}]"),
-                    format!("{m:?} is not errors or latency"),
+                    format!("{m:?} is not errors, latency, tokens or cost"),
                 ));
             }
         }
         if self.metrics.is_empty() {
             errors.push((
                 "metrics".into(),
-                "name at least one of errors, latency".into(),
+                "name at least one of errors, latency, tokens, cost".into(),
             ));
         }
         if !(self.level > 0.0 && self.level <= 0.1) {
@@ -188,8 +189,15 @@ pub fn bad_counts(
             recent.class_5xx,
             history.class_5xx as f64 / history.requests as f64,
         )),
-        _ => {
-            let h: Histogram = history.latency.iter().map(|(&b, &n)| (b, n)).collect();
+        other => {
+            // "Bad": above the history's 95th percentile of duration, tokens or cost per
+            // request.
+            let (recent_h, history_h) = match other {
+                "tokens" => (&recent.tokens_per_request, &history.tokens_per_request),
+                "cost" => (&recent.cost_per_request, &history.cost_per_request),
+                _ => (&recent.latency, &history.latency),
+            };
+            let h: Histogram = history_h.iter().map(|(&b, &n)| (b, n)).collect();
             let total: u64 = h.values().sum();
             if total < MIN_HISTORY {
                 return None;
@@ -197,11 +205,11 @@ pub fn bad_counts(
             let threshold = latency_bucket(percentile_us(&h, 0.95)?);
             let above =
                 |c: &BTreeMap<u32, u64>| c.range(threshold + 1..).map(|(_, n)| n).sum::<u64>();
-            let recent_total: u64 = recent.latency.values().sum();
+            let recent_total: u64 = recent_h.values().sum();
             Some((
                 recent_total,
-                above(&recent.latency),
-                above(&history.latency) as f64 / total as f64,
+                above(recent_h),
+                above(history_h) as f64 / total as f64,
             ))
         }
     }
@@ -216,17 +224,22 @@ struct Seen {
 
 /// `a - b` for what the detectors read: requests, 5xx and the latency histogram.
 fn minus(a: &UsageCounts, b: &UsageCounts) -> UsageCounts {
-    let mut latency = a.latency.clone();
-    for (k, n) in &b.latency {
-        if let Some(v) = latency.get_mut(k) {
-            *v = v.saturating_sub(*n);
+    let sub = |a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>| {
+        let mut out = a.clone();
+        for (k, n) in b {
+            if let Some(v) = out.get_mut(k) {
+                *v = v.saturating_sub(*n);
+            }
         }
-    }
-    latency.retain(|_, n| *n > 0);
+        out.retain(|_, n| *n > 0);
+        out
+    };
     UsageCounts {
         requests: a.requests.saturating_sub(b.requests),
         class_5xx: a.class_5xx.saturating_sub(b.class_5xx),
-        latency,
+        latency: sub(&a.latency, &b.latency),
+        tokens_per_request: sub(&a.tokens_per_request, &b.tokens_per_request),
+        cost_per_request: sub(&a.cost_per_request, &b.cost_per_request),
         ..Default::default()
     }
 }
@@ -328,10 +341,11 @@ pub async fn run(
                         .or_insert_with(|| Detector::new(minute));
                     d.observe(n, k, tol, minute);
                     let firing = alerts.get(metric).copied().unwrap_or(false);
-                    let what = if metric == "errors" {
-                        "5xx"
-                    } else {
-                        "slower than the history's p95"
+                    let what = match metric.as_str() {
+                        "errors" => "5xx",
+                        "latency" => "slower than the history's p95",
+                        "tokens" => "with more tokens than the history's p95",
+                        _ => "costlier than the history's p95",
                     };
                     let summary = format!(
                         "{}@{} {metric}: {k} of the last {n} calls {what} ({:.2}%) against {:.2}% over the {} minutes before (tolerance {:.2}%)",
@@ -452,6 +466,36 @@ async fn sample_calls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tokens per request: "bad" is above the history's p95, so a version whose answers
+    /// grow counts most of its calls as bad against about 5% before.
+    #[test]
+    fn tokens_and_cost_are_judged_against_the_historys_p95() {
+        let hist = |pairs: &[(u64, u64)]| -> BTreeMap<u32, u64> {
+            pairs
+                .iter()
+                .map(|&(tokens, n)| (latency_bucket(tokens), n))
+                .collect()
+        };
+        let history = UsageCounts {
+            requests: 1000,
+            tokens_per_request: hist(&[(200, 950), (400, 50)]),
+            cost_per_request: hist(&[(2_000, 1000)]),
+            ..Default::default()
+        };
+        let recent = UsageCounts {
+            requests: 100,
+            tokens_per_request: hist(&[(200, 10), (2_000, 90)]),
+            cost_per_request: hist(&[(2_000, 100)]),
+            ..Default::default()
+        };
+        let (n, k, rate) = bad_counts("tokens", &recent, &history).unwrap();
+        assert_eq!((n, k), (100, 90));
+        assert!(rate <= 0.05, "{rate}");
+        let (n, k, _) = bad_counts("cost", &recent, &history).unwrap();
+        assert_eq!((n, k), (100, 0), "the same cost per request: nothing bad");
+        assert!(bad_counts("tokens", &recent, &UsageCounts::default()).is_none());
+    }
 
     /// A version at 1% errors is alerted on when it jumps to 10%, within a few minutes at
     /// 10 requests a second, and never in a day of its usual rate.

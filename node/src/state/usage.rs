@@ -80,11 +80,14 @@ pub fn add_counts(into: &mut UsageCounts, from: &UsageCounts) {
     for (code, n) in &from.errors {
         *into.errors.entry(code.clone()).or_default() += n;
     }
-    for (&bucket, &n) in &from.latency {
-        *into
-            .latency
-            .entry(bucket.min(LATENCY_BUCKETS - 1))
-            .or_default() += n;
+    for (into, from) in [
+        (&mut into.latency, &from.latency),
+        (&mut into.tokens_per_request, &from.tokens_per_request),
+        (&mut into.cost_per_request, &from.cost_per_request),
+    ] {
+        for (&bucket, &n) in from {
+            *into.entry(bucket.min(LATENCY_BUCKETS - 1)).or_default() += n;
+        }
     }
 }
 

@@ -272,7 +272,9 @@ async fn killing_the_judge_mid_rollout_loses_no_decision() {
     let cp = cpp.sdk(&cluster.token);
     let key = api(&cp, &up, "shop", 1, 5).await;
     let proxies: Vec<_> = (1..=3).map(|id| cluster.node(id).proxy).collect();
-    let load = traffic(proxies.clone(), "shop", &key, 100.0);
+    // A trickle until the judge is killed: counts for its checkpoints, far too few for a
+    // verdict, so the verdict is the next judge's.
+    let load = traffic(proxies.clone(), "shop", &key, 5.0);
     tokio::time::sleep(Duration::from_secs(3)).await;
     cp.start_rollout(
         "shop",
@@ -300,11 +302,9 @@ async fn killing_the_judge_mid_rollout_loses_no_decision() {
     cluster.kill9(judge);
     let alive: Vec<u64> = cluster.up_ids();
     let proxies: Vec<_> = alive.iter().map(|id| cluster.node(*id).proxy).collect();
-    let grpc_alive: Vec<_> = alive.iter().map(|id| cluster.node(*id).grpc).collect();
-    let cpp2 = CpProcess::start(&grpc_alive).await;
-    let cp2 = cpp2.sdk(&cluster.token);
+    // The control plane moves to the nodes left (the judge may have been the leader too).
     let load = traffic(proxies, "shop", &key, 100.0);
-    let r = until_phase(&cp2, "shop", "rolled_back", Duration::from_secs(120)).await;
+    let r = until_phase(&cp, "shop", "rolled_back", Duration::from_secs(120)).await;
     load.stop().await;
     // Start, then the rollback by another judge: nothing lost, nothing decided twice.
     let actions: Vec<&str> = r.decisions.iter().map(|d| d.action.as_str()).collect();

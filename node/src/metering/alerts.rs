@@ -22,9 +22,46 @@ pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
         .timeout(Duration::from_secs(5))
         .build()
         .ok();
-    // Alerts up to this seq have been told (by this node, or by a leader before it).
-    let mut told = cluster.state_machine.read(|a| a.state.billing.alert_seq);
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let c = cluster.clone();
+    leader_tells(
+        cluster,
+        stop,
+        Duration::from_millis(500),
+        |s| s.billing.alert_seq,
+        |s, told| {
+            s.billing
+                .alerts
+                .iter()
+                .filter(|x| x.seq > told)
+                .map(|x| (x.seq, x.at_ms, x.clone()))
+                .collect()
+        },
+        |alert: BudgetAlert| {
+            let webhook = open_webhook(&c.identity, &alert.webhook);
+            let client = client.clone();
+            async move { tell(&alert, &webhook, client.as_ref()).await }
+        },
+    )
+    .await
+}
+
+/// What the leader tells of the state's events (budget alerts, rollout transitions):
+/// every `every`, the events after the last one told, each once, by the leader only. A
+/// node that is not the leader keeps up with them, so when it becomes leader it tells
+/// only those of the last [`REPLAY`] (an event raised just before a leader change may then
+/// be told twice: at least once).
+pub async fn leader_tells<T, Fut>(
+    cluster: Arc<Cluster>,
+    stop: CancellationToken,
+    every: Duration,
+    last_seq: impl Fn(&crate::state::machine::ClusterState) -> u64,
+    pending: impl Fn(&crate::state::machine::ClusterState, u64) -> Vec<(u64, u64, T)>,
+    tell: impl Fn(T) -> Fut,
+) where
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut told = cluster.state_machine.read(|a| last_seq(&a.state));
+    let mut ticker = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -32,27 +69,18 @@ pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
         }
         let leader = cluster.raft.metrics().borrow().current_leader == Some(cluster.id);
         let now = crate::raft::service::now_ms();
-        let pending: Vec<BudgetAlert> = cluster.state_machine.read(|a| {
-            a.state
-                .billing
-                .alerts
-                .iter()
-                .filter(|x| x.seq > told)
-                .cloned()
-                .collect()
-        });
-        for alert in pending {
+        let events = cluster.state_machine.read(|a| pending(&a.state, told));
+        for (seq, at_ms, event) in events {
             if !leader {
                 // Another node tells it; stop looking at it once it is past the replay
                 // window a new leader would cover.
-                if now.saturating_sub(alert.at_ms) > REPLAY.as_millis() as u64 {
-                    told = alert.seq;
+                if now.saturating_sub(at_ms) > REPLAY.as_millis() as u64 {
+                    told = seq;
                 }
                 continue;
             }
-            told = alert.seq;
-            let webhook = open_webhook(&cluster.identity, &alert.webhook);
-            tell(&alert, &webhook, client.as_ref()).await;
+            told = seq;
+            tell(event).await;
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Rollout transitions told once by the leader: a log line, the
 //! `tollgate_rollout_transitions_total` counter and, when the rollout names one, a webhook
-//! POST of the event as JSON. Delivery is at least once, as for budget alerts: a new leader
-//! tells the events of the last [`REPLAY`] it has not told itself.
+//! POST of the event as JSON. Delivery is at least once, as for budget alerts
+//! ([`crate::metering::alerts::leader_tells`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,46 +12,35 @@ use tollgate_proto::state::v1::RolloutEvent;
 use crate::metering::alerts::{open_webhook, origin};
 use crate::raft::cluster::Cluster;
 
-pub const REPLAY: Duration = Duration::from_secs(30);
-
 pub async fn run(cluster: Arc<Cluster>, stop: CancellationToken) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .ok();
-    let mut told = cluster.state_machine.read(|a| a.state.rollout_event_seq);
-    let mut ticker = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let leader = cluster.raft.metrics().borrow().current_leader == Some(cluster.id);
-        let now = crate::raft::service::now_ms();
-        let pending: Vec<RolloutEvent> = cluster.state_machine.read(|a| {
-            a.state
-                .rollout_events
+    let c = cluster.clone();
+    crate::metering::alerts::leader_tells(
+        cluster,
+        stop,
+        Duration::from_millis(250),
+        |s| s.rollout_event_seq,
+        |s, told| {
+            s.rollout_events
                 .iter()
                 .filter(|e| e.seq > told)
-                .cloned()
+                .map(|e| (e.seq, e.at_ms, e.clone()))
                 .collect()
-        });
-        for event in pending {
-            if !leader {
-                if now.saturating_sub(event.at_ms) > REPLAY.as_millis() as u64 {
-                    told = event.seq;
-                }
-                continue;
-            }
-            told = event.seq;
+        },
+        |event: RolloutEvent| {
             let webhook = if event.kind == "alert" {
-                open_named(&cluster, &event.tenant, &event.webhook_secret)
+                open_named(&c, &event.tenant, &event.webhook_secret)
             } else {
-                open_webhook(&cluster.identity, &event.webhook)
+                open_webhook(&c.identity, &event.webhook)
             };
-            tell(&event, &webhook, client.as_ref()).await;
-        }
-    }
+            let client = client.clone();
+            async move { tell(&event, &webhook, client.as_ref()).await }
+        },
+    )
+    .await
 }
 
 /// An alert's webhook: the URL in the tenant's named secret (empty when none, or when it

@@ -35,15 +35,16 @@ impl Service {
         Ok(status.members.into_iter().map(|m| (m.id, m.addr)).collect())
     }
 
-    /// Sends `q` to every member at once; each answer or why there is none.
+    /// Sends every member its query (`query` of its id) at once; each answer or why
+    /// there is none.
     async fn ask_all(
         &self,
         members: &[(u64, String)],
         t: &Token,
-        q: &CallQuery,
+        query: impl Fn(u64) -> CallQuery,
     ) -> Vec<(u64, String, Result<CallQueryResponse, Status>)> {
         let asks = members.iter().map(|(id, addr)| {
-            let q = q.clone();
+            let q = query(*id);
             let client = self.inner.nodes.client(addr);
             async move {
                 let answer = match client {
@@ -144,7 +145,7 @@ impl Calls for Service {
         let mut q = req.into_inner();
         q.follow = false;
         let members = self.members().await?;
-        let answers = self.ask_all(&members, &t, &q).await;
+        let answers = self.ask_all(&members, &t, |_| q.clone()).await;
         Ok(Response::new(merge(&q, answers)?))
     }
 
@@ -160,7 +161,7 @@ impl Calls for Service {
         q.after = 0;
         let mut members = self.members().await?;
         // Each node's cursor: where it is now. A bad filter or token is refused here.
-        let first = self.ask_all(&members, &t, &q).await;
+        let first = self.ask_all(&members, &t, |_| q.clone()).await;
         let mut cursors: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         let mut first_reply = Vec::new();
         for (id, addr, answer) in first {
@@ -198,21 +199,14 @@ impl Calls for Service {
                     nodes: members.len() as u32,
                     ..Default::default()
                 };
-                let asks = members.iter().map(|(id, addr)| {
-                    let mut q = q.clone();
-                    // A node seen for the first time: from its current end.
-                    q.after = cursors.get(id).copied().unwrap_or(0);
-                    (*id, addr.clone(), q)
-                });
-                let asks: Vec<_> = asks.collect();
-                let answers = join_all(asks.iter().map(|(id, addr, q)| {
-                    let s = service.clone();
-                    let member = [(*id, addr.clone())];
-                    let (t, q) = (t.clone(), q.clone());
-                    async move { s.ask_all(&member, &t, &q).await }
-                }))
-                .await;
-                for (id, addr, answer) in answers.into_iter().flatten() {
+                // A node seen for the first time: from its current end.
+                let answers = service
+                    .ask_all(&members, &t, |id| CallQuery {
+                        after: cursors.get(&id).copied().unwrap_or(0),
+                        ..q.clone()
+                    })
+                    .await;
+                for (id, addr, answer) in answers {
                     match answer {
                         Ok(r) => {
                             cursors.insert(id, r.cursor);

@@ -528,6 +528,47 @@ pub fn client_text(r: &CallRecord) -> String {
     std::net::SocketAddr::new(ip, r.client_port as u16).to_string()
 }
 
+/// Up to ten calls of `api@version` since `since_us` that show a metric going wrong (its
+/// 5xx for `errors`, else its slowest), as evidence for a rollout verdict or an alert.
+/// Empty when the call log is off or cannot be read.
+pub async fn sample(
+    log: Option<Arc<CallLog>>,
+    api: &str,
+    version: &str,
+    since_us: u64,
+    metric: &str,
+) -> Vec<tollgate_proto::state::v1::FailingCall> {
+    let Some(log) = log else {
+        return Vec::new();
+    };
+    let errors = metric == "errors";
+    let q = CallQuery {
+        api: api.to_string(),
+        version: version.to_string(),
+        since_us,
+        status: if errors { "5xx".into() } else { String::new() },
+        slowest: if errors { 0 } else { 10 },
+        limit: 10,
+        ..Default::default()
+    };
+    match tokio::task::spawn_blocking(move || log.query(&q)).await {
+        Ok(Ok(found)) => found
+            .records
+            .into_iter()
+            .map(|r| tollgate_proto::state::v1::FailingCall {
+                request_id: r.request_id,
+                trace_id: r.trace_id,
+                status: r.status,
+                error: r.error,
+                node_id: r.node_id,
+                time_us: r.time_us,
+                duration_us: r.duration_us,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// A new request id: 32 hex digits, random (never zero).
 pub fn new_request_id() -> u128 {
     loop {

@@ -252,37 +252,19 @@ impl Store {
         self.db.disk_space().unwrap_or(0)
     }
 
-    /// The chunks that may hold records in [since, until), oldest first: the one that
-    /// starts at or before `since`, then those that start inside.
+    /// The chunks that may hold records in [since, until): the one that starts at or
+    /// before `since`, then those that start inside (oldest first; `.rev()` for newest).
     fn chunks(
         &self,
         since: u64,
         until: u64,
-    ) -> impl Iterator<Item = anyhow::Result<Vec<CallRecord>>> + '_ {
-        let before = self.records.range(..=since.to_be_bytes()).next_back();
-        let start = match before {
+    ) -> impl DoubleEndedIterator<Item = anyhow::Result<Vec<CallRecord>>> + '_ {
+        let start = match self.records.range(..=since.to_be_bytes()).next_back() {
             Some(kv) => kv.key().ok().and_then(|k| be_u64(&k)).unwrap_or(since),
             None => since,
         };
         self.records
             .range(start.to_be_bytes()..until.to_be_bytes())
-            .map(|kv| decode_chunk(&kv.value()?))
-    }
-
-    /// The same, newest first.
-    fn chunks_rev(
-        &self,
-        since: u64,
-        until: u64,
-    ) -> impl Iterator<Item = anyhow::Result<Vec<CallRecord>>> + '_ {
-        let before = self.records.range(..=since.to_be_bytes()).next_back();
-        let start = match before {
-            Some(kv) => kv.key().ok().and_then(|k| be_u64(&k)).unwrap_or(since),
-            None => since,
-        };
-        self.records
-            .range(start.to_be_bytes()..until.to_be_bytes())
-            .rev()
             .map(|kv| decode_chunk(&kv.value()?))
     }
 
@@ -448,7 +430,7 @@ impl Store {
         let limit = f.limit();
         let mut slowest: BinaryHeap<std::cmp::Reverse<(u64, u64)>> = BinaryHeap::new();
         let mut kept: BTreeMap<u64, CallRecord> = BTreeMap::new();
-        'chunks: for chunk in self.chunks_rev(since, until) {
+        'chunks: for chunk in self.chunks(since, until).rev() {
             for r in chunk?.into_iter().rev() {
                 if !(since..until).contains(&r.time_us) {
                     continue;

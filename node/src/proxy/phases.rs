@@ -1256,14 +1256,18 @@ impl Tail {
         self.upstream_failed = true;
     }
 
-    /// The SERVER span's attributes: the HTTP semantic conventions and `tollgate.*`.
-    fn server_span_attributes(&self, attrs: &mut Vec<KeyValue>, route: Option<&Route>) {
-        let host = self
-            .host
+    /// The request's host: its `Host` header, else the authority of its URI.
+    fn host_text(&self) -> &str {
+        self.host
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .or_else(|| self.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+            .unwrap_or("")
+    }
+
+    /// The SERVER span's attributes: the HTTP semantic conventions and `tollgate.*`.
+    fn server_span_attributes(&self, attrs: &mut Vec<KeyValue>, route: Option<&Route>) {
+        let host = self.host_text();
         let host = host.rsplit_once(':').map_or(host, |(h, p)| {
             if p.bytes().all(|b| b.is_ascii_digit()) {
                 h
@@ -1517,12 +1521,7 @@ impl Drop for Tail {
         if !log.enabled() {
             return;
         }
-        let host = self
-            .host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| self.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        let host = self.host_text();
         log.write(&Entry {
             time: SystemTime::now(),
             client: self.peer,
@@ -1584,12 +1583,7 @@ impl Tail {
             }
             None => ("", None, None, None),
         };
-        let host = self
-            .host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| self.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        let host = self.host_text();
         let trace_id = self
             .trace
             .as_ref()

@@ -17,6 +17,7 @@ use tollgate_proto::state::v1::{
     AlertCommand, AlertRaise, AlertResolve, UsageCounts, alert_command,
 };
 
+use super::sprt::log_mean_exp;
 use crate::state::usage::{Histogram, add_counts, latency_bucket, percentile_us};
 
 /// `alerts:` in an API version's content.
@@ -110,14 +111,6 @@ const ALTERNATIVES: [f64; 5] = [1.5, 2.0, 3.0, 5.0, 10.0];
 const EPOCH_MINUTES: u64 = 60;
 /// History requests a metric needs before it is judged.
 const MIN_HISTORY: u64 = 100;
-
-fn log_mean_exp(xs: &[f64]) -> f64 {
-    let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    m + (xs.iter().map(|x| (x - m).exp()).sum::<f64>() / xs.len() as f64).ln()
-}
 
 /// One version's test of one metric.
 #[derive(Debug, Clone)]
@@ -359,8 +352,14 @@ pub async fn run(
                     let op = if !firing && d.raised() >= threshold {
                         let statistic = d.raised();
                         *d = Detector::new(minute);
-                        let calls =
-                            sample_calls(&shared, &mount.api, &v.name, metric, minute).await;
+                        let calls = crate::calls::sample(
+                            shared.calls.clone(),
+                            &mount.api,
+                            &v.name,
+                            minute.saturating_sub(1) * 60_000_000,
+                            metric,
+                        )
+                        .await;
                         Some(alert_command::Op::Raise(AlertRaise {
                             minute,
                             summary,
@@ -418,48 +417,6 @@ pub async fn run(
                 }
             }
         }
-    }
-}
-
-/// Calls of the version in `minute` that show the anomaly, from this node's call log.
-async fn sample_calls(
-    shared: &crate::proxy::Shared,
-    api: &str,
-    version: &str,
-    metric: &str,
-    minute: u64,
-) -> Vec<tollgate_proto::state::v1::FailingCall> {
-    let Some(calls) = shared.calls.clone() else {
-        return Vec::new();
-    };
-    let q = tollgate_proto::node::v1::CallQuery {
-        api: api.to_string(),
-        version: version.to_string(),
-        since_us: minute.saturating_sub(1) * 60_000_000,
-        status: if metric == "errors" {
-            "5xx".into()
-        } else {
-            String::new()
-        },
-        slowest: if metric == "errors" { 0 } else { 10 },
-        limit: 10,
-        ..Default::default()
-    };
-    match tokio::task::spawn_blocking(move || calls.query(&q)).await {
-        Ok(Ok(found)) => found
-            .records
-            .into_iter()
-            .map(|r| tollgate_proto::state::v1::FailingCall {
-                request_id: r.request_id,
-                trace_id: r.trace_id,
-                status: r.status,
-                error: r.error,
-                node_id: r.node_id,
-                time_us: r.time_us,
-                duration_us: r.duration_us,
-            })
-            .collect(),
-        _ => Vec::new(),
     }
 }
 

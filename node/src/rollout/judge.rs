@@ -199,11 +199,10 @@ impl Book {
                     // "Bad": above the stable's 95th percentile as it stood before these
                     // counts (so the threshold does not depend on them).
                     let known: u64 = m.stable.values().sum();
-                    let counts = match percentile_us(&m.stable, 0.95) {
-                        Some(_) if known >= MIN_BASELINE => {
-                            let threshold = crate::state::usage::latency_bucket(
-                                percentile_us(&m.stable, 0.95).unwrap_or(0),
-                            );
+                    let p95 = percentile_us(&m.stable, 0.95).filter(|_| known >= MIN_BASELINE);
+                    let counts = match p95 {
+                        Some(p95) => {
+                            let threshold = crate::state::usage::latency_bucket(p95);
                             Some(Counts {
                                 canary_requests: ch.values().sum(),
                                 canary_bad: bad_above(ch, threshold),
@@ -562,36 +561,10 @@ impl Judges {
         );
         tokio::spawn(async move {
             let mut op = op;
-            if let (Some((Some(calls), worst)), Op::Verdict(v)) = (failing, &mut op) {
-                let q = tollgate_proto::node::v1::CallQuery {
-                    api: api.clone(),
-                    version: canary,
-                    since_us,
-                    status: if worst == "errors" {
-                        "5xx".into()
-                    } else {
-                        String::new()
-                    },
-                    slowest: if worst == "errors" { 0 } else { 10 },
-                    limit: 10,
-                    ..Default::default()
-                };
-                let found = tokio::task::spawn_blocking(move || calls.query(&q)).await;
-                if let (Ok(Ok(found)), Some(e)) = (found, v.evidence.as_mut()) {
-                    e.failing = found
-                        .records
-                        .into_iter()
-                        .map(|r| tollgate_proto::state::v1::FailingCall {
-                            request_id: r.request_id,
-                            trace_id: r.trace_id,
-                            status: r.status,
-                            error: r.error,
-                            node_id: r.node_id,
-                            time_us: r.time_us,
-                            duration_us: r.duration_us,
-                        })
-                        .collect();
-                }
+            if let (Some((calls, worst)), Op::Verdict(v)) = (failing, &mut op)
+                && let Some(e) = v.evidence.as_mut()
+            {
+                e.failing = crate::calls::sample(calls, &api, &canary, since_us, &worst).await;
             }
             let verdict = matches!(op, Op::Verdict(_));
             let cmd = tollgate_proto::state::v1::Command {

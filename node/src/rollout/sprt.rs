@@ -29,7 +29,7 @@ pub const WORSE_GRID: [f64; 6] = [1.5, 2.0, 3.0, 5.0, 10.0, 20.0];
 pub const WITHIN_GRID: [f64; 4] = [0.0, 0.25, 0.5, 0.75];
 
 /// ln of the mean of exp(x) over `xs`, without overflow.
-fn log_mean_exp(xs: &[f64]) -> f64 {
+pub(crate) fn log_mean_exp(xs: &[f64]) -> f64 {
     let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if m == f64::NEG_INFINITY {
         return m;

@@ -30,6 +30,10 @@ const NANOS_PER_TOKEN: u64 = 10_000;
 /// The bound the gateway states per stream in flight (tollgate_budget_overshoot_bound_nanos):
 /// one step ahead and one provider event, 64 tokens each.
 const BOUND_TOKENS_PER_STREAM: u64 = 128;
+/// The prompt's tokens ("go on", as the demo provider counts them).
+const INPUT_TOKENS: u64 = 2;
+/// What a stream without max_tokens reserves ahead of its output (limits::STREAM_STEP).
+const STREAM_STEP: u64 = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_streams_on_three_nodes_never_spend_past_the_budget_and_its_bound() {
@@ -207,8 +211,13 @@ async fn fifty_streams_on_three_nodes_never_spend_past_the_budget_and_its_bound(
                 .await;
             proxies[id as usize - 1] = cluster.node(id).proxy;
         } else {
+            // Refused early by at most what the leases can strand: near the end of a
+            // budget each of the 3 nodes may hold a piece smaller than one request's
+            // reservation (its prompt and max_tokens, or a stream's first step), which no
+            // request there can use until it goes back to the owner.
+            let reservation = INPUT_TOKENS + if capped { WORDS } else { STREAM_STEP };
             assert!(
-                tokens >= BUDGET_TOKENS * 9 / 10,
+                tokens + 3 * reservation >= BUDGET_TOKENS,
                 "the budget was spent, not refused early: {}",
                 report.join("\n")
             );

@@ -17,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{arg, median, pct};
-use tollgate_node::calls::{CallLog, CallLogSettings, now_us};
+use tollgate_node::calls::{Batch, CallLog, CallLogSettings, now_us};
 use tollgate_proto::node::v1::{CallQuery, CallRecord};
 
 fn record(i: u64, time_us: u64) -> CallRecord {
@@ -93,7 +93,7 @@ fn main() {
     let mut request_ids = Vec::new();
     let mut trace_ids = Vec::new();
     let t = Instant::now();
-    let mut batch = Vec::with_capacity(128);
+    let mut batch = Batch::with_capacity(128);
     for i in 0..n {
         let r = record(i, start + i * span / n);
         if i % (n / 1000).max(1) == 0 {
@@ -102,9 +102,9 @@ fn main() {
                 trace_ids.push(r.trace_id.clone());
             }
         }
-        batch.push(r);
+        batch.push_record(&r);
         if batch.len() == 128 {
-            log.hand_over(std::mem::replace(&mut batch, Vec::with_capacity(128)));
+            log.hand_over(std::mem::replace(&mut batch, Batch::with_capacity(128)));
             // Keep the queue short: this measures what the writer sustains, not drops.
             if i % (128 * 64) == 127 {
                 log.wait_written(Duration::from_secs(60));

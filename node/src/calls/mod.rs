@@ -1,14 +1,15 @@
 //! The call log: every request a node serves, failed ones too, recorded on that node and
 //! searchable (docs/calls.md).
 //!
-//! The request path never waits on it. Each data-plane thread collects its records and
-//! hands them over in batches through a bounded channel (`try_send`: when the writer is
-//! behind, the batch is dropped and counted); one writer thread stamps each record with a
-//! strictly increasing time, stores them in chunks ([`store`]), keeps the minute's slowest
-//! and the ids of the current block, and holds the newest records in memory for
-//! `tollgate logs --follow`.
+//! The request path never waits on it. Each data-plane thread encodes its calls into one
+//! buffer ([`encode`]) and hands them over in batches through a bounded channel
+//! (`try_send`: when the writer is behind, the batch is dropped and counted); one writer
+//! thread stamps each record with a strictly increasing time, stores them in chunks
+//! ([`store`]), keeps the minute's slowest and the ids of the current block, and holds the
+//! newest chunks in memory for `tollgate logs --follow`.
 
 pub mod capture;
+pub mod encode;
 pub mod store;
 
 use std::collections::VecDeque;
@@ -18,12 +19,17 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use prost::Message;
+
 use tollgate_proto::node::v1::{CallQuery, CallQueryResponse, CallRecord};
 
+pub use encode::{Batch, Call};
 use store::{IdBlock, SlowMinute, Store};
 
-/// Records a data-plane thread collects before it hands them over.
+/// Records a data-plane thread collects before it hands them over ...
 const HAND_OVER_AT: usize = 128;
+/// ... or bytes, whichever comes first (captured bodies make large records).
+const HAND_OVER_BYTES: usize = 256 << 10;
 /// Batches waiting for the writer; past this, batches are dropped (and counted).
 const QUEUE: usize = 512;
 /// Newest records kept in memory for followers.
@@ -61,15 +67,26 @@ pub fn now_us() -> u64 {
 struct Live {
     slow: SlowMinute,
     block: IdBlock,
-    /// The newest records, each with its cursor (1, 2, ... since the node started).
-    recent: VecDeque<(u64, Arc<CallRecord>)>,
+    /// The newest chunks of records, numbered 1, 2, ... since the node started.
+    recent: VecDeque<Arc<LiveChunk>>,
+    /// Records in `recent`.
+    recent_len: usize,
     written: u64,
+}
+
+/// A stored chunk kept for followers: its records' bytes as stored, and the number of
+/// its first record.
+struct LiveChunk {
+    first: u64,
+    bytes: Vec<u8>,
+    /// Where each record ends.
+    ends: Vec<u32>,
 }
 
 /// A node's call log.
 pub struct CallLog {
     pub node_id: u64,
-    tx: SyncSender<Vec<CallRecord>>,
+    tx: SyncSender<Batch>,
     store: Arc<Store>,
     live: Arc<Mutex<Live>>,
     dropped: AtomicU64,
@@ -102,7 +119,7 @@ impl CallLog {
     }
 
     /// Hands a thread's records to the writer, or drops and counts them when it is behind.
-    pub fn hand_over(&self, batch: Vec<CallRecord>) {
+    pub fn hand_over(&self, batch: Batch) {
         let n = batch.len() as u64;
         self.pending.fetch_add(n, Ordering::Relaxed);
         match self.tx.try_send(batch) {
@@ -160,22 +177,34 @@ impl CallLog {
         };
         if q.follow {
             // Records are numbered 1, 2, ... as written; the cursor is the next number.
-            let live = self.live.lock().expect("call log lock");
-            let next = live.written + 1;
+            let (next, chunks) = {
+                let live = self.live.lock().expect("call log lock");
+                (live.written + 1, live.recent.clone())
+            };
             resp.cursor = next;
             if q.after == 0 || q.after >= next {
                 return Ok(resp);
             }
-            let oldest = live.recent.front().map_or(next, |r| r.0);
+            let oldest = chunks.front().map_or(next, |c| c.first);
             resp.missed = oldest.saturating_sub(q.after);
-            let skip = q.after.saturating_sub(oldest) as usize;
-            for (number, r) in live.recent.iter().skip(skip) {
-                resp.examined += 1;
-                if f.matches(r) {
-                    resp.records.push((**r).clone());
-                    if resp.records.len() >= f.limit() {
-                        resp.cursor = number + 1;
-                        break;
+            'chunks: for c in &chunks {
+                let mut start = 0;
+                for (number, &end) in (c.first..).zip(&c.ends) {
+                    let bytes = &c.bytes[start..end as usize];
+                    start = end as usize;
+                    if number < q.after {
+                        continue;
+                    }
+                    resp.examined += 1;
+                    let r = CallRecord::decode_length_delimited(bytes).map_err(|e| {
+                        tonic::Status::internal(format!("a call log record is unreadable: {e}"))
+                    })?;
+                    if f.matches(&r) {
+                        resp.records.push(r);
+                        if resp.records.len() >= f.limit() {
+                            resp.cursor = number + 1;
+                            break 'chunks;
+                        }
                     }
                 }
             }
@@ -209,14 +238,28 @@ impl CallLog {
     }
 }
 
+/// The chunk the writer is filling: records as stored, and what it needs of each.
+#[derive(Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+    calls: Vec<encode::Meta>,
+}
+
+impl Chunk {
+    fn full(&self) -> bool {
+        self.calls.len() >= store::CHUNK || self.bytes.len() >= store::CHUNK_BYTES
+    }
+}
+
 fn write_loop(
-    rx: Receiver<Vec<CallRecord>>,
+    rx: Receiver<Batch>,
     store: &Store,
     live: &Mutex<Live>,
     pending: &AtomicU64,
     mut last: u64,
 ) {
-    let mut chunk: Vec<CallRecord> = Vec::with_capacity(store::CHUNK);
+    let mut chunk = Chunk::default();
     let mut gauge_at = Instant::now();
     loop {
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -230,12 +273,15 @@ fn write_loop(
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
             consumed += batch.len() as u64;
-            for mut r in batch {
+            for (meta, body) in batch.records() {
                 // Strictly increasing times: the store's keys, and the order followers see.
-                last = r.time_us.max(last + 1);
-                r.time_us = last;
-                chunk.push(r);
-                if chunk.len() >= store::CHUNK {
+                last = meta.time_us.max(last + 1);
+                encode::append_stored(&mut chunk.bytes, last, body);
+                chunk.ends.push(chunk.bytes.len() as u32);
+                let mut meta = *meta;
+                meta.time_us = last;
+                chunk.calls.push(meta);
+                if chunk.full() {
                     n += store_chunk(store, live, &mut chunk);
                 }
             }
@@ -277,39 +323,47 @@ fn finish_minute(store: &Store, l: &mut Live, minute: u64) {
 }
 
 /// Stores a chunk and records it for queries and followers; returns how many it held.
-fn store_chunk(store: &Store, live: &Mutex<Live>, chunk: &mut Vec<CallRecord>) -> u64 {
-    if chunk.is_empty() {
+fn store_chunk(store: &Store, live: &Mutex<Live>, chunk: &mut Chunk) -> u64 {
+    let Some(first) = chunk.calls.first() else {
         return 0;
-    }
-    let n = chunk.len() as u64;
-    if let Err(e) = store.write_chunk(chunk) {
+    };
+    let n = chunk.calls.len() as u64;
+    let stored = store.write_chunk(first.time_us, &chunk.bytes);
+    let Chunk { bytes, ends, calls } = std::mem::take(chunk);
+    if let Err(e) = stored {
         tracing::warn!("call log: a write failed, {n} records lost: {e:#}");
         metrics::counter!("tollgate_call_log_dropped_total").increment(n);
-        chunk.clear();
         return 0;
     }
     let mut l = live.lock().expect("call log lock");
-    for r in chunk.drain(..) {
-        let minute = r.time_us / 60_000_000;
+    for m in &calls {
+        let minute = m.time_us / 60_000_000;
         if minute != l.slow.minute {
             finish_minute(store, &mut l, minute);
         }
-        l.slow.offer(r.duration_us, r.time_us);
+        l.slow.offer(m.duration_us, m.time_us);
         for (kind, id) in [
-            (store::KIND_REQUEST, &r.request_id),
-            (store::KIND_TRACE, &r.trace_id),
+            (store::KIND_REQUEST, m.request_id),
+            (store::KIND_TRACE, m.trace_id),
         ] {
-            if let Some(id) = store::parse_id(id) {
-                l.block.entries.push((kind, id, r.time_us));
+            if id != 0 {
+                l.block.entries.push((kind, id, m.time_us));
             }
         }
-        l.block.started.get_or_insert_with(Instant::now);
-        l.written += 1;
-        let cursor = l.written;
-        if l.recent.len() >= LIVE {
-            l.recent.pop_front();
-        }
-        l.recent.push_back((cursor, Arc::new(r)));
+    }
+    l.block.started.get_or_insert_with(Instant::now);
+    let first = l.written + 1;
+    l.written += n;
+    l.recent_len += ends.len();
+    l.recent
+        .push_back(Arc::new(LiveChunk { first, bytes, ends }));
+    while l
+        .recent
+        .front()
+        .is_some_and(|c| l.recent_len - c.ends.len() >= LIVE)
+    {
+        let gone = l.recent.pop_front().expect("checked above");
+        l.recent_len -= gone.ends.len();
     }
     if l.block.due()
         && let Err(e) = store.write_ids(&mut l.block)
@@ -322,14 +376,14 @@ fn store_chunk(store: &Store, live: &Mutex<Live>, chunk: &mut Vec<CallRecord>) -
 /// A data-plane thread's records waiting to be handed over.
 pub struct CallBuffer {
     log: Arc<CallLog>,
-    buf: std::cell::RefCell<Vec<CallRecord>>,
+    buf: std::cell::RefCell<Batch>,
 }
 
 impl CallBuffer {
     pub fn new(log: Arc<CallLog>) -> CallBuffer {
         CallBuffer {
             log,
-            buf: std::cell::RefCell::new(Vec::with_capacity(HAND_OVER_AT)),
+            buf: std::cell::RefCell::new(Batch::with_capacity(HAND_OVER_AT)),
         }
     }
 
@@ -337,11 +391,11 @@ impl CallBuffer {
         self.log.node_id
     }
 
-    pub fn push(&self, r: CallRecord) {
+    pub fn push(&self, c: &Call<'_>) {
         let mut buf = self.buf.borrow_mut();
-        buf.push(r);
-        if buf.len() >= HAND_OVER_AT {
-            let batch = std::mem::replace(&mut *buf, Vec::with_capacity(HAND_OVER_AT));
+        buf.push(c);
+        if buf.len() >= HAND_OVER_AT || buf.bytes() >= HAND_OVER_BYTES {
+            let batch = std::mem::replace(&mut *buf, Batch::with_capacity(HAND_OVER_AT));
             drop(buf);
             self.log.hand_over(batch);
         }

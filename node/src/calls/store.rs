@@ -2,8 +2,8 @@
 //!
 //! - `records`: chunks of records. Key = the first record's time in microseconds
 //!   (big-endian; the writer makes record times strictly increasing), value = the chunk's
-//!   `CallRecord`s, each length-delimited. One insert per chunk (a writer batch, at most
-//!   [`CHUNK`] records) rather than per record keeps the write cost to encoding. FIFO
+//!   `CallRecord`s, each length-delimited. One insert per chunk (at most [`CHUNK`] records
+//!   or about [`CHUNK_BYTES`]) rather than per record keeps the write cost to copying. FIFO
 //!   compaction: the oldest tables are dropped whole when the keyspace passes its size or
 //!   their age passes the retention, which needs keys written in order: they are.
 //! - `slow`: key = a minute (big-endian), value = that minute's slowest records (duration and
@@ -36,8 +36,10 @@ use super::Filter;
 pub const SLOW_PER_MINUTE: usize = 1000;
 /// Records a query may look at before it stops and says so.
 pub const MAX_EXAMINED: u64 = 2_000_000;
-/// Most records in one stored chunk.
+/// Most records in one stored chunk ...
 pub const CHUNK: usize = 256;
+/// ... and the bytes past which a chunk is stored with fewer.
+pub const CHUNK_BYTES: usize = 1 << 20;
 /// Ids per stored run of an id block.
 pub const ID_RUN: usize = 512;
 /// Most ids in one block, and the most time its first id waits to be written.
@@ -179,15 +181,10 @@ impl Store {
 
     /// Writes one chunk of records (times strictly increasing, after every stored one).
     /// Nothing is synced: a crash may lose the last records, never corrupt the rest.
-    pub fn write_chunk(&self, records: &[CallRecord]) -> anyhow::Result<()> {
-        let Some(first) = records.first() else {
-            return Ok(());
-        };
-        let mut v = Vec::with_capacity(records.len() * 256);
-        for r in records {
-            r.encode_length_delimited(&mut v)?;
-        }
-        self.records.insert(first.time_us.to_be_bytes(), v)?;
+    /// Stores a chunk: records as stored (length-delimited, back to back), the first of
+    /// them at `first_us`.
+    pub fn write_chunk(&self, first_us: u64, records: &[u8]) -> anyhow::Result<()> {
+        self.records.insert(first_us.to_be_bytes(), records)?;
         Ok(())
     }
 
@@ -493,6 +490,15 @@ pub fn parse_id(text: &str) -> Option<u128> {
 mod tests {
     use super::*;
 
+    /// Writes records as the writer does.
+    fn write(s: &Store, records: &[CallRecord]) {
+        let mut v = Vec::new();
+        for r in records {
+            r.encode_length_delimited(&mut v).unwrap();
+        }
+        s.write_chunk(records[0].time_us, &v).unwrap();
+    }
+
     fn noisy(i: u64, time_us: u64) -> CallRecord {
         CallRecord {
             time_us,
@@ -534,7 +540,7 @@ mod tests {
                         noisy(i, t)
                     })
                     .collect();
-                s.write_chunk(&chunk).unwrap();
+                write(&s, &chunk);
             }
             s.records.rotate_memtable_and_wait().unwrap();
         }
@@ -558,7 +564,7 @@ mod tests {
         let s = Store::open(&dir, Duration::from_secs(1), 1 << 30).unwrap();
         let t0 = super::super::now_us();
         let old: Vec<CallRecord> = (0..10).map(|i| noisy(i, t0 + i)).collect();
-        s.write_chunk(&old).unwrap();
+        write(&s, &old);
         s.records.rotate_memtable_and_wait().unwrap();
         let f = Filter::parse(&Default::default()).unwrap();
         let live = |s: &Store| {
@@ -572,7 +578,7 @@ mod tests {
         assert_eq!(live(&s), 0, "past the retention, never returned");
         // The next flush lets FIFO compaction drop the expired table itself.
         let t1 = super::super::now_us();
-        s.write_chunk(&[noisy(0, t1)]).unwrap();
+        write(&s, &[noisy(0, t1)]);
         s.records.rotate_memtable_and_wait().unwrap();
         wait_for("the expired table dropped", || first_time(&s) >= t1);
         let _ = std::fs::remove_dir_all(dir);

@@ -1507,15 +1507,7 @@ impl Drop for Tail {
             tracing.finish_request(trace, SystemTime::now(), self.status >= 500);
         }
         if let Some(calls) = &self.worker.calls {
-            let r = self.call_record(
-                calls.node_id(),
-                route,
-                elapsed,
-                llm.as_ref(),
-                cost_nanos,
-                capture,
-            );
-            calls.push(r);
+            self.record_call(calls, route, elapsed, llm.as_ref(), cost_nanos, capture);
         }
         let log = &self.worker.access_log;
         if !log.enabled() {
@@ -1565,16 +1557,16 @@ impl Drop for Tail {
 }
 
 impl Tail {
-    /// The request's call-log record.
-    fn call_record(
+    /// Records the request in the call log.
+    fn record_call(
         &self,
-        node_id: u64,
+        calls: &crate::calls::CallBuffer,
         route: Option<&Route>,
         elapsed: std::time::Duration,
         llm: Option<&crate::metering::LlmSample>,
         cost_nanos: i64,
         capture: Option<Box<Captured>>,
-    ) -> tollgate_proto::node::v1::CallRecord {
+    ) {
         let (api, version, tenant, key) = match &self.api {
             Some(u) => {
                 let mount = &self.snapshot.routing.mounts[u.mount as usize];
@@ -1583,79 +1575,74 @@ impl Tail {
             }
             None => ("", None, None, None),
         };
-        let host = self.host_text();
         let trace_id = self
             .trace
             .as_ref()
             .map(|t| u128::from_be_bytes(t.trace_id.to_bytes()))
             .or(self.carried_trace)
-            .map_or_else(String::new, crate::calls::hex_id);
-        let mut r = tollgate_proto::node::v1::CallRecord {
+            .unwrap_or(0);
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::calls::store::parse_id)
+            .unwrap_or(0);
+        let (mut request_body, mut response_body) = ((Vec::new(), false), (Vec::new(), false));
+        if let Some(c) = capture.as_ref().filter(|c| c.spec.bodies) {
+            let kept = std::mem::take(&mut *self.request_stats.captured.borrow_mut());
+            request_body = c.spec.body(&kept, self.request_stats.bytes.get());
+            response_body = c.spec.body(&c.response_body, self.response_bytes);
+        }
+        let (request_headers, response_headers) =
+            capture.as_ref().map_or((&[][..], &[][..]), |c| {
+                (&c.request_headers[..], &c.response_headers[..])
+            });
+        calls.push(&crate::calls::Call {
             time_us: crate::calls::now_us(),
-            node_id,
-            request_id: self
-                .request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
+            node_id: calls.node_id(),
+            request_id,
             trace_id,
-            tenant: tenant.unwrap_or("").to_string(),
-            api: api.to_string(),
-            version: version.unwrap_or("").to_string(),
-            key_id: key.unwrap_or("").to_string(),
-            route: route.map_or_else(String::new, |r| r.name.to_string()),
-            method: self.method.as_str().to_string(),
-            host: host.to_string(),
-            path: self.uri.path().to_string(),
+            tenant: tenant.unwrap_or(""),
+            api,
+            version: version.unwrap_or(""),
+            key_id: key.unwrap_or(""),
+            route: route.map_or("", |r| &r.name),
+            method: self.method.as_str(),
+            host: self.host_text(),
+            path: self.uri.path(),
             protocol: match self.version {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
-            }
-            .to_string(),
+            },
             status: u32::from(self.status),
             error: self
                 .error
                 .or(self.upstream_failed.then_some("upstream_body_failed"))
-                .unwrap_or("")
-                .to_string(),
+                .unwrap_or(""),
             duration_us: elapsed.as_micros() as u64,
             upstream_us: self.attempts.upstream_time.map(|d| d.as_micros() as u64),
             request_bytes: self.request_stats.bytes.get(),
             response_bytes: self.response_bytes,
-            client_ip: match self.peer.ip() {
-                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-            },
-            client_port: u32::from(self.peer.port()),
+            client: Some(self.peer),
             upstream: match (llm, route) {
-                (Some(l), _) => l.upstream.as_deref().unwrap_or("").to_string(),
-                (None, Some(r)) if r.llm.is_none() => r.cluster.name.to_string(),
-                _ => String::new(),
+                (Some(l), _) => l.upstream.as_deref().unwrap_or(""),
+                (None, Some(r)) if r.llm.is_none() => &r.cluster.name,
+                _ => "",
             },
             attempts: self.attempts.attempts,
+            model: llm.map_or("", |l| &l.model),
+            provider: llm.map_or("", |l| &l.provider),
+            input_tokens: llm.map_or(0, |l| l.usage.input),
+            output_tokens: llm.map_or(0, |l| l.usage.output),
             cost_nanos,
-            ..Default::default()
-        };
-        if let Some(l) = llm {
-            r.model = l.model.to_string();
-            r.provider = l.provider.to_string();
-            r.input_tokens = l.usage.input;
-            r.output_tokens = l.usage.output;
-        }
-        if let Some(c) = capture {
-            r.request_headers = c.request_headers;
-            r.response_headers = c.response_headers;
-            if c.spec.bodies {
-                let kept = std::mem::take(&mut *self.request_stats.captured.borrow_mut());
-                (r.request_body, r.request_body_truncated) =
-                    c.spec.body(&kept, self.request_stats.bytes.get());
-                (r.response_body, r.response_body_truncated) =
-                    c.spec.body(&c.response_body, self.response_bytes);
-            }
-        }
-        r
+            request_headers,
+            response_headers,
+            request_body: &request_body.0,
+            response_body: &response_body.0,
+            request_body_truncated: request_body.1,
+            response_body_truncated: response_body.1,
+        });
     }
 }
 

@@ -83,6 +83,17 @@ impl Batch {
         self.calls.is_empty()
     }
 
+    /// Bytes it can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// Empties it, keeping its memory.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.calls.clear();
+    }
+
     /// Bytes held, for handing over before a batch of large records grows too big.
     pub fn bytes(&self) -> usize {
         self.bytes.len()

@@ -92,7 +92,14 @@ pub struct CallLog {
     dropped: AtomicU64,
     /// Records handed over and not yet stored.
     pending: Arc<AtomicU64>,
+    /// Emptied batches, for the data-plane threads to fill again.
+    spare: Arc<Mutex<Vec<Batch>>>,
 }
+
+/// Emptied batches kept for reuse ...
+const SPARE: usize = 32;
+/// ... when they have grown no larger than this.
+const SPARE_BYTES: usize = 128 << 10;
 
 impl CallLog {
     /// Opens the store in `<dir>/calls` and starts the writer.
@@ -102,11 +109,13 @@ impl CallLog {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let live = Arc::new(Mutex::new(Live::default()));
         let pending = Arc::new(AtomicU64::new(0));
+        let spare = Arc::new(Mutex::new(Vec::with_capacity(SPARE)));
         {
             let (store, live, pending) = (store.clone(), live.clone(), pending.clone());
+            let spare = spare.clone();
             std::thread::Builder::new()
                 .name("tollgate-calls".into())
-                .spawn(move || write_loop(rx, &store, &live, &pending, last))?;
+                .spawn(move || write_loop(rx, &store, &live, &pending, &spare, last))?;
         }
         Ok(Arc::new(CallLog {
             node_id,
@@ -115,6 +124,7 @@ impl CallLog {
             live,
             dropped: AtomicU64::new(0),
             pending,
+            spare,
         }))
     }
 
@@ -130,6 +140,12 @@ impl CallLog {
                 metrics::counter!("tollgate_call_log_dropped_total").increment(n);
             }
         }
+    }
+
+    /// An empty batch to fill: one the writer is done with, or a new one.
+    fn empty_batch(&self) -> Batch {
+        let reused = self.spare.lock().expect("call log spare lock").pop();
+        reused.unwrap_or_else(|| Batch::with_capacity(HAND_OVER_AT))
     }
 
     /// Waits up to `limit` for the writer to store what was handed over; true if it did.
@@ -257,6 +273,7 @@ fn write_loop(
     store: &Store,
     live: &Mutex<Live>,
     pending: &AtomicU64,
+    spare: &Mutex<Vec<Batch>>,
     mut last: u64,
 ) {
     let mut chunk = Chunk::default();
@@ -283,6 +300,14 @@ fn write_loop(
                 chunk.calls.push(meta);
                 if chunk.full() {
                     n += store_chunk(store, live, &mut chunk);
+                }
+            }
+            if batch.capacity() <= SPARE_BYTES {
+                let mut spare = spare.lock().expect("call log spare lock");
+                if spare.len() < SPARE {
+                    let mut batch = batch;
+                    batch.clear();
+                    spare.push(batch);
                 }
             }
             if n > 4 * store::CHUNK as u64 {
@@ -329,7 +354,13 @@ fn store_chunk(store: &Store, live: &Mutex<Live>, chunk: &mut Chunk) -> u64 {
     };
     let n = chunk.calls.len() as u64;
     let stored = store.write_chunk(first.time_us, &chunk.bytes);
-    let Chunk { bytes, ends, calls } = std::mem::take(chunk);
+    // The bytes and ends go to the follow window; the next chunk starts at this one's size.
+    let next = Chunk {
+        bytes: Vec::with_capacity(chunk.bytes.len().min(store::CHUNK_BYTES)),
+        ends: Vec::with_capacity(store::CHUNK),
+        calls: Vec::with_capacity(store::CHUNK),
+    };
+    let Chunk { bytes, ends, calls } = std::mem::replace(chunk, next);
     if let Err(e) = stored {
         tracing::warn!("call log: a write failed, {n} records lost: {e:#}");
         metrics::counter!("tollgate_call_log_dropped_total").increment(n);
@@ -395,7 +426,7 @@ impl CallBuffer {
         let mut buf = self.buf.borrow_mut();
         buf.push(c);
         if buf.len() >= HAND_OVER_AT || buf.bytes() >= HAND_OVER_BYTES {
-            let batch = std::mem::replace(&mut *buf, Batch::with_capacity(HAND_OVER_AT));
+            let batch = std::mem::replace(&mut *buf, self.log.empty_batch());
             drop(buf);
             self.log.hand_over(batch);
         }

@@ -37,6 +37,19 @@ pub enum CpuScheduling {
     Batch,
 }
 
+/// Whether a node takes itself out of the membership when it shuts down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaveOnShutdown {
+    /// A learner leaves; a voter stays (a restart keeps it a voter).
+    #[default]
+    Auto,
+    /// Leave whatever the role (a voter only when a learner can take its place).
+    Always,
+    /// Stay a member (an operator removes it, or the leader evicts it).
+    Never,
+}
+
 /// The node's settings as flags (each also read from its `TOLLGATE_*` variable).
 #[derive(Debug, Clone, Default, Args)]
 pub struct NodeArgs {
@@ -233,6 +246,14 @@ pub struct NodeArgs {
     /// indexes add up to about a quarter more) [default: 1073741824, 1 GiB]
     #[arg(long, env = "TOLLGATE_CALL_LOG_MAX_BYTES")]
     pub call_log_max_bytes: Option<u64>,
+    /// On the leader: remove a member that has not answered for this long, e.g. `30s`
+    /// (a voter only when a learner takes its place); `0s`: never [default: 30s]
+    #[arg(long, env = "TOLLGATE_EVICT_AFTER", value_parser = parse_duration)]
+    pub evict_after: Option<Duration>,
+    /// On SIGTERM, after draining: `auto` (a learner leaves the membership, a voter stays),
+    /// `always` or `never` [default: auto]
+    #[arg(long, env = "TOLLGATE_LEAVE_ON_SHUTDOWN")]
+    pub leave_on_shutdown: Option<LeaveOnShutdown>,
     /// Accept SetFaults admin calls that cut Raft traffic to chosen peers (tests only).
     #[arg(long, env = "TOLLGATE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
@@ -309,6 +330,9 @@ pub struct FileSettings {
     #[serde(default, with = "opt_duration")]
     pub call_log_retention: Option<Duration>,
     pub call_log_max_bytes: Option<u64>,
+    #[serde(default, with = "opt_duration")]
+    pub evict_after: Option<Duration>,
+    pub leave_on_shutdown: Option<LeaveOnShutdown>,
 }
 
 /// What the node runs with.
@@ -370,6 +394,8 @@ pub struct Settings {
     /// The response cache's size on this node (0: off).
     pub llm_cache_bytes: u64,
     pub call_log: crate::calls::CallLogSettings,
+    pub evict_after: Duration,
+    pub leave_on_shutdown: LeaveOnShutdown,
     pub enable_fault_injection: bool,
 }
 
@@ -423,6 +449,8 @@ impl Default for Settings {
             llm_capture_content: false,
             llm_cache_bytes: 64 * 1024 * 1024,
             call_log: crate::calls::CallLogSettings::default(),
+            evict_after: Duration::from_secs(30),
+            leave_on_shutdown: LeaveOnShutdown::Auto,
             enable_fault_injection: false,
         }
     }
@@ -608,6 +636,14 @@ impl Settings {
                     .or(file.call_log_max_bytes)
                     .unwrap_or(d.call_log.max_bytes),
             },
+            evict_after: args
+                .evict_after
+                .or(file.evict_after)
+                .unwrap_or(d.evict_after),
+            leave_on_shutdown: args
+                .leave_on_shutdown
+                .or(file.leave_on_shutdown)
+                .unwrap_or(d.leave_on_shutdown),
             enable_fault_injection: args.enable_fault_injection,
         };
         s.check()?;

@@ -81,6 +81,7 @@ pub struct Node {
     /// Stops the journal's periodic shipping (before its last tick at shutdown).
     journal_stop: CancellationToken,
     calls: Option<Arc<calls::CallLog>>,
+    leave_on_shutdown: config::LeaveOnShutdown,
 }
 
 impl Node {
@@ -321,6 +322,11 @@ impl Node {
             None => None,
         };
         runtime.spawn(metering::alerts::run(cluster.clone(), control.clone()));
+        runtime.spawn(tend_membership(
+            cluster.clone(),
+            settings.evict_after,
+            control.clone(),
+        ));
         runtime.spawn(rollout::notify::run(cluster.clone(), control.clone()));
         runtime.spawn(rollout::anomaly::run(
             cluster.clone(),
@@ -490,6 +496,7 @@ impl Node {
             journal,
             journal_stop,
             calls,
+            leave_on_shutdown: settings.leave_on_shutdown,
         })
     }
 
@@ -560,6 +567,8 @@ impl Node {
                 );
             }
         }
+        self.runtime
+            .block_on(leave(&self.cluster, self.leave_on_shutdown));
         self.control.cancel();
         self.runtime
             .block_on(self.cluster.shutdown(std::time::Duration::from_secs(2)));
@@ -568,6 +577,59 @@ impl Node {
         telemetry::traces::shutdown(std::time::Duration::from_secs(3));
         tracing::info!("tollgate node stopped");
         Ok(())
+    }
+}
+
+/// On the leader, once a second: evictions and promotions (`Cluster::tend`).
+async fn tend_membership(
+    cluster: Arc<Cluster>,
+    evict_after: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => cluster.tend(evict_after).await,
+        }
+    }
+}
+
+/// Takes this node out of the membership as it shuts down, as `--leave-on-shutdown` says
+/// (its requests are drained by now; at most 10 s).
+async fn leave(cluster: &Cluster, policy: config::LeaveOnShutdown) {
+    let learner = !cluster
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|id| id == cluster.id);
+    let go = match policy {
+        config::LeaveOnShutdown::Never => false,
+        config::LeaveOnShutdown::Auto => learner && cluster.is_member(),
+        config::LeaveOnShutdown::Always => cluster.is_member(),
+    };
+    if !go {
+        return;
+    }
+    let req = tollgate_proto::node::v1::LeaveRequest {
+        node_id: cluster.id,
+    };
+    let left = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        cluster.leave(req, false, &Caller::Node),
+    )
+    .await;
+    match left {
+        Ok(Ok(r)) if r.left => tracing::info!(role = %r.role, "left the cluster"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("leaving the cluster failed: {}", e.message()),
+        Err(_) => tracing::warn!(
+            "leaving the cluster took more than 10 s; the leader evicts this node later"
+        ),
     }
 }
 

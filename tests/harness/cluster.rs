@@ -205,6 +205,20 @@ impl TestCluster {
         *slot = Slot::Down(node.kill9());
     }
 
+    /// Stops node `id` with SIGTERM (a graceful shutdown) and waits for it to exit; its
+    /// data directory is kept for a restart. Returns whether it exited cleanly.
+    pub async fn stop(&mut self, id: u64) -> bool {
+        let slot = &mut self.nodes[(id - 1) as usize];
+        let Slot::Up(node) = slot else { return false };
+        node.signal("TERM");
+        let status = node.wait_exit(Duration::from_secs(60)).await;
+        let Slot::Up(node) = std::mem::replace(slot, Slot::Down(NodeOpts::single("", &[]))) else {
+            unreachable!()
+        };
+        *slot = Slot::Down(node.kill9());
+        status.is_some_and(|s| s.success())
+    }
+
     pub async fn restart(&mut self, id: u64) {
         let slot = &mut self.nodes[(id - 1) as usize];
         let Slot::Down(opts) = slot else { return };

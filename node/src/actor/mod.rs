@@ -378,7 +378,7 @@ impl Actors {
                     ))
                 }
             });
-            self.note(owner, answer.is_ok());
+            self.note(cluster, owner, answer.is_ok());
             match answer {
                 Ok(a) => {
                     for ((c, _), g) in batch.circuit_sent.iter().zip(&a.circuits) {
@@ -446,15 +446,16 @@ impl Actors {
                     .exchange(&cluster, id, &addr, Vec::new(), Vec::new(), Vec::new())
                     .await
                     .is_ok();
-                this.note(id, ok);
+                this.note(&cluster, id, ok);
             });
         }
     }
 
-    fn note(&self, peer: u64, ok: bool) {
+    fn note(&self, cluster: &Cluster, peer: u64, ok: bool) {
         if peer == self.quotas.node {
             return;
         }
+        cluster.liveness.note(peer, ok, wall_ms());
         let mut health = self.health.lock().expect("health");
         let h = health.entry(peer).or_default();
         let was_up = h.up();

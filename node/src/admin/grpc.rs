@@ -179,6 +179,36 @@ impl NodeAdmin for AdminService {
         ))
     }
 
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let fwd = self.forwarded(&req);
+        // An operator, or the node itself (its certificate); a member forwarding a leave
+        // has checked the leaver's.
+        let caller = if req.metadata().contains_key("authorization") {
+            let caller = self.caller(&req)?;
+            self.cluster
+                .principal(&caller)?
+                .require_operator("taking a node out of the cluster")?;
+            caller
+        } else {
+            if !fwd {
+                let certs = req.peer_certs();
+                let claimed = req.get_ref().node_id;
+                self.cluster.state_machine.read(|a| {
+                    self.cluster.identity.require_node(
+                        certs.as_deref().map(Vec::as_slice),
+                        &a.state.access,
+                        claimed,
+                        "leaving",
+                    )
+                })?;
+            }
+            Caller::Node
+        };
+        Ok(Response::new(
+            self.cluster.leave(req.into_inner(), fwd, &caller).await?,
+        ))
+    }
+
     async fn apply_spec(
         &self,
         req: Request<ApplySpecRequest>,

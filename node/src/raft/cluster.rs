@@ -39,6 +39,9 @@ use crate::state::machine::{Applied, CheckedSpec, check_parsed, parse_checked, p
 use crate::state::spec::needs_dns;
 use tollgate_proto::state::v1::identity_command::Op as IdentityOp;
 
+mod elastic;
+pub use elastic::Liveness;
+
 /// Metadata key naming the leader's gRPC address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-tollgate-leader";
 /// Metadata key marking a request one node forwarded to another (never forwarded twice).
@@ -89,6 +92,10 @@ pub struct Cluster {
     /// The cluster's voter policy as this node holds it (`--voters`): a leader promotes a
     /// joining node while there are fewer voters than this.
     pub voters: u32,
+    /// Which peers have stopped answering (the actor exchanges keep it).
+    pub liveness: elastic::Liveness,
+    /// Dead voters this leader has said it cannot replace (said once per outage).
+    stranded: std::sync::Mutex<BTreeSet<NodeId>>,
 }
 
 /// Counts the calls into Raft in flight (writes, linearizable reads, membership changes,
@@ -216,6 +223,8 @@ impl Cluster {
             voters,
             data_dir,
             receiving: Arc::default(),
+            liveness: Liveness::default(),
+            stranded: Default::default(),
         }))
     }
 
@@ -1803,6 +1812,7 @@ impl Cluster {
             }
             Some(_) => None,
         };
+        let added = matches!(change, Some(ChangeMembers::AddNodes(_)));
         if let Some(change) = change {
             self.membership_change(change).await?;
             // Wait until the learner has caught up with the log as it is now.
@@ -1842,6 +1852,10 @@ impl Cluster {
             self.membership_change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
                 .await?;
             role = "voter";
+        }
+        if added {
+            self.member_event(id, "join", role, format!("from {}", req.grpc_addr))
+                .await;
         }
         Ok(api::JoinResponse {
             role: role.into(),

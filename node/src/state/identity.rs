@@ -212,6 +212,26 @@ pub fn apply(
                 added: true,
             }))
         }
+        Op::MemberEvent(e) => {
+            let action = match e.action.as_str() {
+                "join" => "node.join",
+                "leave" => "node.leave",
+                "evict" => "node.evict",
+                "promote" => "node.promote",
+                other => {
+                    return Err(Refusal::Invalid(format!(
+                        "unknown membership event {other:?}"
+                    )));
+                }
+            };
+            Ok(Some(AccessChange {
+                object: format!("node/{}", e.node_id),
+                action,
+                before: String::new(),
+                after: serde_json::json!({ "role": e.role, "reason": e.reason }).to_string(),
+                added: false,
+            }))
+        }
         Op::DeleteSecret(d) => {
             if access.secrets.remove(&d.id).is_none() {
                 return Err(Refusal::NotFound(format!("there is no secret {}", d.id)));

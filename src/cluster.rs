@@ -478,6 +478,7 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
                         "state": state,
                         "proxy_addr": m.proxy_addr,
                         "admin_addr": m.admin_addr,
+                        "silent_s": m.silent_ms as f64 / 1000.0,
                     })
                 })
                 .collect();
@@ -522,14 +523,17 @@ fn print_status(status: &ClusterStatusResponse, applied: &[(Option<u64>, String)
                 "ID", "ADDR", "ROLE", "REGION", "APPLIED"
             );
             for (m, (index, state)) in status.members.iter().zip(applied) {
+                let silent = match m.silent_ms {
+                    0 => String::new(),
+                    ms => format!(" (silent {} s to node {})", ms / 1000, status.node_id),
+                };
                 println!(
-                    "{:<6} {:<22} {:<8} {:<10} {:<9} {}",
+                    "{:<6} {:<22} {:<8} {:<10} {:<9} {state}{silent}",
                     m.id,
                     m.addr,
                     m.role,
                     m.region,
                     index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-                    state
                 );
             }
         }

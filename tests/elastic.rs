@@ -112,6 +112,8 @@ async fn the_leader_evicts_the_dead_and_a_learner_takes_a_dead_voters_place() {
         Some("learner"),
         "evicted before its grace period"
     );
+    let silent = s.members.iter().find(|m| m.id == 5).unwrap().silent_ms;
+    assert!((1_000..3_000).contains(&silent), "silent for {silent} ms");
     c.wait_all("node 5 to be evicted", Duration::from_secs(15), |s| {
         role(s, 5).is_none()
     })

@@ -2184,6 +2184,10 @@ impl Cluster {
                 },
                 proxy_addr: n.proxy_addr.clone(),
                 admin_addr: n.admin_addr.clone(),
+                silent_ms: self
+                    .liveness
+                    .down_for(*id, now_ms())
+                    .map_or(0, |d| d.as_millis() as u64),
             })
             .collect();
         api::ClusterStatusResponse {

@@ -80,13 +80,18 @@ impl Cluster {
         Roles { voters, learners }
     }
 
-    /// A learner that answers and whose log is caught up with this leader's, to promote.
+    /// A learner in this leader's region that answers and whose log is caught up with the
+    /// leader's, to promote (learners in other regions stay learners: decision 11).
     fn ready_learner(&self, roles: &Roles, now: u64) -> Option<NodeId> {
         let metrics = self.raft.metrics().borrow().clone();
         let last = metrics.last_log_index.unwrap_or(0);
         let replication = metrics.replication.as_ref()?;
+        let members = metrics.membership_config.membership().clone();
         roles.learners.iter().copied().find(|id| {
-            self.liveness.down_for(*id, now).is_none()
+            members
+                .get_node(id)
+                .is_some_and(|n| n.region == self.info.region)
+                && self.liveness.down_for(*id, now).is_none()
                 && replication
                     .get(id)
                     .and_then(|l| l.as_ref())

@@ -84,7 +84,8 @@ if want node; then
   # busybox's sh for deploy/node-entrypoint.sh (id and role from the host name).
   BUSYBOX=$(deb busybox-static)/bin/busybox
   rootfs "$WORK/node" "$BIN/tollgate-node" "$BIN/tollgate" "$BUSYBOX"
-  for applet in sh cat hostname ls; do ln -sf busybox "$WORK/node/bin/$applet"; done
+  # od, tr, mkdir, mv: a learner's random id; kill, sleep: the learners' preStop hook.
+  for applet in sh cat hostname ls od tr mkdir mv kill sleep; do ln -sf busybox "$WORK/node/bin/$applet"; done
   cp deploy/node-entrypoint.sh "$WORK/node/bin/tollgate-entrypoint"
   chmod 755 "$WORK/node/bin/tollgate-entrypoint"
   # /bootstrap: where compose's tollgate-0 leaves the bootstrap join token.

@@ -162,3 +162,106 @@ async fn the_leader_evicts_the_dead_and_a_learner_takes_a_dead_voters_place() {
         "{m}"
     );
 }
+
+/// Ten routes, each counted by its own day quota key (scope: route) of `limit`.
+fn routes_spec(up: std::net::SocketAddr, limit: u64) -> String {
+    let mut s =
+        format!("upstreams: {{ a: {{ endpoints: [{{ address: \"{up}\" }}] }} }}\nroutes:\n");
+    for i in 0..10 {
+        s.push_str(&format!(
+            "  r{i}: {{ match: {{ path: {{ prefix: /r{i}/ }} }}, upstream: a }}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "quotas:\n  day: {{ scope: route, limit: {limit}, window: day, routes: [{}] }}\n",
+        (0..10)
+            .map(|i| format!("r{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    s
+}
+
+/// (admitted, refused) of `n` GETs to `path`, round robin over `nodes`.
+async fn send(c: &TestCluster, nodes: &[u64], path: &str, n: usize) -> (u64, u64) {
+    let (mut ok, mut refused) = (0, 0);
+    for i in 0..n {
+        match c
+            .node(nodes[i % nodes.len()])
+            .get(path)
+            .await
+            .status
+            .as_u16()
+        {
+            200 => ok += 1,
+            429 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    (ok, refused)
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_its_quota_counts_to_the_next_owner() {
+    let up = Upstream::start("a").await;
+    let limit = 200;
+    let mut c = TestCluster::start(3, &routes_spec(up.addr, limit), &[]).await;
+    add_learner(&mut c, 4, &[]).await;
+    // A route whose counter the learner owns.
+    for i in 0..10 {
+        send(&c, &[1], &format!("/r{i}/x"), 1).await;
+    }
+    let mut route = None;
+    harness::eventually("a counter owned by node 4", T, async || {
+        let v = c.node(1).admin_get("/quotas").await.json();
+        route = v["leases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["owner"].as_u64() == Some(4))
+            .and_then(|l| l["key"].as_str()?.rsplit('/').next().map(str::to_string));
+        route.is_some()
+    })
+    .await;
+    let route = route.unwrap();
+    let path = format!("/{route}/x");
+    // Most of the day's count is spent, through every node.
+    let (before, _) = send(&c, &[1, 2, 3, 4], &path, 150).await;
+    assert_eq!(before, 150);
+
+    // The owner leaves: its ledger goes to the next owner, which counts on from it.
+    let handed_before: f64 = {
+        let mut n = 0.0;
+        for id in 1..=3 {
+            n += counter(
+                &c.node(id).metrics().await,
+                "tollgate_actor_activations_total{how=\"handed\"}",
+            );
+        }
+        n
+    };
+    assert!(c.stop(4).await, "node 4 exited with an error");
+    let mut handed = 0.0;
+    for id in 1..=3 {
+        handed += counter(
+            &c.node(id).metrics().await,
+            "tollgate_actor_activations_total{how=\"handed\"}",
+        );
+    }
+    assert!(handed > handed_before, "no ledger was handed over");
+    let (after, refused) = send(&c, &[1, 2, 3], &path, 100).await;
+    let total = 1 + before + after;
+    println!("{before} before node 4 left, {after} after ({refused} refused): {total} of {limit}");
+    // Exact: nothing the leaver counted is forgotten, nothing is refused early but what it
+    // held when it stopped (given back before it left, when it was idle).
+    assert!(total <= limit, "{total} admitted against {limit}");
+    assert!(total + 10 >= limit, "only {total} admitted of {limit}");
+}

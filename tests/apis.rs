@@ -469,7 +469,15 @@ async fn rollback_and_key_revocation_reach_every_node_of_a_cluster() {
     }
 
     // The state holds no plaintext key: not in any node's files.
-    let secret = key.secret.rsplit('_').next().unwrap().as_bytes().to_vec();
+    // `tgk_<id>_<secret>`: the secret is base64url, which may itself hold a `_`.
+    let secret = key
+        .secret
+        .splitn(3, '_')
+        .nth(2)
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    assert_eq!(secret.len(), 43, "{}", key.secret);
     for id in c.ids() {
         let dir = c.node(id).dir.join("data");
         for entry in harness::walk(&dir) {

@@ -1269,31 +1269,39 @@ pub struct ActorService {
     state_machine: crate::raft::state_machine::StateMachineStore,
 }
 
+impl ActorService {
+    /// The call comes from node `from` (its certificate says so), which fault injection
+    /// has not cut off.
+    fn check_sender<T>(&self, req: &Request<T>, from: u64, what: &str) -> Result<(), Status> {
+        let certs = req.peer_certs();
+        self.state_machine.read(|a| {
+            self.identity.require_node(
+                certs.as_deref().map(Vec::as_slice),
+                &a.state.access,
+                from,
+                what,
+            )
+        })?;
+        if self.peers.faults.is_isolated(from) {
+            return Err(Status::unavailable(format!(
+                "node {from} is isolated by fault injection"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl ActorsRpc for ActorService {
     async fn exchange(
         &self,
         req: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
-        let certs = req.peer_certs();
-        self.state_machine.read(|a| {
-            self.identity.require_node(
-                certs.as_deref().map(Vec::as_slice),
-                &a.state.access,
-                req.get_ref().from,
-                "this exchange",
-            )
-        })?;
+        self.check_sender(&req, req.get_ref().from, "this exchange")?;
         let req = req.into_inner();
         if req.quotas.len() + req.circuits.len() + req.rollouts.len() > MAX_REPORTS {
             return Err(Status::invalid_argument(format!(
                 "an exchange carries at most {MAX_REPORTS} reports"
-            )));
-        }
-        if self.peers.faults.is_isolated(req.from) {
-            return Err(Status::unavailable(format!(
-                "node {} is isolated by fault injection",
-                req.from
             )));
         }
         if req.leaving {
@@ -1311,15 +1319,7 @@ impl ActorsRpc for ActorService {
         &self,
         req: Request<pb::HandoffRequest>,
     ) -> Result<Response<pb::HandoffResponse>, Status> {
-        let certs = req.peer_certs();
-        self.state_machine.read(|a| {
-            self.identity.require_node(
-                certs.as_deref().map(Vec::as_slice),
-                &a.state.access,
-                req.get_ref().from,
-                "this handoff",
-            )
-        })?;
+        self.check_sender(&req, req.get_ref().from, "this handoff")?;
         let req = req.into_inner();
         if req.claim.len() + req.push.len() > MAX_REPORTS {
             return Err(Status::invalid_argument(format!(
@@ -1335,12 +1335,6 @@ impl ActorsRpc for ActorService {
             return Err(Status::invalid_argument(format!(
                 "a key is empty or longer than {MAX_KEY_BYTES} bytes ({} bytes)",
                 k.len()
-            )));
-        }
-        if self.peers.faults.is_isolated(req.from) {
-            return Err(Status::unavailable(format!(
-                "node {} is isolated by fault injection",
-                req.from
             )));
         }
         let closed = || Status::unavailable("the owner mailbox is closed");

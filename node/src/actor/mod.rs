@@ -807,9 +807,22 @@ async fn owner_loop(
                             Ok(states) => {
                                 let mut got: HashMap<&str, &pb::ActorState> =
                                     states.iter().map(|s| (s.key.as_str(), s)).collect();
+                                // A leaving peer that has not said it is done may have pushed
+                                // the key already: wait for the push (or its `done`, or the
+                                // patience) rather than start without its counts.
+                                let pushing = actors
+                                    .peers_leaving
+                                    .lock()
+                                    .expect("leaving lock")
+                                    .get(&peer)
+                                    == Some(&false);
                                 for key in &keys {
-                                    if ledgers.pending.contains_key(key) {
-                                        ledgers.activate(key, got.remove(key.as_str()), now);
+                                    let Some(p) = ledgers.pending.get(key) else { continue };
+                                    let state = got.remove(key.as_str());
+                                    let patient = now.saturating_sub(p.since_ms)
+                                        < handoff::CLAIM_PATIENCE_MS;
+                                    if state.is_some() || !pushing || !patient {
+                                        ledgers.activate(key, state, now);
                                     }
                                 }
                             }

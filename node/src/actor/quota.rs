@@ -527,6 +527,9 @@ pub struct Lease {
     remaining: u64,
     /// `roll` has nothing to do before this time (ms).
     checked_until: u64,
+    /// The owner's last answer was `moved`: the key is between owners, and a request that
+    /// waits for tokens may wait a little longer.
+    pub moving: bool,
 }
 
 impl Lease {
@@ -551,6 +554,7 @@ impl Lease {
             standing: Standing::New,
             share: limit.div_ceil(members),
             credit: (per_tick as u64).max(1),
+            moving: false,
             held: Vec::new(),
             window: 0,
             used: 0,
@@ -852,6 +856,7 @@ impl Lease {
     /// The owner could not be reached: its reports are kept for the next one, and the
     /// fail mode decides until an owner answers (`members` sizes the share).
     pub fn unanswered(&mut self, reports: &[Report], members: u64) {
+        self.moving = false;
         for r in reports {
             self.returned += r.returned;
             self.unleased += r.unleased;
@@ -870,6 +875,7 @@ impl Lease {
         if self.standing == Standing::Cutoff {
             self.standing = Standing::Leased;
         }
+        self.moving = true;
     }
 
     /// No owner can be reached for this key (this node is cut off from a majority).
@@ -880,6 +886,7 @@ impl Lease {
 
     /// Takes the owner's answer.
     pub fn granted(&mut self, grant: Grant) {
+        self.moving = false;
         self.checked_until = 0;
         self.standing = Standing::Leased;
         self.remaining = grant.remaining;

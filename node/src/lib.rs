@@ -290,7 +290,7 @@ impl Node {
         };
         runtime.spawn(actors.clone().run(cluster.clone(), control.clone()));
         let service = admin::grpc::AdminService {
-            actors: actors.clone(),
+            actors,
             shared: shared.clone(),
             cluster: cluster.clone(),
             region: settings.region.clone(),
@@ -460,12 +460,9 @@ impl Node {
             settings.shutdown_delay,
             sink.clone(),
             settings.spec.clone(),
-            Running {
-                cluster: cluster.clone(),
-                shared: shared.clone(),
-                actors: actors.clone(),
-                shutdown: shutdown.clone(),
-            },
+            cluster.clone(),
+            shared.clone(),
+            shutdown.clone(),
         ));
 
         let workers = proxy::server::spawn_workers(
@@ -1375,27 +1372,15 @@ impl Signals {
     }
 }
 
-/// What a signal acts on.
-struct Running {
-    cluster: Arc<Cluster>,
-    shared: Arc<Shared>,
-    actors: Arc<actor::Actors>,
-    shutdown: CancellationToken,
-}
-
 async fn signals(
     signals: Signals,
     shutdown_delay: std::time::Duration,
     access_log: Sink,
     spec: Option<PathBuf>,
-    running: Running,
+    cluster: Arc<Cluster>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
 ) {
-    let Running {
-        cluster,
-        shared,
-        actors,
-        shutdown,
-    } = running;
     let Signals {
         mut hup,
         mut term,
@@ -1429,12 +1414,6 @@ async fn signals(
         }
     }
     shared.ready.store(false, Ordering::Relaxed);
-    // The actors this node owns go to their next owners, with their state, while the
-    // load balancers take the node out (docs/cluster.md, "Actors move with their state").
-    let handing_off = {
-        let cluster = cluster.clone();
-        tokio::spawn(async move { actors.leave(&cluster).await })
-    };
     if !shutdown_delay.is_zero() && !shutdown.is_cancelled() {
         // Load balancers see /readyz fail and stop sending; until then, keep serving. A
         // second SIGTERM or Ctrl-C skips the wait.
@@ -1448,7 +1427,6 @@ async fn signals(
             _ = int.recv() => {}
         }
     }
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handing_off).await;
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     shutdown.cancel();
 }

@@ -13,13 +13,11 @@
 //! A node that cannot reach a majority of the members owns nothing and asks no one: every
 //! quota follows its fail mode until it can.
 
-pub mod handoff;
 pub mod ownership;
 pub mod quota;
 pub mod quotas;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,34 +62,6 @@ struct Exchange {
     reply: oneshot::Sender<pb::ExchangeResponse>,
 }
 
-/// What the owner's mailbox takes.
-enum Msg {
-    Exchange(Exchange),
-    /// A peer claims keys it owns now: give them up, with their ledgers.
-    Claim {
-        from: u64,
-        keys: Vec<String>,
-        reply: oneshot::Sender<Vec<pb::ActorState>>,
-    },
-    /// A leaving peer gives this node ledgers (and, with `done`, has given everything).
-    Push {
-        from: u64,
-        states: Vec<pb::ActorState>,
-        done: bool,
-        reply: oneshot::Sender<u32>,
-    },
-    /// The answer to a claim this node made.
-    Claimed {
-        peer: u64,
-        keys: Vec<String>,
-        result: Result<Vec<pb::ActorState>, String>,
-    },
-    /// This node is leaving: give up every ledger, grouped by the node that owns it next.
-    Leave {
-        reply: oneshot::Sender<Vec<(u64, Vec<pb::ActorState>)>>,
-    },
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct PeerHealth {
     failures: u32,
@@ -117,16 +87,8 @@ pub struct Actors {
     pub quotas: Arc<Quotas>,
     /// The data plane's snapshot: upstream clusters, their breakers, committed circuits.
     shared: Arc<Shared>,
-    mailbox: mpsc::Sender<Msg>,
+    mailbox: mpsc::Sender<Exchange>,
     health: Mutex<HashMap<u64, PeerHealth>>,
-    /// Who may own what, as of the last tick (the owner's mailbox reads it).
-    view: Mutex<handoff::View>,
-    /// Members' gRPC addresses, as of the last tick.
-    addrs: Mutex<HashMap<u64, String>>,
-    /// This node is leaving: it owns nothing and says so in every exchange.
-    leaving: AtomicBool,
-    /// Peers that said they are leaving, and whether they have handed everything off.
-    peers_leaving: Mutex<HashMap<u64, bool>>,
     /// Per quota: what this node could admit uncounted (as a lease holder) and what it has
     /// granted unspent (as an owner); their sum is its part of the over-admission bound.
     bound: Mutex<HashMap<String, (u64, u64)>>,
@@ -147,10 +109,6 @@ impl Actors {
             mailbox: tx,
             health: Mutex::default(),
             bound: Mutex::default(),
-            view: Mutex::default(),
-            addrs: Mutex::default(),
-            leaving: AtomicBool::new(false),
-            peers_leaving: Mutex::default(),
         });
         tokio::spawn(owner_loop(actors.clone(), cluster, rx, stop));
         actors
@@ -175,93 +133,17 @@ impl Actors {
     ) -> Result<pb::ExchangeResponse, String> {
         let (reply, rx) = oneshot::channel();
         self.mailbox
-            .send(Msg::Exchange(Exchange {
+            .send(Exchange {
                 from,
                 quotas,
                 circuits,
                 rollouts,
                 reply,
-            }))
+            })
             .await
             .map_err(|_| "the owner mailbox is closed".to_string())?;
-        let mut answer = rx
-            .await
-            .map_err(|_| "the owner mailbox dropped the exchange".to_string())?;
-        answer.leaving = self.leaving.load(Ordering::Relaxed);
-        Ok(answer)
-    }
-
-    /// A peer said it is leaving (`done`: it has handed everything off).
-    fn peer_leaving(&self, peer: u64, done: bool) {
-        let mut leaving = self.peers_leaving.lock().expect("leaving lock");
-        if !leaving.contains_key(&peer) {
-            tracing::info!(peer, "a peer is leaving: its actors move to the others");
-        }
-        *leaving.entry(peer).or_insert(done) |= done;
-    }
-
-    /// Hands every ledger this node owns to its next owner, and stops owning anything
-    /// (the first step of a graceful leave). At most a few seconds; what is not handed off
-    /// by then is taken over by the next owners as if this node had died.
-    pub async fn leave(&self, cluster: &Cluster) {
-        // Alone, there is no one to hand to: this node keeps owning while it drains.
-        let me = self.quotas.node;
-        let others = self
-            .view
-            .lock()
-            .expect("view lock")
-            .owners
-            .iter()
-            .any(|(id, _)| *id != me);
-        if !others || self.leaving.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let started = std::time::Instant::now();
-        let (reply, rx) = oneshot::channel();
-        if self.mailbox.send(Msg::Leave { reply }).await.is_err() {
-            return;
-        }
-        let Ok(groups) = rx.await else { return };
-        let addrs = self.addrs.lock().expect("addrs lock").clone();
-        let total: usize = groups.iter().map(|(_, s)| s.len()).sum();
-        let pushes = groups.into_iter().map(|(peer, states)| {
-            let addr = addrs.get(&peer).cloned().unwrap_or_default();
-            async move {
-                let mut taken = 0u32;
-                for chunk in states.chunks(MAX_REPORTS) {
-                    let req = pb::HandoffRequest {
-                        from: me,
-                        push: chunk.to_vec(),
-                        ..Default::default()
-                    };
-                    match handoff_call(cluster, &addr, req).await {
-                        Ok(r) => taken += r.taken,
-                        Err(e) => {
-                            tracing::info!(peer, "handing actors off failed: {e}");
-                            break;
-                        }
-                    }
-                }
-                taken as usize
-            }
-        });
-        let taken: usize = futures::future::join_all(pushes).await.into_iter().sum();
-        // Everyone may stop waiting for this node's keys.
-        let done = addrs.iter().filter(|(id, _)| **id != me).map(|(_, addr)| {
-            let req = pb::HandoffRequest {
-                from: me,
-                done: true,
-                ..Default::default()
-            };
-            async move { handoff_call(cluster, addr, req).await }
-        });
-        futures::future::join_all(done).await;
-        tracing::info!(
-            actors = total,
-            taken,
-            ms = started.elapsed().as_millis() as u64,
-            "handed this node's actors off"
-        );
+        rx.await
+            .map_err(|_| "the owner mailbox dropped the exchange".to_string())
     }
 
     /// The members as the cluster's membership has them (just this node before it joins).
@@ -316,26 +198,6 @@ impl Actors {
                 .collect()
         };
         let quorum = up.len() * 2 > members.len();
-        // The owners: members that answer, less those leaving (this node too, once it is).
-        let leaving = {
-            let mut l = self.peers_leaving.lock().expect("leaving lock");
-            l.retain(|id, _| members.iter().any(|m| m.id == *id));
-            l.clone()
-        };
-        let i_leave = self.leaving.load(Ordering::Relaxed);
-        let owners: Vec<&Member> = up
-            .iter()
-            .copied()
-            .filter(|m| !(leaving.contains_key(&m.id) || (m.id == me && i_leave)))
-            .collect();
-        *self.view.lock().expect("view lock") = handoff::View {
-            me,
-            owners: owners.iter().map(|m| (m.id, m.region.clone())).collect(),
-            reachable: up.iter().map(|m| (m.id, m.region.clone())).collect(),
-            quorum,
-        };
-        *self.addrs.lock().expect("addrs lock") =
-            members.iter().map(|m| (m.id, m.addr.clone())).collect();
         let in_region = members
             .iter()
             .filter(|m| m.region == self.quotas.region)
@@ -384,7 +246,7 @@ impl Actors {
             }
             let scope = |m: &&Member| !slot.def.per_region || m.region == self.quotas.region;
             let size = members.iter().filter(scope).count() as u64;
-            let candidates = owners.iter().copied().filter(scope).map(|m| m.id);
+            let candidates = up.iter().copied().filter(scope).map(|m| m.id);
             let ranked = ownership::owner_and_backup(key.as_bytes(), candidates);
             let owner = ranked.first().copied().filter(|_| quorum);
             slot.owner = owner;
@@ -404,9 +266,7 @@ impl Actors {
                         let batch = batches.entry(*backup).or_default();
                         for r in &reports {
                             let copy = Report { want: 0, ..*r };
-                            let mut wire = to_wire(key, &slot.def, &copy);
-                            wire.backup = true;
-                            batch.wire.push(wire);
+                            batch.wire.push(to_wire(key, &slot.def, &copy));
                             batch.sent.push((key.to_string(), copy, size, true));
                         }
                     }
@@ -425,7 +285,7 @@ impl Actors {
                 continue;
             }
             let key = format!("circuit/{}#{}", c.name, breaker.policy);
-            let owner = ownership::owner(key.as_bytes(), owners.iter().map(|m| m.id));
+            let owner = ownership::owner(key.as_bytes(), up.iter().map(|m| m.id));
             let Some(owner) = owner.filter(|_| quorum) else {
                 // Cut off: nobody can decide, and these outcomes will be stale.
                 continue;
@@ -455,7 +315,7 @@ impl Actors {
         // nothing was counted: the judge then knows the rollout is alive but idle).
         for (api, counters) in snapshot.rollout_counters.iter() {
             let key = format!("rollout/{api}#{}", counters.id);
-            let owner = ownership::owner(key.as_bytes(), owners.iter().map(|m| m.id));
+            let owner = ownership::owner(key.as_bytes(), up.iter().map(|m| m.id));
             let Some(owner) = owner.filter(|_| quorum) else {
                 continue;
             };
@@ -528,25 +388,17 @@ impl Actors {
                             breaker.grant_permits(g.state_index, g.probes, wall_ms());
                         }
                     }
-                    if a.leaving {
-                        self.peer_leaving(owner, false);
-                    }
                     // The backup's answers to its copies are not used.
                     let own = batch.sent.iter().zip(a.grants).filter(|(s, _)| !s.3);
-                    for ((key, r, ..), g) in own {
+                    for ((key, ..), g) in own {
                         self.quotas.with_slot(key, |slot| {
-                            if g.moved {
-                                // Not counted there: it goes with the next report.
-                                slot.lease.deferred(&[*r]);
-                            } else {
-                                slot.lease.granted(Grant {
-                                    window: g.window,
-                                    tokens: g.tokens,
-                                    valid_until_ms: g.valid_until_ms,
-                                    remaining: g.remaining,
-                                    revoke: g.revoke,
-                                })
-                            }
+                            slot.lease.granted(Grant {
+                                window: g.window,
+                                tokens: g.tokens,
+                                valid_until_ms: g.valid_until_ms,
+                                remaining: g.remaining,
+                                revoke: g.revoke,
+                            })
                         });
                     }
                 }
@@ -645,7 +497,6 @@ impl Actors {
             quotas,
             circuits,
             rollouts,
-            leaving: self.leaving.load(Ordering::Relaxed),
         };
         let mut client = ActorsClient::new(channel);
         let call = client.exchange(req);
@@ -714,187 +565,45 @@ struct Batch {
 async fn owner_loop(
     actors: Arc<Actors>,
     cluster: Arc<Cluster>,
-    mut rx: mpsc::Receiver<Msg>,
+    mut rx: mpsc::Receiver<Exchange>,
     stop: CancellationToken,
 ) {
     let mut ledgers = Ledgers::default();
     let mut books: HashMap<String, CircuitBook> = HashMap::new();
     let mut judges = crate::rollout::judge::Judges::default();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    let mut waiting_exchanges: Vec<Waiting> = Vec::new();
-    let mut claims = tokio::time::interval(Duration::from_millis(TICK_MS));
-    claims.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
                 let now = wall_ms();
-                match msg {
-                    Msg::Exchange(msg) => {
-                        let snapshot = actors.shared.snapshot.load();
-                        let view = actors.view.lock().expect("view lock").clone();
-                        let waiting = ledgers.pending.len();
-                        let grants: Vec<pb::QuotaGrant> = msg
-                            .quotas
-                            .iter()
-                            .map(|r| answer(&mut ledgers, &view, &snapshot, now, msg.from, r))
-                            .collect();
-                        let circuits = msg
-                            .circuits
-                            .iter()
-                            .map(|r| decide(&mut books, &snapshot, &cluster, now, r))
-                            .collect();
-                        let response = pb::ExchangeResponse {
-                            grants,
-                            circuits,
-                            leaving: false,
-                        };
-                        // Reports on keys being claimed wait for the claim (briefly), so
-                        // they are answered by the key's ledger rather than `moved`.
-                        let claiming: Vec<usize> = response
-                            .grants
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, g)| g.moved && ledgers.pending.contains_key(&g.key))
-                            .map(|(i, _)| i)
-                            .collect();
-                        if claiming.is_empty() {
-                            let _ = msg.reply.send(response);
-                        } else {
-                            waiting_exchanges.push(Waiting {
-                                from: msg.from,
-                                reports: claiming
-                                    .iter()
-                                    .map(|i| (*i, msg.quotas[*i].clone()))
-                                    .collect(),
-                                response,
-                                reply: msg.reply,
-                                until_ms: now + HOLD_MS,
-                            });
-                        }
-                        for r in &msg.rollouts {
-                            judges.report(&cluster, &actors.shared, r, now);
-                        }
-                        // Keys to claim: asked for now, so they are owned by the next report.
-                        if ledgers.pending.len() > waiting {
-                            claim(&actors, &cluster, &mut ledgers, &view, now);
-                        }
-                    }
-                    Msg::Claim { from, keys, reply } => {
-                        let states = keys
-                            .iter()
-                            .filter_map(|k| ledgers.give_up(k, from, now))
-                            .collect();
-                        let _ = reply.send(states);
-                    }
-                    Msg::Push { from, states, done, reply } => {
-                        let mut taken = 0;
-                        for st in &states {
-                            if ledgers.activate(&st.key, Some(st), now) {
-                                taken += 1;
-                            }
-                        }
-                        if done {
-                            actors.peer_leaving(from, true);
-                        }
-                        let _ = reply.send(taken);
-                        release(&actors, &mut ledgers, &mut waiting_exchanges, now);
-                    }
-                    Msg::Claimed { peer, keys, result } => {
-                        ledgers.claiming.remove(&peer);
-                        match result {
-                            Ok(states) => {
-                                let mut got: HashMap<&str, &pb::ActorState> =
-                                    states.iter().map(|s| (s.key.as_str(), s)).collect();
-                                // A leaving peer that has not said it is done may have pushed
-                                // the key already: wait for the push (or its `done`, or the
-                                // patience) rather than start without its counts.
-                                let pushing = actors
-                                    .peers_leaving
-                                    .lock()
-                                    .expect("leaving lock")
-                                    .get(&peer)
-                                    == Some(&false);
-                                for key in &keys {
-                                    let Some(p) = ledgers.pending.get(key) else { continue };
-                                    let state = got.remove(key.as_str());
-                                    let patient = now.saturating_sub(p.since_ms)
-                                        < handoff::CLAIM_PATIENCE_MS;
-                                    if state.is_some() || !pushing || !patient {
-                                        ledgers.activate(key, state, now);
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                tracing::debug!(peer, "claiming actors failed: {e}");
-                                // The keys are claimed from the next in line at once; past
-                                // the patience, nobody is asked any more.
-                                ledgers
-                                    .unreachable
-                                    .insert(peer, now + handoff::CLAIM_PATIENCE_MS);
-                                for key in &keys {
-                                    let due = ledgers.pending.get(key).is_some_and(|p| {
-                                        now.saturating_sub(p.since_ms) >= handoff::CLAIM_PATIENCE_MS
-                                    });
-                                    if due {
-                                        ledgers.activate(key, None, now);
-                                    }
-                                }
-                                let view = actors.view.lock().expect("view lock").clone();
-                                claim(&actors, &cluster, &mut ledgers, &view, now);
-                            }
-                        }
-                        release(&actors, &mut ledgers, &mut waiting_exchanges, now);
-                    }
-                    Msg::Leave { reply } => {
-                        let view = actors.view.lock().expect("view lock").clone();
-                        let keys: Vec<String> = ledgers
-                            .by_key
-                            .iter()
-                            .filter(|(_, e)| e.active)
-                            .map(|(k, _)| k.clone())
-                            .collect();
-                        let mut groups: HashMap<u64, Vec<pb::ActorState>> = HashMap::new();
-                        for key in keys {
-                            let next = handoff::View {
-                                owners: view
-                                    .owners
-                                    .iter()
-                                    .filter(|(id, _)| *id != view.me)
-                                    .cloned()
-                                    .collect(),
-                                ..view.clone()
-                            }
-                            .owner_of(&key);
-                            let Some(next) = next else { continue };
-                            if let Some(state) = ledgers.give_up(&key, next, now) {
-                                groups.entry(next).or_default().push(state);
-                            }
-                        }
-                        let _ = reply.send(groups.into_iter().collect());
-                    }
+                let snapshot = actors.shared.snapshot.load();
+                let grants = msg
+                    .quotas
+                    .iter()
+                    .map(|r| answer(&mut ledgers, &snapshot, now, msg.from, r))
+                    .collect();
+                let circuits = msg
+                    .circuits
+                    .iter()
+                    .map(|r| decide(&mut books, &snapshot, &cluster, now, r))
+                    .collect();
+                let _ = msg.reply.send(pb::ExchangeResponse { grants, circuits });
+                for r in &msg.rollouts {
+                    judges.report(&cluster, &actors.shared, r, now);
                 }
-            }
-            _ = claims.tick() => {
-                let now = wall_ms();
-                let view = actors.view.lock().expect("view lock").clone();
-                claim(&actors, &cluster, &mut ledgers, &view, now);
-                release(&actors, &mut ledgers, &mut waiting_exchanges, now);
             }
             _ = sweep.tick() => {
                 let now = wall_ms();
                 judges.tick(&cluster, &actors.shared, now);
                 ledgers.sweep(now);
                 let mut owned: HashMap<String, (u64, u64)> = HashMap::new();
-                for (key, e) in &ledgers.by_key {
-                    if !e.active {
-                        continue;
-                    }
+                for (key, (l, _)) in &ledgers.by_key {
                     let name = key.split('#').next().unwrap_or(key).to_string();
-                    let o = owned.entry(name).or_default();
-                    o.0 += 1;
-                    o.1 += e.ledger.outstanding(now);
+                    let e = owned.entry(name).or_default();
+                    e.0 += 1;
+                    e.1 += l.outstanding(now);
                 }
                 let mut bound = actors.bound.lock().expect("bound");
                 for entry in bound.values_mut() {
@@ -904,124 +613,9 @@ async fn owner_loop(
                     metrics::gauge!("tollgate_quota_keys_owned", "quota" => name.clone()).set(*keys as f64);
                     bound.entry(name.clone()).or_default().1 = *outstanding;
                 }
-                metrics::gauge!("tollgate_actors_owned").set(ledgers.owned() as f64);
-                metrics::gauge!("tollgate_actor_moves_in_flight").set(ledgers.pending.len() as f64);
                 export_bound(&bound);
             }
         }
-    }
-}
-
-/// How long an exchange with reports on keys being claimed may wait for the claims (the
-/// sender gives up on an exchange after [`EXCHANGE_TIMEOUT`]).
-const HOLD_MS: u64 = 50;
-
-/// An exchange answered but for its reports on keys being claimed.
-struct Waiting {
-    from: u64,
-    /// The held reports, by their place in the exchange.
-    reports: Vec<(usize, pb::QuotaReport)>,
-    response: pb::ExchangeResponse,
-    reply: oneshot::Sender<pb::ExchangeResponse>,
-    until_ms: u64,
-}
-
-/// Answers the held reports whose keys are owned here now, and sends every waiting
-/// exchange whose claims are settled or whose time is up (what is still unsettled is
-/// answered `moved`).
-fn release(actors: &Actors, ledgers: &mut Ledgers, waiting: &mut Vec<Waiting>, now: u64) {
-    if waiting.is_empty() {
-        return;
-    }
-    let snapshot = actors.shared.snapshot.load();
-    let view = actors.view.lock().expect("view lock").clone();
-    for w in std::mem::take(waiting) {
-        let mut w = w;
-        let from = w.from;
-        w.reports.retain(|(i, r)| {
-            if ledgers.pending.contains_key(&r.key) {
-                return true;
-            }
-            if ledgers.by_key.get(&r.key).is_some_and(|e| e.active) {
-                w.response.grants[*i] = answer(ledgers, &view, &snapshot, now, from, r);
-            }
-            false
-        });
-        if w.reports.is_empty() || now >= w.until_ms {
-            let _ = w.reply.send(w.response);
-        } else {
-            waiting.push(w);
-        }
-    }
-}
-
-/// Claims the keys this node owns by its view and does not hold yet from their previous
-/// owners: one claim of at most [`handoff::CLAIM_BATCH`] keys in flight per peer (the cap
-/// on moves in flight); keys with no previous owner are taken at once.
-fn claim(
-    actors: &Arc<Actors>,
-    cluster: &Arc<Cluster>,
-    ledgers: &mut Ledgers,
-    view: &handoff::View,
-    now: u64,
-) {
-    // Keys no longer this node's by its view stop waiting (their reports go elsewhere).
-    ledgers
-        .pending
-        .retain(|k, _| view.owner_of(k) == Some(view.me));
-    ledgers.unreachable.retain(|_, until| *until > now);
-    let view = &view.without(&ledgers.unreachable, now);
-    let mut by_peer: HashMap<u64, Vec<String>> = HashMap::new();
-    let mut now_mine = Vec::new();
-    for key in ledgers.pending.keys() {
-        match view.previous_owner(key) {
-            None => now_mine.push(key.clone()),
-            Some(peer) if !ledgers.claiming.contains(&peer) => {
-                let keys = by_peer.entry(peer).or_default();
-                if keys.len() < handoff::CLAIM_BATCH {
-                    keys.push(key.clone());
-                }
-            }
-            Some(_) => {}
-        }
-    }
-    for key in now_mine {
-        ledgers.activate(&key, None, now);
-    }
-    let addrs = actors.addrs.lock().expect("addrs lock").clone();
-    for (peer, keys) in by_peer {
-        ledgers.claiming.insert(peer);
-        let (actors, cluster) = (actors.clone(), cluster.clone());
-        let addr = addrs.get(&peer).cloned().unwrap_or_default();
-        let me = view.me;
-        tracing::debug!(peer, keys = keys.len(), "claiming actors");
-        tokio::spawn(async move {
-            let req = pb::HandoffRequest {
-                from: me,
-                claim: keys.clone(),
-                ..Default::default()
-            };
-            let result = handoff_call(&cluster, &addr, req).await.map(|r| r.states);
-            let _ = actors
-                .mailbox
-                .send(Msg::Claimed { peer, keys, result })
-                .await;
-        });
-    }
-}
-
-/// One Handoff call to the node at `addr` (at most 2 s).
-async fn handoff_call(
-    cluster: &Cluster,
-    addr: &str,
-    req: pb::HandoffRequest,
-) -> Result<pb::HandoffResponse, String> {
-    let channel = cluster.peers.channel(addr)?;
-    let mut client = ActorsClient::new(channel);
-    match tokio::time::timeout(Duration::from_secs(2), client.handoff(req)).await {
-        Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(status)) => Err(status.message().to_string()),
-        Err(_) => Err(format!("{addr} did not answer within 2 s")),
     }
 }
 
@@ -1036,7 +630,22 @@ pub const MAX_LEDGERS_PER_PEER: usize = 200_000;
 /// The longest quota key a report may name (`quota#digest@region/value`).
 pub const MAX_KEY_BYTES: usize = 512;
 
-use handoff::Ledgers;
+/// The quota ledgers this node owns, with who made each (its first report's sender).
+#[derive(Default)]
+struct Ledgers {
+    by_key: HashMap<String, (Ledger, u64)>,
+    per_peer: HashMap<u64, usize>,
+}
+
+impl Ledgers {
+    fn sweep(&mut self, now: u64) {
+        self.by_key.retain(|_, (l, _)| !l.expired(now));
+        self.per_peer.clear();
+        for (_, from) in self.by_key.values() {
+            *self.per_peer.entry(*from).or_default() += 1;
+        }
+    }
+}
 
 /// Why a report was refused, for `tollgate_actor_reports_refused_total`.
 fn refused(reason: &'static str) {
@@ -1047,7 +656,6 @@ fn refused(reason: &'static str) {
 /// a quota this node's spec does not have, or would need a ledger past the limits).
 fn answer(
     ledgers: &mut Ledgers,
-    view: &handoff::View,
     snapshot: &Snapshot,
     now: u64,
     from: u64,
@@ -1057,10 +665,6 @@ fn answer(
         key: r.key.clone(),
         window: r.window,
         ..Default::default()
-    };
-    let moved = pb::QuotaGrant {
-        moved: true,
-        ..nothing.clone()
     };
     let algorithm = match r.algorithm {
         0 => Algorithm::Window,
@@ -1077,8 +681,7 @@ fn answer(
         refused("malformed");
         return nothing;
     }
-    let active = ledgers.by_key.get(&r.key).map(|e| e.active);
-    if active.is_none() {
+    if !ledgers.by_key.contains_key(&r.key) {
         // A new key must belong to a quota of the spec this node serves, with its limit
         // (or to a tenant's hard-capped budget).
         let id = r.key.split(['@', '/']).next().unwrap_or_default();
@@ -1098,51 +701,18 @@ fn answer(
             return nothing;
         }
         let mine = ledgers.per_peer.get(&from).copied().unwrap_or(0);
-        if ledgers.by_key.len() + ledgers.pending.len() >= MAX_LEDGERS
-            || mine >= MAX_LEDGERS_PER_PEER
-        {
+        if ledgers.by_key.len() >= MAX_LEDGERS || mine >= MAX_LEDGERS_PER_PEER {
             refused("too_many_keys");
             return nothing;
         }
-    }
-    if !r.backup && active != Some(true) {
-        // Not owned here: answered `moved` unless this node owns it by its view and can
-        // take it (at once when no one else could hold it, else by claiming it).
-        if ledgers.given_up(&r.key, view, now) || view.owner_of(&r.key) != Some(view.me) {
-            return moved;
-        }
-        let seed = (algorithm, r.limit, r.burst, r.window_ms);
-        ledgers
-            .pending
-            .entry(r.key.clone())
-            .or_insert(handoff::Pending {
-                since_ms: now,
-                seed,
-                from,
-            });
-        if view.previous_owner(&r.key).is_some() {
-            return moved;
-        }
-        ledgers.activate(&r.key, None, now);
-    }
-    if active.is_none() {
         *ledgers.per_peer.entry(from).or_default() += 1;
     }
-    let entry = ledgers
-        .by_key
-        .entry(r.key.clone())
-        .or_insert_with(|| handoff::Entry {
-            ledger: Ledger::new(algorithm, r.limit, r.burst, r.window_ms, now),
+    let (ledger, _) = ledgers.by_key.entry(r.key.clone()).or_insert_with(|| {
+        (
+            Ledger::new(algorithm, r.limit, r.burst, r.window_ms, now),
             from,
-            epoch: 0,
-            active: false,
-        });
-    if r.backup && entry.active {
-        // A reporter that sees this node as the backup: this node owns the key (its view
-        // says so); the copy is not counted twice.
-        return nothing;
-    }
-    let ledger = &mut entry.ledger;
+        )
+    });
     let g = ledger.exchange(
         now,
         from,
@@ -1165,7 +735,6 @@ fn answer(
         valid_until_ms: g.valid_until_ms,
         remaining: g.remaining,
         revoke: g.revoke,
-        moved: false,
     }
 }
 
@@ -1282,43 +851,32 @@ pub struct ActorService {
     state_machine: crate::raft::state_machine::StateMachineStore,
 }
 
-impl ActorService {
-    /// The call comes from node `from` (its certificate says so), which fault injection
-    /// has not cut off.
-    fn check_sender<T>(&self, req: &Request<T>, from: u64, what: &str) -> Result<(), Status> {
-        let certs = req.peer_certs();
-        self.state_machine.read(|a| {
-            self.identity.require_node(
-                certs.as_deref().map(Vec::as_slice),
-                &a.state.access,
-                from,
-                what,
-            )
-        })?;
-        if self.peers.faults.is_isolated(from) {
-            return Err(Status::unavailable(format!(
-                "node {from} is isolated by fault injection"
-            )));
-        }
-        Ok(())
-    }
-}
-
 #[tonic::async_trait]
 impl ActorsRpc for ActorService {
     async fn exchange(
         &self,
         req: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
-        self.check_sender(&req, req.get_ref().from, "this exchange")?;
+        let certs = req.peer_certs();
+        self.state_machine.read(|a| {
+            self.identity.require_node(
+                certs.as_deref().map(Vec::as_slice),
+                &a.state.access,
+                req.get_ref().from,
+                "this exchange",
+            )
+        })?;
         let req = req.into_inner();
         if req.quotas.len() + req.circuits.len() + req.rollouts.len() > MAX_REPORTS {
             return Err(Status::invalid_argument(format!(
                 "an exchange carries at most {MAX_REPORTS} reports"
             )));
         }
-        if req.leaving {
-            self.actors.peer_leaving(req.from, false);
+        if self.peers.faults.is_isolated(req.from) {
+            return Err(Status::unavailable(format!(
+                "node {} is isolated by fault injection",
+                req.from
+            )));
         }
         let answer = self
             .actors
@@ -1326,53 +884,5 @@ impl ActorsRpc for ActorService {
             .await
             .map_err(Status::unavailable)?;
         Ok(Response::new(answer))
-    }
-
-    async fn handoff(
-        &self,
-        req: Request<pb::HandoffRequest>,
-    ) -> Result<Response<pb::HandoffResponse>, Status> {
-        self.check_sender(&req, req.get_ref().from, "this handoff")?;
-        let req = req.into_inner();
-        if req.claim.len() + req.push.len() > MAX_REPORTS {
-            return Err(Status::invalid_argument(format!(
-                "a handoff carries at most {MAX_REPORTS} keys"
-            )));
-        }
-        if let Some(k) = req
-            .claim
-            .iter()
-            .chain(req.push.iter().map(|s| &s.key))
-            .find(|k| k.is_empty() || k.len() > MAX_KEY_BYTES)
-        {
-            return Err(Status::invalid_argument(format!(
-                "a key is empty or longer than {MAX_KEY_BYTES} bytes ({} bytes)",
-                k.len()
-            )));
-        }
-        let closed = || Status::unavailable("the owner mailbox is closed");
-        let mut resp = pb::HandoffResponse::default();
-        if !req.claim.is_empty() {
-            let (reply, rx) = oneshot::channel();
-            let msg = Msg::Claim {
-                from: req.from,
-                keys: req.claim,
-                reply,
-            };
-            self.actors.mailbox.send(msg).await.map_err(|_| closed())?;
-            resp.states = rx.await.map_err(|_| closed())?;
-        }
-        if !req.push.is_empty() || req.done {
-            let (reply, rx) = oneshot::channel();
-            let msg = Msg::Push {
-                from: req.from,
-                states: req.push,
-                done: req.done,
-                reply,
-            };
-            self.actors.mailbox.send(msg).await.map_err(|_| closed())?;
-            resp.taken = rx.await.map_err(|_| closed())?;
-        }
-        Ok(Response::new(resp))
     }
 }

@@ -26,9 +26,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub use tollgate_proto::actor::v1::actor_state::Ledger as ActorLedger;
-use tollgate_proto::actor::v1::{GcraLedgerState, NodeUsage, WindowBook, WindowLedgerState};
-
 /// How often nodes exchange with owners.
 pub const TICK_MS: u64 = 25;
 /// How long GCRA tokens stay good once granted.
@@ -216,133 +213,6 @@ impl Ledger {
             Ledger::Gcra(l) => l.tat_us <= now_ms * 1000 && l.outstanding_until(now_ms) == 0,
         }
     }
-
-    /// The ledger as a handoff carries it (the recent asks are left out: they are
-    /// re-learnt within a tick).
-    pub fn export(&self) -> ActorLedger {
-        let usage = |node: u64, used: u64, held: u64, granted: u64, until_ms: u64| NodeUsage {
-            node,
-            used,
-            held,
-            granted,
-            until_ms,
-        };
-        match self {
-            Ledger::Window(l) => ActorLedger::Window(WindowLedgerState {
-                limit: l.limit,
-                books: l
-                    .books
-                    .iter()
-                    .map(|(window, b)| WindowBook {
-                        window: *window,
-                        end_ms: b.end_ms,
-                        nodes: b
-                            .nodes
-                            .iter()
-                            .map(|(id, n)| usage(*id, n.used, n.held, n.granted, 0))
-                            .collect(),
-                        has_limit: b.limit_at.is_some(),
-                        limit_index: b.limit_at.map_or(0, |(i, _)| i),
-                        limit: b.limit_at.map_or(0, |(_, l)| l),
-                    })
-                    .collect(),
-            }),
-            Ledger::Gcra(l) => ActorLedger::Gcra(GcraLedgerState {
-                burst: l.burst,
-                interval_us: l.interval_us,
-                tat_us: l.tat_us,
-                seen: l.seen.iter().copied().collect(),
-                held: l
-                    .held
-                    .iter()
-                    .map(|(id, (n, until))| usage(*id, 0, *n, 0, *until))
-                    .collect(),
-            }),
-        }
-    }
-
-    /// A ledger from a handoff (None when it makes no sense: an empty rate).
-    pub fn import(state: &ActorLedger) -> Option<Ledger> {
-        match state {
-            ActorLedger::Window(w) => Some(Ledger::Window(WindowLedger {
-                limit: w.limit,
-                books: w
-                    .books
-                    .iter()
-                    .map(|b| {
-                        let book = Book {
-                            end_ms: b.end_ms,
-                            nodes: b
-                                .nodes
-                                .iter()
-                                .map(|n| {
-                                    let book = NodeBook {
-                                        used: n.used,
-                                        held: n.held,
-                                        granted: n.granted,
-                                    };
-                                    (n.node, book)
-                                })
-                                .collect(),
-                            asks: Asks::default(),
-                            limit_at: b.has_limit.then_some((b.limit_index, b.limit)),
-                        };
-                        (b.window, book)
-                    })
-                    .collect(),
-            })),
-            ActorLedger::Gcra(g) if g.interval_us > 0 => Some(Ledger::Gcra(GcraLedger {
-                burst: g.burst.max(1),
-                interval_us: g.interval_us,
-                tat_us: g.tat_us,
-                seen: g.seen.iter().copied().collect(),
-                asks: Asks::default(),
-                held: g
-                    .held
-                    .iter()
-                    .map(|n| (n.node, (n.held, n.until_ms)))
-                    .collect(),
-            })),
-            ActorLedger::Gcra(_) => None,
-        }
-    }
-
-    /// Takes in another owner's ledger of the same key, counting the larger of the two
-    /// wherever they differ: a merge never forgets a request either side counted.
-    pub fn merge(&mut self, other: &Ledger) {
-        match (self, other) {
-            (Ledger::Window(a), Ledger::Window(b)) => {
-                for (window, theirs) in &b.books {
-                    let ours = a.books.entry(*window).or_insert_with(|| Book {
-                        end_ms: theirs.end_ms,
-                        ..Book::default()
-                    });
-                    for (node, t) in &theirs.nodes {
-                        let o = ours.nodes.entry(*node).or_default();
-                        o.used = o.used.max(t.used);
-                        o.held = o.held.max(t.held);
-                        o.granted = o.granted.max(t.granted);
-                    }
-                    if theirs
-                        .limit_at
-                        .is_some_and(|(i, _)| ours.limit_at.is_none_or(|(mine, _)| i > mine))
-                    {
-                        ours.limit_at = theirs.limit_at;
-                    }
-                }
-            }
-            (Ledger::Gcra(a), Ledger::Gcra(b)) => {
-                a.tat_us = a.tat_us.max(b.tat_us);
-                a.seen.extend(b.seen.iter().copied());
-                for (node, (n, until)) in &b.held {
-                    let o = a.held.entry(*node).or_insert((0, 0));
-                    *o = (o.0.max(*n), o.1.max(*until));
-                }
-            }
-            // A changed algorithm is a new key: nothing to merge.
-            _ => {}
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -527,9 +397,6 @@ pub struct Lease {
     remaining: u64,
     /// `roll` has nothing to do before this time (ms).
     checked_until: u64,
-    /// The owner's last answer was `moved`: the key is between owners, and a request that
-    /// waits for tokens may wait a little longer.
-    pub moving: bool,
 }
 
 impl Lease {
@@ -554,7 +421,6 @@ impl Lease {
             standing: Standing::New,
             share: limit.div_ceil(members),
             credit: (per_tick as u64).max(1),
-            moving: false,
             held: Vec::new(),
             window: 0,
             used: 0,
@@ -856,26 +722,11 @@ impl Lease {
     /// The owner could not be reached: its reports are kept for the next one, and the
     /// fail mode decides until an owner answers (`members` sizes the share).
     pub fn unanswered(&mut self, reports: &[Report], members: u64) {
-        self.moving = false;
         for r in reports {
             self.returned += r.returned;
             self.unleased += r.unleased;
         }
         self.cut_off(members);
-    }
-
-    /// The owner did not take the reports (the key is moving between owners): what they
-    /// carried goes with the next ones. An owner answers, so the fail mode no longer
-    /// decides: the node admits from what it holds and waits for the rest.
-    pub fn deferred(&mut self, reports: &[Report]) {
-        for r in reports {
-            self.returned += r.returned;
-            self.unleased += r.unleased;
-        }
-        if self.standing == Standing::Cutoff {
-            self.standing = Standing::Leased;
-        }
-        self.moving = true;
     }
 
     /// No owner can be reached for this key (this node is cut off from a majority).
@@ -886,7 +737,6 @@ impl Lease {
 
     /// Takes the owner's answer.
     pub fn granted(&mut self, grant: Grant) {
-        self.moving = false;
         self.checked_until = 0;
         self.standing = Standing::Leased;
         self.remaining = grant.remaining;

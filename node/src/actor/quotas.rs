@@ -350,7 +350,6 @@ pub fn to_wire(key: &str, def: &QuotaDef, r: &Report) -> tollgate_proto::actor::
         unleased: r.unleased,
         burst: def.burst,
         applied_index: r.applied_index,
-        backup: false,
     }
 }
 

@@ -66,19 +66,6 @@ impl AdminService {
         }
     }
 
-    /// The caller's certificate is node `claimed`'s.
-    fn require_node<T>(&self, req: &Request<T>, claimed: u64, what: &str) -> Result<(), Status> {
-        let certs = req.peer_certs();
-        self.cluster.state_machine.read(|a| {
-            self.cluster.identity.require_node(
-                certs.as_deref().map(Vec::as_slice),
-                &a.state.access,
-                claimed,
-                what,
-            )
-        })
-    }
-
     /// Whether another node forwarded this request (it is then never forwarded again).
     /// Taken from a node's certificate only; with `--insecure-cluster`, at its word.
     fn forwarded<T>(&self, req: &Request<T>) -> bool {
@@ -146,7 +133,16 @@ impl NodeAdmin for AdminService {
         // A member forwarding a join has checked the joiner's certificate itself.
         let fwd = self.forwarded(&req);
         if !fwd {
-            self.require_node(&req, req.get_ref().node_id, "this join")?;
+            let certs = req.peer_certs();
+            let claimed = req.get_ref().node_id;
+            self.cluster.state_machine.read(|a| {
+                self.cluster.identity.require_node(
+                    certs.as_deref().map(Vec::as_slice),
+                    &a.state.access,
+                    claimed,
+                    "this join",
+                )
+            })?;
         }
         Ok(Response::new(
             self.cluster.join(req.into_inner(), fwd).await?,
@@ -195,7 +191,16 @@ impl NodeAdmin for AdminService {
             caller
         } else {
             if !fwd {
-                self.require_node(&req, req.get_ref().node_id, "leaving")?;
+                let certs = req.peer_certs();
+                let claimed = req.get_ref().node_id;
+                self.cluster.state_machine.read(|a| {
+                    self.cluster.identity.require_node(
+                        certs.as_deref().map(Vec::as_slice),
+                        &a.state.access,
+                        claimed,
+                        "leaving",
+                    )
+                })?;
             }
             Caller::Node
         };

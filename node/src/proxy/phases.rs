@@ -710,17 +710,8 @@ async fn quota(
         if admit == Admit::Wait {
             waited = true;
             def.waited.increment(1);
-            // Two exchanges; longer while the key moves between owners (at most 1 s).
-            let deadline = std::time::Instant::now() + MOVE_WAIT;
-            loop {
-                quotas.wait_rounds(2, QUOTA_WAIT).await;
-                let again = std::time::Instant::now() < deadline
-                    && quotas.with_lease(def, value, |l| l.moving);
-                admit = quotas.admit(def, value, wall_ms(), again);
-                if admit != Admit::Wait {
-                    break;
-                }
-            }
+            quotas.wait_rounds(2, QUOTA_WAIT).await;
+            admit = quotas.admit(def, value, wall_ms(), false);
         }
         if admit == Admit::Yes {
             def.admitted.increment(1);
@@ -821,8 +812,6 @@ fn budget(
 
 /// The longest a request waits for its node's lease to be topped up.
 const QUOTA_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
-/// The longest a request waits for a key that is moving between owners.
-const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The upstream's cluster-wide circuit, as committed (a local read): closed passes; open
 /// answers 503 (or the configured fallback) with `Retry-After`; half-open lets through only

@@ -66,6 +66,19 @@ impl AdminService {
         }
     }
 
+    /// The caller's certificate is node `claimed`'s.
+    fn require_node<T>(&self, req: &Request<T>, claimed: u64, what: &str) -> Result<(), Status> {
+        let certs = req.peer_certs();
+        self.cluster.state_machine.read(|a| {
+            self.cluster.identity.require_node(
+                certs.as_deref().map(Vec::as_slice),
+                &a.state.access,
+                claimed,
+                what,
+            )
+        })
+    }
+
     /// Whether another node forwarded this request (it is then never forwarded again).
     /// Taken from a node's certificate only; with `--insecure-cluster`, at its word.
     fn forwarded<T>(&self, req: &Request<T>) -> bool {
@@ -133,16 +146,7 @@ impl NodeAdmin for AdminService {
         // A member forwarding a join has checked the joiner's certificate itself.
         let fwd = self.forwarded(&req);
         if !fwd {
-            let certs = req.peer_certs();
-            let claimed = req.get_ref().node_id;
-            self.cluster.state_machine.read(|a| {
-                self.cluster.identity.require_node(
-                    certs.as_deref().map(Vec::as_slice),
-                    &a.state.access,
-                    claimed,
-                    "this join",
-                )
-            })?;
+            self.require_node(&req, req.get_ref().node_id, "this join")?;
         }
         Ok(Response::new(
             self.cluster.join(req.into_inner(), fwd).await?,
@@ -191,16 +195,7 @@ impl NodeAdmin for AdminService {
             caller
         } else {
             if !fwd {
-                let certs = req.peer_certs();
-                let claimed = req.get_ref().node_id;
-                self.cluster.state_machine.read(|a| {
-                    self.cluster.identity.require_node(
-                        certs.as_deref().map(Vec::as_slice),
-                        &a.state.access,
-                        claimed,
-                        "leaving",
-                    )
-                })?;
+                self.require_node(&req, req.get_ref().node_id, "leaving")?;
             }
             Caller::Node
         };
